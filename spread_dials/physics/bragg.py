@@ -1,0 +1,159 @@
+"""The per-term physics shared by the dense and the sparse kernels.
+
+A term is one (sub-pixel point, sensor layer, source, mosaic domain) combination; a pixel is
+r_e^2 * fluence * spot_scale * sum(|F(h0, channel)|^2 * F_latt^2 * weight * polar * omega *
+capture) / (oversample^2 * n_domains), summed over its terms (nanoBragg's formula).
+Unlike nanoBragg, the 000 'reflection' (the direct beam) is never simulated.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from spread_dials.physics.beam import Sources
+from spread_dials.physics.constants import R_E_SQ_M2
+from spread_dials.physics.crystal import Crystal
+from spread_dials.physics.geometry import (
+    PanelArray,
+    capture_fraction,
+    kahn_polarization,
+    layer_mean_depth_mm,
+    pixel_surface_position_mm,
+    solid_angle,
+)
+from spread_dials.physics.lattice import lattice_factor
+from spread_dials.physics.structure_factors import StructureFactors
+from spread_dials.physics.tensors import TensorFields
+
+__all__ = ["Scene", "SensorPoints", "sensor_points", "subpixel_offsets", "fractional_miller_index", "photon_scale"]
+
+
+@dataclass(frozen=True)
+class Scene(TensorFields):
+    """Everything the forward model needs for one still.
+
+    Attributes:
+        panels: detector panels.
+        sources: beam sources (channels x divergence).
+        crystal: orientation, cell, domains, lattice shape.
+        structure_factors: F(h, channel).
+        oversample: sub-pixels per pixel edge (oversample^2 points per pixel).
+    """
+
+    panels: PanelArray
+    sources: Sources
+    crystal: Crystal
+    structure_factors: StructureFactors
+    oversample: int = 1
+
+
+@dataclass(frozen=True)
+class SensorPoints:
+    """Geometry of sensor points: shape S = (..., n_layers).
+
+    Attributes:
+        diffracted: S + (3,) unit directions from the sample.
+        omega_capture: S solid angle (sr) times the layer's capture fraction.
+    """
+
+    diffracted: Tensor
+    omega_capture: Tensor
+
+
+def subpixel_offsets(oversample: int, dtype: torch.dtype, device: torch.device) -> Tensor:
+    """(oversample^2, 2) offsets (fast, slow) of sub-pixel centres inside a pixel, in pixels."""
+    t = (torch.arange(oversample, dtype=dtype, device=device) + 0.5) / oversample
+    f, s = torch.meshgrid(t, t, indexing="xy")
+    return torch.stack([f.reshape(-1), s.reshape(-1)], -1)
+
+
+def sensor_points(panels: PanelArray, panel: Tensor, fast_px: Tensor, slow_px: Tensor) -> SensorPoints:
+    """Diffracted directions and omega * capture of points at every sensor layer.
+
+    Args:
+        panels: the detector.
+        panel: long panel indices, shape S0.
+        fast_px, slow_px: fractional pixel coordinates, shape S0.
+    Returns:
+        SensorPoints of shape S0 + (n_layers,).
+    """
+    surface = pixel_surface_position_mm(panels, panel, fast_px, slow_px)
+    depth_axis = panels.depth_axis[panel]
+    thickness = panels.thickness_mm[panel]
+    att_len = panels.attenuation_length_mm[panel]
+    cos_surface = (surface * depth_axis).sum(-1) / surface.norm(dim=-1)
+    z_front, z_mean = layer_mean_depth_mm(cos_surface, thickness, att_len, panels.n_layers)
+    position = surface.unsqueeze(-2) + z_mean.unsqueeze(-1) * depth_axis.unsqueeze(-2)
+    diffracted = position / position.norm(dim=-1, keepdim=True)
+    depth_axis_l = depth_axis.unsqueeze(-2)
+    cos_obl = (diffracted * depth_axis_l).sum(-1)
+    capture = capture_fraction(
+        cos_obl, z_front, thickness.unsqueeze(-1), att_len.unsqueeze(-1), panels.n_layers
+    )
+    area = panels.pixel_size_mm[panel].prod(-1).unsqueeze(-1)
+    omega = solid_angle(position, depth_axis_l, area)
+    return SensorPoints(diffracted=diffracted, omega_capture=omega * capture)
+
+
+def fractional_miller_index(diffracted: Tensor, direction: Tensor, wavenumber: Tensor, real_space: Tensor) -> Tensor:
+    """Fractional h = real_space @ S with S = (d - s_in) * k (1/A).
+
+    Args:
+        diffracted: (..., 3) unit diffracted directions.
+        direction: (..., 3) unit incident directions.
+        wavenumber: (...) k = 1/lambda (1/A).
+        real_space: (..., 3, 3) rows a, b, c (A).
+    All broadcast together.
+    """
+    scattering = (diffracted - direction) * wavenumber.unsqueeze(-1)
+    return torch.stack([(real_space[..., i, :] * scattering).sum(-1) for i in range(3)], -1)
+
+
+def bragg_term(
+    points: SensorPoints,
+    sources: Sources,
+    source: Tensor | slice,
+    real_space: Tensor,
+    crystal: Crystal,
+    structure_factors: StructureFactors,
+    miller_index: Tensor | None = None,
+) -> Tensor:
+    """|F|^2 F_latt^2 * weight * polar * omega * capture for broadcast (point, source, domain) terms.
+
+    Args:
+        points: sensor points; ``points.diffracted`` (..., 3) broadcasts against the source and
+            domain tensors as arranged by the caller.
+        sources: the beam; ``source`` selects (with the broadcast shape) which sources.
+        real_space: (..., 3, 3) domain real-space matrices, broadcast like the terms.
+        crystal: for Ncells and the lattice shape.
+        structure_factors: F(h, channel).
+        miller_index: if given, (..., 3) the reflection a term belongs to: terms whose
+            nearest integer index differs are zero (the sparse kernel's windows).
+    Returns:
+        The terms, broadcast shape.
+    """
+    direction = sources.direction[source]
+    h = fractional_miller_index(points.diffracted, direction, sources.wavenumber[source], real_space)
+    h0 = torch.round(h)
+    f_latt = lattice_factor(h - h0, crystal.ncells_abc, crystal.shape)
+    h0 = h0.long()
+    if miller_index is None:
+        # h = 000 is the unscattered beam, not a Bragg reflection: both kernels leave it out
+        f_latt = torch.where((h0 == 0).all(-1), torch.zeros_like(f_latt), f_latt)
+        row = structure_factors.index_of(h0)
+        f_sq = structure_factors.intensity(row, sources.channel[source])
+    else:
+        # the caller's F is per window; keep only terms nearest to the window's reflection
+        f_latt = torch.where((h0 == miller_index).all(-1), f_latt, torch.zeros_like(f_latt))
+        f_sq = 1.0
+    polar = kahn_polarization(direction, points.diffracted, sources.e_vector, sources.polarization_fraction)
+    return f_sq * f_latt * f_latt * sources.weight[source] * polar * points.omega_capture
+
+
+def photon_scale(scene: Scene) -> Tensor | float:
+    """r_e^2 * fluence * spot_scale / (oversample^2 * n_domains): photons per unit term sum."""
+    steps = scene.oversample**2 * scene.crystal.n_domains
+    return R_E_SQ_M2 * scene.sources.fluence_photons_per_m2 * scene.crystal.spot_scale / steps

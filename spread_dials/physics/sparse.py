@@ -1,0 +1,361 @@
+"""The sparse, reflection-centric kernel: evaluate only pixel windows around predicted spots.
+
+Prediction (not differentiable; discrete choices) finds every (Miller index h, source c, mosaic
+domain m) whose reciprocal-lattice point q = U_m A^-1 h lies within dq of the Ewald sphere of
+source c, where dq = r_cut / sigma_min(diag(N) A) and r_cut = ``cutoff_radius(shape, tolerance)``:
+any term of that triple farther than dq from q has F_latt^2 <= tolerance * peak^2, because
+|N * (h - h0)| >= sigma_min * |S - q|.  Each kept triple gets a square window on every panel it
+can reach, centred on the ray through the Ewald-sphere point nearest q (at the sensor's mean
+absorption depth), with a half-width that covers every point of the sphere within dq of q.
+
+The truncation bound (tested): every (pixel, sub-pixel, layer, source, domain) term that the
+sparse kernel leaves out has F_latt^2 <= tolerance * F_latt(0)^2, i.e. it is at most
+``tolerance`` times what the same term would be at the exact Bragg condition.
+
+Evaluation (differentiable) runs the same per-term physics as the dense kernel
+(``bragg.bragg_term``) on the window pixels, keeping only terms whose nearest integer index is
+the window's h, so a pixel's terms are never counted twice.  Windows are arbitrary rectangles
+on a panel, so refinement evaluates shoebox pixels through the same ``window_photons``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from spread_dials.physics.bragg import Scene, SensorPoints, bragg_term, photon_scale, sensor_points, subpixel_offsets
+from spread_dials.physics.crystal import max_rotation_angle_rad
+from spread_dials.physics.geometry import PanelArray, layer_mean_depth_mm
+from spread_dials.physics.lattice import cutoff_radius
+from spread_dials.physics.tensors import TensorFields
+
+__all__ = [
+    "BraggWindows",
+    "detector_d_min",
+    "miller_indices_within",
+    "predict_windows",
+    "window_photons",
+    "simulate_sparse",
+]
+
+_HALF_WIDTHS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 256)
+
+
+@dataclass(frozen=True)
+class BraggWindows(TensorFields):
+    """Rectangular pixel windows, one reflection x source x mosaic domain each.
+
+    Attributes:
+        miller_index: (W, 3) long Miller index of the window's reflection.
+        row: (W,) long row of that index in the structure-factor table (H if absent).
+        source: (W,) long source index.
+        domain: (W,) long mosaic domain index.
+        panel: (W,) long panel index.
+        fast0, slow0: (W,) long first pixel of the window (may lie off the panel).
+        n_fast, n_slow: (W,) long window size in pixels.
+    """
+
+    miller_index: Tensor
+    row: Tensor
+    source: Tensor
+    domain: Tensor
+    panel: Tensor
+    fast0: Tensor
+    slow0: Tensor
+    n_fast: Tensor
+    n_slow: Tensor
+
+    @property
+    def n_windows(self) -> int:
+        return int(self.row.shape[0])
+
+    def select(self, index: Tensor) -> "BraggWindows":
+        """The windows picked by a boolean mask or an index tensor."""
+        return BraggWindows(*(getattr(self, name)[index] for name in self.__dataclass_fields__))
+
+
+def _ewald_offset(q: Tensor, direction: Tensor, k: Tensor) -> Tensor:
+    """Signed distance (1/A) of q from the Ewald sphere |k s + q| = k: |k s + q| - k."""
+    return (k.unsqueeze(-1) * direction + q).norm(dim=-1) - k
+
+
+def detector_d_min(panels: PanelArray, direction: Tensor, wavenumber_max: float) -> float:
+    """Smallest d-spacing (A) any pixel of the detector records for the given beam direction."""
+    corners = []
+    for f, s in ((0, 0), (panels.n_fast, 0), (0, panels.n_slow), (panels.n_fast, panels.n_slow)):
+        px = panels.pixel_size_mm
+        corners.append(panels.origin_mm + (f * px[:, :1]) * panels.fast_axis + (s * px[:, 1:]) * panels.slow_axis)
+    corners = torch.cat(corners, 0).double()
+    cos2theta = (corners / corners.norm(dim=-1, keepdim=True)) @ direction.double()
+    sin_theta = torch.sqrt((1.0 - cos2theta.min().clamp(-1.0, 1.0)) / 2.0)
+    return float(1.0 / (2.0 * wavenumber_max * sin_theta))
+
+
+def miller_indices_within(real_space: Tensor, d_min: float, chunk: int = 1 << 22) -> Tensor:
+    """All Miller indices h != 0 with d(h) >= d_min (A), as a (H, 3) long tensor (Friedel mates kept)."""
+    a = real_space.detach().double()
+    inv = torch.linalg.inv(a)
+    limits = [int(math.floor(float(a[i].norm()) / d_min)) for i in range(3)]
+    hh = torch.arange(-limits[0], limits[0] + 1, device=a.device)
+    kk = torch.arange(-limits[1], limits[1] + 1, device=a.device)
+    ll = torch.arange(-limits[2], limits[2] + 1, device=a.device)
+    out = []
+    per_h = kk.numel() * ll.numel()
+    step = max(1, chunk // per_h)
+    kg, lg = torch.meshgrid(kk, ll, indexing="ij")
+    kl = torch.stack([kg.reshape(-1), lg.reshape(-1)], -1)
+    for start in range(0, hh.numel(), step):
+        h_part = hh[start : start + step]
+        hkl = torch.cat([h_part.repeat_interleave(kl.shape[0]).unsqueeze(-1), kl.repeat(h_part.numel(), 1)], -1)
+        q = hkl.double() @ inv.T
+        keep = (q.norm(dim=-1) <= 1.0 / d_min) & (hkl != 0).any(-1)
+        out.append(hkl[keep])
+    return torch.cat(out, 0)
+
+
+def _panel_frames(panels: PanelArray) -> dict[str, Tensor]:
+    """Float64 panel frames for prediction: depth axis, plane distance, dual fast/slow bases."""
+    fast = panels.fast_axis.double()
+    slow = panels.slow_axis.double()
+    origin = panels.origin_mm.double()
+    depth = panels.depth_axis.double()
+    basis = torch.stack([fast, slow], -1)  # (P, 3, 2)
+    dual = basis @ torch.linalg.inv(basis.transpose(-1, -2) @ basis)  # (P, 3, 2)
+    px = panels.pixel_size_mm.double()
+    return {
+        "depth": depth,
+        "distance": (origin * depth).sum(-1),
+        "dual_f": dual[..., 0] / px[:, :1],  # pixel coordinate per mm
+        "dual_s": dual[..., 1] / px[:, 1:],
+        "origin_f": (origin * dual[..., 0]).sum(-1) / px[:, 0],
+        "origin_s": (origin * dual[..., 1]).sum(-1) / px[:, 1],
+        "pixel_min": px.min(-1).values,
+        "thickness": panels.thickness_mm.double(),
+        "att_len": panels.attenuation_length_mm.double(),
+    }
+
+
+def _bucket(half_width: Tensor) -> Tensor:
+    buckets = torch.tensor(_HALF_WIDTHS, device=half_width.device)
+    pos = torch.searchsorted(buckets, half_width.clamp(max=_HALF_WIDTHS[-1]))
+    return buckets[pos]
+
+
+@torch.no_grad()
+def predict_windows(scene: Scene, tolerance: float = 1e-6, max_pairs_per_chunk: int = 1 << 14) -> BraggWindows:
+    """Every window the sparse kernel evaluates for ``scene`` (see the module docstring).
+
+    Args:
+        scene: the still.
+        tolerance: largest F_latt^2 / peak^2 of a term that may be left out.
+        max_pairs_per_chunk: (reflection, domain) pairs processed at once (memory bound).
+    """
+    panels, sources, crystal, sf = scene.panels, scene.sources, scene.crystal, scene.structure_factors
+    device = panels.origin_mm.device
+    real_space = crystal.real_space.detach().double()
+    inv = torch.linalg.inv(real_space)
+    ncells = crystal.ncells_abc.detach().double()
+    sigma_min = float(torch.linalg.svdvals(ncells.unsqueeze(-1) * real_space).min())
+    dq = cutoff_radius(crystal.shape, tolerance) / sigma_min
+    k = sources.wavenumber.detach().double()
+    directions = sources.direction.detach().double()
+    weight = sources.weight.detach().double()
+    mean_dir = (weight.unsqueeze(-1) * directions).sum(0)
+    mean_dir = mean_dir / mean_dir.norm()
+    theta_div = float(torch.acos((directions @ mean_dir).clamp(-1.0, 1.0)).max())
+    rotations = crystal.domain_rotations.detach().double()
+    theta_mos = max_rotation_angle_rad(rotations)
+    k_min, k_max = float(k.min()), float(k.max())
+
+    # candidate reflections: within the detector's reach
+    d_min = detector_d_min(panels, mean_dir, k_max)
+    q_max = 1.0 / d_min + dq + 2.0 * k_max * math.sin(theta_div)
+    if sf.default_F != 0:
+        hkl = miller_indices_within(real_space, 1.0 / q_max)
+    else:
+        hkl = sf.miller_index.to(device)
+    q = hkl.double() @ inv.T
+    q_norm = q.norm(dim=-1)
+    keep = q_norm <= q_max
+    # coarse test over all domains and sources: epsilon decreases monotonically with k
+    margin = q_norm * (theta_mos + theta_div) + dq
+    kk = torch.tensor([k_min, k_max], dtype=torch.float64, device=device)
+    eps_hi = _ewald_offset(q, mean_dir, kk[:1])
+    eps_lo = _ewald_offset(q, mean_dir, kk[1:])
+    keep &= (eps_hi >= -margin) & (eps_lo <= margin)
+    hkl, q, q_norm = hkl[keep], q[keep], q_norm[keep]
+    rows = sf.index_of(hkl)
+    if sf.default_F == 0:
+        has_f = rows < sf.n_reflections
+        hkl, q, q_norm, rows = hkl[has_f], q[has_f], q_norm[has_f], rows[has_f]
+
+    # (reflection, domain) pairs
+    q_dom = torch.einsum("mij,hj->hmi", rotations, q)  # (H, M, 3)
+    margin = (q_norm * theta_div + dq).unsqueeze(-1)
+    eps_hi = _ewald_offset(q_dom, mean_dir, kk[:1])
+    eps_lo = _ewald_offset(q_dom, mean_dir, kk[1:])
+    pair_h, pair_m = torch.nonzero((eps_hi >= -margin) & (eps_lo <= margin), as_tuple=True)
+
+    frames = _panel_frames(panels)
+    pieces = []
+    for start in range(0, pair_h.numel(), max_pairs_per_chunk):
+        ph, pm = pair_h[start : start + max_pairs_per_chunk], pair_m[start : start + max_pairs_per_chunk]
+        piece = _windows_for_pairs(q_dom[ph, pm], ph, pm, k, directions, mean_dir, dq, theta_div, frames, panels)
+        if piece is not None:
+            t_pair, t_src, t_panel, fast0, slow0, size = piece
+            pieces.append((hkl[ph[t_pair]], rows[ph[t_pair]], t_src, pm[t_pair], t_panel, fast0, slow0, size))
+    if not pieces:
+        empty = torch.zeros(0, dtype=torch.long, device=device)
+        return BraggWindows(torch.zeros((0, 3), dtype=torch.long, device=device), *([empty] * 8))
+    cols = [torch.cat(c, 0) for c in zip(*pieces)]
+    size = cols.pop()
+    order = torch.argsort(size, stable=True)
+    return BraggWindows(*(c[order] for c in cols), n_fast=size[order], n_slow=size[order])
+
+
+def _windows_for_pairs(q, pair_h, pair_m, k, directions, mean_dir, dq, theta_div, frames, panels):
+    """Triples (pair, source) within dq of the Ewald sphere and their windows on each panel."""
+    eps = _ewald_offset(q.unsqueeze(1), directions.unsqueeze(0), k.unsqueeze(0))  # (Np, C)
+    t_pair, t_src = torch.nonzero(eps.abs() <= dq, as_tuple=True)
+    if t_pair.numel() == 0:
+        return None
+    n_pairs = q.shape[0]
+    # each pair's spots over its lit sources lie on one line on a flat panel (the plane through
+    # the origin spanned by the beam and q): test panels with the two extreme wavenumbers
+    k_t = k[t_src]
+    k_lo = torch.full((n_pairs,), float("inf"), dtype=k.dtype, device=k.device).scatter_reduce(0, t_pair, k_t, "amin")
+    k_hi = torch.full((n_pairs,), -float("inf"), dtype=k.dtype, device=k.device).scatter_reduce(0, t_pair, k_t, "amax")
+    lit = torch.isfinite(k_lo)
+    extents = []
+    for k_end in (k_lo, k_hi):
+        k_end = torch.where(lit, k_end, torch.ones_like(k_end))
+        u = k_end.unsqueeze(-1) * mean_dir + q
+        u = u / u.norm(dim=-1, keepdim=True)
+        cos = u @ frames["depth"].T  # (Np, P)
+        safe = torch.where(cos > 1e-6, cos, torch.ones_like(cos))
+        t = frames["distance"] / safe
+        f = t * (u @ frames["dual_f"].T) - frames["origin_f"]
+        s = t * (u @ frames["dual_s"].T) - frames["origin_s"]
+        alpha = _window_angle(k_end, dq).unsqueeze(-1) + theta_div
+        tan = torch.sqrt((1.0 - safe * safe).clamp(min=0.0)) / safe
+        pad = 1.2 * alpha * t / (safe * frames["pixel_min"]) + frames["thickness"] * tan / frames["pixel_min"] + 3.0
+        extents.append((f, s, pad, cos > 1e-6))
+    (f0, s0, pad0, ok0), (f1, s1, pad1, ok1) = extents
+    pad = torch.maximum(pad0, pad1)
+    hit = (
+        ok0
+        & ok1
+        & lit.unsqueeze(-1)
+        & (torch.maximum(f0, f1) + pad >= 0)
+        & (torch.minimum(f0, f1) - pad <= panels.n_fast)
+        & (torch.maximum(s0, s1) + pad >= 0)
+        & (torch.minimum(s0, s1) - pad <= panels.n_slow)
+    )
+    cand_pair, cand_panel = torch.nonzero(hit, as_tuple=True)
+    # expand each (pair, panel) candidate to the pair's triples (t_pair is sorted)
+    counts = torch.bincount(t_pair, minlength=n_pairs)
+    starts = torch.cumsum(counts, 0) - counts
+    n_each = counts[cand_pair]
+    rep = torch.repeat_interleave(torch.arange(cand_pair.numel(), device=k.device), n_each)
+    within = torch.arange(rep.numel(), device=k.device) - torch.repeat_interleave(torch.cumsum(n_each, 0) - n_each, n_each)
+    triple = starts[cand_pair][rep] + within
+    panel = cand_panel[rep]
+    src = t_src[triple]
+    u = k[src].unsqueeze(-1) * directions[src] + q[t_pair[triple]]
+    u = u / u.norm(dim=-1, keepdim=True)
+    depth = frames["depth"][panel]
+    cos = (u * depth).sum(-1)
+    ok = cos > 1e-6
+    cos = torch.where(ok, cos, torch.ones_like(cos))
+    thickness, att_len = frames["thickness"][panel], frames["att_len"][panel]
+    _, z_mean = layer_mean_depth_mm(cos, thickness, att_len, panels.n_layers)
+    z_c = 0.5 * (z_mean[:, 0] + z_mean[:, -1])
+    z_spread = 0.5 * (z_mean[:, -1] - z_mean[:, 0])
+    t = (frames["distance"][panel] + z_c) / cos
+    uf = (u * frames["dual_f"][panel]).sum(-1)
+    us = (u * frames["dual_s"][panel]).sum(-1)
+    f_c = t * uf - frames["origin_f"][panel]
+    s_c = t * us - frames["origin_s"][panel]
+    lateral = z_spread / cos * torch.sqrt(uf * uf + us * us)
+    alpha = _window_angle(k[src], dq)
+    half = torch.ceil(1.1 * alpha * t / (cos * frames["pixel_min"][panel]) + lateral).long() + 1
+    half = _bucket(half)
+    fast0 = torch.floor(f_c).long() - half
+    slow0 = torch.floor(s_c).long() - half
+    size = 2 * half + 1
+    ok &= (fast0 + size > 0) & (fast0 < panels.n_fast) & (slow0 + size > 0) & (slow0 < panels.n_slow)
+    return t_pair[triple][ok], src[ok], panel[ok], fast0[ok], slow0[ok], size[ok]
+
+
+def _window_angle(k: Tensor, dq: float) -> Tensor:
+    """Largest angle (rad) from the spot centre to an Ewald-sphere point within dq of q.
+
+    |x - q|^2 = eps^2 + 4 k (k + eps) sin^2(alpha / 2) on the sphere, |eps| <= dq.
+    """
+    arg = dq / (2.0 * torch.sqrt(k * (k - dq).clamp(min=1e-12)))
+    return 2.0 * torch.asin(arg.clamp(max=1.0))
+
+
+def window_photons(scene: Scene, windows: BraggWindows, max_terms_per_chunk: int = 1 << 23) -> tuple[Tensor, Tensor]:
+    """Expected photons of every window pixel, as (flat pixel index, photons) of valid pixels.
+
+    Flat index = (panel * n_slow + slow) * n_fast + fast.  Differentiable in the scene tensors.
+    """
+    panels = scene.panels
+    indices, values = [], []
+    if windows.n_windows == 0:
+        empty = torch.zeros(0, device=panels.origin_mm.device)
+        return empty.long(), empty.to(panels.origin_mm.dtype)
+    sizes = torch.stack([windows.n_fast, windows.n_slow], -1)
+    groups, inverse = torch.unique(sizes, dim=0, return_inverse=True)
+    per_window = scene.oversample**2 * panels.n_layers
+    for g, (n_fast, n_slow) in enumerate(groups.tolist()):
+        members = torch.nonzero(inverse == g).squeeze(-1)
+        step = max(1, max_terms_per_chunk // (per_window * n_fast * n_slow))
+        for start in range(0, members.numel(), step):
+            w = windows.select(members[start : start + step])
+            flat, vals = _group_photons(scene, w, n_fast, n_slow)
+            indices.append(flat)
+            values.append(vals)
+    return torch.cat(indices), torch.cat(values)
+
+
+def _group_photons(scene: Scene, w: BraggWindows, n_fast: int, n_slow: int) -> tuple[Tensor, Tensor]:
+    panels, sources, crystal = scene.panels, scene.sources, scene.crystal
+    dtype, device = panels.origin_mm.dtype, panels.origin_mm.device
+    jj, ii = torch.meshgrid(torch.arange(n_slow, device=device), torch.arange(n_fast, device=device), indexing="ij")
+    fast_pix = w.fast0.unsqueeze(-1) + ii.reshape(-1)  # (W, K)
+    slow_pix = w.slow0.unsqueeze(-1) + jj.reshape(-1)
+    valid = (fast_pix >= 0) & (fast_pix < panels.n_fast) & (slow_pix >= 0) & (slow_pix < panels.n_slow)
+    offsets = subpixel_offsets(scene.oversample, dtype, device)
+    fast = fast_pix.to(dtype).unsqueeze(-1) + offsets[:, 0]
+    slow = slow_pix.to(dtype).unsqueeze(-1) + offsets[:, 1]
+    panel = w.panel.view(-1, 1, 1).expand_as(fast)
+    pts = sensor_points(panels, panel, fast, slow)  # (W, K, o2, T)
+    real_space = crystal.domain_real_space()[w.domain].view(-1, 1, 1, 1, 3, 3)
+    terms = bragg_term(
+        pts,
+        sources,
+        w.source.view(-1, 1, 1, 1),
+        real_space,
+        crystal,
+        scene.structure_factors,
+        miller_index=w.miller_index.view(-1, 1, 1, 1, 3),
+    )
+    f_sq = scene.structure_factors.intensity(w.row, sources.channel[w.source])
+    photons = terms.sum(dim=(2, 3)) * (f_sq.unsqueeze(-1) * photon_scale(scene))
+    flat = (w.panel.unsqueeze(-1) * panels.n_slow + slow_pix) * panels.n_fast + fast_pix
+    return flat[valid], photons[valid]
+
+
+def simulate_sparse(scene: Scene, windows: BraggWindows | None = None, tolerance: float = 1e-6) -> Tensor:
+    """Expected Bragg photons per pixel, (P, n_slow, n_fast), from the windows of ``scene``."""
+    if windows is None:
+        windows = predict_windows(scene, tolerance)
+    panels = scene.panels
+    flat, photons = window_photons(scene, windows)
+    image = torch.zeros(panels.n_panels * panels.n_slow * panels.n_fast, dtype=photons.dtype, device=photons.device)
+    return image.index_add(0, flat, photons).reshape(panels.n_panels, panels.n_slow, panels.n_fast)
