@@ -139,9 +139,11 @@ def _panel_frames(panels: PanelArray) -> dict[str, Tensor]:
 
 
 def _bucket(half_width: Tensor) -> Tensor:
+    """Round half-widths up to a few sizes (fewer, larger batches); beyond the list, to 64s."""
     buckets = torch.tensor(_HALF_WIDTHS, device=half_width.device)
     pos = torch.searchsorted(buckets, half_width.clamp(max=_HALF_WIDTHS[-1]))
-    return buckets[pos]
+    big = (half_width + 63) // 64 * 64
+    return torch.where(half_width > _HALF_WIDTHS[-1], big, buckets[pos])
 
 
 @torch.no_grad()
