@@ -34,6 +34,7 @@ __all__ = [
     "EdgeShiftModel",
     "FreeChannelModel",
     "second_difference_penalty",
+    "band_kramers_kronig_matrix",
 ]
 
 
@@ -116,4 +117,188 @@ class TabulatedCurve:
             energy_eV=self.energy_eV.to(device=device, dtype=dtype),
             f_prime=self.f_prime.to(device=device, dtype=dtype),
             f_double_prime=self.f_double_prime.to(device=device, dtype=dtype),
+        )
+
+
+def _stack_if_common(references: Sequence[TabulatedCurve]) -> tuple[Tensor, Tensor, Tensor] | None:
+    """(grid (N,), f' (S, N), f'' (S, N)) when every reference uses the same grid, else None."""
+    first = references[0].energy_eV
+    for curve in references[1:]:
+        if curve.energy_eV.shape != first.shape or not torch.equal(curve.energy_eV, first):
+            return None
+    return (
+        first,
+        torch.stack([c.f_prime for c in references]),
+        torch.stack([c.f_double_prime for c in references]),
+    )
+
+
+class EdgeShiftModel(nn.Module):
+    """Each site follows its reference curve moved by an edge shift: f_s(E) = f_ref,s(E - Delta_E_s).
+
+    Arguments:
+        references: one :class:`TabulatedCurve` per site (the same curve may serve several).
+        edge_shift_eV: (S,) initial shifts (eV); default zeros.
+        refine: if true the shifts are an ``nn.Parameter`` (``requires_grad``), else a buffer.
+
+    Calling the model with channel energies (C,) returns (f_prime, f_double_prime), each (S, C),
+    differentiable in ``edge_shift_eV``.
+
+    Example:
+        >>> E = torch.tensor([7000.0, 7100.0, 7200.0], dtype=torch.float64)
+        >>> ref = TabulatedCurve(E, torch.tensor([-2.0, -8.0, -4.0], dtype=torch.float64),
+        ...                      torch.tensor([0.5, 1.0, 4.0], dtype=torch.float64))
+        >>> model = EdgeShiftModel([ref, ref], torch.tensor([0.0, 50.0], dtype=torch.float64))
+        >>> fp, fdp = model(torch.tensor([7150.0], dtype=torch.float64))
+        >>> fdp.squeeze(-1).tolist()
+        [2.5, 1.0]
+    """
+
+    def __init__(
+        self,
+        references: Sequence[TabulatedCurve],
+        edge_shift_eV: Tensor | None = None,
+        refine: bool = True,
+    ) -> None:
+        super().__init__()
+        if len(references) == 0:
+            raise ValueError("EdgeShiftModel needs at least one site")
+        self.labels = [c.label for c in references]
+        dtype = references[0].energy_eV.dtype
+        if edge_shift_eV is None:
+            edge_shift_eV = torch.zeros(len(references), dtype=dtype)
+        edge_shift_eV = torch.as_tensor(edge_shift_eV, dtype=dtype).reshape(len(references)).clone()
+        if refine:
+            self.edge_shift_eV = nn.Parameter(edge_shift_eV)
+        else:
+            self.register_buffer("edge_shift_eV", edge_shift_eV)
+        common = _stack_if_common(references)
+        self._common = common is not None
+        if common is not None:
+            self.register_buffer("grid_eV", common[0])
+            self.register_buffer("table_f_prime", common[1])
+            self.register_buffer("table_f_double_prime", common[2])
+        else:
+            for s, curve in enumerate(references):
+                self.register_buffer(f"grid_eV_{s}", curve.energy_eV)
+                self.register_buffer(f"table_f_prime_{s}", curve.f_prime)
+                self.register_buffer(f"table_f_double_prime_{s}", curve.f_double_prime)
+
+    @property
+    def n_sites(self) -> int:
+        return int(self.edge_shift_eV.shape[0])
+
+    def forward(self, energy_eV: Tensor) -> tuple[Tensor, Tensor]:
+        """(f', f'') of every site at channel energies ``energy_eV`` (C,) (eV): two (S, C) tensors."""
+        e = energy_eV.to(self.edge_shift_eV.dtype).unsqueeze(0) - self.edge_shift_eV.unsqueeze(-1)  # (S, C)
+        if self._common:
+            return (
+                interpolate_linear(e, self.grid_eV, self.table_f_prime),
+                interpolate_linear(e, self.grid_eV, self.table_f_double_prime),
+            )
+        fp, fdp = [], []
+        for s in range(self.n_sites):
+            grid = getattr(self, f"grid_eV_{s}")
+            fp.append(interpolate_linear(e[s], grid, getattr(self, f"table_f_prime_{s}")))
+            fdp.append(interpolate_linear(e[s], grid, getattr(self, f"table_f_double_prime_{s}")))
+        return torch.stack(fp), torch.stack(fdp)
+
+
+def second_difference_penalty(values: Tensor, energy_eV: Tensor) -> Tensor:
+    """Sum over rows of squared second derivatives (e / eV^2)^2 on a (possibly uneven) energy grid.
+
+    Arguments:
+        values: (S, C) values on the grid.
+        energy_eV: (C,) increasing energies (eV), C >= 3.
+
+    Returns:
+        Scalar sum of (d^2 values / d E^2)^2 * (mean spacing)^4, i.e. squared second
+        differences in electrons^2 on a uniform grid.
+    """
+    h = energy_eV[1:] - energy_eV[:-1]
+    slope = (values[..., 1:] - values[..., :-1]) / h
+    curvature = 2.0 * (slope[..., 1:] - slope[..., :-1]) / (h[1:] + h[:-1])
+    scale = h.mean() ** 2
+    return ((curvature * scale) ** 2).sum()
+
+
+def band_kramers_kronig_matrix(energy_eV: Tensor) -> Tensor:
+    """(C, C) matrix K: the f' change at the channels caused by an f'' change at the channels.
+
+    The f'' change is the piecewise-linear function through the channel values that falls to
+    zero one channel spacing beyond each end of the band (and is zero outside), so the
+    transform needs no data outside the band.
+    """
+    e = energy_eV.to(torch.float64)
+    below = e[:1] - (e[1] - e[0])
+    above = e[-1:] + (e[-1] - e[-2])
+    nodes = torch.cat([below, e, above])
+    return kramers_kronig_matrix(nodes, e)[:, 1:-1].to(energy_eV.dtype)
+
+
+class FreeChannelModel(nn.Module):
+    """Free f'_s(E_c), f''_s(E_c) for every site and channel, with priors tying them to physics.
+
+    Arguments:
+        energy_eV: (C,) channel energies (eV), increasing (C >= 3).
+        references: one :class:`TabulatedCurve` per site; the initial values and the anchor of
+            the Kramers-Kronig penalty (the reference supplies f'' outside the band).
+
+    ``forward()`` returns the (S, C) parameters (f_prime, f_double_prime).  Two penalties:
+
+    - :meth:`smoothness_penalty`: squared second differences of f' and f'' over the channels.
+    - :meth:`kramers_kronig_penalty`: sum over sites and channels of
+      (Delta f' - K Delta f'')^2 with Delta = value - reference, K from
+      :func:`band_kramers_kronig_matrix`: zero when the change of f'' and the change of f'
+      are a Kramers-Kronig pair (given the reference is one).
+    - :meth:`negative_log_prior` combines them as Gaussian terms with widths in electrons.
+    """
+
+    def __init__(self, energy_eV: Tensor, references: Sequence[TabulatedCurve]) -> None:
+        super().__init__()
+        if energy_eV.dim() != 1 or energy_eV.numel() < 3:
+            raise ValueError("FreeChannelModel needs at least three channel energies")
+        self.labels = [c.label for c in references]
+        self.register_buffer("energy_eV", energy_eV.clone())
+        ref = [c.at(energy_eV.to(c.energy_eV.dtype)) for c in references]
+        fp0 = torch.stack([r[0] for r in ref]).to(energy_eV.dtype)
+        fdp0 = torch.stack([r[1] for r in ref]).to(energy_eV.dtype)
+        self.register_buffer("reference_f_prime", fp0.clone())
+        self.register_buffer("reference_f_double_prime", fdp0.clone())
+        self.register_buffer("kk_matrix", band_kramers_kronig_matrix(energy_eV))
+        self.f_prime = nn.Parameter(fp0.clone())
+        self.f_double_prime = nn.Parameter(fdp0.clone())
+
+    @property
+    def n_sites(self) -> int:
+        return int(self.f_prime.shape[0])
+
+    def forward(self, energy_eV: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(f', f'') (S, C); ``energy_eV``, if given, must be the model's channel energies."""
+        if energy_eV is not None and (
+            energy_eV.shape != self.energy_eV.shape or not torch.allclose(energy_eV.to(self.energy_eV), self.energy_eV)
+        ):
+            raise ValueError("FreeChannelModel is defined on its own channel energies only")
+        return self.f_prime, self.f_double_prime
+
+    def smoothness_penalty(self) -> Tensor:
+        """Squared second differences (e^2) of f' and f'' summed over sites and channels."""
+        return second_difference_penalty(self.f_prime, self.energy_eV) + second_difference_penalty(
+            self.f_double_prime, self.energy_eV
+        )
+
+    def kramers_kronig_residual(self) -> Tensor:
+        """(S, C) Delta f' - K Delta f'' (electrons)."""
+        d_fdp = self.f_double_prime - self.reference_f_double_prime
+        d_fp = self.f_prime - self.reference_f_prime
+        return d_fp - d_fdp @ self.kk_matrix.transpose(0, 1)
+
+    def kramers_kronig_penalty(self) -> Tensor:
+        """Sum of squared :meth:`kramers_kronig_residual` (e^2)."""
+        return self.kramers_kronig_residual().pow(2).sum()
+
+    def negative_log_prior(self, smoothness_sigma_e: float = 0.05, kramers_kronig_sigma_e: float = 0.05) -> Tensor:
+        """0.5 * (smoothness / sigma_s^2 + KK penalty / sigma_kk^2): Gaussian priors, widths in electrons."""
+        return 0.5 * (
+            self.smoothness_penalty() / smoothness_sigma_e**2 + self.kramers_kronig_penalty() / kramers_kronig_sigma_e**2
         )

@@ -41,7 +41,8 @@ __all__ = [
     "simulate_sparse",
 ]
 
-_HALF_WIDTHS = (1, 2, 3, 4, 5, 6, 8, 10, 12, 14, 16, 20, 24, 28, 32, 40, 48, 56, 64, 80, 96, 112, 128, 160, 192, 256)
+# window edges (pixels) are rounded up to these sizes so windows batch into a few groups
+_SIZES = (1, 2, 3, 4, 5, 7, 9, 11, 13, 17, 21, 25, 29, 33, 41, 49, 57, 65, 81, 97, 113, 129, 161, 193, 257, 321, 385, 513)
 
 
 @dataclass(frozen=True)
@@ -138,12 +139,18 @@ def _panel_frames(panels: PanelArray) -> dict[str, Tensor]:
     }
 
 
-def _bucket(half_width: Tensor) -> Tensor:
-    """Round half-widths up to a few sizes (fewer, larger batches); beyond the list, to 64s."""
-    buckets = torch.tensor(_HALF_WIDTHS, device=half_width.device)
-    pos = torch.searchsorted(buckets, half_width.clamp(max=_HALF_WIDTHS[-1]))
-    big = (half_width + 63) // 64 * 64
-    return torch.where(half_width > _HALF_WIDTHS[-1], big, buckets[pos])
+def _bucket(size: Tensor) -> Tensor:
+    """Round window edges up to one of _SIZES (fewer, larger batches); beyond the list, to 128s."""
+    buckets = torch.tensor(_SIZES, device=size.device)
+    pos = torch.searchsorted(buckets, size.clamp(max=_SIZES[-1]))
+    return torch.where(size > _SIZES[-1], (size + 127) // 128 * 128, buckets[pos])
+
+
+def _clip_to_panel(start: Tensor, size: Tensor, n_pixels: int) -> tuple[Tensor, Tensor]:
+    """Clip windows [start, start + size) to the panel [0, n_pixels) and round their size up."""
+    lo = start.clamp(min=0)
+    hi = (start + size).clamp(max=n_pixels)
+    return lo, _bucket((hi - lo).clamp(min=1))
 
 
 @torch.no_grad()
@@ -207,15 +214,14 @@ def predict_windows(scene: Scene, tolerance: float = 1e-6, max_pairs_per_chunk: 
         ph, pm = pair_h[start : start + max_pairs_per_chunk], pair_m[start : start + max_pairs_per_chunk]
         piece = _windows_for_pairs(q_dom[ph, pm], ph, pm, k, directions, mean_dir, dq, theta_div, frames, panels)
         if piece is not None:
-            t_pair, t_src, t_panel, fast0, slow0, size = piece
-            pieces.append((hkl[ph[t_pair]], rows[ph[t_pair]], t_src, pm[t_pair], t_panel, fast0, slow0, size))
+            t_pair, t_src, t_panel, fast0, slow0, n_fast, n_slow = piece
+            pieces.append((hkl[ph[t_pair]], rows[ph[t_pair]], t_src, pm[t_pair], t_panel, fast0, slow0, n_fast, n_slow))
     if not pieces:
         empty = torch.zeros(0, dtype=torch.long, device=device)
         return BraggWindows(torch.zeros((0, 3), dtype=torch.long, device=device), *([empty] * 8))
     cols = [torch.cat(c, 0) for c in zip(*pieces)]
-    size = cols.pop()
-    order = torch.argsort(size, stable=True)
-    return BraggWindows(*(c[order] for c in cols), n_fast=size[order], n_slow=size[order])
+    order = torch.argsort(cols[-1] * (cols[-2].max() + 1) + cols[-2], stable=True)  # group equal sizes
+    return BraggWindows(*(c[order] for c in cols))
 
 
 def _windows_for_pairs(q, pair_h, pair_m, k, directions, mean_dir, dq, theta_div, frames, panels):
@@ -284,12 +290,13 @@ def _windows_for_pairs(q, pair_h, pair_m, k, directions, mean_dir, dq, theta_div
     lateral = z_spread / cos * torch.sqrt(uf * uf + us * us)
     alpha = _window_angle(k[src], dq)
     half = torch.ceil(1.1 * alpha * t / (cos * frames["pixel_min"][panel]) + lateral).long() + 1
-    half = _bucket(half)
     fast0 = torch.floor(f_c).long() - half
     slow0 = torch.floor(s_c).long() - half
     size = 2 * half + 1
     ok &= (fast0 + size > 0) & (fast0 < panels.n_fast) & (slow0 + size > 0) & (slow0 < panels.n_slow)
-    return t_pair[triple][ok], src[ok], panel[ok], fast0[ok], slow0[ok], size[ok]
+    fast0, n_fast = _clip_to_panel(fast0, size, panels.n_fast)
+    slow0, n_slow = _clip_to_panel(slow0, size, panels.n_slow)
+    return t_pair[triple][ok], src[ok], panel[ok], fast0[ok], slow0[ok], n_fast[ok], n_slow[ok]
 
 
 def _window_angle(k: Tensor, dq: float) -> Tensor:

@@ -1,0 +1,1 @@
+"""Reading and writing files: measured f'/f'' tables (and, later, image containers)."""
