@@ -1,0 +1,185 @@
+"""Forward-model throughput: one JSON object per (case, kernel) on stdout.
+
+Usage:
+    python benchmarks/forward.py [--case psii_jungfrau16m|small_cpu|all] [--kernel sparse|dense|both]
+                                 [--device auto|cpu|cuda] [--dtype float32|float64] [--repeats N]
+
+Cases:
+  psii_jungfrau16m: PSII P212121 117.585 223.068 309.977 A, d_min 3.4 A, F0 from a Wilson-like
+    draw (B = 30 A^2), 6550 eV, 100 channels of 1 eV (Gaussian, FWHM 25 eV), 25 mosaic domains
+    (0.05 deg), Ncells (15, 8, 6) (~1800 A domains), gauss shape, the ideal Jungfrau 16M built
+    in code (256 panels of 254 x 254, 0.075 mm, 0.32 mm Si, 1 layer), 5 um water + 1 mm air
+    background, Poisson noise + readout noise + calibration error.
+  small_cpu: rubredoxin-sized cell (34.1 x 34.9 x 43.7 A), 2 x 2 panels of 256 x 256 at 0.1 mm,
+    20 channels, 5 domains; everything else as above.
+Timings exclude building the scene (structure factors, geometry), which a run does once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import platform
+import statistics
+import time
+
+import torch
+
+from spread_dials.detectors.jungfrau import jungfrau16m_panel_array
+from spread_dials.detectors.layout import panel_array_from_layout, silicon_mu_per_mm
+from spread_dials.detectors.simple import simple_detector
+from spread_dials.physics import (
+    Crystal,
+    Scene,
+    StructureFactors,
+    gaussian_spectrum,
+    make_sources,
+    mosaic_domain_rotations,
+    real_space_from_cell,
+    rotation_from_vector,
+)
+from spread_dials.physics.background import AIR_F_BG, WATER_F_BG
+from spread_dials.physics.detector_response import calibration_gain_map
+from spread_dials.physics.sparse import miller_indices_within
+from spread_dials.physics.still import AmorphousMaterial, DetectorResponse, detector_counts, expected_photons
+
+CASES = {
+    "psii_jungfrau16m": dict(
+        cell=(117.585, 223.068, 309.977, 90.0, 90.0, 90.0), d_min=3.4, n_channels=100, n_domains=25,
+        ncells=(15.0, 8.0, 6.0), detector="jungfrau16m",
+    ),
+    "small_cpu": dict(
+        cell=(34.1, 34.9, 43.7, 90.0, 90.0, 90.0), d_min=2.0, n_channels=20, n_domains=5,
+        ncells=(40.0, 40.0, 30.0), detector="simple",
+    ),
+}  # fmt: skip
+MEAN_EV = 6550.0
+PHOTONS = 1e12
+BEAM_AREA_M2 = (1e-6) ** 2
+
+
+def wilson_structure_factors(cell, d_min: float, seed: int, dtype) -> StructureFactors:
+    """|F| from a Wilson (acentric) draw with B = 30 A^2 and random phases, every h to d_min."""
+    real_space = real_space_from_cell(torch.tensor(cell, dtype=torch.float64))
+    hkl = miller_indices_within(real_space, d_min)
+    q = hkl.double() @ torch.linalg.inv(real_space).T
+    stol2 = (q * q).sum(-1) / 4.0
+    gen = torch.Generator().manual_seed(seed)
+    intensity = -torch.log1p(-torch.rand(hkl.shape[0], generator=gen, dtype=torch.float64))  # Exp(1)
+    amp = intensity.sqrt() * 300.0 * torch.exp(-30.0 * stol2)
+    phase = 2 * math.pi * torch.rand(hkl.shape[0], generator=gen, dtype=torch.float64)
+    F = torch.polar(amp.double(), phase).to(torch.complex64 if dtype == torch.float32 else torch.complex128)
+    return StructureFactors(miller_index=hkl, F0=F)
+
+
+def build_scene(case: str, device: torch.device, dtype: torch.dtype, seed: int = 0) -> Scene:
+    spec = CASES[case]
+    if spec["detector"] == "jungfrau16m":
+        panels = jungfrau16m_panel_array(n_layers=1, dtype=dtype)
+    else:
+        layout = simple_detector(256, 256, 0.1, 100.0, 2, 2, gap_mm=1.0, thickness_mm=0.32,
+                                 mu_per_mm=silicon_mu_per_mm(MEAN_EV))  # fmt: skip
+        panels = panel_array_from_layout(layout, n_layers=1, dtype=dtype)
+    energy, weight = gaussian_spectrum(MEAN_EV, 25.0, spec["n_channels"], 1.0)
+    sources = make_sources(energy, weight, PHOTONS / BEAM_AREA_M2)
+    gen = torch.Generator().manual_seed(seed)
+    rotvec = torch.randn(3, generator=gen, dtype=torch.float64)
+    crystal = Crystal(
+        real_space=real_space_from_cell(torch.tensor(spec["cell"], dtype=torch.float64), rotation_from_vector(rotvec)),
+        ncells_abc=torch.tensor(spec["ncells"], dtype=torch.float64),
+        domain_rotations=mosaic_domain_rotations(0.05, spec["n_domains"], seed=seed + 1),
+        shape="gauss",
+    )
+    sf = wilson_structure_factors(spec["cell"], spec["d_min"], seed, dtype)
+    return Scene(panels, sources, crystal, sf, oversample=1).to(device=device, dtype=dtype)
+
+
+def materials() -> tuple[AmorphousMaterial, ...]:
+    return (
+        AmorphousMaterial(torch.tensor(WATER_F_BG), 0.005, 1.0, 18.0),
+        AmorphousMaterial(torch.tensor(AIR_F_BG), 1.0, 1.2e-3, 28.96),
+    )
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_case(case: str, kernel: str, device: torch.device, dtype: torch.dtype, repeats: int) -> dict:
+    scene = build_scene(case, device, dtype)
+    panels = scene.panels
+    shape = (panels.n_panels, panels.n_slow, panels.n_fast)
+    response = DetectorResponse(
+        calibration_gain=calibration_gain_map(shape, 0.03, seed=7, device=device, dtype=dtype), readout_noise_adu=0.1
+    )
+    mats = materials()
+    gen = torch.Generator(device=device).manual_seed(1)
+    timings = []
+    result = None
+    for i in range(repeats + 1):  # the first run warms up
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(device)
+        _sync(device)
+        t0 = time.perf_counter()
+        with torch.no_grad():
+            result = expected_photons(scene, mats, PHOTONS, kernel=kernel)
+            _sync(device)
+            t1 = time.perf_counter()
+            counts = detector_counts(result.total, response, gen)
+        _sync(device)
+        t2 = time.perf_counter()
+        if i > 0:
+            timings.append((t1 - t0, t2 - t1, t2 - t0))
+    total = statistics.median(t[2] for t in timings)
+    return {
+        "case": case,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "kernel": kernel,
+        "dtype": str(dtype).replace("torch.", ""),
+        "seconds_per_image": total,
+        "seconds_physics": statistics.median(t[0] for t in timings),
+        "seconds_noise": statistics.median(t[1] for t in timings),
+        "pixels": int(counts.numel()),
+        "bragg_windows": result.windows.n_windows if result.windows is not None else None,
+        "terms_evaluated": _terms(scene, result),
+        "peak_memory_bytes": int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None,
+        "bragg_photons": float(result.bragg.sum()),
+        "background_photons": float(result.background.sum()),
+        "repeats": repeats,
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+    }
+
+
+def _terms(scene: Scene, result) -> int:
+    per_pixel = scene.oversample**2 * scene.panels.n_layers
+    if result.windows is None:
+        p = scene.panels
+        return p.n_panels * p.n_slow * p.n_fast * per_pixel * scene.sources.n_sources * scene.crystal.n_domains
+    w = result.windows
+    return int((w.n_fast * w.n_slow).sum()) * per_pixel
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--case", default="all", choices=["all", *CASES])
+    parser.add_argument("--kernel", default="both", choices=["sparse", "dense", "both"])
+    parser.add_argument("--device", default="auto", choices=["auto", "cpu", "cuda"])
+    parser.add_argument("--dtype", default="float32", choices=["float32", "float64"])
+    parser.add_argument("--repeats", type=int, default=3)
+    args = parser.parse_args()
+    device = torch.device("cuda" if args.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if args.device == "auto" else args.device))  # fmt: skip
+    dtype = getattr(torch, args.dtype)
+    cases = list(CASES) if args.case == "all" else [args.case]
+    kernels = ["sparse", "dense"] if args.kernel == "both" else [args.kernel]
+    for case in cases:
+        for kernel in kernels:
+            repeats = 1 if kernel == "dense" else args.repeats
+            print(json.dumps(run_case(case, kernel, device, dtype, repeats)), flush=True)
+
+
+if __name__ == "__main__":
+    main()
