@@ -19,7 +19,8 @@ from __future__ import annotations
 import itertools
 import logging
 import os
-from typing import Any, Iterable, TypeVar
+from collections.abc import Iterable
+from typing import Any, TypeVar
 
 from spread_dials.util.errors import SpreadError
 
@@ -58,7 +59,7 @@ class Parallel:
 
     @property
     def method(self) -> str:
-        """"mpi" when backed by a communicator, else "serial"."""
+        """The method in use: "mpi" when backed by a communicator, else "serial"."""
         return "serial" if self.comm is None else "mpi"
 
     @property
@@ -152,7 +153,7 @@ def mpi_context(method: str = "serial") -> Parallel:
     except ImportError as e:  # no mpi4py, or mpi4py without a loadable MPI library
         logger.info("mp.method=mpi but mpi4py.MPI cannot be imported (%s): running serially.", e)
         return Parallel()
-    except Exception as e:  # MPI_Init failures surface as RuntimeError or MPI.Exception
+    except Exception as e:  # noqa: BLE001  MPI_Init failures surface as RuntimeError or MPI.Exception
         logger.info("mp.method=mpi but MPI could not initialise (%s): running serially.", e)
         return Parallel()
     return Parallel(MPI.COMM_WORLD)

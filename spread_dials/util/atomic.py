@@ -19,8 +19,9 @@ from __future__ import annotations
 import contextlib
 import os
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
-from typing import IO, Iterator, Union
+from typing import IO, Union
 
 __all__ = ["atomic_path", "atomic_write", "write_bytes_atomic", "write_text_atomic"]
 
@@ -90,11 +91,10 @@ def atomic_write(path: PathLike, mode: str = "w", encoding: str | None = None) -
         raise ValueError(f"atomic_write mode must be 'w' or 'wb', not {mode!r}")
     if "b" not in mode and encoding is None:
         encoding = "utf-8"
-    with atomic_path(path) as tmp:
-        with open(tmp, mode, encoding=encoding) as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
+    with atomic_path(path) as tmp, open(tmp, mode, encoding=encoding) as f:
+        yield f
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def write_bytes_atomic(path: PathLike, data: bytes) -> Path:

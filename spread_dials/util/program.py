@@ -48,13 +48,15 @@ and exit status 1, with no traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
 import functools
 import logging
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, TypeVar
+from typing import Any, TypeVar
 
 import dials.util
 import dials.util.log
@@ -161,9 +163,11 @@ class Program:
         self.usage = usage
         self.help = help
         self.phil = phil
-        self.parser_options = dict(
-            read_experiments=read_experiments, read_reflections=read_reflections, check_format=check_format
-        )
+        self.parser_options = {
+            "read_experiments": read_experiments,
+            "read_reflections": read_reflections,
+            "check_format": check_format,
+        }
 
     def parser(self, phil: phil_scope_type | None = None) -> ArgumentParser:
         """A fresh ``dials.util.options.ArgumentParser`` for this program."""
@@ -258,11 +262,9 @@ def _abort_other_ranks() -> None:
     mpi_module = sys.modules.get("mpi4py.MPI")
     if mpi_module is None:
         return
-    try:
+    with contextlib.suppress(Exception):  # never let the error report itself fail
         if mpi_module.Is_initialized() and not mpi_module.Is_finalized() and mpi_module.COMM_WORLD.Get_size() > 1:
             mpi_module.COMM_WORLD.Abort(1)
-    except Exception:  # never let the error report itself fail
-        pass
 
 
 def handle_errors(func: F) -> F:
