@@ -107,7 +107,9 @@ def _floats(v) -> tuple[float, float, float]:
     return tuple(float(x) for x in v)
 
 
-def detector_from_layout(layout: DetectorLayout, trusted_range: tuple[float, float] = DEFAULT_TRUSTED_RANGE) -> Detector:
+def detector_from_layout(
+    layout: DetectorLayout, trusted_range: tuple[float, float] = DEFAULT_TRUSTED_RANGE
+) -> Detector:
     """A dxtbx Detector with the layout's hierarchy: groups as nodes, panels as leaves.
 
     Panel order is the layout's depth-first order (as ``flatten_layout``).

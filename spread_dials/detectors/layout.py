@@ -27,6 +27,7 @@ __all__ = [
     "Group",
     "PanelFrame",
     "flatten_layout",
+    "layout_from_dxtbx_dict",
     "panel_array_from_layout",
     "silicon_attenuation_length_mm",
     "silicon_mu_per_mm",
@@ -124,7 +125,11 @@ def flatten_layout(layout: DetectorLayout | Group) -> FlatPanels:
             visit(child, rot, org)
 
     visit(root, np.eye(3), np.zeros(3))
-    return FlatPanels(names, np.array(origins).reshape(-1, 3), np.array(fasts).reshape(-1, 3), np.array(slows).reshape(-1, 3))
+
+    def stack(rows: list) -> np.ndarray:
+        return np.array(rows, dtype=np.float64).reshape(-1, 3)
+
+    return FlatPanels(names, stack(origins), stack(fasts), stack(slows))
 
 
 def panel_array_from_layout(
@@ -149,6 +154,42 @@ def panel_array_from_layout(
         thickness_mm=tensor(np.full(n, layout.thickness_mm)),
         attenuation_length_mm=tensor(np.full(n, att)),
         n_layers=n_layers,
+    )
+
+
+def layout_from_dxtbx_dict(detector: dict) -> DetectorLayout:
+    """A layout from a dxtbx detector dictionary (``Detector.to_dict()``, an ``.expt`` JSON entry).
+
+    Reads the ``hierarchy`` (local frames) and ``panels`` without dxtbx.  Panels appear in
+    hierarchy (depth-first) order.
+
+    Raises:
+        ValueError: if panels differ in image size, pixel size, thickness, mu or material.
+    """
+    panels = detector["panels"]
+    shared = {
+        (tuple(p["image_size"]), tuple(p["pixel_size"]), p.get("thickness", 0.0), p.get("mu", 0.0), p.get("material"))
+        for p in panels
+    }
+    if len(shared) != 1:
+        raise ValueError("a DetectorLayout needs panels of one image size, pixel size and sensor")
+
+    def node(d: dict) -> Group | PanelFrame:
+        if "panel" in d:
+            d = panels[d["panel"]]
+            return PanelFrame(d["name"], tuple(d["origin"]), tuple(d["fast_axis"]), tuple(d["slow_axis"]))
+        children = tuple(node(c) for c in d.get("children", []))
+        return Group(d["name"], tuple(d["origin"]), tuple(d["fast_axis"]), tuple(d["slow_axis"]), children)
+
+    image_size, pixel_size, thickness, mu, material = next(iter(shared))
+    return DetectorLayout(
+        root=node(detector["hierarchy"]),
+        image_size=image_size,
+        pixel_size_mm=pixel_size,
+        thickness_mm=float(thickness),
+        mu_per_mm=float(mu),
+        material=material or "",
+        panel_type=panels[0].get("type", "SENSOR_PAD"),
     )
 
 
