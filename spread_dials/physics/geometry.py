@@ -8,9 +8,11 @@ Conventions (dxtbx laboratory frame, lengths in mm):
   * a sensor of thickness t is cut into ``n_layers`` layers of equal thickness.  A ray
     absorbed in a layer is registered at the layer's mean absorption depth (the centroid
     of exp(-z / (L p)) over the layer, L = attenuation length, p = cos of the obliquity).
-    With one layer this is the mean absorption depth that dxtbx's
-    ParallaxCorrectedPxMmStrategy assumes, so simulated spots sit where dxtbx maps them.
-    (nanoBragg registers at each layer's front face; both agree as n_layers grows.)
+    With one layer this is close to the depth dxtbx's ParallaxCorrectedPxMmStrategy
+    uses, 1/mu - (t/cos + 1/mu) exp(-mu t / cos) (an average over all incoming photons rather
+    than over the absorbed ones); the two agree to (mu t / cos) exp(-mu t / cos) relative, i.e.
+    to 0.02 px for a 0.32 mm Si Jungfrau at 6.5 keV (tests/adapters/test_spot_positions.py).
+    (nanoBragg registers at each layer's front face; all agree as n_layers grows.)
 """
 
 from __future__ import annotations

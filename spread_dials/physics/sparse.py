@@ -21,6 +21,7 @@ on a panel, so refinement evaluates shoebox pixels through the same ``window_pho
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -37,6 +38,7 @@ __all__ = [
     "detector_d_min",
     "miller_indices_within",
     "predict_windows",
+    "window_photon_chunks",
     "window_photons",
     "simulate_sparse",
 ]
@@ -55,8 +57,9 @@ class BraggWindows(TensorFields):
         source: (W,) long source index.
         domain: (W,) long mosaic domain index.
         panel: (W,) long panel index.
-        fast0, slow0: (W,) long first pixel of the window (may lie off the panel).
-        n_fast, n_slow: (W,) long window size in pixels.
+        fast0, slow0: (W,) long first pixel of the window, on the panel.
+        n_fast, n_slow: (W,) long window size in pixels (rounded up to a few sizes, so a window
+            may run past the panel's far edge; those pixels are masked when evaluated).
     """
 
     miller_index: Tensor
@@ -228,6 +231,7 @@ def _windows_for_pairs(q, pair_h, pair_m, k, directions, mean_dir, dq, theta_div
     """Triples (pair, source) within dq of the Ewald sphere and their windows on each panel."""
     eps = _ewald_offset(q.unsqueeze(1), directions.unsqueeze(0), k.unsqueeze(0))  # (Np, C)
     t_pair, t_src = torch.nonzero(eps.abs() <= dq, as_tuple=True)
+    t_eps = eps[t_pair, t_src]
     if t_pair.numel() == 0:
         return None
     n_pairs = q.shape[0]
@@ -247,7 +251,7 @@ def _windows_for_pairs(q, pair_h, pair_m, k, directions, mean_dir, dq, theta_div
         t = frames["distance"] / safe
         f = t * (u @ frames["dual_f"].T) - frames["origin_f"]
         s = t * (u @ frames["dual_s"].T) - frames["origin_s"]
-        alpha = _window_angle(k_end, dq).unsqueeze(-1) + theta_div
+        alpha = _window_angle(k_end, torch.zeros_like(k_end), dq).unsqueeze(-1) + theta_div
         tan = torch.sqrt((1.0 - safe * safe).clamp(min=0.0)) / safe
         pad = 1.2 * alpha * t / (safe * frames["pixel_min"]) + frames["thickness"] * tan / frames["pixel_min"] + 3.0
         extents.append((f, s, pad, cos > 1e-6))
@@ -288,7 +292,7 @@ def _windows_for_pairs(q, pair_h, pair_m, k, directions, mean_dir, dq, theta_div
     f_c = t * uf - frames["origin_f"][panel]
     s_c = t * us - frames["origin_s"][panel]
     lateral = z_spread / cos * torch.sqrt(uf * uf + us * us)
-    alpha = _window_angle(k[src], dq)
+    alpha = _window_angle(k[src], t_eps[triple], dq)
     half = torch.ceil(1.1 * alpha * t / (cos * frames["pixel_min"][panel]) + lateral).long() + 1
     fast0 = torch.floor(f_c).long() - half
     slow0 = torch.floor(s_c).long() - half
@@ -299,72 +303,110 @@ def _windows_for_pairs(q, pair_h, pair_m, k, directions, mean_dir, dq, theta_div
     return t_pair[triple][ok], src[ok], panel[ok], fast0[ok], slow0[ok], n_fast[ok], n_slow[ok]
 
 
-def _window_angle(k: Tensor, dq: float) -> Tensor:
+def _window_angle(k: Tensor, eps: Tensor, dq: float) -> Tensor:
     """Largest angle (rad) from the spot centre to an Ewald-sphere point within dq of q.
 
-    |x - q|^2 = eps^2 + 4 k (k + eps) sin^2(alpha / 2) on the sphere, |eps| <= dq.
+    On the sphere |x - q|^2 = eps^2 + 4 k (k + eps) sin^2(alpha / 2), eps = |k s + q| - k.
     """
-    arg = dq / (2.0 * torch.sqrt(k * (k - dq).clamp(min=1e-12)))
+    reach = (dq * dq - eps * eps).clamp(min=0.0).sqrt()
+    arg = reach / (2.0 * torch.sqrt(k * (k + eps).clamp(min=1e-12)))
     return 2.0 * torch.asin(arg.clamp(max=1.0))
 
 
-def window_photons(scene: Scene, windows: BraggWindows, max_terms_per_chunk: int = 1 << 23) -> tuple[Tensor, Tensor]:
-    """Expected photons of every window pixel, as (flat pixel index, photons) of valid pixels.
+def window_photons(
+    scene: Scene, windows: BraggWindows, max_terms_per_chunk: int = 1 << 22, compiled: bool = False
+) -> tuple[Tensor, Tensor]:
+    """Expected photons of every window pixel, as (flat pixel index, photons) of all window pixels.
 
-    Flat index = (panel * n_slow + slow) * n_fast + fast.  Differentiable in the scene tensors.
+    Flat index = (panel * n_slow + slow) * n_fast + fast; pixels off their panel carry 0
+    photons and index 0.  Differentiable in the scene tensors.  ``compiled=True`` fuses the
+    per-pixel physics with torch.compile into one kernel (see ``window_photon_chunks``).
     """
-    panels = scene.panels
     indices, values = [], []
-    if windows.n_windows == 0:
-        empty = torch.zeros(0, device=panels.origin_mm.device)
-        return empty.long(), empty.to(panels.origin_mm.dtype)
-    sizes = torch.stack([windows.n_fast, windows.n_slow], -1)
-    groups, inverse = torch.unique(sizes, dim=0, return_inverse=True)
-    per_window = scene.oversample**2 * panels.n_layers
-    for g, (n_fast, n_slow) in enumerate(groups.tolist()):
-        members = torch.nonzero(inverse == g).squeeze(-1)
-        step = max(1, max_terms_per_chunk // (per_window * n_fast * n_slow))
-        for start in range(0, members.numel(), step):
-            w = windows.select(members[start : start + step])
-            flat, vals = _group_photons(scene, w, n_fast, n_slow)
-            indices.append(flat)
-            values.append(vals)
+    for flat, photons in window_photon_chunks(scene, windows, max_terms_per_chunk, compiled):
+        indices.append(flat)
+        values.append(photons)
+    if not indices:
+        empty = torch.zeros(0, device=scene.panels.origin_mm.device)
+        return empty.long(), empty.to(scene.panels.origin_mm.dtype)
     return torch.cat(indices), torch.cat(values)
 
 
-def _group_photons(scene: Scene, w: BraggWindows, n_fast: int, n_slow: int) -> tuple[Tensor, Tensor]:
+def window_photon_chunks(
+    scene: Scene, windows: BraggWindows, max_terms_per_chunk: int = 1 << 22, compiled: bool = False
+) -> Iterator[tuple[Tensor, Tensor]]:
+    """``window_photons`` in consecutive chunks of window pixels (bounded memory).
+
+    Window pixels are processed as flat chunks of equal length (the last one padded and cut),
+    so a torch.compile'd evaluation never recompiles per chunk.
+    """
+    device = scene.panels.origin_mm.device
+    area = windows.n_fast * windows.n_slow
+    end = torch.cumsum(area, 0)
+    total = int(end[-1]) if area.numel() else 0
+    chunk = max(1, max_terms_per_chunk // (scene.oversample**2 * scene.panels.n_layers))
+    chunk = min(chunk, max(total, 1))
+    evaluate = _compiled_pixel_photons() if compiled else _pixel_photons
+    for start in range(0, total, chunk):
+        pixel = torch.arange(start, start + chunk, device=device)
+        window = torch.searchsorted(end, pixel, right=True).clamp(max=windows.n_windows - 1)
+        local = pixel - (end[window] - area[window])
+        pad = pixel >= total
+        flat, photons = evaluate(scene, windows, window, local, pad)
+        n = min(chunk, total - start)
+        yield flat[:n], photons[:n]
+
+
+def _pixel_photons(scene: Scene, windows: BraggWindows, window: Tensor, local: Tensor, pad: Tensor) -> tuple[Tensor, Tensor]:
+    """Photons of the ``local``-th pixel of each ``window`` (flat arrays of equal length)."""
     panels, sources, crystal = scene.panels, scene.sources, scene.crystal
-    dtype, device = panels.origin_mm.dtype, panels.origin_mm.device
-    jj, ii = torch.meshgrid(torch.arange(n_slow, device=device), torch.arange(n_fast, device=device), indexing="ij")
-    fast_pix = w.fast0.unsqueeze(-1) + ii.reshape(-1)  # (W, K)
-    slow_pix = w.slow0.unsqueeze(-1) + jj.reshape(-1)
-    valid = (fast_pix >= 0) & (fast_pix < panels.n_fast) & (slow_pix >= 0) & (slow_pix < panels.n_slow)
-    offsets = subpixel_offsets(scene.oversample, dtype, device)
+    dtype = panels.origin_mm.dtype
+    n_fast = windows.n_fast[window]
+    fast_pix = windows.fast0[window] + local % n_fast
+    slow_pix = windows.slow0[window] + local // n_fast
+    panel = windows.panel[window]
+    valid = (fast_pix >= 0) & (fast_pix < panels.n_fast) & (slow_pix >= 0) & (slow_pix < panels.n_slow) & ~pad
+    offsets = subpixel_offsets(scene.oversample, dtype, fast_pix.device)
     fast = fast_pix.to(dtype).unsqueeze(-1) + offsets[:, 0]
     slow = slow_pix.to(dtype).unsqueeze(-1) + offsets[:, 1]
-    panel = w.panel.view(-1, 1, 1).expand_as(fast)
-    pts = sensor_points(panels, panel, fast, slow)  # (W, K, o2, T)
-    real_space = crystal.domain_real_space()[w.domain].view(-1, 1, 1, 1, 3, 3)
+    pts = sensor_points(panels, panel.unsqueeze(-1).expand_as(fast), fast, slow)  # (n, o2, T)
+    source = windows.source[window]
+    real_space = crystal.domain_real_space()[windows.domain[window]].view(-1, 1, 1, 3, 3)
     terms = bragg_term(
-        pts,
-        sources,
-        w.source.view(-1, 1, 1, 1),
-        real_space,
-        crystal,
-        scene.structure_factors,
-        miller_index=w.miller_index.view(-1, 1, 1, 1, 3),
-    )
-    f_sq = scene.structure_factors.intensity(w.row, sources.channel[w.source])
-    photons = terms.sum(dim=(2, 3)) * (f_sq.unsqueeze(-1) * photon_scale(scene))
-    flat = (w.panel.unsqueeze(-1) * panels.n_slow + slow_pix) * panels.n_fast + fast_pix
-    return flat[valid], photons[valid]
+        pts, sources, source.view(-1, 1, 1), real_space, crystal, scene.structure_factors,
+        miller_index=windows.miller_index[window].view(-1, 1, 1, 3),
+    )  # fmt: skip
+    f_sq = scene.structure_factors.intensity(windows.row[window], sources.channel[source])
+    photons = terms.sum(dim=(1, 2)) * f_sq * photon_scale(scene)
+    photons = torch.where(valid, photons, torch.zeros_like(photons))
+    flat = (panel * panels.n_slow + slow_pix) * panels.n_fast + fast_pix
+    return torch.where(valid, flat, torch.zeros_like(flat)), photons
 
 
-def simulate_sparse(scene: Scene, windows: BraggWindows | None = None, tolerance: float = 1e-6) -> Tensor:
+_COMPILED = None
+
+
+def _compiled_pixel_photons():
+    """``_pixel_photons`` fused by torch.compile (built once per process)."""
+    global _COMPILED
+    if _COMPILED is None:
+        _COMPILED = torch.compile(_pixel_photons, dynamic=False)
+    return _COMPILED
+
+
+def simulate_sparse(
+    scene: Scene,
+    windows: BraggWindows | None = None,
+    tolerance: float = 1e-6,
+    compiled: bool = False,
+    max_terms_per_chunk: int = 1 << 22,
+) -> Tensor:
     """Expected Bragg photons per pixel, (P, n_slow, n_fast), from the windows of ``scene``."""
     if windows is None:
         windows = predict_windows(scene, tolerance)
     panels = scene.panels
-    flat, photons = window_photons(scene, windows)
-    image = torch.zeros(panels.n_panels * panels.n_slow * panels.n_fast, dtype=photons.dtype, device=photons.device)
-    return image.index_add(0, flat, photons).reshape(panels.n_panels, panels.n_slow, panels.n_fast)
+    dtype, device = panels.origin_mm.dtype, panels.origin_mm.device
+    image = torch.zeros(panels.n_panels * panels.n_slow * panels.n_fast, dtype=dtype, device=device)
+    for flat, photons in window_photon_chunks(scene, windows, max_terms_per_chunk, compiled):
+        image = image.index_add(0, flat, photons)
+    return image.reshape(panels.n_panels, panels.n_slow, panels.n_fast)

@@ -81,15 +81,18 @@ def expected_photons(
     photons_per_pulse: float = 0.0,
     kernel: str = "sparse",
     tolerance: float = 1e-6,
+    compiled: bool = False,
+    max_terms_per_chunk: int = 1 << 22,
 ) -> StillResult:
     """Expected photons per pixel of one still (Bragg + background), before the detector response.
 
     The background uses the pulse's mean energy and direction (``Sources.collapsed``): the
-    amorphous ring is smooth over an XFEL band.
+    amorphous ring is smooth over an XFEL band.  ``compiled`` fuses the sparse kernel's
+    per-pixel physics with torch.compile (worth it on a GPU).
     """
     if kernel == "sparse":
         windows = predict_windows(scene, tolerance)
-        bragg = simulate_sparse(scene, windows)
+        bragg = simulate_sparse(scene, windows, compiled=compiled, max_terms_per_chunk=max_terms_per_chunk)
     elif kernel == "dense":
         windows = None
         bragg = simulate_dense(scene)
