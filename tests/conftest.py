@@ -10,7 +10,13 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(os.environ.get("SPREAD_SHARED_DATA", REPO.parent / "shared" / "data"))
+# ../shared/data beside the checkout; $SPREAD_SHARED_DATA overrides; /work/shared/data is where
+# this project's machines keep it when a clone lives elsewhere
+_CANDIDATES = [Path(p) for p in (os.environ.get("SPREAD_SHARED_DATA"),) if p] + [
+    REPO.parent / "shared" / "data",
+    Path("/work/shared/data"),
+]
+SHARED_DATA = next((p for p in _CANDIDATES if (p / "MANIFEST.md").is_file()), _CANDIDATES[0])
 
 
 def _cuda_available() -> bool:
