@@ -169,8 +169,8 @@ def _terms(scene: Scene, result) -> int:
     if result.windows is None:
         p = scene.panels
         return p.n_panels * p.n_slow * p.n_fast * per_pixel * scene.sources.n_sources * scene.crystal.n_domains
-    w = result.windows
-    return int((w.n_fast * w.n_slow).sum()) * per_pixel
+    w = result.windows  # every window pixel sums every source
+    return int((w.n_fast * w.n_slow).sum()) * per_pixel * scene.sources.n_sources
 
 
 def main() -> None:

@@ -7,14 +7,18 @@ any term of that triple farther than dq from q has F_latt^2 <= tolerance * peak^
 |N * (h - h0)| >= sigma_min * |S - q|.  Each kept triple gets a square window on every panel it
 can reach, centred on the ray through the Ewald-sphere point nearest q (at the sensor's mean
 absorption depth), with a half-width that covers every point of the sphere within dq of q.
+The windows of one (h, m) pair on one panel are merged into their bounding box: a window is
+one (reflection, mosaic domain) pair and every source is summed inside it, so the pixel
+geometry is computed once per window pixel and the sum over the spectrum is a fused inner loop.
 
 The truncation bound (tested): every (pixel, sub-pixel, layer, source, domain) term that the
 sparse kernel leaves out has F_latt^2 <= tolerance * F_latt(0)^2, i.e. it is at most
 ``tolerance`` times what the same term would be at the exact Bragg condition.
 
 Evaluation (differentiable) runs the same per-term physics as the dense kernel
-(``bragg.bragg_term``) on the window pixels, keeping only terms whose nearest integer index is
-the window's h, so a pixel's terms are never counted twice.  Windows are arbitrary rectangles
+(``bragg.bragg_term``) on the window pixels for every source, keeping only terms whose nearest
+integer index is the window's h, so a pixel's terms are never counted twice (terms of sources
+whose own window would not reach a pixel are evaluated too: they only add accuracy).  Windows are arbitrary rectangles
 on a panel, so refinement evaluates shoebox pixels through the same ``window_photons``.
 """
 
@@ -49,12 +53,11 @@ _SIZES = (1, 2, 3, 4, 5, 7, 9, 11, 13, 17, 21, 25, 29, 33, 41, 49, 57, 65, 81, 9
 
 @dataclass(frozen=True)
 class BraggWindows(TensorFields):
-    """Rectangular pixel windows, one reflection x source x mosaic domain each.
+    """Rectangular pixel windows, one (reflection, mosaic domain) pair each, all sources.
 
     Attributes:
         miller_index: (W, 3) long Miller index of the window's reflection.
         row: (W,) long row of that index in the structure-factor table (H if absent).
-        source: (W,) long source index.
         domain: (W,) long mosaic domain index.
         panel: (W,) long panel index.
         fast0, slow0: (W,) long first pixel of the window, on the panel.
@@ -64,7 +67,6 @@ class BraggWindows(TensorFields):
 
     miller_index: Tensor
     row: Tensor
-    source: Tensor
     domain: Tensor
     panel: Tensor
     fast0: Tensor
@@ -217,18 +219,19 @@ def predict_windows(scene: Scene, tolerance: float = 1e-6, max_pairs_per_chunk: 
         ph, pm = pair_h[start : start + max_pairs_per_chunk], pair_m[start : start + max_pairs_per_chunk]
         piece = _windows_for_pairs(q_dom[ph, pm], ph, pm, k, directions, mean_dir, dq, theta_div, frames, panels)
         if piece is not None:
-            t_pair, t_src, t_panel, fast0, slow0, n_fast, n_slow = piece
-            pieces.append((hkl[ph[t_pair]], rows[ph[t_pair]], t_src, pm[t_pair], t_panel, fast0, slow0, n_fast, n_slow))
+            w_pair, w_panel, fast0, slow0, n_fast, n_slow = piece
+            pieces.append((hkl[ph[w_pair]], rows[ph[w_pair]], pm[w_pair], w_panel, fast0, slow0, n_fast, n_slow))
     if not pieces:
         empty = torch.zeros(0, dtype=torch.long, device=device)
-        return BraggWindows(torch.zeros((0, 3), dtype=torch.long, device=device), *([empty] * 8))
+        return BraggWindows(torch.zeros((0, 3), dtype=torch.long, device=device), *([empty] * 7))
     cols = [torch.cat(c, 0) for c in zip(*pieces)]
     order = torch.argsort(cols[-1] * (cols[-2].max() + 1) + cols[-2], stable=True)  # group equal sizes
     return BraggWindows(*(c[order] for c in cols))
 
 
 def _windows_for_pairs(q, pair_h, pair_m, k, directions, mean_dir, dq, theta_div, frames, panels):
-    """Triples (pair, source) within dq of the Ewald sphere and their windows on each panel."""
+    """Windows of (reflection, domain) pairs: the bounding box on each panel of the windows of
+    every (pair, source) triple within dq of the Ewald sphere."""
     eps = _ewald_offset(q.unsqueeze(1), directions.unsqueeze(0), k.unsqueeze(0))  # (Np, C)
     t_pair, t_src = torch.nonzero(eps.abs() <= dq, as_tuple=True)
     t_eps = eps[t_pair, t_src]
@@ -294,13 +297,22 @@ def _windows_for_pairs(q, pair_h, pair_m, k, directions, mean_dir, dq, theta_div
     lateral = z_spread / cos * torch.sqrt(uf * uf + us * us)
     alpha = _window_angle(k[src], t_eps[triple], dq)
     half = torch.ceil(1.1 * alpha * t / (cos * frames["pixel_min"][panel]) + lateral).long() + 1
-    fast0 = torch.floor(f_c).long() - half
-    slow0 = torch.floor(s_c).long() - half
-    size = 2 * half + 1
-    ok &= (fast0 + size > 0) & (fast0 < panels.n_fast) & (slow0 + size > 0) & (slow0 < panels.n_slow)
-    fast0, n_fast = _clip_to_panel(fast0, size, panels.n_fast)
-    slow0, n_slow = _clip_to_panel(slow0, size, panels.n_slow)
-    return t_pair[triple][ok], src[ok], panel[ok], fast0[ok], slow0[ok], n_fast[ok], n_slow[ok]
+    ok &= torch.isfinite(f_c) & torch.isfinite(s_c)
+    big = torch.iinfo(torch.long).max
+    lo_f = torch.where(ok, torch.floor(f_c).long() - half, big)
+    lo_s = torch.where(ok, torch.floor(s_c).long() - half, big)
+    hi_f = torch.where(ok, torch.floor(f_c).long() + half + 1, -big)
+    hi_s = torch.where(ok, torch.floor(s_c).long() + half + 1, -big)
+    n_cand = cand_pair.numel()
+    box = []
+    for values, reduce, init in ((lo_f, "amin", big), (lo_s, "amin", big), (hi_f, "amax", -big), (hi_s, "amax", -big)):
+        box.append(torch.full((n_cand,), init, dtype=torch.long, device=k.device).scatter_reduce(0, rep, values, reduce))
+    lo_f, lo_s, hi_f, hi_s = box
+    keep = (hi_f > 0) & (lo_f < panels.n_fast) & (hi_s > 0) & (lo_s < panels.n_slow) & (hi_f > lo_f)
+    lo_f, lo_s, hi_f, hi_s = lo_f[keep], lo_s[keep], hi_f[keep], hi_s[keep]
+    fast0, n_fast = _clip_to_panel(lo_f, hi_f - lo_f, panels.n_fast)
+    slow0, n_slow = _clip_to_panel(lo_s, hi_s - lo_s, panels.n_slow)
+    return cand_pair[keep], cand_panel[keep], fast0, slow0, n_fast, n_slow
 
 
 def _window_angle(k: Tensor, eps: Tensor, dq: float) -> Tensor:
@@ -341,24 +353,30 @@ def window_photon_chunks(
     so a torch.compile'd evaluation never recompiles per chunk.
     """
     device = scene.panels.origin_mm.device
+    sources = scene.sources
     area = windows.n_fast * windows.n_slow
     end = torch.cumsum(area, 0)
     total = int(end[-1]) if area.numel() else 0
-    chunk = max(1, max_terms_per_chunk // (scene.oversample**2 * scene.panels.n_layers))
-    chunk = min(chunk, max(total, 1))
+    per_pixel = scene.oversample**2 * scene.panels.n_layers * sources.n_sources
+    chunk = min(max(1, max_terms_per_chunk // per_pixel), max(total, 1))
+    # |F(h, channel)|^2 once per window and source (complex arithmetic stays out of the fused part)
+    f_sq = scene.structure_factors.intensity(windows.row.unsqueeze(-1), sources.channel.unsqueeze(0))
     evaluate = _compiled_pixel_photons() if compiled else _pixel_photons
     for start in range(0, total, chunk):
         pixel = torch.arange(start, start + chunk, device=device)
         window = torch.searchsorted(end, pixel, right=True).clamp(max=windows.n_windows - 1)
         local = pixel - (end[window] - area[window])
         pad = pixel >= total
-        flat, photons = evaluate(scene, windows, window, local, pad)
+        flat, photons = evaluate(scene, windows, f_sq, window, local, pad)
         n = min(chunk, total - start)
         yield flat[:n], photons[:n]
 
 
-def _pixel_photons(scene: Scene, windows: BraggWindows, window: Tensor, local: Tensor, pad: Tensor) -> tuple[Tensor, Tensor]:
-    """Photons of the ``local``-th pixel of each ``window`` (flat arrays of equal length)."""
+def _pixel_photons(
+    scene: Scene, windows: BraggWindows, f_sq: Tensor, window: Tensor, local: Tensor, pad: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Photons of the ``local``-th pixel of each ``window`` (flat arrays of equal length), summed
+    over sub-pixels, sensor layers and every source; ``f_sq`` is (W, n_sources) |F|^2."""
     panels, sources, crystal = scene.panels, scene.sources, scene.crystal
     dtype = panels.origin_mm.dtype
     n_fast = windows.n_fast[window]
@@ -370,14 +388,14 @@ def _pixel_photons(scene: Scene, windows: BraggWindows, window: Tensor, local: T
     fast = fast_pix.to(dtype).unsqueeze(-1) + offsets[:, 0]
     slow = slow_pix.to(dtype).unsqueeze(-1) + offsets[:, 1]
     pts = sensor_points(panels, panel.unsqueeze(-1).expand_as(fast), fast, slow)  # (n, o2, T)
-    source = windows.source[window]
-    real_space = crystal.domain_real_space()[windows.domain[window]].view(-1, 1, 1, 3, 3)
+    pts = SensorPoints(diffracted=pts.diffracted.unsqueeze(-2), omega_capture=pts.omega_capture.unsqueeze(-1))
+    real_space = crystal.domain_real_space()[windows.domain[window]].view(-1, 1, 1, 1, 3, 3)
+    source = torch.arange(sources.n_sources, device=fast_pix.device)
     terms = bragg_term(
-        pts, sources, source.view(-1, 1, 1), real_space, crystal, scene.structure_factors,
-        miller_index=windows.miller_index[window].view(-1, 1, 1, 3),
-    )  # fmt: skip
-    f_sq = scene.structure_factors.intensity(windows.row[window], sources.channel[source])
-    photons = terms.sum(dim=(1, 2)) * f_sq * photon_scale(scene)
+        pts, sources, source, real_space, crystal, scene.structure_factors,
+        miller_index=windows.miller_index[window].view(-1, 1, 1, 1, 3),
+    )  # fmt: skip  (n, o2, T, C)
+    photons = (terms * f_sq[window].view(-1, 1, 1, sources.n_sources)).sum(dim=(1, 2, 3)) * photon_scale(scene)
     photons = torch.where(valid, photons, torch.zeros_like(photons))
     flat = (panel * panels.n_slow + slow_pix) * panels.n_fast + fast_pix
     return torch.where(valid, flat, torch.zeros_like(flat)), photons
