@@ -4,16 +4,24 @@ Public pieces: ``Scene`` (panels, sources, crystal, structure factors), the dens
 kernels, background and detector response.  See DESIGN.md for the physics.
 """
 
+from spread_dials.physics.anomalous import EdgeShiftModel, FreeChannelModel, TabulatedCurve
+from spread_dials.physics.assembly import assemble_structure_factors
 from spread_dials.physics.beam import Sources, gaussian_spectrum, make_sources
 from spread_dials.physics.bragg import Scene
 from spread_dials.physics.crystal import Crystal, mosaic_domain_rotations, real_space_from_cell, rotation_from_vector
 from spread_dials.physics.dense import simulate_dense
 from spread_dials.physics.geometry import PanelArray
+from spread_dials.physics.kramers_kronig import kramers_kronig
 from spread_dials.physics.sparse import BraggWindows, predict_windows, simulate_sparse, window_photons
 from spread_dials.physics.structure_factors import StructureFactors, constant_structure_factors
 
 __all__ = [
     "BraggWindows",
+    "EdgeShiftModel",
+    "FreeChannelModel",
+    "TabulatedCurve",
+    "assemble_structure_factors",
+    "kramers_kronig",
     "Crystal",
     "PanelArray",
     "Scene",
