@@ -18,17 +18,26 @@ from spread_dials.physics.constants import R_E_SQ_M2
 from spread_dials.physics.crystal import Crystal
 from spread_dials.physics.geometry import (
     PanelArray,
+    dot3,
     capture_fraction,
     kahn_polarization,
     layer_mean_depth_mm,
     pixel_surface_position_mm,
     solid_angle,
 )
-from spread_dials.physics.lattice import lattice_factor
+from spread_dials.physics.lattice import lattice_factor_components
 from spread_dials.physics.structure_factors import StructureFactors
 from spread_dials.physics.tensors import TensorFields
 
-__all__ = ["Scene", "SensorPoints", "sensor_points", "subpixel_offsets", "fractional_miller_index", "photon_scale"]
+__all__ = [
+    "Scene",
+    "SensorPoints",
+    "bragg_term",
+    "fractional_miller_index",
+    "photon_scale",
+    "sensor_points",
+    "subpixel_offsets",
+]
 
 
 @dataclass(frozen=True)
@@ -98,6 +107,14 @@ def sensor_points(panels: PanelArray, panel: Tensor, fast_px: Tensor, slow_px: T
     return SensorPoints(diffracted=diffracted, omega_capture=omega * capture)
 
 
+def _fractional_components(diffracted: Tensor, direction: Tensor, wavenumber: Tensor, real_space: Tensor) -> list[Tensor]:
+    """[h, k, l] fractional components: h_i = k (a_i . d - a_i . s_in)."""
+    return [
+        wavenumber * (dot3(real_space[..., i, :], diffracted) - dot3(real_space[..., i, :], direction))
+        for i in range(3)
+    ]
+
+
 def fractional_miller_index(diffracted: Tensor, direction: Tensor, wavenumber: Tensor, real_space: Tensor) -> Tensor:
     """Fractional h = real_space @ S with S = (d - s_in) * k (1/A).
 
@@ -108,8 +125,7 @@ def fractional_miller_index(diffracted: Tensor, direction: Tensor, wavenumber: T
         real_space: (..., 3, 3) rows a, b, c (A).
     All broadcast together.
     """
-    scattering = (diffracted - direction) * wavenumber.unsqueeze(-1)
-    return torch.stack([(real_space[..., i, :] * scattering).sum(-1) for i in range(3)], -1)
+    return torch.stack(_fractional_components(diffracted, direction, wavenumber, real_space), -1)
 
 
 def bragg_term(
@@ -123,6 +139,9 @@ def bragg_term(
 ) -> Tensor:
     """|F|^2 F_latt^2 * weight * polar * omega * capture for broadcast (point, source, domain) terms.
 
+    Written component by component (no stacked (..., 3) temporaries of term size) so that
+    torch.compile fuses the whole term and its sums into one kernel.
+
     Args:
         points: sensor points; ``points.diffracted`` (..., 3) broadcasts against the source and
             domain tensors as arranged by the caller.
@@ -131,23 +150,25 @@ def bragg_term(
         crystal: for Ncells and the lattice shape.
         structure_factors: F(h, channel).
         miller_index: if given, (..., 3) the reflection a term belongs to: terms whose
-            nearest integer index differs are zero (the sparse kernel's windows).
+            nearest integer index differs are zero, and |F|^2 is left to the caller (the
+            sparse kernel's windows, which know their reflection).
     Returns:
         The terms, broadcast shape.
     """
     direction = sources.direction[source]
-    h = fractional_miller_index(points.diffracted, direction, sources.wavenumber[source], real_space)
-    h0 = torch.round(h)
-    f_latt = lattice_factor(h - h0, crystal.ncells_abc, crystal.shape)
-    h0 = h0.long()
+    h = _fractional_components(points.diffracted, direction, sources.wavenumber[source], real_space)
+    h0 = [torch.round(x) for x in h]
+    f_latt = lattice_factor_components([x - x0 for x, x0 in zip(h, h0)], crystal.ncells_abc, crystal.shape)
     if miller_index is None:
         # h = 000 is the unscattered beam, not a Bragg reflection: both kernels leave it out
-        f_latt = torch.where((h0 == 0).all(-1), torch.zeros_like(f_latt), f_latt)
-        row = structure_factors.index_of(h0)
+        origin = (h0[0] == 0) & (h0[1] == 0) & (h0[2] == 0)
+        f_latt = torch.where(origin, torch.zeros_like(f_latt), f_latt)
+        row = structure_factors.index_of(torch.stack(h0, -1).long())
         f_sq = structure_factors.intensity(row, sources.channel[source])
     else:
-        # the caller's F is per window; keep only terms nearest to the window's reflection
-        f_latt = torch.where((h0 == miller_index).all(-1), f_latt, torch.zeros_like(f_latt))
+        target = miller_index.to(h0[0].dtype)
+        same = (h0[0] == target[..., 0]) & (h0[1] == target[..., 1]) & (h0[2] == target[..., 2])
+        f_latt = torch.where(same, f_latt, torch.zeros_like(f_latt))
         f_sq = 1.0
     polar = kahn_polarization(direction, points.diffracted, sources.e_vector, sources.polarization_fraction)
     return f_sq * f_latt * f_latt * sources.weight[source] * polar * points.omega_capture

@@ -27,6 +27,7 @@ from spread_dials.physics.tensors import TensorFields
 __all__ = [
     "PanelArray",
     "capture_fraction",
+    "dot3",
     "kahn_polarization",
     "layer_mean_depth_mm",
     "pixel_surface_position_mm",
@@ -168,16 +169,22 @@ def kahn_polarization(incident: Tensor, diffracted: Tensor, e_vector: Tensor, ka
     Returns:
         0.5 * (1 + cos^2 2theta - K cos(2 psi) sin^2 2theta).
     """
-    cos2theta = (incident * diffracted).sum(-1)
+    cos2theta = dot3(incident, diffracted)
     cos2theta_sq = cos2theta * cos2theta
     sin2theta_sq = 1.0 - cos2theta_sq
+    # the incident frame (B_in, E_in) has the incident beam's shape (small), not the terms'
     b_in = torch.linalg.cross(e_vector.expand_as(incident), incident, dim=-1)
     b_in = b_in / b_in.norm(dim=-1, keepdim=True)
     e_in = torch.linalg.cross(incident, b_in, dim=-1)
-    e_out = (diffracted * e_in).sum(-1)
-    b_out = (diffracted * b_in).sum(-1)
+    e_out = dot3(diffracted, e_in)
+    b_out = dot3(diffracted, b_in)
     # cos(2 psi) with psi = -atan2(b_out, e_out), written without atan2 (smooth everywhere)
     norm2 = e_out * e_out + b_out * b_out
     safe = torch.where(norm2 > 0, norm2, torch.ones_like(norm2))
     cos_2psi = torch.where(norm2 > 0, (e_out * e_out - b_out * b_out) / safe, torch.ones_like(norm2))
     return 0.5 * (1.0 + cos2theta_sq - kahn_factor * cos_2psi * sin2theta_sq)
+
+
+def dot3(a: Tensor, b: Tensor) -> Tensor:
+    """a . b over the last axis (size 3), written out (fusion-friendly)."""
+    return a[..., 0] * b[..., 0] + a[..., 1] * b[..., 1] + a[..., 2] * b[..., 2]

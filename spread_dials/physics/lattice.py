@@ -11,7 +11,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["LATTICE_SHAPES", "lattice_factor", "cutoff_radius"]
+__all__ = ["LATTICE_SHAPES", "cutoff_radius", "lattice_factor", "lattice_factor_components"]
 
 LATTICE_SHAPES = ("gauss", "square", "round", "tophat")
 _ROUND_NORM = 0.723601254558268  # nanoBragg's normalisation of the round (sphere) transform
@@ -43,10 +43,16 @@ def lattice_factor(dh: Tensor, ncells_abc: Tensor, shape: str) -> Tensor:
     Returns:
         (...) F_latt (amplitude; the intensity uses its square).
     """
-    n_total = ncells_abc.prod()
+    return lattice_factor_components(list(dh.unbind(-1)), ncells_abc, shape)
+
+
+def lattice_factor_components(dh: list[Tensor], ncells_abc: Tensor, shape: str) -> Tensor:
+    """``lattice_factor`` with the three offsets as separate tensors (fusion-friendly)."""
+    n = [ncells_abc[i] for i in range(3)]
+    n_total = n[0] * n[1] * n[2]
     if shape == "square":
-        return _sincg(math.pi * dh, ncells_abc).prod(-1)
-    hrad = ((dh * ncells_abc) ** 2).sum(-1)
+        return _sincg(math.pi * dh[0], n[0]) * _sincg(math.pi * dh[1], n[1]) * _sincg(math.pi * dh[2], n[2])
+    hrad = (dh[0] * n[0]) ** 2 + (dh[1] * n[1]) ** 2 + (dh[2] * n[2]) ** 2
     if shape == "gauss":
         arg = hrad / 0.63
         return torch.where(arg < _GAUSS_ARG_LIMIT, n_total * torch.exp(-arg), torch.zeros_like(arg))
