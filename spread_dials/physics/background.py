@@ -8,6 +8,9 @@ the sample thickness, density and molecular weight enter.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
@@ -16,7 +19,7 @@ from spread_dials.physics.bragg import sensor_points, subpixel_offsets
 from spread_dials.physics.constants import AVOGADRO, R_E_SQ_M2
 from spread_dials.physics.geometry import PanelArray, kahn_polarization
 
-__all__ = ["WATER_F_BG", "AIR_F_BG", "interpolate_f_bg", "background_photons"]
+__all__ = ["AIR_F_BG", "WATER_F_BG", "AmorphousMaterial", "background_photons", "interpolate_f_bg"]
 
 #: Water's diffuse scattering F_bg (electrons per molecule) vs sin(theta)/lambda (1/A): the
 #: table the simtbx/nanoBragg community uses for water rings (after Hura et al. 2000).
@@ -39,38 +42,56 @@ def interpolate_f_bg(stol: Tensor, table: Tensor) -> Tensor:
     return y0 + (y1 - y0) * (s - x0) / (x1 - x0)
 
 
+@dataclass(frozen=True)
+class AmorphousMaterial:
+    """A diffusely scattering layer in the beam (water jet, air path).
+
+    Attributes:
+        f_bg_table: (n, 2) sin(theta)/lambda (1/A) and F_bg (electrons per molecule).
+        thickness_mm: path length in the beam (mm).
+        density_g_cm3: density (g/cm^3).
+        molecular_weight_Da: molecular weight (g/mol).
+    """
+
+    f_bg_table: Tensor
+    thickness_mm: float
+    density_g_cm3: float
+    molecular_weight_Da: float
+
+    @property
+    def molecules_per_m2(self) -> float:
+        """Molecules per m^2 of beam cross-section: thickness * density * N_A / MW."""
+        return self.thickness_mm * 1e-3 * self.density_g_cm3 * 1e6 * AVOGADRO / self.molecular_weight_Da
+
+
 def background_photons(
     panels: PanelArray,
     sources: Sources,
-    f_bg_table: Tensor,
-    thickness_mm: float,
-    density_g_cm3: float,
-    molecular_weight_Da: float,
+    materials: Sequence[AmorphousMaterial],
     photons_per_pulse: float | Tensor,
     oversample: int = 1,
-    panel_chunk: int = 16,
+    max_pixels_per_chunk: int | None = None,
 ) -> Tensor:
-    """Expected background photons per pixel, (P, n_slow, n_fast).
+    """Expected background photons per pixel, (P, n_slow, n_fast), from every material together.
 
     Args:
         panels: detector.
         sources: beam (``Sources.collapsed()`` is usually enough: the ring is smooth in energy).
-        f_bg_table: (n, 2) sin(theta)/lambda (1/A) and F_bg (electrons per molecule).
-        thickness_mm: path length of the scattering material in the beam (mm).
-        density_g_cm3, molecular_weight_Da: of the material (water: 1.0 and 18.0).
+        materials: the amorphous layers in the beam.
         photons_per_pulse: photons in the pulse.
         oversample: sub-pixels per pixel edge.
-        panel_chunk: panels evaluated at once.
+        max_pixels_per_chunk: pixels evaluated at once (default 2^25 on a GPU, 2^21 on the CPU).
     """
     dtype, device = panels.origin_mm.dtype, panels.origin_mm.device
-    table = f_bg_table.to(device=device, dtype=dtype)
-    molecules_per_m2 = thickness_mm * 1e-3 * density_g_cm3 * 1e6 * AVOGADRO / molecular_weight_Da
-    scale = R_E_SQ_M2 * photons_per_pulse * molecules_per_m2 / oversample**2
+    if max_pixels_per_chunk is None:
+        max_pixels_per_chunk = 1 << (25 if device.type == "cuda" else 21)
+    tables = [m.f_bg_table.to(device=device, dtype=dtype) for m in materials]
     offsets = subpixel_offsets(oversample, dtype, device)
     n_f, n_s = panels.n_fast, panels.n_slow
     jj, ii = torch.meshgrid(torch.arange(n_s, device=device), torch.arange(n_f, device=device), indexing="ij")
     fast = ii.reshape(-1, 1).to(dtype) + offsets[:, 0]  # (K, o2)
     slow = jj.reshape(-1, 1).to(dtype) + offsets[:, 1]
+    panel_chunk = max(1, max_pixels_per_chunk // (n_f * n_s * oversample**2 * panels.n_layers))
     out = []
     for start in range(0, panels.n_panels, panel_chunk):
         panel = torch.arange(start, min(start + panel_chunk, panels.n_panels), device=device).view(-1, 1, 1)
@@ -80,8 +101,8 @@ def background_photons(
         for c in range(sources.n_sources):
             direction = sources.direction[c]
             stol = 0.5 * sources.wavenumber[c] * (pts.diffracted - direction).norm(dim=-1)
-            f_bg = interpolate_f_bg(stol, table)
+            f_bg_sq = sum(m.molecules_per_m2 * interpolate_f_bg(stol, t) ** 2 for m, t in zip(materials, tables))
             polar = kahn_polarization(direction, pts.diffracted, sources.e_vector, sources.polarization_fraction)
-            total = total + sources.weight[c] * (f_bg * f_bg * polar * pts.omega_capture).sum(dim=(-1, -2))
+            total = total + sources.weight[c] * (f_bg_sq * polar * pts.omega_capture).sum(dim=(-1, -2))
         out.append(total.reshape(-1, n_s, n_f))
-    return torch.cat(out, 0) * scale
+    return torch.cat(out, 0) * (R_E_SQ_M2 * photons_per_pulse / oversample**2)

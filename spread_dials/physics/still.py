@@ -9,30 +9,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from spread_dials.physics.background import background_photons
+from spread_dials.physics.background import AmorphousMaterial, background_photons
 from spread_dials.physics.bragg import Scene
 from spread_dials.physics.dense import simulate_dense
 from spread_dials.physics.detector_response import add_noise, gaussian_psf
 from spread_dials.physics.sparse import BraggWindows, predict_windows, simulate_sparse
 
 __all__ = ["AmorphousMaterial", "DetectorResponse", "StillResult", "expected_photons", "detector_counts"]
-
-
-@dataclass(frozen=True)
-class AmorphousMaterial:
-    """A diffusely scattering layer in the beam (water jet, air path).
-
-    Attributes:
-        f_bg_table: (n, 2) sin(theta)/lambda (1/A) and F_bg (electrons per molecule).
-        thickness_mm: path length in the beam (mm).
-        density_g_cm3: density (g/cm^3).
-        molecular_weight_Da: molecular weight (g/mol).
-    """
-
-    f_bg_table: Tensor
-    thickness_mm: float
-    density_g_cm3: float
-    molecular_weight_Da: float
 
 
 @dataclass(frozen=True)
@@ -82,7 +65,7 @@ def expected_photons(
     kernel: str = "sparse",
     tolerance: float = 1e-6,
     compiled: bool = False,
-    max_terms_per_chunk: int = 1 << 22,
+    max_terms_per_chunk: int | None = None,
 ) -> StillResult:
     """Expected photons per pixel of one still (Bragg + background), before the detector response.
 
@@ -100,12 +83,7 @@ def expected_photons(
         raise ValueError(f"unknown kernel {kernel!r}: choose sparse or dense")
     background = torch.zeros_like(bragg)
     if materials:
-        collapsed = scene.sources.collapsed()
-        for m in materials:
-            background = background + background_photons(
-                scene.panels, collapsed, m.f_bg_table, m.thickness_mm, m.density_g_cm3, m.molecular_weight_Da,
-                photons_per_pulse,
-            )  # fmt: skip
+        background = background_photons(scene.panels, scene.sources.collapsed(), materials, photons_per_pulse)
     return StillResult(bragg=bragg, background=background, windows=windows)
 
 

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from spread_dials.physics.background import WATER_F_BG, background_photons
+from spread_dials.physics.background import WATER_F_BG, AmorphousMaterial, background_photons
 from spread_dials.physics.beam import make_sources
 from spread_dials.physics.constants import AVOGADRO, HC_EV_A, R_E_SQ_M2
 from spread_dials.physics.detector_response import add_noise, calibration_gain_map, gaussian_psf
@@ -60,7 +60,7 @@ def test_water_background_one_pixel_closed_form():
     sources = make_sources(torch.tensor([energy], dtype=torch.float64), torch.ones(1, dtype=torch.float64), 1e24,
                            polarization_fraction=0.0)  # fmt: skip
     table = torch.tensor(WATER_F_BG, dtype=torch.float64)
-    image = background_photons(panels, sources, table, 0.1, 1.0, 18.0, 1e12)
+    image = background_photons(panels, sources, [AmorphousMaterial(table, 0.1, 1.0, 18.0)], 1e12)
     # pixel (1, 1): centre at origin + 1.5 px along fast and slow
     origin = panels.origin_mm[0].numpy()
     pos = origin + 1.5 * 0.2 * np.array([1.0, 0, 0]) + 1.5 * 0.2 * np.array([0, 1.0, 0])
