@@ -71,7 +71,7 @@ def expected_photons(
 
     The background uses the pulse's mean energy and direction (``Sources.collapsed``): the
     amorphous ring is smooth over an XFEL band.  ``compiled`` fuses the sparse kernel's
-    per-pixel physics with torch.compile (worth it on a GPU).
+    per-pixel physics and the background with torch.compile (worth it on a GPU).
     """
     if kernel == "sparse":
         windows = predict_windows(scene, tolerance)
@@ -83,7 +83,9 @@ def expected_photons(
         raise ValueError(f"unknown kernel {kernel!r}: choose sparse or dense")
     background = torch.zeros_like(bragg)
     if materials:
-        background = background_photons(scene.panels, scene.sources.collapsed(), materials, photons_per_pulse)
+        background = background_photons(
+            scene.panels, scene.sources.collapsed(), materials, photons_per_pulse, compiled=compiled
+        )
     return StillResult(bragg=bragg, background=background, windows=windows)
 
 
