@@ -36,7 +36,7 @@ AIR_F_BG: tuple[tuple[float, float], ...] = (
 def interpolate_f_bg(stol: Tensor, table: Tensor) -> Tensor:
     """F_bg at sin(theta)/lambda ``stol`` by linear interpolation in a (n, 2) table, clamped at its ends."""
     x, y = table[:, 0], table[:, 1]
-    s = stol.clamp(min=float(x[0]), max=float(x[-1]))
+    s = torch.minimum(torch.maximum(stol, x[0]), x[-1])
     i = torch.searchsorted(x.contiguous(), s.contiguous(), right=True).clamp(1, x.numel() - 1)
     x0, x1, y0, y1 = x[i - 1], x[i], y[i - 1], y[i]
     return y0 + (y1 - y0) * (s - x0) / (x1 - x0)
