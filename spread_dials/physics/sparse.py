@@ -220,7 +220,9 @@ def predict_windows(scene: Scene, tolerance: float = 1e-6, max_pairs_per_chunk: 
     pieces = []
     for start in range(0, pair_h.numel(), max_pairs_per_chunk):
         ph, pm = pair_h[start : start + max_pairs_per_chunk], pair_m[start : start + max_pairs_per_chunk]
-        piece = _windows_for_pairs(q_dom[ph, pm], ph, pm, k, directions, mean_dir, dq, theta_div, frames, panels)
+        piece = _windows_for_pairs(
+            q_dom[ph, pm], q[ph], ph, k, directions, mean_dir, dq, theta_div, theta_mos, frames, panels
+        )
         if piece is not None:
             w_pair, w_panel, fast0, slow0, n_fast, n_slow = piece
             pieces.append((hkl[ph[w_pair]], rows[ph[w_pair]], pm[w_pair], w_panel, fast0, slow0, n_fast, n_slow))
@@ -232,54 +234,39 @@ def predict_windows(scene: Scene, tolerance: float = 1e-6, max_pairs_per_chunk: 
     return BraggWindows(*(c[order] for c in cols))
 
 
-def _windows_for_pairs(q, pair_h, pair_m, k, directions, mean_dir, dq, theta_div, frames, panels):
+def _windows_for_pairs(q, q_central, pair_h, k, directions, mean_dir, dq, theta_div, theta_mos, frames, panels):
     """Windows of (reflection, domain) pairs: the bounding box on each panel of the windows of
-    every (pair, source) triple within dq of the Ewald sphere."""
+    every (pair, source) triple within dq of the Ewald sphere.
+
+    Panels are first found per reflection (all its domains at once, from the unrotated q with
+    a margin of twice the largest domain rotation), then per (pair, panel), then per triple.
+    """
     eps = _ewald_offset(q.unsqueeze(1), directions.unsqueeze(0), k.unsqueeze(0))  # (Np, C)
     t_pair, t_src = torch.nonzero(eps.abs() <= dq, as_tuple=True)
     t_eps = eps[t_pair, t_src]
     if t_pair.numel() == 0:
         return None
     n_pairs = q.shape[0]
-    # each pair's spots over its lit sources lie on one line on a flat panel (the plane through
-    # the origin spanned by the beam and q): test panels with the two extreme wavenumbers
-    k_t = k[t_src]
-    k_lo = torch.full((n_pairs,), float("inf"), dtype=k.dtype, device=k.device).scatter_reduce(0, t_pair, k_t, "amin")
-    k_hi = torch.full((n_pairs,), -float("inf"), dtype=k.dtype, device=k.device).scatter_reduce(0, t_pair, k_t, "amax")
-    lit = torch.isfinite(k_lo)
-    extents = []
-    for k_end in (k_lo, k_hi):
-        k_end = torch.where(lit, k_end, torch.ones_like(k_end))
-        u = k_end.unsqueeze(-1) * mean_dir + q
-        u = u / u.norm(dim=-1, keepdim=True)
-        cos = u @ frames["depth"].T  # (Np, P)
-        safe = torch.where(cos > 1e-6, cos, torch.ones_like(cos))
-        t = frames["distance"] / safe
-        f = t * (u @ frames["dual_f"].T) - frames["origin_f"]
-        s = t * (u @ frames["dual_s"].T) - frames["origin_s"]
-        alpha = _window_angle(k_end, torch.zeros_like(k_end), dq).unsqueeze(-1) + theta_div
-        tan = torch.sqrt((1.0 - safe * safe).clamp(min=0.0)) / safe
-        pad = 1.2 * alpha * t / (safe * frames["pixel_min"]) + frames["thickness"] * tan / frames["pixel_min"] + 3.0
-        extents.append((f, s, pad, cos > 1e-6))
-    (f0, s0, pad0, ok0), (f1, s1, pad1, ok1) = extents
-    pad = torch.maximum(pad0, pad1)
-    hit = (
-        ok0
-        & ok1
-        & lit.unsqueeze(-1)
-        & (torch.maximum(f0, f1) + pad >= 0)
-        & (torch.minimum(f0, f1) - pad <= panels.n_fast)
-        & (torch.maximum(s0, s1) + pad >= 0)
-        & (torch.minimum(s0, s1) - pad <= panels.n_slow)
+    reflection, pair_reflection = torch.unique_consecutive(pair_h, return_inverse=True)
+    n_refl = reflection.numel()
+    first_pair = torch.cumsum(torch.bincount(pair_reflection, minlength=n_refl), 0) - torch.bincount(
+        pair_reflection, minlength=n_refl
     )
-    cand_pair, cand_panel = torch.nonzero(hit, as_tuple=True)
-    # expand each (pair, panel) candidate to the pair's triples (t_pair is sorted)
+    # the extreme wavenumbers lit by each reflection (any domain)
+    k_t = k[t_src]
+    r_t = pair_reflection[t_pair]
+    k_lo = torch.full((n_refl,), float("inf"), dtype=k.dtype, device=k.device).scatter_reduce(0, r_t, k_t, "amin")
+    k_hi = torch.full((n_refl,), -float("inf"), dtype=k.dtype, device=k.device).scatter_reduce(0, r_t, k_t, "amax")
+    hit = _panel_hits(q_central[first_pair], k_lo, k_hi, mean_dir, dq, theta_div + 2.0 * theta_mos, frames, panels)
+    cand_r, cand_panel = torch.nonzero(hit, as_tuple=True)
+    # (reflection, panel) -> (pair, panel): pairs of one reflection are consecutive
+    pair_counts = torch.bincount(pair_reflection, minlength=n_refl)
+    rep, cand_pair = _expand(cand_r, first_pair, pair_counts)
+    cand_panel = cand_panel[rep]
+    # (pair, panel) -> (triple, panel): triples of one pair are consecutive (t_pair is sorted)
     counts = torch.bincount(t_pair, minlength=n_pairs)
     starts = torch.cumsum(counts, 0) - counts
-    n_each = counts[cand_pair]
-    rep = torch.repeat_interleave(torch.arange(cand_pair.numel(), device=k.device), n_each)
-    within = torch.arange(rep.numel(), device=k.device) - torch.repeat_interleave(torch.cumsum(n_each, 0) - n_each, n_each)
-    triple = starts[cand_pair][rep] + within
+    rep, triple = _expand(cand_pair, starts, counts)
     panel = cand_panel[rep]
     src = t_src[triple]
     u = k[src].unsqueeze(-1) * directions[src] + q[t_pair[triple]]
@@ -316,6 +303,49 @@ def _windows_for_pairs(q, pair_h, pair_m, k, directions, mean_dir, dq, theta_div
     fast0, n_fast = _clip_to_panel(lo_f, hi_f - lo_f, panels.n_fast)
     slow0, n_slow = _clip_to_panel(lo_s, hi_s - lo_s, panels.n_slow)
     return cand_pair[keep], cand_panel[keep], fast0, slow0, n_fast, n_slow
+
+
+def _expand(group: Tensor, starts: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
+    """For each entry of ``group``, every member index starts[g] ... starts[g] + counts[g] - 1.
+
+    Returns (which entry each member came from, member index)."""
+    n_each = counts[group]
+    rep = torch.repeat_interleave(torch.arange(group.numel(), device=group.device), n_each)
+    offset = torch.repeat_interleave(torch.cumsum(n_each, 0) - n_each, n_each)
+    return rep, starts[group][rep] + torch.arange(rep.numel(), device=group.device) - offset
+
+
+def _panel_hits(q, k_lo, k_hi, mean_dir, dq, extra_angle, frames, panels) -> Tensor:
+    """(R, P) mask: panels that the spots of reciprocal vectors q (R, 3) can reach for
+    wavenumbers in [k_lo, k_hi].  For one q the spots over k lie on a line on a flat panel (the
+    plane through the origin spanned by the beam and q), so the two ends, padded by the window
+    angle plus ``extra_angle`` (rad) and the sensor's parallax, bound them."""
+    lit = torch.isfinite(k_lo)
+    extents = []
+    for k_end in (k_lo, k_hi):
+        k_end = torch.where(lit, k_end, torch.ones_like(k_end))
+        u = k_end.unsqueeze(-1) * mean_dir + q
+        u = u / u.norm(dim=-1, keepdim=True)
+        cos = u @ frames["depth"].T  # (R, P)
+        safe = torch.where(cos > 1e-6, cos, torch.ones_like(cos))
+        t = frames["distance"] / safe
+        f = t * (u @ frames["dual_f"].T) - frames["origin_f"]
+        s = t * (u @ frames["dual_s"].T) - frames["origin_s"]
+        alpha = _window_angle(k_end, torch.zeros_like(k_end), dq).unsqueeze(-1) + extra_angle
+        tan = torch.sqrt((1.0 - safe * safe).clamp(min=0.0)) / safe
+        pad = 1.2 * alpha * t / (safe * frames["pixel_min"]) + frames["thickness"] * tan / frames["pixel_min"] + 3.0
+        extents.append((f, s, pad, cos > 1e-6))
+    (f0, s0, pad0, ok0), (f1, s1, pad1, ok1) = extents
+    pad = torch.maximum(pad0, pad1)
+    return (
+        ok0
+        & ok1
+        & lit.unsqueeze(-1)
+        & (torch.maximum(f0, f1) + pad >= 0)
+        & (torch.minimum(f0, f1) - pad <= panels.n_fast)
+        & (torch.maximum(s0, s1) + pad >= 0)
+        & (torch.minimum(s0, s1) - pad <= panels.n_slow)
+    )
 
 
 def _window_angle(k: Tensor, eps: Tensor, dq: float) -> Tensor:
