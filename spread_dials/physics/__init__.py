@@ -12,6 +12,7 @@ from spread_dials.physics.crystal import Crystal, mosaic_domain_rotations, real_
 from spread_dials.physics.dense import simulate_dense
 from spread_dials.physics.geometry import PanelArray
 from spread_dials.physics.kramers_kronig import kramers_kronig
+from spread_dials.physics.spectra import channel_energies, rebin_spectrum, sase_spectrum, spectrum_centroid
 from spread_dials.physics.sparse import BraggWindows, predict_windows, simulate_sparse, window_photons
 from spread_dials.physics.structure_factors import StructureFactors, constant_structure_factors
 
@@ -21,6 +22,10 @@ __all__ = [
     "FreeChannelModel",
     "TabulatedCurve",
     "assemble_structure_factors",
+    "channel_energies",
+    "rebin_spectrum",
+    "sase_spectrum",
+    "spectrum_centroid",
     "kramers_kronig",
     "Crystal",
     "PanelArray",

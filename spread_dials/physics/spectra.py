@@ -1,5 +1,5 @@
 """XFEL pulse spectra on a fixed grid of channels: seeded SASE-like spiky spectra and rebinning of
-measured spectra (pure numpy; no I/O).
+measured spectra (numpy, with torch for the normal CDF; no I/O).
 
 A self-amplified spontaneous emission (SASE) pulse has a spiky spectrum: many narrow modes of
 random height under a smooth envelope a few tens of eV wide.  :func:`sase_spectrum` draws such
@@ -19,10 +19,16 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import torch
 
 __all__ = ["channel_energies", "monochromatic_spectrum", "sase_spectrum", "rebin_spectrum", "spectrum_centroid"]
 
 _FWHM_TO_SIGMA = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
+
+
+def _normal_cdf(x: np.ndarray) -> np.ndarray:
+    """Standard normal CDF, elementwise (float64)."""
+    return torch.special.ndtr(torch.from_numpy(np.asarray(x, dtype=np.float64))).numpy()
 
 
 def channel_energies(mean_eV: float, n_channels: int, channel_width_eV: float) -> np.ndarray:
@@ -73,10 +79,8 @@ def sase_spectrum(
     width = channel_width_eV if n_channels > 1 else 1.0
     lo, hi = energy - width / 2.0, energy + width / 2.0
     sigma = spike_fwhm_eV * _FWHM_TO_SIGMA
-    from scipy.special import ndtr  # noqa: PLC0415  (the normal CDF, vectorised)
-
-    cdf_hi = ndtr((hi[None, :] - centres[:, None]) / sigma)
-    cdf_lo = ndtr((lo[None, :] - centres[:, None]) / sigma)
+    cdf_hi = _normal_cdf((hi[None, :] - centres[:, None]) / sigma)
+    cdf_lo = _normal_cdf((lo[None, :] - centres[:, None]) / sigma)
     weight = (heights[:, None] * (cdf_hi - cdf_lo)).sum(0)
     if not weight.sum() > 0:
         weight = np.exp(-0.5 * ((energy - mean_eV) / max(fwhm_eV * _FWHM_TO_SIGMA, 1e-12)) ** 2)

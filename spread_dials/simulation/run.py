@@ -1,0 +1,316 @@
+"""The dials.spread_simulate run: check the output directory, simulate this rank's containers,
+write each one atomically with its truth, resume finished work, report progress and a summary.
+
+Files of a run (``P`` = output.prefix, ``NNNNN`` = container number):
+
+* ``P_run.json``: parameters (and their fingerprint), structure-factor source, f'/f'' per site
+  and channel; rewritten with a summary when the run is complete.
+* ``P_NNNNN.h5`` (images), then ``P_NNNNN.expt`` and ``P_NNNNN.refl`` (truth): each written
+  to a temporary name and renamed.  A container counts as finished when all three exist
+  (the .refl is written last), so a killed run redoes at most the containers it was writing.
+* ``P.expt`` / ``P.refl``: every container's truth together, written at the end by rank 0.
+
+Containers are striped over MPI ranks (rank r takes containers r, r + n, ...); every shot's
+random numbers depend on (random.seed, shot) only, so the images do not depend on the ranks.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+import spread_dials
+from spread_dials.io.nxmx import NXmxWriter
+from spread_dials.simulation.plan import container_shots, n_containers
+from spread_dials.simulation.truth import (
+    container_truth_arrays,
+    merge_truth,
+    wavelength_A,
+    write_container_truth,
+)
+from spread_dials.util.atomic import write_text_atomic
+from spread_dials.util.errors import SpreadError
+
+__all__ = ["RunFiles", "parameter_values", "fingerprint", "run_simulation"]
+
+logger = logging.getLogger("dials.spread.simulate")
+
+#: parameters that do not change the images: left out of the fingerprint
+_NOT_IN_FINGERPRINT = ("mp.", "output.overwrite", "output.log", "output.directory")
+
+
+@dataclass(frozen=True)
+class RunFiles:
+    """File names of a run in ``directory`` with ``prefix``."""
+
+    directory: Path
+    prefix: str
+
+    def container(self, c: int, suffix: str) -> Path:
+        return self.directory / f"{self.prefix}_{c:05d}{suffix}"
+
+    @property
+    def run_json(self) -> Path:
+        return self.directory / f"{self.prefix}_run.json"
+
+    @property
+    def expt(self) -> Path:
+        return self.directory / f"{self.prefix}.expt"
+
+    @property
+    def refl(self) -> Path:
+        return self.directory / f"{self.prefix}.refl"
+
+    def finished(self, c: int) -> bool:
+        return all(self.container(c, s).is_file() for s in (".h5", ".expt", ".refl"))
+
+    def existing(self) -> list[Path]:
+        """Every file of this prefix in the directory (containers, truth, temporaries)."""
+        patterns = (f"{self.prefix}_[0-9]*.h5", f"{self.prefix}_[0-9]*.expt", f"{self.prefix}_[0-9]*.refl",
+                    f".{self.prefix}_*.tmp*", f".{self.prefix}.tmp*", f"{self.prefix}.expt", f"{self.prefix}.refl",
+                    f"{self.prefix}_run.json")  # fmt: skip
+        found = {p for pattern in patterns for p in self.directory.glob(pattern)}
+        return sorted(found)
+
+    def temporaries(self) -> list[Path]:
+        return sorted(self.directory.glob(f".{self.prefix}_*.tmp*")) + sorted(self.directory.glob(f".{self.prefix}.tmp*"))
+
+
+def parameter_values(phil, params) -> dict[str, str]:
+    """Every parameter as ``path -> value text``, e.g. ``{"beam.nchannels": "40", ...}``."""
+    working = phil.format(python_object=params)
+    values = {}
+    for definition in working.all_definitions():
+        values[definition.path] = " ".join(w.value for w in definition.object.words) if definition.object.words else ""
+    return values
+
+
+def fingerprint(values: dict[str, str]) -> str:
+    """sha256 of the parameters that change the images."""
+    kept = sorted(f"{k}={v}" for k, v in values.items() if not k.startswith(_NOT_IN_FINGERPRINT))
+    return hashlib.sha256("\n".join(kept).encode()).hexdigest()
+
+
+def _check_output(files: RunFiles, values: dict[str, str], overwrite: bool) -> str | None:
+    """On rank 0: refuse a directory holding another run (unless overwrite); clean temporaries.
+
+    Returns an error message or None.
+    """
+    present = files.existing()
+    if not present:
+        return None
+    mine = fingerprint(values)
+    if overwrite:
+        for path in present:
+            path.unlink(missing_ok=True)
+        logger.info("output.overwrite=True: removed %d files of the previous run in %s", len(present), files.directory)
+        return None
+    previous = None
+    if files.run_json.is_file():
+        try:
+            previous = json.loads(files.run_json.read_text())
+        except (OSError, ValueError):
+            previous = None
+    if previous is None or previous.get("fingerprint") != mine:
+        changed = []
+        if previous is not None:
+            old = previous.get("parameters", {})
+            changed = sorted(k for k in set(old) | set(values)
+                             if not k.startswith(_NOT_IN_FINGERPRINT) and old.get(k) != values.get(k))  # fmt: skip
+        what = f" (changed: {', '.join(changed[:6])}{' ...' if len(changed) > 6 else ''})" if changed else ""
+        return (
+            f"{files.directory} already holds a run with prefix {files.prefix!r} made with other parameters{what}; "
+            "rerun with the same parameters to resume, set output.overwrite=True to replace it, "
+            "or choose another output.directory or output.prefix"
+        )
+    for path in files.temporaries():  # left by a killed run
+        path.unlink(missing_ok=True)
+    return None
+
+
+def _site_truth(setup) -> list[dict[str, Any]]:
+    sites = []
+    for s, site in enumerate(setup.structure.sites):
+        sites.append({
+            "label": site.label,
+            "element": site.element,
+            "atoms": list(site.atom_labels),
+            "oxidation_state": setup.site_states[s] if s < len(setup.site_states) else None,
+            "f_prime": setup.f_prime[s].tolist(),
+            "f_double_prime": setup.f_double_prime[s].tolist(),
+        })  # fmt: skip
+    return sites
+
+
+def _run_record(ctx, phil, values: dict[str, str], setup, summary: dict | None) -> dict[str, Any]:
+    from dials.util.version import dials_version
+
+    params = ctx.params
+    return {
+        "program": "dials.spread_simulate",
+        "spread_dials_version": spread_dials.__version__,
+        "dials_version": dials_version(),
+        "fingerprint": fingerprint(values),
+        "status": "complete" if summary else "running",
+        "nimages": params.nimages,
+        "images_per_container": params.output.images_per_container,
+        "n_containers": n_containers(params.nimages, params.output.images_per_container),
+        "seed": params.random.seed,
+        "detector": setup.detector_description,
+        "structure_factor_source": setup.structure_source,
+        "channels_eV": setup.channels_eV.tolist(),
+        "sites": _site_truth(setup),
+        "crystal": {
+            "unit_cell": list(setup.unit_cell),
+            "space_group": setup.space_group,
+            "ncells_abc": list(params.crystal.ncells_abc),
+            "mosaic_spread_deg": params.crystal.mosaic_spread_deg,
+            "mosaic_domains": params.crystal.mosaic_domains,
+            "shape": params.crystal.shape,
+        },
+        "fluence_photons_per_m2": setup.fluence_photons_per_m2,
+        "parameters": values,
+        "phil": phil.format(python_object=params).as_str(attributes_level=0),
+        "summary": summary,
+    }
+
+
+def _format_seconds(s: float) -> str:
+    s = int(round(s))
+    return f"{s // 3600:d}:{s % 3600 // 60:02d}:{s % 60:02d}"
+
+
+def _write_container(files: RunFiles, setup, c: int, results: list) -> int:
+    """Write container c (images + per-shot truth), then its .expt and .refl; return its bytes."""
+    params = setup.params
+    path = files.container(c, ".h5")
+    with NXmxWriter(
+        path, setup.layout, len(results), n_channels=setup.n_channels, compression=params.output.compression,
+        compression_level=params.output.compression_level,
+        attributes={"program": "dials.spread_simulate", "spread_dials_version": spread_dials.__version__,
+                    "random_seed": params.random.seed, "container": c},
+    ) as writer:  # fmt: skip
+        for slot, result in enumerate(results):
+            plan = result.plan
+            writer.write_image(slot, result.counts, wavelength_A(plan.mean_energy_eV), (plan.energies_eV, plan.weights))
+        for name, (values, units, description) in container_truth_arrays(results).items():
+            writer.write_array(name, values, units=units or None, description=description)
+    write_container_truth(
+        path, files.container(c, ".expt"), files.container(c, ".refl"), results, params.random.seed,
+        setup.space_group, setup.unit_cell, params.beam.polarization_fraction,
+    )  # fmt: skip
+    return path.stat().st_size
+
+
+def run_simulation(ctx, program_phil) -> dict[str, Any] | None:
+    """Run the simulation described by ``ctx.params``; return the summary on rank 0."""
+    from spread_dials.simulation.setup import build_setup, check_parameters, plan_shot
+    from spread_dials.simulation.shot import simulate_shot
+
+    params, mpi = ctx.params, ctx.mpi
+    if not params.output.prefix or "/" in params.output.prefix:
+        raise SpreadError(f"output.prefix must be a plain file name prefix, not {params.output.prefix!r}")
+    check_parameters(params)
+    files = RunFiles(ctx.output_dir, params.output.prefix)
+    values = parameter_values(program_phil, params)
+    error = _check_output(files, values, params.output.overwrite) if mpi.is_root else None
+    error = mpi.bcast(error)
+    if error:
+        raise SpreadError(error)
+
+    t_setup = time.perf_counter()
+    setup = build_setup(params, ctx.device, ctx.dtype)
+    logger.info(
+        "Detector: %s; %d channels %.1f-%.1f eV (%s); %d reflections to %.2f A; %d anomalous sites; setup %.1f s",
+        setup.detector_description, setup.n_channels, setup.channels_eV.min(), setup.channels_eV.max(),
+        params.beam.spectrum, setup.structure.miller_index.shape[0], setup.structure.d_min,
+        len(setup.structure.sites), time.perf_counter() - t_setup,
+    )  # fmt: skip
+    if mpi.is_root:
+        write_text_atomic(files.run_json, json.dumps(_run_record(ctx, program_phil, values, setup, None), indent=1))
+    mpi.barrier()
+
+    per = params.output.images_per_container
+    n_total = n_containers(params.nimages, per)
+    mine = mpi.stripe(range(n_total))
+    todo = [c for c in mine if not files.finished(c)]
+    skipped = [c for c in mine if c not in todo]
+    skipped_shots = sum(len(container_shots(c, params.nimages, per)) for c in skipped)
+    if skipped:
+        logger.info("Resuming: %d of %d containers (%d shots) are already finished", len(skipped), n_total, skipped_shots)
+    n_todo = sum(len(container_shots(c, params.nimages, per)) for c in todo)
+    logger.info("Simulating %d shots in %d containers%s", n_todo, len(todo),
+                f" (this rank's share; {mpi.size} ranks)" if mpi.size > 1 else "")  # fmt: skip
+
+    t0 = time.perf_counter()
+    done = 0
+    written_bytes = 0
+    write_seconds = 0.0
+    stats = {"windows": 0, "spots": 0, "bragg_photons": 0.0}
+    for c in todo:
+        results = []
+        for shot in container_shots(c, params.nimages, per):
+            result = simulate_shot(setup, plan_shot(setup, shot))
+            results.append(result)
+            done += 1
+            stats["windows"] += result.n_windows
+            stats["spots"] += len(result.spots["intensity"])
+            stats["bragg_photons"] += result.bragg_photons
+            elapsed = time.perf_counter() - t0
+            rate = done / elapsed if elapsed > 0 else float("inf")
+            logger.info(
+                "Shot %d (%d/%d): %d windows, %d spots, %.4g Bragg photons, %.2f s | %.2f shots/s, ETA %s",
+                shot, done, n_todo, result.n_windows, len(result.spots["intensity"]), result.bragg_photons,
+                result.seconds, rate, _format_seconds((n_todo - done) / rate if rate > 0 else 0.0),
+            )  # fmt: skip
+        t_write = time.perf_counter()
+        written_bytes += _write_container(files, setup, c, results)
+        write_seconds += time.perf_counter() - t_write
+        logger.info("Wrote %s (%d images) and its truth in %.2f s", files.container(c, ".h5"), len(results),
+                    time.perf_counter() - t_write)  # fmt: skip
+    seconds = time.perf_counter() - t0
+
+    per_rank = mpi.gather({"shots": done, "seconds": seconds, "write_seconds": write_seconds, "bytes": written_bytes,
+                           **stats})  # fmt: skip
+    mpi.barrier()
+    if not mpi.is_root:
+        return None
+    shots = sum(r["shots"] for r in per_rank)
+    total_bytes = sum(r["bytes"] for r in per_rank)
+    wall = max(r["seconds"] for r in per_rank)
+    pairs = [(files.container(c, ".expt"), files.container(c, ".refl")) for c in range(n_total)]
+    missing = [p for pair in pairs for p in pair if not p.is_file()]
+    if missing:
+        raise SpreadError(f"{len(missing)} truth files are missing after the run, e.g. {missing[0]}")
+    n_expt, n_refl = merge_truth(pairs, files.expt, files.refl)
+    summary = {
+        "shots_simulated": shots,
+        "shots_skipped": params.nimages - shots,
+        "containers": n_total,
+        "ranks": mpi.size,
+        "seconds": wall,
+        "shots_per_second": shots / wall if wall > 0 else None,
+        "write_seconds": max(r["write_seconds"] for r in per_rank),
+        "bytes_written": total_bytes,
+        "bytes_per_image": total_bytes / shots if shots else None,
+        "true_spots": sum(r["spots"] for r in per_rank),
+        "experiments": n_expt,
+        "reflections": n_refl,
+        "device": str(ctx.device),
+    }
+    write_text_atomic(files.run_json, json.dumps(_run_record(ctx, program_phil, values, setup, summary), indent=1))
+    logger.info(
+        "Done: %d shots simulated (%d already finished) in %.1f s on %d rank(s): %.2f shots/s, %.3g bytes per image",
+        shots, params.nimages - shots, wall, mpi.size, summary["shots_per_second"] or 0.0,
+        summary["bytes_per_image"] or 0.0,
+    )  # fmt: skip
+    logger.info("Truth: %s (%d experiments), %s (%d true spots); run record %s", files.expt, n_expt, files.refl,
+                n_refl, files.run_json)  # fmt: skip
+    return summary

@@ -1,0 +1,164 @@
+"""Simulate one planned shot: the sparse kernel's Bragg windows, background, detector response,
+and the true spots (per Miller index and panel) from the same window photons.
+
+The Bragg image is accumulated from ``window_photon_chunks`` exactly as ``simulate_sparse``
+does (``still.expected_photons`` would hide the per-window photons that the truth table
+needs); background and the detector response come from ``physics.still``.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from spread_dials.physics.beam import make_sources
+from spread_dials.physics.bragg import Scene
+from spread_dials.physics.crystal import Crystal, mosaic_domain_rotations, real_space_from_cell
+from spread_dials.physics.sparse import BraggWindows, predict_windows, window_photon_chunks
+from spread_dials.physics.still import detector_counts
+from spread_dials.simulation.plan import ShotPlan
+from spread_dials.simulation.setup import RunSetup
+
+__all__ = ["ShotResult", "simulate_shot", "true_spots"]
+
+
+@dataclass
+class ShotResult:
+    """A simulated shot.
+
+    Attributes:
+        plan: the shot's plan.
+        counts: (P, S, F) int32 detector counts (ADU).
+        real_space: (3, 3) rows a, b, c (A, lab frame).
+        domain_rotations: (M, 3, 3) mosaic domain rotations.
+        spots: the true Bragg spots (:func:`true_spots`).
+        n_windows: Bragg windows evaluated.
+        bragg_photons, background_photons: expected totals over the detector.
+        seconds: time taken.
+    """
+
+    plan: ShotPlan
+    counts: np.ndarray
+    real_space: np.ndarray
+    domain_rotations: np.ndarray
+    spots: dict
+    n_windows: int
+    bragg_photons: float
+    background_photons: float
+    seconds: float
+
+
+def true_spots(windows: BraggWindows, sums: torch.Tensor, n_fast: int, n_slow: int) -> dict:
+    """Windows merged per (Miller index, panel): photons, intensity-weighted centroid, bounding box.
+
+    Arguments:
+        windows: the sparse kernel's windows.
+        sums: (W, 3) per window: sum of photons, of photons * (fast + 0.5), of photons * (slow + 0.5).
+
+    Returns:
+        dict of numpy arrays: miller_index (R, 3) int32, panel (R,), intensity (R,) (expected
+        photons summed over the spot's windows: all domains and channels), xyzcal_px (R, 3)
+        (pixel coordinates, z = 0 for a still), bbox (R, 6) int32 (x0, x1, y0, y1, 0, 1), sorted
+        by panel then Miller index; spots with no photons are left out.
+    """
+    if windows.n_windows == 0:
+        return {"miller_index": np.zeros((0, 3), np.int32), "panel": np.zeros(0, np.int64),
+                "intensity": np.zeros(0), "xyzcal_px": np.zeros((0, 3)), "bbox": np.zeros((0, 6), np.int32)}  # fmt: skip
+    key = torch.cat([windows.panel.unsqueeze(-1), windows.miller_index], -1).cpu()
+    unique, inverse = torch.unique(key, dim=0, return_inverse=True)
+    n = unique.shape[0]
+    s = torch.zeros((n, 3), dtype=torch.float64).index_add_(0, inverse, sums.detach().cpu().double())
+    f0, s0 = windows.fast0.cpu(), windows.slow0.cpu()
+    f1 = (f0 + windows.n_fast.cpu()).clamp(max=n_fast)
+    s1 = (s0 + windows.n_slow.cpu()).clamp(max=n_slow)
+
+    def reduce(values: torch.Tensor, how: str) -> torch.Tensor:
+        init = torch.full((n,), (1 << 40) if how == "amin" else -(1 << 40), dtype=torch.long)
+        return init.scatter_reduce(0, inverse, values.long(), how)
+
+    bbox = torch.stack([reduce(f0, "amin"), reduce(f1, "amax"), reduce(s0, "amin"), reduce(s1, "amax")], -1)
+    keep = s[:, 0] > 0
+    intensity = s[keep, 0]
+    xyz = torch.stack([s[keep, 1] / intensity, s[keep, 2] / intensity, torch.zeros_like(intensity)], -1)
+    bbox = bbox[keep]
+    bbox6 = torch.cat([bbox, torch.zeros_like(bbox[:, :1]), torch.ones_like(bbox[:, :1])], -1)
+    return {
+        "miller_index": unique[keep, 1:].numpy().astype(np.int32),
+        "panel": unique[keep, 0].numpy().astype(np.int64),
+        "intensity": intensity.numpy(),
+        "xyzcal_px": xyz.numpy(),
+        "bbox": bbox6.numpy().astype(np.int32),
+    }
+
+
+@torch.no_grad()
+def simulate_shot(setup: RunSetup, plan: ShotPlan) -> ShotResult:
+    """Expected photons (Bragg + background), detector counts and the true spots of one shot."""
+    t0 = time.perf_counter()
+    params = setup.params
+    device, dtype = setup.device, setup.dtype
+    c = params.crystal
+    real_space = real_space_from_cell(torch.tensor(setup.unit_cell, dtype=torch.float64),
+                                      torch.as_tensor(plan.rotation, dtype=torch.float64))  # fmt: skip
+    aniso = torch.tensor(c.anisotropic_spread_deg, dtype=torch.float64) if c.anisotropic_spread_deg else None
+    rotations = mosaic_domain_rotations(c.mosaic_spread_deg, c.mosaic_domains, seed=plan.seeds.mosaic,
+                                        real_space=real_space, anisotropic_spread_deg=aniso)  # fmt: skip
+    crystal = Crystal(
+        real_space=real_space,
+        ncells_abc=torch.tensor(c.ncells_abc, dtype=torch.float64),
+        domain_rotations=rotations,
+        shape=c.shape,
+        spot_scale=float(c.spot_scale),
+    )
+    sources = make_sources(
+        torch.as_tensor(plan.energies_eV, dtype=torch.float64), torch.as_tensor(plan.weights, dtype=torch.float64),
+        plan.fluence_photons_per_m2, polarization_fraction=params.beam.polarization_fraction,
+        divergence_mrad=params.beam.divergence_mrad, divergence_steps=params.beam.divergence_steps,
+    )  # fmt: skip
+    scene = Scene(
+        setup.panels, sources.to(device=device, dtype=dtype), crystal.to(device=device, dtype=dtype),
+        setup.structure_factors, oversample=params.detector.oversample,
+    )  # fmt: skip
+    panels = setup.panels
+    windows = predict_windows(scene, params.tolerance)
+    n_pixels = panels.n_panels * panels.n_slow * panels.n_fast
+    image = torch.zeros(n_pixels, dtype=dtype, device=device)
+    sums = torch.zeros((windows.n_windows, 3), dtype=torch.float64, device=device)
+    if windows.n_windows:
+        area = windows.n_fast * windows.n_slow
+        end = torch.cumsum(area, 0)
+        start = 0
+        for flat, photons in window_photon_chunks(scene, windows, compiled=device.type == "cuda"):
+            n = flat.numel()
+            window = torch.searchsorted(end, torch.arange(start, start + n, device=device), right=True)
+            start += n
+            image.index_add_(0, flat, photons)
+            p = photons.double()
+            fast = (flat % panels.n_fast).double() + 0.5
+            slow = ((flat // panels.n_fast) % panels.n_slow).double() + 0.5
+            sums.index_add_(0, window, torch.stack([p, p * fast, p * slow], -1))
+    bragg = image.reshape(panels.n_panels, panels.n_slow, panels.n_fast)
+    expected = bragg
+    background_total = 0.0
+    if setup.background_per_photon is not None:
+        background = setup.background_per_photon * plan.photons
+        background_total = float(background.sum())
+        expected = bragg + background
+    generator = torch.Generator(device=device).manual_seed(plan.seeds.noise)
+    counts = detector_counts(expected, setup.response, generator)
+    counts = torch.round(counts.double()).clamp(-(2**31), 2**31 - 1).to(torch.int32).cpu().numpy()
+    spots = true_spots(windows, sums, panels.n_fast, panels.n_slow)
+    return ShotResult(
+        plan=plan,
+        counts=counts,
+        real_space=real_space.numpy(),
+        domain_rotations=rotations.numpy(),
+        spots=spots,
+        n_windows=windows.n_windows,
+        bragg_photons=float(bragg.sum()),
+        background_photons=background_total,
+        seconds=time.perf_counter() - t0,
+    )
