@@ -45,6 +45,7 @@ __all__ = [
     "window_photon_chunks",
     "window_photons",
     "simulate_sparse",
+    "simulate_sparse_windows",
 ]
 
 # window edges (pixels) are rounded up to these sizes so windows batch into a few groups
@@ -368,7 +369,7 @@ def window_photons(
     per-pixel physics with torch.compile into one kernel (see ``window_photon_chunks``).
     """
     indices, values = [], []
-    for flat, photons in window_photon_chunks(scene, windows, max_terms_per_chunk, compiled):
+    for flat, photons, _ in window_photon_chunks(scene, windows, max_terms_per_chunk, compiled):
         indices.append(flat)
         values.append(photons)
     if not indices:
@@ -379,8 +380,9 @@ def window_photons(
 
 def window_photon_chunks(
     scene: Scene, windows: BraggWindows, max_terms_per_chunk: int | None = None, compiled: bool = False
-) -> Iterator[tuple[Tensor, Tensor]]:
-    """``window_photons`` in consecutive chunks of window pixels (bounded memory).
+) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
+    """``window_photons`` in consecutive chunks of window pixels (bounded memory), as
+    (flat pixel index, photons, window index) of each pixel.
 
     Window pixels are processed as flat chunks of equal length (the last one padded and cut),
     so a torch.compile'd evaluation never recompiles per chunk.
@@ -404,7 +406,7 @@ def window_photon_chunks(
         pad = pixel >= total
         flat, photons = evaluate(scene, windows, f_sq, window, local, pad)
         n = min(chunk, total - start)
-        yield flat[:n], photons[:n]
+        yield flat[:n], photons[:n], window[:n]
 
 
 def _pixel_photons(
@@ -461,12 +463,37 @@ def simulate_sparse(
     """
     if windows is None:
         windows = predict_windows(scene, tolerance)
+    return simulate_sparse_windows(scene, windows, compiled, max_terms_per_chunk, moments=False)[0]
+
+
+def simulate_sparse_windows(
+    scene: Scene,
+    windows: BraggWindows,
+    compiled: bool = False,
+    max_terms_per_chunk: int | None = None,
+    moments: bool = True,
+) -> tuple[Tensor, Tensor | None]:
+    """``simulate_sparse`` plus each window's photon moments.
+
+    Returns:
+        (image, sums): the (P, n_slow, n_fast) expected photons and (if ``moments``) a (W, 3)
+        float64 tensor of each window's photons, photons * (fast + 0.5) and photons *
+        (slow + 0.5) (so sums[:, 1:] / sums[:, :1] is the window's intensity-weighted centroid
+        in pixels); None otherwise.
+    """
     panels = scene.panels
     dtype, device = panels.origin_mm.dtype, panels.origin_mm.device
     image = torch.zeros(panels.n_panels * panels.n_slow * panels.n_fast, dtype=dtype, device=device)
-    for flat, photons in window_photon_chunks(scene, windows, max_terms_per_chunk, compiled):
+    sums = torch.zeros((windows.n_windows, 3), dtype=torch.float64, device=device) if moments else None
+    for flat, photons, window in window_photon_chunks(scene, windows, max_terms_per_chunk, compiled):
         if photons.requires_grad:
             image = image.index_add(0, flat, photons)  # out of place: autograd needs each step
         else:
             image.index_add_(0, flat, photons)
-    return image.reshape(panels.n_panels, panels.n_slow, panels.n_fast)
+        if sums is None:
+            continue
+        p = photons.detach().double()
+        fast = (flat % panels.n_fast).double() + 0.5
+        slow = ((flat // panels.n_fast) % panels.n_slow).double() + 0.5
+        sums.index_add_(0, window, torch.stack([p, p * fast, p * slow], -1))
+    return image.reshape(panels.n_panels, panels.n_slow, panels.n_fast), sums

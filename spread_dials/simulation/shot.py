@@ -1,9 +1,9 @@
 """Simulate one planned shot: the sparse kernel's Bragg windows, background, detector response,
 and the true spots (per Miller index and panel) from the same window photons.
 
-The Bragg image is accumulated from ``window_photon_chunks`` exactly as ``simulate_sparse``
-does (``still.expected_photons`` would hide the per-window photons that the truth table
-needs); background and the detector response come from ``physics.still``.
+The Bragg image and each window's photon moments come from ``simulate_sparse_windows`` (the
+truth table needs the per-window photons); background and the detector response come from
+``physics.still``.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import torch
 from spread_dials.physics.beam import make_sources
 from spread_dials.physics.bragg import Scene
 from spread_dials.physics.crystal import Crystal, mosaic_domain_rotations, real_space_from_cell
-from spread_dials.physics.sparse import BraggWindows, predict_windows, window_photon_chunks
+from spread_dials.physics.sparse import BraggWindows, predict_windows, simulate_sparse_windows
 from spread_dials.physics.still import detector_counts
 from spread_dials.simulation.plan import ShotPlan
 from spread_dials.simulation.setup import RunSetup
@@ -124,23 +124,7 @@ def simulate_shot(setup: RunSetup, plan: ShotPlan) -> ShotResult:
     )  # fmt: skip
     panels = setup.panels
     windows = predict_windows(scene, params.tolerance)
-    n_pixels = panels.n_panels * panels.n_slow * panels.n_fast
-    image = torch.zeros(n_pixels, dtype=dtype, device=device)
-    sums = torch.zeros((windows.n_windows, 3), dtype=torch.float64, device=device)
-    if windows.n_windows:
-        area = windows.n_fast * windows.n_slow
-        end = torch.cumsum(area, 0)
-        start = 0
-        for flat, photons in window_photon_chunks(scene, windows, compiled=device.type == "cuda"):
-            n = flat.numel()
-            window = torch.searchsorted(end, torch.arange(start, start + n, device=device), right=True)
-            start += n
-            image.index_add_(0, flat, photons)
-            p = photons.double()
-            fast = (flat % panels.n_fast).double() + 0.5
-            slow = ((flat // panels.n_fast) % panels.n_slow).double() + 0.5
-            sums.index_add_(0, window, torch.stack([p, p * fast, p * slow], -1))
-    bragg = image.reshape(panels.n_panels, panels.n_slow, panels.n_fast)
+    bragg, sums = simulate_sparse_windows(scene, windows, compiled=device.type == "cuda")
     expected = bragg
     background_total = 0.0
     if setup.background_per_photon is not None:
