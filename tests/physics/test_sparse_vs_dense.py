@@ -93,3 +93,18 @@ def test_windows_are_reused_for_a_changed_scene():
     a = simulate_sparse(scene, windows)
     b = simulate_sparse(scene, predict_windows(scene, 1e-6))
     assert torch.equal(a, b)
+
+
+def test_window_moments_add_up_to_the_image():
+    """Per-window photon sums add up to the image, and each centroid lies inside its window."""
+    from spread_dials.physics.sparse import simulate_sparse_windows
+
+    scene = small_scene(n_domains=2, n_channels=3)
+    windows = predict_windows(scene, 1e-6)
+    image, sums = simulate_sparse_windows(scene, windows)
+    assert float(sums[:, 0].sum()) == pytest.approx(float(image.sum()), rel=1e-12)
+    lit = sums[:, 0] > 0
+    centroid = sums[lit, 1:] / sums[lit, :1]
+    w = windows.select(lit)
+    assert bool(((centroid[:, 0] >= w.fast0) & (centroid[:, 0] <= w.fast0 + w.n_fast)).all())
+    assert bool(((centroid[:, 1] >= w.slow0) & (centroid[:, 1] <= w.slow0 + w.n_slow)).all())
