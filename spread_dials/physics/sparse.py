@@ -33,7 +33,7 @@ from torch import Tensor
 
 from spread_dials.physics.bragg import Scene, SensorPoints, bragg_term, photon_scale, sensor_points, subpixel_offsets
 from spread_dials.physics.crystal import max_rotation_angle_rad
-from spread_dials.physics.geometry import PanelArray, layer_mean_depth_mm
+from spread_dials.physics.geometry import PanelArray, dot3, layer_mean_depth_mm
 from spread_dials.physics.lattice import cutoff_radius
 from spread_dials.physics.tensors import TensorFields
 
@@ -224,7 +224,7 @@ def predict_windows(scene: Scene, tolerance: float = 1e-6, max_pairs_per_chunk: 
         piece = _windows_for_pairs(
             q_dom[ph, pm], q[ph], ph, k, directions, mean_dir, dq, theta_div, theta_mos, frames, panels
         )
-        if piece is not None:
+        if piece[0].numel():
             w_pair, w_panel, fast0, slow0, n_fast, n_slow = piece
             pieces.append((hkl[ph[w_pair]], rows[ph[w_pair]], pm[w_pair], w_panel, fast0, slow0, n_fast, n_slow))
     if not pieces:
@@ -236,74 +236,89 @@ def predict_windows(scene: Scene, tolerance: float = 1e-6, max_pairs_per_chunk: 
 
 
 def _windows_for_pairs(q, q_central, pair_h, k, directions, mean_dir, dq, theta_div, theta_mos, frames, panels):
-    """Windows of (reflection, domain) pairs: the bounding box on each panel of the windows of
-    every (pair, source) triple within dq of the Ewald sphere.
+    """Windows of (reflection, domain) pairs: on each panel, a box holding the windows of every
+    (pair, source) triple within dq of the Ewald sphere.
 
-    Panels are first found per reflection (all its domains at once, from the unrotated q with
-    a margin of twice the largest domain rotation), then per (pair, panel), then per triple.
+    For one incident direction the spot centres of a pair over its lit wavenumbers lie on one
+    line segment on a flat panel (the plane through the origin spanned by the beam and q), so
+    the box of the segment's two ends padded by the largest window radius (that of eps = 0)
+    holds them all; other incident directions (divergence) move the centres by at most
+    theta_div, which pads the radius.  Panels are first found per reflection (all its domains
+    at once, from the unrotated q padded by twice the largest domain rotation).
     """
     eps = _ewald_offset(q.unsqueeze(1), directions.unsqueeze(0), k.unsqueeze(0))  # (Np, C)
-    t_pair, t_src = torch.nonzero(eps.abs() <= dq, as_tuple=True)
-    t_eps = eps[t_pair, t_src]
-    if t_pair.numel() == 0:
-        return None
-    n_pairs = q.shape[0]
+    lit = eps.abs() <= dq
+    inf = torch.full_like(eps, float("inf"))
+    k_lo = torch.where(lit, k, inf).amin(1)
+    k_hi = torch.where(lit, k, -inf).amax(1)
     reflection, pair_reflection = torch.unique_consecutive(pair_h, return_inverse=True)
     n_refl = reflection.numel()
-    first_pair = torch.cumsum(torch.bincount(pair_reflection, minlength=n_refl), 0) - torch.bincount(
-        pair_reflection, minlength=n_refl
-    )
-    # the extreme wavenumbers lit by each reflection (any domain)
-    k_t = k[t_src]
-    r_t = pair_reflection[t_pair]
-    k_lo = torch.full((n_refl,), float("inf"), dtype=k.dtype, device=k.device).scatter_reduce(0, r_t, k_t, "amin")
-    k_hi = torch.full((n_refl,), -float("inf"), dtype=k.dtype, device=k.device).scatter_reduce(0, r_t, k_t, "amax")
-    hit = _panel_hits(q_central[first_pair], k_lo, k_hi, mean_dir, dq, theta_div + 2.0 * theta_mos, frames, panels)
-    cand_r, cand_panel = torch.nonzero(hit, as_tuple=True)
-    # (reflection, panel) -> (pair, panel): pairs of one reflection are consecutive
     pair_counts = torch.bincount(pair_reflection, minlength=n_refl)
+    first_pair = torch.cumsum(pair_counts, 0) - pair_counts
+    # the extreme wavenumbers lit by each reflection (any domain)
+    inf_r = torch.full((n_refl,), float("inf"), dtype=k.dtype, device=k.device)
+    r_lo = inf_r.scatter_reduce(0, pair_reflection, k_lo, "amin")
+    r_hi = (-inf_r).scatter_reduce(0, pair_reflection, k_hi, "amax")
+    all_panels = torch.arange(panels.n_panels, device=k.device).unsqueeze(0)
+    box = _segment_box(q_central[first_pair].unsqueeze(1), r_lo.unsqueeze(1), r_hi.unsqueeze(1), all_panels,
+                       mean_dir, dq, theta_div + 2.0 * theta_mos, frames, panels.n_layers)  # fmt: skip
+    cand_r, cand_panel = torch.nonzero(_box_on_panel(*box, panels), as_tuple=True)
+    # (reflection, panel) -> (pair, panel): pairs of one reflection are consecutive
     rep, cand_pair = _expand(cand_r, first_pair, pair_counts)
     cand_panel = cand_panel[rep]
-    # (pair, panel) -> (triple, panel): triples of one pair are consecutive (t_pair is sorted)
-    counts = torch.bincount(t_pair, minlength=n_pairs)
-    starts = torch.cumsum(counts, 0) - counts
-    rep, triple = _expand(cand_pair, starts, counts)
-    panel = cand_panel[rep]
-    src = t_src[triple]
-    u = k[src].unsqueeze(-1) * directions[src] + q[t_pair[triple]]
-    u = u / u.norm(dim=-1, keepdim=True)
-    depth = frames["depth"][panel]
-    cos = (u * depth).sum(-1)
-    ok = cos > 1e-6
-    cos = torch.where(ok, cos, torch.ones_like(cos))
-    thickness, att_len = frames["thickness"][panel], frames["att_len"][panel]
-    _, z_mean = layer_mean_depth_mm(cos, thickness, att_len, panels.n_layers)
-    z_c = 0.5 * (z_mean[:, 0] + z_mean[:, -1])
-    z_spread = 0.5 * (z_mean[:, -1] - z_mean[:, 0])
-    t = (frames["distance"][panel] + z_c) / cos
-    uf = (u * frames["dual_f"][panel]).sum(-1)
-    us = (u * frames["dual_s"][panel]).sum(-1)
-    f_c = t * uf - frames["origin_f"][panel]
-    s_c = t * us - frames["origin_s"][panel]
-    lateral = z_spread / cos * torch.sqrt(uf * uf + us * us)
-    alpha = _window_angle(k[src], t_eps[triple], dq)
-    half = torch.ceil(1.1 * alpha * t / (cos * frames["pixel_min"][panel]) + lateral).long() + 1
-    ok &= torch.isfinite(f_c) & torch.isfinite(s_c)
-    big = torch.iinfo(torch.long).max
-    lo_f = torch.where(ok, torch.floor(f_c).long() - half, big)
-    lo_s = torch.where(ok, torch.floor(s_c).long() - half, big)
-    hi_f = torch.where(ok, torch.floor(f_c).long() + half + 1, -big)
-    hi_s = torch.where(ok, torch.floor(s_c).long() + half + 1, -big)
-    n_cand = cand_pair.numel()
-    box = []
-    for values, reduce, init in ((lo_f, "amin", big), (lo_s, "amin", big), (hi_f, "amax", -big), (hi_s, "amax", -big)):
-        box.append(torch.full((n_cand,), init, dtype=torch.long, device=k.device).scatter_reduce(0, rep, values, reduce))
-    lo_f, lo_s, hi_f, hi_s = box
-    keep = (hi_f > 0) & (lo_f < panels.n_fast) & (hi_s > 0) & (lo_s < panels.n_slow) & (hi_f > lo_f)
+    lo_f, hi_f, lo_s, hi_s, ok = _segment_box(q[cand_pair], k_lo[cand_pair], k_hi[cand_pair], cand_panel,
+                                              mean_dir, dq, theta_div, frames, panels.n_layers)  # fmt: skip
+    keep = _box_on_panel(lo_f, hi_f, lo_s, hi_s, ok, panels)
     lo_f, lo_s, hi_f, hi_s = lo_f[keep], lo_s[keep], hi_f[keep], hi_s[keep]
     fast0, n_fast = _clip_to_panel(lo_f, hi_f - lo_f, panels.n_fast)
     slow0, n_slow = _clip_to_panel(lo_s, hi_s - lo_s, panels.n_slow)
     return cand_pair[keep], cand_panel[keep], fast0, slow0, n_fast, n_slow
+
+
+def _segment_box(q, k_lo, k_hi, panel, mean_dir, dq, extra_angle, frames, n_layers):
+    """Pixel box (lo_f, hi_f, lo_s, hi_s, ok) on ``panel`` holding the windows of the spots of
+    reciprocal vectors ``q`` (..., 3) for wavenumbers in [k_lo, k_hi] (broadcast with ``panel``).
+
+    Spot centres sit at the sensor's mean absorption depth; each end is padded by the window
+    radius of a spot on the sphere (eps = 0) widened by ``extra_angle`` (rad), by 10 %, by the
+    spread of the layers' depths and by one pixel.  ``ok`` is False where nothing is lit or a
+    ray misses the panel's side of the sample.
+    """
+    ends = []
+    ok = torch.isfinite(k_lo) & torch.isfinite(k_hi)
+    depth = frames["depth"][panel]
+    for k_end in (k_lo, k_hi):
+        k_end = torch.where(ok, k_end, torch.ones_like(k_end))
+        u = k_end.unsqueeze(-1) * mean_dir + q
+        u = u / u.norm(dim=-1, keepdim=True)
+        cos = dot3(u, depth)
+        ok = ok & (cos > 1e-6)
+        cos = torch.where(cos > 1e-6, cos, torch.ones_like(cos))
+        _, z_mean = layer_mean_depth_mm(cos, frames["thickness"][panel], frames["att_len"][panel], n_layers)
+        z_c = 0.5 * (z_mean[..., 0] + z_mean[..., -1])
+        z_spread = 0.5 * (z_mean[..., -1] - z_mean[..., 0])
+        t = (frames["distance"][panel] + z_c) / cos
+        uf = dot3(u, frames["dual_f"][panel])
+        us = dot3(u, frames["dual_s"][panel])
+        f_c = t * uf - frames["origin_f"][panel]
+        s_c = t * us - frames["origin_s"][panel]
+        lateral = z_spread / cos * torch.sqrt(uf * uf + us * us)
+        alpha = _window_angle(k_end, torch.zeros_like(k_end), dq) + extra_angle
+        half = torch.ceil(1.1 * alpha * t / (cos * frames["pixel_min"][panel]) + lateral) + 1.0
+        ok = ok & torch.isfinite(f_c) & torch.isfinite(s_c)
+        ends.append((f_c, s_c, half))
+    (f0, s0, h0), (f1, s1, h1) = ends
+    big = 1e12  # boxes of rays that miss are dropped through ok; keep the arithmetic finite
+    lo_f = torch.floor(torch.minimum(f0 - h0, f1 - h1)).clamp(-big, big)
+    hi_f = torch.floor(torch.maximum(f0 + h0, f1 + h1)).clamp(-big, big) + 1.0
+    lo_s = torch.floor(torch.minimum(s0 - h0, s1 - h1)).clamp(-big, big)
+    hi_s = torch.floor(torch.maximum(s0 + h0, s1 + h1)).clamp(-big, big) + 1.0
+    return lo_f.long(), hi_f.long(), lo_s.long(), hi_s.long(), ok
+
+
+def _box_on_panel(lo_f, hi_f, lo_s, hi_s, ok, panels: PanelArray) -> Tensor:
+    """Boxes [lo, hi) that overlap the panel's pixels."""
+    return ok & (hi_f > 0) & (lo_f < panels.n_fast) & (hi_s > 0) & (lo_s < panels.n_slow) & (hi_f > lo_f)
 
 
 def _expand(group: Tensor, starts: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
@@ -314,39 +329,6 @@ def _expand(group: Tensor, starts: Tensor, counts: Tensor) -> tuple[Tensor, Tens
     rep = torch.repeat_interleave(torch.arange(group.numel(), device=group.device), n_each)
     offset = torch.repeat_interleave(torch.cumsum(n_each, 0) - n_each, n_each)
     return rep, starts[group][rep] + torch.arange(rep.numel(), device=group.device) - offset
-
-
-def _panel_hits(q, k_lo, k_hi, mean_dir, dq, extra_angle, frames, panels) -> Tensor:
-    """(R, P) mask: panels that the spots of reciprocal vectors q (R, 3) can reach for
-    wavenumbers in [k_lo, k_hi].  For one q the spots over k lie on a line on a flat panel (the
-    plane through the origin spanned by the beam and q), so the two ends, padded by the window
-    angle plus ``extra_angle`` (rad) and the sensor's parallax, bound them."""
-    lit = torch.isfinite(k_lo)
-    extents = []
-    for k_end in (k_lo, k_hi):
-        k_end = torch.where(lit, k_end, torch.ones_like(k_end))
-        u = k_end.unsqueeze(-1) * mean_dir + q
-        u = u / u.norm(dim=-1, keepdim=True)
-        cos = u @ frames["depth"].T  # (R, P)
-        safe = torch.where(cos > 1e-6, cos, torch.ones_like(cos))
-        t = frames["distance"] / safe
-        f = t * (u @ frames["dual_f"].T) - frames["origin_f"]
-        s = t * (u @ frames["dual_s"].T) - frames["origin_s"]
-        alpha = _window_angle(k_end, torch.zeros_like(k_end), dq).unsqueeze(-1) + extra_angle
-        tan = torch.sqrt((1.0 - safe * safe).clamp(min=0.0)) / safe
-        pad = 1.2 * alpha * t / (safe * frames["pixel_min"]) + frames["thickness"] * tan / frames["pixel_min"] + 3.0
-        extents.append((f, s, pad, cos > 1e-6))
-    (f0, s0, pad0, ok0), (f1, s1, pad1, ok1) = extents
-    pad = torch.maximum(pad0, pad1)
-    return (
-        ok0
-        & ok1
-        & lit.unsqueeze(-1)
-        & (torch.maximum(f0, f1) + pad >= 0)
-        & (torch.minimum(f0, f1) - pad <= panels.n_fast)
-        & (torch.maximum(s0, s1) + pad >= 0)
-        & (torch.minimum(s0, s1) - pad <= panels.n_slow)
-    )
 
 
 def _window_angle(k: Tensor, eps: Tensor, dq: float) -> Tensor:
