@@ -17,6 +17,7 @@ from torch import Tensor
 from spread_dials.physics.beam import Sources
 from spread_dials.physics.bragg import sensor_points, subpixel_offsets
 from spread_dials.physics.constants import AVOGADRO, R_E_SQ_M2
+from spread_dials.physics.fusion import fused
 from spread_dials.physics.geometry import PanelArray, kahn_polarization
 
 __all__ = ["AIR_F_BG", "WATER_F_BG", "AmorphousMaterial", "background_photons", "interpolate_f_bg"]
@@ -95,7 +96,7 @@ def background_photons(
     slow = jj.reshape(-1, 1).to(dtype) + offsets[:, 1]
     panel_chunk = max(1, max_pixels_per_chunk // (n_f * n_s * oversample**2 * panels.n_layers))
     weights = [m.molecules_per_m2 for m in materials]
-    evaluate = _compiled_panel_background() if compiled else _panel_background
+    evaluate = fused(_panel_background) if compiled else _panel_background
     out = []
     for start in range(0, panels.n_panels, panel_chunk):
         panel = torch.arange(start, min(start + panel_chunk, panels.n_panels), device=device).view(-1, 1, 1)
@@ -116,14 +117,3 @@ def _panel_background(panels, sources, tables, weights, panel, fast, slow) -> Te
         polar = kahn_polarization(direction, pts.diffracted, sources.e_vector, sources.polarization_fraction)
         total = total + sources.weight[c] * (f_bg_sq * polar * pts.omega_capture).sum(dim=(-1, -2))
     return total
-
-
-_COMPILED = None
-
-
-def _compiled_panel_background():
-    """``_panel_background`` fused by torch.compile (built once per process)."""
-    global _COMPILED
-    if _COMPILED is None:
-        _COMPILED = torch.compile(_panel_background, dynamic=False)
-    return _COMPILED

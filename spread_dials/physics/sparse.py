@@ -35,6 +35,7 @@ from spread_dials.physics.bragg import Scene, SensorPoints, bragg_term, photon_s
 from spread_dials.physics.crystal import max_rotation_angle_rad
 from spread_dials.physics.geometry import PanelArray, dot3, layer_mean_depth_mm
 from spread_dials.physics.lattice import cutoff_radius
+from spread_dials.physics.fusion import fused
 from spread_dials.physics.tensors import TensorFields
 
 __all__ = [
@@ -380,7 +381,7 @@ def window_photon_chunks(
     chunk = min(max(1, max_terms_per_chunk // per_pixel), max(total, 1))
     # |F(h, channel)|^2 once per window and source (complex arithmetic stays out of the fused part)
     f_sq = scene.structure_factors.intensity(windows.row.unsqueeze(-1), sources.channel.unsqueeze(0))
-    evaluate = _compiled_pixel_photons() if compiled else _pixel_photons
+    evaluate = fused(_pixel_photons) if compiled else _pixel_photons
     for start in range(0, total, chunk):
         pixel = torch.arange(start, start + chunk, device=device)
         window = torch.searchsorted(end, pixel, right=True).clamp(max=windows.n_windows - 1)
@@ -418,17 +419,6 @@ def _pixel_photons(
     photons = torch.where(valid, photons, torch.zeros_like(photons))
     flat = (panel * panels.n_slow + slow_pix) * panels.n_fast + fast_pix
     return torch.where(valid, flat, torch.zeros_like(flat)), photons
-
-
-_COMPILED = None
-
-
-def _compiled_pixel_photons():
-    """``_pixel_photons`` fused by torch.compile (built once per process)."""
-    global _COMPILED
-    if _COMPILED is None:
-        _COMPILED = torch.compile(_pixel_photons, dynamic=False)
-    return _COMPILED
 
 
 def simulate_sparse(
