@@ -39,7 +39,7 @@ from spread_dials.physics import (
     real_space_from_cell,
     rotation_from_vector,
 )
-from spread_dials.physics.background import AIR_F_BG, WATER_F_BG
+from spread_dials.physics.background import AIR_F_BG, WATER_F_BG, background_photons
 from spread_dials.physics.detector_response import calibration_gain_map
 from spread_dials.physics.sparse import miller_indices_within, predict_windows
 from spread_dials.physics.still import AmorphousMaterial, DetectorResponse, detector_counts, expected_photons
@@ -108,7 +108,8 @@ def _sync(device: torch.device) -> None:
 
 
 def run_case(
-    case: str, kernel: str, device: torch.device, dtype: torch.dtype, repeats: int, tolerance: float, compiled: bool
+    case: str, kernel: str, device: torch.device, dtype: torch.dtype, repeats: int, tolerance: float, compiled: bool,
+    background: str = "per-image",
 ) -> dict:
     scene = build_scene(case, device, dtype)
     panels = scene.panels
@@ -117,6 +118,11 @@ def run_case(
         calibration_gain=calibration_gain_map(shape, 0.03, seed=7, device=device, dtype=dtype), readout_noise_adu=0.1
     )
     mats = materials()
+    run_background = 0.0
+    if background == "per-run":  # as dials.spread_simulate does: once per run, scaled per shot
+        with torch.no_grad():
+            run_background = background_photons(panels, scene.sources.collapsed(), mats, PHOTONS, compiled=compiled)
+        mats = ()
     gen = torch.Generator(device=device).manual_seed(1)
     timings = []
     result = None
@@ -133,7 +139,7 @@ def run_case(
             result = expected_photons(scene, mats, PHOTONS, kernel=kernel, tolerance=tolerance, compiled=compiled)
             _sync(device)
             t1 = time.perf_counter()
-            counts = detector_counts(result.total, response, gen)
+            counts = detector_counts(result.total + run_background, response, gen)
         _sync(device)
         t2 = time.perf_counter()
         if i > 0:
@@ -150,6 +156,7 @@ def run_case(
         "seconds_physics": statistics.median(t[0] for t in timings),
         "seconds_noise": statistics.median(t[1] for t in timings),
         "seconds_predict": statistics.median(t[3] for t in timings),
+        "background": background,
         "tolerance": tolerance if kernel == "sparse" else None,
         "compiled": compiled if kernel == "sparse" else None,
         "pixels": int(counts.numel()),
@@ -157,7 +164,7 @@ def run_case(
         "terms_evaluated": _terms(scene, result),
         "peak_memory_bytes": int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None,
         "bragg_photons": float(result.bragg.sum()),
-        "background_photons": float(result.background.sum()),
+        "background_photons": float((result.background + run_background).sum()),
         "repeats": repeats,
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d"),
@@ -183,6 +190,8 @@ def main() -> None:
     parser.add_argument("--tolerance", type=float, default=1e-6, help="sparse kernel per-term tolerance")
     parser.add_argument("--compile", default="auto", choices=["auto", "yes", "no"],
                         help="fuse the sparse kernel with torch.compile (auto: on CUDA)")
+    parser.add_argument("--background", default="per-image", choices=["per-image", "per-run"],
+                        help="compute the background for every image, or once per run as dials.spread_simulate does")
     parser.add_argument("--compare", action="store_true",
                         help="also report the sparse kernel's max pixel error and total vs the dense kernel")
     args = parser.parse_args()
@@ -195,7 +204,8 @@ def main() -> None:
     for case in cases:
         for kernel in kernels:
             repeats = 1 if kernel == "dense" else args.repeats
-            print(json.dumps(run_case(case, kernel, device, dtype, repeats, args.tolerance, compiled)), flush=True)
+            result = run_case(case, kernel, device, dtype, repeats, args.tolerance, compiled, args.background)
+            print(json.dumps(result), flush=True)
         if args.compare:
             print(json.dumps(compare_kernels(case, device, dtype, args.tolerance, compiled)), flush=True)
 
