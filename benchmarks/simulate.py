@@ -1,14 +1,36 @@
-"""dials.spread_simulate throughput, end to end (kernel, noise, gzip NXmx containers, truth files).
+"""dials.spread_simulate throughput: end to end, or the container write path alone.
 
 Usage:
-    python benchmarks/simulate.py [--nimages N] [--images-per-container K] [--device auto|cpu|cuda]
-                                  [--nproc T] [key=value ...]
+    python benchmarks/simulate.py [--phil rubredoxin.phil|psii.phil] [--nimages N]
+                                  [--images-per-container K] [--device auto|cpu|cuda] [--nproc T]
+                                  [--workers W|Auto] [key=value ...]
+    python benchmarks/simulate.py --write-only [--workers 0,1,2] [--pool thread,process]
+                                  [--nimages N] [--images-per-container K] [--level 4]
+                                  [--produce-seconds 0.07] [--background-photons 0.5]
+                                  [--no-h5py-baseline] [--directory DIR]
 
-Runs the rubredoxin default (rubredoxin.phil: built-in model, 7120 eV, 40 SASE channels,
-10 mosaic domains, the Jungfrau 16M, water background, Poisson noise) in a temporary directory
-and prints one JSON object: shots_per_second and seconds_per_image over the shot loop (setup:
-structure factors and background excluded, reported separately), bytes_per_image of the
-containers, the device and the settings.  Extra key=value arguments go to the program.
+End to end (default): runs the whole program (kernel, noise, compression and writing of the NXmx
+containers, truth files) on the preset in a temporary directory and prints one JSON object:
+shots_per_second and seconds_per_image over the shot loop (setup: structure factors and
+background excluded, reported separately), bytes_per_image of the containers, the device, the
+compression workers and the split of the time: simulate (main thread), compress (worker
+CPU-seconds, summed over workers), write (HDF5 calls in the writer thread), truth (.expt/.refl),
+and how long the main thread waited for the writer.  psii.phil takes structure.file from
+../shared/data/models/psii_oec.pdb when it is not given.  Extra key=value arguments go to the
+program.
+
+--write-only: the write path alone, on synthetic Jungfrau 16M images (256 panels of 254 x 254
+int32, 66 MB each) with a still's photon distribution (background mostly 0-3 photons, a few
+thousand Bragg spots), written into NXmx containers exactly as the program writes them
+(ChunkCompressor + NXmxWriter direct chunk writes, one writer thread beside the main thread,
+fsync and rename per container).  One JSON line per (pool, workers): images/s, input MB/s,
+stored bytes per image, compression ratio, worker CPU-seconds and HDF5 seconds per image.
+``--workers h5py`` (on by default, --no-h5py-baseline turns it off) is the old path: h5py's
+filter pipeline in the main thread.  ``--produce-seconds`` makes the main thread spend that long
+per image (sleeping, as a thread waiting on the GPU does) to model the simulation beside it.
+This mode imports no DIALS, dxtbx or cctbx (numpy, h5py, zlib, torch through the detector
+layout, spread_dials.io), so it runs on the GPU machine; without h5py it measures compression
+alone and writes the chunks to a plain file.
 """
 
 from __future__ import annotations
@@ -22,25 +44,31 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
+REPO = Path(__file__).resolve().parents[1]
+#: top-level packages that the write-only mode must not import
+_DIALS_PACKAGES = ("dials", "dxtbx", "cctbx", "libtbx", "scitbx", "iotbx", "rstbx", "xfel", "simtbx")
+#: Jungfrau 16M: panels, slow and fast pixels per panel
+JF16M = (256, 254, 254)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--nimages", type=int, default=4)
-    parser.add_argument("--images-per-container", type=int, default=2)
-    parser.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
-    parser.add_argument("--nproc", type=int, default=os.cpu_count() or 1)
-    parser.add_argument("extra", nargs="*", help="more key=value parameters for dials.spread_simulate")
-    args = parser.parse_args()
+# -- the whole program -----------------------------------------------------------------------
+def end_to_end(args: argparse.Namespace) -> dict:
+    import torch
 
     os.environ.setdefault("DIALS_NOBANNER", "1")
     from spread_dials.command_line import simulate
 
-    with tempfile.TemporaryDirectory(prefix="spread_bench_") as tmp:
+    extra = list(args.extra)
+    if args.phil.startswith("psii") and not any(a.startswith("structure.file=") for a in extra):
+        model = REPO.parent / "shared" / "data" / "models" / "psii_oec.pdb"
+        if not model.is_file():
+            model = Path("/work/shared/data/models/psii_oec.pdb")
+        extra.append(f"structure.file={model}")
+    with tempfile.TemporaryDirectory(prefix="spread_bench_", dir=args.directory) as tmp:
         argv = [
-            "rubredoxin.phil", f"nimages={args.nimages}", f"output.images_per_container={args.images_per_container}",
-            f"device.name={args.device}", f"mp.nproc={args.nproc}", f"output.directory={tmp}", *args.extra,
+            args.phil, f"nimages={args.nimages}", f"output.images_per_container={args.images_per_container}",
+            f"device.name={args.device}", f"mp.nproc={args.nproc}", f"output.directory={tmp}",
+            f"output.compression_workers={args.workers}", *extra,
         ]  # fmt: skip
         t0 = time.perf_counter()
         # the program's console output is not part of the result
@@ -52,28 +80,255 @@ def main() -> None:
             sys.stdout = stdout
         total = time.perf_counter() - t0
         record = json.loads((Path(tmp) / "images_run.json").read_text())
-    summary = record["summary"]
-    print(
-        json.dumps(
-            {
-                "benchmark": "dials.spread_simulate rubredoxin default",
-                "shots_per_second": summary["shots_per_second"],
-                "seconds_per_image": 1.0 / summary["shots_per_second"],
-                "bytes_per_image": summary["bytes_per_image"],
-                "device": summary["device"],
-                "nimages": args.nimages,
-                "images_per_container": args.images_per_container,
-                "threads": args.nproc,
-                "setup_and_startup_seconds": total - summary["seconds"],
-                "detector": record["detector"],
-                "channels": len(record["channels_eV"]),
-                "mosaic_domains": record["crystal"]["mosaic_domains"],
-                "true_spots_per_image": summary["true_spots"] / args.nimages,
-                "torch": torch.__version__,
-                "cpu": platform.processor() or platform.machine(),
-            }
-        )
+    s = record["summary"]
+    n = s["shots_simulated"]
+    return {
+        "benchmark": f"dials.spread_simulate {args.phil}",
+        "shots_per_second": s["shots_per_second"],
+        "seconds_per_image": 1.0 / s["shots_per_second"],
+        "bytes_per_image": s["bytes_per_image"],
+        "compression_ratio": s.get("compression_ratio"),
+        "device": s["device"],
+        "compression_workers": s.get("compression_workers"),
+        "split_seconds_per_image": {
+            "simulate": s.get("simulate_seconds", 0.0) / n,
+            "compress_worker_cpu": s.get("compress_seconds", 0.0) / n,
+            "write_hdf5": s.get("hdf5_write_seconds", 0.0) / n,
+            "truth_files": s.get("truth_seconds", 0.0) / n,
+            "main_thread_waiting_for_writer": s.get("wait_for_writer_seconds", 0.0) / n,
+        },
+        "nimages": args.nimages,
+        "images_per_container": args.images_per_container,
+        "torch_threads": args.nproc,
+        "setup_and_startup_seconds": total - s["seconds"],
+        "detector": record["detector"],
+        "channels": len(record["channels_eV"]),
+        "mosaic_domains": record["crystal"]["mosaic_domains"],
+        "true_spots_per_image": s["true_spots"] / n,
+        "torch": torch.__version__,
+        "cpu": platform.processor() or platform.machine(),
+        "cpu_cores": os.cpu_count(),
+    }
+
+
+# -- the write path alone --------------------------------------------------------------------
+def synthetic_images(
+    n: int, seed: int = 0, shape: tuple[int, int, int] = JF16M, background_photons: float = 0.5
+) -> list:
+    """``n`` int32 stills: a smooth background (a water ring) with per-pixel scatter, scaled to a
+    mean of ``background_photons`` per pixel (0.5: ~70 % zeros, ~98 % of pixels 0-3), ~3000
+    Gaussian Bragg spots (sigma 1 px, up to ~1e4 photons), Poisson."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    p, ns, nf = shape
+    yy, xx = np.meshgrid(np.arange(ns), np.arange(nf), indexing="ij")
+    images = []
+    for i in range(n):
+        # each panel sits at some "radius": the background follows a ring profile
+        radius = rng.uniform(0.0, 1.0, size=(p, 1, 1)) + (yy / ns * 0.05)[None]
+        background = 0.1 + 1.4 * np.exp(-(((radius - 0.55) / 0.15) ** 2))
+        background *= background_photons / background.mean()
+        lam = (background * rng.gamma(4.0, 0.25, size=shape)).astype(np.float32)
+        n_spots = 3000
+        panel = rng.integers(0, p, n_spots)
+        cy, cx = rng.uniform(3, ns - 3, n_spots), rng.uniform(3, nf - 3, n_spots)
+        total = rng.lognormal(5.0, 1.5, n_spots).clip(max=2e5)
+        for k, y0, x0, t in zip(panel, cy, cx, total):
+            ys, xs = slice(int(y0) - 3, int(y0) + 4), slice(int(x0) - 3, int(x0) + 4)
+            g = np.exp(-((yy[ys, xs] - y0) ** 2 + (xx[ys, xs] - x0) ** 2) / 2.0)
+            lam[k, ys, xs] += (t * g / g.sum()).astype(np.float32)
+        images.append(rng.poisson(lam).astype(np.int32))
+        del lam
+    return images
+
+
+def _no_dials_loaded() -> list[str]:
+    return sorted(m for m in sys.modules if m.split(".")[0] in _DIALS_PACKAGES)
+
+
+def _write_run(images: list, n_images: int, per: int, workers, kind: str, level: int, directory: Path,
+               produce_seconds: float) -> dict:  # fmt: skip
+    """Write ``n_images`` (cycling through ``images``) as the program does; return the timings."""
+    from spread_dials.detectors.jungfrau import jungfrau16m_layout
+    from spread_dials.io.compression import ChunkCompressor
+    from spread_dials.io.nxmx import NXmxWriter
+    from spread_dials.io.write_queue import WriteQueue
+
+    layout = jungfrau16m_layout()
+    h5py_path = workers == "h5py"
+    n_workers = 0 if h5py_path else int(workers)
+    compressor = ChunkCompressor(n_workers, "gzip", level, kind=kind)
+    queue = WriteQueue(threaded=n_workers > 0)
+    writers = []
+    stored = raw = 0
+    compress_s = write_s = 0.0
+    produce = 0.0
+    t0 = time.perf_counter()
+    try:
+        for c, start in enumerate(range(0, n_images, per)):
+            count = min(per, n_images - start)
+            writer = NXmxWriter(directory / f"bench_{c:05d}.h5", layout, count, compressor=compressor,
+                                compression_level=level, direct_chunk_write=not h5py_path)  # fmt: skip
+            writers.append(writer)
+            queue.call(writer.__enter__)
+            for slot in range(count):
+                if produce_seconds > 0:
+                    tp = time.perf_counter()
+                    time.sleep(produce_seconds)
+                    produce += time.perf_counter() - tp
+                queue.throttle(3)
+                image = images[(start + slot) % len(images)]
+                queue.call(writer.store, writer.prepare_image(slot, image, 1.89), image=True)
+            queue.call(writer.__exit__, None, None, None)
+        queue.drain()
+    finally:
+        queue.close()
+        compressor.close()
+    wall = time.perf_counter() - t0
+    for writer in writers:
+        raw += writer.raw_bytes
+        compress_s += writer.compress_seconds
+        write_s += writer.write_seconds
+    stored = sum(p.stat().st_size for p in directory.glob("bench_*.h5"))
+    for p in directory.glob("bench_*.h5"):
+        p.unlink()
+    return {
+        "path": "h5py filter pipeline, main thread" if h5py_path else "ChunkCompressor + write_direct_chunk",
+        "pool": None if h5py_path or n_workers == 0 else kind,
+        "workers": 0 if h5py_path else n_workers,
+        "images_per_second": n_images / wall,
+        "seconds_per_image": wall / n_images,
+        "input_MB_per_second": raw / 1e6 / wall,
+        "bytes_per_image": stored / n_images,
+        "compression_ratio": raw / stored,
+        "compress_worker_cpu_seconds_per_image": compress_s / n_images if not h5py_path else None,
+        "write_hdf5_seconds_per_image": write_s / n_images,
+        "main_thread_wait_seconds_per_image": queue.wait_seconds / n_images,
+        "produce_seconds_per_image": produce / n_images,
+        "wall_seconds": wall,
+    }
+
+
+def _compress_only(images: list, n_images: int, workers: int, kind: str, level: int, directory: Path) -> dict:
+    """Without h5py: compress the chunks in the pool and append them to a plain file."""
+    from spread_dials.io.compression import ChunkCompressor
+
+    t0 = time.perf_counter()
+    raw = stored = 0
+    with ChunkCompressor(workers, "gzip", level, kind=kind) as compressor, open(directory / "chunks.bin", "wb") as f:
+        for i in range(n_images):
+            image = images[i % len(images)]
+            for future in [compressor.submit(panel) for panel in image]:
+                chunk = future.result()
+                f.write(chunk.data)
+                raw, stored = raw + chunk.nbytes, stored + len(chunk.data)
+        f.flush()
+        os.fsync(f.fileno())
+    wall = time.perf_counter() - t0
+    (directory / "chunks.bin").unlink()
+    return {"path": "ChunkCompressor, plain file (no h5py)", "pool": kind if workers else None, "workers": workers,
+            "images_per_second": n_images / wall, "input_MB_per_second": raw / 1e6 / wall,
+            "bytes_per_image": stored / n_images, "compression_ratio": raw / stored, "wall_seconds": wall}  # fmt: skip
+
+
+def write_only(args: argparse.Namespace) -> list[dict]:
+    import numpy as np
+
+    try:
+        import h5py
+    except ImportError:
+        h5py = None
+    t = time.perf_counter()
+    images = synthetic_images(args.distinct, seed=1, background_photons=args.background_photons)
+    generate = time.perf_counter() - t
+    counts = np.concatenate([np.bincount(np.clip(im.ravel(), 0, 4), minlength=5) for im in images[:1]])
+    fractions = (counts / counts.sum()).round(4).tolist()
+    workers = [w.strip() for w in args.workers.split(",")] if args.workers != "Auto" else ["Auto"]
+    if args.h5py_baseline and "h5py" not in workers:
+        workers = ["h5py", *workers]
+    kinds = [k.strip() for k in args.pool.split(",")]
+    common = {
+        "benchmark": "spread_dials write path, synthetic Jungfrau 16M",
+        "pixels_per_image": int(np.prod(JF16M)),
+        "MB_per_image": images[0].nbytes / 1e6,
+        "fraction_of_pixels_0_1_2_3_4plus": fractions,
+        "mean_count": float(images[0].mean()),
+        "distinct_images": args.distinct,
+        "generate_seconds": generate,
+        "nimages": args.nimages,
+        "images_per_container": args.images_per_container,
+        "gzip_level": args.level,
+        "cpu_cores": os.cpu_count(),
+        "cpu": platform.processor() or platform.machine(),
+        "h5py": None if h5py is None else f"{h5py.__version__} (HDF5 {h5py.version.hdf5_version})",
+    }
+    results = []
+    with tempfile.TemporaryDirectory(prefix="spread_write_bench_", dir=args.directory) as tmp:
+        for w in workers:
+            if w == "Auto":
+                from spread_dials.io.compression import default_workers
+
+                w = str(default_workers())
+            for kind in kinds if w not in ("h5py", "0") else ["thread"]:
+                if h5py is None:
+                    if w == "h5py":
+                        continue
+                    row = _compress_only(images, args.nimages, int(w), kind, args.level, Path(tmp))
+                else:
+                    row = _write_run(images, args.nimages, args.images_per_container, w, kind, args.level, Path(tmp),
+                                     args.produce_seconds)  # fmt: skip
+                row = {**common, **row, "dials_modules_imported": _no_dials_loaded()}
+                print(json.dumps(row), flush=True)
+                results.append(row)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--write-only", action="store_true", help="benchmark the write path alone (no DIALS)")
+    parser.add_argument("--phil", default="rubredoxin.phil", help="preset for the end-to-end run")
+    parser.add_argument("--nimages", type=int, default=None, help="images (default 4 end to end, 8 write-only)")
+    parser.add_argument("--images-per-container", type=int, default=None, help="(default 2 / 4)")
+    parser.add_argument("--device", default="cpu", choices=("auto", "cpu", "cuda"))
+    parser.add_argument("--nproc", type=int, default=os.cpu_count() or 1, help="torch CPU threads")
+    parser.add_argument(
+        "--workers",
+        default="Auto",
+        help="compression workers (end to end: one number or Auto; write-only: a comma list, e.g. 0,1,2)",
     )
+    parser.add_argument("--pool", default="thread", help="write-only: worker kinds, thread and/or process")
+    parser.add_argument("--level", type=int, default=4, help="write-only: gzip level")
+    parser.add_argument("--distinct", type=int, default=2, help="write-only: distinct synthetic images, cycled")
+    parser.add_argument(
+        "--background-photons",
+        type=float,
+        default=0.5,
+        help="write-only: mean background photons per pixel (0.5: mostly 0-3; the rubredoxin default gives ~6)",
+    )
+    parser.add_argument(
+        "--produce-seconds",
+        type=float,
+        default=0.0,
+        help="write-only: main-thread time per image before it is queued (models the GPU)",
+    )
+    parser.add_argument(
+        "--no-h5py-baseline",
+        dest="h5py_baseline",
+        action="store_false",
+        help="write-only: leave out h5py's own filter pipeline",
+    )
+    parser.add_argument("--directory", default=None, help="where the temporary files go (default: the system's)")
+    parser.add_argument("extra", nargs="*", help="more key=value parameters for dials.spread_simulate")
+    args = parser.parse_args()
+    if args.write_only:
+        args.nimages = args.nimages or 8
+        args.images_per_container = args.images_per_container or 4
+        write_only(args)
+        return
+    args.nimages = args.nimages or 4
+    args.images_per_container = args.images_per_container or 2
+    print(json.dumps(end_to_end(args)))
 
 
 if __name__ == "__main__":

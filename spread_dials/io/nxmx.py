@@ -24,6 +24,15 @@ panel frames.  Vectors are stored in the McStas frame, ``diag(-1, 1, -1)`` times
 A container is written to a temporary name next to its final path and renamed only when every
 image is in it (``spread_dials.util.atomic``), so a reader never meets a partial container.
 
+Pixels are compressed chunk by chunk (one chunk per panel) by a
+:class:`~spread_dials.io.compression.ChunkCompressor`, in parallel when it has workers, with
+HDF5's own shuffle + deflate encoding, and stored with ``write_direct_chunk``; the dataset
+declares the gzip + shuffle pipeline, so every HDF5 reader decodes it with no plugin.
+:meth:`NXmxWriter.prepare_image` (compression submitted, no HDF5 call: any thread) and
+:meth:`NXmxWriter.store` (waits for the chunks and writes them: the thread that owns the file)
+let a caller compress image i + 1 while image i is written; :meth:`NXmxWriter.write_image` does
+both.
+
 Example::
 
     layout = simple_detector(64, 48, 0.172, 90.0, 2, 2, thickness_mm=0.32, mu_per_mm=3.0)
@@ -38,7 +47,10 @@ import contextlib
 import math
 import re
 import sys
+import time
 from collections.abc import Sequence
+from concurrent.futures import Future
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +58,7 @@ import h5py
 import numpy as np
 
 from spread_dials.detectors.layout import DetectorLayout, Group, PanelFrame
+from spread_dials.io.compression import ChunkCompressor, CompressedChunk
 from spread_dials.util.atomic import atomic_path
 
 __all__ = [
@@ -53,6 +66,7 @@ __all__ = [
     "MCSTAS",
     "MIN_SENSOR_THICKNESS_MM",
     "NXmxWriter",
+    "PreparedImage",
     "panel_module_names",
     "write_nxmx",
 ]
@@ -72,6 +86,35 @@ def panel_module_names(n_panels: int) -> list[str]:
     """NXdetector_module names ``panel000`` ... in panel order (zero-padded: HDF5 sorts names)."""
     width = max(3, len(str(max(n_panels - 1, 0))))
     return [f"panel{k:0{width}d}" for k in range(n_panels)]
+
+
+def _count_panels(node: Group | PanelFrame) -> int:
+    if isinstance(node, PanelFrame):
+        return 1
+    return sum(_count_panels(child) for child in node.children)
+
+
+@dataclass
+class PreparedImage:
+    """An image on its way into a container: its chunks being compressed, and its metadata.
+
+    Made by :meth:`NXmxWriter.prepare_image`, written by :meth:`NXmxWriter.store`.
+
+    Attributes:
+        index: the image's slot in the container.
+        wavelength_A: its wavelength (A).
+        spectrum: (energies_eV, weights) or None.
+        chunks: one future per panel (a :class:`~spread_dials.io.compression.CompressedChunk`),
+            or None when the writer stores through h5py's own filter pipeline.
+        pixels: the (P * n_slow, n_fast) pixels in the container's dtype, for h5py's own
+            pipeline (None with chunks).
+    """
+
+    index: int
+    wavelength_A: float
+    spectrum: tuple[np.ndarray, np.ndarray] | None
+    chunks: list[Future] | None
+    pixels: np.ndarray | None = None
 
 
 def _unit(v: Sequence[float]) -> np.ndarray:
@@ -186,9 +229,18 @@ class NXmxWriter:
         sensor_material: NeXus sensor material ("Si"; dxtbx knows Si, CdTe, GaAs).
         saturation_value, underload_value: optional NXdetector limits (dxtbx's trusted range).
         attributes: extra attributes of ``/entry/spread`` (provenance).
+        compressor: the pool that encodes the chunks (shared between containers); its
+            compression and level must be the writer's.  None: a pool of its own with no
+            workers (the calling thread compresses).
+        direct_chunk_write: store chunks encoded by the compressor with ``write_direct_chunk``
+            (default); False: let h5py's filter pipeline compress in the calling thread.
 
     Use as a context manager: leaving the block normally with every image written renames the
     file into place; an exception (or missing images) removes the temporary file instead.
+
+    Attributes (running totals): ``raw_bytes`` and ``stored_bytes`` of the pixel chunks,
+    ``compress_seconds`` (in the workers, summed), ``write_seconds`` (HDF5 calls in
+    :meth:`store`) and ``wait_seconds`` (:meth:`store` waiting for the workers).
     """
 
     def __init__(
@@ -205,6 +257,8 @@ class NXmxWriter:
         saturation_value: int | None = None,
         underload_value: int | None = None,
         attributes: dict[str, Any] | None = None,
+        compressor: ChunkCompressor | None = None,
+        direct_chunk_write: bool = True,
     ) -> None:
         if n_images < 1:
             raise ValueError(f"a container needs at least one image, not {n_images}")
@@ -224,7 +278,26 @@ class NXmxWriter:
         self._stack: contextlib.ExitStack | None = None
         self._h5: h5py.File | None = None
         self._written = np.zeros(self.n_images, dtype=bool)
-        self.n_panels = 0
+        self.n_panels = _count_panels(layout.root)
+        if compressor is None:
+            compressor = ChunkCompressor(0, compression, self.compression_level if compression == "gzip" else 0)
+        elif (compressor.compression, compressor.shuffle) != (compression, True) or (
+            compression == "gzip" and compressor.level != self.compression_level
+        ):
+            raise ValueError(f"{compressor!r} does not match the container's compression={compression!r} "
+                             f"level={self.compression_level}")  # fmt: skip
+        self.compressor = compressor
+        self.direct_chunk_write = bool(direct_chunk_write)
+        self.raw_bytes = 0
+        self.stored_bytes = 0
+        self.compress_seconds = 0.0
+        self.write_seconds = 0.0
+        self.wait_seconds = 0.0
+
+    @property
+    def is_open(self) -> bool:
+        """True between entering the with-block and leaving it."""
+        return self._h5 is not None
 
     # -- context manager -------------------------------------------------------------------
     def __enter__(self) -> "NXmxWriter":
@@ -290,7 +363,8 @@ class NXmxWriter:
         if self.underload_value is not None:
             det.create_dataset("underload_value", data=int(self.underload_value))
         names = _write_detector(det, layout)
-        self.n_panels = len(names)
+        if len(names) != self.n_panels:
+            raise RuntimeError(f"wrote {len(names)} detector modules for {self.n_panels} panels")
         filters: dict[str, Any] = {}
         if self.compression == "gzip":
             filters = {"compression": "gzip", "compression_opts": self.compression_level, "shuffle": True}
@@ -315,6 +389,71 @@ class NXmxWriter:
                 ds.attrs["units"] = np.bytes_(units)
             spread["spectrum_weights"].attrs["description"] = np.bytes_("fraction of the pulse's photons per channel")
 
+    def prepare_image(
+        self,
+        index: int,
+        image: np.ndarray,
+        wavelength_A: float,
+        spectrum: tuple[np.ndarray, np.ndarray] | None = None,
+    ) -> PreparedImage:
+        """Check image ``index`` ((P, n_slow, n_fast) pixels) and submit its chunks for compression.
+
+        Makes no HDF5 call, so it may run in another thread than :meth:`store`, and before the
+        container is open.  Pixels are cast to the container's dtype (floats are rounded to
+        nearest and clipped to an integer type's range first).
+        """
+        if not 0 <= index < self.n_images:
+            raise IndexError(f"image index {index} outside 0..{self.n_images - 1}")
+        n_fast, n_slow = (int(x) for x in self.layout.image_size)
+        image = np.asarray(image)
+        if image.shape != (self.n_panels, n_slow, n_fast):
+            raise ValueError(f"image shape {image.shape} != (panels, slow, fast) {(self.n_panels, n_slow, n_fast)}")
+        if self.n_channels > 0:
+            if spectrum is None:
+                raise ValueError("this container stores spectra: give spectrum=(energies_eV, weights)")
+            energies, weights = (np.asarray(a, dtype=np.float64).reshape(-1) for a in spectrum)
+            if energies.size != self.n_channels or weights.size != self.n_channels:
+                raise ValueError(f"spectrum must have {self.n_channels} channels, got {energies.size}, {weights.size}")
+            spectrum = (energies, weights)
+        pixels = np.ascontiguousarray(_cast(image, self.dtype))
+        if self.direct_chunk_write:
+            chunks = [self.compressor.submit(pixels[k]) for k in range(self.n_panels)]
+            return PreparedImage(int(index), float(wavelength_A), spectrum, chunks)
+        return PreparedImage(int(index), float(wavelength_A), spectrum, None, pixels.reshape(self.n_panels * n_slow, n_fast))
+
+    def store(self, prepared: PreparedImage) -> None:
+        """Write a prepared image into the open container (waiting for its chunks in order)."""
+        if self._h5 is None:
+            raise RuntimeError("NXmxWriter.store outside its with-block")
+        data = self._h5["/entry/data/data"]
+        index = prepared.index
+        if prepared.chunks is None:
+            t0 = time.perf_counter()
+            data[index] = prepared.pixels
+            self.write_seconds += time.perf_counter() - t0
+            self.raw_bytes += prepared.pixels.nbytes
+            self.stored_bytes = data.id.get_storage_size()  # every chunk so far
+        else:
+            n_slow = int(self.layout.image_size[1])
+            for k, future in enumerate(prepared.chunks):
+                t0 = time.perf_counter()
+                chunk: CompressedChunk = future.result()
+                t1 = time.perf_counter()
+                data.id.write_direct_chunk((index, k * n_slow, 0), chunk.data, 0)
+                self.wait_seconds += t1 - t0
+                self.write_seconds += time.perf_counter() - t1
+                self.compress_seconds += chunk.seconds
+                self.raw_bytes += chunk.nbytes
+                self.stored_bytes += len(chunk.data)
+            prepared.chunks = None  # let the compressed bytes go
+        t0 = time.perf_counter()
+        self._h5["/entry/instrument/beam/incident_wavelength"][index] = prepared.wavelength_A
+        if prepared.spectrum is not None:
+            self._h5["/entry/spread/spectrum_energies_eV"][index] = prepared.spectrum[0]
+            self._h5["/entry/spread/spectrum_weights"][index] = prepared.spectrum[1]
+        self.write_seconds += time.perf_counter() - t0
+        self._written[index] = True
+
     def write_image(
         self,
         index: int,
@@ -324,28 +463,12 @@ class NXmxWriter:
     ) -> None:
         """Store image ``index``: (P, n_slow, n_fast) pixels, its wavelength (A) and spectrum.
 
-        Pixels are cast to the container's dtype (integers are rounded to nearest and
-        clipped to the type's range first).
+        Pixels are cast to the container's dtype (floats are rounded to nearest and
+        clipped to an integer type's range first).
         """
         if self._h5 is None:
             raise RuntimeError("NXmxWriter.write_image outside its with-block")
-        if not 0 <= index < self.n_images:
-            raise IndexError(f"image index {index} outside 0..{self.n_images - 1}")
-        n_fast, n_slow = (int(x) for x in self.layout.image_size)
-        image = np.asarray(image)
-        if image.shape != (self.n_panels, n_slow, n_fast):
-            raise ValueError(f"image shape {image.shape} != (panels, slow, fast) {(self.n_panels, n_slow, n_fast)}")
-        self._h5["/entry/data/data"][index] = _cast(image, self.dtype).reshape(self.n_panels * n_slow, n_fast)
-        self._h5["/entry/instrument/beam/incident_wavelength"][index] = float(wavelength_A)
-        if self.n_channels > 0:
-            if spectrum is None:
-                raise ValueError("this container stores spectra: give spectrum=(energies_eV, weights)")
-            energies, weights = (np.asarray(a, dtype=np.float64).reshape(-1) for a in spectrum)
-            if energies.size != self.n_channels or weights.size != self.n_channels:
-                raise ValueError(f"spectrum must have {self.n_channels} channels, got {energies.size}, {weights.size}")
-            self._h5["/entry/spread/spectrum_energies_eV"][index] = energies
-            self._h5["/entry/spread/spectrum_weights"][index] = weights
-        self._written[index] = True
+        self.store(self.prepare_image(index, image, wavelength_A, spectrum))
 
     def write_array(self, name: str, values: np.ndarray, units: str | None = None, description: str | None = None) -> None:
         """Store an array under ``/entry/spread/<name>`` (e.g. per-image truth, row i = image i)."""
