@@ -26,8 +26,10 @@ $(STAMP): pyproject.toml Makefile
 	$(VENV)/bin/pip install -q --no-deps --no-build-isolation -e .
 	touch $@
 
+# simulate 10 rubredoxin stills -> dials.stills_process (2 MPI ranks) -> validation -> pictures
+# (README "The demo"); NIMAGES=20 make demo for more stills
 demo: install
-	$(PY) -m spread_dials.command_line.demo output.directory=demo_output
+	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash scripts/demo.sh demo_output
 
 test: install
 	$(PY) -m pytest -q -ra tests
