@@ -56,18 +56,10 @@ canvas_px = 1400
   .type = int(value_min=200)
   .help = "Pixels across the assembled detector picture"
   .expert_level = 1
-output {
-  directory = .
-    .type = path
-    .help = "Directory for the PNGs and the log; created if missing"
-  log = None
-    .type = path
-    .help = "Log file; None: dials.spread_pictures.log inside output.directory"
-    .expert_level = 1
-}
+include scope spread_dials.phil.common.output_phil
 """
 
-phil_scope = parse(phil_str)
+phil_scope = parse(phil_str, process_includes=True)
 
 program = Program(
     "dials.spread_pictures",

@@ -72,21 +72,10 @@ targets
 plots = True
   .type = bool
   .help = "Write <prefix>_misorientation.png and <prefix>_intensities.png"
-output {
-  directory = .
-    .type = path
-    .help = "Directory for the JSON, PNGs and log; created if missing"
-  prefix = validation
-    .type = str
-    .help = "Output names: <prefix>.json, <prefix>_*.png"
-  log = None
-    .type = path
-    .help = "Log file; None: dials.spread_validate.log inside output.directory"
-    .expert_level = 1
-}
+include scope spread_dials.phil.common.output_phil
 """
 
-phil_scope = parse(phil_str)
+phil_scope = parse(phil_str, process_includes=True).fetch(parse("output.prefix = validation"))
 
 program = Program(
     "dials.spread_validate",
