@@ -245,6 +245,23 @@ noise
     .type = float
     .help = "Constant ADC offset (ADU)"
 }
+model_errors
+  .help = "Effects put into the images that the recorded metadata does not describe, for"
+          "validating refinement and model correction. The truth records the true and the"
+          "recorded values. (A PSF, a per-pixel gain error and anisotropic mosaicity are set"
+          "with psf.fwhm_px, noise.gain_error_rms and crystal.anisotropic_spread_deg.)"
+{
+  spectrometer_offset_eV = 0
+    .type = float
+    .help = "Calibration offset of the spectrometer: the recorded energy axis (spectrum and"
+            "wavelength written to the container) is the true one plus this (eV)"
+  energy_jitter_eV = 0
+    .type = float(value_min=0)
+    .help = "rms of a further per-shot shift of the recorded energy axis (eV), seeded per shot"
+  panel_gain_rms = 0
+    .type = float(value_min=0)
+    .help = "rms of a fixed per-panel gain error (fraction), seeded by random.seed; needs noise"
+}
 psf
   .help = "Point-spread function"
 {

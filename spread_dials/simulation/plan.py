@@ -14,7 +14,7 @@ import numpy as np
 
 __all__ = ["ShotPlan", "ShotSeeds", "container_shots", "n_containers", "shot_seeds", "uniform_rotation"]
 
-_PURPOSES = ("orientation", "mosaic", "spectrum", "noise")
+_PURPOSES = ("orientation", "mosaic", "spectrum", "noise", "model_error")
 
 
 @dataclass(frozen=True)
@@ -25,9 +25,10 @@ class ShotSeeds:
     mosaic: int
     spectrum: int
     noise: int
+    model_error: int
 
     def as_array(self) -> np.ndarray:
-        return np.array([self.orientation, self.mosaic, self.spectrum, self.noise], dtype=np.int64)
+        return np.array([self.orientation, self.mosaic, self.spectrum, self.noise, self.model_error], dtype=np.int64)
 
 
 def shot_seeds(seed: int, shot_index: int) -> ShotSeeds:
@@ -73,6 +74,8 @@ class ShotPlan:
         energies_eV, weights: (C,) its spectrum (weights sum to 1).
         photons: photons in the pulse.
         fluence_photons_per_m2: photons per m^2.
+        recorded_offset_eV: what the recorded energy axis adds to the true one (model errors:
+            spectrometer offset + per-shot jitter; 0 without them).
     """
 
     index: int
@@ -84,7 +87,14 @@ class ShotPlan:
     weights: np.ndarray
     photons: float
     fluence_photons_per_m2: float
+    recorded_offset_eV: float = 0.0
 
     @property
     def mean_energy_eV(self) -> float:
+        """True spectrum-weighted mean energy (eV)."""
         return float((self.weights * self.energies_eV).sum() / self.weights.sum())
+
+    @property
+    def recorded_energies_eV(self) -> np.ndarray:
+        """The channel energies as the (mis)calibrated spectrometer records them (eV)."""
+        return self.energies_eV + self.recorded_offset_eV

@@ -325,8 +325,10 @@ def run_simulation(ctx, program_phil) -> dict[str, Any] | None:
                 simulate_seconds += result.seconds
                 queue.throttle(QUEUE_IMAGES)
                 plan = result.plan
-                prepared = writer.prepare_image(slot, result.counts, wavelength_A(plan.mean_energy_eV),
-                                                (plan.energies_eV, plan.weights))  # fmt: skip
+                # the container carries what the instruments record (model errors included)
+                recorded_mean = plan.mean_energy_eV + plan.recorded_offset_eV
+                prepared = writer.prepare_image(slot, result.counts, wavelength_A(recorded_mean),
+                                                (plan.recorded_energies_eV, plan.weights))  # fmt: skip
                 queue.call(writer.store, prepared, image=True)
                 results.append(dataclasses.replace(result, counts=None))  # the truth needs no pixels
                 del result, prepared

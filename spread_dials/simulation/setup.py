@@ -305,6 +305,10 @@ def build_setup(params, device: torch.device, dtype: torch.dtype) -> RunSetup:
 
         gain = calibration_gain_map((panels.n_panels, panels.n_slow, panels.n_fast), noise.gain_error_rms,
                                     seed=params.random.seed, device=device, dtype=dtype)  # fmt: skip
+    if noise.enable and params.model_errors.panel_gain_rms > 0:
+        panel_gain = panel_gain_factors(panels.n_panels, params.model_errors.panel_gain_rms, params.random.seed)
+        panel_gain = panel_gain.to(device=device, dtype=dtype).view(-1, 1, 1)
+        gain = panel_gain.expand(panels.n_panels, panels.n_slow, panels.n_fast) if gain is None else gain * panel_gain
     response = DetectorResponse(
         psf_fwhm_px=params.psf.fwhm_px,
         poisson=bool(noise.enable),
@@ -345,6 +349,12 @@ def _background_per_photon(params, panels: PanelArray, energy: float, dtype, dev
                                   compiled=device.type == "cuda")  # fmt: skip
 
 
+def panel_gain_factors(n_panels: int, rms: float, seed: int) -> torch.Tensor:
+    """Fixed per-panel gain factors 1 + rms * N(0, 1) of a run (model errors), from ``seed``."""
+    rng = np.random.default_rng(np.random.SeedSequence([int(seed), 0x9A1E]))
+    return torch.as_tensor(1.0 + rms * rng.normal(size=n_panels))
+
+
 def plan_shot(setup: RunSetup, index: int) -> ShotPlan:
     """The plan of shot ``index``: seeds, orientation and spectrum from (random.seed, index)."""
     params = setup.params
@@ -369,8 +379,11 @@ def plan_shot(setup: RunSetup, index: int) -> ShotPlan:
     per = params.output.images_per_container
     container = index // per
     assert index in container_shots(container, params.nimages, per)
+    errors = params.model_errors
+    jitter = errors.energy_jitter_eV * np.random.default_rng(seeds.model_error).normal()
     return ShotPlan(
         index=index, container=container, slot=index - container * per, seeds=seeds, rotation=rotation,
         energies_eV=np.asarray(channels, dtype=np.float64), weights=np.asarray(weights, dtype=np.float64),
         photons=float(beam.photons), fluence_photons_per_m2=setup.fluence_photons_per_m2,
+        recorded_offset_eV=float(errors.spectrometer_offset_eV + jitter),
     )  # fmt: skip

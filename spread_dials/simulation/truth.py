@@ -9,6 +9,7 @@ the beam's polarization set to the simulated one.  Each experiment's identifier 
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 from typing import Sequence
 
@@ -30,7 +31,7 @@ def container_truth_arrays(results: Sequence) -> dict[str, tuple[np.ndarray, str
     return {
         "shot_index": (np.array([r.plan.index for r in results], np.int64), "", "shot number in the run"),
         "seeds": (np.stack([r.plan.seeds.as_array() for r in results]), "",
-                  "per-shot seeds: orientation, mosaic, spectrum, noise (from random.seed and the shot)"),
+                  "per-shot seeds: orientation, mosaic, spectrum, noise, model_error (from random.seed and the shot)"),
         "real_space_A": (real, "angstrom", "rows a, b, c of the crystal in the lab frame (dxtbx frame)"),
         "A_matrix": (np.linalg.inv(real), "1/angstrom", "dxtbx A = UB: columns a*, b*, c*"),
         "U_matrix": (np.stack([r.plan.rotation for r in results]), "", "orientation applied to the model's setting"),
@@ -38,7 +39,12 @@ def container_truth_arrays(results: Sequence) -> dict[str, tuple[np.ndarray, str
                                     "rotation of each mosaic domain (real space of domain m: real_space @ R_m^T)"),
         "fluence_photons_per_m2": (np.array([r.plan.fluence_photons_per_m2 for r in results]), "1/m^2", "photons per m^2"),
         "photons": (np.array([r.plan.photons for r in results]), "", "photons in the pulse"),
-        "mean_energy_eV": (np.array([r.plan.mean_energy_eV for r in results]), "eV", "spectrum-weighted mean energy"),
+        "mean_energy_eV": (np.array([r.plan.mean_energy_eV for r in results]), "eV",
+                           "true spectrum-weighted mean energy"),
+        "true_energies_eV": (np.stack([r.plan.energies_eV for r in results]), "eV",
+                             "channel energies used to simulate (the container's spectrum is the recorded one)"),
+        "recorded_energy_offset_eV": (np.array([r.plan.recorded_offset_eV for r in results]), "eV",
+                                      "recorded minus true energy axis (model errors: spectrometer offset + jitter)"),
         "bragg_photons": (np.array([r.bragg_photons for r in results]), "", "expected Bragg photons on the detector"),
         "background_photons": (np.array([r.background_photons for r in results]), "", "expected background photons"),
     }  # fmt: skip
@@ -65,6 +71,10 @@ def write_container_truth(
         raise RuntimeError(f"{h5_path.name}: dxtbx sees {len(experiments)} images, expected {len(results)}")
     for expt, result in zip(experiments, results):
         expt.crystal = crystal_from_real_space(result.real_space, space_group)
+        # the truth's beam is the true one: the container holds the recorded wavelength, which
+        # model_errors may shift (spectrometer offset, jitter)
+        expt.beam = copy.deepcopy(expt.beam)
+        expt.beam.set_wavelength(wavelength_A(result.plan.mean_energy_eV))
         expt.beam.set_polarization_fraction(float(polarization_fraction))
         expt.identifier = experiment_identifier(seed, result.plan.index)
     with atomic_path(expt_path) as tmp:

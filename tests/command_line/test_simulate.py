@@ -241,3 +241,36 @@ def test_shipped_phil_files_parse(tmp_path):
     assert (psii.beam.nchannels, psii.beam.channel_width_eV, psii.crystal.mosaic_domains) == (100, 1.0, 25)
     assert psii.detector.type == "jungfrau16m" and psii.noise.enable and psii.psf.fwhm_px == 0
     assert math.isclose(psii.beam.energy_eV, 6550.0)
+
+
+def test_model_errors_are_in_the_images_not_in_the_recorded_metadata(serial, tmp_path):
+    """Spectrometer offset + per-shot jitter change only what is recorded; a per-panel gain error
+    scales every pixel of a panel by one factor.  The truth keeps the true values."""
+    errors = ["model_errors.spectrometer_offset_eV=3", "model_errors.energy_jitter_eV=1",
+              "model_errors.panel_gain_rms=0.05"]  # fmt: skip
+    _simulate(tmp_path, *RUN, *errors)
+    with h5py.File(serial / "images_00000.h5", "r") as clean, h5py.File(tmp_path / "images_00000.h5", "r") as bad:
+        true_e = clean["/entry/spread/spectrum_energies_eV"][()]
+        recorded_e = bad["/entry/spread/spectrum_energies_eV"][()]
+        offsets = bad["/entry/spread/recorded_energy_offset_eV"][()]
+        assert np.allclose(bad["/entry/spread/true_energies_eV"][()], true_e)
+        clean_wl = clean["/entry/instrument/beam/incident_wavelength"][()]
+        bad_wl = bad["/entry/instrument/beam/incident_wavelength"][()]
+        weights = clean["/entry/spread/spectrum_weights"][()]
+        clean_img, bad_img = clean["/entry/data/data"][()].astype(float), bad["/entry/data/data"][()].astype(float)
+    # recorded = true + offset, offsets = 3 eV + a different jitter per shot
+    assert np.allclose(recorded_e - true_e, offsets[:, None])
+    assert np.all(np.abs(offsets - 3.0) < 5.0) and offsets[0] != offsets[1]
+    mean_true = (weights * true_e).sum(1) / weights.sum(1)
+    assert np.allclose(clean_wl, HC_EV_A / mean_true, rtol=1e-9)
+    assert np.allclose(bad_wl, HC_EV_A / (mean_true + offsets), rtol=1e-9)
+    # the truth .expt carries the true wavelength (that of the error-free run's container)
+    truth = ExperimentListFactory.from_json_file(str(tmp_path / "images.expt"), check_format=False)
+    assert np.allclose([truth[i].beam.get_wavelength() for i in range(2)], clean_wl, rtol=1e-9)
+    # same seed, same photons: each panel's counts (less the ADC offset) scale by one factor
+    n_panels = 4
+    clean_p = (clean_img - 10.0).reshape(2, n_panels, -1).sum(-1)
+    bad_p = (bad_img - 10.0).reshape(2, n_panels, -1).sum(-1)
+    ratio = bad_p / clean_p
+    assert np.allclose(ratio[0], ratio[1], rtol=2e-3)  # the same factor on every shot
+    assert 0.005 < ratio[0].std() < 0.2 and not np.allclose(ratio[0], 1.0, atol=1e-3)

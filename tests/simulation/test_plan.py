@@ -11,7 +11,7 @@ from spread_dials.simulation.plan import container_shots, n_containers, shot_see
 def test_shot_seeds_depend_on_seed_and_shot_only():
     assert shot_seeds(3, 41) == shot_seeds(3, 41)
     values = {v for i in range(200) for v in shot_seeds(3, i).as_array().tolist()}
-    assert len(values) == 800  # all streams of all shots distinct
+    assert len(values) == 200 * 5  # all streams (orientation, mosaic, spectrum, noise, model_error) distinct
     assert shot_seeds(3, 0) != shot_seeds(4, 0)
     assert all(0 <= v < 2**63 for v in shot_seeds(9, 9).as_array().tolist())
 
