@@ -33,7 +33,6 @@ __all__ = [
     "Scene",
     "SensorPoints",
     "bragg_term",
-    "fractional_miller_index",
     "photon_scale",
     "sensor_points",
     "subpixel_offsets",
@@ -113,19 +112,6 @@ def _fractional_components(diffracted: Tensor, direction: Tensor, wavenumber: Te
         wavenumber * (dot3(real_space[..., i, :], diffracted) - dot3(real_space[..., i, :], direction))
         for i in range(3)
     ]
-
-
-def fractional_miller_index(diffracted: Tensor, direction: Tensor, wavenumber: Tensor, real_space: Tensor) -> Tensor:
-    """Fractional h = real_space @ S with S = (d - s_in) * k (1/A).
-
-    Args:
-        diffracted: (..., 3) unit diffracted directions.
-        direction: (..., 3) unit incident directions.
-        wavenumber: (...) k = 1/lambda (1/A).
-        real_space: (..., 3, 3) rows a, b, c (A).
-    All broadcast together.
-    """
-    return torch.stack(_fractional_components(diffracted, direction, wavenumber, real_space), -1)
 
 
 def bragg_term(
