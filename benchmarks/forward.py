@@ -26,8 +26,8 @@ import time
 
 import torch
 
-from spread_dials.detectors.jungfrau import jungfrau16m_panel_array
-from spread_dials.detectors.layout import panel_array_from_layout, silicon_mu_per_mm
+from spread_dials.detectors.jungfrau import jungfrau16m_layout
+from spread_dials.detectors.layout import DetectorLayout, panel_array_from_layout, silicon_mu_per_mm
 from spread_dials.detectors.simple import simple_detector
 from spread_dials.physics import (
     Crystal,
@@ -73,14 +73,17 @@ def wilson_structure_factors(cell, d_min: float, seed: int, dtype) -> StructureF
     return StructureFactors(miller_index=hkl, F0=F)
 
 
+def case_layout(case: str) -> DetectorLayout:
+    """The detector of a case."""
+    if CASES[case]["detector"] == "jungfrau16m":
+        return jungfrau16m_layout()
+    return simple_detector(256, 256, 0.1, 100.0, 2, 2, gap_mm=1.0, thickness_mm=0.32,
+                           mu_per_mm=silicon_mu_per_mm(MEAN_EV))  # fmt: skip
+
+
 def build_scene(case: str, device: torch.device, dtype: torch.dtype, seed: int = 0) -> Scene:
     spec = CASES[case]
-    if spec["detector"] == "jungfrau16m":
-        panels = jungfrau16m_panel_array(n_layers=1, dtype=dtype)
-    else:
-        layout = simple_detector(256, 256, 0.1, 100.0, 2, 2, gap_mm=1.0, thickness_mm=0.32,
-                                 mu_per_mm=silicon_mu_per_mm(MEAN_EV))  # fmt: skip
-        panels = panel_array_from_layout(layout, n_layers=1, dtype=dtype)
+    panels = panel_array_from_layout(case_layout(case), n_layers=1, dtype=dtype)
     energy, weight = gaussian_spectrum(MEAN_EV, 25.0, spec["n_channels"], 1.0)
     sources = make_sources(energy, weight, PHOTONS / BEAM_AREA_M2)
     gen = torch.Generator().manual_seed(seed)
@@ -109,7 +112,7 @@ def _sync(device: torch.device) -> None:
 
 def run_case(
     case: str, kernel: str, device: torch.device, dtype: torch.dtype, repeats: int, tolerance: float, compiled: bool,
-    background: str = "per-image",
+    background: str = "per-image", max_terms_per_chunk: int | None = None,
 ) -> dict:
     scene = build_scene(case, device, dtype)
     panels = scene.panels
@@ -133,10 +136,11 @@ def run_case(
         t0 = time.perf_counter()
         with torch.no_grad():
             if kernel == "sparse":
-                windows = predict_windows(scene, tolerance)
+                windows = predict_windows(scene, tolerance, compiled=compiled)
                 _sync(device)
                 t_pred = time.perf_counter() - t0
-            result = expected_photons(scene, mats, PHOTONS, kernel=kernel, tolerance=tolerance, compiled=compiled)
+            result = expected_photons(scene, mats, PHOTONS, kernel=kernel, tolerance=tolerance, compiled=compiled,
+                                      max_terms_per_chunk=max_terms_per_chunk)  # fmt: skip
             _sync(device)
             t1 = time.perf_counter()
             counts = detector_counts(result.total + run_background, response, gen)
@@ -159,6 +163,7 @@ def run_case(
         "background": background,
         "tolerance": tolerance if kernel == "sparse" else None,
         "compiled": compiled if kernel == "sparse" else None,
+        "max_terms_per_chunk": max_terms_per_chunk,
         "pixels": int(counts.numel()),
         "bragg_windows": result.windows.n_windows if result.windows is not None else None,
         "terms_evaluated": _terms(scene, result),
@@ -192,6 +197,8 @@ def main() -> None:
                         help="fuse the sparse kernel with torch.compile (auto: on CUDA)")
     parser.add_argument("--background", default="per-image", choices=["per-image", "per-run"],
                         help="compute the background for every image, or once per run as dials.spread_simulate does")
+    parser.add_argument("--chunk-log2", type=int, default=None,
+                        help="sparse kernel: at most 2^N terms per evaluated chunk (default: the kernel's)")
     parser.add_argument("--compare", action="store_true",
                         help="also report the sparse kernel's max pixel error and total vs the dense kernel")
     args = parser.parse_args()
@@ -204,7 +211,8 @@ def main() -> None:
     for case in cases:
         for kernel in kernels:
             repeats = 1 if kernel == "dense" else args.repeats
-            result = run_case(case, kernel, device, dtype, repeats, args.tolerance, compiled, args.background)
+            chunk = None if args.chunk_log2 is None else 1 << args.chunk_log2
+            result = run_case(case, kernel, device, dtype, repeats, args.tolerance, compiled, args.background, chunk)
             print(json.dumps(result), flush=True)
         if args.compare:
             print(json.dumps(compare_kernels(case, device, dtype, args.tolerance, compiled)), flush=True)

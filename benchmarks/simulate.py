@@ -7,6 +7,7 @@ Usage:
     python benchmarks/simulate.py --write-only [--workers 0,1,2] [--pool thread,process]
                                   [--nimages N] [--images-per-container K] [--level 4]
                                   [--produce-seconds 0.07] [--background-photons 0.5]
+                                  [--physics psii_jungfrau16m|small_cpu]
                                   [--no-h5py-baseline] [--directory DIR]
 
 End to end (default): runs the whole program (kernel, noise, compression and writing of the NXmx
@@ -28,6 +29,11 @@ stored bytes per image, compression ratio, worker CPU-seconds and HDF5 seconds p
 ``--workers h5py`` (on by default, --no-h5py-baseline turns it off) is the old path: h5py's
 filter pipeline in the main thread.  ``--produce-seconds`` makes the main thread spend that long
 per image (sleeping, as a thread waiting on the GPU does) to model the simulation beside it.
+``--physics CASE`` makes each image with the physics instead, in the main thread as the program
+does (``simulate_counts``: prediction, fused sparse kernel, background scaled from once per run,
+noise, int32 counts to the host, the true-spot table), so that the GPU machine, which has no
+DIALS, measures the program's shot loop: everything but the once-per-run setup and the truth
+.expt/.refl files (which need dxtbx; their cost is reported by the end-to-end mode).
 This mode imports no DIALS, dxtbx or cctbx (numpy, h5py, zlib, torch through the detector
 layout, spread_dials.io), so it runs on the GPU machine; without h5py it measures compression
 alone and writes the chunks to a plain file.
@@ -143,27 +149,80 @@ def synthetic_images(
     return images
 
 
+class PhysicsStills:
+    """Stills of a ``benchmarks/forward.py`` case made as dials.spread_simulate makes a shot
+    (``simulate_counts``: sparse kernel, background computed once and scaled, noise, int32 counts
+    to the host, then the true-spot table): image i has a random orientation and 25 mosaic
+    domains of psii.phil's 0.12 deg spread from seed i.  Structure factors are forward.py's Wilson draw over the same Miller indices,
+    instead of the cctbx model the program computes in its (untimed, once per run) setup."""
+
+    def __init__(self, case: str) -> None:
+        import torch
+        from forward import PHOTONS, build_scene, materials
+
+        from spread_dials.physics.background import background_photons
+        from spread_dials.physics.detector_response import calibration_gain_map
+        from spread_dials.physics.still import DetectorResponse
+
+        self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        self.device_name = torch.cuda.get_device_name(self.device) if self.device.type == "cuda" else "cpu"
+        self.scene = build_scene(case, self.device, torch.float32)
+        panels = self.scene.panels
+        with torch.no_grad():
+            background = background_photons(panels, self.scene.sources.collapsed(), materials(), PHOTONS,
+                                            compiled=self.device.type == "cuda")  # fmt: skip
+        self.background_per_photon = background / PHOTONS
+        self.photons = PHOTONS
+        shape = (panels.n_panels, panels.n_slow, panels.n_fast)
+        gain = calibration_gain_map(shape, 0.03, seed=7, device=self.device)
+        self.response = DetectorResponse(calibration_gain=gain, readout_noise_adu=0.1)
+        self.seconds: list[float] = []
+        self.spot_seconds: list[float] = []
+
+    def __call__(self, i: int):
+        import dataclasses
+
+        import numpy as np
+        import torch
+
+        from spread_dials.physics.crystal import mosaic_domain_rotations, real_space_from_cell
+        from spread_dials.simulation.plan import uniform_rotation
+        from spread_dials.simulation.shot import simulate_counts, true_spots
+
+        t0 = time.perf_counter()
+        crystal = self.scene.crystal
+        cell = crystal.real_space.detach().double().cpu().norm(dim=-1)  # orthorhombic: a, b, c
+        rotation = torch.as_tensor(uniform_rotation(np.random.default_rng(i)))
+        real_space = real_space_from_cell(torch.cat([cell, torch.full((3,), 90.0, dtype=torch.float64)]), rotation)
+        domains = mosaic_domain_rotations(0.12, crystal.n_domains, seed=1000 + i)  # psii.phil's spread
+        crystal = dataclasses.replace(crystal, real_space=real_space, domain_rotations=domains)
+        scene = dataclasses.replace(self.scene, crystal=crystal.to(device=self.device, dtype=torch.float32))
+        still = simulate_counts(scene, 1e-6, self.background_per_photon, self.photons, self.response, noise_seed=i)
+        t1 = time.perf_counter()
+        true_spots(still.windows, still.sums, scene.panels.n_fast, scene.panels.n_slow)
+        self.seconds.append(time.perf_counter() - t0)
+        self.spot_seconds.append(time.perf_counter() - t1)
+        return still.counts
+
+
 def _no_dials_loaded() -> list[str]:
     return sorted(m for m in sys.modules if m.split(".")[0] in _DIALS_PACKAGES)
 
 
-def _write_run(images: list, n_images: int, per: int, workers, kind: str, level: int, directory: Path,
-               produce_seconds: float) -> dict:  # fmt: skip
-    """Write ``n_images`` (cycling through ``images``) as the program does; return the timings."""
-    from spread_dials.detectors.jungfrau import jungfrau16m_layout
+def _write_run(produce, layout, n_images: int, per: int, workers, kind: str, level: int, directory: Path) -> dict:
+    """Write ``n_images`` images of detector ``layout``, image i made by ``produce(i)`` in the main
+    thread, as the program does; return the timings."""
     from spread_dials.io.compression import ChunkCompressor
     from spread_dials.io.nxmx import NXmxWriter
     from spread_dials.io.write_queue import WriteQueue
 
-    layout = jungfrau16m_layout()
     h5py_path = workers == "h5py"
     n_workers = 0 if h5py_path else int(workers)
     compressor = ChunkCompressor(n_workers, "gzip", level, kind=kind)
     queue = WriteQueue(threaded=n_workers > 0)
     writers = []
     stored = raw = 0
-    compress_s = write_s = 0.0
-    produce = 0.0
+    compress_s = write_s = produce_s = 0.0
     t0 = time.perf_counter()
     try:
         for c, start in enumerate(range(0, n_images, per)):
@@ -173,12 +232,10 @@ def _write_run(images: list, n_images: int, per: int, workers, kind: str, level:
             writers.append(writer)
             queue.call(writer.__enter__)
             for slot in range(count):
-                if produce_seconds > 0:
-                    tp = time.perf_counter()
-                    time.sleep(produce_seconds)
-                    produce += time.perf_counter() - tp
+                tp = time.perf_counter()
+                image = produce(start + slot)
+                produce_s += time.perf_counter() - tp
                 queue.throttle(3)
-                image = images[(start + slot) % len(images)]
                 queue.call(writer.store, writer.prepare_image(slot, image, 1.89), image=True)
             queue.call(writer.__exit__, None, None, None)
         queue.drain()
@@ -205,7 +262,7 @@ def _write_run(images: list, n_images: int, per: int, workers, kind: str, level:
         "compress_worker_cpu_seconds_per_image": compress_s / n_images if not h5py_path else None,
         "write_hdf5_seconds_per_image": write_s / n_images,
         "main_thread_wait_seconds_per_image": queue.wait_seconds / n_images,
-        "produce_seconds_per_image": produce / n_images,
+        "produce_seconds_per_image": produce_s / n_images,
         "wall_seconds": wall,
     }
 
@@ -240,7 +297,25 @@ def write_only(args: argparse.Namespace) -> list[dict]:
     except ImportError:
         h5py = None
     t = time.perf_counter()
-    images = synthetic_images(args.distinct, seed=1, background_photons=args.background_photons)
+    if args.physics:
+        from forward import case_layout
+
+        layout = case_layout(args.physics)
+        produce = PhysicsStills(args.physics)
+        images = [produce(0), produce(1)][:1]  # compile the kernels; a sample for the statistics below
+        produce.seconds.clear()
+        produce.spot_seconds.clear()
+    else:
+        from spread_dials.detectors.jungfrau import jungfrau16m_layout
+
+        layout = jungfrau16m_layout()
+        images = synthetic_images(args.distinct, seed=1, background_photons=args.background_photons)
+
+        def produce(i: int):
+            if args.produce_seconds > 0:
+                time.sleep(args.produce_seconds)
+            return images[i % len(images)]
+
     generate = time.perf_counter() - t
     counts = np.concatenate([np.bincount(np.clip(im.ravel(), 0, 4), minlength=5) for im in images[:1]])
     fractions = (counts / counts.sum()).round(4).tolist()
@@ -249,8 +324,10 @@ def write_only(args: argparse.Namespace) -> list[dict]:
         workers = ["h5py", *workers]
     kinds = [k.strip() for k in args.pool.split(",")]
     common = {
-        "benchmark": "spread_dials write path, synthetic Jungfrau 16M",
-        "pixels_per_image": int(np.prod(JF16M)),
+        "benchmark": (f"spread_dials shot pipeline: {args.physics} stills simulated on {produce.device_name}, "
+                      "written as the program writes them") if args.physics
+        else "spread_dials write path, synthetic Jungfrau 16M",
+        "pixels_per_image": int(images[0].size),
         "MB_per_image": images[0].nbytes / 1e6,
         "fraction_of_pixels_0_1_2_3_4plus": fractions,
         "mean_count": float(images[0].mean()),
@@ -276,8 +353,12 @@ def write_only(args: argparse.Namespace) -> list[dict]:
                         continue
                     row = _compress_only(images, args.nimages, int(w), kind, args.level, Path(tmp))
                 else:
-                    row = _write_run(images, args.nimages, args.images_per_container, w, kind, args.level, Path(tmp),
-                                     args.produce_seconds)  # fmt: skip
+                    row = _write_run(produce, layout, args.nimages, args.images_per_container, w, kind, args.level, Path(tmp))
+                if args.physics:
+                    row["simulate_seconds_per_image_median"] = float(np.median(produce.seconds))
+                    row["true_spots_seconds_per_image_median"] = float(np.median(produce.spot_seconds))
+                    produce.seconds.clear()
+                    produce.spot_seconds.clear()
                 row = {**common, **row, "dials_modules_imported": _no_dials_loaded()}
                 print(json.dumps(row), flush=True)
                 results.append(row)
@@ -311,6 +392,13 @@ def main() -> None:
         type=float,
         default=0.0,
         help="write-only: main-thread time per image before it is queued (models the GPU)",
+    )
+    parser.add_argument(
+        "--physics",
+        default=None,
+        choices=("psii_jungfrau16m", "small_cpu"),
+        help="write-only: make every image with the physics (a benchmarks/forward.py case, on the GPU when there is "
+        "one) in the main thread, as the program does, instead of cycling synthetic images",
     )
     parser.add_argument(
         "--no-h5py-baseline",

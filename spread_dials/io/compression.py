@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import multiprocessing
 import os
+import threading
 import time
 import zlib
 from concurrent.futures import Executor, Future, ProcessPoolExecutor, ThreadPoolExecutor
@@ -152,6 +153,22 @@ def decompress_chunk(data: bytes, dtype: Any, shape: tuple[int, ...], compressio
     return np.frombuffer(raw, dtype=dtype).reshape(shape)
 
 
+#: niceness added to compression threads: the simulating thread keeps its core when all are busy
+WORKER_NICENESS = 5
+
+
+def _lower_priority() -> None:
+    """Lower the calling thread's scheduling priority (Linux: threads have their own nice value).
+
+    The main thread feeds the GPU with many short kernel launches; with every core compressing,
+    the scheduler would otherwise take its core away between launches (measured on a 16-core
+    GPU machine: 0.09 s per still alone, 0.19 s beside 15 compression threads)."""
+    try:
+        os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), os.getpriority(os.PRIO_PROCESS, 0) + WORKER_NICENESS)
+    except (AttributeError, OSError):  # not Linux, or not permitted: run at the same priority
+        pass
+
+
 class _Inline(Executor):
     """An executor that runs each call at once in the caller's thread (workers = 0)."""
 
@@ -197,7 +214,8 @@ class ChunkCompressor:
         if self.workers == 0:
             self._executor = _Inline()
         elif kind == "thread":
-            self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix="spread-compress")
+            self._executor = ThreadPoolExecutor(self.workers, thread_name_prefix="spread-compress",
+                                                initializer=_lower_priority)  # fmt: skip
         else:
             # spawn, not fork: the parent may hold a CUDA context and torch's threads
             self._executor = ProcessPoolExecutor(self.workers, mp_context=multiprocessing.get_context("spawn"))

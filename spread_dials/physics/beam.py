@@ -35,6 +35,9 @@ class Sources(TensorFields):
         e_vector: (3,) unit polarization (electric field) axis.
         polarization_fraction: Kahn factor (0.999 for an XFEL).
         fluence_photons_per_m2: photons per m^2 of the whole pulse.
+        n_directions: divergence directions; sources run channel-major, so source i travels
+            along ``direction[i % n_directions]`` (1: every source shares one direction, which
+            lets the kernels compute direction-dependent factors once per pixel).
     """
 
     direction: Tensor
@@ -44,6 +47,7 @@ class Sources(TensorFields):
     e_vector: Tensor
     polarization_fraction: Tensor | float
     fluence_photons_per_m2: Tensor | float
+    n_directions: int = 1
 
     @property
     def n_sources(self) -> int:
@@ -66,7 +70,13 @@ class Sources(TensorFields):
             e_vector=self.e_vector,
             polarization_fraction=self.polarization_fraction,
             fluence_photons_per_m2=self.fluence_photons_per_m2,
+            n_directions=1,
         )
+
+    def direction_of(self, source: Tensor | slice) -> Tensor:
+        """Directions of the selected sources: (..., 3) shaped like ``source``, or (1, 3) (which
+        broadcasts against any selection) when all sources share one direction."""
+        return self.direction[:1] if self.n_directions == 1 else self.direction[source]
 
 
 def gaussian_spectrum(mean_eV: float, fwhm_eV: float, n_channels: int, channel_width_eV: float) -> tuple[Tensor, Tensor]:
@@ -138,4 +148,5 @@ def make_sources(
         e_vector=e_vector.to(dtype),
         polarization_fraction=polarization_fraction,
         fluence_photons_per_m2=fluence_photons_per_m2,
+        n_directions=n_dir,
     )

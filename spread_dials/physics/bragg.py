@@ -141,10 +141,14 @@ def bragg_term(
     Returns:
         The terms, broadcast shape.
     """
-    direction = sources.direction[source]
+    direction = sources.direction_of(source)
     h = _fractional_components(points.diffracted, direction, sources.wavenumber[source], real_space)
-    h0 = [torch.round(x) for x in h]
-    f_latt = lattice_factor_components([x - x0 for x, x0 in zip(h, h0)], crystal.ncells_abc, crystal.shape)
+    if miller_index is None:
+        h0 = [torch.round(x) for x in h]
+    else:
+        h0 = [miller_index[..., i].to(h[0].dtype) for i in range(3)]
+    dh = [x - x0 for x, x0 in zip(h, h0)]
+    f_latt = lattice_factor_components(dh, crystal.ncells_abc, crystal.shape)
     if miller_index is None:
         # h = 000 is the unscattered beam, not a Bragg reflection: both kernels leave it out
         origin = (h0[0] == 0) & (h0[1] == 0) & (h0[2] == 0)
@@ -152,9 +156,11 @@ def bragg_term(
         row = structure_factors.index_of(torch.stack(h0, -1).long())
         f_sq = structure_factors.intensity(row, sources.channel[source])
     else:
-        target = miller_index.to(h0[0].dtype)
-        same = (h0[0] == target[..., 0]) & (h0[1] == target[..., 1]) & (h0[2] == target[..., 2])
-        f_latt = torch.where(same, f_latt, torch.zeros_like(f_latt))
+        # the term is this reflection's when it is the nearest index: -1/2 <= dh < 1/2 (a
+        # compare instead of rounding; exact half-integers, which torch.round sends to the
+        # even index, go up here)
+        own = (dh[0] >= -0.5) & (dh[0] < 0.5) & (dh[1] >= -0.5) & (dh[1] < 0.5) & (dh[2] >= -0.5) & (dh[2] < 0.5)
+        f_latt = torch.where(own, f_latt, torch.zeros_like(f_latt))
         f_sq = 1.0
     polar = kahn_polarization(direction, points.diffracted, sources.e_vector, sources.polarization_fraction)
     return f_sq * f_latt * f_latt * sources.weight[source] * polar * points.omega_capture

@@ -130,8 +130,11 @@ def _panel_frames(panels: PanelArray) -> dict[str, Tensor]:
     slow = panels.slow_axis.double()
     origin = panels.origin_mm.double()
     depth = panels.depth_axis.double()
-    basis = torch.stack([fast, slow], -1)  # (P, 3, 2)
-    dual = basis @ torch.linalg.inv(basis.transpose(-1, -2) @ basis)  # (P, 3, 2)
+    # dual basis: basis (basis^T basis)^-1, the 2 x 2 inverse written out
+    ff, fs, ss = dot3(fast, fast), dot3(fast, slow), dot3(slow, slow)
+    det = ff * ss - fs * fs
+    dual = torch.stack([(ss.unsqueeze(-1) * fast - fs.unsqueeze(-1) * slow) / det.unsqueeze(-1),
+                        (ff.unsqueeze(-1) * slow - fs.unsqueeze(-1) * fast) / det.unsqueeze(-1)], -1)  # fmt: skip
     px = panels.pixel_size_mm.double()
     return {
         "depth": depth,
@@ -161,23 +164,30 @@ def _clip_to_panel(start: Tensor, size: Tensor, n_pixels: int) -> tuple[Tensor, 
 
 
 @torch.no_grad()
-def predict_windows(scene: Scene, tolerance: float = 1e-6, max_pairs_per_chunk: int | None = None) -> BraggWindows:
+def predict_windows(
+    scene: Scene, tolerance: float = 1e-6, max_pairs_per_chunk: int | None = None, compiled: bool = False
+) -> BraggWindows:
     """Every window the sparse kernel evaluates for ``scene`` (see the module docstring).
 
     Args:
         scene: the still.
         tolerance: largest F_latt^2 / peak^2 of a term that may be left out.
         max_pairs_per_chunk: (reflection, domain) pairs processed at once (memory bound;
-            default 2^16 on a GPU, 2^13 on the CPU).
+            default 2^18 on a GPU, 2^13 on the CPU).
+        compiled: fuse the element-wise stages with torch.compile (on a GPU prediction is
+            otherwise bound by launching a few thousand small kernels).
     """
     panels, sources, crystal, sf = scene.panels, scene.sources, scene.crystal, scene.structure_factors
     device = panels.origin_mm.device
     if max_pairs_per_chunk is None:
-        max_pairs_per_chunk = 1 << (16 if device.type == "cuda" else 13)
-    real_space = crystal.real_space.detach().double()
-    inv = torch.linalg.inv(real_space)
-    ncells = crystal.ncells_abc.detach().double()
+        max_pairs_per_chunk = 1 << (18 if device.type == "cuda" else 13)
+    stage = (lambda fn: fused(fn, dynamic=True)) if compiled else (lambda fn: fn)
+    # 3 x 3 linear algebra on the host (a GPU solver call costs more than it saves)
+    real_space = crystal.real_space.detach().double().cpu()
+    inv = torch.linalg.inv(real_space).to(device)
+    ncells = crystal.ncells_abc.detach().double().cpu()
     sigma_min = float(torch.linalg.svdvals(ncells.unsqueeze(-1) * real_space).min())
+    real_space = real_space.to(device)
     dq = cutoff_radius(crystal.shape, tolerance) / sigma_min
     k = sources.wavenumber.detach().double()
     directions = sources.direction.detach().double()
@@ -187,44 +197,41 @@ def predict_windows(scene: Scene, tolerance: float = 1e-6, max_pairs_per_chunk: 
     theta_div = float(torch.acos((directions @ mean_dir).clamp(-1.0, 1.0)).max())
     rotations = crystal.domain_rotations.detach().double()
     theta_mos = max_rotation_angle_rad(rotations)
-    k_min, k_max = float(k.min()), float(k.max())
+    k_range = torch.stack([k.min(), k.max()])
 
     # candidate reflections: within the detector's reach
-    d_min = detector_d_min(panels, mean_dir, k_max)
-    q_max = 1.0 / d_min + dq + 2.0 * k_max * math.sin(theta_div)
+    d_min = detector_d_min(panels, mean_dir, float(k_range[1]))
+    q_max = 1.0 / d_min + dq + 2.0 * float(k_range[1]) * math.sin(theta_div)
     if sf.default_F != 0:
         hkl = miller_indices_within(real_space, 1.0 / q_max)
     else:
         hkl = sf.miller_index.to(device)
     q = hkl.double() @ inv.T
-    q_norm = q.norm(dim=-1)
-    keep = q_norm <= q_max
-    # coarse test over all domains and sources: epsilon decreases monotonically with k
-    margin = q_norm * (theta_mos + theta_div) + dq
-    kk = torch.tensor([k_min, k_max], dtype=torch.float64, device=device)
-    eps_hi = _ewald_offset(q, mean_dir, kk[:1])
-    eps_lo = _ewald_offset(q, mean_dir, kk[1:])
-    keep &= (eps_hi >= -margin) & (eps_lo <= margin)
-    hkl, q, q_norm = hkl[keep], q[keep], q_norm[keep]
+
+    def scalar(x: float) -> Tensor:  # per-still values reach compiled stages as tensors
+        return torch.tensor(x, dtype=torch.float64, device=device)
+
+    dq_t, theta_div_t = scalar(dq), scalar(theta_div)
+    keep = stage(_reflections_near_sphere)(q, mean_dir, k_range, scalar(q_max), scalar(theta_mos + theta_div), dq_t)
+    kept = keep.nonzero().squeeze(1)  # one synchronisation, then plain gathers
+    hkl, q = hkl[kept], q[kept]
     rows = sf.index_of(hkl)
     if sf.default_F == 0:
-        has_f = rows < sf.n_reflections
-        hkl, q, q_norm, rows = hkl[has_f], q[has_f], q_norm[has_f], rows[has_f]
+        kept = (rows < sf.n_reflections).nonzero().squeeze(1)
+        hkl, q, rows = hkl[kept], q[kept], rows[kept]
 
     # (reflection, domain) pairs
-    q_dom = torch.einsum("mij,hj->hmi", rotations, q)  # (H, M, 3)
-    margin = (q_norm * theta_div + dq).unsqueeze(-1)
-    eps_hi = _ewald_offset(q_dom, mean_dir, kk[:1])
-    eps_lo = _ewald_offset(q_dom, mean_dir, kk[1:])
-    pair_h, pair_m = torch.nonzero((eps_hi >= -margin) & (eps_lo <= margin), as_tuple=True)
+    q_dom, pair_lit = stage(_pairs_near_sphere)(q, rotations, mean_dir, k_range, theta_div_t, dq_t)
+    pair_h, pair_m = torch.nonzero(pair_lit, as_tuple=True)
 
     frames = _panel_frames(panels)
     pieces = []
     for start in range(0, pair_h.numel(), max_pairs_per_chunk):
         ph, pm = pair_h[start : start + max_pairs_per_chunk], pair_m[start : start + max_pairs_per_chunk]
         piece = _windows_for_pairs(
-            q_dom[ph, pm], q[ph], ph, k, directions, mean_dir, dq, theta_div, theta_mos, frames, panels
-        )
+            q_dom[ph, pm], q[ph], ph, k, directions, mean_dir, dq_t, theta_div_t, scalar(theta_mos), frames, panels,
+            stage,
+        )  # fmt: skip
         if piece[0].numel():
             w_pair, w_panel, fast0, slow0, n_fast, n_slow = piece
             pieces.append((hkl[ph[w_pair]], rows[ph[w_pair]], pm[w_pair], w_panel, fast0, slow0, n_fast, n_slow))
@@ -236,7 +243,36 @@ def predict_windows(scene: Scene, tolerance: float = 1e-6, max_pairs_per_chunk: 
     return BraggWindows(*(c[order] for c in cols))
 
 
-def _windows_for_pairs(q, q_central, pair_h, k, directions, mean_dir, dq, theta_div, theta_mos, frames, panels):
+def _reflections_near_sphere(q, mean_dir, k_range, q_max, angle, dq) -> Tensor:
+    """Coarse test over all domains and sources: |q| <= q_max and q within |q| angle + dq of the
+    Ewald spheres of k_range[0] ... k_range[1] (epsilon decreases monotonically with k)."""
+    q_norm = q.norm(dim=-1)
+    margin = q_norm * angle + dq
+    eps_hi = _ewald_offset(q, mean_dir, k_range[:1])
+    eps_lo = _ewald_offset(q, mean_dir, k_range[1:])
+    return (q_norm <= q_max) & (eps_hi >= -margin) & (eps_lo <= margin)
+
+
+def _pairs_near_sphere(q, rotations, mean_dir, k_range, theta_div, dq) -> tuple[Tensor, Tensor]:
+    """Rotated q of every (reflection, domain) pair, (H, M, 3), and which pairs come within
+    |q| theta_div + dq of the Ewald spheres of k_range."""
+    q_dom = torch.einsum("mij,hj->hmi", rotations, q)
+    margin = (q.norm(dim=-1) * theta_div + dq).unsqueeze(-1)
+    eps_hi = _ewald_offset(q_dom, mean_dir, k_range[:1])
+    eps_lo = _ewald_offset(q_dom, mean_dir, k_range[1:])
+    return q_dom, (eps_hi >= -margin) & (eps_lo <= margin)
+
+
+def _lit_wavenumbers(q, directions, k, dq) -> tuple[Tensor, Tensor]:
+    """Smallest and largest source wavenumber whose Ewald sphere passes within dq of each q
+    (inf / -inf where none does)."""
+    eps = _ewald_offset(q.unsqueeze(1), directions.unsqueeze(0), k.unsqueeze(0))  # (Np, C)
+    lit = eps.abs() <= dq
+    inf = torch.full_like(eps, float("inf"))
+    return torch.where(lit, k, inf).amin(1), torch.where(lit, k, -inf).amax(1)
+
+
+def _windows_for_pairs(q, q_central, pair_h, k, directions, mean_dir, dq, theta_div, theta_mos, frames, panels, stage):
     """Windows of (reflection, domain) pairs: on each panel, a box holding the windows of every
     (pair, source) triple within dq of the Ewald sphere.
 
@@ -247,11 +283,7 @@ def _windows_for_pairs(q, q_central, pair_h, k, directions, mean_dir, dq, theta_
     theta_div, which pads the radius.  Panels are first found per reflection (all its domains
     at once, from the unrotated q padded by twice the largest domain rotation).
     """
-    eps = _ewald_offset(q.unsqueeze(1), directions.unsqueeze(0), k.unsqueeze(0))  # (Np, C)
-    lit = eps.abs() <= dq
-    inf = torch.full_like(eps, float("inf"))
-    k_lo = torch.where(lit, k, inf).amin(1)
-    k_hi = torch.where(lit, k, -inf).amax(1)
+    k_lo, k_hi = stage(_lit_wavenumbers)(q, directions, k, dq)
     reflection, pair_reflection = torch.unique_consecutive(pair_h, return_inverse=True)
     n_refl = reflection.numel()
     pair_counts = torch.bincount(pair_reflection, minlength=n_refl)
@@ -261,29 +293,31 @@ def _windows_for_pairs(q, q_central, pair_h, k, directions, mean_dir, dq, theta_
     r_lo = inf_r.scatter_reduce(0, pair_reflection, k_lo, "amin")
     r_hi = (-inf_r).scatter_reduce(0, pair_reflection, k_hi, "amax")
     all_panels = torch.arange(panels.n_panels, device=k.device).unsqueeze(0)
-    box = _segment_box(q_central[first_pair].unsqueeze(1), r_lo.unsqueeze(1), r_hi.unsqueeze(1), all_panels,
-                       mean_dir, dq, theta_div + 2.0 * theta_mos, frames, panels.n_layers)  # fmt: skip
-    cand_r, cand_panel = torch.nonzero(_box_on_panel(*box, panels), as_tuple=True)
+    reach = stage(_segment_box)
+    box = reach(q_central[first_pair].unsqueeze(1), r_lo.unsqueeze(1), r_hi.unsqueeze(1), all_panels,
+                mean_dir, dq, theta_div + 2.0 * theta_mos, frames, panels.n_layers, panels.image_size)  # fmt: skip
+    cand_r, cand_panel = torch.nonzero(box[-1], as_tuple=True)
     # (reflection, panel) -> (pair, panel): pairs of one reflection are consecutive
     rep, cand_pair = _expand(cand_r, first_pair, pair_counts)
     cand_panel = cand_panel[rep]
-    lo_f, hi_f, lo_s, hi_s, ok = _segment_box(q[cand_pair], k_lo[cand_pair], k_hi[cand_pair], cand_panel,
-                                              mean_dir, dq, theta_div, frames, panels.n_layers)  # fmt: skip
-    keep = _box_on_panel(lo_f, hi_f, lo_s, hi_s, ok, panels)
-    lo_f, lo_s, hi_f, hi_s = lo_f[keep], lo_s[keep], hi_f[keep], hi_s[keep]
+    lo_f, hi_f, lo_s, hi_s, keep = reach(q[cand_pair], k_lo[cand_pair], k_hi[cand_pair], cand_panel,
+                                         mean_dir, dq, theta_div, frames, panels.n_layers, panels.image_size)  # fmt: skip
+    kept = keep.nonzero().squeeze(1)
+    lo_f, lo_s, hi_f, hi_s = lo_f[kept], lo_s[kept], hi_f[kept], hi_s[kept]
     fast0, n_fast = _clip_to_panel(lo_f, hi_f - lo_f, panels.n_fast)
     slow0, n_slow = _clip_to_panel(lo_s, hi_s - lo_s, panels.n_slow)
-    return cand_pair[keep], cand_panel[keep], fast0, slow0, n_fast, n_slow
+    return cand_pair[kept], cand_panel[kept], fast0, slow0, n_fast, n_slow
 
 
-def _segment_box(q, k_lo, k_hi, panel, mean_dir, dq, extra_angle, frames, n_layers):
-    """Pixel box (lo_f, hi_f, lo_s, hi_s, ok) on ``panel`` holding the windows of the spots of
-    reciprocal vectors ``q`` (..., 3) for wavenumbers in [k_lo, k_hi] (broadcast with ``panel``).
+def _segment_box(q, k_lo, k_hi, panel, mean_dir, dq, extra_angle, frames, n_layers, image_size):
+    """Pixel box (lo_f, hi_f, lo_s, hi_s, on_panel) on ``panel`` holding the windows of the spots
+    of reciprocal vectors ``q`` (..., 3) for wavenumbers in [k_lo, k_hi] (broadcast with ``panel``).
 
     Spot centres sit at the sensor's mean absorption depth; each end is padded by the window
     radius of a spot on the sphere (eps = 0) widened by ``extra_angle`` (rad), by 10 %, by the
-    spread of the layers' depths and by one pixel.  ``ok`` is False where nothing is lit or a
-    ray misses the panel's side of the sample.
+    spread of the layers' depths and by one pixel.  ``on_panel`` is False where the box misses
+    the panel's (n_fast, n_slow) ``image_size`` pixels, nothing is lit or a ray misses the
+    panel's side of the sample.
     """
     ends = []
     ok = torch.isfinite(k_lo) & torch.isfinite(k_hi)
@@ -310,16 +344,13 @@ def _segment_box(q, k_lo, k_hi, panel, mean_dir, dq, extra_angle, frames, n_laye
         ends.append((f_c, s_c, half))
     (f0, s0, h0), (f1, s1, h1) = ends
     big = 1e12  # boxes of rays that miss are dropped through ok; keep the arithmetic finite
-    lo_f = torch.floor(torch.minimum(f0 - h0, f1 - h1)).clamp(-big, big)
-    hi_f = torch.floor(torch.maximum(f0 + h0, f1 + h1)).clamp(-big, big) + 1.0
-    lo_s = torch.floor(torch.minimum(s0 - h0, s1 - h1)).clamp(-big, big)
-    hi_s = torch.floor(torch.maximum(s0 + h0, s1 + h1)).clamp(-big, big) + 1.0
-    return lo_f.long(), hi_f.long(), lo_s.long(), hi_s.long(), ok
-
-
-def _box_on_panel(lo_f, hi_f, lo_s, hi_s, ok, panels: PanelArray) -> Tensor:
-    """Boxes [lo, hi) that overlap the panel's pixels."""
-    return ok & (hi_f > 0) & (lo_f < panels.n_fast) & (hi_s > 0) & (lo_s < panels.n_slow) & (hi_f > lo_f)
+    lo_f = torch.floor(torch.minimum(f0 - h0, f1 - h1)).clamp(-big, big).long()
+    hi_f = torch.floor(torch.maximum(f0 + h0, f1 + h1)).clamp(-big, big).long() + 1
+    lo_s = torch.floor(torch.minimum(s0 - h0, s1 - h1)).clamp(-big, big).long()
+    hi_s = torch.floor(torch.maximum(s0 + h0, s1 + h1)).clamp(-big, big).long() + 1
+    n_fast, n_slow = image_size
+    on_panel = ok & (hi_f > 0) & (lo_f < n_fast) & (hi_s > 0) & (lo_s < n_slow) & (hi_f > lo_f)
+    return lo_f, hi_f, lo_s, hi_s, on_panel
 
 
 def _expand(group: Tensor, starts: Tensor, counts: Tensor) -> tuple[Tensor, Tensor]:
@@ -372,7 +403,7 @@ def window_photon_chunks(
     """
     device = scene.panels.origin_mm.device
     if max_terms_per_chunk is None:
-        max_terms_per_chunk = 1 << (26 if device.type == "cuda" else 22)
+        max_terms_per_chunk = 1 << (28 if device.type == "cuda" else 22)
     sources = scene.sources
     area = windows.n_fast * windows.n_slow
     end = torch.cumsum(area, 0)
@@ -431,10 +462,10 @@ def simulate_sparse(
     """Expected Bragg photons per pixel, (P, n_slow, n_fast), from the windows of ``scene``.
 
     ``max_terms_per_chunk`` bounds the (pixel, sub-pixel, layer, source) terms evaluated at once;
-    the default is 2^26 on a GPU (the fused kernel keeps terms in registers) and 2^22 on the CPU.
+    the default is 2^28 on a GPU (the fused kernel keeps terms in registers) and 2^22 on the CPU.
     """
     if windows is None:
-        windows = predict_windows(scene, tolerance)
+        windows = predict_windows(scene, tolerance, compiled=compiled)
     return simulate_sparse_windows(scene, windows, compiled, max_terms_per_chunk, moments=False)[0]
 
 

@@ -74,7 +74,7 @@ def expected_photons(
     per-pixel physics and the background with torch.compile (worth it on a GPU).
     """
     if kernel == "sparse":
-        windows = predict_windows(scene, tolerance)
+        windows = predict_windows(scene, tolerance, compiled=compiled)
         bragg = simulate_sparse(scene, windows, compiled=compiled, max_terms_per_chunk=max_terms_per_chunk)
     elif kernel == "dense":
         windows = None

@@ -18,11 +18,11 @@ from spread_dials.physics.beam import make_sources
 from spread_dials.physics.bragg import Scene
 from spread_dials.physics.crystal import Crystal, mosaic_domain_rotations, real_space_from_cell
 from spread_dials.physics.sparse import BraggWindows, predict_windows, simulate_sparse_windows
-from spread_dials.physics.still import detector_counts
+from spread_dials.physics.still import DetectorResponse, detector_counts
 from spread_dials.simulation.plan import ShotPlan
 from spread_dials.simulation.setup import RunSetup
 
-__all__ = ["ShotResult", "simulate_shot", "true_spots"]
+__all__ = ["ShotResult", "StillCounts", "simulate_counts", "simulate_shot", "true_spots"]
 
 
 @dataclass
@@ -67,31 +67,89 @@ def true_spots(windows: BraggWindows, sums: torch.Tensor, n_fast: int, n_slow: i
     if windows.n_windows == 0:
         return {"miller_index": np.zeros((0, 3), np.int32), "panel": np.zeros(0, np.int64),
                 "intensity": np.zeros(0), "xyzcal_px": np.zeros((0, 3)), "bbox": np.zeros((0, 6), np.int32)}  # fmt: skip
-    key = torch.cat([windows.panel.unsqueeze(-1), windows.miller_index], -1).cpu()
-    unique, inverse = torch.unique(key, dim=0, return_inverse=True)
+    # one integer key per (panel, h, k, l), ordered as the tuples; merged where the windows are
+    # (on a GPU: the host only receives the spots)
+    hkl = windows.miller_index
+    span = 2 * int(hkl.abs().max()) + 1
+    digits = hkl + span // 2
+    key = ((windows.panel * span + digits[:, 0]) * span + digits[:, 1]) * span + digits[:, 2]
+    unique, inverse = torch.unique(key, return_inverse=True)
     n = unique.shape[0]
-    s = torch.zeros((n, 3), dtype=torch.float64).index_add_(0, inverse, sums.detach().cpu().double())
-    f0, s0 = windows.fast0.cpu(), windows.slow0.cpu()
-    f1 = (f0 + windows.n_fast.cpu()).clamp(max=n_fast)
-    s1 = (s0 + windows.n_slow.cpu()).clamp(max=n_slow)
+    s = torch.zeros((n, 3), dtype=torch.float64, device=key.device).index_add_(0, inverse, sums.detach().double())
+    f0, s0 = windows.fast0, windows.slow0
+    f1 = (f0 + windows.n_fast).clamp(max=n_fast)
+    s1 = (s0 + windows.n_slow).clamp(max=n_slow)
 
     def reduce(values: torch.Tensor, how: str) -> torch.Tensor:
-        init = torch.full((n,), (1 << 40) if how == "amin" else -(1 << 40), dtype=torch.long)
+        init = torch.full((n,), (1 << 40) if how == "amin" else -(1 << 40), dtype=torch.long, device=key.device)
         return init.scatter_reduce(0, inverse, values.long(), how)
 
     bbox = torch.stack([reduce(f0, "amin"), reduce(f1, "amax"), reduce(s0, "amin"), reduce(s1, "amax")], -1)
-    keep = s[:, 0] > 0
-    intensity = s[keep, 0]
-    xyz = torch.stack([s[keep, 1] / intensity, s[keep, 2] / intensity, torch.zeros_like(intensity)], -1)
-    bbox = bbox[keep]
+    keep = (s[:, 0] > 0).nonzero().squeeze(1)
+    s, unique, bbox = s[keep].cpu(), unique[keep], bbox[keep].cpu()
+    intensity = s[:, 0]
+    xyz = torch.stack([s[:, 1] / intensity, s[:, 2] / intensity, torch.zeros_like(intensity)], -1)
     bbox6 = torch.cat([bbox, torch.zeros_like(bbox[:, :1]), torch.ones_like(bbox[:, :1])], -1)
+    l_digit = unique % span
+    k_digit = unique // span % span
+    h_digit = unique // (span * span) % span
+    miller = torch.stack([h_digit, k_digit, l_digit], -1) - span // 2
     return {
-        "miller_index": unique[keep, 1:].numpy().astype(np.int32),
-        "panel": unique[keep, 0].numpy().astype(np.int64),
+        "miller_index": miller.cpu().numpy().astype(np.int32),
+        "panel": (unique // (span**3)).cpu().numpy().astype(np.int64),
         "intensity": intensity.numpy(),
         "xyzcal_px": xyz.numpy(),
         "bbox": bbox6.numpy().astype(np.int32),
     }
+
+
+@dataclass
+class StillCounts:
+    """One still's detector counts and the windows that made its Bragg photons.
+
+    Attributes:
+        counts: (P, S, F) int32 detector counts (ADU), on the host.
+        windows: the sparse kernel's windows.
+        sums: (W, 3) per-window photon moments (see ``simulate_sparse_windows``).
+        bragg_photons, background_photons: expected totals over the detector.
+    """
+
+    counts: np.ndarray
+    windows: BraggWindows
+    sums: torch.Tensor
+    bragg_photons: float
+    background_photons: float
+
+
+@torch.no_grad()
+def simulate_counts(
+    scene: Scene,
+    tolerance: float,
+    background_per_photon: torch.Tensor | None,
+    photons: float,
+    response: DetectorResponse,
+    noise_seed: int,
+) -> StillCounts:
+    """Bragg photons (sparse kernel; fused on a GPU) + background (photons per incident photon,
+    computed once per run, times this pulse's ``photons``), then the detector response with the
+    noise drawn from ``noise_seed``; counts rounded to int32."""
+    device = scene.panels.origin_mm.device
+    compiled = device.type == "cuda"
+    windows = predict_windows(scene, tolerance, compiled=compiled)
+    bragg, sums = simulate_sparse_windows(scene, windows, compiled=compiled)
+    expected = bragg
+    background_total = 0.0
+    if background_per_photon is not None:
+        background = background_per_photon * photons
+        background_total = float(background.sum())
+        expected = bragg + background
+    generator = torch.Generator(device=device).manual_seed(noise_seed)
+    counts = detector_counts(expected, response, generator)
+    counts = torch.round(counts.double()).clamp(-(2**31), 2**31 - 1).to(torch.int32)
+    if device.type == "cuda":  # through page-locked memory (reused by torch's host allocator): a plain DMA
+        host = torch.empty(counts.shape, dtype=counts.dtype, pin_memory=True)
+        counts = host.copy_(counts)
+    return StillCounts(counts.cpu().numpy(), windows, sums, float(bragg.sum()), background_total)
 
 
 @torch.no_grad()
@@ -122,27 +180,16 @@ def simulate_shot(setup: RunSetup, plan: ShotPlan) -> ShotResult:
         setup.panels, sources.to(device=device, dtype=dtype), crystal.to(device=device, dtype=dtype),
         setup.structure_factors, oversample=params.detector.oversample,
     )  # fmt: skip
-    panels = setup.panels
-    windows = predict_windows(scene, params.tolerance)
-    bragg, sums = simulate_sparse_windows(scene, windows, compiled=device.type == "cuda")
-    expected = bragg
-    background_total = 0.0
-    if setup.background_per_photon is not None:
-        background = setup.background_per_photon * plan.photons
-        background_total = float(background.sum())
-        expected = bragg + background
-    generator = torch.Generator(device=device).manual_seed(plan.seeds.noise)
-    counts = detector_counts(expected, setup.response, generator)
-    counts = torch.round(counts.double()).clamp(-(2**31), 2**31 - 1).to(torch.int32).cpu().numpy()
-    spots = true_spots(windows, sums, panels.n_fast, panels.n_slow)
+    still = simulate_counts(scene, params.tolerance, setup.background_per_photon, plan.photons, setup.response,
+                            plan.seeds.noise)  # fmt: skip
     return ShotResult(
         plan=plan,
-        counts=counts,
+        counts=still.counts,
         real_space=real_space.numpy(),
         domain_rotations=rotations.numpy(),
-        spots=spots,
-        n_windows=windows.n_windows,
-        bragg_photons=float(bragg.sum()),
-        background_photons=background_total,
+        spots=true_spots(still.windows, still.sums, setup.panels.n_fast, setup.panels.n_slow),
+        n_windows=still.windows.n_windows,
+        bragg_photons=still.bragg_photons,
+        background_photons=still.background_photons,
         seconds=time.perf_counter() - t0,
     )

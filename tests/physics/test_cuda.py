@@ -48,3 +48,34 @@ def test_compiled_kernels_equal_eager_on_cuda():
     bg_eager = background_photons(scene.panels, scene.sources, water, 1e12)
     bg_fused = background_photons(scene.panels, scene.sources, water, 1e12, compiled=True)
     assert float((bg_eager - bg_fused).abs().max()) <= 1e-9 * float(bg_eager.max())
+
+
+def test_compiled_prediction_equals_eager_on_cuda():
+    """torch.compile'd window prediction (dynamic shapes) gives exactly the eager windows, for
+    scenes of different sizes (one compilation serves them all)."""
+    for n_channels, n_domains, energy_eV in ((3, 2, 9000.0), (7, 5, 8500.0)):
+        scene = small_scene(n_channels=n_channels, n_domains=n_domains, energy_eV=energy_eV).to("cuda")
+        eager = predict_windows(scene, 1e-6)
+        fused = predict_windows(scene, 1e-6, compiled=True)
+        assert eager.n_windows > 0
+        for name in eager.__dataclass_fields__:
+            assert torch.equal(getattr(eager, name), getattr(fused, name)), name
+
+
+def test_compiled_kernel_serves_every_still_without_recompiling():
+    """Stills differ in their number of windows: after two stills the fused kernel has made that
+    size symbolic, and a third still of another size runs without compiling again (a kernel
+    compiled for static sizes would recompile every still, then fall back to eager)."""
+    import torch._dynamo
+
+    from spread_dials.physics.sparse import simulate_sparse_windows
+
+    def still(energy_eV):
+        scene = small_scene(n_channels=3, n_domains=2, energy_eV=energy_eV).to("cuda")
+        windows = predict_windows(scene, 1e-6, compiled=True)
+        return windows.n_windows, simulate_sparse_windows(scene, windows, compiled=True)[0]
+
+    sizes = [still(9000.0)[0], still(8500.0)[0]]
+    with torch._dynamo.config.patch(error_on_recompile=True):
+        n_windows, image = still(8000.0)
+    assert len({*sizes, n_windows}) == 3 and float(image.sum()) > 0
