@@ -5,7 +5,7 @@ Usage:
                                   [--images-per-container K] [--device auto|cpu|cuda] [--nproc T]
                                   [--workers W|Auto] [key=value ...]
     python benchmarks/simulate.py --write-only [--workers 0,1,2] [--pool thread,process]
-                                  [--nimages N] [--images-per-container K] [--level 4]
+                                  [--nimages N] [--images-per-container K] [--level 1] [--encoder isal|zlib]
                                   [--produce-seconds 0.07] [--background-photons 0.5]
                                   [--physics psii_jungfrau16m|small_cpu]
                                   [--no-h5py-baseline] [--directory DIR]
@@ -209,7 +209,8 @@ def _no_dials_loaded() -> list[str]:
     return sorted(m for m in sys.modules if m.split(".")[0] in _DIALS_PACKAGES)
 
 
-def _write_run(produce, layout, n_images: int, per: int, workers, kind: str, level: int, directory: Path) -> dict:
+def _write_run(produce, layout, n_images: int, per: int, workers, kind: str, level: int, directory: Path,
+               encoder: str) -> dict:  # fmt: skip
     """Write ``n_images`` images of detector ``layout``, image i made by ``produce(i)`` in the main
     thread, as the program does; return the timings."""
     from spread_dials.io.compression import ChunkCompressor
@@ -218,7 +219,7 @@ def _write_run(produce, layout, n_images: int, per: int, workers, kind: str, lev
 
     h5py_path = workers == "h5py"
     n_workers = 0 if h5py_path else int(workers)
-    compressor = ChunkCompressor(n_workers, "gzip", level, kind=kind)
+    compressor = ChunkCompressor(n_workers, "gzip", level, kind=kind, encoder=encoder)
     queue = WriteQueue(threaded=n_workers > 0)
     writers = []
     stored = raw = 0
@@ -251,7 +252,7 @@ def _write_run(produce, layout, n_images: int, per: int, workers, kind: str, lev
     for p in directory.glob("bench_*.h5"):
         p.unlink()
     return {
-        "path": "h5py filter pipeline, main thread" if h5py_path else "ChunkCompressor + write_direct_chunk",
+        "path": "h5py filter pipeline, main thread" if h5py_path else f"ChunkCompressor ({encoder}) + write_direct_chunk",
         "pool": None if h5py_path or n_workers == 0 else kind,
         "workers": 0 if h5py_path else n_workers,
         "images_per_second": n_images / wall,
@@ -267,24 +268,25 @@ def _write_run(produce, layout, n_images: int, per: int, workers, kind: str, lev
     }
 
 
-def _compress_only(images: list, n_images: int, workers: int, kind: str, level: int, directory: Path) -> dict:
+def _compress_only(produce, n_images: int, workers: int, kind: str, level: int, directory: Path,
+                   encoder: str) -> dict:  # fmt: skip
     """Without h5py: compress the chunks in the pool and append them to a plain file."""
     from spread_dials.io.compression import ChunkCompressor
 
     t0 = time.perf_counter()
     raw = stored = 0
-    with ChunkCompressor(workers, "gzip", level, kind=kind) as compressor, open(directory / "chunks.bin", "wb") as f:
+    with ChunkCompressor(workers, "gzip", level, kind=kind, encoder=encoder) as compressor, \
+            open(directory / "chunks.bin", "wb") as f:  # fmt: skip
         for i in range(n_images):
-            image = images[i % len(images)]
-            for future in [compressor.submit(panel) for panel in image]:
-                chunk = future.result()
-                f.write(chunk.data)
-                raw, stored = raw + chunk.nbytes, stored + len(chunk.data)
+            for future in compressor.submit_image(produce(i)):
+                for chunk in future.result():
+                    f.write(chunk.data)
+                    raw, stored = raw + chunk.nbytes, stored + len(chunk.data)
         f.flush()
         os.fsync(f.fileno())
     wall = time.perf_counter() - t0
     (directory / "chunks.bin").unlink()
-    return {"path": "ChunkCompressor, plain file (no h5py)", "pool": kind if workers else None, "workers": workers,
+    return {"path": f"ChunkCompressor ({encoder}), plain file (no h5py)", "pool": kind if workers else None, "workers": workers,
             "images_per_second": n_images / wall, "input_MB_per_second": raw / 1e6 / wall,
             "bytes_per_image": stored / n_images, "compression_ratio": raw / stored, "wall_seconds": wall}  # fmt: skip
 
@@ -336,6 +338,7 @@ def write_only(args: argparse.Namespace) -> list[dict]:
         "nimages": args.nimages,
         "images_per_container": args.images_per_container,
         "gzip_level": args.level,
+        "deflate_encoder": args.encoder,
         "cpu_cores": os.cpu_count(),
         "cpu": platform.processor() or platform.machine(),
         "h5py": None if h5py is None else f"{h5py.__version__} (HDF5 {h5py.version.hdf5_version})",
@@ -351,9 +354,10 @@ def write_only(args: argparse.Namespace) -> list[dict]:
                 if h5py is None:
                     if w == "h5py":
                         continue
-                    row = _compress_only(images, args.nimages, int(w), kind, args.level, Path(tmp))
+                    row = _compress_only(produce, args.nimages, int(w), kind, args.level, Path(tmp), args.encoder)
                 else:
-                    row = _write_run(produce, layout, args.nimages, args.images_per_container, w, kind, args.level, Path(tmp))
+                    row = _write_run(produce, layout, args.nimages, args.images_per_container, w, kind, args.level,
+                                     Path(tmp), args.encoder)  # fmt: skip
                 if args.physics:
                     row["simulate_seconds_per_image_median"] = float(np.median(produce.seconds))
                     row["true_spots_seconds_per_image_median"] = float(np.median(produce.spot_seconds))
@@ -379,7 +383,8 @@ def main() -> None:
         help="compression workers (end to end: one number or Auto; write-only: a comma list, e.g. 0,1,2)",
     )
     parser.add_argument("--pool", default="thread", help="write-only: worker kinds, thread and/or process")
-    parser.add_argument("--level", type=int, default=4, help="write-only: gzip level")
+    parser.add_argument("--level", type=int, default=1, help="write-only: gzip level")
+    parser.add_argument("--encoder", default="isal", choices=("isal", "zlib"), help="write-only: deflate encoder")
     parser.add_argument("--distinct", type=int, default=2, help="write-only: distinct synthetic images, cycled")
     parser.add_argument(
         "--background-photons",

@@ -104,8 +104,9 @@ class PreparedImage:
         index: the image's slot in the container.
         wavelength_A: its wavelength (A).
         spectrum: (energies_eV, weights) or None.
-        chunks: one future per panel (a :class:`~spread_dials.io.compression.CompressedChunk`),
-            or None when the writer stores through h5py's own filter pipeline.
+        chunks: futures of the compression tasks, each a list of consecutive panels'
+            :class:`~spread_dials.io.compression.CompressedChunk`, or None when the writer
+            stores through h5py's own filter pipeline.
         pixels: the (P * n_slow, n_fast) pixels in the container's dtype, for h5py's own
             pipeline (None with chunks).
     """
@@ -417,7 +418,7 @@ class NXmxWriter:
             spectrum = (energies, weights)
         pixels = np.ascontiguousarray(_cast(image, self.dtype))
         if self.direct_chunk_write:
-            chunks = [self.compressor.submit(pixels[k]) for k in range(self.n_panels)]
+            chunks = self.compressor.submit_image(pixels)
             return PreparedImage(int(index), float(wavelength_A), spectrum, chunks)
         return PreparedImage(int(index), float(wavelength_A), spectrum, None, pixels.reshape(self.n_panels * n_slow, n_fast))
 
@@ -435,16 +436,19 @@ class NXmxWriter:
             self.stored_bytes = data.id.get_storage_size()  # every chunk so far
         else:
             n_slow = int(self.layout.image_size[1])
-            for k, future in enumerate(prepared.chunks):
+            k = 0  # panel: the tasks hold consecutive panels
+            for future in prepared.chunks:
                 t0 = time.perf_counter()
-                chunk: CompressedChunk = future.result()
+                task: list[CompressedChunk] = future.result()
                 t1 = time.perf_counter()
-                data.id.write_direct_chunk((index, k * n_slow, 0), chunk.data, 0)
+                for chunk in task:
+                    data.id.write_direct_chunk((index, k * n_slow, 0), chunk.data, 0)
+                    self.compress_seconds += chunk.seconds
+                    self.raw_bytes += chunk.nbytes
+                    self.stored_bytes += len(chunk.data)
+                    k += 1
                 self.wait_seconds += t1 - t0
                 self.write_seconds += time.perf_counter() - t1
-                self.compress_seconds += chunk.seconds
-                self.raw_bytes += chunk.nbytes
-                self.stored_bytes += len(chunk.data)
             prepared.chunks = None  # let the compressed bytes go
         t0 = time.perf_counter()
         self._h5["/entry/instrument/beam/incident_wavelength"][index] = prepared.wavelength_A

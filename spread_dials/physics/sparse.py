@@ -403,7 +403,7 @@ def window_photon_chunks(
     """
     device = scene.panels.origin_mm.device
     if max_terms_per_chunk is None:
-        max_terms_per_chunk = 1 << (28 if device.type == "cuda" else 22)
+        max_terms_per_chunk = 1 << (29 if device.type == "cuda" else 22)
     sources = scene.sources
     area = windows.n_fast * windows.n_slow
     end = torch.cumsum(area, 0)
@@ -462,7 +462,7 @@ def simulate_sparse(
     """Expected Bragg photons per pixel, (P, n_slow, n_fast), from the windows of ``scene``.
 
     ``max_terms_per_chunk`` bounds the (pixel, sub-pixel, layer, source) terms evaluated at once;
-    the default is 2^28 on a GPU (the fused kernel keeps terms in registers) and 2^22 on the CPU.
+    the default is 2^29 on a GPU (the fused kernel keeps terms in registers) and 2^22 on the CPU.
     """
     if windows is None:
         windows = predict_windows(scene, tolerance, compiled=compiled)

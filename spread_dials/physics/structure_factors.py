@@ -62,11 +62,16 @@ class StructureFactors(TensorFields):
 
     def amplitude(self, row: Tensor, channel: Tensor) -> Tensor:
         """Complex F at table rows ``row`` (H means default_F) and spectral channels ``channel``."""
-        pad = torch.full((1,) + tuple(self.F0.shape[1:]), self.default_F, dtype=self.F0.dtype, device=self.F0.device)
-        f0 = torch.cat([self.F0, pad], 0)
-        F = f0[row] if f0.dim() == 1 else f0[row, channel]
-        if self.G is not None:
-            g = torch.cat([self.G, torch.zeros_like(self.G[:1])], 0)[row]  # (..., S)
+        inside = row < self.n_reflections
+        safe = torch.where(inside, row, torch.zeros_like(row))  # gathers without copying the table
+        if self.n_reflections == 0:
+            F = torch.zeros(row.shape, dtype=self.F0.dtype, device=self.F0.device)
+        else:
+            F = self.F0[safe] if self.F0.dim() == 1 else self.F0[safe, channel]
+        F = torch.where(inside, F, torch.full_like(F, self.default_F))
+        if self.G is not None and self.n_reflections > 0:
+            g = self.G[safe]  # (..., S)
+            g = torch.where(inside.unsqueeze(-1), g, torch.zeros_like(g))
             fp = self.f_prime[:, channel]  # (S, ...)
             fdp = self.f_double_prime[:, channel]
             anomalous = torch.complex(fp, fdp).to(g.dtype)

@@ -302,15 +302,16 @@ def run_simulation(ctx, program_phil) -> dict[str, Any] | None:
                 f" (this rank's share; {mpi.size} ranks)" if mpi.size > 1 else "")  # fmt: skip
 
     workers = compression_workers(params)
-    logger.info("Compression: %s level %d, %d worker thread(s)%s", params.output.compression,
-                params.output.compression_level, workers,
+    logger.info("Compression: %s level %d (%s), %d worker thread(s)%s", params.output.compression,
+                params.output.compression_level, params.output.deflate, workers,
                 ", writing in a thread beside the simulation" if workers > 0 else ", in the main thread")  # fmt: skip
     t0 = time.perf_counter()
     done = 0
     simulate_seconds = 0.0
     stats = {"windows": 0, "spots": 0, "bragg_photons": 0.0}
     written = _WriteStats()
-    compressor = ChunkCompressor(workers, params.output.compression, params.output.compression_level)
+    compressor = ChunkCompressor(workers, params.output.compression, params.output.compression_level,
+                                 encoder=params.output.deflate)  # fmt: skip
     queue = WriteQueue(threaded=workers > 0)
     writers: list[NXmxWriter] = []
     try:
