@@ -24,6 +24,7 @@ on a panel, so refinement evaluates shoebox pixels through the same ``window_pho
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -90,16 +91,25 @@ def _ewald_offset(q: Tensor, direction: Tensor, k: Tensor) -> Tensor:
     return (k.unsqueeze(-1) * direction + q).norm(dim=-1) - k
 
 
-def detector_d_min(panels: PanelArray, direction: Tensor, wavenumber_max: float) -> float:
+def detector_d_min(panels: PanelArray, direction: Tensor, wavenumber_max: float, compiled: bool = False) -> float:
     """Smallest d-spacing (A) any pixel of the detector records for the given beam direction."""
-    corners = []
-    for f, s in ((0, 0), (panels.n_fast, 0), (0, panels.n_slow), (panels.n_fast, panels.n_slow)):
-        px = panels.pixel_size_mm
-        corners.append(panels.origin_mm + (f * px[:, :1]) * panels.fast_axis + (s * px[:, 1:]) * panels.slow_axis)
-    corners = torch.cat(corners, 0).double()
-    cos2theta = (corners / corners.norm(dim=-1, keepdim=True)) @ direction.double()
-    sin_theta = torch.sqrt((1.0 - cos2theta.min().clamp(-1.0, 1.0)) / 2.0)
-    return float(1.0 / (2.0 * wavenumber_max * sin_theta))
+    return float(1.0 / (2.0 * wavenumber_max * _stage(_max_sin_theta, compiled)(panels, direction)))
+
+
+def _max_sin_theta(panels: PanelArray, direction: Tensor) -> Tensor:
+    """Largest sin(theta) of the panels' corners (the detector's reach)."""
+    px = panels.pixel_size_mm.unsqueeze(0)  # (1, P, 2)
+    f = torch.tensor([0.0, 1.0, 0.0, 1.0], dtype=px.dtype, device=px.device).view(4, 1, 1) * panels.n_fast
+    s = torch.tensor([0.0, 0.0, 1.0, 1.0], dtype=px.dtype, device=px.device).view(4, 1, 1) * panels.n_slow
+    corners = panels.origin_mm + (f * px[..., :1]) * panels.fast_axis + (s * px[..., 1:]) * panels.slow_axis
+    corners = corners.double()
+    cos2theta = dot3(corners / corners.norm(dim=-1, keepdim=True), direction.double())
+    return torch.sqrt((1.0 - cos2theta.min().clamp(-1.0, 1.0)) / 2.0)
+
+
+def _stage(fn, compiled: bool):
+    """``fn`` itself, or compiled for every size (prediction's stages change size with every still)."""
+    return fused(fn, dynamic=True) if compiled else fn
 
 
 def miller_indices_within(real_space: Tensor, d_min: float, chunk: int = 1 << 22) -> Tensor:
@@ -181,7 +191,7 @@ def predict_windows(
     device = panels.origin_mm.device
     if max_pairs_per_chunk is None:
         max_pairs_per_chunk = 1 << (18 if device.type == "cuda" else 13)
-    stage = (lambda fn: fused(fn, dynamic=True)) if compiled else (lambda fn: fn)
+    stage = functools.partial(_stage, compiled=compiled)
     # 3 x 3 linear algebra on the host (a GPU solver call costs more than it saves)
     real_space = crystal.real_space.detach().double().cpu()
     inv = torch.linalg.inv(real_space).to(device)
@@ -200,7 +210,7 @@ def predict_windows(
     k_range = torch.stack([k.min(), k.max()])
 
     # candidate reflections: within the detector's reach
-    d_min = detector_d_min(panels, mean_dir, float(k_range[1]))
+    d_min = detector_d_min(panels, mean_dir, float(k_range[1]), compiled)
     q_max = 1.0 / d_min + dq + 2.0 * float(k_range[1]) * math.sin(theta_div)
     if sf.default_F != 0:
         hkl = miller_indices_within(real_space, 1.0 / q_max)
@@ -224,7 +234,7 @@ def predict_windows(
     q_dom, pair_lit = stage(_pairs_near_sphere)(q, rotations, mean_dir, k_range, theta_div_t, dq_t)
     pair_h, pair_m = torch.nonzero(pair_lit, as_tuple=True)
 
-    frames = _panel_frames(panels)
+    frames = stage(_panel_frames)(panels)
     pieces = []
     for start in range(0, pair_h.numel(), max_pairs_per_chunk):
         ph, pm = pair_h[start : start + max_pairs_per_chunk], pair_m[start : start + max_pairs_per_chunk]
@@ -300,13 +310,19 @@ def _windows_for_pairs(q, q_central, pair_h, k, directions, mean_dir, dq, theta_
     # (reflection, panel) -> (pair, panel): pairs of one reflection are consecutive
     rep, cand_pair = _expand(cand_r, first_pair, pair_counts)
     cand_panel = cand_panel[rep]
-    lo_f, hi_f, lo_s, hi_s, keep = reach(q[cand_pair], k_lo[cand_pair], k_hi[cand_pair], cand_panel,
-                                         mean_dir, dq, theta_div, frames, panels.n_layers, panels.image_size)  # fmt: skip
+    *window, keep = stage(_pair_windows)(q[cand_pair], k_lo[cand_pair], k_hi[cand_pair], cand_panel, mean_dir, dq,
+                                         theta_div, frames, panels.n_layers, panels.image_size)  # fmt: skip
     kept = keep.nonzero().squeeze(1)
-    lo_f, lo_s, hi_f, hi_s = lo_f[kept], lo_s[kept], hi_f[kept], hi_s[kept]
-    fast0, n_fast = _clip_to_panel(lo_f, hi_f - lo_f, panels.n_fast)
-    slow0, n_slow = _clip_to_panel(lo_s, hi_s - lo_s, panels.n_slow)
-    return cand_pair[kept], cand_panel[kept], fast0, slow0, n_fast, n_slow
+    return (cand_pair[kept], cand_panel[kept], *(x[kept] for x in window))
+
+
+def _pair_windows(q, k_lo, k_hi, panel, mean_dir, dq, extra_angle, frames, n_layers, image_size):
+    """``_segment_box`` clipped to the panel: (fast0, slow0, n_fast, n_slow, on_panel)."""
+    lo_f, hi_f, lo_s, hi_s, on_panel = _segment_box(q, k_lo, k_hi, panel, mean_dir, dq, extra_angle, frames,
+                                                    n_layers, image_size)  # fmt: skip
+    fast0, n_fast = _clip_to_panel(lo_f, hi_f - lo_f, image_size[0])
+    slow0, n_slow = _clip_to_panel(lo_s, hi_s - lo_s, image_size[1])
+    return fast0, slow0, n_fast, n_slow, on_panel
 
 
 def _segment_box(q, k_lo, k_hi, panel, mean_dir, dq, extra_angle, frames, n_layers, image_size):
