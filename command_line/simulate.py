@@ -72,8 +72,9 @@ output
     .type = int(value_min=0)
     .help = "Threads that compress image chunks (HDF5 gzip + shuffle, written with direct"
             "chunk writes) while the main thread simulates the next shots. Auto: the cores"
-            "left after the simulating thread (shared among MPI ranks on one node). 0: the"
-            "main thread compresses and writes each container itself, in turn"
+            "left after the simulating thread (shared among MPI ranks on one node), at most 4"
+            "with deflate=isal. 0: the main thread compresses and writes each container"
+            "itself, in turn"
   overwrite = False
     .type = bool
     .help = "Start again in a directory that holds a run made with other parameters (its"

@@ -257,7 +257,7 @@ def compression_workers(params) -> int:
     """``output.compression_workers``, with Auto (None) resolved to the cores left for compression."""
     workers = getattr(params.output, "compression_workers", None)
     if workers is None or not isinstance(workers, int):  # None or libtbx.Auto
-        return default_workers()
+        return default_workers(encoder=params.output.deflate)
     return int(workers)
 
 

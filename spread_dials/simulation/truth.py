@@ -102,8 +102,13 @@ def write_container_truth(
     table["bbox"] = flex.int6(np.ascontiguousarray(cat["bbox"].reshape(n, 6), dtype=np.int32))
     # xyzcal.mm through each panel's px -> mm mapping (parallax-corrected like DIALS' own)
     detector = experiments[0].detector
-    mm = [detector[int(p)].pixel_to_millimeter((float(x), float(y))) for p, (x, y, _) in zip(cat["panel"], cat["xyzcal_px"].reshape(n, 3))]
-    table["xyzcal.mm"] = flex.vec3_double([(a, b, 0.0) for a, b in mm]) if n else flex.vec3_double()
+    xyz_px = cat["xyzcal_px"].reshape(n, 3)
+    xyz_mm = np.zeros((n, 3))
+    for p in np.unique(cat["panel"]).tolist():  # one vectorised call per panel
+        rows = np.flatnonzero(cat["panel"] == p)
+        mm = detector[int(p)].pixel_to_millimeter(flex.vec2_double(np.ascontiguousarray(xyz_px[rows, :2])))
+        xyz_mm[rows, :2] = mm.as_double().as_numpy_array().reshape(-1, 2)
+    table["xyzcal.mm"] = flex.vec3_double(xyz_mm)
     table.set_flags(flex.bool(n, True), table.flags.predicted)
     for i, expt in enumerate(experiments):
         table.experiment_identifiers()[i] = expt.identifier

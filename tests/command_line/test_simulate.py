@@ -122,6 +122,9 @@ def test_truth_experiments_and_reflections(serial):
         assert expt.crystal.get_space_group().type().lookup_symbol() == "P 21 21 21"
         sel = table.select(table["id"] == i)
         assert sel.size() > 0
+        # xyzcal.mm is each panel's own (parallax-corrected) px -> mm mapping of xyzcal.px
+        for p, px, mm in zip(sel["panel"], sel["xyzcal.px"], sel["xyzcal.mm"]):
+            assert np.allclose(expt.detector[int(p)].pixel_to_millimeter(px[:2]), mm[:2], atol=1e-12) and mm[2] == 0
         # DIALS' own stills prediction (spherical relp) of the same Miller indices at the mean wavelength
         predicted = StillsReflectionPredictor(expt, dmin=1.0, spherical_relp=True)(sel["miller_index"])
         where = {(tuple(h), int(p)): xyz[:2] for h, p, xyz in zip(predicted["miller_index"], predicted["panel"],

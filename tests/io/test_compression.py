@@ -148,6 +148,7 @@ def test_compressor_must_match_the_container(tmp_path):
     with pytest.raises(ValueError):
         ChunkCompressor(1, "lz4")
     assert default_workers() >= 1 and default_workers(ranks_per_node=1000) == 1
+    assert 1 <= default_workers(encoder="isal") <= min(4, default_workers())
 
 
 def test_prepare_then_store_in_any_order(tmp_path):
