@@ -349,7 +349,7 @@ def write_only(args: argparse.Namespace) -> list[dict]:
             if w == "Auto":
                 from spread_dials.io.compression import default_workers
 
-                w = str(default_workers())
+                w = str(default_workers(encoder=args.encoder))
             for kind in kinds if w not in ("h5py", "0") else ["thread"]:
                 if h5py is None:
                     if w == "h5py":
