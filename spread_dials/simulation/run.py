@@ -305,6 +305,9 @@ def run_simulation(ctx, program_phil) -> dict[str, Any] | None:
     logger.info("Compression: %s level %d (%s), %d worker thread(s)%s", params.output.compression,
                 params.output.compression_level, params.output.deflate, workers,
                 ", writing in a thread beside the simulation" if workers > 0 else ", in the main thread")  # fmt: skip
+    if ctx.device.type == "cuda" and todo:
+        logger.info("The first shot compiles the GPU kernels (torch.compile, once per process: tens of seconds; "
+                    "the second recompiles them for sizes that vary between stills)")  # fmt: skip
     t0 = time.perf_counter()
     done = 0
     simulate_seconds = 0.0
