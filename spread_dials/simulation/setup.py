@@ -70,6 +70,11 @@ def check_parameters(params) -> None:
     for path in params.anomalous.reference_files or []:
         if path and not Path(path).is_file():
             raise SpreadError(f"anomalous.reference_files: {path!r} does not exist")
+    if params.output.compression == "gzip" and params.output.deflate == "isal":
+        try:
+            import isal.isal_zlib  # noqa: F401  the encoder the compression threads will use
+        except ImportError:
+            raise SpreadError("output.deflate=isal needs python-isal (pip install isal); or set output.deflate=zlib") from None
 
 
 def _layout_from_file(path: str) -> DetectorLayout:

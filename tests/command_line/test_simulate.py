@@ -207,6 +207,16 @@ def test_changed_parameters_refused_unless_overwrite(tmp_path):
     assert float(record["parameters"]["beam.photons"]) == 2e12
 
 
+def test_missing_isal_gives_one_line_sorry(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "isal", None)  # as if python-isal were not installed
+    monkeypatch.setitem(sys.modules, "isal.isal_zlib", None)
+    with pytest.raises(SystemExit) as exit_info:
+        simulate.run(["detector.type=simple", f"output.directory={tmp_path / 'out'}"])
+    assert exit_info.value.code == 1
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert err == ["Sorry: output.deflate=isal needs python-isal (pip install isal); or set output.deflate=zlib"]
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
