@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 
 from spread_dials.physics.anomalous import TabulatedCurve
+from spread_dials.plots.figures import pyplot, save_figure
 
 __all__ = ["plot_anomalous", "curves_from_model"]
 
@@ -42,12 +43,7 @@ def plot_anomalous(
     Returns:
         The path written.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    path = Path(path)
+    plt = pyplot()
     if energy_range_eV is None:
         if band_eV is not None:
             energy_range_eV = (band_eV[0] - 50.0, band_eV[1] + 50.0)
@@ -76,6 +72,4 @@ def plot_anomalous(
         ax_fp.legend(fontsize="small")
     if title:
         fig.suptitle(title)
-    fig.savefig(path, dpi=100)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, dpi=100)

@@ -6,6 +6,8 @@ from pathlib import Path
 
 import numpy as np
 
+from spread_dials.plots.figures import pyplot, save_figure
+
 __all__ = ["assemble_panels", "plot_still"]
 
 
@@ -47,10 +49,7 @@ def plot_still(
     path: str | Path, title: str = "", canvas_px: int = 1600,
 ) -> Path:  # fmt: skip
     """Write a PNG of a still on a log scale (counts + 1), panels at their lab positions."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
     from matplotlib.colors import LogNorm
 
     canvas, extent = assemble_panels(image, origin_mm, fast_axis, slow_axis, pixel_mm, canvas_px)
@@ -64,7 +63,4 @@ def plot_still(
     ax.set_ylabel("lab y (mm)")
     ax.set_title(title)
     fig.colorbar(shown, ax=ax, fraction=0.046, pad=0.04, label="counts + 1 (max over merged pixels)")
-    path = Path(path)
-    fig.savefig(path, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, bbox_inches="tight")

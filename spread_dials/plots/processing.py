@@ -12,6 +12,7 @@ from typing import Sequence
 import numpy as np
 
 from spread_dials.plots.detector_image import assemble_panels
+from spread_dials.plots.figures import pyplot, save_figure
 
 __all__ = [
     "Overlay",
@@ -22,15 +23,6 @@ __all__ = [
     "plot_spectra",
     "plot_still_overlay",
 ]
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
 
 
 def lab_xy(panel: np.ndarray, xy_px: np.ndarray, origin_mm: np.ndarray, fast_axis: np.ndarray, slow_axis: np.ndarray,
@@ -103,7 +95,7 @@ def plot_still_overlay(
         title: figure title.
         zoom_panel: the panel of the right-hand view (default: the one with most shoeboxes).
     """
-    plt = _pyplot()
+    plt = pyplot()
     from matplotlib.collections import PolyCollection
     from matplotlib.patches import Rectangle
 
@@ -163,10 +155,7 @@ def plot_still_overlay(
     fig.colorbar(shown, ax=[ax, az], fraction=0.025, pad=0.02, label="counts + 1")
     if title:
         fig.suptitle(title)
-    path = Path(path)
-    fig.savefig(path, bbox_inches="tight")
-    plt.close(fig)
-    return path
+    return save_figure(fig, path, bbox_inches="tight")
 
 
 def plot_shoeboxes(shoeboxes: Sequence[dict], path: str | Path, title: str = "", columns: int = 4) -> Path:
@@ -178,7 +167,7 @@ def plot_shoeboxes(shoeboxes: Sequence[dict], path: str | Path, title: str = "",
             ``observed`` and ``true`` (x, y) px, ``intensity`` and optional ``true_intensity``.
         path: the PNG.
     """
-    plt = _pyplot()
+    plt = pyplot()
     n = max(len(shoeboxes), 1)
     rows = (n + columns - 1) // columns
     fig, axes = plt.subplots(rows, columns, figsize=(3.2 * columns, 3.2 * rows), dpi=100, squeeze=False)
@@ -210,10 +199,7 @@ def plot_shoeboxes(shoeboxes: Sequence[dict], path: str | Path, title: str = "",
     if title:
         fig.suptitle(title + "\n(white: foreground mask; counts, background not subtracted)", fontsize="medium")
     fig.tight_layout(rect=(0, 0.04, 1, 0.95))
-    path = Path(path)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_spectra(energies_eV: np.ndarray, weights: np.ndarray, path: str | Path, highlight: int | None = 0,
@@ -224,7 +210,7 @@ def plot_spectra(energies_eV: np.ndarray, weights: np.ndarray, path: str | Path,
         energies_eV, weights: (n, C) channel energies and weights of n shots.
         highlight: the shot drawn thick (None: none).
     """
-    plt = _pyplot()
+    plt = pyplot()
     energies_eV = np.atleast_2d(energies_eV)
     weights = np.atleast_2d(weights)
     weights = weights / weights.sum(axis=1, keepdims=True)
@@ -242,16 +228,13 @@ def plot_spectra(energies_eV: np.ndarray, weights: np.ndarray, path: str | Path,
     ax.legend(fontsize="small")
     if title:
         ax.set_title(title)
-    path = Path(path)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_misorientation(angles_deg: Sequence[float | None], labels: Sequence[str], path: str | Path,
                         target_deg: float | None = None, title: str = "") -> Path:  # fmt: skip
     """Misorientation per still (bars; stills not indexed marked with a cross at 0)."""
-    plt = _pyplot()
+    plt = pyplot()
     x = np.arange(len(angles_deg))
     values = np.array([np.nan if a is None else a for a in angles_deg], dtype=float)
     fig, ax = plt.subplots(figsize=(max(5, 0.35 * len(x) + 2), 4), dpi=100, constrained_layout=True)
@@ -269,16 +252,13 @@ def plot_misorientation(angles_deg: Sequence[float | None], labels: Sequence[str
     ax.legend(fontsize="small")
     if title:
         ax.set_title(title)
-    path = Path(path)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)
 
 
 def plot_intensity_agreement(true_photons: np.ndarray, integrated: np.ndarray, path: str | Path,
                              title: str = "") -> Path:  # fmt: skip
     """Integrated (summation) intensity against the true expected photons, log-log."""
-    plt = _pyplot()
+    plt = pyplot()
     true_photons = np.asarray(true_photons, dtype=float)
     integrated = np.asarray(integrated, dtype=float)
     fig, ax = plt.subplots(figsize=(5.5, 5), dpi=100, constrained_layout=True)
@@ -299,7 +279,4 @@ def plot_intensity_agreement(true_photons: np.ndarray, integrated: np.ndarray, p
     ax.legend(fontsize="small")
     if title:
         ax.set_title(title)
-    path = Path(path)
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+    return save_figure(fig, path)

@@ -1,0 +1,25 @@
+"""What every PNG plot shares: matplotlib with the Agg backend (no display), and saving a figure."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+__all__ = ["pyplot", "save_figure"]
+
+
+def pyplot():
+    """``matplotlib.pyplot`` on the Agg backend (imported on first use: plots are optional)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def save_figure(fig, path: str | Path, **savefig_kwargs) -> Path:
+    """Write ``fig`` to ``path`` (PNG), close it, and return the path."""
+    path = Path(path)
+    fig.savefig(path, **savefig_kwargs)
+    pyplot().close(fig)
+    return path
