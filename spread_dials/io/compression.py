@@ -204,9 +204,10 @@ WORKER_NICENESS = 5
 def _lower_priority() -> None:
     """Lower the calling thread's scheduling priority (Linux: threads have their own nice value).
 
-    The main thread feeds the GPU with many short kernel launches; with every core compressing,
-    the scheduler would otherwise take its core away between launches (measured on a 16-core
-    GPU machine: 0.09 s per still alone, 0.19 s beside 15 compression threads)."""
+    The main thread feeds the GPU with many short kernel launches and slows down beside busy
+    compression threads (measured on a 16-core GPU machine: 0.09 s per still alone, 0.19 s
+    beside 15 threads); a lower priority lets the scheduler prefer it.  Its effect alone was not
+    measured: it came with other changes (benchmarks/RESULTS.md)."""
     try:
         os.setpriority(os.PRIO_PROCESS, threading.get_native_id(), os.getpriority(os.PRIO_PROCESS, 0) + WORKER_NICENESS)
     except (AttributeError, OSError):  # not Linux, or not permitted: run at the same priority

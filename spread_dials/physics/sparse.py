@@ -253,24 +253,27 @@ def predict_windows(
     return BraggWindows(*(c[order] for c in cols))
 
 
-def _reflections_near_sphere(q, mean_dir, k_range, q_max, angle, dq) -> Tensor:
-    """Coarse test over all domains and sources: |q| <= q_max and q within |q| angle + dq of the
-    Ewald spheres of k_range[0] ... k_range[1] (epsilon decreases monotonically with k)."""
-    q_norm = q.norm(dim=-1)
-    margin = q_norm * angle + dq
+def _within_band(q: Tensor, mean_dir: Tensor, k_range: Tensor, margin: Tensor) -> Tensor:
+    """q within ``margin`` of some Ewald sphere of wavenumber k_range[0] ... k_range[1] (epsilon
+    decreases monotonically with k, so the two end spheres bound the band)."""
     eps_hi = _ewald_offset(q, mean_dir, k_range[:1])
     eps_lo = _ewald_offset(q, mean_dir, k_range[1:])
-    return (q_norm <= q_max) & (eps_hi >= -margin) & (eps_lo <= margin)
+    return (eps_hi >= -margin) & (eps_lo <= margin)
+
+
+def _reflections_near_sphere(q, mean_dir, k_range, q_max, angle, dq) -> Tensor:
+    """Coarse test over all domains and sources: |q| <= q_max and q within |q| angle + dq of the
+    band of Ewald spheres."""
+    q_norm = q.norm(dim=-1)
+    return (q_norm <= q_max) & _within_band(q, mean_dir, k_range, q_norm * angle + dq)
 
 
 def _pairs_near_sphere(q, rotations, mean_dir, k_range, theta_div, dq) -> tuple[Tensor, Tensor]:
     """Rotated q of every (reflection, domain) pair, (H, M, 3), and which pairs come within
-    |q| theta_div + dq of the Ewald spheres of k_range."""
+    |q| theta_div + dq of the band of Ewald spheres."""
     q_dom = torch.einsum("mij,hj->hmi", rotations, q)
     margin = (q.norm(dim=-1) * theta_div + dq).unsqueeze(-1)
-    eps_hi = _ewald_offset(q_dom, mean_dir, k_range[:1])
-    eps_lo = _ewald_offset(q_dom, mean_dir, k_range[1:])
-    return q_dom, (eps_hi >= -margin) & (eps_lo <= margin)
+    return q_dom, _within_band(q_dom, mean_dir, k_range, margin)
 
 
 def _lit_wavenumbers(q, directions, k, dq) -> tuple[Tensor, Tensor]:
