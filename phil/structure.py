@@ -95,11 +95,19 @@ anomalous
   reference_states = None
     .type = ints
     .help = "Oxidation state of each reference file, in the same order (e.g. 2 3)"
+  builtin_fe_references = False
+    .type = bool
+    .help = "When true and no reference_files are given, the packaged measured P. furiosus"
+            "rubredoxin pair (gigantocypris/kramkron, MIT; only 7000-7300 eV) serves Fe(II)"
+            "and Fe(III), and Fe sites default to Fe(III). The spectrum's channels (minus"
+            "any edge_shift_eV) must lie inside 7000-7300 eV"
   oxidation_state = None
     .type = ints
     .help = "Oxidation state per site in site order, or one value for all sites. None: Fe"
-            "sites 3 (oxidized rubredoxin); Mn sites of residue OEC by atom name, the S1 state"
-            "Mn1(III) Mn2(IV) Mn3(IV) Mn4(III); other sites the free atom"
+            "sites 3 (oxidized rubredoxin) when a Fe(III) reference is given (reference_states"
+            "holding 3, or builtin_fe_references), else the free atom; Mn sites of residue OEC"
+            "by atom name, the S1 state Mn1(III) Mn2(IV) Mn3(IV) Mn4(III); other sites the free"
+            "atom"
   edge_shift_eV = None
     .type = floats
     .help = "Extra edge shift (eV) per site (or one for all) added to the state's reference;"

@@ -23,6 +23,7 @@ from spread_dials.adapters.structure_factors import (
     select_sites,
 )
 from spread_dials.io.anomalous_tables import read_anomalous_table
+from spread_dials.io.builtin_references import BUILTIN_FE_BAND_EV, builtin_fe_reference_paths
 from spread_dials.phil.structure import PRESETS
 from spread_dials.physics.anomalous import EdgeShiftModel, FreeChannelModel, TabulatedCurve
 from spread_dials.physics.oxidation_states import DEFAULT_OEC_S1_STATES, ROMAN, mn_oxidation_state_curves
@@ -31,6 +32,7 @@ __all__ = [
     "StructureChoice",
     "resolve_structure_params",
     "prepare_from_params",
+    "measured_reference_files",
     "site_oxidation_states",
     "site_references",
     "anomalous_model_from_params",
@@ -104,15 +106,39 @@ def _atom_name(site: AnomalousSite) -> str:
     return site.label.split("/")[-1].split(" ")[0].upper()
 
 
+def _uses_builtin_fe(anomalous) -> bool:
+    """``anomalous.builtin_fe_references`` is on and no ``reference_files`` are given."""
+    files = [f for f in (anomalous.reference_files or []) if f]
+    return bool(getattr(anomalous, "builtin_fe_references", False)) and not files
+
+
+def measured_reference_files(anomalous) -> tuple[list, list[int]]:
+    """(files, oxidation states) of the measured reference curves the ``anomalous`` scope asks for.
+
+    ``reference_files`` with ``reference_states`` when given; else, with
+    ``builtin_fe_references``, the packaged rubredoxin pair (Fe(II), Fe(III), 7000-7300 eV);
+    else none.
+    """
+    if _uses_builtin_fe(anomalous):
+        paths = builtin_fe_reference_paths()
+        return [paths[2], paths[3]], [2, 3]
+    files = [f for f in (anomalous.reference_files or []) if f]
+    file_states = list(anomalous.reference_states or [])
+    if len(files) != len(file_states):
+        raise ValueError("anomalous.reference_files and anomalous.reference_states need one state per file")
+    return files, file_states
+
+
 def site_oxidation_states(anomalous, sites: Sequence[AnomalousSite]) -> list[int | None]:
     """Each site's oxidation state: ``anomalous.oxidation_state`` or the defaults (see the PHIL help)."""
     given = _per_site(anomalous.oxidation_state, len(sites), "anomalous.oxidation_state")
+    fe_iii_given = _uses_builtin_fe(anomalous) or bool(anomalous.reference_states and 3 in anomalous.reference_states)
     states = []
     for site, state in zip(sites, given):
         if state is None:
             if site.element == "Mn":
                 state = DEFAULT_OEC_S1_STATES.get(_atom_name(site))
-            elif site.element == "Fe" and anomalous.reference_states and 3 in anomalous.reference_states:
+            elif site.element == "Fe" and fe_iii_given:
                 state = 3
         states.append(state)
     return states
@@ -123,15 +149,13 @@ def site_references(
 ) -> list[TabulatedCurve]:
     """One reference curve per site, for its element and oxidation state.
 
-    Measured files (``reference_files`` with ``reference_states``) serve their states; Mn
-    states without a file are the free-atom Mn curve moved to ``mn_edge_eV``; a site with
+    Measured files (``reference_files`` with ``reference_states``, or with
+    ``builtin_fe_references`` the packaged rubredoxin Fe(II)/Fe(III) pair) serve their states;
+    Mn states without a file are the free-atom Mn curve moved to ``mn_edge_eV``; a site with
     no state gets its element's free-atom curve.  Free-atom curves are tabulated at 0.1 eV
     over the band +- ``margin_eV``.
     """
-    files = [f for f in (anomalous.reference_files or []) if f]
-    file_states = list(anomalous.reference_states or [])
-    if len(files) != len(file_states):
-        raise ValueError("anomalous.reference_files and anomalous.reference_states need one state per file")
+    files, file_states = measured_reference_files(anomalous)
     measured = {state: read_anomalous_table(path) for state, path in zip(file_states, files)}
     lo = float(energy_eV.min()) - margin_eV
     hi = float(energy_eV.max()) + margin_eV
@@ -159,6 +183,29 @@ def site_references(
     return references
 
 
+def _check_coverage(anomalous, sites, references, shift: Tensor, energy_eV: Tensor) -> None:
+    """Every site's curve must cover the channels (minus its edge shift): outside its grid the
+    interpolation would silently hold the end values."""
+    if energy_eV.numel() == 0:
+        return
+    lo_e, hi_e = float(energy_eV.min()), float(energy_eV.max())
+    for site, curve, s in zip(sites, references, shift.tolist()):
+        lo, hi = lo_e - s, hi_e - s
+        first, last = float(curve.energy_eV[0]), float(curve.energy_eV[-1])
+        if lo < first - 1e-9 or hi > last + 1e-9:
+            moved = f" minus its edge shift {s:g} eV" if s else ""
+            hint = (
+                f"; the packaged rubredoxin curves (builtin_fe_references) cover only "
+                f"{BUILTIN_FE_BAND_EV[0]:g}-{BUILTIN_FE_BAND_EV[1]:g} eV: move the spectrum or give anomalous.reference_files"
+                if _uses_builtin_fe(anomalous) and site.element == "Fe"
+                else ""
+            )
+            raise ValueError(
+                f"site {site.label}: the reference curve {curve.label} covers {first:g}-{last:g} eV but the "
+                f"channels{moved} span {lo:g}-{hi:g} eV{hint}"
+            )
+
+
 def anomalous_model_from_params(
     anomalous, sites: Sequence[AnomalousSite], energy_eV: Tensor, free_atom_table: str = "sasaki"
 ) -> nn.Module:
@@ -166,6 +213,7 @@ def anomalous_model_from_params(
     references = site_references(anomalous, sites, energy_eV, free_atom_table)
     shifts = _per_site(anomalous.edge_shift_eV, len(sites), "anomalous.edge_shift_eV")
     shift = torch.tensor([0.0 if s is None else float(s) for s in shifts], dtype=torch.float64)
+    _check_coverage(anomalous, sites, references, shift, energy_eV)
     if anomalous.model == "edge_shift":
         return EdgeShiftModel(references, shift, refine=True)
     if anomalous.model in ("tabulated", "free_atom"):
