@@ -196,7 +196,8 @@ def _check_coverage(anomalous, sites, references, shift: Tensor, energy_eV: Tens
             moved = f" minus its edge shift {s:g} eV" if s else ""
             hint = (
                 f"; the packaged rubredoxin curves (builtin_fe_references) cover only "
-                f"{BUILTIN_FE_BAND_EV[0]:g}-{BUILTIN_FE_BAND_EV[1]:g} eV: move the spectrum or give anomalous.reference_files"
+                f"{BUILTIN_FE_BAND_EV[0]:g}-{BUILTIN_FE_BAND_EV[1]:g} eV: move the spectrum or give "
+                "anomalous.reference_files"
                 if _uses_builtin_fe(anomalous) and site.element == "Fe"
                 else ""
             )

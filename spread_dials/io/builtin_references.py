@@ -34,5 +34,5 @@ def builtin_fe_reference_paths() -> dict[int, Path]:
     paths = {2: _DIRECTORY / "pf-rd-red_7000-7300eV.dat", 3: _DIRECTORY / "pf-rd-ox_7000-7300eV.dat"}
     for path in paths.values():
         if not path.is_file():
-            raise FileNotFoundError(f"packaged reference curve {path} is missing (reinstall spread_dials with its data files)")
+            raise FileNotFoundError(f"packaged reference curve {path} is missing (reinstall spread_dials)")
     return paths

@@ -79,7 +79,8 @@ def test_builtin_pair_states_and_precedence(shared_data):
     on = _simulate_params("anomalous.oxidation_state=2").anomalous
     assert site_oxidation_states(on, [site]) == [2]
     (reduced,) = site_references(on, [site], energy)
-    assert reduced.label == "Fe(II)" and torch.equal(reduced.f_double_prime, read_anomalous_table(builtin_fe_reference_paths()[2]).f_double_prime)
+    packaged = read_anomalous_table(builtin_fe_reference_paths()[2])
+    assert reduced.label == "Fe(II)" and torch.equal(reduced.f_double_prime, packaged.f_double_prime)
     off = _simulate_params("anomalous.builtin_fe_references=False").anomalous
     assert site_oxidation_states(off, [site]) == [None]  # the free atom, as before the option existed
     # explicit files win over the packaged pair
@@ -92,9 +93,9 @@ def test_builtin_pair_states_and_precedence(shared_data):
 @pytest.mark.parametrize(
     "args, message",
     [
-        (["beam.energy_eV=7350"], "the reference curve Fe(III) covers 7000-7300 eV but the channels span 7330.5-7369.5 eV"),
+        (["beam.energy_eV=7350"], "curve Fe(III) covers 7000-7300 eV but the channels span 7330.5-7369.5"),
         (["beam.energy_eV=7010"], "covers 7000-7300 eV but the channels span 6990.5-7029.5 eV"),
-        (["anomalous.edge_shift_eV=200"], "the channels minus its edge shift 200 eV span 6900.5-6939.5 eV"),
+        (["anomalous.edge_shift_eV=200"], "the channels minus its edge shift 200 eV span 6900.5-6939.5"),
     ],
 )
 def test_a_band_outside_the_packaged_curves_is_a_one_line_sorry(tmp_path, capsys, args, message):
