@@ -44,6 +44,7 @@ __all__ = [
     "detector_d_min",
     "miller_indices_within",
     "predict_windows",
+    "window_channel_profiles",
     "window_photon_chunks",
     "window_photons",
     "simulate_sparse",
@@ -442,11 +443,11 @@ def window_photon_chunks(
         yield flat[:n], photons[:n], window[:n]
 
 
-def _pixel_photons(
-    scene: Scene, windows: BraggWindows, f_sq: Tensor, window: Tensor, local: Tensor, pad: Tensor
-) -> tuple[Tensor, Tensor]:
-    """Photons of the ``local``-th pixel of each ``window`` (flat arrays of equal length), summed
-    over sub-pixels, sensor layers and every source; ``f_sq`` is (W, n_sources) |F|^2."""
+def _pixel_terms(
+    scene: Scene, windows: BraggWindows, window: Tensor, local: Tensor, pad: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Terms of the ``local``-th pixel of each ``window`` (flat arrays of equal length): the
+    (n, o2, T, n_sources) Bragg terms without |F|^2, each pixel's flat index and validity."""
     panels, sources, crystal = scene.panels, scene.sources, scene.crystal
     dtype = panels.origin_mm.dtype
     n_fast = windows.n_fast[window]
@@ -465,10 +466,62 @@ def _pixel_photons(
         pts, sources, source, real_space, crystal, scene.structure_factors,
         miller_index=windows.miller_index[window].view(-1, 1, 1, 1, 3),
     )  # fmt: skip  (n, o2, T, C)
-    photons = (terms * f_sq[window].view(-1, 1, 1, sources.n_sources)).sum(dim=(1, 2, 3)) * photon_scale(scene)
-    photons = torch.where(valid, photons, torch.zeros_like(photons))
     flat = (panel * panels.n_slow + slow_pix) * panels.n_fast + fast_pix
-    return torch.where(valid, flat, torch.zeros_like(flat)), photons
+    return terms, torch.where(valid, flat, torch.zeros_like(flat)), valid
+
+
+def _pixel_photons(
+    scene: Scene, windows: BraggWindows, f_sq: Tensor, window: Tensor, local: Tensor, pad: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Photons of the ``local``-th pixel of each ``window`` (flat arrays of equal length), summed
+    over sub-pixels, sensor layers and every source; ``f_sq`` is (W, n_sources) |F|^2."""
+    terms, flat, valid = _pixel_terms(scene, windows, window, local, pad)
+    photons = (terms * f_sq[window].view(-1, 1, 1, scene.sources.n_sources)).sum(dim=(1, 2, 3)) * photon_scale(scene)
+    return flat, torch.where(valid, photons, torch.zeros_like(photons))
+
+
+def _pixel_source_photons(
+    scene: Scene, windows: BraggWindows, window: Tensor, local: Tensor, pad: Tensor
+) -> tuple[Tensor, Tensor]:
+    """Photons per unit |F|^2 of the ``local``-th pixel of each ``window`` for every source,
+    (n, n_sources), summed over sub-pixels and sensor layers."""
+    terms, flat, valid = _pixel_terms(scene, windows, window, local, pad)
+    photons = terms.sum(dim=(1, 2)) * photon_scale(scene)
+    return flat, torch.where(valid.unsqueeze(-1), photons, torch.zeros_like(photons))
+
+
+def window_channel_profiles(
+    scene: Scene, windows: BraggWindows, max_terms_per_chunk: int | None = None
+) -> Tensor:
+    """Each window pixel's photons per unit |F(h, channel)|^2, per spectral channel: (N, n_channels).
+
+    N runs over the window pixels in ``window_photons``' order (pixels off their panel are 0);
+    sources of one channel (divergence) are summed.  ``window_photons`` equals
+    ``(profiles * |F(h_window, channel)|^2).sum(-1)`` pixel by pixel: the sum over channels is
+    the only step left out, so refinement can cache these profiles and reweight channels when
+    f', f'' change (Sauter et al. 2020).  Differentiable in the scene tensors.
+    """
+    device = scene.panels.origin_mm.device
+    sources = scene.sources
+    if max_terms_per_chunk is None:
+        max_terms_per_chunk = 1 << (29 if device.type == "cuda" else 22)
+    area = windows.n_fast * windows.n_slow
+    end = torch.cumsum(area, 0)
+    total = int(end[-1]) if area.numel() else 0
+    n_channels = int(sources.channel.max()) + 1 if sources.n_sources else 0
+    per_pixel = scene.oversample**2 * scene.panels.n_layers * sources.n_sources
+    chunk = min(max(1, max_terms_per_chunk // per_pixel), max(total, 1))
+    pieces = []
+    for start in range(0, total, chunk):
+        pixel = torch.arange(start, min(start + chunk, total), device=device)
+        window = torch.searchsorted(end, pixel, right=True)
+        local = pixel - (end[window] - area[window])
+        _, photons = _pixel_source_photons(scene, windows, window, local, torch.zeros_like(pixel, dtype=torch.bool))
+        per_channel = photons.new_zeros((photons.shape[0], n_channels)).index_add(1, sources.channel, photons)
+        pieces.append(per_channel)
+    if not pieces:
+        return torch.zeros((0, n_channels), dtype=scene.panels.origin_mm.dtype, device=device)
+    return torch.cat(pieces)
 
 
 def simulate_sparse(

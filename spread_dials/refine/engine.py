@@ -1,0 +1,267 @@
+"""SPREAD refinement: macrocycles of per-shot (stage 1) and global f'/f'' (stage 2) L-BFGS.
+
+Pure torch plus a communicator (:class:`spread_dials.parallel.Parallel`, serial or MPI): shots
+are striped over ranks; stage 1 is local to a rank; in stage 2 every rank computes its shots'
+NLL and gradient, the per-shot values are gathered and summed in global shot order (so any
+number of ranks gives the serial result bit for bit), and every rank runs the same L-BFGS.
+
+A macrocycle: (1) stage 1 refines each still's scale, orientation and background planes on its
+cached profiles (linearised in the orientation about the cache point) with f', f'' fixed;
+(2) the profiles are recomputed with the kernel at the new orientation; (3) stage 2 refines the
+global parameters with everything per shot fixed, from the cache.  Refinement stops when the
+total NLL changes by less than ``nll_tolerance`` between macrocycles.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+
+import torch
+from torch import Tensor
+
+from spread_dials.physics.structure_factors import StructureFactors
+from spread_dials.refine.model import ShotCache, ShotState, intensities, negative_log_likelihood, pixel_rate
+from spread_dials.refine.profiles import CrystalModel, shot_profiles
+from spread_dials.refine.shots import ShotSet
+from spread_dials.refine.sites import SiteModel
+
+__all__ = ["RefineSettings", "Refinement", "initial_state", "refine_shot", "global_objective", "refine_globals"]
+
+logger = logging.getLogger("dials.spread.refine")
+
+#: stage 1 optimises the rotation in milliradians (better conditioned next to log G and photons)
+_ROTATION_UNIT = 1e-3
+
+
+@dataclass(frozen=True)
+class RefineSettings:
+    """Optimiser settings.
+
+    Attributes:
+        macrocycles: most macrocycles.
+        nll_tolerance: converged when the total NLL changes less than this between macrocycles.
+        stage1_iterations, stage2_iterations: L-BFGS iterations per stage and macrocycle.
+        readout_sigma: None for the Poisson likelihood, else the Gaussian readout width (photons).
+        refine_orientation: refine the three rotation angles in stage 1 (else only scale and
+            background).
+    """
+
+    macrocycles: int = 5
+    nll_tolerance: float = 0.05
+    stage1_iterations: int = 50
+    stage2_iterations: int = 50
+    readout_sigma: float | None = None
+    refine_orientation: bool = True
+
+
+def initial_state(cache: ShotCache, intensity: Tensor, n_shoeboxes: int, iterations: int = 50) -> ShotState:
+    """Starting per-shot parameters: flat background levels and the scale G from the linear least
+    squares fit counts ~ level_b + G * bragg (alternating closed-form updates)."""
+    dtype = cache.counts.dtype
+    bragg = (cache.profiles.profile * intensity[cache.pixel_shoebox]).sum(-1)
+    valid = cache.valid.to(dtype)
+    sb = cache.pixel_shoebox
+    n_valid = torch.zeros(n_shoeboxes, dtype=dtype).index_add(0, sb, valid).clamp(min=1)
+    scale = torch.tensor(0.0, dtype=dtype)
+    for _ in range(iterations):
+        level = torch.zeros(n_shoeboxes, dtype=dtype).index_add(0, sb, (cache.counts - scale * bragg) * valid) / n_valid
+        scale = ((cache.counts - level[sb]) * bragg * valid).sum() / (bragg * bragg * valid).sum().clamp(min=1e-300)
+    background = torch.zeros((n_shoeboxes, 3), dtype=dtype)
+    background[:, 0] = level.clamp(min=1e-3)
+    return ShotState(torch.log(scale.clamp(min=1e-12)), cache.profiles.rotation.clone(), background)
+
+
+def _lbfgs(parameters: list[Tensor], objective: Callable[[], Tensor], iterations: int) -> float:
+    """Minimise ``objective`` over ``parameters`` with torch.optim.LBFGS (strong Wolfe)."""
+    optimizer = torch.optim.LBFGS(parameters, max_iter=iterations, line_search_fn="strong_wolfe",
+                                  tolerance_grad=1e-9, tolerance_change=1e-12, history_size=20)  # fmt: skip
+
+    def closure() -> Tensor:
+        optimizer.zero_grad()
+        value = objective()
+        value.backward()
+        return value
+
+    optimizer.step(closure)
+    with torch.no_grad():
+        return float(objective())
+
+
+def refine_shot(cache: ShotCache, state: ShotState, intensity: Tensor, settings: RefineSettings) -> tuple[ShotState, float]:
+    """Stage 1 for one still: L-BFGS over (log G, rotation, background planes) with |F|^2 fixed,
+    on the cached profiles linearised about the cache's rotation.  Returns the state and NLL."""
+    log_scale = state.log_scale.detach().clone().requires_grad_(True)
+    rotation_mrad = (state.rotation.detach() / _ROTATION_UNIT).clone().requires_grad_(settings.refine_orientation)
+    background = state.background.detach().clone().requires_grad_(True)
+    params = [log_scale, background] + ([rotation_mrad] if settings.refine_orientation else [])
+
+    def current() -> ShotState:
+        return ShotState(log_scale, rotation_mrad * _ROTATION_UNIT, background)
+
+    def objective() -> Tensor:
+        lam, _ = pixel_rate(cache, current(), intensity)
+        return negative_log_likelihood(lam, cache.counts, cache.valid, settings.readout_sigma)
+
+    nll = _lbfgs(params, objective, settings.stage1_iterations)
+    return current().detach(), nll
+
+
+def global_objective(
+    theta: Tensor, caches: list[ShotCache], states: list[ShotState], sites: SiteModel, readout_sigma: float | None
+) -> list[Tensor]:
+    """Each local still's weighted NLL as a function of the global parameters ``theta``."""
+    values = []
+    for cache, state in zip(caches, states):
+        fp, fdp = sites.curves(theta, cache.energy_eV)
+        lam, _ = pixel_rate(cache, state, intensities(cache.F0, cache.G, fp, fdp))
+        values.append(cache.weight * negative_log_likelihood(lam, cache.counts, cache.valid, readout_sigma))
+    return values
+
+
+@dataclass
+class Refinement:
+    """The state of one refinement on this rank.
+
+    Attributes:
+        shots: this rank's stills (geometry shared by all ranks).
+        shot_index: global index of each local still (for ordered sums across ranks).
+        n_shots: total stills over all ranks.
+        caches, states: per local still.
+        sites: the global model; theta: its parameters (identical on every rank).
+        crystal_model: fixed crystal assumptions.
+        comm: the communicator.
+        history: per macrocycle {"macrocycle", "nll", "theta", "seconds"}.
+    """
+
+    shots: ShotSet
+    shot_index: list[int]
+    n_shots: int
+    caches: list[ShotCache]
+    states: list[ShotState]
+    sites: SiteModel
+    theta: Tensor
+    crystal_model: CrystalModel
+    comm: object
+    settings: RefineSettings
+    history: list[dict] = field(default_factory=list)
+
+    def curves_intensity(self, i: int, theta: Tensor | None = None) -> Tensor:
+        theta = self.theta if theta is None else theta
+        cache = self.caches[i]
+        fp, fdp = self.sites.curves(theta, cache.energy_eV)
+        return intensities(cache.F0, cache.G, fp, fdp)
+
+    def ordered_sum(self, local: list[Tensor]) -> Tensor:
+        """Sum of per-still values over all ranks in global still order (rank-count independent)."""
+        gathered = self.comm.allgather(list(zip(self.shot_index, [v.detach().cpu() for v in local])))
+        by_index = dict(pair for part in gathered for pair in part)
+        total = None
+        for i in range(self.n_shots):
+            if i in by_index:
+                total = by_index[i].clone() if total is None else total + by_index[i]
+        return total
+
+    def global_value_and_grad(self, theta: Tensor) -> tuple[Tensor, Tensor]:
+        """Total NLL + prior and its gradient in theta (every rank gets the same numbers)."""
+        theta = theta.detach().clone().requires_grad_(True)
+        parts = global_objective(theta, self.caches, self.states, self.sites, self.settings.readout_sigma)
+        local = []
+        for value in parts:
+            (grad,) = torch.autograd.grad(value, theta, retain_graph=False)
+            local.append(torch.cat([value.detach().reshape(1), grad]))
+        total = self.ordered_sum(local)
+        if total is None:
+            total = torch.zeros(theta.numel() + 1, dtype=theta.dtype)
+        prior_theta = theta.detach().clone().requires_grad_(True)
+        prior = self.sites.negative_log_prior(prior_theta)
+        (prior_grad,) = torch.autograd.grad(prior, prior_theta)
+        return total[0] + prior.detach(), total[1:] + prior_grad
+
+    def stage1(self, progress: Callable[[int, int], None] | None = None) -> float:
+        """Per-shot refinement, then the profiles recomputed at the new orientations; local NLL."""
+        total = 0.0
+        for i, cache in enumerate(self.caches):
+            intensity = self.curves_intensity(i).detach()
+            state, nll = refine_shot(cache, self.states[i], intensity, self.settings)
+            self.states[i] = state
+            total += nll
+            self.caches[i] = cache.with_profiles(
+                shot_profiles(self.shots, self.shots.shots[i], self.crystal_model, state.rotation)
+            )
+            if progress is not None:
+                progress(i + 1, len(self.caches))
+        return total
+
+    def initialise_states(self) -> None:
+        """Starting per-shot parameters from the caches at the current theta."""
+        self.states = [initial_state(c, self.curves_intensity(i).detach(), int(self.shots.shots[i].shoeboxes.n_shoeboxes))
+                       for i, c in enumerate(self.caches)]  # fmt: skip
+
+    def run(self, start_macrocycle: int = 0, on_macrocycle: Callable[["Refinement"], None] | None = None,
+            progress: Callable[[int, int], None] | None = None) -> None:  # fmt: skip
+        """Macrocycles until the NLL change is below the tolerance (or the most macrocycles)."""
+        previous = self.history[-1]["nll"] if self.history else None
+        for cycle in range(start_macrocycle, self.settings.macrocycles):
+            t0 = time.perf_counter()
+            stage1 = self.comm.allreduce(self.stage1(progress))
+            nll = self.stage2()
+            self.history.append({"macrocycle": cycle + 1, "stage1_nll": stage1, "nll": nll,
+                                 "theta": self.theta.tolist(), "seconds": time.perf_counter() - t0})  # fmt: skip
+            logger.info("macrocycle %d: NLL %.3f (stage 1 %.3f), %s, %.1f s", cycle + 1, nll, stage1,
+                        ", ".join(f"{n} {v:.3f}" for n, v in zip(self.sites.parameter_names(), self.theta.tolist())
+                                  ) if self.theta.numel() <= 8 else f"{self.theta.numel()} parameters",
+                        time.perf_counter() - t0)  # fmt: skip
+            if on_macrocycle is not None:
+                on_macrocycle(self)
+            if previous is not None and abs(previous - nll) < self.settings.nll_tolerance:
+                logger.info("converged: NLL changed by %.4f < %g", abs(previous - nll), self.settings.nll_tolerance)
+                break
+            previous = nll
+
+    def stage2(self) -> float:
+        """Global L-BFGS over theta from the caches; returns the total NLL + prior."""
+        self.theta = refine_globals(self.global_value_and_grad, self.theta, self.settings.stage2_iterations)
+        value, _ = self.global_value_and_grad(self.theta)
+        return float(value)
+
+
+def make_caches(shots: ShotSet, table: StructureFactors, model: CrystalModel, rotations: list[Tensor] | None = None) -> list[ShotCache]:
+    """Each still's cache: pixels, F0 and G of its reflections (from ``table``) and profiles at
+    ``rotations`` (default zero).
+
+    Raises:
+        ValueError: a reflection missing from the structure-factor table.
+    """
+    caches = []
+    for i, shot in enumerate(shots.shots):
+        sb = shot.shoeboxes
+        rows = table.index_of(sb.miller_index)
+        if bool((rows >= table.n_reflections).any()):
+            raise ValueError(f"still {shot.identifier}: reflections missing from the structure-factor table")
+        rotation = torch.zeros(3, dtype=torch.float64) if rotations is None else rotations[i]
+        fast, slow = sb.pixel_coordinates()
+        caches.append(ShotCache(
+            pixel_shoebox=sb.pixel_shoebox(), fast=fast, slow=slow, counts=sb.counts, valid=sb.valid,
+            F0=table.F0[rows], G=table.G[rows], energy_eV=shot.energy_eV,
+            profiles=shot_profiles(shots, shot, model, rotation),
+        ))  # fmt: skip
+    return caches
+
+
+def refine_globals(value_and_grad: Callable[[Tensor], tuple[Tensor, Tensor]], theta: Tensor, iterations: int) -> Tensor:
+    """L-BFGS over the global parameters with an external value-and-gradient (MPI-summed)."""
+    x = theta.detach().clone().requires_grad_(True)
+    optimizer = torch.optim.LBFGS([x], max_iter=iterations, line_search_fn="strong_wolfe",
+                                  tolerance_grad=1e-10, tolerance_change=1e-14, history_size=20)  # fmt: skip
+
+    def closure() -> Tensor:
+        optimizer.zero_grad()
+        value, grad = value_and_grad(x.detach())
+        x.grad = grad.to(x)
+        return value.to(x)
+
+    optimizer.step(closure)
+    return x.detach()

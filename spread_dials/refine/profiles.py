@@ -1,0 +1,137 @@
+"""Per-channel Bragg profiles of a still's shoeboxes from the round-1 kernel (pure torch).
+
+A shoebox is a kernel window (:class:`~spread_dials.physics.sparse.BraggWindows`), one per
+mosaic domain; ``window_channel_profiles`` gives each pixel's photons per unit |F(h, E_c)|^2
+for every channel, summed here over the domains.  f' and f'' only reweight the channels, so
+refinement caches these profiles (Sauter et al. 2020) at the current per-shot parameters,
+together with their derivatives with respect to the three small orientation angles (forward-mode
+autograd), and evaluates the pixel rate from the cache (:mod:`spread_dials.refine.model`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from spread_dials.physics.beam import make_sources
+from spread_dials.physics.bragg import Scene
+from spread_dials.physics.crystal import Crystal, mosaic_domain_rotations, rotation_from_vector
+from spread_dials.physics.sparse import BraggWindows, window_channel_profiles
+from spread_dials.physics.structure_factors import constant_structure_factors
+from spread_dials.refine.shots import Shot, ShotSet
+
+__all__ = ["CrystalModel", "ShotProfiles", "shot_profiles", "shot_scene", "shoebox_windows"]
+
+
+@dataclass(frozen=True)
+class CrystalModel:
+    """What the refinement assumes of every crystal (fixed, from PHIL).
+
+    Attributes:
+        ncells_abc: (3,) unit cells per mosaic domain along a, b, c.
+        mosaic_spread_deg: rms rotation per axis of the mosaic domains (degrees).
+        mosaic_domains: number of domains (antithetic pairs, seeded).
+        shape: lattice shape (gauss, square, round, tophat).
+        seed: seed of the domain draw (the same draw for every shot).
+        fluence_photons_per_m2: nominal fluence; the per-shot scale G multiplies it, so G is
+            the crystal's ``spot_scale`` when the fluence is the true one.
+        oversample: sub-pixels per pixel edge.
+    """
+
+    ncells_abc: tuple[float, float, float]
+    mosaic_spread_deg: float
+    mosaic_domains: int
+    shape: str = "gauss"
+    seed: int = 0
+    fluence_photons_per_m2: float = 1.2732395447351627e24
+    oversample: int = 1
+
+
+def shoebox_windows(shot: Shot, n_domains: int) -> BraggWindows:
+    """The shot's shoeboxes as kernel windows, domain-major: window m * B + b is shoebox b in
+    domain m (so window pixels come as n_domains blocks of the shot's N pixels)."""
+    sb = shot.shoeboxes
+    rep = lambda t: t.repeat(n_domains)  # noqa: E731
+    domain = torch.arange(n_domains, device=sb.panel.device).repeat_interleave(sb.n_shoeboxes)
+    return BraggWindows(
+        miller_index=sb.miller_index.repeat(n_domains, 1),
+        row=torch.zeros_like(rep(sb.panel)),
+        domain=domain,
+        panel=rep(sb.panel),
+        fast0=rep(sb.fast0),
+        slow0=rep(sb.slow0),
+        n_fast=rep(sb.n_fast),
+        n_slow=rep(sb.n_slow),
+    )
+
+
+def shot_scene(shots: ShotSet, shot: Shot, model: CrystalModel, rotation: Tensor) -> Scene:
+    """The kernel scene of ``shot`` with its crystal turned by the rotation vector ``rotation`` (3,)
+    (rad, lab frame), with |F| = 1 everywhere (profiles are per unit |F|^2)."""
+    dtype = shots.panels.origin_mm.dtype
+    real_space = shot.real_space.to(rotation.dtype) @ rotation_from_vector(rotation).transpose(-1, -2)
+    rotations = mosaic_domain_rotations(model.mosaic_spread_deg, model.mosaic_domains, seed=model.seed, dtype=dtype)
+    crystal = Crystal(
+        real_space=real_space,
+        ncells_abc=torch.tensor(model.ncells_abc, dtype=dtype),
+        domain_rotations=rotations.to(rotation.device),
+        shape=model.shape,
+    )
+    sources = make_sources(
+        shot.energy_eV.to(dtype), shot.weight.to(dtype), model.fluence_photons_per_m2,
+        beam_direction=shots.beam_direction.to(dtype), e_vector=shots.e_vector.to(dtype),
+        polarization_fraction=shots.polarization_fraction,
+    )  # fmt: skip
+    sf = constant_structure_factors(1.0, dtype=dtype.to_complex())
+    return Scene(shots.panels, sources.to(device=rotation.device), crystal, sf.to(device=rotation.device), model.oversample)
+
+
+@dataclass(frozen=True)
+class ShotProfiles:
+    """Cached per-channel profiles of one shot at orientation offset ``rotation``.
+
+    Attributes:
+        rotation: (3,) rotation vector (rad) at which the cache was made.
+        profile: (N, C) photons per unit |F|^2 of every shoebox pixel and channel (all domains).
+        jacobian: (N, C, 3) d profile / d rotation (per rad), or None.
+    """
+
+    rotation: Tensor
+    profile: Tensor
+    jacobian: Tensor | None
+
+
+def shot_profiles(shots: ShotSet, shot: Shot, model: CrystalModel, rotation: Tensor, jacobian: bool = True) -> ShotProfiles:
+    """The kernel's per-channel profiles of the shot's shoebox pixels at ``rotation`` (3,) (rad),
+    and (``jacobian``) their derivatives with respect to it by forward-mode autograd."""
+    windows = shoebox_windows(shot, model.mosaic_domains)
+    n = shot.shoeboxes.n_pixels
+
+    def profile(rot: Tensor) -> Tensor:
+        per_window = window_channel_profiles(shot_scene(shots, shot, model, rot), windows)
+        return per_window.view(model.mosaic_domains, n, -1).sum(0)
+
+    rotation = rotation.detach()
+    if not jacobian:
+        with torch.no_grad():
+            return ShotProfiles(rotation, profile(rotation), None)
+    value, jac = _value_and_jacfwd(profile, rotation)
+    return ShotProfiles(rotation, value, jac)
+
+
+def _value_and_jacfwd(fn, x: Tensor) -> tuple[Tensor, Tensor]:
+    """fn(x) and its Jacobian (..., dim x) by one forward-mode pass per input component."""
+    import torch.autograd.forward_ad as fwAD
+
+    value, columns = None, []
+    for i in range(x.shape[0]):
+        tangent = torch.zeros_like(x)
+        tangent[i] = 1.0
+        with fwAD.dual_level():
+            out = fn(fwAD.make_dual(x, tangent))
+            primal, derivative = fwAD.unpack_dual(out)
+            columns.append(derivative if derivative is not None else torch.zeros_like(primal))
+            value = primal.detach() if value is None else value
+    return value, torch.stack(columns, -1)

@@ -1,0 +1,131 @@
+"""Stills built in memory with the physics core: refinement inputs without DIALS (pure torch).
+
+For the GPU machines (no DIALS) and fast tests: each still's true crystal is drawn, its spots
+predicted and simulated with the sparse kernel (``window_photons``, the simulator's own path),
+shoeboxes are the bounding boxes of each reflection's windows plus a margin, counts are Poisson
+draws of Bragg + a flat background, and the crystal handed to refinement is the true one turned
+by a random rotation (the orientation error that indexing leaves).  Every draw comes from ``seed``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from spread_dials.physics.beam import make_sources
+from spread_dials.physics.bragg import Scene
+from spread_dials.physics.crystal import Crystal, mosaic_domain_rotations, rotation_from_vector
+from spread_dials.physics.geometry import PanelArray
+from spread_dials.physics.sparse import BraggWindows, predict_windows, window_photons
+from spread_dials.physics.structure_factors import StructureFactors
+from spread_dials.refine.profiles import CrystalModel, shoebox_windows
+from spread_dials.refine.shots import Shoeboxes, Shot, ShotSet
+
+__all__ = ["SyntheticTruth", "synthetic_shots"]
+
+
+@dataclass(frozen=True)
+class SyntheticTruth:
+    """What the synthetic stills were made with: per still the true real space (3, 3), the
+    orientation error (rotation vector, rad) and the scale."""
+
+    real_space: list[Tensor]
+    rotation_error: list[Tensor]
+    spot_scale: float
+
+
+def _random_rotation(rng: np.random.Generator) -> Tensor:
+    q = rng.normal(size=4)
+    q /= np.linalg.norm(q)
+    w, x, y, z = q
+    return torch.tensor([[1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
+                         [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
+                         [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)]], dtype=torch.float64)  # fmt: skip
+
+
+def _boxes(windows: BraggWindows, margin: int, n_fast: int, n_slow: int) -> tuple[Tensor, ...]:
+    """One box per (reflection, panel): the union of its windows plus ``margin`` pixels, clipped."""
+    key = torch.cat([windows.miller_index, windows.panel.unsqueeze(-1)], -1)
+    unique, inverse = torch.unique(key, dim=0, return_inverse=True)
+    n = unique.shape[0]
+    big = torch.iinfo(torch.long).max
+
+    def reduce(values: Tensor, how: str, init: int) -> Tensor:
+        return torch.full((n,), init, dtype=torch.long).index_reduce(0, inverse, values, how, include_self=True)
+
+    x0 = reduce(windows.fast0, "amin", big).sub(margin).clamp(min=0)
+    y0 = reduce(windows.slow0, "amin", big).sub(margin).clamp(min=0)
+    x1 = reduce(windows.fast0 + windows.n_fast, "amax", -big).add(margin).clamp(max=n_fast)
+    y1 = reduce(windows.slow0 + windows.n_slow, "amax", -big).add(margin).clamp(max=n_slow)
+    return unique[:, :3], unique[:, 3], x0, y0, x1 - x0, y1 - y0
+
+
+def synthetic_shots(
+    panels: PanelArray,
+    structure_factors: StructureFactors,
+    model: CrystalModel,
+    unit_cell_real_space: Tensor,
+    energy_eV: Tensor,
+    n_shots: int,
+    seed: int,
+    spot_scale: float = 1.0,
+    background_photons: float = 0.5,
+    orientation_error_deg: float = 0.02,
+    min_bragg_photons: float = 20.0,
+    max_box_px: int = 25,
+    margin_px: int = 2,
+    tolerance: float = 1e-5,
+) -> tuple[ShotSet, SyntheticTruth]:
+    """``n_shots`` stills of a crystal with rows a, b, c ``unit_cell_real_space`` (3, 3) (A) in
+    random orientations, flat SASE-like spectra on channels ``energy_eV`` (C,) (random weights),
+    the true f', f'' inside ``structure_factors`` (F0, G, f_prime, f_double_prime per channel).
+
+    Shoeboxes keep reflections with at least ``min_bragg_photons`` expected Bragg photons and
+    boxes at most ``max_box_px`` on a side.  Returns the stills and what made them.
+    """
+    rng = np.random.default_rng(seed)
+    dtype = torch.float64
+    beam = torch.tensor([0.0, 0.0, -1.0], dtype=dtype)
+    e_vector = torch.tensor([1.0, 0.0, 0.0], dtype=dtype)
+    rotations = mosaic_domain_rotations(model.mosaic_spread_deg, model.mosaic_domains, seed=model.seed, dtype=dtype)
+    shots, reals, errors = [], [], []
+    for i in range(n_shots):
+        real_space = unit_cell_real_space.to(dtype) @ _random_rotation(rng).T
+        weight = torch.as_tensor(rng.gamma(2.0, size=energy_eV.numel()), dtype=dtype)
+        sources = make_sources(energy_eV.to(dtype), weight, model.fluence_photons_per_m2, beam_direction=beam, e_vector=e_vector)
+        crystal = Crystal(real_space, torch.tensor(model.ncells_abc, dtype=dtype), rotations, model.shape, spot_scale)
+        scene = Scene(panels, sources, crystal, structure_factors, model.oversample)
+        windows = predict_windows(scene, tolerance)
+        hkl, panel, x0, y0, nx, ny = _boxes(windows, margin_px, panels.n_fast, panels.n_slow)
+        keep = (nx <= max_box_px) & (ny <= max_box_px) & (nx > 0) & (ny > 0)
+        hkl, panel, x0, y0, nx, ny = hkl[keep], panel[keep], x0[keep], y0[keep], nx[keep], ny[keep]
+        n_pix = int((nx * ny).sum())
+        dummy = Shoeboxes(hkl, panel, x0, y0, nx, ny, torch.zeros(n_pix, dtype=dtype), torch.ones(n_pix, dtype=torch.bool),
+                          torch.arange(hkl.shape[0]))  # fmt: skip
+        box_windows = shoebox_windows(Shot("", real_space, energy_eV, weight, dummy), model.mosaic_domains)
+        box_windows = BraggWindows(*[getattr(box_windows, f) for f in ("miller_index",)],
+                                   structure_factors.index_of(box_windows.miller_index),
+                                   *[getattr(box_windows, f) for f in ("domain", "panel", "fast0", "slow0", "n_fast", "n_slow")])  # fmt: skip
+        with torch.no_grad():
+            _, photons = window_photons(scene, box_windows)
+        bragg = photons.view(model.mosaic_domains, n_pix).sum(0)
+        sb_of_pixel = torch.repeat_interleave(torch.arange(hkl.shape[0]), nx * ny)
+        per_box = torch.zeros(hkl.shape[0], dtype=dtype).index_add(0, sb_of_pixel, bragg)
+        gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
+        counts = torch.poisson(bragg + background_photons, generator=gen)
+        strong = per_box >= min_bragg_photons
+        pixel_keep = strong[sb_of_pixel]
+        error = torch.as_tensor(rng.normal(size=3), dtype=dtype) * math.radians(orientation_error_deg)
+        boxes = Shoeboxes(hkl[strong], panel[strong], x0[strong], y0[strong], nx[strong], ny[strong],
+                          counts[pixel_keep], torch.ones(int(pixel_keep.sum()), dtype=torch.bool),
+                          torch.arange(int(strong.sum())))  # fmt: skip
+        given = real_space @ rotation_from_vector(error).T
+        shots.append(Shot(f"synthetic-{seed}-{i}", given, energy_eV.to(dtype), weight / weight.sum(), boxes))
+        reals.append(real_space)
+        errors.append(error)
+    shot_set = ShotSet(panels, beam, e_vector, 0.999, shots, [f"synthetic still {i}" for i in range(n_shots)])
+    return shot_set, SyntheticTruth(reals, errors, spot_scale)
