@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.processed_stills import processed, simulated  # noqa: F401  (session fixtures: real DIALS runs)
+
 REPO = Path(__file__).resolve().parents[1]
 # ../shared/data beside the checkout; $SPREAD_SHARED_DATA overrides; /work/shared/data is where
 # this project's machines keep it when a clone lives elsewhere

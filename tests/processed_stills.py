@@ -1,5 +1,9 @@
 """Simulated stills and their real dials.stills_process results, made once per test session.
 
+tests/conftest.py imports the fixtures ``simulated`` and ``processed`` from here, so every test
+directory (processing/, refine/) shares one run of each.  Nothing here imports dials: the
+programs run in subprocesses, only when a test asks for the fixtures.
+
 The stills: rubredoxin (the built-in model) with SASE pulses, noise and water background, on a
 2 x 2 grid of 512 x 512 pixel panels (far quicker to simulate than the Jungfrau 16M, and
 reaching 2.4 A), 4 shots in 2 containers.

@@ -16,7 +16,7 @@ from dxtbx.model.experiment_list import ExperimentListFactory
 
 from spread_dials.validation.compare import validate
 
-from .conftest import NIMAGES, command, run
+from ..processed_stills import NIMAGES, command, run
 
 
 def _integrated(directory: Path) -> list[Path]:

@@ -10,7 +10,7 @@ import pytest
 from dials.array_family import flex
 from dxtbx.model.experiment_list import ExperimentListFactory
 
-from .conftest import NIMAGES, command, run
+from ..processed_stills import NIMAGES, command, run
 
 PNG = b"\x89PNG\r\n\x1a\n"
 
