@@ -228,9 +228,14 @@ class Refinement:
         return float(value)
 
 
-def make_caches(shots: ShotSet, table: StructureFactors, model: CrystalModel, rotations: list[Tensor] | None = None) -> list[ShotCache]:
+def make_caches(shots: ShotSet, table: StructureFactors, model: CrystalModel, rotations: list[Tensor] | None = None,
+                spoil_hkl: bool = False, shuffle_seed: int | None = None) -> list[ShotCache]:  # fmt: skip
     """Each still's cache: pixels, F0 and G of its reflections (from ``table``) and profiles at
     ``rotations`` (default zero).
+
+    Negative controls (refinement must then fail to find the truth): ``spoil_hkl`` looks F0 and
+    G up at (h, k, l + 1); ``shuffle_seed`` permutes the channel energies at which f', f'' are
+    evaluated (the kernel keeps the true ones), one seeded permutation per still.
 
     Raises:
         ValueError: a reflection missing from the structure-factor table.
@@ -238,14 +243,18 @@ def make_caches(shots: ShotSet, table: StructureFactors, model: CrystalModel, ro
     caches = []
     for i, shot in enumerate(shots.shots):
         sb = shot.shoeboxes
-        rows = table.index_of(sb.miller_index)
+        lookup = sb.miller_index + torch.tensor([0, 0, 1]) if spoil_hkl else sb.miller_index
+        rows = table.index_of(lookup)
         if bool((rows >= table.n_reflections).any()):
             raise ValueError(f"still {shot.identifier}: reflections missing from the structure-factor table")
         rotation = torch.zeros(3, dtype=torch.float64) if rotations is None else rotations[i]
         fast, slow = sb.pixel_coordinates()
+        energy = shot.energy_eV
+        if shuffle_seed is not None:
+            energy = energy[torch.randperm(energy.numel(), generator=torch.Generator().manual_seed(shuffle_seed + i))]
         caches.append(ShotCache(
             pixel_shoebox=sb.pixel_shoebox(), fast=fast, slow=slow, counts=sb.counts, valid=sb.valid,
-            F0=table.F0[rows], G=table.G[rows], energy_eV=shot.energy_eV,
+            F0=table.F0[rows], G=table.G[rows], energy_eV=energy,
             profiles=shot_profiles(shots, shot, model, rotation),
         ))  # fmt: skip
     return caches

@@ -1,0 +1,213 @@
+"""Refine the anomalous scattering of individual metal sites from integrated XFEL stills (SPREAD).
+
+Reads the integrated stills of dials.stills_process (``idx-*_integrated.expt/.refl``), the
+pixels of every shoebox from the images they point to, each still's recorded spectrum, and the
+atomic model; models every shoebox pixel as a background plane plus the still's scale times the
+sum over spectral channels and mosaic domains of the round-1 kernel's Bragg term with
+|F_h(E)|^2 = |F0 + sum_s (f'_s(E) + i f''_s(E)) G_s|^2 (Sauter et al., Acta Cryst D76:176,
+2020), and refines per-site f'/f'' (an edge shift per site against a reference curve, or free
+curves) by alternating per-still and global L-BFGS on the Poisson likelihood.  Reports each
+site's edge shift with its uncertainty (curvature with per-still parameters profiled out, and a
+bootstrap over stills), every pairwise difference, and the probability of each oxidation state.
+
+Examples::
+
+  dials.spread_refine proc/idx-*_integrated.expt proc/idx-*_integrated.refl refine_rubredoxin.phil
+  dials.spread_refine proc/idx-*_integrated.expt proc/idx-*_integrated.refl structure.file=1m2a.pdb \\
+      sites.element=Fe reference.curve=pf-rd-red_fftkk.out truth=sim/images_run.json
+  mpirun -n 4 dials.spread_refine proc/idx-*_integrated.expt proc/idx-*_integrated.refl mp.method=mpi
+
+Outputs (output.directory): <prefix>_sites.json/.csv (per site and site pair), <prefix>.h5
+(f', f'' per site on a 1 eV grid with sigma, covariance, bootstrap draws), <prefix>_fp_fdp.png,
+<prefix>_edge_shifts.png, <prefix>_nll.png, <prefix>.checkpoint.pt (a killed run resumes from
+its last finished macrocycle) and dials.spread_refine.log.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+from libtbx.phil import parse
+
+from spread_dials.util.errors import SpreadError
+from spread_dials.util.program import Program, handle_errors
+
+logger = logging.getLogger("dials.spread.refine")
+
+phil_str = """
+input {
+  quantum_gain = 1.0
+    .type = float(value_min=0)
+    .help = "Detector ADU per photon: counts = pixel value / quantum_gain"
+  spectra_file = None
+    .type = path
+    .help = "Per-still spectra (.npz: identifiers, energies_eV, weights) for data whose"
+            "containers hold no /entry/spread spectra"
+}
+include scope spread_dials.phil.structure.structure_phil
+reference
+  .help = "The curves edge shifts are measured against, and the oxidation states' curves"
+{
+  curve = None
+    .type = path
+    .multiple = True
+    .help = "Reference f'/f'' file (energy eV, f', f''): one for all sites or one per site."
+            "None: Fe sites the packaged Fe(II) rubredoxin curve; Mn sites Mn(III); others"
+            "their free-atom curve"
+  state_files = None
+    .type = path
+    .multiple = True
+    .help = "Curves of oxidation states for the call (one per entry of states)"
+  states = None
+    .type = ints
+    .help = "Oxidation state of each state file, e.g. 2 3"
+  builtin_fe = True
+    .type = bool
+    .help = "Without state files, Fe sites use the packaged measured rubredoxin pair"
+            "(Fe(II), Fe(III); 7000-7300 eV)"
+}
+model
+  .help = "The global f'/f'' parameters"
+{
+  anomalous = *edge_shift free
+    .type = choice
+    .help = "edge_shift: one edge shift (eV) per site group against its reference curve"
+            "(KK-consistent by construction). free: f' and f'' per group on an energy grid"
+            "with smoothness and Kramers-Kronig priors (Sauter 2020)"
+  tie = *none atom_name
+    .type = choice
+    .help = "atom_name: sites with one atom name share parameters (e.g. FE1 of every chain)"
+  start_edge_shift_eV = 0
+    .type = floats
+    .help = "Starting edge shift (eV): one value, or one per site group"
+  edge_shift_prior_sigma_eV = 10
+    .type = float(value_min=0.01)
+    .help = "Width (eV) of the zero-mean Gaussian prior on each edge shift"
+  free {
+    grid_step_eV = 1
+      .type = float(value_min=0.1)
+      .help = "Spacing (eV) of the free model's energy grid"
+    smoothness_sigma_e = 0.1
+      .type = float(value_min=0)
+      .help = "Width (electrons) of the prior on second differences of f', f''"
+    kramers_kronig_sigma_e = 0.1
+      .type = float(value_min=0)
+      .help = "Width (electrons) of the prior on the Kramers-Kronig residual per grid point"
+  }
+}
+crystal
+  .help = "What the model assumes of every crystal (not refined)"
+{
+  ncells_abc = 30 30 30
+    .type = floats(size=3, value_min=1)
+    .help = "Unit cells per mosaic domain along a, b, c"
+  mosaic_spread_deg = 0.05
+    .type = float(value_min=0)
+    .help = "rms rotation per axis of the mosaic domains (degrees)"
+  mosaic_domains = 10
+    .type = int(value_min=1)
+    .help = "Number of mosaic domains"
+  shape = *gauss square round tophat
+    .type = choice
+    .help = "Lattice transform shape"
+  oversample = 1
+    .type = int(value_min=1)
+    .help = "Sub-pixels per pixel edge"
+}
+beam
+  .help = "Nominal fluence: the per-still scale multiplies it (with the true fluence the"
+          "scale is the crystal's spot_scale)"
+{
+  photons = 1e12
+    .type = float(value_min=0)
+    .help = "Photons per pulse"
+  diameter_um = 1
+    .type = float(value_min=0)
+    .help = "Beam diameter (um)"
+}
+likelihood = *poisson gaussian_readout
+  .type = choice
+  .help = "poisson: photon-counting pixels. gaussian_readout: variance lambda + sigma^2"
+readout_sigma_photons = None
+  .type = float(value_min=0)
+  .help = "Readout noise (photons) of the gaussian_readout likelihood"
+refinement {
+  macrocycles = 5
+    .type = int(value_min=1)
+    .help = "Most macrocycles (stage 1 per still, then stage 2 global)"
+  nll_tolerance = 0.05
+    .type = float(value_min=0)
+    .help = "Converged when the total NLL changes less than this between macrocycles"
+  stage1_iterations = 50
+    .type = int(value_min=1)
+    .help = "L-BFGS iterations per still and macrocycle"
+  stage2_iterations = 50
+    .type = int(value_min=1)
+    .help = "L-BFGS iterations of the global parameters per macrocycle"
+  refine_orientation = True
+    .type = bool
+    .help = "Refine three small rotation angles per still (else only scale and background)"
+  min_shoeboxes = 3
+    .type = int(value_min=1)
+    .help = "Stills with fewer integrated shoeboxes are left out (counted in the log)"
+  resume = True
+    .type = bool
+    .help = "Continue from <prefix>.checkpoint.pt when it exists for these inputs"
+}
+uncertainty {
+  bootstrap = 20
+    .type = int(value_min=0)
+    .help = "Bootstrap resamples of the stills (0: none)"
+  observed_hessian = True
+    .type = bool
+    .help = "Also report the observed (autograd) Hessian's sigma, per-still parameters fixed"
+}
+controls
+  .help = "Negative controls: refinement must NOT recover the truth with these"
+{
+  spoil_hkl = False
+    .type = bool
+    .help = "Look structure factors up at (h, k, l+1)"
+  shuffle_channels = False
+    .type = bool
+    .help = "Evaluate f', f'' at permuted channel energies"
+}
+truth = None
+  .type = path
+  .help = "A simulation's <prefix>_run.json: report each site's error against the truth"
+include scope spread_dials.phil.common.mp_phil
+include scope spread_dials.phil.common.output_phil
+include scope spread_dials.phil.common.random_phil
+plots = True
+  .type = bool
+  .help = "Write the PNG plots"
+"""
+
+phil_scope = parse(phil_str, process_includes=True).fetch(parse("output.prefix = spread_refine"))
+
+program = Program(
+    "dials.spread_refine",
+    usage="dials.spread_refine idx-*_integrated.expt idx-*_integrated.refl [refine.phil] [options]",
+    help=__doc__,
+    phil=phil_scope,
+)
+
+
+@handle_errors
+def run(args=None, phil=phil_scope) -> None:
+    """Parse the command line and refine (see the module docstring)."""
+    args = sys.argv[1:] if args is None else list(args)
+    experiments = [a for a in args if a.endswith(".expt")]
+    reflections = [a for a in args if a.endswith(".refl")]
+    rest = [a for a in args if not a.endswith((".expt", ".refl"))]
+    ctx = program.start(rest, phil=phil)
+    if not ctx.params.output.prefix or "/" in ctx.params.output.prefix:
+        raise SpreadError(f"output.prefix must be a plain file name prefix, not {ctx.params.output.prefix!r}")
+    from spread_dials.refine.run import run_refinement
+
+    run_refinement(ctx, experiments, reflections)
+
+
+if __name__ == "__main__":
+    run()

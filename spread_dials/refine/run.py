@@ -1,0 +1,295 @@
+"""dials.spread_refine's job: load, set up, refine (with checkpoints), estimate uncertainty, report.
+
+Rank 0 writes every shared output; each rank refines its stripe of the input file pairs.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from spread_dials.refine.engine import RefineSettings, Refinement, make_caches
+from spread_dials.refine.model import ShotState
+from spread_dials.refine.profiles import CrystalModel
+from spread_dials.refine.sites import EdgeShiftSites, FreeSites
+from spread_dials.refine.uncertainty import bootstrap, curvature, interval, state_probabilities
+from spread_dials.util.atomic import atomic_path
+from spread_dials.util.errors import SpreadError
+
+__all__ = ["run_refinement"]
+
+logger = logging.getLogger("dials.spread.refine")
+
+
+def _pairs(experiments, reflections) -> list[tuple[Path, Path]]:
+    if not experiments or not reflections:
+        raise SpreadError("give the integrated experiments and reflections: dials.spread_refine idx-*_integrated.expt "
+                          "idx-*_integrated.refl")  # fmt: skip
+    if len(experiments) != len(reflections):
+        raise SpreadError(f"{len(experiments)} experiment files but {len(reflections)} reflection files: give them in pairs")
+    return [(Path(e), Path(r)) for e, r in zip(experiments, reflections)]
+
+
+def _crystal_model(params, shots) -> CrystalModel:
+    c = params.crystal
+    fluence = params.beam.photons / (math.pi * (0.5e-6 * params.beam.diameter_um) ** 2)
+    return CrystalModel(tuple(float(x) for x in c.ncells_abc), float(c.mosaic_spread_deg), int(c.mosaic_domains),
+                        c.shape, int(params.random.seed), fluence, int(c.oversample))  # fmt: skip
+
+
+def _fingerprint(diff_phil: str, pairs) -> str:
+    """What a checkpoint must match: the input files and the modified parameters (resume aside)."""
+    phil = [line for line in diff_phil.splitlines() if "resume" not in line]
+    text = json.dumps({"files": [str(p.resolve()) for pair in pairs for p in pair], "phil": phil})
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def run_refinement(ctx, experiments, reflections) -> dict:
+    """The whole job for ``ctx.params`` (see command_line/refine.py)."""
+    from spread_dials.refine.loader import load_shots
+    from spread_dials.refine.setup import prepare_structure, site_references
+
+    params, comm = ctx.params, ctx.mpi
+    pairs = _pairs(experiments, reflections)
+    if params.likelihood == "gaussian_readout" and params.readout_sigma_photons is None:
+        raise SpreadError("likelihood=gaussian_readout needs readout_sigma_photons (photons)")
+    t0 = time.perf_counter()
+    if len(pairs) < comm.size:
+        raise SpreadError(f"{len(pairs)} file pairs for {comm.size} MPI ranks: run fewer ranks than input files")
+    mine = list(range(comm.rank, len(pairs), comm.size))
+    shots = None
+    local = [pairs[i] for i in mine]
+    error = None
+    try:
+        if local:
+            shots = load_shots([p[0] for p in local], [p[1] for p in local], quantum_gain=params.input.quantum_gain,
+                               spectra_file=params.input.spectra_file, min_shoeboxes=params.refinement.min_shoeboxes)  # fmt: skip
+    except SpreadError as e:
+        error = str(e)
+    errors = [e for e in comm.allgather(error) if e]
+    if errors:
+        raise SpreadError(errors[0])
+    counts = comm.allgather(len(shots.shots) if shots else 0)
+    n_shots = sum(counts)
+    if n_shots == 0:
+        raise SpreadError("no still has enough integrated shoeboxes to refine")
+    offset = sum(counts[: comm.rank])
+    shot_index = list(range(offset, offset + (len(shots.shots) if shots else 0)))
+    # global quantities: d_min, band
+    d_local, lo_local, hi_local = [], [], []
+    for shot in shots.shots if shots else []:
+        q = shot.shoeboxes.miller_index.double() @ torch.linalg.inv(shot.real_space).T
+        d_local.append(float(1.0 / q.norm(dim=-1).max()))
+        used = shot.weight > 0
+        lo_local.append(float(shot.energy_eV[used].min()))
+        hi_local.append(float(shot.energy_eV[used].max()))
+    # with spoil_hkl, l + 1 must stay inside the table
+    d_min = min(x for part in comm.allgather(d_local) for x in part) * (0.85 if params.controls.spoil_hkl else 0.99)
+    band = (min(x for part in comm.allgather(lo_local) for x in part), max(x for part in comm.allgather(hi_local) for x in part))
+    n_sb = comm.allreduce(sum(s.shoeboxes.n_shoeboxes for s in shots.shots) if shots else 0)
+    n_px = comm.allreduce(sum(s.shoeboxes.n_pixels for s in shots.shots) if shots else 0)
+    logger.info("Loaded %d stills, %d shoeboxes, %d pixels in %.1f s; spectra %.1f-%.1f eV; d_min %.2f A",
+                n_shots, n_sb, n_px, time.perf_counter() - t0, band[0], band[1], d_min)  # fmt: skip
+
+    prepared, table, free_atom_table = prepare_structure(params.structure, d_min, 0.5 * (band[0] + band[1]))
+    refs = site_references(params.reference, prepared.sites, band, free_atom_table)
+    if params.model.tie == "atom_name":
+        names = [s.label.split("/")[-1].split(" ")[0].upper() for s in prepared.sites]
+        labels = list(dict.fromkeys(names))
+        group = [labels.index(n) for n in names]
+    else:
+        labels = [s.label for s in prepared.sites]
+        group = list(range(len(prepared.sites)))
+    if params.model.anomalous == "edge_shift":
+        start = list(params.model.start_edge_shift_eV or [0.0])
+        start = start * len(labels) if len(start) == 1 else start
+        if len(start) != len(labels):
+            raise SpreadError(f"model.start_edge_shift_eV: give one value or one per site group ({len(labels)})")
+        sites = EdgeShiftSites(refs.reference, group, labels, start, params.model.edge_shift_prior_sigma_eV)
+    else:
+        grid = torch.arange(math.floor(band[0]), math.ceil(band[1]) + 1e-9, params.model.free.grid_step_eV, dtype=torch.float64)
+        sites = FreeSites(refs.reference, group, labels, grid, params.model.free.smoothness_sigma_e,
+                          params.model.free.kramers_kronig_sigma_e)  # fmt: skip
+    logger.info("Sites: %s; model %s with %d parameters", ", ".join(f"{s.label} [{r.label}]" for s, r in zip(prepared.sites, refs.reference)),
+                sites.kind, sites.initial().numel())  # fmt: skip
+
+    model = _crystal_model(params, shots)
+    settings = RefineSettings(params.refinement.macrocycles, params.refinement.nll_tolerance, params.refinement.stage1_iterations,
+                              params.refinement.stage2_iterations,
+                              params.readout_sigma_photons if params.likelihood == "gaussian_readout" else None,
+                              params.refinement.refine_orientation)  # fmt: skip
+    local_shots = shots
+    if params.controls.spoil_hkl or params.controls.shuffle_channels:
+        if params.controls.shuffle_channels:
+            logger.info("NEGATIVE CONTROL: channel energies shuffled for f'/f'' (the kernel keeps the true ones)")
+        if params.controls.spoil_hkl:
+            logger.info("NEGATIVE CONTROL: structure factors looked up at h, k, l+1")
+    checkpoint = ctx.output_path(f"{params.output.prefix}.checkpoint.pt")
+    fingerprint = _fingerprint(ctx.diff_phil, pairs)
+    saved = _load_checkpoint(checkpoint, fingerprint) if params.refinement.resume else None
+    rotations = None
+    if saved is not None:
+        rotations = [torch.tensor(saved["states"][s.identifier]["rotation"], dtype=torch.float64) for s in local_shots.shots]
+    t1 = time.perf_counter()
+    caches = make_caches(local_shots, table, model, rotations, spoil_hkl=params.controls.spoil_hkl,
+                         shuffle_seed=params.random.seed if params.controls.shuffle_channels else None)  # fmt: skip
+    logger.info("Profiles of %d local stills in %.1f s", len(caches), time.perf_counter() - t1)
+    refinement = Refinement(local_shots, shot_index, n_shots, caches, [], sites, sites.initial(), model, comm, settings)
+    start_cycle = 0
+    if saved is not None:
+        refinement.theta = torch.tensor(saved["theta"], dtype=torch.float64)
+        refinement.states = [ShotState(torch.tensor(saved["states"][s.identifier]["log_scale"], dtype=torch.float64),
+                                       torch.tensor(saved["states"][s.identifier]["rotation"], dtype=torch.float64),
+                                       torch.tensor(saved["states"][s.identifier]["background"], dtype=torch.float64))
+                             for s in local_shots.shots]  # fmt: skip
+        refinement.history = saved["history"]
+        start_cycle = int(saved["macrocycle"])
+        logger.info("Resuming after macrocycle %d (%s)", start_cycle, checkpoint.name)
+    else:
+        refinement.initialise_states()
+
+    def save(r: Refinement) -> None:
+        states = {s.identifier: {"log_scale": float(st.log_scale), "rotation": st.rotation.tolist(),
+                                 "background": st.background.tolist()} for s, st in zip(r.shots.shots, r.states)}  # fmt: skip
+        merged = {k: v for part in comm.allgather(states) for k, v in part.items()}
+        if comm.is_root:
+            with atomic_path(checkpoint) as tmp:
+                torch.save({"fingerprint": fingerprint, "macrocycle": r.history[-1]["macrocycle"], "theta": r.theta.tolist(),
+                            "states": merged, "history": r.history}, tmp)  # fmt: skip
+        comm.barrier()
+
+    rate = _Progress(len(caches))
+    refinement.run(start_cycle, on_macrocycle=save, progress=rate)
+    results = _report(ctx, refinement, refs, prepared, band, n_shots, n_sb, n_px, time.perf_counter() - t0)
+    return results
+
+
+class _Progress:
+    """Stage-1 progress in the log: stills done, rate and ETA (every ~10 %)."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.t0, self.step = total, None, max(1, total // 10)
+
+    def __call__(self, done: int, total: int) -> None:
+        if done == 1 or self.t0 is None:
+            self.t0 = time.perf_counter()
+        if done % self.step == 0 or done == total:
+            rate = done / max(time.perf_counter() - self.t0, 1e-9)
+            logger.info("  stage 1: %d/%d stills, %.2f stills/s, ETA %.0f s", done, total, rate, (total - done) / rate)
+
+
+def _load_checkpoint(path: Path, fingerprint: str) -> dict | None:
+    if not path.is_file():
+        return None
+    saved = torch.load(path, weights_only=False)
+    if saved.get("fingerprint") != fingerprint:
+        raise SpreadError(f"{path} belongs to another run (other inputs or parameters): remove it or use another output.prefix")
+    return saved
+
+
+def _report(ctx, refinement: Refinement, refs, prepared, band, n_shots, n_sb, n_px, seconds) -> dict:
+    """Uncertainty, per-site and pairwise results, validation against a truth; outputs on rank 0."""
+    params, comm = ctx.params, ctx.mpi
+    sites = refinement.sites
+    theta = refinement.theta
+    t0 = time.perf_counter()
+    cov = curvature(refinement, observed=params.uncertainty.observed_hessian and theta.numel() <= 16)
+    draws = bootstrap(refinement, params.uncertainty.bootstrap, params.random.seed)
+    logger.info("Uncertainty (curvature + %d bootstrap refits) in %.1f s", draws.shape[0], time.perf_counter() - t0)
+    sigma = cov.profiled.diag().clamp(min=0).sqrt()
+    sigma_boot = draws.std(0) if draws.shape[0] > 1 else torch.full_like(theta, float("nan"))
+    names = sites.parameter_names()
+    rows, pairs = [], []
+    truth = _truth_shifts(params.truth, refs, prepared, band) if params.truth else None
+    if sites.kind == "edge_shift":
+        for g, label in enumerate(sites.group_labels):
+            members = [s for s in range(sites.n_sites) if int(sites.group[s]) == g]
+            value, s = float(theta[g]), float(sigma[g])
+            shifts = refs.state_shifts_eV[members[0]]
+            probs = state_probabilities(value, s, shifts)
+            row = {
+                "site": label, "reference": refs.reference[members[0]].label, "edge_shift_eV": value, "sigma_eV": s,
+                "sigma_conditional_eV": float(cov.conditional[g, g].sqrt()),
+                "sigma_observed_conditional_eV": None if cov.observed_conditional is None else float(cov.observed_conditional[g, g].clamp(min=0).sqrt()),
+                "sigma_bootstrap_eV": float(sigma_boot[g]), "bootstrap_over_curvature": float(sigma_boot[g]) / s if s > 0 else None,
+                "interval68_eV": interval(value, s, 0.68), "interval95_eV": interval(value, s, 0.95),
+                "state_shifts_eV": {str(k): v for k, v in shifts.items()},
+                "state_probability": {str(k): v for k, v in probs.items()},
+                "oxidation_state": max(probs, key=probs.get) if probs else None,
+            }  # fmt: skip
+            if truth is not None:
+                true = float(np.mean([truth[m] for m in members]))
+                row["truth_edge_shift_eV"] = true
+                row["error_in_sigma"] = (value - true) / s if s > 0 else None
+            rows.append(row)
+        for a in range(sites.n_groups):
+            for b in range(a + 1, sites.n_groups):
+                d = float(theta[a] - theta[b])
+                v = float(cov.profiled[a, a] + cov.profiled[b, b] - 2 * cov.profiled[a, b])
+                pairs.append({"site_a": sites.group_labels[a], "site_b": sites.group_labels[b], "difference_eV": d,
+                              "sigma_eV": math.sqrt(max(v, 0.0))})  # fmt: skip
+    results = {
+        "program": "dials.spread_refine", "model": sites.kind, "stills": n_shots, "shoeboxes": n_sb, "pixels": n_px,
+        "spectrum_band_eV": list(band), "parameters": names, "theta": theta.tolist(),
+        "covariance": cov.profiled.tolist(), "covariance_conditional": cov.conditional.tolist(),
+        "bootstrap_resamples": int(draws.shape[0]), "sites": rows, "pairs": pairs, "history": refinement.history,
+        "seconds": seconds + (time.perf_counter() - t0),
+        "controls": {"spoil_hkl": bool(params.controls.spoil_hkl), "shuffle_channels": bool(params.controls.shuffle_channels)},
+        "uncertainty_method": "Fisher information of the likelihood over theta and every still's scale, rotation and "
+                              "background planes; per-shot parameters eliminated by the Schur complement; plus the prior's "
+                              "Hessian. Bootstrap: refits of theta over resampled stills with per-shot parameters fixed.",
+    }  # fmt: skip
+    if comm.is_root:
+        from spread_dials.refine.outputs import write_outputs
+
+        write_outputs(ctx, results, refinement, refs, draws, band)
+    _log_table(rows, pairs)
+    return results
+
+
+def _truth_shifts(path, refs, prepared, band) -> list[float]:
+    """Each site's true edge shift (eV) against its reference: the rigid shift of the simulated
+    curve (``images_run.json``: f', f'' per site and channel) onto the reference."""
+    from spread_dials.physics.anomalous import TabulatedCurve
+    from spread_dials.refine.references import rigid_shift_eV
+
+    try:
+        record = json.loads(Path(path).read_text())
+        energies = torch.tensor(record["channels_eV"], dtype=torch.float64)
+        truth_sites = record["sites"]
+    except (OSError, ValueError, KeyError) as e:
+        raise SpreadError(f"truth={path}: not a dials.spread_simulate run record ({e})") from None
+    if len(truth_sites) != len(prepared.sites):
+        raise SpreadError(f"truth={path} has {len(truth_sites)} sites but the refinement {len(prepared.sites)}")
+    out = []
+    for s, site in enumerate(truth_sites):
+        curve = TabulatedCurve(energies, torch.tensor(site["f_prime"], dtype=torch.float64),
+                               torch.tensor(site["f_double_prime"], dtype=torch.float64), "truth")  # fmt: skip
+        out.append(rigid_shift_eV(curve, refs.reference[s], float(energies[1]), float(energies[-2])))
+    return out
+
+
+def _log_table(rows, pairs) -> None:
+    if not rows:
+        return
+    lines = [f"{'site':<22} {'edge shift eV':>13} {'sigma':>7} {'boot':>7} {'95% interval':>18} {'state':>6} {'P':>6}"]
+    for r in rows:
+        lo, hi = r["interval95_eV"]
+        state = r["oxidation_state"]
+        p = r["state_probability"].get(str(state)) if state is not None else None
+        line = (f"{r['site']:<22} {r['edge_shift_eV']:>13.3f} {r['sigma_eV']:>7.3f} {r['sigma_bootstrap_eV']:>7.3f} "
+                f"{f'[{lo:.2f}, {hi:.2f}]':>18} {'-' if state is None else state:>6} {'-' if p is None else f'{p:.3f}':>6}")  # fmt: skip
+        if "truth_edge_shift_eV" in r:
+            line += f"   truth {r['truth_edge_shift_eV']:.3f} ({r['error_in_sigma']:+.2f} sigma)"
+        lines.append(line)
+    for p in pairs:
+        lines.append(f"{p['site_a']} - {p['site_b']}: {p['difference_eV']:.3f} +- {p['sigma_eV']:.3f} eV")
+    logger.info("Summary (edge shifts against each site's reference; sigma from the curvature with per-shot "
+                "parameters profiled out; boot = bootstrap):\n%s", "\n".join(lines))  # fmt: skip
