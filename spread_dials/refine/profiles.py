@@ -111,7 +111,7 @@ def shot_profiles(shots: ShotSet, shot: Shot, model: CrystalModel, rotation: Ten
 
     def profile(rot: Tensor) -> Tensor:
         per_window = window_channel_profiles(shot_scene(shots, shot, model, rot), windows)
-        return per_window.view(model.mosaic_domains, n, -1).sum(0)
+        return per_window.view(model.mosaic_domains, n, per_window.shape[-1]).sum(0)
 
     rotation = rotation.detach()
     if not jacobian:
