@@ -44,10 +44,20 @@ def _crystal_model(params, shots) -> CrystalModel:
                         c.shape, int(params.random.seed), fluence, int(c.oversample))  # fmt: skip
 
 
-def _fingerprint(diff_phil: str, pairs) -> str:
-    """What a checkpoint must match: the input files and the modified parameters (resume aside)."""
-    phil = [line for line in diff_phil.splitlines() if "resume" not in line]
-    text = json.dumps({"files": [str(p.resolve()) for pair in pairs for p in pair], "phil": phil})
+#: the scopes whose values change the refinement (a checkpoint of other values is refused)
+_REFINING_SCOPES = ("input", "structure", "reference", "model", "crystal", "beam", "likelihood", "readout_sigma_photons",
+                    "refinement", "controls", "random")  # fmt: skip
+
+
+def _fingerprint(params, pairs) -> str:
+    """What a checkpoint must match: the input files and every parameter that changes the
+    refinement (not outputs, uncertainty, resume or the number of macrocycles)."""
+    from spread_dials.command_line.refine import phil_scope
+
+    working = phil_scope.format(python_object=params)
+    text = "".join(working.get(name).as_str() for name in _REFINING_SCOPES)
+    text = "\n".join(line for line in text.splitlines() if "resume" not in line and "macrocycles" not in line)
+    text += json.dumps([str(p.resolve()) for pair in pairs for p in pair])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
@@ -132,7 +142,7 @@ def run_refinement(ctx, experiments, reflections) -> dict:
         if params.controls.spoil_hkl:
             logger.info("NEGATIVE CONTROL: structure factors looked up at h, k, l+1")
     checkpoint = ctx.output_path(f"{params.output.prefix}.checkpoint.pt")
-    fingerprint = _fingerprint(ctx.diff_phil, pairs)
+    fingerprint = _fingerprint(params, pairs)
     saved = _load_checkpoint(checkpoint, fingerprint) if params.refinement.resume else None
     rotations = None
     if saved is not None:
