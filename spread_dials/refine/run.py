@@ -90,6 +90,7 @@ def run_refinement(ctx, experiments, reflections) -> dict:
     n_shots = sum(counts)
     if n_shots == 0:
         raise SpreadError("no still has enough integrated shoeboxes to refine")
+    shots = _common_sensor(shots, comm, counts)
     offset = sum(counts[: comm.rank])
     shot_index = list(range(offset, offset + (len(shots.shots) if shots else 0)))
     # global quantities: d_min, band
@@ -179,6 +180,18 @@ def run_refinement(ctx, experiments, reflections) -> dict:
     refinement.run(start_cycle, on_macrocycle=save, progress=rate)
     results = _report(ctx, refinement, refs, prepared, band, n_shots, n_sb, n_px, time.perf_counter() - t0)
     return results
+
+
+def _common_sensor(shots, comm, counts):
+    """Every rank's panels with the sensor mu averaged over ALL stills (the loader averages over
+    its own), so that any number of ranks models the same detector."""
+    from dataclasses import replace
+
+    mine = shots.panels.attenuation_length_mm
+    mu = torch.where(mine > 0, 1.0 / mine.clamp(min=1e-300), torch.zeros_like(mine)) * counts[comm.rank]
+    total = torch.as_tensor(comm.allreduce(mu.numpy()), dtype=mine.dtype) / sum(counts)
+    att = torch.where(total > 0, 1.0 / total.clamp(min=1e-300), torch.zeros_like(total))
+    return replace(shots, panels=replace(shots.panels, attenuation_length_mm=att))
 
 
 class _Progress:
