@@ -30,6 +30,7 @@ from spread_dials.physics.oxidation_states import DEFAULT_OEC_S1_STATES, ROMAN, 
 
 __all__ = [
     "StructureChoice",
+    "atom_name",
     "resolve_structure_params",
     "prepare_from_params",
     "measured_reference_files",
@@ -102,7 +103,8 @@ def _per_site(values, n: int, what: str) -> list:
     return values
 
 
-def _atom_name(site: AnomalousSite) -> str:
+def atom_name(site: AnomalousSite) -> str:
+    """The atom name of a site's label, upper case (e.g. "MN1" of "A/OEC601/MN1")."""
     return site.label.split("/")[-1].split(" ")[0].upper()
 
 
@@ -137,7 +139,7 @@ def site_oxidation_states(anomalous, sites: Sequence[AnomalousSite]) -> list[int
     for site, state in zip(sites, given):
         if state is None:
             if site.element == "Mn":
-                state = DEFAULT_OEC_S1_STATES.get(_atom_name(site))
+                state = DEFAULT_OEC_S1_STATES.get(atom_name(site))
             elif site.element == "Fe" and fe_iii_given:
                 state = 3
         states.append(state)

@@ -412,6 +412,28 @@ def window_photons(
     return torch.cat(indices), torch.cat(values)
 
 
+def _pixel_chunks(
+    scene: Scene, windows: BraggWindows, max_terms_per_chunk: int | None
+) -> Iterator[tuple[Tensor, Tensor, Tensor, int]]:
+    """Window pixels in consecutive flat chunks of equal length (the last one padded), as
+    (window, local pixel index in it, padding mask, number of real pixels) per chunk; at most
+    ``max_terms_per_chunk`` (pixel, sub-pixel, layer, source) terms per chunk (default 2^29 on
+    a GPU, 2^22 on the CPU).  Equal lengths keep a torch.compile'd evaluation from recompiling."""
+    device = scene.panels.origin_mm.device
+    if max_terms_per_chunk is None:
+        max_terms_per_chunk = 1 << (29 if device.type == "cuda" else 22)
+    area = windows.n_fast * windows.n_slow
+    end = torch.cumsum(area, 0)
+    total = int(end[-1]) if area.numel() else 0
+    per_pixel = scene.oversample**2 * scene.panels.n_layers * scene.sources.n_sources
+    chunk = min(max(1, max_terms_per_chunk // per_pixel), max(total, 1))
+    for start in range(0, total, chunk):
+        pixel = torch.arange(start, start + chunk, device=device)
+        window = torch.searchsorted(end, pixel, right=True).clamp(max=windows.n_windows - 1)
+        local = pixel - (end[window] - area[window])
+        yield window, local, pixel >= total, min(chunk, total - start)
+
+
 def window_photon_chunks(
     scene: Scene, windows: BraggWindows, max_terms_per_chunk: int | None = None, compiled: bool = False
 ) -> Iterator[tuple[Tensor, Tensor, Tensor]]:
@@ -421,25 +443,12 @@ def window_photon_chunks(
     Window pixels are processed as flat chunks of equal length (the last one padded and cut),
     so a torch.compile'd evaluation never recompiles per chunk.
     """
-    device = scene.panels.origin_mm.device
-    if max_terms_per_chunk is None:
-        max_terms_per_chunk = 1 << (29 if device.type == "cuda" else 22)
     sources = scene.sources
-    area = windows.n_fast * windows.n_slow
-    end = torch.cumsum(area, 0)
-    total = int(end[-1]) if area.numel() else 0
-    per_pixel = scene.oversample**2 * scene.panels.n_layers * sources.n_sources
-    chunk = min(max(1, max_terms_per_chunk // per_pixel), max(total, 1))
     # |F(h, channel)|^2 once per window and source (complex arithmetic stays out of the fused part)
     f_sq = scene.structure_factors.intensity(windows.row.unsqueeze(-1), sources.channel.unsqueeze(0))
     evaluate = fused(_pixel_photons) if compiled else _pixel_photons
-    for start in range(0, total, chunk):
-        pixel = torch.arange(start, start + chunk, device=device)
-        window = torch.searchsorted(end, pixel, right=True).clamp(max=windows.n_windows - 1)
-        local = pixel - (end[window] - area[window])
-        pad = pixel >= total
+    for window, local, pad, n in _pixel_chunks(scene, windows, max_terms_per_chunk):
         flat, photons = evaluate(scene, windows, f_sq, window, local, pad)
-        n = min(chunk, total - start)
         yield flat[:n], photons[:n], window[:n]
 
 
@@ -501,26 +510,12 @@ def window_channel_profiles(
     the only step left out, so refinement can cache these profiles and reweight channels when
     f', f'' change (Sauter et al. 2020).  Differentiable in the scene tensors.
     """
-    device = scene.panels.origin_mm.device
     sources = scene.sources
-    if max_terms_per_chunk is None:
-        max_terms_per_chunk = 1 << (29 if device.type == "cuda" else 22)
-    area = windows.n_fast * windows.n_slow
-    end = torch.cumsum(area, 0)
-    total = int(end[-1]) if area.numel() else 0
     n_channels = int(sources.channel.max()) + 1 if sources.n_sources else 0
-    per_pixel = scene.oversample**2 * scene.panels.n_layers * sources.n_sources
-    chunk = min(max(1, max_terms_per_chunk // per_pixel), max(total, 1))
-    pieces = []
-    for start in range(0, total, chunk):
-        pixel = torch.arange(start, min(start + chunk, total), device=device)
-        window = torch.searchsorted(end, pixel, right=True)
-        local = pixel - (end[window] - area[window])
-        _, photons = _pixel_source_photons(scene, windows, window, local, torch.zeros_like(pixel, dtype=torch.bool))
-        per_channel = photons.new_zeros((photons.shape[0], n_channels)).index_add(1, sources.channel, photons)
-        pieces.append(per_channel)
-    if not pieces:
-        return torch.zeros((0, n_channels), dtype=scene.panels.origin_mm.dtype, device=device)
+    pieces = [torch.zeros((0, n_channels), dtype=scene.panels.origin_mm.dtype, device=scene.panels.origin_mm.device)]
+    for window, local, pad, n in _pixel_chunks(scene, windows, max_terms_per_chunk):
+        _, photons = _pixel_source_photons(scene, windows, window, local, pad)
+        pieces.append(photons.new_zeros((photons.shape[0], n_channels)).index_add(1, sources.channel, photons)[:n])
     return torch.cat(pieces)
 
 

@@ -29,7 +29,8 @@ def _curve_draws(sites, theta: torch.Tensor, cov: torch.Tensor, energy: torch.Te
     return torch.stack([torch.stack(sites.curves(t, energy)) for t in draws])
 
 
-def write_outputs(ctx, results: dict, refinement, refs, draws: torch.Tensor, band) -> None:
+def write_outputs(ctx, results: dict, refinement, refs, draws: torch.Tensor, band, truth_curves=None) -> None:
+    """Every file of the run (module docstring); ``truth_curves``: the simulated curve per site, or None."""
     params = ctx.params
     prefix = params.output.prefix
     sites = refinement.sites
@@ -76,7 +77,6 @@ def write_outputs(ctx, results: dict, refinement, refs, draws: torch.Tensor, ban
     if params.plots:
         from spread_dials.plots.refine import plot_edge_shifts, plot_nll, plot_site_curves
 
-        truth = _truth_curves(params.truth)
         curves = []
         for s in range(sites.n_sites):
             states = {c.label: tuple(x.numpy() for x in c.to(dtype=torch.float64).at(energy)) for c in refs.state_curves[s].values()}
@@ -84,18 +84,12 @@ def write_outputs(ctx, results: dict, refinement, refs, draws: torch.Tensor, ban
                 "label": sites.group_labels[int(sites.group[s])], "f_prime": fp[s].numpy(), "f_double_prime": fdp[s].numpy(),
                 "band68": np.quantile(samples[:, :, s].numpy(), [0.16, 0.84], axis=0).transpose(1, 0, 2),
                 "band95": np.quantile(samples[:, :, s].numpy(), [0.025, 0.975], axis=0).transpose(1, 0, 2),
-                "states": states, "truth": None if truth is None else truth[s],
+                "states": states,
+                "truth": None if truth_curves is None else tuple(x.numpy() for x in (
+                    truth_curves[s].energy_eV, truth_curves[s].f_prime, truth_curves[s].f_double_prime)),
             })  # fmt: skip
         written.append(plot_site_curves(energy.numpy(), curves, ctx.output_path(f"{prefix}_fp_fdp.png")))
         if results["sites"]:
             written.append(plot_edge_shifts(results["sites"], ctx.output_path(f"{prefix}_edge_shifts.png")))
         written.append(plot_nll(results["history"], ctx.output_path(f"{prefix}_nll.png")))
     logger.info("Wrote %s", ", ".join(str(p) for p in written))
-
-
-def _truth_curves(path):
-    if not path:
-        return None
-    record = json.loads(open(path).read())
-    e = np.array(record["channels_eV"])
-    return [(e, np.array(s["f_prime"]), np.array(s["f_double_prime"])) for s in record["sites"]]

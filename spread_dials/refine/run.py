@@ -37,7 +37,7 @@ def _pairs(experiments, reflections) -> list[tuple[Path, Path]]:
     return [(Path(e), Path(r)) for e, r in zip(experiments, reflections)]
 
 
-def _crystal_model(params, shots) -> CrystalModel:
+def _crystal_model(params) -> CrystalModel:
     c = params.crystal
     fluence = params.beam.photons / (math.pi * (0.5e-6 * params.beam.diameter_um) ** 2)
     return CrystalModel(tuple(float(x) for x in c.ncells_abc), float(c.mosaic_spread_deg), int(c.mosaic_domains),
@@ -63,6 +63,7 @@ def _fingerprint(params, pairs) -> str:
 
 def run_refinement(ctx, experiments, reflections) -> dict:
     """The whole job for ``ctx.params`` (see command_line/refine.py)."""
+    from spread_dials.adapters.anomalous_setup import atom_name
     from spread_dials.refine.loader import load_shots
     from spread_dials.refine.setup import prepare_structure, site_references
 
@@ -112,7 +113,7 @@ def run_refinement(ctx, experiments, reflections) -> dict:
     prepared, table, free_atom_table = prepare_structure(params.structure, d_min, 0.5 * (band[0] + band[1]))
     refs = site_references(params.reference, prepared.sites, band, free_atom_table)
     if params.model.tie == "atom_name":
-        names = [s.label.split("/")[-1].split(" ")[0].upper() for s in prepared.sites]
+        names = [atom_name(s) for s in prepared.sites]
         labels = list(dict.fromkeys(names))
         group = [labels.index(n) for n in names]
     else:
@@ -131,35 +132,33 @@ def run_refinement(ctx, experiments, reflections) -> dict:
     logger.info("Sites: %s; model %s with %d parameters", ", ".join(f"{s.label} [{r.label}]" for s, r in zip(prepared.sites, refs.reference)),
                 sites.kind, sites.initial().numel())  # fmt: skip
 
-    model = _crystal_model(params, shots)
+    model = _crystal_model(params)
     settings = RefineSettings(params.refinement.macrocycles, params.refinement.nll_tolerance, params.refinement.stage1_iterations,
                               params.refinement.stage2_iterations,
                               params.readout_sigma_photons if params.likelihood == "gaussian_readout" else None,
                               params.refinement.refine_orientation)  # fmt: skip
-    local_shots = shots
-    if params.controls.spoil_hkl or params.controls.shuffle_channels:
-        if params.controls.shuffle_channels:
-            logger.info("NEGATIVE CONTROL: channel energies shuffled for f'/f'' (the kernel keeps the true ones)")
-        if params.controls.spoil_hkl:
-            logger.info("NEGATIVE CONTROL: structure factors looked up at h, k, l+1")
+    if params.controls.shuffle_channels:
+        logger.info("NEGATIVE CONTROL: channel energies shuffled for f'/f'' (the kernel keeps the true ones)")
+    if params.controls.spoil_hkl:
+        logger.info("NEGATIVE CONTROL: structure factors looked up at h, k, l+1")
     checkpoint = ctx.output_path(f"{params.output.prefix}.checkpoint.pt")
     fingerprint = _fingerprint(params, pairs)
     saved = _load_checkpoint(checkpoint, fingerprint) if params.refinement.resume else None
     rotations = None
     if saved is not None:
-        rotations = [torch.tensor(saved["states"][s.identifier]["rotation"], dtype=torch.float64) for s in local_shots.shots]
+        rotations = [torch.tensor(saved["states"][s.identifier]["rotation"], dtype=torch.float64) for s in shots.shots]
     t1 = time.perf_counter()
-    caches = make_caches(local_shots, table, model, rotations, spoil_hkl=params.controls.spoil_hkl,
+    caches = make_caches(shots, table, model, rotations, spoil_hkl=params.controls.spoil_hkl,
                          shuffle_seed=params.random.seed if params.controls.shuffle_channels else None)  # fmt: skip
     logger.info("Profiles of %d local stills in %.1f s", len(caches), time.perf_counter() - t1)
-    refinement = Refinement(local_shots, shot_index, n_shots, caches, [], sites, sites.initial(), model, comm, settings)
+    refinement = Refinement(shots, shot_index, n_shots, caches, [], sites, sites.initial(), model, comm, settings)
     start_cycle = 0
     if saved is not None:
         refinement.theta = torch.tensor(saved["theta"], dtype=torch.float64)
         refinement.states = [ShotState(torch.tensor(saved["states"][s.identifier]["log_scale"], dtype=torch.float64),
                                        torch.tensor(saved["states"][s.identifier]["rotation"], dtype=torch.float64),
                                        torch.tensor(saved["states"][s.identifier]["background"], dtype=torch.float64))
-                             for s in local_shots.shots]  # fmt: skip
+                             for s in shots.shots]  # fmt: skip
         refinement.history = saved["history"]
         start_cycle = int(saved["macrocycle"])
         logger.info("Resuming after macrocycle %d (%s)", start_cycle, checkpoint.name)
@@ -230,7 +229,8 @@ def _report(ctx, refinement: Refinement, refs, prepared, band, n_shots, n_sb, n_
     sigma_boot = draws.std(0) if draws.shape[0] > 1 else torch.full_like(theta, float("nan"))
     names = sites.parameter_names()
     rows, pairs = [], []
-    truth = _truth_shifts(params.truth, refs, prepared, band) if params.truth else None
+    truth_curves = _truth_curves(params.truth, len(prepared.sites)) if params.truth else None
+    truth = _truth_shifts(truth_curves, refs) if truth_curves else None
     if sites.kind == "edge_shift":
         for g, label in enumerate(sites.group_labels):
             members = [s for s in range(sites.n_sites) if int(sites.group[s]) == g]
@@ -272,16 +272,18 @@ def _report(ctx, refinement: Refinement, refs, prepared, band, n_shots, n_sb, n_
     if comm.is_root:
         from spread_dials.refine.outputs import write_outputs
 
-        write_outputs(ctx, results, refinement, refs, draws, band)
+        write_outputs(ctx, results, refinement, refs, draws, band, truth_curves)
     _log_table(rows, pairs)
     return results
 
 
-def _truth_shifts(path, refs, prepared, band) -> list[float]:
-    """Each site's true edge shift (eV) against its reference: the rigid shift of the simulated
-    curve (``images_run.json``: f', f'' per site and channel) onto the reference."""
+def _truth_curves(path, n_sites: int) -> list:
+    """The simulated f'/f'' of every site (``images_run.json``: per site and channel) as curves.
+
+    Raises:
+        SpreadError: not a run record, or another number of sites than the refinement's.
+    """
     from spread_dials.physics.anomalous import TabulatedCurve
-    from spread_dials.refine.references import rigid_shift_eV
 
     try:
         record = json.loads(Path(path).read_text())
@@ -289,14 +291,18 @@ def _truth_shifts(path, refs, prepared, band) -> list[float]:
         truth_sites = record["sites"]
     except (OSError, ValueError, KeyError) as e:
         raise SpreadError(f"truth={path}: not a dials.spread_simulate run record ({e})") from None
-    if len(truth_sites) != len(prepared.sites):
-        raise SpreadError(f"truth={path} has {len(truth_sites)} sites but the refinement {len(prepared.sites)}")
-    out = []
-    for s, site in enumerate(truth_sites):
-        curve = TabulatedCurve(energies, torch.tensor(site["f_prime"], dtype=torch.float64),
-                               torch.tensor(site["f_double_prime"], dtype=torch.float64), "truth")  # fmt: skip
-        out.append(rigid_shift_eV(curve, refs.reference[s], float(energies[1]), float(energies[-2])))
-    return out
+    if len(truth_sites) != n_sites:
+        raise SpreadError(f"truth={path} has {len(truth_sites)} sites but the refinement {n_sites}")
+    return [TabulatedCurve(energies, torch.tensor(site["f_prime"], dtype=torch.float64),
+                           torch.tensor(site["f_double_prime"], dtype=torch.float64), "truth") for site in truth_sites]  # fmt: skip
+
+
+def _truth_shifts(curves, refs) -> list[float]:
+    """Each site's true edge shift (eV) against its reference: the rigid shift of the simulated
+    curve onto the reference over the channels (the outermost channel each side left out)."""
+    from spread_dials.refine.references import rigid_shift_eV
+
+    return [rigid_shift_eV(c, refs.reference[s], float(c.energy_eV[1]), float(c.energy_eV[-2])) for s, c in enumerate(curves)]
 
 
 def _log_table(rows, pairs) -> None:

@@ -17,7 +17,6 @@ import logging
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from spread_dials.physics.anomalous import TabulatedCurve
 from spread_dials.physics.oxidation_states import ROMAN, mn_oxidation_state_curves

@@ -24,6 +24,7 @@ from spread_dials.physics.sparse import BraggWindows, predict_windows, window_ph
 from spread_dials.physics.structure_factors import StructureFactors
 from spread_dials.refine.profiles import CrystalModel, shoebox_windows
 from spread_dials.refine.shots import Shoeboxes, Shot, ShotSet
+from spread_dials.simulation.plan import uniform_rotation
 
 __all__ = ["SyntheticTruth", "synthetic_shots"]
 
@@ -36,15 +37,6 @@ class SyntheticTruth:
     real_space: list[Tensor]
     rotation_error: list[Tensor]
     spot_scale: float
-
-
-def _random_rotation(rng: np.random.Generator) -> Tensor:
-    q = rng.normal(size=4)
-    q /= np.linalg.norm(q)
-    w, x, y, z = q
-    return torch.tensor([[1 - 2 * (y * y + z * z), 2 * (x * y - z * w), 2 * (x * z + y * w)],
-                         [2 * (x * y + z * w), 1 - 2 * (x * x + z * z), 2 * (y * z - x * w)],
-                         [2 * (x * z - y * w), 2 * (y * z + x * w), 1 - 2 * (x * x + y * y)]], dtype=torch.float64)  # fmt: skip
 
 
 def _boxes(windows: BraggWindows, margin: int, n_fast: int, n_slow: int) -> tuple[Tensor, ...]:
@@ -94,7 +86,7 @@ def synthetic_shots(
     rotations = mosaic_domain_rotations(model.mosaic_spread_deg, model.mosaic_domains, seed=model.seed, dtype=dtype)
     shots, reals, errors = [], [], []
     for i in range(n_shots):
-        real_space = unit_cell_real_space.to(dtype) @ _random_rotation(rng).T
+        real_space = unit_cell_real_space.to(dtype) @ torch.as_tensor(uniform_rotation(rng), dtype=dtype).T
         weight = torch.as_tensor(rng.gamma(2.0, size=energy_eV.numel()), dtype=dtype)
         sources = make_sources(energy_eV.to(dtype), weight, model.fluence_photons_per_m2, beam_direction=beam, e_vector=e_vector)
         crystal = Crystal(real_space, torch.tensor(model.ncells_abc, dtype=dtype), rotations, model.shape, spot_scale)

@@ -98,8 +98,7 @@ def curvature(refinement, observed: bool = True) -> CurvatureResult:
             parts = global_objective(t, refinement.caches, refinement.states, refinement.sites, refinement.settings.readout_sigma)
             return sum(parts) if parts else t.sum() * 0.0
 
-        local = [torch.autograd.functional.hessian(total, theta)]
-        observed_sum = refinement.comm.allreduce(local[0].numpy())
+        observed_sum = refinement.comm.allreduce(torch.autograd.functional.hessian(total, theta).numpy())
         observed_cov = _inverse(torch.as_tensor(observed_sum) + prior)
     return CurvatureResult(_inverse(profiled_sum + prior), _inverse(conditional_sum + prior), observed_cov)
 
