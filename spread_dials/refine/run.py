@@ -92,8 +92,10 @@ def run_refinement(ctx, experiments, reflections) -> dict:
     if n_shots == 0:
         raise SpreadError("no still has enough integrated shoeboxes to refine")
     shots = _common_sensor(shots, comm, counts)
-    offset = sum(counts[: comm.rank])
-    shot_index = list(range(offset, offset + (len(shots.shots) if shots else 0)))
+    # the global still order is that of the experiment identifiers: the same on any number of ranks
+    identifiers = [s.identifier for s in shots.shots] if shots else []
+    order = {name: i for i, name in enumerate(sorted(x for part in comm.allgather(identifiers) for x in part))}
+    shot_index = [order[name] for name in identifiers]
     # global quantities: d_min, band
     d_local, lo_local, hi_local = [], [], []
     for shot in shots.shots if shots else []:
