@@ -4,6 +4,8 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # CPU torch by default (small, quick); GPU users: make install TORCH_SPEC="torch" (see INSTALL.md)
 TORCH_SPEC ?= torch==2.13.0
+# the linter that `make test` runs first (rules: [tool.ruff.lint] in pyproject.toml)
+RUFF_SPEC := ruff==0.17.5
 SYSPY := /usr/bin/python3
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT_PACKAGES := dials python3-dials python3-venv python3-h5py python3-mpi4py openmpi-bin
@@ -11,7 +13,7 @@ STAMP := $(VENV)/.spread_dials_installed
 export OMPI_ALLOW_RUN_AS_ROOT := 1
 export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1
 
-.PHONY: install demo test test-gpu clean
+.PHONY: install demo lint test test-gpu clean
 
 install: $(STAMP)
 
@@ -19,7 +21,7 @@ $(STAMP): pyproject.toml Makefile
 	@if [ ! -x /usr/bin/dials.stills_process ] || ! $(SYSPY) -c "import h5py, mpi4py, dials" 2>/dev/null; then \
 	  $(SUDO) apt-get update && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y --no-install-recommends $(APT_PACKAGES); fi
 	$(SYSPY) -m venv --system-site-packages $(VENV)
-	$(VENV)/bin/pip install -q "$(TORCH_SPEC)" isal pytest
+	$(VENV)/bin/pip install -q "$(TORCH_SPEC)" isal pytest "$(RUFF_SPEC)"
 	@# libtbx looks for its build dir under the venv prefix: link Debian's
 	@v=$$($(SYSPY) -c 'import sys; print("python%d.%d" % sys.version_info[:2])'); \
 	  mkdir -p $(VENV)/lib/cctbx && ln -sfn /usr/lib/cctbx/$$v $(VENV)/lib/cctbx/$$v
@@ -31,7 +33,10 @@ $(STAMP): pyproject.toml Makefile
 demo: install
 	PATH="$(CURDIR)/$(VENV)/bin:$$PATH" bash scripts/demo.sh demo_output
 
-test: install
+lint: install
+	$(VENV)/bin/ruff check .
+
+test: lint
 	$(PY) -m pytest -q -ra tests
 
 # On a machine with torch + CUDA but no DIALS/cctbx (only the pure-torch physics tests).

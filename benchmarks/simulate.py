@@ -78,7 +78,7 @@ def end_to_end(args: argparse.Namespace) -> dict:
         ]  # fmt: skip
         t0 = time.perf_counter()
         # the program's console output is not part of the result
-        stdout, sys.stdout = sys.stdout, open(os.devnull, "w")  # noqa: SIM115
+        stdout, sys.stdout = sys.stdout, open(os.devnull, "w")
         try:
             simulate.run(argv)
         finally:
@@ -130,7 +130,7 @@ def synthetic_images(
     p, ns, nf = shape
     yy, xx = np.meshgrid(np.arange(ns), np.arange(nf), indexing="ij")
     images = []
-    for i in range(n):
+    for _ in range(n):
         # each panel sits at some "radius": the background follows a ring profile
         radius = rng.uniform(0.0, 1.0, size=(p, 1, 1)) + (yy / ns * 0.05)[None]
         background = 0.1 + 1.4 * np.exp(-(((radius - 0.55) / 0.15) ** 2))

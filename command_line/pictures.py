@@ -105,9 +105,9 @@ def _xy(table, column: str) -> np.ndarray:
 
 def _processed_files(processed: Path, container: str, index: int) -> dict[str, Path]:
     """The stills_process files of one image (found through the experiments' image keys)."""
-    from spread_dials.validation.compare import find_processed, image_key
-
     from dxtbx.model.experiment_list import ExperimentListFactory
+
+    from spread_dials.validation.compare import find_processed, image_key
 
     for expt_file in find_processed(processed):
         experiments = ExperimentListFactory.from_json_file(str(expt_file), check_format=False)

@@ -37,8 +37,8 @@ import os
 import sys
 import types
 
-from spread_dials.util.program import handle_errors
 from spread_dials.util.errors import SpreadError
+from spread_dials.util.program import handle_errors
 
 __all__ = ["install_mono_sim_stub", "resolve_arguments", "run"]
 
@@ -101,7 +101,7 @@ def resolve_arguments(args: list[str], phil=None) -> list[str]:
             if interpreter is not None:
                 try:
                     sources.append(interpreter.process(arg=arg))
-                except Exception as e:  # libtbx's Sorry for an unknown name
+                except Exception as e:  # noqa: BLE001  libtbx's Sorry for an unknown name
                     raise SpreadError(f"unknown parameter {arg!r}: {e}") from None
             if arg.split("=", 1)[0].strip() in ("input.glob", "glob", "input.file_list", "file_list"):
                 inputs += 1
@@ -120,7 +120,7 @@ def resolve_arguments(args: list[str], phil=None) -> list[str]:
     if sources:
         try:
             phil.fetch(sources=sources).extract()
-        except Exception as e:  # libtbx.phil reports bad values as RuntimeError
+        except Exception as e:  # noqa: BLE001  libtbx.phil reports bad values as RuntimeError
             message = str(e)
             if message.startswith("Please report this error"):  # DIALS' wrapper text around the real message
                 message = message.split(": ", 1)[-1]

@@ -122,7 +122,7 @@ def default_model_path() -> Path:
         found = env.find_in_repositories(relative_path=RUBREDOXIN_RELATIVE_PATH, test=os.path.isfile)
         if found:
             candidates.append(Path(found))
-    except Exception:  # libtbx without a build environment: fall back to the package path
+    except Exception:  # noqa: BLE001  libtbx without a build environment: fall back to the package path
         pass
     try:
         import mmtbx

@@ -12,8 +12,8 @@ from spread_dials.physics.crystal import Crystal, mosaic_domain_rotations, real_
 from spread_dials.physics.dense import simulate_dense
 from spread_dials.physics.geometry import PanelArray
 from spread_dials.physics.kramers_kronig import kramers_kronig
-from spread_dials.physics.spectra import channel_energies, rebin_spectrum, sase_spectrum, spectrum_centroid
 from spread_dials.physics.sparse import BraggWindows, predict_windows, simulate_sparse, window_photons
+from spread_dials.physics.spectra import channel_energies, rebin_spectrum, sase_spectrum, spectrum_centroid
 from spread_dials.physics.structure_factors import StructureFactors, constant_structure_factors
 
 __all__ = [

@@ -18,8 +18,8 @@ from spread_dials.physics.constants import R_E_SQ_M2
 from spread_dials.physics.crystal import Crystal
 from spread_dials.physics.geometry import (
     PanelArray,
-    dot3,
     capture_fraction,
+    dot3,
     kahn_polarization,
     layer_mean_depth_mm,
     pixel_surface_position_mm,

@@ -34,9 +34,9 @@ from torch import Tensor
 
 from spread_dials.physics.bragg import Scene, SensorPoints, bragg_term, photon_scale, sensor_points, subpixel_offsets
 from spread_dials.physics.crystal import max_rotation_angle_rad
+from spread_dials.physics.fusion import fused
 from spread_dials.physics.geometry import PanelArray, dot3, layer_mean_depth_mm
 from spread_dials.physics.lattice import cutoff_radius
-from spread_dials.physics.fusion import fused
 from spread_dials.physics.tensors import TensorFields
 
 __all__ = [

@@ -18,7 +18,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from spread_dials.detectors.layout import DetectorLayout, layout_from_dxtbx_dict, panel_array_from_layout, silicon_mu_per_mm
+from spread_dials.detectors.layout import (
+    DetectorLayout,
+    layout_from_dxtbx_dict,
+    panel_array_from_layout,
+    silicon_mu_per_mm,
+)
 from spread_dials.physics.beam import gaussian_spectrum
 from spread_dials.physics.constants import HC_EV_A
 from spread_dials.physics.geometry import PanelArray
@@ -222,7 +227,12 @@ def build_setup(params, device: torch.device, dtype: torch.dtype) -> RunSetup:
         resolve_structure_params,
         site_oxidation_states,
     )
-    from spread_dials.adapters.structure_factors import default_model_path, load_model, prepare_structure_factors, select_sites
+    from spread_dials.adapters.structure_factors import (
+        default_model_path,
+        load_model,
+        prepare_structure_factors,
+        select_sites,
+    )
 
     check_parameters(params)
     energy = mean_energy_eV(params)

@@ -98,11 +98,11 @@ def load_truth(expt_path: str | Path, refl_path: str | Path) -> dict[ImageKey, T
             raise SpreadError(f"truth file not found: {path}")
     try:
         experiments = ExperimentListFactory.from_json_file(str(expt_path), check_format=False)
-    except Exception as e:  # dxtbx raises many kinds for a bad file
+    except Exception as e:  # noqa: BLE001  dxtbx raises many kinds for a bad file
         raise SpreadError(f"cannot read the truth experiments {expt_path}: {e}") from None
     try:
         table = flex.reflection_table.from_file(str(refl_path))
-    except Exception as e:
+    except Exception as e:  # noqa: BLE001  so does flex.reflection_table.from_file
         raise SpreadError(f"cannot read the truth reflections {refl_path}: {e}") from None
     missing = [c for c in ("miller_index", "panel", "xyzcal.px", "intensity.sum.value", "id") if c not in table]
     if missing:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
-
 from cctbx.eltbx import henke, sasaki
 
 from spread_dials.adapters.free_atom import free_atom_curve, free_atom_fp_fdp

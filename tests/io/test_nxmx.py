@@ -86,7 +86,7 @@ def test_small_detector_read_by_stock_dials_import(small):
     for i, expt in enumerate(experiments):
         assert expt.beam.get_wavelength() == pytest.approx(WAVELENGTHS[i], abs=1e-12)
         _assert_same_geometry(expt.detector, truth)
-        for k, panel in enumerate(expt.detector):
+        for panel in expt.detector:
             assert panel.get_thickness() == pytest.approx(0.32)
             assert panel.get_material() == "Si"
         raw = expt.imageset.get_raw_data(0)
@@ -118,7 +118,7 @@ def test_incomplete_container_leaves_no_file(tmp_path):
     with pytest.raises(ZeroDivisionError):
         with NXmxWriter(tmp_path / "a.h5", layout, 2) as writer:
             writer.write_image(0, images[0], 1.3)
-            1 / 0
+            raise ZeroDivisionError("the writer's caller failed")
     with pytest.raises(RuntimeError, match="never written"):
         with NXmxWriter(tmp_path / "b.h5", layout, 2) as writer:
             writer.write_image(1, images[1], 1.3)

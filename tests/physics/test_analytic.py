@@ -8,8 +8,15 @@ import numpy as np
 import pytest
 import torch
 
-from spread_dials.physics import Crystal, PanelArray, Scene, constant_structure_factors, make_sources
-from spread_dials.physics import simulate_dense, simulate_sparse
+from spread_dials.physics import (
+    Crystal,
+    PanelArray,
+    Scene,
+    constant_structure_factors,
+    make_sources,
+    simulate_dense,
+    simulate_sparse,
+)
 from spread_dials.physics.constants import HC_EV_A, R_E_SQ_M2
 from spread_dials.physics.geometry import capture_fraction, kahn_polarization, layer_mean_depth_mm, solid_angle
 from spread_dials.physics.lattice import lattice_factor

@@ -8,8 +8,8 @@ import threading
 import h5py
 import numpy as np
 import pytest
-from spread_dials.command_line import simulate
 
+from spread_dials.command_line import simulate
 from spread_dials.simulation import run as run_module
 
 SMALL = ["detector.type=simple", "detector.simple.n_fast=96", "detector.simple.n_slow=80", "detector.distance_mm=40",

@@ -14,7 +14,6 @@ import math
 import numpy as np
 import pytest
 import torch
-
 from cctbx import miller
 from cctbx.array_family import flex
 

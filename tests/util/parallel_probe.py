@@ -19,7 +19,7 @@ if len(sys.argv) > 3:
 
 logging.basicConfig(level=logging.INFO, format="%(name)s %(levelname)s %(message)s")
 
-from spread_dials.parallel import mpi_context
+from spread_dials.parallel import mpi_context  # noqa: E402  after sys.modules is set up
 
 mpi = mpi_context(sys.argv[1])
 mine = mpi.stripe(["a", "b", "c", "d", "e"])
