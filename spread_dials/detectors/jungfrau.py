@@ -13,11 +13,15 @@ from the global panel centres after composing its hierarchy:
 * Quadrants: centred at (+-77.72, +-82.08) mm from the detector centre (Q0 at -x -y, Q1 +x -y,
   Q2 -x +y, Q3 +x +y), each shifted by 2.55 mm at right angles to its direction from the
   centre (a pinwheel that leaves a small hole around the beam).
+* Panel numbers (dxtbx panel index, NXmx module order) are the real file's: quadrant Q0..Q3,
+  then its modules in the text order of their panel names (ARRAY_D0Q0M12A0 sorts before
+  ARRAY_D0Q0M1A0, so Q0 holds M0, M12, M13, M1, M4, M5, M8, M9), then ASIC A0..A7.  A per-panel mask or a reference geometry
+  made for the real detector therefore applies by index.
 * The detector plane is normal to the beam, ``distance_mm`` (119.5) from the sample, and the
   beam passes through the centre of the pinwheel.
 
 Group and panel names follow the NeXus file (``AXIS_D0``, ``AXIS_D0Q0``, ``AXIS_D0Q0M0``,
-``ARRAY_D0Q0M0A0``); panels are ordered quadrant, module number, ASIC.
+``ARRAY_D0Q0M0A0``).
 """
 
 from __future__ import annotations
@@ -66,7 +70,9 @@ def _quadrant(q: int, pixel_mm: float) -> Group:
     sx, sy = QUADRANT_SIGNS[q]
     x = sx * QUADRANT_HALF_PITCH_MM[0] - sy * PINWHEEL_SHIFT_MM
     y = sy * QUADRANT_HALF_PITCH_MM[1] + sx * PINWHEEL_SHIFT_MM
-    modules = [_module(q, row, col, pixel_mm) for row in range(4) for col in range(2)]
+    # the real detector's module order: its panel names as text (ARRAY_D0Q0M12A0 < ARRAY_D0Q0M1A0)
+    modules = sorted((_module(q, row, col, pixel_mm) for row in range(4) for col in range(2)),
+                     key=lambda module: module.children[0].name)  # fmt: skip
     return Group(f"AXIS_D0Q{q}", (x, y, 0.0), children=tuple(modules))
 
 

@@ -137,6 +137,21 @@ def test_panel_centres_and_orientation(real, ours):
     assert _angle_deg(o.slow_axis, r.slow_axis).max() < 0.5  # measured 0.39 degree
 
 
+def test_panel_numbers_are_the_real_detectors(shared_data, ours):
+    """Panel i of ours is panel i of the real metrology file (jungfrau16M.expt, every detector in
+    it): same name and the same place, so a real per-panel mask or geometry applies by index."""
+    with open(shared_data / "detectors" / "jungfrau16M.expt") as f:
+        detectors = json.load(f)["detector"]
+    our_layout, o = ours
+    for detector in detectors:
+        layout = layout_from_dxtbx_dict(detector)
+        r = flatten_layout(layout)
+        assert [_short(n) for n in r.names] == o.names
+        assert [_short(p["name"]) for p in detector["panels"]] == o.names  # dxtbx's own panel list
+        distance = np.linalg.norm(_centres(o, our_layout) - _centres(r, layout), axis=1)
+        assert distance.max() < 1.5  # as matched by name (test_panel_centres_and_orientation)
+
+
 def test_extent_distance_and_central_hole(real, ours):
     (real_layout, r), (our_layout, o) = real, ours
     kr, ko = _corners(r, real_layout), _corners(o, our_layout)
