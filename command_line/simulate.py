@@ -99,11 +99,15 @@ crystal
     .help = "Unit cells of one mosaic domain along a, b, c (sets the spot size)"
   mosaic_spread_deg = 0.05
     .type = float(value_min=0)
-    .help = "Isotropic rms mosaic rotation per axis (degrees)"
+    .help = "rms rotation angle of the mosaic domains (degrees): each domain turns about a"
+            "uniformly random axis by an angle drawn from N(0, mosaic_spread_deg), as in the"
+            "seed's simtbx scripts (LS49, ExaFEL). The rocking about any one axis has rms"
+            "mosaic_spread_deg / sqrt(3)"
   anisotropic_spread_deg = None
     .type = floats(size=3, value_min=0)
-    .help = "Optional rms mosaic rotations about the a, b, c axes (degrees), instead of the"
-            "isotropic spread"
+    .help = "Optional spreads along the a, b, c axes (degrees), instead of the isotropic"
+            "spread: the components of the random rotation along a, b, c are scaled by one"
+            "each, so three equal values are the isotropic spread of that value"
     .expert_level = 1
   mosaic_domains = 10
     .type = int(value_min=1)

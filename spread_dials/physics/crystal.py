@@ -86,27 +86,36 @@ def mosaic_domain_rotations(
     anisotropic_spread_deg: Tensor | None = None,
     dtype: torch.dtype = torch.float64,
 ) -> Tensor:
-    """Rotations of ``n_domains`` mosaic domains drawn from a seeded Gaussian.
+    """Rotations of ``n_domains`` mosaic domains: each a rotation about a uniformly random axis
+    by an angle drawn from N(0, spread), so the rms rotation angle is the spread itself.
 
-    Rotation vectors are sigma * z with z ~ N(0, I) drawn on the CPU from ``seed`` (so the
-    draw is identical on every device) and sigma the mosaic spread, which keeps the result
-    differentiable in the spread.  Draws come in antithetic pairs (z, -z) so the mean
-    orientation is unchanged.  An anisotropic spread gives one sigma per crystal axis a, b, c;
-    it needs ``real_space`` to find those axes.
+    This is the seed's mosaic model (LS49 / ExaFEL scripts over simtbx: a random point on the
+    sphere as the axis, a normal variate of sigma ``mosaic_spread_deg`` as the angle).  The
+    rocking component about any one fixed axis then has rms spread / sqrt(3).  Axis u and
+    angle factor g ~ N(0, 1) are drawn on the CPU from ``seed`` (so the draw is identical on
+    every device); the rotation vector is spread * g * u, linear in the spread, so the result
+    is differentiable in it.  Draws come in antithetic pairs (g u, -g u), which keeps the mean
+    orientation.  An anisotropic spread scales the components of g u along the crystal's unit
+    a, b, c axes by one spread each (equal spreads give the isotropic draw; with a
+    non-orthogonal cell the axes are not orthogonal and the scaling is approximate); it needs
+    ``real_space`` to find those axes.
 
     Args:
-        spread_deg: isotropic rms rotation angle per axis (degrees).
+        spread_deg: rms rotation angle of the domains (degrees).
         n_domains: number of domains (1 gives the identity).
         seed: random seed.
         real_space: (3, 3) rows a, b, c; required with ``anisotropic_spread_deg``.
-        anisotropic_spread_deg: optional (3,) spreads about the a, b, c axes (degrees).
+        anisotropic_spread_deg: optional (3,) spreads along the a, b, c axes (degrees) instead.
         dtype: dtype of the draw (the result follows the spread tensor's dtype if it has one).
     Returns:
         (n_domains, 3, 3) rotation matrices.
     """
     gen = torch.Generator(device="cpu").manual_seed(int(seed))
     n_half = (n_domains + 1) // 2
-    z = torch.randn(n_half, 3, generator=gen, dtype=torch.float64)
+    axis = torch.randn(n_half, 3, generator=gen, dtype=torch.float64)
+    axis = axis / axis.norm(dim=-1, keepdim=True)  # uniform on the unit sphere
+    angle = torch.randn(n_half, 1, generator=gen, dtype=torch.float64)
+    z = axis * angle
     z = torch.cat([z, -z], 0)[:n_domains] if n_domains > 1 else torch.zeros(1, 3, dtype=torch.float64)
     ref = anisotropic_spread_deg if anisotropic_spread_deg is not None else spread_deg
     if isinstance(ref, Tensor):
@@ -117,8 +126,8 @@ def mosaic_domain_rotations(
     if anisotropic_spread_deg is not None:
         if real_space is None:
             raise ValueError("an anisotropic mosaic spread needs the crystal's real_space axes")
-        axes = real_space / real_space.norm(dim=-1, keepdim=True)  # rows: unit a, b, c
-        rotvec = (z * anisotropic_spread_deg * deg) @ axes.to(z.dtype)
+        axes = (real_space / real_space.norm(dim=-1, keepdim=True)).to(z.dtype)  # rows: unit a, b, c
+        rotvec = ((z @ axes.transpose(-1, -2)) * anisotropic_spread_deg * deg) @ axes
     else:
         rotvec = z * (spread_deg * deg)
     return rotation_from_vector(rotvec)
