@@ -94,9 +94,21 @@ crystal
   .help = "The mosaic crystal of every shot (unit cell and space group come from the model;"
           "the resolution limit is structure.d_min)"
 {
-  ncells_abc = 30 30 30
+  domain_size_A = 4000
+    .type = float(value_min=1)
+    .help = "Effective mosaic domain size (A): the diameter of a sphere of the domain's"
+            "volume. Sets the unit cells of a domain (crystal.ncells_abc, the spot size):"
+            "pi/6 domain_size_A^3 / V_cell cells, with one real-space extent along a, b, c"
+  length_um = 4
+    .type = float(value_min=0)
+    .help = "Crystal path length along the beam (um). With beam.diameter_um it sets the"
+            "illuminated volume pi/4 diameter^2 length (a crystal at least as wide as the"
+            "beam), hence the domains in the beam (crystal.spot_scale)"
+  ncells_abc = None
     .type = floats(size=3, value_min=1)
-    .help = "Unit cells of one mosaic domain along a, b, c (sets the spot size)"
+    .help = "Explicit unit cells of one mosaic domain along a, b, c (sets the spot size)."
+            "None: derived from domain_size_A. When given it wins; the derived spot scale"
+            "then counts domains of these cells, so the cells in the beam stay the same"
   mosaic_spread_deg = 0.05
     .type = float(value_min=0)
     .help = "rms rotation angle of the mosaic domains (degrees): each domain turns about a"
@@ -122,9 +134,13 @@ crystal
   fixed_rotation_deg = 0 0 0
     .type = floats(size=3)
     .help = "Rotation vector (axis times angle, degrees) of the fixed orientation"
-  spot_scale = 1.0
+  spot_scale = None
     .type = float(value_min=0)
-    .help = "Dimensionless scale of the Bragg intensity (number of such domains in the beam)"
+    .help = "Explicit number of domains in the beam (the dimensionless scale of the Bragg"
+            "intensity). None: the illuminated volume over the volume of one domain of"
+            "ncells_abc cells. When given it wins: with the fluence and ncells_abc it alone"
+            "sets the Bragg brightness"
+    .expert_level = 1
 }
 beam
   .help = "The XFEL pulse (lab frame: beam along -z, electric field along x)"
@@ -165,7 +181,10 @@ beam
     .help = "Photons per pulse at the sample (> 0)"
   diameter_um = 1.0
     .type = float
-    .help = "Beam diameter (um, > 0); fluence = photons / (pi (diameter/2)^2)"
+    .help = "Diameter of the round top-hat beam (um, > 0). It sets both the fluence,"
+            "photons / (pi/4 diameter^2), and the illuminated crystal volume, pi/4"
+            "diameter^2 crystal.length_um, so with a derived spot scale the Bragg photons do"
+            "not depend on it (docs/brightness.md)"
   polarization_fraction = 0.999
     .type = float(value_min=0, value_max=1)
     .help = "Kahn polarization factor (electric field along lab x)"

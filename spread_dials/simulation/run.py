@@ -32,6 +32,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 import spread_dials
 from spread_dials.io.compression import ChunkCompressor, default_workers
 from spread_dials.io.nxmx import NXmxWriter
@@ -46,7 +48,7 @@ from spread_dials.simulation.truth import (
 from spread_dials.util.atomic import write_text_atomic
 from spread_dials.util.errors import SpreadError
 
-__all__ = ["RunFiles", "parameter_values", "fingerprint", "run_simulation"]
+__all__ = ["RunFiles", "parameter_values", "fingerprint", "photon_summary", "run_simulation"]
 
 logger = logging.getLogger("dials.spread.simulate")
 
@@ -180,7 +182,13 @@ def _run_record(ctx, phil, values: dict[str, str], setup, summary: dict | None) 
         "crystal": {
             "unit_cell": list(setup.unit_cell),
             "space_group": setup.space_group,
-            "ncells_abc": list(params.crystal.ncells_abc),
+            "domain_size_A": params.crystal.domain_size_A,
+            "length_um": params.crystal.length_um,
+            "ncells_abc": list(setup.brightness.ncells_abc),
+            "ncells_abc_source": setup.brightness.ncells_source,
+            "spot_scale": setup.brightness.spot_scale,
+            "spot_scale_source": setup.brightness.spot_scale_source,
+            "unit_cells_in_beam": setup.brightness.cells_in_beam,
             "mosaic_spread_deg": params.crystal.mosaic_spread_deg,
             "mosaic_domains": params.crystal.mosaic_domains,
             "shape": params.crystal.shape,
@@ -311,7 +319,8 @@ def run_simulation(ctx, program_phil) -> dict[str, Any] | None:
     t0 = time.perf_counter()
     done = 0
     simulate_seconds = 0.0
-    stats = {"windows": 0, "spots": 0, "bragg_photons": 0.0}
+    stats = {"windows": 0, "spots": 0}
+    photons = {"bragg": [], "background": [], "peak": []}  # per shot, for the summary
     written = _WriteStats()
     compressor = ChunkCompressor(workers, params.output.compression, params.output.compression_level,
                                  encoder=params.output.deflate)  # fmt: skip
@@ -340,13 +349,17 @@ def run_simulation(ctx, program_phil) -> dict[str, Any] | None:
                 last = results[-1]
                 stats["windows"] += last.n_windows
                 stats["spots"] += len(last.spots["intensity"])
-                stats["bragg_photons"] += last.bragg_photons
+                photons["bragg"].append(last.bragg_photons)
+                photons["background"].append(last.background_photons)
+                photons["peak"].append(last.peak_bragg_photons)
                 elapsed = time.perf_counter() - t0
                 rate = done / elapsed if elapsed > 0 else float("inf")
                 logger.info(
-                    "Shot %d (%d/%d): %d windows, %d spots, %.4g Bragg photons, %.2f s | %.2f shots/s, ETA %s",
+                    "Shot %d (%d/%d): %d windows, %d spots, %.4g Bragg photons (peak pixel %.4g), %.4g background "
+                    "photons, %.2f s | %.2f shots/s, ETA %s",
                     shot, done, n_todo, last.n_windows, len(last.spots["intensity"]), last.bragg_photons,
-                    last.seconds, rate, _format_seconds((n_todo - done) / rate if rate > 0 else 0.0),
+                    last.peak_bragg_photons, last.background_photons, last.seconds, rate,
+                    _format_seconds((n_todo - done) / rate if rate > 0 else 0.0),
                 )  # fmt: skip
             queue.call(_finish_container, files, setup, c, writer, results, written)
         queue.drain()
@@ -372,7 +385,7 @@ def run_simulation(ctx, program_phil) -> dict[str, Any] | None:
                            "raw_bytes": written.raw_bytes, "simulate_seconds": simulate_seconds,
                            "compress_seconds": written.compress_seconds, "hdf5_seconds": written.write_seconds,
                            "truth_seconds": written.truth_seconds, "wait_seconds": queue.wait_seconds,
-                           **stats})  # fmt: skip
+                           "photons": photons, **stats})  # fmt: skip
     mpi.barrier()
     if not mpi.is_root:
         return None
@@ -402,6 +415,7 @@ def run_simulation(ctx, program_phil) -> dict[str, Any] | None:
         "bytes_written": total_bytes,
         "bytes_per_image": total_bytes / shots if shots else None,
         "true_spots": sum(r["spots"] for r in per_rank),
+        "photons_per_still": photon_summary([r["photons"] for r in per_rank]),
         "experiments": n_expt,
         "reflections": n_refl,
         "device": str(ctx.device),
@@ -412,6 +426,34 @@ def run_simulation(ctx, program_phil) -> dict[str, Any] | None:
         shots, params.nimages - shots, wall, mpi.size, summary["shots_per_second"] or 0.0,
         summary["bytes_per_image"] or 0.0,
     )  # fmt: skip
+    per_still = summary["photons_per_still"]
+    if per_still:
+        logger.info(
+            "Photons per still (expected, this run's %d simulated stills): Bragg mean %.4g (%.4g-%.4g), background "
+            "mean %.4g; the strongest spot's peak pixel: median %.4g, max %.4g Bragg photons",
+            per_still["stills"], per_still["bragg_mean"], per_still["bragg_min"], per_still["bragg_max"],
+            per_still["background_mean"], per_still["peak_median"], per_still["peak_max"],
+        )  # fmt: skip
     logger.info("Truth: %s (%d experiments), %s (%d true spots); run record %s", files.expt, n_expt, files.refl,
                 n_refl, files.run_json)  # fmt: skip
     return summary
+
+
+def photon_summary(per_rank: list[dict[str, list[float]]]) -> dict[str, float] | None:
+    """Expected photons per still over the simulated stills of every rank: Bragg (mean, min,
+    max), background (mean), and the strongest spot's peak pixel (median, max); None when no
+    still was simulated (a resumed, finished run)."""
+    bragg = np.concatenate([np.asarray(r["bragg"], dtype=np.float64) for r in per_rank])
+    if bragg.size == 0:
+        return None
+    background = np.concatenate([np.asarray(r["background"], dtype=np.float64) for r in per_rank])
+    peak = np.concatenate([np.asarray(r["peak"], dtype=np.float64) for r in per_rank])
+    return {
+        "stills": int(bragg.size),
+        "bragg_mean": float(bragg.mean()),
+        "bragg_min": float(bragg.min()),
+        "bragg_max": float(bragg.max()),
+        "background_mean": float(background.mean()),
+        "peak_median": float(np.median(peak)),
+        "peak_max": float(peak.max()),
+    }

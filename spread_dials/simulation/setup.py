@@ -27,6 +27,7 @@ from spread_dials.detectors.layout import (
 from spread_dials.physics.beam import gaussian_spectrum
 from spread_dials.physics.constants import HC_EV_A
 from spread_dials.physics.geometry import PanelArray
+from spread_dials.physics.microcrystal import Brightness, brightness
 from spread_dials.physics.sparse import detector_d_min
 from spread_dials.physics.spectra import channel_energies, rebin_spectrum, sase_spectrum, spectrum_centroid
 from spread_dials.physics.still import AmorphousMaterial, DetectorResponse
@@ -61,6 +62,8 @@ def check_parameters(params) -> None:
         raise SpreadError(f"beam.photons (photons per pulse, sets the fluence) must be > 0, not {beam.photons}")
     if beam.diameter_um is None or not beam.diameter_um > 0:
         raise SpreadError(f"beam.diameter_um must be > 0 um, not {beam.diameter_um}")
+    if params.crystal.spot_scale is None and not params.crystal.length_um > 0:
+        raise SpreadError(f"crystal.length_um must be > 0 um (the crystal in the beam), not {params.crystal.length_um}")
     if beam.spectrum == "file":
         if not beam.spectrum_file:
             raise SpreadError("beam.spectrum=file needs beam.spectrum_file=/path/to/spectra.npz")
@@ -145,6 +148,7 @@ class RunSetup:
         file_spectra: (energies (n, m), weights (n, m), shift_eV) for spectrum=file, else None.
         structure: the PreparedStructure (F0, G, sites).
         unit_cell: (6,) the model's cell (A, degrees); space_group: its symbol (Hermann-Mauguin).
+        brightness: Ncells and spot scale (derived from the crystal and beam, or explicit).
         f_prime, f_double_prime: (S, C) per site and channel (electrons).
         structure_factors: the kernel's StructureFactors (F0, G, f', f'') on the device.
         site_states: oxidation state of each site (None: free atom).
@@ -165,6 +169,7 @@ class RunSetup:
     structure: Any
     unit_cell: tuple[float, ...]
     space_group: str
+    brightness: Brightness
     f_prime: torch.Tensor
     f_double_prime: torch.Tensor
     structure_factors: Any
@@ -312,6 +317,7 @@ def build_setup(params, device: torch.device, dtype: torch.dtype) -> RunSetup:
 
     panels = panels64.to(device=device, dtype=dtype)
     fluence = params.beam.photons / (math.pi * (0.5e-6 * params.beam.diameter_um) ** 2)
+    bright = crystal_brightness(params, uc)
     background = _background_per_photon(params, panels, energy, dtype, device)
     noise = params.noise
     gain = None
@@ -335,11 +341,25 @@ def build_setup(params, device: torch.device, dtype: torch.dtype) -> RunSetup:
     return RunSetup(
         params=params, layout=layout, detector_description=description, panels=panels, channels_eV=channels,
         nominal_weights=nominal, file_spectra=file_spectra, structure=prepared, unit_cell=uc,
-        space_group=xrs.space_group_info().type().lookup_symbol(), f_prime=fp, f_double_prime=fdp,
+        space_group=xrs.space_group_info().type().lookup_symbol(), brightness=bright, f_prime=fp, f_double_prime=fdp,
         structure_factors=prepared.structure_factors(fp, fdp).to(device=device, dtype=dtype), site_states=states,
         structure_source=source, background_per_photon=background, response=response,
         fluence_photons_per_m2=fluence, device=device, dtype=dtype,
     )  # fmt: skip
+
+
+def crystal_brightness(params, unit_cell: tuple[float, ...]) -> Brightness:
+    """Ncells and spot scale of the run (explicit crystal.ncells_abc / spot_scale win), logged."""
+    c = params.crystal
+    bright = brightness(unit_cell, c.domain_size_A, c.length_um, params.beam.diameter_um,
+                        ncells_abc=c.ncells_abc, spot_scale=c.spot_scale)  # fmt: skip
+    logger.info(
+        "Crystal: Ncells %s (%s), %.4g domains in the beam (%s), %.4g unit cells in the beam (domain %g A, "
+        "path %g um, beam %g um)", " x ".join(f"{n:g}" for n in bright.ncells_abc), bright.ncells_source,
+        bright.spot_scale, bright.spot_scale_source, bright.cells_in_beam, c.domain_size_A, c.length_um,
+        params.beam.diameter_um,
+    )  # fmt: skip
+    return bright
 
 
 def _background_per_photon(params, panels: PanelArray, energy: float, dtype, device) -> torch.Tensor | None:

@@ -37,6 +37,8 @@ class ShotResult:
         spots: the true Bragg spots (:func:`true_spots`).
         n_windows: Bragg windows evaluated.
         bragg_photons, background_photons: expected totals over the detector.
+        peak_bragg_photons: expected Bragg photons in the brightest pixel (the strongest
+            spot's peak, before background and noise).
         seconds: time taken.
     """
 
@@ -48,6 +50,7 @@ class ShotResult:
     n_windows: int
     bragg_photons: float
     background_photons: float
+    peak_bragg_photons: float
     seconds: float
 
 
@@ -112,6 +115,7 @@ class StillCounts:
         windows: the sparse kernel's windows.
         sums: (W, 3) per-window photon moments (see ``simulate_sparse_windows``).
         bragg_photons, background_photons: expected totals over the detector.
+        peak_bragg_photons: expected Bragg photons in the brightest pixel.
     """
 
     counts: np.ndarray
@@ -119,6 +123,7 @@ class StillCounts:
     sums: torch.Tensor
     bragg_photons: float
     background_photons: float
+    peak_bragg_photons: float
 
 
 @torch.no_grad()
@@ -149,7 +154,7 @@ def simulate_counts(
     if device.type == "cuda":  # through page-locked memory (reused by torch's host allocator): a plain DMA
         host = torch.empty(counts.shape, dtype=counts.dtype, pin_memory=True)
         counts = host.copy_(counts)
-    return StillCounts(counts.cpu().numpy(), windows, sums, float(bragg.sum()), background_total)
+    return StillCounts(counts.cpu().numpy(), windows, sums, float(bragg.sum()), background_total, float(bragg.max()))
 
 
 @torch.no_grad()
@@ -166,10 +171,10 @@ def simulate_shot(setup: RunSetup, plan: ShotPlan) -> ShotResult:
                                         real_space=real_space, anisotropic_spread_deg=aniso)  # fmt: skip
     crystal = Crystal(
         real_space=real_space,
-        ncells_abc=torch.tensor(c.ncells_abc, dtype=torch.float64),
+        ncells_abc=torch.tensor(setup.brightness.ncells_abc, dtype=torch.float64),
         domain_rotations=rotations,
         shape=c.shape,
-        spot_scale=float(c.spot_scale),
+        spot_scale=setup.brightness.spot_scale,
     )
     sources = make_sources(
         torch.as_tensor(plan.energies_eV, dtype=torch.float64), torch.as_tensor(plan.weights, dtype=torch.float64),
@@ -191,5 +196,6 @@ def simulate_shot(setup: RunSetup, plan: ShotPlan) -> ShotResult:
         n_windows=still.windows.n_windows,
         bragg_photons=still.bragg_photons,
         background_photons=still.background_photons,
+        peak_bragg_photons=still.peak_bragg_photons,
         seconds=time.perf_counter() - t0,
     )

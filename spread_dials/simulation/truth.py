@@ -47,6 +47,8 @@ def container_truth_arrays(results: Sequence) -> dict[str, tuple[np.ndarray, str
                                       "recorded minus true energy axis (model errors: spectrometer offset + jitter)"),
         "bragg_photons": (np.array([r.bragg_photons for r in results]), "", "expected Bragg photons on the detector"),
         "background_photons": (np.array([r.background_photons for r in results]), "", "expected background photons"),
+        "peak_bragg_photons": (np.array([r.peak_bragg_photons for r in results]), "",
+                               "expected Bragg photons in the brightest pixel (the strongest spot's peak)"),
     }  # fmt: skip
 
 
