@@ -5,13 +5,20 @@ Usage:
                                  [--device auto|cpu|cuda] [--dtype float32|float64] [--repeats N]
 
 Cases:
-  psii_jungfrau16m: PSII P212121 117.585 223.068 309.977 A, d_min 3.4 A, F0 from a Wilson-like
-    draw (B = 30 A^2), 6550 eV, 100 channels of 1 eV (Gaussian, FWHM 25 eV), 25 mosaic domains
-    (0.05 deg), Ncells (15, 8, 6) (~1800 A domains), gauss shape, the ideal Jungfrau 16M built
-    in code (256 panels of 254 x 254, 0.075 mm, 0.32 mm Si, 1 layer), 5 um water + 1 mm air
-    background, Poisson noise + readout noise + calibration error.
+  psii_jungfrau16m: PSII P212121 117.585 223.068 309.977 A, d_min 3.4 A, F0 from a Wilson draw
+    on the model's absolute scale (below), 6550 eV, 100 channels of 1 eV (Gaussian, FWHM 25 eV),
+    25 mosaic domains (0.05 deg rms), gauss shape, the crystal and beam of psii.phil (4000 A
+    domains, 4 um path, 1e12 photons in a 1 um beam: Ncells and spot scale derived as
+    dials.spread_simulate derives them), the ideal Jungfrau 16M built in code (256 panels of
+    254 x 254, 0.075 mm, 0.32 mm Si, 1 layer), 5 um water + 1 mm air background, Poisson noise +
+    readout noise + calibration error.
   small_cpu: rubredoxin-sized cell (34.1 x 34.9 x 43.7 A), 2 x 2 panels of 256 x 256 at 0.1 mm,
     20 channels, 5 domains; everything else as above.
+Wilson draw: |F|^2 ~ Exp(mean) with mean = K * sum_cell Z^2 * exp(-2 B s^2), s = sin(theta)/lambda,
+random phases.  sum_cell Z^2 is over the atoms of the model times the asymmetric units (psii_oec.pdb:
+52,542 atoms x 4 = 9.33e6 e^2; the built-in rubredoxin 1BRF, hydrogens included: 975 x 4 = 1.28e5);
+K = 0.81 and B = 34 A^2 fit cctbx's |F_calc|^2 of psii_oec.pdb (n_gaussian form factors, no bulk
+solvent) in 9 shells from 9.7 to 3.4 A to within 30 % (the shell beyond 9.7 A is 5.7x brighter).
 Timings exclude building the scene (structure factors, geometry), which a run does once.
 """
 
@@ -41,33 +48,39 @@ from spread_dials.physics import (
 )
 from spread_dials.physics.background import AIR_F_BG, WATER_F_BG, background_photons
 from spread_dials.physics.detector_response import calibration_gain_map
+from spread_dials.physics.microcrystal import brightness
 from spread_dials.physics.sparse import miller_indices_within, predict_windows
 from spread_dials.physics.still import AmorphousMaterial, DetectorResponse, detector_counts, expected_photons
 
 CASES = {
     "psii_jungfrau16m": dict(
         cell=(117.585, 223.068, 309.977, 90.0, 90.0, 90.0), d_min=3.4, n_channels=100, n_domains=25,
-        ncells=(15.0, 8.0, 6.0), detector="jungfrau16m",
+        sum_z2_cell=9.33e6, detector="jungfrau16m",
     ),
     "small_cpu": dict(
         cell=(34.1, 34.9, 43.7, 90.0, 90.0, 90.0), d_min=2.0, n_channels=20, n_domains=5,
-        ncells=(40.0, 40.0, 30.0), detector="simple",
+        sum_z2_cell=1.28e5, detector="simple",
     ),
 }  # fmt: skip
 MEAN_EV = 6550.0
 PHOTONS = 1e12
-BEAM_AREA_M2 = (1e-6) ** 2
+BEAM_DIAMETER_UM = 1.0
+DOMAIN_SIZE_A = 4000.0
+CRYSTAL_LENGTH_UM = 4.0
+WILSON_K = 0.81
+WILSON_B_A2 = 34.0
 
 
-def wilson_structure_factors(cell, d_min: float, seed: int, dtype) -> StructureFactors:
-    """|F| from a Wilson (acentric) draw with B = 30 A^2 and random phases, every h to d_min."""
+def wilson_structure_factors(cell, d_min: float, sum_z2_cell: float, seed: int, dtype) -> StructureFactors:
+    """|F| from a Wilson (acentric) draw of mean WILSON_K * sum_z2_cell * exp(-2 B s^2) (e^2) and
+    random phases, every h to d_min (see the module text)."""
     real_space = real_space_from_cell(torch.tensor(cell, dtype=torch.float64))
     hkl = miller_indices_within(real_space, d_min)
     q = hkl.double() @ torch.linalg.inv(real_space).T
     stol2 = (q * q).sum(-1) / 4.0
     gen = torch.Generator().manual_seed(seed)
     intensity = -torch.log1p(-torch.rand(hkl.shape[0], generator=gen, dtype=torch.float64))  # Exp(1)
-    amp = intensity.sqrt() * 300.0 * torch.exp(-30.0 * stol2)
+    amp = (intensity * WILSON_K * sum_z2_cell).sqrt() * torch.exp(-WILSON_B_A2 * stol2)
     phase = 2 * math.pi * torch.rand(hkl.shape[0], generator=gen, dtype=torch.float64)
     F = torch.polar(amp.double(), phase).to(torch.complex64 if dtype == torch.float32 else torch.complex128)
     return StructureFactors(miller_index=hkl, F0=F)
@@ -85,16 +98,18 @@ def build_scene(case: str, device: torch.device, dtype: torch.dtype, seed: int =
     spec = CASES[case]
     panels = panel_array_from_layout(case_layout(case), n_layers=1, dtype=dtype)
     energy, weight = gaussian_spectrum(MEAN_EV, 25.0, spec["n_channels"], 1.0)
-    sources = make_sources(energy, weight, PHOTONS / BEAM_AREA_M2)
+    sources = make_sources(energy, weight, PHOTONS / (math.pi / 4.0 * (BEAM_DIAMETER_UM * 1e-6) ** 2))
+    bright = brightness(spec["cell"], DOMAIN_SIZE_A, CRYSTAL_LENGTH_UM, BEAM_DIAMETER_UM)
     gen = torch.Generator().manual_seed(seed)
     rotvec = torch.randn(3, generator=gen, dtype=torch.float64)
     crystal = Crystal(
         real_space=real_space_from_cell(torch.tensor(spec["cell"], dtype=torch.float64), rotation_from_vector(rotvec)),
-        ncells_abc=torch.tensor(spec["ncells"], dtype=torch.float64),
+        ncells_abc=torch.tensor(bright.ncells_abc, dtype=torch.float64),
         domain_rotations=mosaic_domain_rotations(0.05, spec["n_domains"], seed=seed + 1),
         shape="gauss",
+        spot_scale=bright.spot_scale,
     )
-    sf = wilson_structure_factors(spec["cell"], spec["d_min"], seed, dtype)
+    sf = wilson_structure_factors(spec["cell"], spec["d_min"], spec["sum_z2_cell"], seed, dtype)
     return Scene(panels, sources, crystal, sf, oversample=1).to(device=device, dtype=dtype)
 
 

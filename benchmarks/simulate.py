@@ -153,7 +153,7 @@ class PhysicsStills:
     """Stills of a ``benchmarks/forward.py`` case made as dials.spread_simulate makes a shot
     (``simulate_counts``: sparse kernel, background computed once and scaled, noise, int32 counts
     to the host, then the true-spot table): image i has a random orientation and 25 mosaic
-    domains of psii.phil's 0.12 deg spread from seed i.  Structure factors are forward.py's Wilson draw over the same Miller indices,
+    domains of psii.phil's 0.05 deg (rms) spread from seed i.  Structure factors are forward.py's Wilson draw over the same Miller indices,
     instead of the cctbx model the program computes in its (untimed, once per run) setup."""
 
     def __init__(self, case: str) -> None:
@@ -194,7 +194,7 @@ class PhysicsStills:
         cell = crystal.real_space.detach().double().cpu().norm(dim=-1)  # orthorhombic: a, b, c
         rotation = torch.as_tensor(uniform_rotation(np.random.default_rng(i)))
         real_space = real_space_from_cell(torch.cat([cell, torch.full((3,), 90.0, dtype=torch.float64)]), rotation)
-        domains = mosaic_domain_rotations(0.12, crystal.n_domains, seed=1000 + i)  # psii.phil's spread
+        domains = mosaic_domain_rotations(0.05, crystal.n_domains, seed=1000 + i)  # psii.phil's spread
         crystal = dataclasses.replace(crystal, real_space=real_space, domain_rotations=domains)
         scene = dataclasses.replace(self.scene, crystal=crystal.to(device=self.device, dtype=torch.float32))
         still = simulate_counts(scene, 1e-6, self.background_per_photon, self.photons, self.response, noise_seed=i)

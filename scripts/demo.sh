@@ -33,11 +33,13 @@ echo "Demo in $OUT ($MODE)"
 
 # 1. Simulate: rubredoxin (built-in model, one Fe) at the Fe K edge, SASE pulses of 40 channels,
 #    random orientations, water background, Poisson noise, on the Jungfrau 16M (256 panels).
-#    spot_scale=100: the diffracting volume of 100 mosaic blocks (brighter spots than the
-#    preset's 1), so that stills index well.  A rerun with the same parameters resumes.
+#    ncells_abc=30,30,30 spot_scale=100: 100 domains of 30^3 cells in the beam, the crystal the
+#    demo's processing numbers were measured with (the preset derives 4000 A domains from the
+#    seed's crystal: 94 x 92 x 74 cells, spots smaller than a pixel, ~24x the photons; see
+#    docs/brightness.md).  A rerun with the same parameters resumes.
 step "1. simulate $NIMAGES stills (dials.spread_simulate)" \
   ${MPI[@]+"${MPI[@]}"} dials.spread_simulate rubredoxin.phil nimages="$NIMAGES" output.images_per_container=5 \
-  crystal.spot_scale=100 output.directory="$OUT/simulated" "${SIM_MP[@]}"
+  crystal.ncells_abc=30,30,30 crystal.spot_scale=100 output.directory="$OUT/simulated" "${SIM_MP[@]}"
 
 # 2. Process with the real dials.stills_process (spot finding, full stills indexer with the
 #    known cell, refinement, integration with shoeboxes kept).
