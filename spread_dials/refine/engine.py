@@ -28,7 +28,7 @@ from spread_dials.refine.profiles import CrystalModel, shot_profiles
 from spread_dials.refine.shots import ShotSet
 from spread_dials.refine.sites import SiteModel
 
-__all__ = ["RefineSettings", "Refinement", "initial_state", "refine_shot", "global_objective", "refine_globals"]
+__all__ = ["RefineSettings", "Refinement", "initial_state", "refine_shot", "site_intensities", "global_objective", "refine_globals"]
 
 logger = logging.getLogger("dials.spread.refine")
 
@@ -47,6 +47,11 @@ class RefineSettings:
         readout_sigma: None for the Poisson likelihood, else the Gaussian readout width (photons).
         refine_orientation: refine the three rotation angles in stage 1 (else only scale and
             background).
+        rotation_step_mrad: trust radius of one stage-1 pass: each rotation angle moves at most
+            this far (mrad) from the point where the profiles were linearised.
+        relinearisations: most stage-1 passes per still and macrocycle; after each the profiles
+            are recomputed at the new orientation; a pass whose largest step is under a quarter
+            of the trust radius ends them.
     """
 
     macrocycles: int = 5
@@ -55,6 +60,8 @@ class RefineSettings:
     stage2_iterations: int = 50
     readout_sigma: float | None = None
     refine_orientation: bool = True
+    rotation_step_mrad: float = 1.0
+    relinearisations: int = 3
 
 
 def initial_state(cache: ShotCache, intensity: Tensor, n_shoeboxes: int, iterations: int = 50) -> ShotState:
@@ -64,12 +71,13 @@ def initial_state(cache: ShotCache, intensity: Tensor, n_shoeboxes: int, iterati
     bragg = (cache.profiles.profile * intensity[cache.pixel_shoebox]).sum(-1)
     valid = cache.valid.to(dtype)
     sb = cache.pixel_shoebox
-    n_valid = torch.zeros(n_shoeboxes, dtype=dtype).index_add(0, sb, valid).clamp(min=1)
-    scale = torch.tensor(0.0, dtype=dtype)
+    device = cache.counts.device
+    n_valid = torch.zeros(n_shoeboxes, dtype=dtype, device=device).index_add(0, sb, valid).clamp(min=1)
+    scale = torch.tensor(0.0, dtype=dtype, device=device)
     for _ in range(iterations):
-        level = torch.zeros(n_shoeboxes, dtype=dtype).index_add(0, sb, (cache.counts - scale * bragg) * valid) / n_valid
+        level = torch.zeros(n_shoeboxes, dtype=dtype, device=device).index_add(0, sb, (cache.counts - scale * bragg) * valid) / n_valid
         scale = ((cache.counts - level[sb]) * bragg * valid).sum() / (bragg * bragg * valid).sum().clamp(min=1e-300)
-    background = torch.zeros((n_shoeboxes, 3), dtype=dtype)
+    background = torch.zeros((n_shoeboxes, 3), dtype=dtype, device=device)
     background[:, 0] = level.clamp(min=1e-3)
     return ShotState(torch.log(scale.clamp(min=1e-12)), cache.profiles.rotation.clone(), background)
 
@@ -92,14 +100,18 @@ def _lbfgs(parameters: list[Tensor], objective: Callable[[], Tensor], iterations
 
 def refine_shot(cache: ShotCache, state: ShotState, intensity: Tensor, settings: RefineSettings) -> tuple[ShotState, float]:
     """Stage 1 for one still: L-BFGS over (log G, rotation, background planes) with |F|^2 fixed,
-    on the cached profiles linearised about the cache's rotation.  Returns the state and NLL."""
+    on the cached profiles linearised about the cache's rotation r0; each angle stays within
+    ``settings.rotation_step_mrad`` of r0 (r = r0 + t tanh(u / t)).  Returns the state and NLL."""
     log_scale = state.log_scale.detach().clone().requires_grad_(True)
-    rotation_mrad = (state.rotation.detach() / _ROTATION_UNIT).clone().requires_grad_(settings.refine_orientation)
+    r0 = cache.profiles.rotation.to(state.rotation)
+    t = settings.rotation_step_mrad
+    start = ((state.rotation.detach() - r0) / _ROTATION_UNIT).clamp(-0.99 * t, 0.99 * t)
+    u = (t * torch.atanh(start / t)).clone().requires_grad_(settings.refine_orientation)
     background = state.background.detach().clone().requires_grad_(True)
-    params = [log_scale, background] + ([rotation_mrad] if settings.refine_orientation else [])
+    params = [log_scale, background] + ([u] if settings.refine_orientation else [])
 
     def current() -> ShotState:
-        return ShotState(log_scale, rotation_mrad * _ROTATION_UNIT, background)
+        return ShotState(log_scale, r0 + t * torch.tanh(u / t) * _ROTATION_UNIT, background)
 
     def objective() -> Tensor:
         lam, _ = pixel_rate(cache, current(), intensity)
@@ -109,14 +121,21 @@ def refine_shot(cache: ShotCache, state: ShotState, intensity: Tensor, settings:
     return current().detach(), nll
 
 
+def site_intensities(sites: SiteModel, theta: Tensor, cache: ShotCache) -> Tensor:
+    """(B, C) |F_h(E_c)|^2 of the still's reflections for global parameters ``theta`` (on the CPU,
+    like the curves), on the device of the still's cache."""
+    fp, fdp = sites.curves(theta, cache.energy_eV)
+    device = cache.F0.device
+    return intensities(cache.F0, cache.G, fp.to(device), fdp.to(device))
+
+
 def global_objective(
     theta: Tensor, caches: list[ShotCache], states: list[ShotState], sites: SiteModel, readout_sigma: float | None
 ) -> list[Tensor]:
     """Each local still's weighted NLL as a function of the global parameters ``theta``."""
     values = []
     for cache, state in zip(caches, states):
-        fp, fdp = sites.curves(theta, cache.energy_eV)
-        lam, _ = pixel_rate(cache, state, intensities(cache.F0, cache.G, fp, fdp))
+        lam, _ = pixel_rate(cache, state, site_intensities(sites, theta, cache))
         values.append(cache.weight * negative_log_likelihood(lam, cache.counts, cache.valid, readout_sigma))
     return values
 
@@ -149,10 +168,7 @@ class Refinement:
     history: list[dict] = field(default_factory=list)
 
     def curves_intensity(self, i: int, theta: Tensor | None = None) -> Tensor:
-        theta = self.theta if theta is None else theta
-        cache = self.caches[i]
-        fp, fdp = self.sites.curves(theta, cache.energy_eV)
-        return intensities(cache.F0, cache.G, fp, fdp)
+        return site_intensities(self.sites, self.theta if theta is None else theta, self.caches[i])
 
     def ordered_sum(self, local: list[Tensor]) -> Tensor:
         """Sum of per-still values over all ranks in global still order (rank-count independent)."""
@@ -171,7 +187,7 @@ class Refinement:
         local = []
         for value in parts:
             (grad,) = torch.autograd.grad(value, theta, retain_graph=False)
-            local.append(torch.cat([value.detach().reshape(1), grad]))
+            local.append(torch.cat([value.detach().reshape(1).to(grad.device), grad]))
         total = self.ordered_sum(local)
         if total is None:
             total = torch.zeros(theta.numel() + 1, dtype=theta.dtype)
@@ -183,14 +199,19 @@ class Refinement:
     def stage1(self, progress: Callable[[int, int], None] | None = None) -> float:
         """Per-shot refinement, then the profiles recomputed at the new orientations; local NLL."""
         total = 0.0
-        for i, cache in enumerate(self.caches):
+        passes = self.settings.relinearisations if self.settings.refine_orientation else 1
+        for i in range(len(self.caches)):
             intensity = self.curves_intensity(i).detach()
-            state, nll = refine_shot(cache, self.states[i], intensity, self.settings)
-            self.states[i] = state
+            for _ in range(passes):
+                state, nll = refine_shot(self.caches[i], self.states[i], intensity, self.settings)
+                step = float((state.rotation - self.caches[i].profiles.rotation).abs().max()) / _ROTATION_UNIT
+                self.states[i] = state
+                self.caches[i] = self.caches[i].with_profiles(
+                    shot_profiles(self.shots, self.shots.shots[i], self.crystal_model, state.rotation)
+                )
+                if step < 0.25 * self.settings.rotation_step_mrad:
+                    break
             total += nll
-            self.caches[i] = cache.with_profiles(
-                shot_profiles(self.shots, self.shots.shots[i], self.crystal_model, state.rotation)
-            )
             if progress is not None:
                 progress(i + 1, len(self.caches))
         return total
@@ -243,19 +264,20 @@ def make_caches(shots: ShotSet, table: StructureFactors, model: CrystalModel, ro
     caches = []
     for i, shot in enumerate(shots.shots):
         sb = shot.shoeboxes
-        lookup = sb.miller_index + torch.tensor([0, 0, 1]) if spoil_hkl else sb.miller_index
+        device = sb.counts.device
+        lookup = sb.miller_index.cpu() + torch.tensor([0, 0, 1]) if spoil_hkl else sb.miller_index.cpu()
         rows = table.index_of(lookup)
         if bool((rows >= table.n_reflections).any()):
             raise ValueError(f"still {shot.identifier}: reflections missing from the structure-factor table")
         rotation = torch.zeros(3, dtype=torch.float64) if rotations is None else rotations[i]
         fast, slow = sb.pixel_coordinates()
-        energy = shot.energy_eV
+        energy = shot.energy_eV.cpu()
         if shuffle_seed is not None:
             energy = energy[torch.randperm(energy.numel(), generator=torch.Generator().manual_seed(shuffle_seed + i))]
         caches.append(ShotCache(
             pixel_shoebox=sb.pixel_shoebox(), fast=fast, slow=slow, counts=sb.counts, valid=sb.valid,
-            F0=table.F0[rows], G=table.G[rows], energy_eV=energy,
-            profiles=shot_profiles(shots, shot, model, rotation),
+            F0=table.F0[rows].to(device), G=table.G[rows].to(device), energy_eV=energy,
+            profiles=shot_profiles(shots, shot, model, rotation.to(device)),
         ))  # fmt: skip
     return caches
 

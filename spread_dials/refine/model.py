@@ -64,7 +64,8 @@ class ShotCache:
         counts: (N,) photons; valid: (N,) bool (mask and trusted range).
         F0: (B,) complex non-anomalous structure factor of each shoebox's reflection.
         G: (B, S) complex site basis of each reflection.
-        energy_eV: (C,) channel energies at which f', f'' are evaluated.
+        energy_eV: (C,) channel energies at which f', f'' are evaluated (on the CPU, with the
+            global parameters; everything else on the still's device).
         profiles: cached per-channel profiles (and derivatives).
         weight: how many times the still counts (bootstrap resampling; 1 normally).
     """

@@ -18,6 +18,7 @@ from torch import Tensor
 from spread_dials.physics.beam import make_sources
 from spread_dials.physics.bragg import Scene
 from spread_dials.physics.crystal import Crystal, mosaic_domain_rotations, rotation_from_vector
+from spread_dials.physics.mosaic_quadrature import mosaic_domain_quadrature
 from spread_dials.physics.sparse import BraggWindows, window_channel_profiles
 from spread_dials.physics.structure_factors import constant_structure_factors
 from spread_dials.refine.shots import Shot, ShotSet
@@ -31,13 +32,15 @@ class CrystalModel:
 
     Attributes:
         ncells_abc: (3,) unit cells per mosaic domain along a, b, c.
-        mosaic_spread_deg: rms rotation per axis of the mosaic domains (degrees).
-        mosaic_domains: number of domains (antithetic pairs, seeded).
+        mosaic_spread_deg: rms rotation angle of the mosaic domains (degrees).
+        mosaic_domains: number of domains.
         shape: lattice shape (gauss, square, round, tophat).
-        seed: seed of the domain draw (the same draw for every shot).
+        seed: seed of the domain draw (``domain_set = random``; the same draw for every shot).
         fluence_photons_per_m2: nominal fluence; the per-shot scale G multiplies it, so G is
             the crystal's ``spot_scale`` when the fluence is the true one.
         oversample: sub-pixels per pixel edge.
+        domain_set: ``quadrature`` (deterministic, approximates a crystal of very many domains)
+            or ``random`` (seeded draw).
     """
 
     ncells_abc: tuple[float, float, float]
@@ -47,6 +50,18 @@ class CrystalModel:
     seed: int = 0
     fluence_photons_per_m2: float = 1.2732395447351627e24
     oversample: int = 1
+    domain_set: str = "quadrature"
+
+    def domain_rotations(self, seed: int | None = None, dtype: torch.dtype = torch.float64) -> Tensor:
+        """(mosaic_domains, 3, 3) domain rotations: the deterministic quadrature of the mosaic
+        distribution (:mod:`spread_dials.physics.mosaic_quadrature`; ``domain_set = quadrature``)
+        or a random draw from ``seed`` (default this model's)."""
+        if self.domain_set == "quadrature":
+            return mosaic_domain_quadrature(self.mosaic_spread_deg, self.mosaic_domains, dtype=dtype)
+        if self.domain_set != "random":
+            raise ValueError(f"domain_set must be quadrature or random, not {self.domain_set!r}")
+        return mosaic_domain_rotations(self.mosaic_spread_deg, self.mosaic_domains, seed=self.seed if seed is None else seed,
+                                       dtype=dtype)  # fmt: skip
 
 
 def shoebox_windows(shot: Shot, n_domains: int) -> BraggWindows:
@@ -72,7 +87,7 @@ def shot_scene(shots: ShotSet, shot: Shot, model: CrystalModel, rotation: Tensor
     (rad, lab frame), with |F| = 1 everywhere (profiles are per unit |F|^2)."""
     dtype = shots.panels.origin_mm.dtype
     real_space = shot.real_space.to(rotation.dtype) @ rotation_from_vector(rotation).transpose(-1, -2)
-    rotations = mosaic_domain_rotations(model.mosaic_spread_deg, model.mosaic_domains, seed=model.seed, dtype=dtype)
+    rotations = model.domain_rotations(dtype=dtype)
     crystal = Crystal(
         real_space=real_space,
         ncells_abc=torch.tensor(model.ncells_abc, dtype=dtype),

@@ -110,3 +110,8 @@ class ShotSet:
     polarization_fraction: float
     shots: list[Shot]
     sources: list[str]
+
+    def to(self, device) -> "ShotSet":
+        """A copy with every tensor on ``device`` (a GPU for the kernel)."""
+        return ShotSet(self.panels.to(device=device), self.beam_direction.to(device), self.e_vector.to(device),
+                       self.polarization_fraction, [s.to(device=device) for s in self.shots], list(self.sources))  # fmt: skip

@@ -18,7 +18,7 @@ from torch import Tensor
 
 from spread_dials.physics.beam import make_sources
 from spread_dials.physics.bragg import Scene
-from spread_dials.physics.crystal import Crystal, mosaic_domain_rotations, rotation_from_vector
+from spread_dials.physics.crystal import Crystal, rotation_from_vector
 from spread_dials.physics.geometry import PanelArray
 from spread_dials.physics.sparse import BraggWindows, predict_windows, window_photons
 from spread_dials.physics.structure_factors import StructureFactors
@@ -71,40 +71,51 @@ def synthetic_shots(
     max_box_px: int = 25,
     margin_px: int = 2,
     tolerance: float = 1e-5,
+    truth_model: CrystalModel | None = None,
+    domains_per_still: bool = False,
+    device: str | torch.device = "cpu",
 ) -> tuple[ShotSet, SyntheticTruth]:
     """``n_shots`` stills of a crystal with rows a, b, c ``unit_cell_real_space`` (3, 3) (A) in
     random orientations, flat SASE-like spectra on channels ``energy_eV`` (C,) (random weights),
     the true f', f'' inside ``structure_factors`` (F0, G, f_prime, f_double_prime per channel).
 
     Shoeboxes keep reflections with at least ``min_bragg_photons`` expected Bragg photons and
-    boxes at most ``max_box_px`` on a side.  Returns the stills and what made them.
+    boxes at most ``max_box_px`` on a side.  The crystals are made with ``truth_model`` (default
+    ``model``, the one handed to refinement, whose domain count sets the shoebox windows);
+    ``domains_per_still`` draws each still's mosaic domains from its own seed (as
+    dials.spread_simulate does) instead of the model's one draw.  The kernel runs on ``device``;
+    the stills come back on the CPU.  Returns the stills and what made them.
     """
+    truth_model = model if truth_model is None else truth_model
+    panels_device = panels.to(device)
+    sf_device = structure_factors.to(device)
     rng = np.random.default_rng(seed)
     dtype = torch.float64
     beam = torch.tensor([0.0, 0.0, -1.0], dtype=dtype)
     e_vector = torch.tensor([1.0, 0.0, 0.0], dtype=dtype)
-    rotations = mosaic_domain_rotations(model.mosaic_spread_deg, model.mosaic_domains, seed=model.seed, dtype=dtype)
     shots, reals, errors = [], [], []
     for i in range(n_shots):
         real_space = unit_cell_real_space.to(dtype) @ torch.as_tensor(uniform_rotation(rng), dtype=dtype).T
         weight = torch.as_tensor(rng.gamma(2.0, size=energy_eV.numel()), dtype=dtype)
-        sources = make_sources(energy_eV.to(dtype), weight, model.fluence_photons_per_m2, beam_direction=beam, e_vector=e_vector)
-        crystal = Crystal(real_space, torch.tensor(model.ncells_abc, dtype=dtype), rotations, model.shape, spot_scale)
-        scene = Scene(panels, sources, crystal, structure_factors, model.oversample)
-        windows = predict_windows(scene, tolerance)
+        domain_seed = int(rng.integers(2**62)) if domains_per_still else truth_model.seed
+        rotations = truth_model.domain_rotations(domain_seed, dtype)
+        sources = make_sources(energy_eV.to(dtype), weight, truth_model.fluence_photons_per_m2, beam_direction=beam, e_vector=e_vector)
+        crystal = Crystal(real_space, torch.tensor(truth_model.ncells_abc, dtype=dtype), rotations, truth_model.shape, spot_scale)
+        scene = Scene(panels_device, sources.to(device=device), crystal.to(device=device), sf_device, truth_model.oversample)
+        windows = predict_windows(scene, tolerance).to(device="cpu")
         hkl, panel, x0, y0, nx, ny = _boxes(windows, margin_px, panels.n_fast, panels.n_slow)
         keep = (nx <= max_box_px) & (ny <= max_box_px) & (nx > 0) & (ny > 0)
         hkl, panel, x0, y0, nx, ny = hkl[keep], panel[keep], x0[keep], y0[keep], nx[keep], ny[keep]
         n_pix = int((nx * ny).sum())
         dummy = Shoeboxes(hkl, panel, x0, y0, nx, ny, torch.zeros(n_pix, dtype=dtype), torch.ones(n_pix, dtype=torch.bool),
                           torch.arange(hkl.shape[0]))  # fmt: skip
-        box_windows = shoebox_windows(Shot("", real_space, energy_eV, weight, dummy), model.mosaic_domains)
+        box_windows = shoebox_windows(Shot("", real_space, energy_eV, weight, dummy), truth_model.mosaic_domains)
         box_windows = BraggWindows(*[getattr(box_windows, f) for f in ("miller_index",)],
                                    structure_factors.index_of(box_windows.miller_index),
                                    *[getattr(box_windows, f) for f in ("domain", "panel", "fast0", "slow0", "n_fast", "n_slow")])  # fmt: skip
         with torch.no_grad():
-            _, photons = window_photons(scene, box_windows)
-        bragg = photons.view(model.mosaic_domains, n_pix).sum(0)
+            _, photons = window_photons(scene, box_windows.to(device=device))
+        bragg = photons.view(truth_model.mosaic_domains, n_pix).sum(0).cpu()
         sb_of_pixel = torch.repeat_interleave(torch.arange(hkl.shape[0]), nx * ny)
         per_box = torch.zeros(hkl.shape[0], dtype=dtype).index_add(0, sb_of_pixel, bragg)
         gen = torch.Generator().manual_seed(int(rng.integers(2**62)))

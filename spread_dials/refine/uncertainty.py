@@ -23,7 +23,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from spread_dials.refine.model import LAMBDA_FLOOR, intensities, pixel_rate
+from spread_dials.refine.engine import global_objective, refine_globals, site_intensities
+from spread_dials.refine.model import LAMBDA_FLOOR, pixel_rate
 
 __all__ = ["CurvatureResult", "curvature", "bootstrap", "interval", "state_probabilities"]
 
@@ -32,11 +33,14 @@ logger = logging.getLogger("dials.spread.refine")
 
 @dataclass(frozen=True)
 class CurvatureResult:
-    """Covariances (P, P) of theta: ``profiled`` (per-shot parameters eliminated; the one to
-    use), ``conditional`` (per-shot parameters fixed, Fisher) and ``observed_conditional``
+    """Covariances (P, P) of theta: ``profiled`` (per-shot parameters eliminated; exact when the
+    pixel model is right), ``sandwich`` (the profiled inverse information around the spread of
+    the stills' scores, H^-1 S H^-1: honest when the model misfits; None with fewer than 3
+    stills), ``conditional`` (per-shot parameters fixed, Fisher) and ``observed_conditional``
     (per-shot fixed, observed autograd Hessian; None when not computed)."""
 
     profiled: Tensor
+    sandwich: Tensor | None
     conditional: Tensor
     observed_conditional: Tensor | None
 
@@ -47,8 +51,7 @@ def _shot_information(refinement, i: int, theta: Tensor, include_rotation: bool)
     readout = refinement.settings.readout_sigma
 
     def intensity_of(t: Tensor) -> Tensor:
-        fp, fdp = sites.curves(t, cache.energy_eV)
-        return intensities(cache.F0, cache.G, fp, fdp)
+        return site_intensities(sites, t, cache)
 
     intensity = intensity_of(theta)
     d_intensity = torch.func.jacfwd(intensity_of)(theta)  # (B, C, P)
@@ -66,41 +69,57 @@ def _shot_information(refinement, i: int, theta: Tensor, include_rotation: bool)
     x = torch.stack([torch.ones_like(cache.fast), cache.fast, cache.slow], -1)  # (N, 3)
     n_b = int(state.background.shape[0])
     wx = w.unsqueeze(-1) * x
-    h_bb = torch.zeros((n_b, 3, 3), dtype=lam.dtype).index_add(0, sb, wx.unsqueeze(-1) * x.unsqueeze(-2))
-    h_bo = torch.zeros((n_b, 3, u.shape[1]), dtype=lam.dtype).index_add(0, sb, wx.unsqueeze(-1) * u.unsqueeze(-2))
+    h_bb = torch.zeros((n_b, 3, 3), dtype=lam.dtype, device=lam.device).index_add(0, sb, wx.unsqueeze(-1) * x.unsqueeze(-2))
+    h_bo = torch.zeros((n_b, 3, u.shape[1]), dtype=lam.dtype, device=lam.device).index_add(0, sb, wx.unsqueeze(-1) * u.unsqueeze(-2))
     h_oo = (w.unsqueeze(-1) * u).T @ u
-    h_bb = h_bb + 1e-12 * torch.eye(3, dtype=lam.dtype)
+    h_bb = h_bb + 1e-12 * torch.eye(3, dtype=lam.dtype, device=lam.device)
     reduced = h_oo - torch.einsum("bip,biq->pq", h_bo, torch.linalg.solve(h_bb, h_bo))
     p = u_theta.shape[1]
     h_tt, h_ts, h_ss = reduced[:p, :p], reduced[:p, p:], reduced[p:, p:]
-    profiled = h_tt - h_ts @ torch.linalg.solve(h_ss, h_ts.T)
+    profiled = h_tt - h_ts @ torch.linalg.pinv(h_ss, hermitian=True) @ h_ts.T  # pinv: an angle the still cannot fix
     conditional = h_oo[:p, :p]
-    return cache.weight * profiled.detach(), cache.weight * conditional.detach()
+    return cache.weight * profiled.detach().cpu(), cache.weight * conditional.detach().cpu()
 
 
 def curvature(refinement, observed: bool = True) -> CurvatureResult:
     """Covariances of theta at the current optimum (see the module docstring)."""
     theta = refinement.theta.detach()
     include_rotation = refinement.settings.refine_orientation
-    profiled, conditional = [], []
+    profiled, conditional, scores = [], [], []
     for i in range(len(refinement.caches)):
         a, b = _shot_information(refinement, i, theta, include_rotation)
         profiled.append(a)
         conditional.append(b)
+        scores.append(_shot_score(refinement, i, theta))
     profiled_sum = refinement.ordered_sum(profiled)
     conditional_sum = refinement.ordered_sum(conditional)
     prior = torch.autograd.functional.hessian(refinement.sites.negative_log_prior, theta)
+    profiled_cov = _inverse(profiled_sum + prior)
+    sandwich = None
+    if refinement.n_shots >= 3:
+        n = refinement.n_shots
+        outer = refinement.ordered_sum([s.unsqueeze(-1) * s.unsqueeze(-2) for s in scores])
+        mean = refinement.ordered_sum(scores) / n
+        spread = (outer - n * mean.unsqueeze(-1) * mean.unsqueeze(-2)) * (n / (n - 1))
+        sandwich = profiled_cov @ spread @ profiled_cov
     observed_cov = None
     if observed:
-        from spread_dials.refine.engine import global_objective
-
         def total(t: Tensor) -> Tensor:
             parts = global_objective(t, refinement.caches, refinement.states, refinement.sites, refinement.settings.readout_sigma)
             return sum(parts) if parts else t.sum() * 0.0
 
-        observed_sum = refinement.comm.allreduce(torch.autograd.functional.hessian(total, theta).numpy())
+        observed_sum = refinement.comm.allreduce(torch.autograd.functional.hessian(total, theta).cpu().numpy())
         observed_cov = _inverse(torch.as_tensor(observed_sum) + prior)
-    return CurvatureResult(_inverse(profiled_sum + prior), _inverse(conditional_sum + prior), observed_cov)
+    return CurvatureResult(profiled_cov, sandwich, _inverse(conditional_sum + prior), observed_cov)
+
+
+def _shot_score(refinement, i: int, theta: Tensor) -> Tensor:
+    """(P,) gradient of still i's NLL in theta at its per-shot optimum (the profiled score)."""
+    t = theta.detach().clone().requires_grad_(True)
+    (value,) = global_objective(t, [refinement.caches[i]], [refinement.states[i]], refinement.sites,
+                                refinement.settings.readout_sigma)  # fmt: skip
+    (grad,) = torch.autograd.grad(value, t)
+    return grad.detach().cpu()
 
 
 def _inverse(h: Tensor) -> Tensor:
@@ -115,8 +134,6 @@ def _inverse(h: Tensor) -> Tensor:
 def bootstrap(refinement, n_resamples: int, seed: int, iterations: int = 30, progress=None) -> Tensor:
     """(n_resamples, P) refits of theta on resampled stills (per-shot parameters fixed)."""
     from dataclasses import replace
-
-    from spread_dials.refine.engine import refine_globals
 
     rng = np.random.default_rng(seed)
     theta0 = refinement.theta.detach().clone()
