@@ -149,10 +149,11 @@ def bragg_term(
         h0 = [miller_index[..., i].to(h[0].dtype) for i in range(3)]
     dh = [x - x0 for x, x0 in zip(h, h0)]
     f_latt = lattice_factor_components(dh, crystal.ncells_abc, crystal.shape)
+    # h = 000 is the unscattered beam, not a Bragg reflection: both kernels leave it out, whatever
+    # the structure-factor table holds
+    origin = (h0[0] == 0) & (h0[1] == 0) & (h0[2] == 0)
+    f_latt = torch.where(origin, torch.zeros_like(f_latt), f_latt)
     if miller_index is None:
-        # h = 000 is the unscattered beam, not a Bragg reflection: both kernels leave it out
-        origin = (h0[0] == 0) & (h0[1] == 0) & (h0[2] == 0)
-        f_latt = torch.where(origin, torch.zeros_like(f_latt), f_latt)
         row = structure_factors.index_of(torch.stack(h0, -1).long())
         f_sq = structure_factors.intensity(row, sources.channel[source])
     else:

@@ -2,9 +2,13 @@
 
 Prediction (not differentiable; discrete choices) finds every (Miller index h, source c, mosaic
 domain m) whose reciprocal-lattice point q = U_m A^-1 h lies within dq of the Ewald sphere of
-source c, where dq = r_cut / sigma_min(diag(N) A) and r_cut = ``cutoff_radius(shape, tolerance)``:
-any term of that triple farther than dq from q has F_latt^2 <= tolerance * peak^2, because
-|N * (h - h0)| >= sigma_min * |S - q|.  Each kept triple gets a square window on every panel it
+source c, where dq = min(r_cut / sigma_min(diag(N) A), r_cell), r_cut = ``cutoff_radius(shape,
+tolerance)``: any term of that triple farther than r_cut / sigma_min from q has F_latt^2 <=
+tolerance * peak^2, because |N * (h - h0)| >= sigma_min * |S - q|; and no term farther than
+r_cell, the circumradius of h's own cell (fractional index within 1/2 of h), belongs to h at all,
+so shapes whose tails fall slowly (square, round) never get windows past the neighbouring
+spots.  The table's 000, if it holds one, gets no window (the direct beam; ``bragg_term``
+leaves it out in both kernels).  Each kept triple gets a square window on every panel it
 can reach, centred on the ray through the Ewald-sphere point nearest q (at the sensor's mean
 absorption depth), with a half-width that covers every point of the sphere within dq of q.
 The windows of one (h, m) pair on one panel are merged into their bounding box: a window is
@@ -85,6 +89,14 @@ class BraggWindows(TensorFields):
     def select(self, index: Tensor) -> "BraggWindows":
         """The windows picked by a boolean mask or an index tensor."""
         return BraggWindows(*(getattr(self, name)[index] for name in self.__dataclass_fields__))
+
+
+def _cell_radius(reciprocal: Tensor) -> float:
+    """Largest distance (1/A) from a reciprocal-lattice point to a point whose nearest Miller
+    index is that point's: the circumradius of the cell |h - h0| <= 1/2 per index, whose corners
+    sit at reciprocal @ (+-1/2, +-1/2, +-1/2) from it (``reciprocal``: (3, 3), q = reciprocal @ h)."""
+    signs = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, -1.0], [1.0, -1.0, 1.0], [1.0, -1.0, -1.0]], dtype=torch.float64)
+    return float(0.5 * (signs @ reciprocal.double().T).norm(dim=-1).max())
 
 
 def _ewald_offset(q: Tensor, direction: Tensor, k: Tensor) -> Tensor:
@@ -198,8 +210,8 @@ def predict_windows(
     inv = torch.linalg.inv(real_space).to(device)
     ncells = crystal.ncells_abc.detach().double().cpu()
     sigma_min = float(torch.linalg.svdvals(ncells.unsqueeze(-1) * real_space).min())
+    dq = min(cutoff_radius(crystal.shape, tolerance) / sigma_min, _cell_radius(torch.linalg.inv(real_space)))
     real_space = real_space.to(device)
-    dq = cutoff_radius(crystal.shape, tolerance) / sigma_min
     k = sources.wavenumber.detach().double()
     directions = sources.direction.detach().double()
     weight = sources.weight.detach().double()
@@ -215,8 +227,9 @@ def predict_windows(
     q_max = 1.0 / d_min + dq + 2.0 * float(k_range[1]) * math.sin(theta_div)
     if sf.default_F != 0:
         hkl = miller_indices_within(real_space, 1.0 / q_max)
-    else:
+    else:  # a table may hold 000 (a P1 hkl file, as nanoBragg takes): never a window
         hkl = sf.miller_index.to(device)
+        hkl = hkl[(hkl != 0).any(-1)]
     q = hkl.double() @ inv.T
 
     def scalar(x: float) -> Tensor:  # per-still values reach compiled stages as tensors

@@ -3,6 +3,8 @@ pixel, total photons within 0.1%), and its truncation obeys the stated bound."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 
@@ -108,3 +110,53 @@ def test_window_moments_add_up_to_the_image():
     w = windows.select(lit)
     assert bool(((centroid[:, 0] >= w.fast0) & (centroid[:, 0] <= w.fast0 + w.n_fast)).all())
     assert bool(((centroid[:, 1] >= w.slow0) & (centroid[:, 1] <= w.slow0 + w.n_slow)).all())
+
+
+@pytest.mark.parametrize("ncells", [5.0, 10.0])
+def test_slow_tails_get_windows_no_larger_than_the_reflections_cell(ncells):
+    """The square shape's tail bound alone reaches far past the neighbouring spots at the default
+    tolerance (whole-panel windows); a term only belongs to its nearest Miller index, so each
+    window stops at its reflection's own cell, and sparse still equals dense."""
+    from spread_dials.physics.sparse import _cell_radius
+
+    scene = small_scene(shape="square", ncells=(ncells,) * 3, n_domains=1, n_channels=2, oversample=1, n_fast=128,
+                        n_slow=128)
+    real_space = scene.crystal.real_space.double()
+    sigma_min = float(torch.linalg.svdvals(scene.crystal.ncells_abc.unsqueeze(-1) * real_space).min())
+    cell = _cell_radius(torch.linalg.inv(real_space))
+    assert cutoff_radius("square", 1e-6) / sigma_min > 100 * cell  # the tail bound alone: far past the cell
+    windows = predict_windows(scene, 1e-6)
+    # windows of a few dozen pixels (measured: at most 49), not the 128-pixel panels
+    assert windows.n_windows > 0 and int(torch.maximum(windows.n_fast, windows.n_slow).max()) <= 64
+    dense = simulate_dense(scene)
+    sparse = simulate_sparse(scene, windows)
+    peak = float(dense.max())
+    assert peak > 0 and float((dense - sparse).abs().max()) <= 1e-4 * peak
+    assert abs(float(sparse.sum()) / float(dense.sum()) - 1.0) <= 1e-3
+
+
+def test_a_table_holding_000_simulates_no_direct_beam():
+    """F(000) in the table (a user's P1 hkl file) is not a Bragg spot in either kernel: a panel
+    on the beam with only F(000) = 1 gets no photons, and a table with 000 and other reflections
+    gives the same image in both kernels as one without it."""
+    from spread_dials.physics import StructureFactors
+
+    from .scene_factory import _all_hkl, grid_panels
+
+    only_000 = StructureFactors(miller_index=torch.zeros((1, 3), dtype=torch.long),
+                                F0=torch.ones(1, dtype=torch.complex128))  # fmt: skip
+    on_beam = grid_panels(n_fast=5, n_slow=5, grid=(1, 1), tilt_deg=0.0)
+    scene = dataclasses.replace(small_scene(), panels=on_beam, structure_factors=only_000)
+    assert float(simulate_dense(scene).abs().max()) == 0.0
+    assert predict_windows(scene, 1e-6).n_windows == 0
+    assert float(simulate_sparse(scene).abs().max()) == 0.0
+
+    hkl = torch.cat([torch.zeros((1, 3), dtype=torch.long), _all_hkl(8)])
+    table = StructureFactors(miller_index=hkl, F0=torch.full((hkl.shape[0],), 10.0, dtype=torch.complex128))
+    with_000 = dataclasses.replace(small_scene(n_domains=2, n_channels=3), structure_factors=table)
+    dense = simulate_dense(with_000)
+    sparse = simulate_sparse(with_000)
+    without = simulate_dense(dataclasses.replace(with_000, structure_factors=StructureFactors(
+        miller_index=hkl[1:], F0=table.F0[1:])))  # fmt: skip
+    assert float(dense.max()) > 0 and torch.equal(dense, without)
+    assert float((dense - sparse).abs().max()) <= 1e-4 * float(dense.max())
