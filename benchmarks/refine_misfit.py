@@ -90,7 +90,7 @@ def main(argv=None) -> int:
     truth_model = CrystalModel((args.ncells,) * 3, args.mosaic_deg, args.truth_domains or args.domains, seed=7,
                                domain_set=args.truth_domain_set)  # fmt: skip
     settings = RefineSettings(args.macrocycles, 1e-9, 50, 50, None, not args.no_orientation, args.rotation_step_mrad,
-                              args.relinearisations)  # fmt: skip
+                              args.relinearisations, parameter_tolerance=0.0)  # fmt: skip
     rows = []
     for r in range(args.replicates):
         t0 = time.perf_counter()

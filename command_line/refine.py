@@ -104,10 +104,17 @@ crystal
     .help = "Unit cells per mosaic domain along a, b, c"
   mosaic_spread_deg = 0.05
     .type = float(value_min=0)
-    .help = "rms rotation per axis of the mosaic domains (degrees)"
-  mosaic_domains = 10
+    .help = "rms rotation angle of the mosaic domains (degrees; each domain turns about a"
+            "random axis by an angle ~ N(0, spread), as dials.spread_simulate)"
+  mosaic_domains = 40
     .type = int(value_min=1)
-    .help = "Number of mosaic domains"
+    .help = "Number of mosaic domains the model sums over"
+  domain_set = *quadrature random
+    .type = choice
+    .help = "quadrature: a deterministic equal-weight quadrature of the mosaic distribution"
+            "(the limit of a crystal of very many domains; 40 reproduce 100 to well within"
+            "the statistics in benchmarks/refine_misfit.py). random: one seeded draw"
+            "(random.seed) used for every still"
   shape = *gauss square round tophat
     .type = choice
     .help = "Lattice transform shape"
@@ -139,6 +146,10 @@ refinement {
   nll_tolerance = 0.05
     .type = float(value_min=0)
     .help = "Converged when the total NLL changes less than this between macrocycles"
+  parameter_tolerance = 0.01
+    .type = float(value_min=0)
+    .help = "... or when no global parameter moves more than this between macrocycles"
+            "(eV for edge shifts, electrons for free f', f'')"
   stage1_iterations = 50
     .type = int(value_min=1)
     .help = "L-BFGS iterations per still and macrocycle"
@@ -148,6 +159,13 @@ refinement {
   refine_orientation = True
     .type = bool
     .help = "Refine three small rotation angles per still (else only scale and background)"
+  rotation_step_mrad = 1.0
+    .type = float(value_min=0.01)
+    .help = "Trust radius (mrad) of one stage-1 pass: each angle moves at most this far from"
+            "where the profiles were last computed"
+  relinearisations = 3
+    .type = int(value_min=1)
+    .help = "Most stage-1 passes per still and macrocycle, the profiles recomputed after each"
   min_shoeboxes = 3
     .type = int(value_min=1)
     .help = "Stills with fewer integrated shoeboxes are left out (counted in the log)"
@@ -156,6 +174,12 @@ refinement {
     .help = "Continue from <prefix>.checkpoint.pt when it exists for these inputs"
 }
 uncertainty {
+  sigma = *robust fisher sandwich
+    .type = choice
+    .help = "The reported sigma and intervals. fisher: the curvature (Fisher information,"
+            "per-still parameters profiled out): right when the pixel model is. sandwich:"
+            "the curvature around the spread of the stills' scores: right when it is not."
+            "robust: the larger of the two for each parameter (needs >= 3 stills)"
   bootstrap = 20
     .type = int(value_min=0)
     .help = "Bootstrap resamples of the stills (0: none)"

@@ -9,7 +9,8 @@ A macrocycle: (1) stage 1 refines each still's scale, orientation and background
 cached profiles (linearised in the orientation about the cache point) with f', f'' fixed;
 (2) the profiles are recomputed with the kernel at the new orientation; (3) stage 2 refines the
 global parameters with everything per shot fixed, from the cache.  Refinement stops when the
-total NLL changes by less than ``nll_tolerance`` between macrocycles.
+total NLL changes by less than ``nll_tolerance``, or no global parameter moves by more than
+``parameter_tolerance``, between macrocycles.
 """
 
 from __future__ import annotations
@@ -42,7 +43,8 @@ class RefineSettings:
 
     Attributes:
         macrocycles: most macrocycles.
-        nll_tolerance: converged when the total NLL changes less than this between macrocycles.
+        nll_tolerance: converged when the total NLL changes less than this between macrocycles,
+        parameter_tolerance: or when no global parameter moves more than this.
         stage1_iterations, stage2_iterations: L-BFGS iterations per stage and macrocycle.
         readout_sigma: None for the Poisson likelihood, else the Gaussian readout width (photons).
         refine_orientation: refine the three rotation angles in stage 1 (else only scale and
@@ -62,6 +64,7 @@ class RefineSettings:
     refine_orientation: bool = True
     rotation_step_mrad: float = 1.0
     relinearisations: int = 3
+    parameter_tolerance: float = 0.01
 
 
 def initial_state(cache: ShotCache, intensity: Tensor, n_shoeboxes: int, iterations: int = 50) -> ShotState:
@@ -223,10 +226,11 @@ class Refinement:
 
     def run(self, start_macrocycle: int = 0, on_macrocycle: Callable[["Refinement"], None] | None = None,
             progress: Callable[[int, int], None] | None = None) -> None:  # fmt: skip
-        """Macrocycles until the NLL change is below the tolerance (or the most macrocycles)."""
+        """Macrocycles until the NLL or the global parameters stop changing (or the most macrocycles)."""
         previous = self.history[-1]["nll"] if self.history else None
         for cycle in range(start_macrocycle, self.settings.macrocycles):
             t0 = time.perf_counter()
+            theta_before = self.theta.clone()
             stage1 = self.comm.allreduce(self.stage1(progress))
             nll = self.stage2()
             self.history.append({"macrocycle": cycle + 1, "stage1_nll": stage1, "nll": nll,
@@ -237,8 +241,12 @@ class Refinement:
                         time.perf_counter() - t0)  # fmt: skip
             if on_macrocycle is not None:
                 on_macrocycle(self)
+            moved = float((self.theta - theta_before).abs().max()) if self.theta.numel() else 0.0
             if previous is not None and abs(previous - nll) < self.settings.nll_tolerance:
                 logger.info("converged: NLL changed by %.4f < %g", abs(previous - nll), self.settings.nll_tolerance)
+                break
+            if previous is not None and moved < self.settings.parameter_tolerance:
+                logger.info("converged: global parameters moved by at most %.4g < %g", moved, self.settings.parameter_tolerance)
                 break
             previous = nll
 

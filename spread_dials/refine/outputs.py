@@ -45,7 +45,7 @@ def write_outputs(ctx, results: dict, refinement, refs, draws: torch.Tensor, ban
     written.append(write_text_atomic(path, json.dumps(results, indent=1)))
     if results["sites"]:
         buffer = io.StringIO()
-        keys = ["site", "reference", "edge_shift_eV", "sigma_eV", "sigma_conditional_eV", "sigma_bootstrap_eV",
+        keys = ["site", "reference", "edge_shift_eV", "sigma_eV", "sigma_fisher_eV", "sigma_sandwich_eV", "sigma_bootstrap_eV",
                 "interval68_eV", "interval95_eV", "oxidation_state", "state_probability", "truth_edge_shift_eV", "error_in_sigma"]  # fmt: skip
         writer = csv.DictWriter(buffer, fieldnames=keys + ["site_b", "difference_eV"], extrasaction="ignore")
         writer.writeheader()

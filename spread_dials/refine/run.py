@@ -14,6 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from torch import Tensor
 
 from spread_dials.refine.engine import RefineSettings, Refinement, make_caches
 from spread_dials.refine.model import ShotState
@@ -41,7 +42,7 @@ def _crystal_model(params) -> CrystalModel:
     c = params.crystal
     fluence = params.beam.photons / (math.pi * (0.5e-6 * params.beam.diameter_um) ** 2)
     return CrystalModel(tuple(float(x) for x in c.ncells_abc), float(c.mosaic_spread_deg), int(c.mosaic_domains),
-                        c.shape, int(params.random.seed), fluence, int(c.oversample))  # fmt: skip
+                        c.shape, int(params.random.seed), fluence, int(c.oversample), c.domain_set)  # fmt: skip
 
 
 #: the scopes whose values change the refinement (a checkpoint of other values is refused)
@@ -56,7 +57,7 @@ def _fingerprint(params, pairs) -> str:
 
     working = phil_scope.format(python_object=params)
     text = "".join(working.get(name).as_str() for name in _REFINING_SCOPES)
-    text = "\n".join(line for line in text.splitlines() if "resume" not in line and "macrocycles" not in line)
+    text = "\n".join(line for line in text.splitlines() if not any(k in line for k in ("resume", "macrocycles", "tolerance")))
     text += json.dumps([str(p.resolve()) for pair in pairs for p in pair])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -135,10 +136,14 @@ def run_refinement(ctx, experiments, reflections) -> dict:
                 sites.kind, sites.initial().numel())  # fmt: skip
 
     model = _crystal_model(params)
-    settings = RefineSettings(params.refinement.macrocycles, params.refinement.nll_tolerance, params.refinement.stage1_iterations,
-                              params.refinement.stage2_iterations,
-                              params.readout_sigma_photons if params.likelihood == "gaussian_readout" else None,
-                              params.refinement.refine_orientation)  # fmt: skip
+    r = params.refinement
+    settings = RefineSettings(
+        macrocycles=r.macrocycles, nll_tolerance=r.nll_tolerance, stage1_iterations=r.stage1_iterations,
+        stage2_iterations=r.stage2_iterations,
+        readout_sigma=params.readout_sigma_photons if params.likelihood == "gaussian_readout" else None,
+        refine_orientation=r.refine_orientation, rotation_step_mrad=r.rotation_step_mrad, relinearisations=r.relinearisations,
+        parameter_tolerance=r.parameter_tolerance,
+    )  # fmt: skip
     if params.controls.shuffle_channels:
         logger.info("NEGATIVE CONTROL: channel energies shuffled for f'/f'' (the kernel keeps the true ones)")
     if params.controls.spoil_hkl:
@@ -227,7 +232,10 @@ def _report(ctx, refinement: Refinement, refs, prepared, band, n_shots, n_sb, n_
     cov = curvature(refinement, observed=params.uncertainty.observed_hessian and theta.numel() <= 16)
     draws = bootstrap(refinement, params.uncertainty.bootstrap, params.random.seed)
     logger.info("Uncertainty (curvature + %d bootstrap refits) in %.1f s", draws.shape[0], time.perf_counter() - t0)
-    sigma = cov.profiled.diag().clamp(min=0).sqrt()
+    chosen = _reported_covariance(cov, params.uncertainty.sigma)
+    sigma = chosen.diag().clamp(min=0).sqrt()
+    sigma_fisher = cov.profiled.diag().clamp(min=0).sqrt()
+    sigma_sandwich = cov.sandwich.diag().clamp(min=0).sqrt() if cov.sandwich is not None else None
     sigma_boot = draws.std(0) if draws.shape[0] > 1 else torch.full_like(theta, float("nan"))
     names = sites.parameter_names()
     rows, pairs = [], []
@@ -241,9 +249,12 @@ def _report(ctx, refinement: Refinement, refs, prepared, band, n_shots, n_sb, n_
             probs = state_probabilities(value, s, shifts)
             row = {
                 "site": label, "reference": refs.reference[members[0]].label, "edge_shift_eV": value, "sigma_eV": s,
+                "sigma_fisher_eV": float(sigma_fisher[g]),
+                "sigma_sandwich_eV": None if sigma_sandwich is None else float(sigma_sandwich[g]),
+                "sandwich_over_fisher": None if sigma_sandwich is None else float(sigma_sandwich[g] / sigma_fisher[g]),
                 "sigma_conditional_eV": float(cov.conditional[g, g].sqrt()),
                 "sigma_observed_conditional_eV": None if cov.observed_conditional is None else float(cov.observed_conditional[g, g].clamp(min=0).sqrt()),
-                "sigma_bootstrap_eV": float(sigma_boot[g]), "bootstrap_over_curvature": float(sigma_boot[g]) / s if s > 0 else None,
+                "sigma_bootstrap_eV": float(sigma_boot[g]), "bootstrap_over_fisher": float(sigma_boot[g] / sigma_fisher[g]),
                 "interval68_eV": interval(value, s, 0.68), "interval95_eV": interval(value, s, 0.95),
                 "state_shifts_eV": {str(k): v for k, v in shifts.items()},
                 "state_probability": {str(k): v for k, v in probs.items()},
@@ -257,19 +268,24 @@ def _report(ctx, refinement: Refinement, refs, prepared, band, n_shots, n_sb, n_
         for a in range(sites.n_groups):
             for b in range(a + 1, sites.n_groups):
                 d = float(theta[a] - theta[b])
-                v = float(cov.profiled[a, a] + cov.profiled[b, b] - 2 * cov.profiled[a, b])
+                v = float(chosen[a, a] + chosen[b, b] - 2 * chosen[a, b])
                 pairs.append({"site_a": sites.group_labels[a], "site_b": sites.group_labels[b], "difference_eV": d,
                               "sigma_eV": math.sqrt(max(v, 0.0))})  # fmt: skip
     results = {
         "program": "dials.spread_refine", "model": sites.kind, "stills": n_shots, "shoeboxes": n_sb, "pixels": n_px,
         "spectrum_band_eV": list(band), "parameters": names, "theta": theta.tolist(),
-        "covariance": cov.profiled.tolist(), "covariance_conditional": cov.conditional.tolist(),
+        "sigma_method": params.uncertainty.sigma,
+        "covariance": chosen.tolist(), "covariance_fisher": cov.profiled.tolist(),
+        "covariance_sandwich": None if cov.sandwich is None else cov.sandwich.tolist(),
+        "covariance_conditional": cov.conditional.tolist(),
         "bootstrap_resamples": int(draws.shape[0]), "sites": rows, "pairs": pairs, "history": refinement.history,
         "seconds": seconds + (time.perf_counter() - t0),
         "controls": {"spoil_hkl": bool(params.controls.spoil_hkl), "shuffle_channels": bool(params.controls.shuffle_channels)},
-        "uncertainty_method": "Fisher information of the likelihood over theta and every still's scale, rotation and "
-                              "background planes; per-shot parameters eliminated by the Schur complement; plus the prior's "
-                              "Hessian. Bootstrap: refits of theta over resampled stills with per-shot parameters fixed.",
+        "uncertainty_method": "fisher: Fisher information of the likelihood over theta and every still's scale, rotation "
+                              "and background planes; per-shot parameters eliminated by the Schur complement; plus the "
+                              "prior's Hessian. sandwich: H^-1 S H^-1 with H that information and S the covariance of the "
+                              "stills' scores (honest when the pixel model misfits). robust: per parameter the larger. "
+                              "Bootstrap: refits of theta over resampled stills with per-shot parameters fixed.",
     }  # fmt: skip
     if comm.is_root:
         from spread_dials.refine.outputs import write_outputs
@@ -277,6 +293,20 @@ def _report(ctx, refinement: Refinement, refs, prepared, band, n_shots, n_sb, n_
         write_outputs(ctx, results, refinement, refs, draws, band, truth_curves)
     _log_table(rows, pairs)
     return results
+
+
+def _reported_covariance(cov, method: str) -> Tensor:
+    """The covariance behind the reported sigmas: Fisher, sandwich, or (robust) the sandwich's
+    correlations with each variance the larger of the two (Fisher alone with < 3 stills)."""
+    if method == "fisher" or cov.sandwich is None:
+        if method != "fisher":
+            logger.info("Fewer than 3 stills: sigma from the Fisher information alone")
+        return cov.profiled
+    if method == "sandwich":
+        return cov.sandwich
+    sd = torch.maximum(cov.profiled.diag(), cov.sandwich.diag()).clamp(min=0).sqrt()
+    s = cov.sandwich.diag().clamp(min=1e-300).sqrt()
+    return cov.sandwich / (s.unsqueeze(-1) * s) * (sd.unsqueeze(-1) * sd)
 
 
 def _truth_curves(path, n_sites: int) -> list:
@@ -310,17 +340,17 @@ def _truth_shifts(curves, refs) -> list[float]:
 def _log_table(rows, pairs) -> None:
     if not rows:
         return
-    lines = [f"{'site':<22} {'edge shift eV':>13} {'sigma':>7} {'boot':>7} {'95% interval':>18} {'state':>6} {'P':>6}"]
+    lines = [f"{'site':<22} {'edge shift eV':>13} {'sigma':>7} {'fisher':>7} {'boot':>7} {'95% interval':>18} {'state':>6} {'P':>6}"]
     for r in rows:
         lo, hi = r["interval95_eV"]
         state = r["oxidation_state"]
         p = r["state_probability"].get(str(state)) if state is not None else None
-        line = (f"{r['site']:<22} {r['edge_shift_eV']:>13.3f} {r['sigma_eV']:>7.3f} {r['sigma_bootstrap_eV']:>7.3f} "
+        line = (f"{r['site']:<22} {r['edge_shift_eV']:>13.3f} {r['sigma_eV']:>7.3f} {r['sigma_fisher_eV']:>7.3f} {r['sigma_bootstrap_eV']:>7.3f} "
                 f"{f'[{lo:.2f}, {hi:.2f}]':>18} {'-' if state is None else state:>6} {'-' if p is None else f'{p:.3f}':>6}")  # fmt: skip
         if "truth_edge_shift_eV" in r:
             line += f"   truth {r['truth_edge_shift_eV']:.3f} ({r['error_in_sigma']:+.2f} sigma)"
         lines.append(line)
     for p in pairs:
         lines.append(f"{p['site_a']} - {p['site_b']}: {p['difference_eV']:.3f} +- {p['sigma_eV']:.3f} eV")
-    logger.info("Summary (edge shifts against each site's reference; sigma from the curvature with per-shot "
-                "parameters profiled out; boot = bootstrap):\n%s", "\n".join(lines))  # fmt: skip
+    logger.info("Summary (edge shifts against each site's reference; sigma: uncertainty.sigma; fisher: the curvature "
+                "alone; boot: bootstrap):\n%s", "\n".join(lines))  # fmt: skip

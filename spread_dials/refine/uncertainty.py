@@ -76,9 +76,21 @@ def _shot_information(refinement, i: int, theta: Tensor, include_rotation: bool)
     reduced = h_oo - torch.einsum("bip,biq->pq", h_bo, torch.linalg.solve(h_bb, h_bo))
     p = u_theta.shape[1]
     h_tt, h_ts, h_ss = reduced[:p, :p], reduced[:p, p:], reduced[p:, p:]
-    profiled = h_tt - h_ts @ torch.linalg.pinv(h_ss, hermitian=True) @ h_ts.T  # pinv: an angle the still cannot fix
+    profiled = h_tt - h_ts @ _psd_pseudo_inverse(h_ss) @ h_ts.T
     conditional = h_oo[:p, :p]
     return cache.weight * profiled.detach().cpu(), cache.weight * conditional.detach().cpu()
+
+
+def _psd_pseudo_inverse(h: Tensor, rcond: float = 1e-10) -> Tensor:
+    """Pseudo-inverse of a positive semi-definite information matrix, scaled to unit diagonal
+    first (log G and angles in rad differ by orders of magnitude); directions with relative
+    eigenvalue below ``rcond`` (a parameter the still does not determine, or round-off that
+    makes an eigenvalue negative) are dropped rather than inverted."""
+    d = h.diagonal().clamp(min=1e-300).rsqrt()
+    evals, evecs = torch.linalg.eigh(d.unsqueeze(-1) * h * d)
+    keep = evals > rcond * evals.max().clamp(min=1e-300)
+    inv = (evecs[:, keep] / evals[keep]) @ evecs[:, keep].T
+    return d.unsqueeze(-1) * inv * d
 
 
 def curvature(refinement, observed: bool = True) -> CurvatureResult:
