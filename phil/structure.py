@@ -17,8 +17,8 @@ __all__ = ["structure_phil", "anomalous_phil", "structure_and_anomalous_phil", "
 
 #: preset -> defaults used where the parameter is None
 PRESETS = {
-    "rubredoxin": {"element": "Fe", "d_min": 2.0, "group_by": "atom"},
-    "psii": {"element": "Mn", "d_min": 3.4, "group_by": "atom"},
+    "rubredoxin": {"element": "Fe", "group_by": "atom"},
+    "psii": {"element": "Mn", "group_by": "atom"},
 }
 
 structure_phil = """
@@ -32,11 +32,14 @@ structure
             "Fe_1brf_snip_reduced.pdb). The psii preset needs a file (e.g. psii_oec.pdb)."
   preset = *rubredoxin psii
     .type = choice
-    .help = "Defaults for the parameters left at None: rubredoxin (Fe sites, d_min 2.0 A) or"
-            "psii (the production preset: Mn sites of the oxygen-evolving complex, d_min 3.4 A)"
+    .help = "Defaults for the parameters left at None: rubredoxin (Fe sites) or psii (the"
+            "production preset: Mn sites of the oxygen-evolving complex)"
   d_min = None
     .type = float(value_min=0.5)
-    .help = "High-resolution limit (A) of the Miller-index table; None: the preset's"
+    .help = "High-resolution limit (A) of the Miller-index table. None: the detector's reach"
+            "(the smallest d any pixel records at the highest channel energy; the atomic"
+            "B-factors make the fall-off). A larger value leaves the detector empty beyond"
+            "it (a warning); a smaller one is refused"
   mean_energy_eV = None
     .type = float(value_min=1000)
     .help = "Energy (eV) at which non-site atoms get their free-atom f', f''. None: the"

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -53,3 +54,32 @@ def mpirun() -> list[str]:
     if exe is None:
         pytest.fail("mpirun not found: install openmpi-bin (make install does)")
     return [exe, "--allow-run-as-root", "--oversubscribe", "-n", "2"]
+
+
+@pytest.fixture
+def tmpfs(tmp_path):
+    """Mount small tmpfs file systems for a test: ``tmpfs(name, size="256k", read_only=False)``
+    returns the mount point (a real full disk, or a directory even root cannot write).  Needs
+    root (CI and `make test` run as root); unmounted after the test."""
+    mounted = []
+
+    def mount(name: str, size: str = "256k", read_only: bool = False) -> Path:
+        point = tmp_path / name
+        point.mkdir()
+        options = f"size={size},mode=0755" + (",ro" if read_only else "")
+        result = subprocess.run(["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(point)], capture_output=True,
+                                text=True, check=False)  # fmt: skip
+        if result.returncode != 0:
+            pytest.fail(f"cannot mount a tmpfs (needs root): {result.stderr.strip()}")
+        mounted.append(point)
+        return point
+
+    yield mount
+    for point in reversed(mounted):
+        subprocess.run(["umount", "-l", str(point)], check=False)
+
+
+@pytest.fixture
+def read_only_dir(tmpfs) -> Path:
+    """An existing directory that cannot be written, even by root (a read-only tmpfs)."""
+    return tmpfs("read_only", read_only=True)

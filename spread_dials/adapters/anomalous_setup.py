@@ -46,7 +46,7 @@ class StructureChoice:
 
     file: str | None
     preset: str
-    d_min: float
+    d_min: float | None  # None: the program decides (dials.spread_simulate: the detector's reach)
     element: str | None
     selections: tuple[str, ...]
     group_by: str
@@ -65,7 +65,7 @@ def resolve_structure_params(structure) -> StructureChoice:
     return StructureChoice(
         file=structure.file,
         preset=structure.preset,
-        d_min=structure.d_min if structure.d_min is not None else preset["d_min"],
+        d_min=structure.d_min,
         element=None if selections else (structure.sites.element or preset["element"]),
         selections=selections,
         group_by=structure.sites.group_by or preset["group_by"],

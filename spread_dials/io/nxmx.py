@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
 import re
 import sys
 import time
@@ -61,8 +62,23 @@ from spread_dials.detectors.layout import DetectorLayout, Group, PanelFrame
 from spread_dials.io.compression import ChunkCompressor, CompressedChunk
 from spread_dials.util.atomic import atomic_path
 
+#: temporary files of containers that HDF5 failed to close (a full disk): the process must end
+#: with os._exit, as HDF5's exit handler would crash trying to close them again
+HDF5_UNCLOSED: list[str] = []
+
+
+def hdf5_errno(error: BaseException) -> int | None:
+    """The system errno behind an HDF5 failure, if any: h5py raises RuntimeError or OSError and
+    puts HDF5's "errno = N" in the message (28 for a full disk)."""
+    if isinstance(error, OSError) and error.errno:
+        return error.errno
+    found = re.search(r"errno = (\d+)", str(error))
+    return int(found.group(1)) if found else None
+
 __all__ = [
     "COMPRESSIONS",
+    "HDF5_UNCLOSED",
+    "hdf5_errno",
     "MCSTAS",
     "MIN_SENSOR_THICKNESS_MM",
     "NXmxWriter",
@@ -303,8 +319,12 @@ class NXmxWriter:
     # -- context manager -------------------------------------------------------------------
     def __enter__(self) -> "NXmxWriter":
         stack = contextlib.ExitStack()
-        tmp = stack.enter_context(atomic_path(self.path))
-        self._h5 = h5py.File(tmp, "w")
+        self._tmp = tmp = stack.enter_context(atomic_path(self.path))
+        try:
+            self._h5 = h5py.File(tmp, "w")
+        except BaseException:
+            stack.__exit__(*sys.exc_info())
+            raise
         self._stack = stack
         try:
             self._write_structure()
@@ -317,7 +337,18 @@ class NXmxWriter:
         h5, stack = self._h5, self._stack
         self._h5 = self._stack = None
         if h5 is not None:
-            h5.close()
+            try:
+                h5.close()
+            except (RuntimeError, OSError) as error:  # e.g. the disk filled up: HDF5 could not flush
+                # HDF5 1.10 keeps a file it failed to close, and a second close (or the library's
+                # own at exit) crashes the process: the caller must end it without HDF5's exit
+                # handlers (see HDF5_UNCLOSED)
+                HDF5_UNCLOSED.append(str(self._tmp))
+                number = hdf5_errno(error)
+                failure = OSError(number, os.strerror(number), str(self.path)) if number else error
+                if stack is not None:
+                    stack.__exit__(type(failure), failure, None)  # removes the temporary file
+                raise failure from None
         if exc_type is None and not self._written.all():
             missing = np.flatnonzero(~self._written).tolist()
             exc_type = RuntimeError

@@ -26,7 +26,11 @@ def read_spectra(path: str | Path) -> tuple[np.ndarray, np.ndarray]:
     if not path.is_file():
         raise FileNotFoundError(f"spectrum file {str(path)!r} does not exist")
     try:
-        with np.load(path, allow_pickle=False) as npz:
+        npz = np.load(path, allow_pickle=False)
+        if not isinstance(npz, np.lib.npyio.NpzFile):  # np.load reads a .npy as one plain array
+            raise ValueError(f"{path.name} is a single array (.npy), not an .npz with arrays 'energies_eV' and "
+                             "'weights' (np.savez)")  # fmt: skip
+        with npz:
             if "energies_eV" not in npz or "weights" not in npz:
                 raise ValueError(f"{path.name} needs arrays 'energies_eV' and 'weights' (has {sorted(npz.files)})")
             energies = np.asarray(npz["energies_eV"], dtype=np.float64)

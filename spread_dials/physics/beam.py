@@ -82,16 +82,17 @@ class Sources(TensorFields):
 def gaussian_spectrum(mean_eV: float, fwhm_eV: float, n_channels: int, channel_width_eV: float) -> tuple[Tensor, Tensor]:
     """Channel energies (eV) centred on ``mean_eV`` and Gaussian weights of the given FWHM (sum 1).
 
-    ``fwhm_eV = 0`` gives equal weights (a flat band); one channel is a monochromatic beam.
+    One channel is a monochromatic beam.
+
+    Raises:
+        ValueError: ``fwhm_eV`` not > 0 (a band of zero width is one energy, not a flat band).
     """
+    if not fwhm_eV > 0:
+        raise ValueError(f"the Gaussian band's FWHM must be > 0 eV, not {fwhm_eV}")
     offsets = (torch.arange(n_channels, dtype=torch.float64) - (n_channels - 1) / 2.0) * channel_width_eV
-    energy = mean_eV + offsets
-    if fwhm_eV > 0:
-        sigma = fwhm_eV / (2.0 * math.sqrt(2.0 * math.log(2.0)))
-        weight = torch.exp(-0.5 * (offsets / sigma) ** 2)
-    else:
-        weight = torch.ones(n_channels, dtype=torch.float64)
-    return energy, weight / weight.sum()
+    sigma = fwhm_eV / (2.0 * math.sqrt(2.0 * math.log(2.0)))
+    weight = torch.exp(-0.5 * (offsets / sigma) ** 2)
+    return mean_eV + offsets, weight / weight.sum()
 
 
 def divergence_directions(beam_direction: Tensor, divergence_mrad: float, n_steps: int) -> Tensor:

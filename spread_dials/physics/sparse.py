@@ -45,6 +45,7 @@ from spread_dials.physics.tensors import TensorFields
 
 __all__ = [
     "BraggWindows",
+    "detector_d_max",
     "detector_d_min",
     "miller_indices_within",
     "predict_windows",
@@ -107,6 +108,36 @@ def _ewald_offset(q: Tensor, direction: Tensor, k: Tensor) -> Tensor:
 def detector_d_min(panels: PanelArray, direction: Tensor, wavenumber_max: float, compiled: bool = False) -> float:
     """Smallest d-spacing (A) any pixel of the detector records for the given beam direction."""
     return float(1.0 / (2.0 * wavenumber_max * _stage(_max_sin_theta, compiled)(panels, direction)))
+
+
+def detector_d_max(panels: PanelArray, direction: Tensor, wavenumber_min: float) -> float:
+    """Largest d-spacing (A) any pixel of the detector records for the given beam direction
+    (inf where the beam itself meets a panel)."""
+    sin_theta = float(_min_sin_theta(panels, direction))
+    return math.inf if sin_theta == 0.0 else 1.0 / (2.0 * wavenumber_min * sin_theta)
+
+
+def _min_sin_theta(panels: PanelArray, direction: Tensor) -> Tensor:
+    """Smallest sin(theta) over the panels: 0 where the beam meets one, else the smallest over
+    the panels' edges (a cone about the beam meets a panel's plane in a convex set, so a panel
+    the beam misses comes closest to it on its border), sampled at every pixel corner."""
+    direction = direction.double()
+    origin, fast, slow = panels.origin_mm.double(), panels.fast_axis.double(), panels.slow_axis.double()
+    px = panels.pixel_size_mm.double()
+    n_fast, n_slow = panels.image_size
+    # where the beam meets each panel's plane: origin + a fast px + b slow px = t direction
+    system = torch.stack([fast * px[:, :1], slow * px[:, 1:], -direction.expand_as(fast)], -1)
+    a, b, t = torch.linalg.solve(system, -origin).unbind(-1)
+    if bool(((t > 0) & (a >= 0) & (a <= n_fast) & (b >= 0) & (b <= n_slow)).any()):
+        return torch.zeros((), dtype=torch.float64)
+    f = torch.arange(n_fast + 1, dtype=torch.float64)
+    s = torch.arange(n_slow + 1, dtype=torch.float64)
+    edge_f = torch.cat([f, f, torch.zeros_like(s), torch.full_like(s, n_fast)])
+    edge_s = torch.cat([torch.zeros_like(f), torch.full_like(f, n_slow), s, s])
+    points = (origin.unsqueeze(1) + (edge_f.view(1, -1, 1) * px[:, None, :1]) * fast.unsqueeze(1)
+              + (edge_s.view(1, -1, 1) * px[:, None, 1:]) * slow.unsqueeze(1))  # fmt: skip
+    cos2theta = dot3(points / points.norm(dim=-1, keepdim=True), direction)
+    return torch.sqrt((1.0 - cos2theta.max().clamp(-1.0, 1.0)) / 2.0)
 
 
 def _max_sin_theta(panels: PanelArray, direction: Tensor) -> Tensor:

@@ -23,10 +23,12 @@ thread does everything in turn.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import logging
+import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -36,7 +38,7 @@ import numpy as np
 
 import spread_dials
 from spread_dials.io.compression import ChunkCompressor, default_workers
-from spread_dials.io.nxmx import NXmxWriter
+from spread_dials.io.nxmx import NXmxWriter, hdf5_errno
 from spread_dials.io.write_queue import WriteQueue
 from spread_dials.simulation.plan import container_shots, n_containers
 from spread_dials.simulation.truth import (
@@ -47,6 +49,7 @@ from spread_dials.simulation.truth import (
 )
 from spread_dials.util.atomic import write_text_atomic
 from spread_dials.util.errors import SpreadError
+from spread_dials.util.program import write_error
 
 __all__ = ["RunFiles", "parameter_values", "fingerprint", "photon_summary", "run_simulation"]
 
@@ -95,6 +98,37 @@ class RunFiles:
         return sorted(self.directory.glob(f".{self.prefix}_*.tmp*")) + sorted(self.directory.glob(f".{self.prefix}.tmp*"))
 
 
+def container_damage(files: RunFiles, c: int, n_images: int) -> str | None:
+    """Why finished container c cannot be trusted (None if it can): its HDF5 file must open with
+    every image's chunks and the truth arrays stored, and its .expt and .refl must load with one
+    experiment per image (a truncated or overwritten file fails here)."""
+    import h5py
+
+    path = files.container(c, ".h5")
+    try:
+        with h5py.File(path, "r") as h5:
+            data = h5["/entry/data/data"]
+            n_panels = len([k for k in h5["/entry/instrument/detector"] if k.startswith("panel")])
+            if data.shape[0] != n_images or data.id.get_num_chunks() != n_images * n_panels:
+                return f"{path.name} holds {data.id.get_num_chunks()} of {n_images * n_panels} image chunks"
+            if h5["/entry/spread/shot_index"].shape != (n_images,):
+                return f"{path.name} lacks the truth of its shots"
+    except (OSError, KeyError, ValueError) as e:
+        return f"{path.name} cannot be read ({str(e).splitlines()[0] if str(e) else type(e).__name__})"
+    from dials.array_family import flex
+    from dxtbx.model.experiment_list import ExperimentListFactory
+
+    expt, refl = files.container(c, ".expt"), files.container(c, ".refl")
+    try:
+        n_expt = len(ExperimentListFactory.from_json_file(str(expt), check_format=False))
+        flex.reflection_table.from_file(str(refl))
+    except Exception as e:  # noqa: BLE001  dxtbx and msgpack raise many kinds for a damaged file
+        return f"its truth {expt.name} / {refl.name} cannot be read ({type(e).__name__})"
+    if n_expt != n_images:
+        return f"{expt.name} holds {n_expt} experiments for {n_images} images"
+    return None
+
+
 def parameter_values(phil, params) -> dict[str, str]:
     """Every parameter as ``path -> value text``, e.g. ``{"beam.nchannels": "40", ...}``."""
     working = phil.format(python_object=params)
@@ -111,19 +145,14 @@ def fingerprint(values: dict[str, str]) -> str:
 
 
 def _check_output(files: RunFiles, values: dict[str, str], overwrite: bool) -> str | None:
-    """On rank 0: refuse a directory holding another run (unless overwrite); clean temporaries.
+    """On rank 0: refuse a directory holding another run (unless overwrite).
 
     Returns an error message or None.
     """
     present = files.existing()
-    if not present:
+    if not present or overwrite:
         return None
     mine = fingerprint(values)
-    if overwrite:
-        for path in present:
-            path.unlink(missing_ok=True)
-        logger.info("output.overwrite=True: removed %d files of the previous run in %s", len(present), files.directory)
-        return None
     previous = None
     if files.run_json.is_file():
         try:
@@ -142,9 +171,22 @@ def _check_output(files: RunFiles, values: dict[str, str], overwrite: bool) -> s
             "rerun with the same parameters to resume, set output.overwrite=True to replace it, "
             "or choose another output.directory or output.prefix"
         )
-    for path in files.temporaries():  # left by a killed run
-        path.unlink(missing_ok=True)
     return None
+
+
+def _clear_output(files: RunFiles, overwrite: bool) -> None:
+    """On rank 0, once every input is checked: remove the previous run (overwrite) or the
+    temporary files a killed run left."""
+    if overwrite:
+        present = files.existing()
+        for path in present:
+            path.unlink(missing_ok=True)
+        if present:
+            logger.info("output.overwrite=True: removed %d files of the previous run in %s", len(present),
+                        files.directory)  # fmt: skip
+        return
+    for path in files.temporaries():
+        path.unlink(missing_ok=True)
 
 
 def _site_truth(setup) -> list[dict[str, Any]]:
@@ -261,6 +303,23 @@ def _finish_container(files: RunFiles, setup, c: int, writer: NXmxWriter, result
     )  # fmt: skip
 
 
+def _require_space(files: RunFiles, setup, c: int, n_images: int) -> None:
+    """Refuse to start container c without room for it and the images still queued, uncompressed
+    (the most they can take): HDF5 cannot recover from a write that fails for want of space."""
+    import shutil
+
+    panels = setup.panels
+    image_bytes = panels.n_panels * panels.n_slow * panels.n_fast * 4  # int32 pixels
+    need = int(1.01 * (n_images + QUEUE_IMAGES) * image_bytes) + (64 << 10) + panels.n_panels * (4 << 10)
+    free = shutil.disk_usage(files.directory).free
+    if free < need:
+        raise SpreadError(
+            f"not enough space in {files.directory} for {files.container(c, '.h5').name}: it may take up to "
+            f"{need / 1e6:.3g} MB and {free / 1e6:.3g} MB are free; the containers already finished are kept, "
+            "and a rerun with the same parameters resumes once there is room"
+        )
+
+
 def compression_workers(params) -> int:
     """``output.compression_workers``, with Auto (None) resolved to the cores left for compression."""
     workers = getattr(params.output, "compression_workers", None)
@@ -293,7 +352,9 @@ def run_simulation(ctx, program_phil) -> dict[str, Any] | None:
         params.beam.spectrum, setup.structure.miller_index.shape[0], setup.structure.d_min,
         len(setup.structure.sites), time.perf_counter() - t_setup,
     )  # fmt: skip
+    ctx.accept_inputs()  # from here a failure leaves this run's log and finished containers
     if mpi.is_root:
+        _clear_output(files, params.output.overwrite)
         write_text_atomic(files.run_json, json.dumps(_run_record(ctx, program_phil, values, setup, None), indent=1))
     mpi.barrier()
 
@@ -301,6 +362,14 @@ def run_simulation(ctx, program_phil) -> dict[str, Any] | None:
     n_total = n_containers(params.nimages, per)
     mine = mpi.stripe(range(n_total))
     todo = [c for c in mine if not files.finished(c)]
+    for c in mine:
+        damage = None if c in todo else container_damage(files, c, len(container_shots(c, params.nimages, per)))
+        if damage:  # finished-looking, but not whole: simulate it again
+            logger.warning("Container %d looks finished but %s: simulating it again", c, damage)
+            for suffix in (".refl", ".expt", ".h5"):
+                files.container(c, suffix).unlink(missing_ok=True)
+            todo.append(c)
+    todo.sort()
     skipped = [c for c in mine if c not in todo]
     skipped_shots = sum(len(container_shots(c, params.nimages, per)) for c in skipped)
     if skipped:
@@ -329,6 +398,7 @@ def run_simulation(ctx, program_phil) -> dict[str, Any] | None:
     try:
         for c in todo:
             shots = container_shots(c, params.nimages, per)
+            _require_space(files, setup, c, len(shots))
             writer = _open_container(files, setup, c, len(shots), compressor)
             writers.append(writer)  # small objects: the pixels are not kept
             queue.call(_enter, writer, written)
@@ -373,7 +443,14 @@ def run_simulation(ctx, program_phil) -> dict[str, Any] | None:
             compressor.close(cancel=True)
             for writer in writers:  # remove the temporary files of containers not finished
                 if writer.is_open:
-                    writer.__exit__(type(error), error, error.__traceback__)
+                    with contextlib.suppress(Exception):  # the first failure is the one to report
+                        writer.__exit__(type(error), error, error.__traceback__)
+        number = hdf5_errno(error) if isinstance(error, (OSError, RuntimeError)) else None
+        unwritable = write_error(OSError(number, os.strerror(number), getattr(error, "filename", None) or
+                                         str(files.directory))) if number else None  # fmt: skip
+        if unwritable is not None:
+            raise SpreadError(f"{unwritable}; the containers already finished are kept, and a rerun with the "
+                              "same parameters resumes") from None  # fmt: skip
         raise
     queue.close()
     compressor.close()

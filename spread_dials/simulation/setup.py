@@ -28,11 +28,11 @@ from spread_dials.physics.beam import gaussian_spectrum
 from spread_dials.physics.constants import HC_EV_A
 from spread_dials.physics.geometry import PanelArray
 from spread_dials.physics.microcrystal import Brightness, brightness
-from spread_dials.physics.sparse import detector_d_min
+from spread_dials.physics.sparse import detector_d_max, detector_d_min
 from spread_dials.physics.spectra import channel_energies, rebin_spectrum, sase_spectrum, spectrum_centroid
 from spread_dials.physics.still import AmorphousMaterial, DetectorResponse
 from spread_dials.simulation.plan import ShotPlan, container_shots, shot_seeds, uniform_rotation
-from spread_dials.util.errors import SpreadError
+from spread_dials.util.errors import SpreadError, require_file
 
 __all__ = ["PRESET_ENERGY_EV", "RunSetup", "build_setup", "check_parameters", "make_detector", "plan_shot"]
 
@@ -64,20 +64,23 @@ def check_parameters(params) -> None:
         raise SpreadError(f"beam.diameter_um must be > 0 um, not {beam.diameter_um}")
     if params.crystal.spot_scale is None and not params.crystal.length_um > 0:
         raise SpreadError(f"crystal.length_um must be > 0 um (the crystal in the beam), not {params.crystal.length_um}")
+    if beam.spectrum == "gaussian" and not beam.fwhm_eV > 0:
+        raise SpreadError(f"beam.fwhm_eV={beam.fwhm_eV:g}: a Gaussian band needs a width > 0 eV; for one energy set "
+                          "beam.spectrum=monochromatic")  # fmt: skip
     if beam.spectrum == "file":
         if not beam.spectrum_file:
             raise SpreadError("beam.spectrum=file needs beam.spectrum_file=/path/to/spectra.npz")
-        if not Path(beam.spectrum_file).is_file():
-            raise SpreadError(f"beam.spectrum_file {beam.spectrum_file!r} does not exist")
-    if params.structure.file is not None and not Path(params.structure.file).is_file():
-        raise SpreadError(f"structure.file {params.structure.file!r} does not exist")
+    elif beam.spectrum_file:
+        raise SpreadError(f"beam.spectrum_file is given but beam.spectrum={beam.spectrum}, which does not read it; "
+                          "set beam.spectrum=file to use the measured spectra, or drop beam.spectrum_file")  # fmt: skip
+    inputs = [("beam.spectrum_file", beam.spectrum_file), ("structure.file", params.structure.file),
+              ("detector.file", params.detector.file)]  # fmt: skip
+    inputs += [("anomalous.reference_files", path) for path in params.anomalous.reference_files or [] if path]
+    for parameter, path in inputs:
+        if path is not None:
+            require_file(path, parameter)
     if params.structure.preset == "psii" and params.structure.file is None:
         raise SpreadError("the psii preset needs the model: structure.file=/path/to/psii_oec.pdb")
-    if params.detector.file is not None and not Path(params.detector.file).is_file():
-        raise SpreadError(f"detector.file {params.detector.file!r} does not exist")
-    for path in params.anomalous.reference_files or []:
-        if path and not Path(path).is_file():
-            raise SpreadError(f"anomalous.reference_files: {path!r} does not exist")
     if params.output.compression == "gzip" and params.output.deflate == "isal":
         try:
             import isal.isal_zlib  # noqa: F401  the encoder the compression threads will use
@@ -221,6 +224,70 @@ def _file_spectra(params, channels: np.ndarray, energy: float) -> tuple[np.ndarr
     return energies, weights, shift
 
 
+#: an anomalous site's element needs an absorption edge within this many eV of the band
+EDGE_MARGIN_EV = 50.0
+
+
+def _resolution_range(d_min: float | None, panels: PanelArray, channels: np.ndarray) -> tuple[float, float, float]:
+    """(d_min, reach, largest d) of the run (A).  The reach is the smallest d any pixel records
+    (at the highest channel energy), the largest d what the pixels nearest the beam record (at
+    the lowest).  d_min None is the reach; a d_min below the reach is refused."""
+    beam = torch.tensor([0.0, 0.0, -1.0], dtype=torch.float64)
+    reach = detector_d_min(panels, beam, float(channels.max()) / HC_EV_A)
+    d_largest = detector_d_max(panels, beam, float(channels.min()) / HC_EV_A)
+    if d_min is None:
+        logger.info("d_min: the detector's reach, %.3f A at %.1f eV", reach, channels.max())
+        return reach, reach, d_largest
+    if d_min < reach * (1 - 1e-9):
+        raise SpreadError(
+            f"structure.d_min={d_min:g} A is beyond the detector's reach: it records d >= {reach:.3f} A at "
+            f"{channels.max():.1f} eV; raise structure.d_min or move the detector closer"
+        )
+    return d_min, reach, d_largest
+
+
+def _warn_empty_detector(d_min: float, reach: float, channels: np.ndarray) -> None:
+    """Warn where d_min stops the spots short of the detector's reach."""
+    if d_min > reach * (1 + 1e-3):
+        logger.warning(
+            "structure.d_min=%g A leaves the detector empty beyond it: its pixels reach %.3f A at %.1f eV, and no "
+            "crystal stops diffracting at a sharp cutoff (structure.d_min=None simulates to the detector's reach)",
+            d_min, reach, channels.max(),
+        )  # fmt: skip
+
+
+def _require_reflections_on_detector(xrs, d_min: float, d_largest: float) -> None:
+    """Refuse a run in which no reflection with d >= d_min can reach a pixel."""
+    from cctbx import miller
+
+    recorded = miller.build_set(xrs.crystal_symmetry(), anomalous_flag=False, d_min=d_min)
+    if math.isfinite(d_largest):
+        recorded = recorded.resolution_filter(d_max=d_largest)
+    if recorded.size() == 0:
+        raise SpreadError(
+            f"no reflection reaches the detector: the model has none with d >= structure.d_min={d_min:g} A that "
+            f"its pixels record (d <= {d_largest:.1f} A); lower structure.d_min or leave it at None"
+        )
+
+
+def _warn_far_from_edges(sites, channels: np.ndarray, table: str) -> None:
+    """Warn for each site element with no absorption edge within EDGE_MARGIN_EV of the band."""
+    from spread_dials.adapters.free_atom import absorption_edges_eV
+
+    lo, hi = float(channels.min()), float(channels.max())
+    for element in sorted({site.element for site in sites}):
+        if absorption_edges_eV(element, lo - EDGE_MARGIN_EV, hi + EDGE_MARGIN_EV, table):
+            continue
+        edges = absorption_edges_eV(element, lo - 5000.0, hi + 5000.0, table)
+        nearest = f"the nearest is at {min(edges, key=lambda e: abs(e - 0.5 * (lo + hi))):.0f} eV" if edges else (
+            "none within 5 keV")
+        logger.warning(
+            "The band %.1f-%.1f eV is far from every absorption edge of %s (%s): the sites' f'/f'' are flat over "
+            "the band, so the stills carry almost none of their energy-dependent signal; set beam.energy_eV near "
+            "an edge", lo, hi, element, nearest,
+        )  # fmt: skip
+
+
 def build_setup(params, device: torch.device, dtype: torch.dtype) -> RunSetup:
     """Build the run's shared state (loads the model, computes F0, G and f'/f'' per channel).
 
@@ -246,22 +313,11 @@ def build_setup(params, device: torch.device, dtype: torch.dtype) -> RunSetup:
     layout, description = make_detector(params, energy)
     panels64 = panel_array_from_layout(layout, n_layers=params.detector.n_layers)
 
-    # the detector's reach: an explicit d_min beyond it is an error, the preset's is raised to it
-    k_max = float(channels.max()) / HC_EV_A
-    reach = detector_d_min(panels64, torch.tensor([0.0, 0.0, -1.0], dtype=torch.float64), k_max)
     try:
         choice = resolve_structure_params(params.structure)
     except ValueError as e:
         raise SpreadError(str(e)) from None
-    d_min = choice.d_min
-    if params.structure.d_min is not None and d_min < reach * (1 - 1e-9):
-        raise SpreadError(
-            f"structure.d_min={d_min:g} A is beyond the detector's reach: it records d >= {reach:.3f} A at "
-            f"{channels.max():.1f} eV; raise structure.d_min or move the detector closer"
-        )
-    if d_min < reach:
-        logger.info("d_min %.3f A (the %s preset's) raised to the detector's reach, %.3f A", d_min, choice.preset, reach)
-        d_min = reach
+    d_min, reach, d_largest = _resolution_range(choice.d_min, panels64, channels)
 
     try:
         model_path = Path(choice.file) if choice.file else default_model_path()
@@ -276,6 +332,9 @@ def build_setup(params, device: torch.device, dtype: torch.dtype) -> RunSetup:
         sites = select_sites(hierarchy, element=choice.element, selections=choice.selections, group_by=choice.group_by)
     except (ValueError, RuntimeError) as e:
         raise SpreadError(f"structure.sites: {e}") from None
+    _require_reflections_on_detector(xrs, d_min, d_largest)
+    _warn_empty_detector(d_min, reach, channels)
+    _warn_far_from_edges(sites, channels, choice.free_atom_table)
     mean_for_f = choice.mean_energy_eV or float((channels * (nominal if nominal is not None else 1.0)).sum()
                                                  / (nominal.sum() if nominal is not None else len(channels)))  # fmt: skip
     logger.info("Structure factors of %s (%d atoms, %s) to %.3f A ...", model_path.name, xrs.scatterers().size(),

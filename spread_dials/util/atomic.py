@@ -23,7 +23,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import IO, Union
 
-__all__ = ["atomic_path", "atomic_write", "write_bytes_atomic", "write_text_atomic"]
+__all__ = ["atomic_path", "atomic_write", "temporary_beside", "write_bytes_atomic", "write_text_atomic"]
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -52,7 +52,7 @@ def _fsync_dir(directory: Path) -> None:
             os.close(fd)
 
 
-def _temporary_name(final: Path) -> Path:
+def temporary_beside(final: Path) -> Path:
     """An empty, unique file next to ``final`` that keeps its suffix (``.a.tmpXYZ.h5``)."""
     fd, name = tempfile.mkstemp(dir=final.parent, prefix=f".{final.stem}.tmp", suffix=final.suffix)
     os.close(fd)
@@ -72,7 +72,7 @@ def atomic_path(path: PathLike) -> Iterator[Path]:
     exception the temporary file is removed and ``path`` is left as it was.
     """
     final = Path(path)
-    tmp = _temporary_name(final)
+    tmp = temporary_beside(final)
     try:
         yield tmp
         _fsync_file(tmp)

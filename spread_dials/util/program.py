@@ -43,6 +43,13 @@ A program module in command_line/ looks like a DIALS one::
 ``dials.util.log.config`` and logs the DIALS version and the modified parameters.
 :func:`handle_errors` turns ``Sorry`` / :class:`SpreadError` into ``Sorry: <message>`` on stderr
 and exit status 1, with no traceback.
+
+A refused run leaves nothing behind: the log goes to a hidden temporary file until the program
+calls :meth:`ProgramContext.accept_inputs` (its inputs are checked; from here on the log and
+outputs are this run's) or returns.  A ``Sorry`` before that removes the temporary log, and the
+output directory too if this run created it, so the log of a run already in the directory is
+untouched.  An output that cannot be written (a full disk, a read-only or forbidden directory)
+is a ``Sorry`` naming the file, in every program.
 """
 
 from __future__ import annotations
@@ -50,6 +57,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import errno
 import functools
 import logging
 import os
@@ -66,9 +74,10 @@ from libtbx.phil import scope as phil_scope_type
 
 import spread_dials
 from spread_dials.parallel import Parallel, mpi_context
+from spread_dials.util.atomic import temporary_beside
 from spread_dials.util.errors import Sorry, SpreadError
 
-__all__ = ["Program", "ProgramContext", "Sorry", "SpreadError", "configure_logging", "handle_errors"]
+__all__ = ["Program", "ProgramContext", "Sorry", "SpreadError", "configure_logging", "handle_errors", "write_error"]
 
 logger = logging.getLogger("dials.spread.program")
 
@@ -101,10 +110,37 @@ class ProgramContext:
     dtype: Any = None
     output_dir: Path = Path(".")
     logfile: Path | None = None
+    created_dirs: tuple[Path, ...] = ()
+    pending_log: Path | None = None
 
     def output_path(self, name: str) -> Path:
         """``name`` inside the output directory."""
         return self.output_dir / name
+
+    def accept_inputs(self) -> None:
+        """The inputs are checked: the log becomes ``logfile`` (replacing a previous run's), and
+        a later ``Sorry`` leaves it and the outputs in place.  Call it before writing outputs."""
+        if self.pending_log is not None:
+            os.replace(self.pending_log, self.logfile)  # the open handlers follow the file
+            self.pending_log = None
+
+    def discard(self) -> None:
+        """After a ``Sorry`` before :meth:`accept_inputs`: remove the temporary log, and the
+        output directory (and its parents) where this run created it and it is empty."""
+        if self.pending_log is None:
+            return
+        _close_log_files()
+        with contextlib.suppress(OSError):
+            self.pending_log.unlink()
+        self.pending_log = None
+        _remove_empty(self.created_dirs)
+
+
+#: the context of the program running in this process (handle_errors finishes it)
+_current: ProgramContext | None = None
+
+#: errno values that mean "this output cannot be written here", not a bug
+_WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
 
 
 def configure_logging(logfile: Path | str | None, verbosity: int = 0, rank: int = 0) -> None:
@@ -213,22 +249,31 @@ class Program:
             Sorry: unknown or invalid parameters.
             SpreadError: an output directory that cannot be made, or an unusable device.
         """
+        global _current
         params, options, diff_phil = self.parse(args, phil)
         mp = getattr(params, "mp", None)
         mpi = mpi_context(mp.method) if mp is not None else Parallel()
         output_dir = _output_dir(params)
+        created = tuple(d for d in (output_dir, *output_dir.parents) if not d.exists())  # deepest first
         try:
             output_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise SpreadError(f"cannot create output.directory {str(output_dir)!r}: {e.strerror}") from None
         logfile = self.logfile(params, mpi.rank)
-        configure_logging(logfile, options.verbose, mpi.rank)
+        try:
+            name = temporary_beside(logfile)
+        except OSError as e:
+            _remove_empty(created)
+            raise SpreadError(f"cannot write in output.directory {str(output_dir)!r}: {e.strerror}") from None
+        configure_logging(name, options.verbose, mpi.rank)
         logger.info("%s (spread_dials %s, %s)", self.name, spread_dials.__version__, dials_version())
         if mpi.method == "mpi":
             logger.info("MPI: rank %d of %d", mpi.rank, mpi.size)
         if diff_phil:
             logger.info("The following parameters have been modified:\n%s", diff_phil)
-        ctx = ProgramContext(params, options, diff_phil, mpi, output_dir=output_dir, logfile=logfile)
+        ctx = ProgramContext(params, options, diff_phil, mpi, output_dir=output_dir, logfile=logfile,
+                             created_dirs=created, pending_log=name)  # fmt: skip
+        _current = ctx
         if mp is not None or hasattr(params, "device"):
             import torch
 
@@ -257,6 +302,47 @@ def _log_to_files(message: str) -> None:
             handler.handle(record)
 
 
+def _remove_empty(directories: tuple[Path, ...]) -> None:
+    """Remove these directories (deepest first) while they are empty."""
+    for directory in directories:
+        try:
+            directory.rmdir()
+        except OSError:  # not empty: something else was put there
+            return
+
+
+def _close_log_files() -> None:
+    """Close and remove the log-file handlers that configure_logging installed."""
+    for log, handler in list(_installed_handlers):
+        if isinstance(handler, logging.FileHandler):
+            log.removeHandler(handler)
+            handler.close()
+            _installed_handlers.remove((log, handler))
+
+
+def _finish(refused: bool) -> None:
+    """End the running program's context: a refusal before accept_inputs leaves nothing; any
+    other end keeps the log."""
+    global _current
+    ctx, _current = _current, None
+    if ctx is None:
+        return
+    if refused:
+        ctx.discard()
+    else:
+        with contextlib.suppress(OSError):
+            ctx.accept_inputs()
+
+
+def write_error(error: OSError) -> Sorry | None:
+    """An OSError that says an output cannot be written (full disk, read-only or forbidden
+    place) as a one-line Sorry naming the file; None for any other OSError (a bug)."""
+    if error.errno not in _WRITE_ERRNOS:
+        return None
+    where = f" {error.filename}" if error.filename else ""
+    return Sorry(f"cannot write{where}: {error.strerror or os.strerror(error.errno)}")
+
+
 def _abort_other_ranks() -> None:
     """After an error on one MPI rank, end the job instead of leaving the others waiting."""
     mpi_module = sys.modules.get("mpi4py.MPI")
@@ -281,12 +367,30 @@ def handle_errors(func: F) -> F:
     def wrapper(*args: Any, **kwargs: Any) -> Any:
         with dials.util.enable_faulthandler(), dials.util.make_sys_exit_red():
             try:
-                return func(*args, **kwargs)
+                result = func(*args, **kwargs)
             except Sorry as e:
-                message = f"Sorry: {e}"
-                _log_to_files(message)
-                print(message, file=sys.stderr, flush=True)
-                _abort_other_ranks()
-                raise SystemExit(1) from None
+                error = e
+            except OSError as e:
+                error = write_error(e)
+                if error is None:
+                    _finish(refused=False)
+                    raise
+            except BaseException:
+                _finish(refused=False)
+                raise
+            else:
+                _finish(refused=False)
+                return result
+            message = f"Sorry: {error}"
+            _log_to_files(message)
+            _finish(refused=True)
+            print(message, file=sys.stderr, flush=True)
+            _abort_other_ranks()
+            nxmx = sys.modules.get("spread_dials.io.nxmx")
+            if nxmx is not None and nxmx.HDF5_UNCLOSED:
+                logging.shutdown()  # HDF5 holds a file it could not close and would crash at exit
+                sys.stdout.flush()
+                os._exit(1)
+            raise SystemExit(1) from None
 
     return wrapper  # type: ignore[return-value]

@@ -108,10 +108,40 @@ def test_bad_parameter_is_sorry(tmp_path, arg, text):
 
 
 def test_spread_error_in_run(tmp_path):
-    r = run_toy(tmp_path, "fail=True", "greeting=boom")
+    r = run_toy(tmp_path, "fail=True", "greeting=boom", "output.directory=new/sub")
     assert_one_line_sorry(r, "toy failure requested (greeting=boom)")
-    assert not (tmp_path / "toy.txt").exists()
-    assert "Sorry: toy failure requested (greeting=boom)" in (tmp_path / "dials.spread_toy.log").read_text()
+    assert not list(tmp_path.iterdir())  # no log, and no output directory made for nothing
+
+
+def test_refused_run_leaves_the_directory_as_it_was(tmp_path, capsys):
+    """Refused before its inputs are accepted: the log of the run already in the directory is
+    untouched and no temporary log is left.  Refused after: the log keeps the message."""
+    from tests.util import toy_program
+
+    def toy(*args: str) -> int:
+        with pytest.raises(SystemExit) as info:
+            toy_program.run([*args, f"output.directory={tmp_path}"])
+            raise SystemExit(0)
+        return info.value.code
+
+    assert toy("greeting=first") == 0
+    first = (tmp_path / "dials.spread_toy.log").read_text()
+    assert toy("fail=True") == 1
+    assert (tmp_path / "dials.spread_toy.log").read_text() == first
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dials.spread_toy.log", "toy.txt"]  # no temporary log
+    assert toy("fail_after_accept=True") == 1
+    log = (tmp_path / "dials.spread_toy.log").read_text()
+    assert "toy greeting: hi" in log and "Sorry: toy failure after its inputs were accepted" in log
+    assert capsys.readouterr().err.splitlines() == ["Sorry: toy failure requested (greeting=hi)",
+                                                    "Sorry: toy failure after its inputs were accepted"]  # fmt: skip
+
+
+def test_unwritable_output_is_one_line_sorry(tmp_path, read_only_dir):
+    """A directory that cannot be written (read-only, which even root cannot write) is one line."""
+    r = run_toy(tmp_path, f"output.directory={read_only_dir}")
+    assert_one_line_sorry(r, f"cannot write in output.directory {str(read_only_dir)!r}: Read-only file system")
+    r = run_toy(tmp_path, f"output.directory={read_only_dir / 'sub'}")
+    assert_one_line_sorry(r, "cannot create output.directory")
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message for a machine without CUDA")

@@ -29,6 +29,9 @@ greeting = hi
 fail = False
   .type = bool
   .help = "Raise a SpreadError inside run"
+fail_after_accept = False
+  .type = bool
+  .help = "Raise a SpreadError after accepting the inputs"
 secret = 3
   .type = int
   .help = "An expert-only parameter"
@@ -46,7 +49,10 @@ def run(args=None, phil=phil_scope):
     params = ctx.params
     if params.fail:
         raise SpreadError(f"toy failure requested (greeting={params.greeting})")
+    ctx.accept_inputs()
     logger.info("toy greeting: %s (seed %d, device %s)", params.greeting, params.random.seed, ctx.device)
+    if params.fail_after_accept:
+        raise SpreadError("toy failure after its inputs were accepted")
     write_text_atomic(ctx.output_path("toy.txt"), f"{params.greeting}\n{ctx.device}\n{ctx.dtype}\n")
 
 
