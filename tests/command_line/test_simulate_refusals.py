@@ -1,0 +1,131 @@
+"""dials.spread_simulate refuses bad input in one line and never leaves wrong or half-written
+output (issue 11 part 2).  Full disk and read-only directories are real tmpfs mounts; the
+programs run as real subprocesses where the process itself is under test (exit status, no
+traceback, no crash at exit), and in-process through the same ``run`` otherwise (faster)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from spread_dials.command_line import simulate
+from spread_dials.detectors.layout import flatten_layout
+from spread_dials.detectors.simple import simple_detector
+from spread_dials.physics.constants import HC_EV_A
+from tests.command_line.test_simulate import EXE, _images
+
+# 4 panels of 64 x 64 at 40 mm: a run of 2 containers takes about a second
+SMALL = ["detector.type=simple", "detector.simple.n_fast=64", "detector.simple.n_slow=64", "detector.distance_mm=40",
+         "beam.nchannels=3", "crystal.mosaic_domains=1", "mp.nproc=1"]  # fmt: skip
+
+
+def _run(directory: Path, *args: str) -> int:
+    """simulate.run in this process; its exit status."""
+    try:
+        simulate.run([*SMALL, *args, f"output.directory={directory}"])
+    except SystemExit as exit_info:
+        return exit_info.code
+    return 0
+
+
+def _sorry(capsys) -> str:
+    err = [line for line in capsys.readouterr().err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("Sorry: "), err
+    return err[0]
+
+
+def _subprocess(directory: Path, *args: str) -> subprocess.CompletedProcess:
+    assert EXE, "dials.spread_simulate is not installed (pip install -e .)"
+    return subprocess.run([EXE, *SMALL, *args, f"output.directory={directory}"], capture_output=True, text=True,
+                          timeout=300, check=False)  # fmt: skip
+
+
+def _assert_one_line_sorry(result: subprocess.CompletedProcess, text: str) -> None:
+    assert result.returncode == 1, result.stderr[-3000:]
+    assert "Traceback" not in result.stdout + result.stderr and "Fatal Python error" not in result.stderr
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()], result.stderr
+    assert result.stderr.startswith("Sorry: ") and text in result.stderr, result.stderr
+
+
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["structure.file={directory}"], "structure.file '{directory}' is a directory, not a file"),
+        (["beam.spectrum_file=/nonexistent/spectra.npz"],
+         "beam.spectrum_file is given but beam.spectrum=sase, which does not read it"),
+        (["beam.spectrum=file", "beam.spectrum_file={npy}"], "is a single array (.npy), not an .npz"),
+        (["beam.spectrum=gaussian", "beam.fwhm_eV=0"], "a Gaussian band needs a width > 0 eV"),
+        (["structure.d_min=60"], "no reflection reaches the detector"),
+    ],
+)  # fmt: skip
+def test_bad_input_is_one_line_and_leaves_no_directory(tmp_path, capsys, args, message):
+    np.save(tmp_path / "spectra.npy", np.ones((3, 8)))
+    fill = {"directory": tmp_path, "npy": tmp_path / "spectra.npy"}
+    out = tmp_path / "new" / "out"
+    assert _run(out, *(a.format(**fill) for a in args)) == 1
+    assert message.format(**fill) in _sorry(capsys)
+    assert not (tmp_path / "new").exists()  # no directory holding only a log
+
+
+def test_refused_rerun_leaves_the_previous_run_untouched(tmp_path, capsys):
+    """overwrite=True with bad input deletes nothing, and the log of the run there is kept."""
+    assert _run(tmp_path, "nimages=2") == 0
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    assert _run(tmp_path, "nimages=2", "output.overwrite=True", "structure.d_min=60") == 1
+    assert "no reflection reaches the detector" in _sorry(capsys)
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+
+
+def test_damaged_finished_container_is_redone(tmp_path, capsys):
+    """A truncated container that looks finished is verified, reported and simulated again."""
+    run = ["nimages=4", "output.images_per_container=2"]
+    assert _run(tmp_path, *run) == 0
+    whole = _images(tmp_path)
+    path = tmp_path / "images_00001.h5"
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size // 2)
+    assert _run(tmp_path, *run) == 0
+    log = (tmp_path / "dials.spread_simulate.log").read_text()
+    assert "Container 1 looks finished but images_00001.h5 cannot be read" in log
+    assert "Resuming: 1 of 2 containers (2 shots) are already finished" in log
+    again = _images(tmp_path)
+    assert again.keys() == whole.keys() and all(np.array_equal(again[k], whole[k]) for k in whole)
+
+
+def test_full_disk_is_one_line_and_leaves_no_temporary_file(tmpfs):
+    """A real full disk (a 160 kB tmpfs): one line, exit 1, no traceback, no crash at exit, no
+    temporary file; the run record and log stay, so the rerun resumes."""
+    directory = tmpfs("full", size="160k") / "run"
+    result = _subprocess(directory, "nimages=4", "output.images_per_container=2")
+    _assert_one_line_sorry(result, f"not enough space in {directory} for images_00000.h5")
+    assert sorted(p.name for p in directory.iterdir()) == ["dials.spread_simulate.log", "images_run.json"]
+
+
+def test_read_only_output_directory_is_one_line(read_only_dir):
+    result = _subprocess(read_only_dir, "nimages=1")
+    _assert_one_line_sorry(result, f"cannot write in output.directory {str(read_only_dir)!r}: Read-only file system")
+
+
+def test_resolution_defaults_to_the_detectors_reach_and_warnings(tmp_path):
+    """d_min None: the smallest d the detector records (from its corners, computed here); an
+    explicit larger d_min and a band far from every Fe edge are warned about, not refused."""
+    assert _run(tmp_path / "reach", "nimages=1", "beam.energy_eV=7120") == 0
+    record = json.loads((tmp_path / "reach" / "images_run.json").read_text())
+    flat = flatten_layout(simple_detector(64, 64, 0.075, 40.0, 2, 2, gap_mm=1.0))
+    corners = np.concatenate([flat.origin_mm + a * 64 * 0.075 * flat.fast_axis + b * 64 * 0.075 * flat.slow_axis
+                              for a in (0, 1) for b in (0, 1)])  # fmt: skip
+    two_theta = np.arccos(-corners[:, 2] / np.linalg.norm(corners, axis=1)).max()
+    reach = HC_EV_A / 7121.0 / (2 * math.sin(two_theta / 2))  # 3 channels of 1 eV around 7120
+    assert record["structure_factor_source"]["d_min_A"] == pytest.approx(reach, rel=1e-6)
+    log = (tmp_path / "reach" / "dials.spread_simulate.log").read_text()
+    assert "leaves the detector empty" not in log
+
+    assert _run(tmp_path / "warned", "nimages=1", "structure.d_min=12", "beam.energy_eV=9500") == 0
+    log = (tmp_path / "warned" / "dials.spread_simulate.log").read_text()
+    assert "structure.d_min=12 A leaves the detector empty beyond it" in log
+    assert "far from every absorption edge of Fe (the nearest is at 7113 eV)" in log
