@@ -124,6 +124,12 @@ crystal
   mosaic_domains = 10
     .type = int(value_min=1)
     .help = "Mosaic domains per shot (drawn per shot from its seed, in antithetic pairs)"
+  domain_set = *random quadrature
+    .type = choice
+    .help = "random: each shot draws its domains from its seed (the few domains of a small"
+            "crystal; spots differ from shot to shot). quadrature: the same deterministic"
+            "equal-weight quadrature of the mosaic distribution on every shot (the limit of"
+            "a crystal of very many domains; spread_dials/physics/mosaic_quadrature.py)"
   shape = *gauss square round tophat
     .type = choice
     .help = "Lattice transform of a domain (nanoBragg's shapes)"

@@ -22,6 +22,7 @@ __all__ = [
     "real_space_from_cell",
     "rotation_from_vector",
     "mosaic_domain_rotations",
+    "domain_rotations_from_unit_vectors",
     "max_rotation_angle_rad",
 ]
 
@@ -117,6 +118,19 @@ def mosaic_domain_rotations(
     angle = torch.randn(n_half, 1, generator=gen, dtype=torch.float64)
     z = axis * angle
     z = torch.cat([z, -z], 0)[:n_domains] if n_domains > 1 else torch.zeros(1, 3, dtype=torch.float64)
+    return domain_rotations_from_unit_vectors(z, spread_deg, real_space, anisotropic_spread_deg, dtype)
+
+
+def domain_rotations_from_unit_vectors(
+    z: Tensor,
+    spread_deg: Tensor | float,
+    real_space: Tensor | None = None,
+    anisotropic_spread_deg: Tensor | None = None,
+    dtype: torch.dtype = torch.float64,
+) -> Tensor:
+    """(n, 3, 3) domain rotations from rotation vectors ``z`` (n, 3) of unit rms angle: scaled by
+    the spread (degrees), or with ``anisotropic_spread_deg`` (3,) by one spread along each of
+    the crystal's unit a, b, c axes (rows of ``real_space``).  Differentiable in the spreads."""
     ref = anisotropic_spread_deg if anisotropic_spread_deg is not None else spread_deg
     if isinstance(ref, Tensor):
         z = z.to(device=ref.device, dtype=ref.dtype)

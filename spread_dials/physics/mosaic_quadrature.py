@@ -17,7 +17,7 @@ import math
 import torch
 from torch import Tensor
 
-from spread_dials.physics.crystal import rotation_from_vector
+from spread_dials.physics.crystal import domain_rotations_from_unit_vectors
 
 __all__ = ["mosaic_quadrature_vectors", "mosaic_domain_quadrature"]
 
@@ -72,12 +72,15 @@ def mosaic_quadrature_vectors(n_domains: int) -> Tensor:
     return torch.cat(vectors, 0)
 
 
-def mosaic_domain_quadrature(spread_deg: Tensor | float, n_domains: int, dtype: torch.dtype = torch.float64) -> Tensor:
+def mosaic_domain_quadrature(
+    spread_deg: Tensor | float,
+    n_domains: int,
+    real_space: Tensor | None = None,
+    anisotropic_spread_deg: Tensor | None = None,
+    dtype: torch.dtype = torch.float64,
+) -> Tensor:
     """(n_domains, 3, 3) rotations of the quadrature set for an rms mosaic angle ``spread_deg``
-    (degrees; a tensor keeps the result differentiable in it)."""
-    z = mosaic_quadrature_vectors(n_domains)
-    if isinstance(spread_deg, Tensor):
-        z = z.to(device=spread_deg.device, dtype=spread_deg.dtype)
-    else:
-        z = z.to(dtype)
-    return rotation_from_vector(z * (spread_deg * math.pi / 180.0))
+    (degrees; a tensor keeps the result differentiable in it), or anisotropic spreads along the
+    crystal axes as :func:`~spread_dials.physics.crystal.mosaic_domain_rotations`."""
+    return domain_rotations_from_unit_vectors(mosaic_quadrature_vectors(n_domains), spread_deg, real_space,
+                                              anisotropic_spread_deg, dtype)  # fmt: skip
