@@ -33,6 +33,7 @@ from pathlib import Path
 
 from libtbx.phil import parse
 
+from spread_dials.util.atomic import write_text_atomic
 from spread_dials.util.errors import SpreadError
 from spread_dials.util.program import Program, handle_errors
 
@@ -168,8 +169,9 @@ def run_validation(ctx) -> dict:
 
     expt, refl = truth_files(params.input.truth)
     if not find_processed(params.input.processed):
-        logger.warning("No *_integrated.expt in %s: nothing was indexed and integrated (stills_process exits 0 "
-                       "even then; see its log)", params.input.processed)  # fmt: skip
+        raise SpreadError(f"input.processed {str(params.input.processed)!r} holds no *_integrated.expt: nothing was "
+                          "indexed and integrated there (dials.stills_process exits 0 even then; see its log), so "
+                          "there is nothing to validate")  # fmt: skip
     reports, _ = validate(expt, refl, params.input.processed, params.space_group, params.max_separation_px)
     targets = {
         "min_indexed_fraction": params.targets.min_indexed_fraction,
@@ -177,6 +179,7 @@ def run_validation(ctx) -> dict:
         "min_matched_fraction": params.targets.min_matched_fraction,
     }
     summary = summarize(reports, {k: v for k, v in targets.items() if v is not None})
+    ctx.accept_inputs()  # the truth and the processing results agree: from here on this run writes
     logger.info("Truth %s (%d stills); processed %s", expt, len(reports), params.input.processed)
     log_table(reports)
     log_summary(summary)
@@ -189,8 +192,7 @@ def run_validation(ctx) -> dict:
         "stills": report_rows(reports),
     }
     json_path = ctx.output_path(f"{params.output.prefix}.json")
-    json_path.write_text(json.dumps(record, indent=1))
-    written = [json_path]
+    written = []
     if params.plots:
         import numpy as np
 
@@ -208,6 +210,8 @@ def run_validation(ctx) -> dict:
             true, observed, ctx.output_path(f"{params.output.prefix}_intensities.png"),
             title=f"integrated reflections on true spots (Pearson r {_fmt(summary['intensity_correlation'], '.3f')})",
         ))  # fmt: skip
+    write_text_atomic(json_path, json.dumps(record, indent=1))  # last: its presence means a complete report
+    written.insert(0, json_path)
     logger.info("Wrote %s", ", ".join(str(p) for p in written))
     return summary
 

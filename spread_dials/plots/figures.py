@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from spread_dials.util.atomic import atomic_path
+
 __all__ = ["pyplot", "save_figure"]
 
 
@@ -18,8 +20,11 @@ def pyplot():
 
 
 def save_figure(fig, path: str | Path, **savefig_kwargs) -> Path:
-    """Write ``fig`` to ``path`` (PNG), close it, and return the path."""
+    """Write ``fig`` to ``path`` (PNG) atomically (never half a file), close it, and return the path."""
     path = Path(path)
-    fig.savefig(path, **savefig_kwargs)
-    pyplot().close(fig)
+    try:
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, **savefig_kwargs)
+    finally:
+        pyplot().close(fig)
     return path

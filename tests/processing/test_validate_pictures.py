@@ -94,14 +94,17 @@ def other_simulation(tmp_path_factory) -> Path:
         (["truth=SIM", "processed=MISSING"], "processing directory not found"),
         (["truth=OTHER", "processed=PROC"], "processed images are not in the truth"),
         (["truth=SIM", "processed=PROC", "max_separation_px=-1"], "max_separation_px"),
+        (["truth=SIM", "processed=EMPTY"], "holds no *_integrated.expt: nothing was indexed and integrated there"),
     ],
 )
 def test_validate_bad_input(simulated, processed, other_simulation, tmp_path, args, message):
+    (tmp_path / "empty").mkdir()
     names = {"SIM": str(simulated), "PROC": str(processed), "OTHER": str(other_simulation),
-             "MISSING": str(tmp_path / "missing")}  # fmt: skip
+             "MISSING": str(tmp_path / "missing"), "EMPTY": str(tmp_path / "empty")}  # fmt: skip
     for key, value in names.items():
         args = [a.replace(key, value) for a in args]
     _sorry(run([command("dials.spread_validate"), *args], tmp_path, check=False), message)
+    assert [p.name for p in tmp_path.iterdir()] == ["empty"]  # no report, plot or log left behind
 
 
 def test_pictures(simulated, processed, tmp_path):
