@@ -19,12 +19,13 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import time
 from collections.abc import Iterable
 from typing import Any, TypeVar
 
 from spread_dials.util.errors import SpreadError
 
-__all__ = ["METHODS", "Parallel", "assign_gpu", "launcher_size", "mpi_context"]
+__all__ = ["METHODS", "Parallel", "assign_gpu", "launcher_rank", "launcher_size", "mpi_context"]
 
 logger = logging.getLogger("dials.spread.parallel")
 
@@ -32,8 +33,18 @@ METHODS = ("serial", "mpi")
 _OPS = ("sum", "max", "min", "prod")
 # environment variables that MPI launchers set to the number of ranks (OpenMPI, MPICH/Cray/Slurm PMI, MVAPICH)
 _SIZE_VARIABLES = ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE", "MV2_COMM_WORLD_SIZE")
+_RANK_VARIABLES = ("OMPI_COMM_WORLD_RANK", "PMI_RANK", "MV2_COMM_WORLD_RANK")
 
 T = TypeVar("T")
+
+
+def launcher_rank() -> int:
+    """This process's rank from an MPI launcher's environment (before MPI starts); 0 if none."""
+    for name in _RANK_VARIABLES:
+        value = os.environ.get(name, "")
+        if value.isdigit():
+            return int(value)
+    return 0
 
 
 def launcher_size() -> int:
@@ -56,6 +67,22 @@ class Parallel:
         self.comm = comm
         self.rank: int = comm.Get_rank() if comm is not None else 0
         self.size: int = comm.Get_size() if comm is not None else 1
+        # a communicator of its own for errors, so that it never matches the program's collectives
+        self._error_comm = comm.Dup() if comm is not None and self.size > 1 else None
+
+    def all_ranks_failed(self, timeout_s: float) -> bool:
+        """Called by a rank whose program failed: True when every rank calls it within
+        ``timeout_s`` (an input error, met by all ranks alike), False when some rank does not
+        (that rank is still working or waiting for this one: the job must be aborted)."""
+        if self._error_comm is None:
+            return True
+        request = self._error_comm.Ibarrier()
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if request.Test():
+                return True
+            time.sleep(0.01)
+        return False
 
     @property
     def method(self) -> str:

@@ -73,7 +73,7 @@ from dials.util.version import dials_version
 from libtbx.phil import scope as phil_scope_type
 
 import spread_dials
-from spread_dials.parallel import Parallel, mpi_context
+from spread_dials.parallel import Parallel, launcher_rank, mpi_context
 from spread_dials.util.atomic import temporary_beside
 from spread_dials.util.errors import Sorry, SpreadError
 
@@ -138,6 +138,9 @@ class ProgramContext:
 
 #: the context of the program running in this process (handle_errors finishes it)
 _current: ProgramContext | None = None
+
+#: seconds a failed MPI rank waits for the others to fail too before it aborts the job
+SHARED_ERROR_WAIT_S = 30.0
 
 #: errno values that mean "this output cannot be written here", not a bug
 _WRITE_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EFBIG}
@@ -360,7 +363,9 @@ def handle_errors(func: F) -> F:
     one line to stderr and to the log file, with no traceback.  ``sys.exit("message")`` is shown
     in red as DIALS does, and a crash still dumps tracebacks of all threads on SIGUSR2 (the
     ``dials.util`` helpers ``enable_faulthandler`` and ``make_sys_exit_red``).  Other exceptions are
-    bugs and keep their traceback.  Under MPI with several ranks, the error ends the whole job.
+    bugs and keep their traceback.  Under MPI with several ranks, an error that every rank meets
+    (bad input) is printed once, by rank 0, and every rank exits with status 1; an error of some
+    ranks only is printed by each and aborts the whole job.
     """
 
     @functools.wraps(func)
@@ -383,9 +388,17 @@ def handle_errors(func: F) -> F:
                 return result
             message = f"Sorry: {error}"
             _log_to_files(message)
+            mpi = _current.mpi if _current is not None else None
+            rank = mpi.rank if mpi is not None else launcher_rank()
             _finish(refused=True)
-            print(message, file=sys.stderr, flush=True)
-            _abort_other_ranks()
+            if rank == 0:
+                print(message, file=sys.stderr, flush=True)
+            # an input error fails every rank alike: say it once and end cleanly; an error of
+            # some ranks only is said by each of them, and ends the job (the others would wait)
+            if mpi is not None and not mpi.all_ranks_failed(SHARED_ERROR_WAIT_S):
+                if rank != 0:
+                    print(message, file=sys.stderr, flush=True)
+                _abort_other_ranks()
             nxmx = sys.modules.get("spread_dials.io.nxmx")
             if nxmx is not None and nxmx.HDF5_UNCLOSED:
                 logging.shutdown()  # HDF5 holds a file it could not close and would crash at exit

@@ -129,3 +129,17 @@ def test_resolution_defaults_to_the_detectors_reach_and_warnings(tmp_path):
     log = (tmp_path / "warned" / "dials.spread_simulate.log").read_text()
     assert "structure.d_min=12 A leaves the detector empty beyond it" in log
     assert "far from every absorption edge of Fe (the nearest is at 7113 eV)" in log
+
+
+@pytest.mark.mpi
+def test_mpi_input_error_is_said_once_without_abort(tmp_path, mpirun):
+    """Every rank meets the bad input: rank 0 says it once and the ranks end without MPI_Abort."""
+    assert EXE
+    out = tmp_path / "out"
+    result = subprocess.run([*mpirun, EXE, *SMALL, "mp.method=mpi", "beam.nchannels=0", f"output.directory={out}"],
+                            capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
+    assert result.returncode == 1
+    sorry = [line for line in result.stderr.splitlines() if "Sorry" in line]
+    assert sorry == ["Sorry: beam.nchannels must be at least 1 (spectral channels), not 0"], result.stderr
+    assert "MPI_ABORT" not in result.stderr + result.stdout and "Traceback" not in result.stderr
+    assert not out.exists()
