@@ -18,6 +18,7 @@ always uses direct summation (few atoms).
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,6 +30,8 @@ from torch import Tensor
 
 from spread_dials.physics.constants import HC_EV_A
 from spread_dials.physics.structure_factors import StructureFactors
+
+logger = logging.getLogger("dials.spread.structure")
 
 __all__ = [
     "ACCURATE_FFT",
@@ -160,10 +163,13 @@ def _element(atom) -> str:
 
 
 def _site_label(atom) -> str:
+    """chain/residue/atom, plus the alternate conformation (``A/FE1001/FE alt B``), so that the
+    sites of an atom's conformers have labels of their own."""
     ag = atom.parent()
     rg = ag.parent()
     chain = rg.parent().id.strip()
-    return f"{chain}/{ag.resname.strip()}{rg.resseq.strip()}{rg.icode.strip()}/{atom.name.strip()}"
+    alt = f" alt {ag.altloc.strip()}" if ag.altloc.strip() else ""
+    return f"{chain}/{ag.resname.strip()}{rg.resseq.strip()}{rg.icode.strip()}/{atom.name.strip()}{alt}"
 
 
 def select_sites(
@@ -219,6 +225,9 @@ def select_sites(
         if overlap:
             raise ValueError(f"site {site.label} shares atoms with an earlier site: {sorted(overlap)[:5]}")
         seen.update(site.atom_indices)
+        if all(atoms[i].occ == 0 for i in site.atom_indices):
+            logger.warning("Anomalous site %s has occupancy 0: it adds nothing to the structure factors, so no "
+                           "image carries its f'/f''", site.label)  # fmt: skip
     return sites
 
 

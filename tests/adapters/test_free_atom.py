@@ -90,3 +90,15 @@ def test_mn_oxidation_states_from_sasaki():
     # at 6550 eV the free atom is above its edge; Mn(IV) (edge 6552.7 eV) is still below its own
     e = torch.tensor([6550.0], dtype=f64)
     assert free_atom.at(e)[1].item() > 3.5 and curves[4].at(e)[1].item() < 1.0
+
+
+def test_absorption_edges_from_the_free_atom_table():
+    """Edges found where f'' jumps: the tabulated K edges of Fe (7112 eV) and Mn (6539 eV) and the
+    L3, L2, L1 edges of Yb (8944, 9978, 10486 eV), each within 2 eV; none for S in this range."""
+    from spread_dials.adapters.free_atom import absorption_edges_eV
+
+    for element, edges in (("Fe", [7112]), ("Mn", [6539]), ("Yb", [8944, 9978, 10486])):
+        found = absorption_edges_eV(element, 6000.0, 11000.0)
+        assert len(found) == len(edges) and np.allclose(found, edges, atol=2.0), (element, found)
+    assert absorption_edges_eV("S", 6000.0, 11000.0) == []
+    assert absorption_edges_eV("Fe", 7200.0, 9000.0) == []

@@ -191,3 +191,22 @@ def test_structure_factors_container_matches_dense_assembly(rubredoxin):
     h = prepared.miller_index[:5]
     assert torch.equal(sf.index_of(h), torch.arange(5))
     assert math.isclose(float(sf.intensity(torch.tensor(sf.n_reflections), torch.tensor(0))), 0.0)
+
+
+def test_alternate_conformations_get_their_own_labels_and_zero_occupancy_warns(caplog):
+    """Two conformers of one Fe are two sites with two labels; a site of occupancy 0 is warned about."""
+    import iotbx.pdb
+
+    lines = [
+        "CRYST1   30.000   30.000   30.000  90.00  90.00  90.00 P 1",
+        "HETATM    1 FE  AFE  A 101       1.000   1.000   1.000  0.60 20.00          FE",
+        "HETATM    2 FE  BFE  A 101       1.300   1.000   1.000  0.40 20.00          FE",
+        "HETATM    3 FE   FE  A 102       5.000   5.000   5.000  0.00 20.00          FE",
+        "END",
+    ]
+    hierarchy = iotbx.pdb.input(source_info=None, lines=lines).construct_hierarchy()
+    with caplog.at_level("WARNING"):
+        sites = select_sites(hierarchy, element="Fe")
+    assert [s.label for s in sites] == ["A/FE101/FE alt A", "A/FE101/FE alt B", "A/FE102/FE"]
+    warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warned) == 1 and "Anomalous site A/FE102/FE has occupancy 0" in warned[0]
