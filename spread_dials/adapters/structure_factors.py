@@ -158,7 +158,9 @@ def load_model(path: str | Path | None = None):
 
 
 def _element(atom) -> str:
-    e = atom.element.strip() or atom.name.strip()[:2]
+    """The atom's element as the PDB format and cctbx read it (and as cctbx scatters it): the
+    element columns, else the alignment of the atom name (" CA " is a C-alpha, "CA  " calcium)."""
+    e = atom.element.strip() or (atom.determine_chemical_element_simple() or "").strip()
     return e[:1].upper() + e[1:].lower()
 
 

@@ -210,3 +210,29 @@ def test_alternate_conformations_get_their_own_labels_and_zero_occupancy_warns(c
     assert [s.label for s in sites] == ["A/FE101/FE alt A", "A/FE101/FE alt B", "A/FE102/FE"]
     warned = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
     assert len(warned) == 1 and "Anomalous site A/FE102/FE has occupancy 0" in warned[0]
+
+
+def test_blank_element_columns_follow_the_atom_name_alignment():
+    """With the element columns blank, " CA " is a C-alpha and "CA  " a calcium (as cctbx scatters
+    them): sites.element=Ca selects the calcium only, whatever the element."""
+    import iotbx.pdb
+
+    lines = [
+        "CRYST1   30.000   30.000   30.000  90.00  90.00  90.00 P 1",
+        "ATOM      1  CA  GLY A   1       1.000   1.000   1.000  1.00 20.00",
+        "ATOM      2  CA  GLY A   2       4.000   1.000   1.000  1.00 20.00",
+        "HETATM    3 CA    CA A 101       5.000   5.000   5.000  1.00 20.00",
+        "HETATM    4 FE   FE  A 102       9.000   5.000   5.000  1.00 20.00",
+        "ATOM      5  NE2 HIS A   3       3.000   3.000   3.000  1.00 20.00",
+        "END",
+    ]
+    pdb = iotbx.pdb.input(source_info=None, lines=lines)
+    hierarchy = pdb.construct_hierarchy()
+    scattering = [s.scattering_type for s in pdb.xray_structure_simple().scatterers()]
+    assert scattering == ["C", "C", "Ca", "Fe", "N"]
+    for element, labels in (("Ca", ["A/CA101/CA"]), ("Fe", ["A/FE102/FE"]), ("Ne", None)):
+        if labels is None:
+            with pytest.raises(ValueError, match="no atom of element 'Ne'"):
+                select_sites(hierarchy, element=element)
+        else:
+            assert [s.label for s in select_sites(hierarchy, element=element)] == labels
