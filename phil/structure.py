@@ -34,6 +34,14 @@ structure
     .type = choice
     .help = "Defaults for the parameters left at None: rubredoxin (Fe sites) or psii (the"
             "production preset: Mn sites of the oxygen-evolving complex)"
+  unit_cell = None
+    .type = floats(size=6, value_min=0)
+    .help = "Unit cell (a, b, c in A; alpha, beta, gamma in degrees) with space_group, for a"
+            "model without a usable CRYST1 record (none, or the 1 1 1 placeholder; such a model"
+            "is refused without them); it replaces the model's own"
+  space_group = None
+    .type = str
+    .help = "Space group (e.g. P 21 21 21) that goes with unit_cell"
   d_min = None
     .type = float(value_min=0.5)
     .help = "High-resolution limit (A) of the Miller-index table. None: the detector's reach"

@@ -142,8 +142,19 @@ def default_model_path() -> Path:
     )
 
 
-def load_model(path: str | Path | None = None):
-    """(xray_structure, pdb_hierarchy) of a PDB or mmCIF file (the default structure if None)."""
+def load_model(path: str | Path | None = None, crystal_symmetry=None):
+    """(xray_structure, pdb_hierarchy) of a PDB or mmCIF file (the default structure if None).
+
+    Arguments:
+        crystal_symmetry: a ``cctbx.crystal.symmetry`` (unit cell and space group) that replaces
+            the file's; needed for a model without a usable one.
+
+    Raises:
+        FileNotFoundError: no such file.
+        ValueError: the model has no usable unit cell and space group (no CRYST1 record, or the
+            1 1 1 placeholder of non-crystal models, which cctbx reads as none) and none is given:
+            cctbx would invent a P1 box around the atoms.
+    """
     import iotbx.pdb
 
     path = default_model_path() if path is None else Path(path)
@@ -151,7 +162,11 @@ def load_model(path: str | Path | None = None):
         raise FileNotFoundError(f"model file {path} not found (structure.file=)")
     model_input = iotbx.pdb.input(file_name=str(path))
     hierarchy = model_input.construct_hierarchy()
-    xrs = model_input.xray_structure_simple()
+    symmetry = crystal_symmetry or model_input.crystal_symmetry()
+    if symmetry is None or symmetry.unit_cell() is None or symmetry.space_group_info() is None:
+        raise ValueError(f"the model {path.name} has no usable unit cell and space group (no CRYST1 record, or a "
+                         "placeholder cell): give structure.unit_cell and structure.space_group")  # fmt: skip
+    xrs = model_input.xray_structure_simple(crystal_symmetry=symmetry)
     if xrs.scatterers().size() != hierarchy.atoms_size():
         raise ValueError(f"{path}: {xrs.scatterers().size()} scatterers but {hierarchy.atoms_size()} atoms")
     return xrs, hierarchy

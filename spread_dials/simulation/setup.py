@@ -319,10 +319,22 @@ def build_setup(params, device: torch.device, dtype: torch.dtype) -> RunSetup:
         raise SpreadError(str(e)) from None
     d_min, reach, d_largest = _resolution_range(choice.d_min, panels64, channels)
 
+    structure = params.structure
+    if (structure.unit_cell is None) != (structure.space_group is None):
+        raise SpreadError("give structure.unit_cell and structure.space_group together (the model's symmetry)")
+    symmetry = None
+    if structure.unit_cell is not None:
+        from cctbx import crystal, sgtbx
+
+        try:
+            symmetry = crystal.symmetry(unit_cell=tuple(structure.unit_cell),
+                                        space_group_info=sgtbx.space_group_info(structure.space_group))  # fmt: skip
+        except (RuntimeError, AssertionError) as e:  # cctbx: an unknown symbol; a cell the group does not allow
+            raise SpreadError(f"structure.unit_cell / structure.space_group: {str(e).splitlines()[0]}") from None
     try:
         model_path = Path(choice.file) if choice.file else default_model_path()
-        xrs, hierarchy = load_model(model_path)
-    except FileNotFoundError as e:
+        xrs, hierarchy = load_model(model_path, crystal_symmetry=symmetry)
+    except (FileNotFoundError, ValueError) as e:
         raise SpreadError(str(e)) from None
     except Exception as e:  # noqa: BLE001  iotbx raises Sorry or RuntimeError for a bad file
         raise SpreadError(f"cannot read the model {str(choice.file or 'default')!r}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None

@@ -143,3 +143,25 @@ def test_mpi_input_error_is_said_once_without_abort(tmp_path, mpirun):
     assert sorry == ["Sorry: beam.nchannels must be at least 1 (spectral channels), not 0"], result.stderr
     assert "MPI_ABORT" not in result.stderr + result.stdout and "Traceback" not in result.stderr
     assert not out.exists()
+
+
+def test_model_without_a_unit_cell_is_refused_or_takes_the_phil_symmetry(shared_data, tmp_path, capsys):
+    """1m2a.pdb without its CRYST1 record (cctbx would invent a P1 box around the atoms), and with
+    the 1 1 1 placeholder cell: refused; with structure.unit_cell and space_group: simulated
+    with them."""
+    lines = (shared_data / "models" / "1m2a.pdb").read_text().splitlines(keepends=True)
+    no_cell = tmp_path / "no_cell.pdb"
+    no_cell.write_text("".join(line for line in lines if not line.startswith("CRYST1")))
+    placeholder = tmp_path / "placeholder.pdb"
+    placeholder.write_text("CRYST1    1.000    1.000    1.000  90.00  90.00  90.00 P 1           1\n"
+                           + no_cell.read_text())  # fmt: skip
+    for model in (no_cell, placeholder):
+        assert _run(tmp_path / "refused", f"structure.file={model}") == 1
+        assert f"the model {model.name} has no usable unit cell and space group" in _sorry(capsys)
+    assert not (tmp_path / "refused").exists()
+    cell = "67.2,59.8,47.2,90,110.3,90"
+    assert _run(tmp_path / "run", f"structure.file={no_cell}", f"structure.unit_cell={cell}",
+                "structure.space_group=C2", "nimages=1") == 0  # fmt: skip
+    record = json.loads((tmp_path / "run" / "images_run.json").read_text())
+    assert np.allclose(record["crystal"]["unit_cell"], [67.2, 59.8, 47.2, 90, 110.3, 90])
+    assert record["crystal"]["space_group"].replace(" ", "") == "C121"
