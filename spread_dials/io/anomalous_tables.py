@@ -19,6 +19,13 @@ from spread_dials.physics.anomalous import TabulatedCurve
 
 __all__ = ["read_anomalous_table", "write_anomalous_table"]
 
+#: |f'| and f'' (electrons) beyond this belong to no atom (Z <= 100 bounds both)
+MAX_ELECTRONS = 100.0
+#: f'' is an absorption, >= 0; measured curves dip a little below 0 at most
+MIN_F_DOUBLE_PRIME = -1.0
+#: a table of the hard X-ray energies the simulation uses, in eV, reaches at least this
+MIN_ENERGY_EV = 1000.0
+
 
 def read_anomalous_table(path: str | Path, label: str | None = None) -> TabulatedCurve:
     """Read a three-column f'/f'' table.
@@ -32,8 +39,10 @@ def read_anomalous_table(path: str | Path, label: str | None = None) -> Tabulate
         A float64 :class:`TabulatedCurve` sorted by energy.
 
     Raises:
-        ValueError: a line that does not start with three numbers, fewer than two rows,
-            or a repeated energy.
+        ValueError: a line that does not start with three numbers, fewer than two rows, a
+            repeated energy, a value that is not finite, a value no atom has (a placeholder
+            such as -9999: |f'| and f'' above MAX_ELECTRONS, or f'' below MIN_F_DOUBLE_PRIME), or
+            energies that are not in eV (all below MIN_ENERGY_EV: keV or wavelengths).
     """
     path = Path(path)
     rows = []
@@ -54,6 +63,17 @@ def read_anomalous_table(path: str | Path, label: str | None = None) -> Tabulate
     table = table[np.argsort(table[:, 0], kind="stable")]
     if np.any(np.diff(table[:, 0]) <= 0):
         raise ValueError(f"{path}: repeated energies in the table")
+    bad = ~np.isfinite(table).all(1)
+    if bad.any():
+        raise ValueError(f"{path}: {int(bad.sum())} rows hold values that are not finite (NaN or inf), e.g. "
+                         f"{table[bad][0].tolist()}")  # fmt: skip
+    bad = (np.abs(table[:, 1]) > MAX_ELECTRONS) | (table[:, 2] > MAX_ELECTRONS) | (table[:, 2] < MIN_F_DOUBLE_PRIME)
+    if bad.any():
+        raise ValueError(f"{path}: {int(bad.sum())} rows hold f', f'' no atom has (placeholders?), e.g. "
+                         f"{table[bad][0].tolist()}; f' and f'' are in electrons, |f'| and f'' <= {MAX_ELECTRONS:g}")  # fmt: skip
+    if table[:, 0].max() < MIN_ENERGY_EV:
+        raise ValueError(f"{path}: energies {table[0, 0]:g}-{table[-1, 0]:g} are not X-ray energies in eV "
+                         "(keV or wavelengths?); the first column must be the energy in eV")  # fmt: skip
     return TabulatedCurve(
         energy_eV=torch.from_numpy(table[:, 0].copy()),
         f_prime=torch.from_numpy(table[:, 1].copy()),

@@ -61,11 +61,15 @@ def _assert_one_line_sorry(result: subprocess.CompletedProcess, text: str) -> No
         (["beam.spectrum=file", "beam.spectrum_file={npy}"], "is a single array (.npy), not an .npz"),
         (["beam.spectrum=gaussian", "beam.fwhm_eV=0"], "a Gaussian band needs a width > 0 eV"),
         (["structure.d_min=60"], "no reflection reaches the detector"),
+        (["anomalous.reference_files={nan}", "anomalous.reference_states=3"],
+         "rows hold values that are not finite (NaN or inf)"),
     ],
 )  # fmt: skip
 def test_bad_input_is_one_line_and_leaves_no_directory(tmp_path, capsys, args, message):
     np.save(tmp_path / "spectra.npy", np.ones((3, 8)))
-    fill = {"directory": tmp_path, "npy": tmp_path / "spectra.npy"}
+    energies = np.arange(7000.0, 7300.0)
+    np.savetxt(tmp_path / "nan.dat", np.stack([energies, np.where(energies == 7120, np.nan, -5.0), 3.0 + 0 * energies], 1))
+    fill = {"directory": tmp_path, "npy": tmp_path / "spectra.npy", "nan": tmp_path / "nan.dat"}
     out = tmp_path / "new" / "out"
     assert _run(out, *(a.format(**fill) for a in args)) == 1
     assert message.format(**fill) in _sorry(capsys)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
@@ -52,3 +54,20 @@ def test_round_trip_and_errors(tmp_path):
     (tmp_path / "text.dat").write_text("energy fp fdp\n")
     with pytest.raises(ValueError, match="expected"):
         read_anomalous_table(tmp_path / "text.dat")
+
+
+@pytest.mark.parametrize(
+    "rows, message",
+    [
+        ("7000 -3 0.5\n7001 nan 0.5\n7002 -3 inf\n", "2 rows hold values that are not finite"),
+        ("7000 -3 0.5\n7001 -9999 -9999\n", "1 rows hold f', f'' no atom has (placeholders?)"),
+        ("7000 -3 0.5\n7001 -3 -5\n", "no atom has"),
+        ("7.000 -3 0.5\n7.001 -3.1 0.6\n", "energies 7-7.001 are not X-ray energies in eV (keV or wavelengths?)"),
+    ],
+)
+def test_tables_no_atom_can_have_are_refused(tmp_path, rows, message):
+    """Non-finite values (they reached the images as int32 minimum pixels), placeholders and
+    energies in keV are refused when the table is read, whatever the run then asks of it."""
+    (tmp_path / "t.dat").write_text(rows)
+    with pytest.raises(ValueError, match=re.escape(message)):
+        read_anomalous_table(tmp_path / "t.dat")
