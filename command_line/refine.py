@@ -18,9 +18,13 @@ Examples::
   mpirun -n 4 dials.spread_refine proc/idx-*_integrated.expt proc/idx-*_integrated.refl mp.method=mpi
 
 Outputs (output.directory): <prefix>_sites.json/.csv (per site and site pair), <prefix>.h5
-(f', f'' per site on a 1 eV grid with sigma, covariance, bootstrap draws), <prefix>_fp_fdp.png,
-<prefix>_edge_shifts.png, <prefix>_nll.png, <prefix>.checkpoint.pt (a killed run resumes from
-its last finished macrocycle) and dials.spread_refine.log.
+(f', f'' per site on a 1 eV grid with sigma, covariance, bootstrap draws), <prefix>.expt (the
+refined stills: crystals turned by their refined rotations) and <prefix>.refl (one row per
+refined shoebox with the model's Bragg photons, sigma_Z, the still's scale and the
+flag_sigma_z flag: columns spread.*), <prefix>_fp_fdp.png, <prefix>_edge_shifts.png,
+<prefix>_nll.png, <prefix>_residuals.png (standardized residuals per panel),
+<prefix>.checkpoint.pt (a killed run resumes from its last finished macrocycle) and
+dials.spread_refine.log.
 """
 
 from __future__ import annotations
@@ -166,6 +170,13 @@ refinement {
   relinearisations = 3
     .type = int(value_min=1)
     .help = "Most stage-1 passes per still and macrocycle, the profiles recomputed after each"
+  flag_sigma_z = 3
+    .type = float(value_min=0)
+    .help = "Flag shoeboxes whose sigma_Z (rms over their valid pixels of the standardized"
+            "residual (k - lambda) / sqrt(lambda), or sqrt(lambda + sigma^2) for"
+            "gaussian_readout) exceeds this: they stay in the refinement, are counted in the"
+            "log and the sites .json, and marked in the column spread.flagged of the output"
+            "reflections (~1 where the model fits)"
   min_shoeboxes = 3
     .type = int(value_min=1)
     .help = "Stills with fewer integrated shoeboxes are left out (counted in the log)"

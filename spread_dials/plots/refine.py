@@ -1,4 +1,5 @@
-"""PNG plots of dials.spread_refine: f'/f'' per site with bands, edge shifts, NLL per macrocycle."""
+"""PNG plots of dials.spread_refine: f'/f'' per site with bands, edge shifts, NLL per macrocycle,
+standardized residuals per panel."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import numpy as np
 
 from spread_dials.plots.figures import pyplot, save_figure
 
-__all__ = ["plot_site_curves", "plot_edge_shifts", "plot_nll"]
+__all__ = ["plot_site_curves", "plot_edge_shifts", "plot_nll", "plot_panel_residuals"]
 
 
 def plot_site_curves(energy_eV: np.ndarray, curves: list[dict], path: str | Path) -> Path:
@@ -64,5 +65,57 @@ def plot_nll(history: list[dict], path: str | Path) -> Path:
     ax.plot([h["macrocycle"] for h in history], [h["nll"] for h in history], "o-")
     ax.set_xlabel("macrocycle")
     ax.set_ylabel("NLL + prior")
+    fig.tight_layout()
+    return save_figure(fig, path, dpi=110)
+
+
+def plot_panel_residuals(panels: dict, path: str | Path, flag_sigma_z: float | None = None) -> Path:
+    """Standardized residuals z = (k - lambda) / sqrt(v) of the valid shoebox pixels per panel:
+    mean and rms of z per panel (0 and 1 for a right model), each panel's histogram of z, and
+    all pixels' histogram against the standard normal.
+
+    ``panels``: {"n", "mean_z", "rms_z" (P,), "histogram" (P, bins), "bin_edges" (bins + 1,)}
+    (:func:`~spread_dials.refine.residuals.gather_residuals`); panels without pixels are left out.
+    """
+    plt = pyplot()
+    n = np.asarray(panels["n"])
+    used = np.flatnonzero(n > 0)
+    edges = np.asarray(panels["bin_edges"])
+    centres = 0.5 * (edges[1:] + edges[:-1])
+    width = edges[1] - edges[0]
+    fig, axes = plt.subplots(1, 3, figsize=(15, 4))
+    ax = axes[0]
+    ax.plot(used, np.asarray(panels["mean_z"])[used], "o", ms=4, label="mean z")
+    ax.plot(used, np.asarray(panels["rms_z"])[used], "s", ms=4, label="rms z")
+    ax.axhline(0.0, color="k", lw=0.8)
+    ax.axhline(1.0, color="k", lw=0.8, ls="--")
+    if flag_sigma_z is not None:
+        ax.axhline(flag_sigma_z, color="C3", lw=0.8, ls=":", label=f"flag_sigma_z {flag_sigma_z:g} (per shoebox)")
+    ax.set_yscale("symlog", linthresh=2.0)
+    ax.set_xticks(used[:: max(1, used.size // 16)])
+    ax.set_xlabel("panel")
+    ax.set_ylabel("standardized residual (symlog)")
+    ax.set_title("per panel (valid shoebox pixels)")
+    ax.legend(fontsize=7)
+    ax = axes[1]
+    hist = np.asarray(panels["histogram"])[used]
+    density = hist / np.maximum(hist.sum(1, keepdims=True), 1.0) / width
+    image = ax.imshow(np.log10(np.maximum(density, 1e-6)), aspect="auto", origin="lower", interpolation="nearest",
+                      extent=(edges[0], edges[-1], -0.5, used.size - 0.5), vmin=-6, vmax=0)  # fmt: skip
+    ax.set_yticks(range(used.size)[:: max(1, used.size // 16)], [str(p) for p in used[:: max(1, used.size // 16)]])
+    ax.set_xlabel("z (end bins hold everything beyond)")
+    ax.set_ylabel("panel")
+    ax.set_title("histogram of z per panel")
+    fig.colorbar(image, ax=ax, label="log10 density")
+    ax = axes[2]
+    total = np.asarray(panels["histogram"]).sum(0)
+    ax.step(centres, total / max(total.sum(), 1.0) / width, where="mid", label=f"{int(n.sum())} pixels")
+    ax.plot(centres, np.exp(-0.5 * centres**2) / np.sqrt(2 * np.pi), "k--", lw=1, label="N(0, 1)")
+    ax.set_yscale("log")
+    ax.set_ylim(1e-6, 1.0)
+    ax.set_xlabel("z")
+    ax.set_ylabel("density")
+    ax.set_title("all panels")
+    ax.legend(fontsize=7)
     fig.tight_layout()
     return save_figure(fig, path, dpi=110)

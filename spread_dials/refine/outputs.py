@@ -1,5 +1,24 @@
 """dials.spread_refine's files (rank 0): sites .json/.csv, .h5 with curves, covariance and
-bootstrap draws, PNGs.  Every file is written under a temporary name and renamed."""
+bootstrap draws, the refined stills (.expt/.refl), PNGs.  Every file is written under a
+temporary name and renamed.
+
+The refined stills: ``<prefix>.expt`` holds every refined experiment (input file order, then
+experiment order) with its crystal turned by the still's refined rotation r (rad, lab frame):
+U' = R(r) U, so the real-space rows become a R(r)^T as in
+:func:`~spread_dials.refine.profiles.shot_scene`; B (the cell) is unchanged.  ``<prefix>.refl``
+holds one row per refined shoebox (all the input columns of its row, ``id`` renumbered to the
+new list) and the columns
+
+- ``spread.bragg_photons`` (double): the model's Bragg photons in the shoebox, sum over its
+  pixels of G * bragg (:mod:`spread_dials.refine.residuals`);
+- ``spread.sigma_z`` (double): rms of the standardized residuals over its valid pixels;
+- ``spread.mean_z`` (double), ``spread.n_valid`` (int): their mean and number;
+- ``spread.scale`` (double): the still's refined scale G;
+- ``spread.flagged`` (bool): sigma_z > refinement.flag_sigma_z.  A column rather than a DIALS
+  flag: no reflection_table flag means "misfit by a pixel model" (``bad_shoebox``,
+  ``outlier_in_scaling`` and ``centroid_outlier`` mean other things, and downstream DIALS
+  programs act on them), and the rows were kept in the refinement.
+"""
 
 from __future__ import annotations
 
@@ -14,7 +33,7 @@ import torch
 
 from spread_dials.util.atomic import atomic_path, write_text_atomic
 
-__all__ = ["write_outputs"]
+__all__ = ["write_outputs", "write_refined_stills", "refined_stills"]
 
 logger = logging.getLogger("dials.spread.refine")
 
@@ -29,8 +48,12 @@ def _curve_draws(sites, theta: torch.Tensor, cov: torch.Tensor, energy: torch.Te
     return torch.stack([torch.stack(sites.curves(t, energy)) for t in draws])
 
 
-def write_outputs(ctx, results: dict, refinement, refs, draws: torch.Tensor, band, truth_curves=None) -> None:
-    """Every file of the run (module docstring); ``truth_curves``: the simulated curve per site, or None."""
+def write_outputs(ctx, results: dict, refinement, refs, draws: torch.Tensor, band, truth_curves=None, pairs=None,
+                  stills=None, panels=None) -> None:  # fmt: skip
+    """Every file of the run (module docstring); ``truth_curves``: the simulated curve per site, or None;
+    ``pairs``: the input (.expt, .refl) paths, ``stills`` and ``panels`` the gathered residuals
+    (:func:`~spread_dials.refine.residuals.gather_residuals`): with them the refined stills and
+    the residual plot are written."""
     params = ctx.params
     prefix = params.output.prefix
     sites = refinement.sites
@@ -73,9 +96,12 @@ def write_outputs(ctx, results: dict, refinement, refs, draws: torch.Tensor, ban
             h["site_labels"] = np.array([s.encode() for s in sites.group_labels])
             h["nll_per_macrocycle"] = np.array([r["nll"] for r in results["history"]])
     written.append(ctx.output_path(f"{prefix}.h5"))
+    if pairs is not None and stills is not None:
+        written.extend(write_refined_stills(ctx.output_path(f"{prefix}.expt"), ctx.output_path(f"{prefix}.refl"),
+                                            pairs, stills))  # fmt: skip
 
     if params.plots:
-        from spread_dials.plots.refine import plot_edge_shifts, plot_nll, plot_site_curves
+        from spread_dials.plots.refine import plot_edge_shifts, plot_nll, plot_panel_residuals, plot_site_curves
 
         curves = []
         for s in range(sites.n_sites):
@@ -92,4 +118,75 @@ def write_outputs(ctx, results: dict, refinement, refs, draws: torch.Tensor, ban
         if results["sites"]:
             written.append(plot_edge_shifts(results["sites"], ctx.output_path(f"{prefix}_edge_shifts.png")))
         written.append(plot_nll(results["history"], ctx.output_path(f"{prefix}_nll.png")))
+        if panels is not None:
+            written.append(plot_panel_residuals(panels, ctx.output_path(f"{prefix}_residuals.png"),
+                                                results.get("residuals", {}).get("flag_sigma_z")))  # fmt: skip
     logger.info("Wrote %s", ", ".join(str(p) for p in written))
+
+
+def _rotation_matrix(rotation_rad) -> tuple[float, ...]:
+    from spread_dials.physics.crystal import rotation_from_vector
+
+    r = torch.as_tensor(np.asarray(rotation_rad, dtype=np.float64))
+    return tuple(float(x) for x in rotation_from_vector(r).reshape(-1))
+
+
+def refined_stills(pairs, stills: list[dict]):
+    """(ExperimentList, reflection_table) of the refined stills (module docstring).
+
+    Args:
+        pairs: the input (.expt, .refl) paths, in the order the loader read them.
+        stills: per refined still (:func:`~spread_dials.refine.residuals.gather_residuals`):
+            "identifier", "rotation_rad", "scale", "reflection" (its shoeboxes' rows among the
+            experiment's rows of its .refl), and the per-shoebox arrays.
+    """
+    import copy
+
+    from dials.array_family import flex
+    from dxtbx.model.experiment_list import ExperimentList, ExperimentListFactory
+    from scitbx import matrix
+
+    from spread_dials.refine.loader import _experiment_ids
+
+    by_identifier = {s["identifier"]: s for s in stills}
+    experiments_out = ExperimentList()
+    table_out = flex.reflection_table()
+    for expt_path, refl_path in pairs:
+        experiments = ExperimentListFactory.from_json_file(str(expt_path), check_format=False)
+        table = flex.reflection_table.from_file(str(refl_path))
+        ids = table["id"].as_numpy_array()
+        for experiment, table_id in zip(experiments, _experiment_ids(table, experiments, expt_path, refl_path)):
+            still = by_identifier.get(experiment.identifier)
+            if still is None:
+                continue
+            crystal = copy.deepcopy(experiment.crystal)
+            crystal.set_U(matrix.sqr(_rotation_matrix(still["rotation_rad"])) * matrix.sqr(crystal.get_U()))
+            experiment.crystal = crystal
+            new_id = len(experiments_out)
+            experiments_out.append(experiment)
+            rows = np.flatnonzero(ids == table_id)[still["reflection"]]
+            piece = table.select(flex.size_t(rows.astype(np.uint64)))
+            known = piece.experiment_identifiers()
+            for key in list(known.keys()):
+                del known[key]
+            piece["id"] = flex.int(len(piece), new_id)
+            known[new_id] = experiment.identifier
+            n = len(piece)
+            piece["spread.bragg_photons"] = flex.double(still["bragg_photons"].astype(np.float64))
+            piece["spread.sigma_z"] = flex.double(still["sigma_z"].astype(np.float64))
+            piece["spread.mean_z"] = flex.double(still["mean_z"].astype(np.float64))
+            piece["spread.n_valid"] = flex.int(still["n_valid"].astype(np.int32))
+            piece["spread.scale"] = flex.double(n, float(still["scale"]))
+            piece["spread.flagged"] = flex.bool(still["flagged"].astype(bool))
+            table_out.extend(piece)
+    return experiments_out, table_out
+
+
+def write_refined_stills(expt_path, refl_path, pairs, stills: list[dict]) -> list:
+    """Write :func:`refined_stills` to ``expt_path`` and ``refl_path`` (each atomically)."""
+    experiments, table = refined_stills(pairs, stills)
+    with atomic_path(expt_path) as tmp:
+        experiments.as_file(str(tmp))
+    with atomic_path(refl_path) as tmp:
+        table.as_file(str(tmp))
+    return [expt_path, refl_path]

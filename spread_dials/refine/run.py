@@ -52,12 +52,12 @@ _REFINING_SCOPES = ("input", "structure", "reference", "model", "crystal", "beam
 
 def _fingerprint(params, pairs) -> str:
     """What a checkpoint must match: the input files and every parameter that changes the
-    refinement (not outputs, uncertainty, resume or the number of macrocycles)."""
+    refinement (not outputs, uncertainty, resume, the number of macrocycles or flag_sigma_z)."""
     from spread_dials.command_line.refine import phil_scope
 
     working = phil_scope.format(python_object=params)
     text = "".join(working.get(name).as_str() for name in _REFINING_SCOPES)
-    text = "\n".join(line for line in text.splitlines() if not any(k in line for k in ("resume", "macrocycles", "tolerance")))
+    text = "\n".join(line for line in text.splitlines() if not any(k in line for k in ("resume", "macrocycles", "tolerance", "flag_sigma_z")))
     text += json.dumps([str(p.resolve()) for pair in pairs for p in pair])
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
@@ -184,8 +184,29 @@ def run_refinement(ctx, experiments, reflections) -> dict:
 
     rate = _Progress(len(caches))
     refinement.run(start_cycle, on_macrocycle=save, progress=rate)
-    results = _report(ctx, refinement, refs, prepared, band, n_shots, n_sb, n_px, time.perf_counter() - t0)
+    residuals = _residuals(refinement, comm, settings.readout_sigma, params.refinement.flag_sigma_z)
+    results = _report(ctx, refinement, refs, prepared, band, n_shots, n_sb, n_px, time.perf_counter() - t0,
+                      file_pairs=pairs, residuals=residuals)  # fmt: skip
     return results
+
+
+def _residuals(refinement: Refinement, comm, readout_sigma, threshold: float) -> tuple:
+    """Per-shoebox model intensities and sigma_Z, gathered on rank 0; the flagged count and the
+    refined stills in the log (see :mod:`spread_dials.refine.residuals`)."""
+    from spread_dials.refine.residuals import gather_residuals
+
+    summary, stills, panels = gather_residuals(refinement, comm, readout_sigma, threshold)
+    logger.info("Flagged %d of %d shoeboxes whose sigma_Z (rms standardized residual) exceeds "
+                "refinement.flag_sigma_z = %g: kept in the refinement, column spread.flagged of the output "
+                "reflections; sigma_Z mean %.3f, median %.3f; rms z over %d valid pixels %.3f",
+                summary["shoeboxes_flagged"], summary["shoeboxes"], threshold, summary["sigma_z_mean"],
+                summary["sigma_z_median"], summary["valid_pixels"], summary["z_rms"])  # fmt: skip
+    if stills is not None:
+        log = logger.info if len(stills) <= 20 else logger.debug
+        for s in stills:
+            log("  still %s: scale %.6g, rotation (%+.4f, %+.4f, %+.4f) mrad, %d shoeboxes (%d flagged)", s["identifier"],
+                s["scale"], *(1e3 * s["rotation_rad"]), s["sigma_z"].size, int(s["flagged"].sum()))  # fmt: skip
+    return summary, stills, panels
 
 
 def _common_sensor(shots, comm, counts):
@@ -223,8 +244,10 @@ def _load_checkpoint(path: Path, fingerprint: str) -> dict | None:
     return saved
 
 
-def _report(ctx, refinement: Refinement, refs, prepared, band, n_shots, n_sb, n_px, seconds) -> dict:
-    """Uncertainty, per-site and pairwise results, validation against a truth; outputs on rank 0."""
+def _report(ctx, refinement: Refinement, refs, prepared, band, n_shots, n_sb, n_px, seconds, file_pairs=None,
+            residuals=None) -> dict:  # fmt: skip
+    """Uncertainty, per-site and pairwise results, validation against a truth; outputs on rank 0
+    (``residuals``: :func:`_residuals`, for the refined stills and their shoeboxes' numbers)."""
     params, comm = ctx.params, ctx.mpi
     sites = refinement.sites
     theta = refinement.theta
@@ -287,10 +310,18 @@ def _report(ctx, refinement: Refinement, refs, prepared, band, n_shots, n_sb, n_
                               "stills' scores (honest when the pixel model misfits). robust: per parameter the larger. "
                               "Bootstrap: refits of theta over resampled stills with per-shot parameters fixed.",
     }  # fmt: skip
+    summary, stills, panels = residuals if residuals is not None else (None, None, None)
+    if summary is not None:
+        results["residuals"] = summary
+    if stills is not None:
+        results["refined_stills"] = [{"identifier": s["identifier"], "scale": s["scale"], "rotation_rad": s["rotation_rad"].tolist(),
+                                      "shoeboxes": int(s["sigma_z"].size), "flagged": int(s["flagged"].sum())}
+                                     for s in stills]  # fmt: skip
     if comm.is_root:
         from spread_dials.refine.outputs import write_outputs
 
-        write_outputs(ctx, results, refinement, refs, draws, band, truth_curves)
+        write_outputs(ctx, results, refinement, refs, draws, band, truth_curves, pairs=file_pairs, stills=stills,
+                      panels=panels)  # fmt: skip
     _log_table(rows, pairs)
     return results
 
