@@ -159,9 +159,11 @@ beam
     .help = "gaussian: the same Gaussian band every shot. sase: a seeded spiky SASE spectrum"
             "per shot. monochromatic: one channel. file: measured spectra (spectrum_file),"
             "shot i takes spectrum i modulo their number"
-  nchannels = 40
+  nchannels = None
     .type = int
-    .help = "Spectral channels (>= 1) on a grid centred on energy_eV"
+    .help = "Spectral channels (>= 1) on a grid centred on energy_eV. None: 40, or with"
+            "spectrum=file as many as hold every measured spectrum. A window narrower than"
+            "the measured spectra drops their outer photons (the run says what fraction)"
   channel_width_eV = 1.0
     .type = float
     .help = "Width of one channel (eV)"

@@ -21,7 +21,8 @@ import math
 import numpy as np
 import torch
 
-__all__ = ["channel_energies", "monochromatic_spectrum", "sase_spectrum", "rebin_spectrum", "spectrum_centroid"]
+__all__ = ["channel_energies", "monochromatic_spectrum", "rebin_spectrum", "sase_spectrum", "spectrum_centroid",
+           "window_fraction"]
 
 _FWHM_TO_SIGMA = 1.0 / (2.0 * math.sqrt(2.0 * math.log(2.0)))
 
@@ -111,6 +112,19 @@ def rebin_spectrum(
     Raises:
         ValueError: if the channels cover none of the spectrum.
     """
+    out, _ = _channel_integrals(energy_eV, weights, channels_eV, shift_eV)
+    return out / out.sum()
+
+
+def window_fraction(energy_eV: np.ndarray, weights: np.ndarray, channels_eV: np.ndarray, shift_eV: float = 0.0) -> float:
+    """The fraction of a sampled spectrum's photons (moved by ``shift_eV``) that the channels
+    centred at ``channels_eV`` cover; ``rebin_spectrum`` drops the rest."""
+    out, total = _channel_integrals(energy_eV, weights, channels_eV, shift_eV)
+    return float(out.sum() / total)
+
+
+def _channel_integrals(energy_eV, weights, channels_eV, shift_eV: float) -> tuple[np.ndarray, float]:
+    """(the spectrum integrated over each channel, its integral over all its bins)."""
     e = np.asarray(energy_eV, dtype=np.float64) + shift_eV
     w = np.clip(np.asarray(weights, dtype=np.float64), 0.0, None)
     if e.ndim != 1 or e.shape != w.shape or e.size < 2:
@@ -135,4 +149,4 @@ def rebin_spectrum(
             f"the channels {channels[0]:.1f}-{channels[-1]:.1f} eV cover none of the spectrum "
             f"({e[0]:.1f}-{e[-1]:.1f} eV after the shift)"
         )
-    return out / out.sum()
+    return out, float(cumulative[-1])

@@ -29,7 +29,13 @@ from spread_dials.physics.constants import HC_EV_A
 from spread_dials.physics.geometry import PanelArray
 from spread_dials.physics.microcrystal import Brightness, brightness
 from spread_dials.physics.sparse import detector_d_max, detector_d_min
-from spread_dials.physics.spectra import channel_energies, rebin_spectrum, sase_spectrum, spectrum_centroid
+from spread_dials.physics.spectra import (
+    channel_energies,
+    rebin_spectrum,
+    sase_spectrum,
+    spectrum_centroid,
+    window_fraction,
+)
 from spread_dials.physics.still import AmorphousMaterial, DetectorResponse
 from spread_dials.simulation.plan import ShotPlan, container_shots, shot_seeds, uniform_rotation
 from spread_dials.util.errors import SpreadError, require_file
@@ -54,9 +60,9 @@ def mean_energy_eV(params) -> float:
 def check_parameters(params) -> None:
     """Reject bad input before any heavy work (raises SpreadError with a one-line message)."""
     beam = params.beam
-    if beam.spectrum != "monochromatic" and (beam.nchannels is None or beam.nchannels < 1):
+    if beam.spectrum != "monochromatic" and beam.nchannels is not None and beam.nchannels < 1:
         raise SpreadError(f"beam.nchannels must be at least 1 (spectral channels), not {beam.nchannels}")
-    if beam.spectrum != "monochromatic" and beam.nchannels > 1 and not (beam.channel_width_eV or 0) > 0:
+    if beam.spectrum != "monochromatic" and beam.nchannels != 1 and not (beam.channel_width_eV or 0) > 0:
         raise SpreadError(f"beam.channel_width_eV must be > 0 eV, not {beam.channel_width_eV}")
     if beam.photons is None or not beam.photons > 0 or not math.isfinite(beam.photons):
         raise SpreadError(f"beam.photons (photons per pulse, sets the fluence) must be > 0, not {beam.photons}")
@@ -197,17 +203,25 @@ def _sha256(path: str | Path) -> str:
     return h.hexdigest()
 
 
-def _channels(params, energy: float) -> tuple[np.ndarray, np.ndarray | None]:
+#: beam.nchannels = None for the gaussian and sase spectra
+DEFAULT_NCHANNELS = 40
+#: the largest fraction of a measured spectrum's photons that the channels may drop unsaid
+WINDOW_LOSS = 1e-3
+
+
+def _channels(params, energy: float, n_channels: int) -> tuple[np.ndarray, np.ndarray | None]:
     beam = params.beam
     if beam.spectrum == "monochromatic":
         return np.array([energy]), np.ones(1)
     if beam.spectrum == "gaussian":
-        e, w = gaussian_spectrum(energy, beam.fwhm_eV, beam.nchannels, beam.channel_width_eV)
+        e, w = gaussian_spectrum(energy, beam.fwhm_eV, n_channels, beam.channel_width_eV)
         return e.numpy(), w.numpy()
-    return channel_energies(energy, beam.nchannels, beam.channel_width_eV), None
+    return channel_energies(energy, n_channels, beam.channel_width_eV), None
 
 
-def _file_spectra(params, channels: np.ndarray, energy: float) -> tuple[np.ndarray, np.ndarray, float]:
+def _read_file_spectra(params, energy: float) -> tuple[np.ndarray, np.ndarray, float, int]:
+    """(energies, weights, shift, channels that hold them all) of beam.spectrum_file, moved by
+    ``shift`` so that their mean centroid is ``energy``."""
     from spread_dials.io.spectra import read_spectra
 
     try:
@@ -216,11 +230,37 @@ def _file_spectra(params, channels: np.ndarray, energy: float) -> tuple[np.ndarr
         raise SpreadError(f"beam.spectrum_file: {e}") from None
     centroids = [spectrum_centroid(e, w) for e, w in zip(energies, weights)]
     shift = energy - float(np.mean(centroids))
+    # the window about energy that holds all but WINDOW_LOSS of each spectrum's photons
+    cumulative = np.cumsum(np.clip(weights, 0, None), axis=1)
+    cumulative /= cumulative[:, -1:]
+    moved = energies + shift
+    lo = [e[np.searchsorted(c, WINDOW_LOSS / 2)] for e, c in zip(moved, cumulative)]
+    hi = [e[min(np.searchsorted(c, 1 - WINDOW_LOSS / 2), len(e) - 1)] for e, c in zip(moved, cumulative)]
+    reach = max(energy - min(lo), max(hi) - energy)
+    return energies, weights, shift, 2 * math.ceil(reach / params.beam.channel_width_eV) + 1
+
+
+def _file_spectra(params, file_spectra, channels: np.ndarray, needed: int) -> tuple[np.ndarray, np.ndarray, float]:
+    """The measured spectra, checked against the channels (each must overlap them)."""
+    energies, weights, shift = file_spectra
+    kept = []
     for i in range(len(weights)):
         try:
-            rebin_spectrum(energies[i], weights[i], channels, shift)
+            kept.append(window_fraction(energies[i], weights[i], channels, shift))
         except ValueError as e:
             raise SpreadError(f"beam.spectrum_file spectrum {i}: {e}") from None
+    kept = np.array(kept)
+    n, width = len(channels), params.beam.channel_width_eV
+    if kept.min() >= 1.0 - WINDOW_LOSS:
+        logger.info("The %d channels of %g eV hold %.2f%% or more of every measured spectrum's photons", n, width,
+                    100 * kept.min())  # fmt: skip
+    else:  # never drop flux silently
+        logger.warning(
+            "beam.nchannels=%d of %g eV keeps only %.1f%% (mean %.1f%%) of the measured spectra's photons: the rest "
+            "is dropped and each kept part renormalised, which moves centroids and narrows the shot-to-shot "
+            "jitter; beam.nchannels=%d (or None) holds 99.9%% of each", n, width, 100 * kept.min(), 100 * kept.mean(),
+            needed,
+        )  # fmt: skip
     return energies, weights, shift
 
 
@@ -308,8 +348,14 @@ def build_setup(params, device: torch.device, dtype: torch.dtype) -> RunSetup:
 
     check_parameters(params)
     energy = mean_energy_eV(params)
-    channels, nominal = _channels(params, energy)
-    file_spectra = _file_spectra(params, channels, energy) if params.beam.spectrum == "file" else None
+    n_channels = params.beam.nchannels or DEFAULT_NCHANNELS
+    file_spectra = None
+    if params.beam.spectrum == "file":
+        *measured, needed = _read_file_spectra(params, energy)
+        n_channels = params.beam.nchannels or needed
+    channels, nominal = _channels(params, energy, n_channels)
+    if params.beam.spectrum == "file":
+        file_spectra = _file_spectra(params, measured, channels, needed)
     layout, description = make_detector(params, energy)
     panels64 = panel_array_from_layout(layout, n_layers=params.detector.n_layers)
 

@@ -169,3 +169,32 @@ def test_model_without_a_unit_cell_is_refused_or_takes_the_phil_symmetry(shared_
     record = json.loads((tmp_path / "run" / "images_run.json").read_text())
     assert np.allclose(record["crystal"]["unit_cell"], [67.2, 59.8, 47.2, 90, 110.3, 90])
     assert record["crystal"]["space_group"].replace(" ", "") == "C121"
+
+
+def test_measured_spectra_are_never_cut_silently(shared_data, tmp_path):
+    """beam.nchannels None takes channels that hold >= 99.9 % of every measured spectrum's
+    photons (checked here on the shared spectra with numpy); a narrower window is warned about
+    with the fraction it keeps."""
+    spectra = shared_data / "spectra" / "sase_spectra.npz"
+    args = ["nimages=1", "beam.spectrum=file", f"beam.spectrum_file={spectra}", "beam.energy_eV=7088",
+            "beam.nchannels=None"]
+    assert _run(tmp_path / "auto", *args) == 0
+    channels = np.array(json.loads((tmp_path / "auto" / "images_run.json").read_text())["channels_eV"])
+    with np.load(spectra) as npz:
+        energies, weights = npz["energies_eV"], np.clip(npz["weights"].astype(np.float64), 0, None)
+    shift = 7088.0 - np.mean((weights * energies).sum(1) / weights.sum(1))
+    inside = (energies + shift >= channels[0] - 0.5) & (energies + shift <= channels[-1] + 0.5)
+    kept = (weights * inside).sum(1) / weights.sum(1)
+    assert kept.min() >= 0.999 - 2e-3  # bins are 0.06 eV: the edge bins count in part
+    assert len(channels) > 40  # the shared spectra are wider than the preset's 40 channels
+
+    assert _run(tmp_path / "narrow", *args, "beam.nchannels=40") == 0
+    log = (tmp_path / "narrow" / "dials.spread_simulate.log").read_text()
+    assert f"beam.nchannels=40 of 1 eV keeps only {100 * kept_fraction(energies + shift, weights, 40):.1f}%" in log
+    assert f"beam.nchannels={len(channels)} (or None) holds 99.9% of each" in log
+
+
+def kept_fraction(energies: np.ndarray, weights: np.ndarray, n: int) -> float:
+    """The smallest fraction of a spectrum's photons inside n channels of 1 eV around 7088 eV."""
+    inside = (energies >= 7088 - n / 2) & (energies <= 7088 + n / 2)
+    return float(((weights * inside).sum(1) / weights.sum(1)).min())
