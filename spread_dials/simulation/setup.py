@@ -100,7 +100,8 @@ def _layout_from_file(path: str) -> DetectorLayout:
     try:
         experiments = ExperimentListFactory.from_json_file(str(path), check_format=False)
     except Exception as e:  # noqa: BLE001  dxtbx raises many kinds for a bad file
-        raise SpreadError(f"detector.file {path!r} is not an experiment list dxtbx can read ({type(e).__name__})") from None
+        why = _unholdable_axes(path) or (str(e).splitlines()[0] if str(e) else type(e).__name__)
+        raise SpreadError(f"detector.file {path!r} is not an experiment list dxtbx can read: {why}") from None
     detectors = experiments.detectors()
     if not detectors:
         raise SpreadError(f"detector.file {path!r} holds no detector")
@@ -108,6 +109,40 @@ def _layout_from_file(path: str) -> DetectorLayout:
         return layout_from_dxtbx_dict(detectors[0].to_dict())
     except (ValueError, KeyError) as e:
         raise SpreadError(f"detector.file {path!r}: {e}") from None
+
+
+def _unholdable_axes(path: str) -> str | None:
+    """Why dxtbx refuses the detectors of experiment list ``path`` (JSON), if it is the axes:
+    every panel and hierarchy group needs a fast and a slow axis at right angles (dxtbx asserts
+    it with no word of which); None if they all have them or the file is no such JSON."""
+    import json
+
+    try:
+        with open(path) as f:
+            detectors = json.load(f)["detector"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+    def nodes(detector):
+        yield from (("panel", i, p) for i, p in enumerate(detector.get("panels", [])))
+        stack = [detector["hierarchy"]] if "hierarchy" in detector else []
+        while stack:
+            group = stack.pop()
+            if "panel" not in group:
+                yield "hierarchy group", group.get("name", "?"), group
+                stack.extend(group.get("children", []))
+
+    for kind, which, node in (n for detector in detectors for n in nodes(detector)):
+        try:
+            fast, slow = (np.asarray(node[k], dtype=float) for k in ("fast_axis", "slow_axis"))
+            cos = float(fast @ slow / (np.linalg.norm(fast) * np.linalg.norm(slow)))
+        except (KeyError, TypeError, ValueError):
+            continue
+        if not abs(cos) < 1e-6:
+            return (f"{kind} {which} ({node.get('name', '')}) has fast_axis {fast.tolist()} and slow_axis "
+                    f"{slow.tolist()} at {math.degrees(math.acos(max(-1.0, min(1.0, cos)))):.3g} degrees; "
+                    "dxtbx holds only axes at right angles")  # fmt: skip
+    return None
 
 
 def make_detector(params, energy_eV: float) -> tuple[DetectorLayout, str]:

@@ -63,13 +63,22 @@ def _assert_one_line_sorry(result: subprocess.CompletedProcess, text: str) -> No
         (["structure.d_min=60"], "no reflection reaches the detector"),
         (["anomalous.reference_files={nan}", "anomalous.reference_states=3"],
          "rows hold values that are not finite (NaN or inf)"),
+        (["detector.file={skewed}"], "panel 1 (skewed) has fast_axis [1.0, 0.5, 0.0] and slow_axis [0.0, 1.0, 0.0] "
+         "at 63.4 degrees; dxtbx holds only axes at right angles"),
     ],
 )  # fmt: skip
 def test_bad_input_is_one_line_and_leaves_no_directory(tmp_path, capsys, args, message):
+    from spread_dials.adapters.dxtbx_models import detector_from_layout
+
+    detector = detector_from_layout(simple_detector(64, 64, 0.075, 40.0, 2, 1)).to_dict()
+    detector["panels"][1].update(name="skewed", fast_axis=[1.0, 0.5, 0.0])  # dxtbx asserts, saying nothing
+    (tmp_path / "skewed.expt").write_text(json.dumps({"__id__": "ExperimentList", "detector": [detector],
+                                                      "experiment": [{"__id__": "Experiment", "detector": 0}]}))  # fmt: skip
     np.save(tmp_path / "spectra.npy", np.ones((3, 8)))
     energies = np.arange(7000.0, 7300.0)
     np.savetxt(tmp_path / "nan.dat", np.stack([energies, np.where(energies == 7120, np.nan, -5.0), 3.0 + 0 * energies], 1))
-    fill = {"directory": tmp_path, "npy": tmp_path / "spectra.npy", "nan": tmp_path / "nan.dat"}
+    fill = {"directory": tmp_path, "npy": tmp_path / "spectra.npy", "nan": tmp_path / "nan.dat",
+            "skewed": tmp_path / "skewed.expt"}
     out = tmp_path / "new" / "out"
     assert _run(out, *(a.format(**fill) for a in args)) == 1
     assert message.format(**fill) in _sorry(capsys)
