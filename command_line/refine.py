@@ -34,6 +34,7 @@ import sys
 
 from libtbx.phil import parse
 
+from spread_dials.command_line.simulate import shipped_phil_files
 from spread_dials.util.errors import SpreadError
 from spread_dials.util.program import Program, handle_errors
 
@@ -235,7 +236,7 @@ def run(args=None, phil=phil_scope) -> None:
     args = sys.argv[1:] if args is None else list(args)
     experiments = [a for a in args if a.endswith(".expt")]
     reflections = [a for a in args if a.endswith(".refl")]
-    rest = [a for a in args if not a.endswith((".expt", ".refl"))]
+    rest = shipped_phil_files([a for a in args if not a.endswith((".expt", ".refl"))])
     ctx = program.start(rest, phil=phil)
     if not ctx.params.output.prefix or "/" in ctx.params.output.prefix:
         raise SpreadError(f"output.prefix must be a plain file name prefix, not {ctx.params.output.prefix!r}")
