@@ -103,9 +103,10 @@ def test_refined_stills_read_back_with_dials(refined, processed):
     # no readout noise, no gain error), but the test's model (2 mosaic domains, 2 macrocycles)
     # misfits the bright spots (sigma_Z up to ~10 there, the reason flag_sigma_z exists).  The
     # weakest third of the shoeboxes by model Bragg photons is background (~40 photons/pixel,
-    # a plane per shoebox) with a little Bragg: there sigma_Z must be 1 within 0.25 (a shoebox
-    # of ~200 pixels has sigma_Z sd ~0.05 from counting alone; the rest is the little Bragg
-    # misfit left, ~0.1 measured).
+    # a plane per shoebox) with a little Bragg: there the median sigma_Z must be 1 within 0.25
+    # (a shoebox of ~200 pixels has sigma_Z sd ~0.05 from counting alone; the rest is the Bragg
+    # misfit left: measured median 1.12).  The median, because a few weak shoeboxes hold a
+    # neighbour's spot that the model does not put there (sigma_Z in the hundreds: flagged).
     weak = columns["spread.bragg_photons"] < np.quantile(columns["spread.bragg_photons"], 1 / 3)
     assert abs(np.median(columns["spread.sigma_z"][weak]) - 1) < 0.25, np.median(columns["spread.sigma_z"][weak])
     # the flag: count in the .json and the log == rows flagged == rows over the threshold
@@ -194,36 +195,36 @@ def test_bad_input_gives_one_sorry_line(processed, tmp_path):
     assert not list(tmp_path.glob("spread_refine_sites.*"))
 
 
-def test_spoil_hkl_control_fits_worse(refined, processed, simulated, tmp_path):
-    """spoil_hkl (F at h, k, l+1): the fit is worse than the normal run's (``refined``, the same
-    settings otherwise; the difference is ~8e6 in NLL, far beyond any optimiser path)."""
-    run(_refined_args(processed, simulated) + ["uncertainty.bootstrap=0", "controls.spoil_hkl=True"], tmp_path)
-    good, bad = _record(refined), _record(tmp_path)
-    assert bad["controls"]["spoil_hkl"] and not good["controls"]["spoil_hkl"]
-    assert bad["history"][-1]["nll"] > good["history"][-1]["nll"]
+#: the negative controls' settings: orientations fixed (see test_negative_control_fits_worse)
+CONTROL = [*FAST, "uncertainty.bootstrap=0", "refinement.refine_orientation=False"]
 
 
-def test_shuffle_channels_control_fits_worse(processed, simulated, tmp_path):
-    """shuffle_channels (f', f'' at permuted channel energies) fits worse than the true channel
-    energies, with the orientations fixed in both runs.
+@pytest.fixture(scope="module")
+def control_baseline(processed, simulated, tmp_path_factory) -> Path:
+    """The normal run the negative controls are compared with (CONTROL settings)."""
+    directory = tmp_path_factory.mktemp("control_baseline")
+    run([command("dials.spread_refine"), *_inputs(processed), *CONTROL, f"truth={simulated / 'images_run.json'}"], directory)
+    return directory
+
+
+@pytest.mark.parametrize("control", ["spoil_hkl", "shuffle_channels"])
+def test_negative_control_fits_worse(control, control_baseline, processed, simulated, tmp_path):
+    """spoil_hkl (F at h, k, l+1) and shuffle_channels (f', f'' at permuted channel energies)
+    fit worse than the normal run, with the orientations fixed in both.
 
     With orientations refined, stage 1 (trust-radius L-BFGS, unconverged after 1-2
     macrocycles on this fixture) lands on NLLs ~1e5 apart for inputs that differ only slightly:
     measured, the shuffled run's NLL came out 1e5 *below* the normal run's at 2 macrocycles, so
     that comparison measures the optimiser's path, not the control.  With the orientations
-    fixed, each still's NLL is unimodal in its scale and background planes and the difference
-    (measured 6e4) is the channel assignment's.  Neither run recovers the truth's edge shift on 4
-    stills with this model (both land several eV from it, with sigma of many eV)."""
-    args = [command("dials.spread_refine"), *_inputs(processed), *FAST, "uncertainty.bootstrap=0",
-            "refinement.refine_orientation=False", f"truth={simulated / 'images_run.json'}"]  # fmt: skip
-    good_dir, bad_dir = tmp_path / "good", tmp_path / "bad"
-    good_dir.mkdir()
-    bad_dir.mkdir()
-    run(args, good_dir)
-    run(args + ["controls.shuffle_channels=True"], bad_dir)
-    good, bad = _record(good_dir), _record(bad_dir)
-    assert bad["controls"]["shuffle_channels"] and not good["controls"]["shuffle_channels"]
-    assert "NEGATIVE CONTROL: channel energies shuffled" in (bad_dir / "dials.spread_refine.log").read_text()
+    fixed, each still's NLL is unimodal in its scale and background planes and the difference is
+    the control's (measured: shuffle_channels +6e4, spoil_hkl millions).  Neither run recovers
+    the truth's edge shift on 4 stills with this model (both land eV from it, sigma many eV), so
+    the NLL is the criterion."""
+    run([command("dials.spread_refine"), *_inputs(processed), *CONTROL, f"truth={simulated / 'images_run.json'}",
+         f"controls.{control}=True"], tmp_path)  # fmt: skip
+    good, bad = _record(control_baseline), _record(tmp_path)
+    assert bad["controls"][control] and not any(good["controls"].values())
+    assert "NEGATIVE CONTROL" in (tmp_path / "dials.spread_refine.log").read_text()
     assert bad["history"][-1]["nll"] > good["history"][-1]["nll"]
 
 
