@@ -16,6 +16,7 @@ from spread_dials.physics.anomalous import (
     FreeChannelModel,
     TabulatedCurve,
     band_kramers_kronig_matrix,
+    interpolate_cubic,
     interpolate_linear,
     second_difference_penalty,
 )
@@ -68,6 +69,33 @@ def test_edge_shift_semantics_and_gradient():
     assert model.edge_shift_eV.grad[0].item() == 0.0
 
 
+def test_interpolate_cubic_matches_scipy_hermite_and_is_smooth():
+    """Against scipy's CubicHermiteSpline with the same node slopes (independent evaluation), and
+    the derivative in x continuous across nodes (where the linear one jumps)."""
+    from scipy.interpolate import CubicHermiteSpline
+
+    xp = torch.tensor([0.0, 0.5, 1.5, 2.0, 3.5, 4.0], dtype=f64)
+    fp = torch.tensor([[1.0, 2.0, 0.5, 3.0, 2.5, 4.0], [0.0, -1.0, 1.0, 0.0, 2.0, 1.0]], dtype=f64)
+    x = torch.linspace(0.0, 4.0, 41, dtype=f64)
+    y = interpolate_cubic(x, xp, fp)
+    xn, fn = xp.numpy(), fp.numpy()
+    slopes = np.gradient(fn, xn, axis=-1, edge_order=1)
+    slopes[:, 1:-1] = (fn[:, 2:] - fn[:, :-2]) / (xn[2:] - xn[:-2])
+    for row in range(2):
+        ref = CubicHermiteSpline(xn, fn[row], slopes[row])(x.numpy())
+        np.testing.assert_allclose(y[row].numpy(), ref, rtol=1e-12, atol=1e-12)
+    node = 1.5
+    for fn_ in (interpolate_cubic, interpolate_linear):
+        left, right = [torch.tensor([node + d], dtype=f64, requires_grad=True) for d in (-1e-7, 1e-7)]
+        gl = torch.autograd.grad(fn_(left, xp, fp[0]).sum(), left)[0]
+        gr = torch.autograd.grad(fn_(right, xp, fp[0]).sum(), right)[0]
+        jump = abs(float(gl - gr))
+        if fn_ is interpolate_cubic:
+            assert jump < 1e-5
+        else:
+            assert jump > 1.0
+
+
 def test_edge_shift_with_different_grids_and_frozen_shift(shared_data):
     ox = read_anomalous_table(shared_data / "anomalous" / "pf-rd-ox_fftkk.out")
     fake = read_anomalous_table(shared_data / "anomalous" / "Fe_fake.dat")
@@ -75,8 +103,8 @@ def test_edge_shift_with_different_grids_and_frozen_shift(shared_data):
     model = EdgeShiftModel([ox, fake], refine=False)
     assert not model.edge_shift_eV.requires_grad
     fp, fdp = model(E)
-    assert torch.allclose(fdp[0], interpolate_linear(E, ox.energy_eV, ox.f_double_prime))
-    assert torch.allclose(fp[1], interpolate_linear(E, fake.energy_eV, fake.f_prime))
+    assert torch.allclose(fdp[0], interpolate_cubic(E, ox.energy_eV, ox.f_double_prime))
+    assert torch.allclose(fp[1], interpolate_cubic(E, fake.energy_eV, fake.f_prime))
     if torch.cuda.is_available():
         fp_gpu, _ = model.to("cuda")(E.cuda())
         assert torch.allclose(fp_gpu.cpu(), fp)
