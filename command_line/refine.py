@@ -178,6 +178,11 @@ refinement {
             "gaussian_readout) exceeds this: they stay in the refinement, are counted in the"
             "log and the sites .json, and marked in the column spread.flagged of the output"
             "reflections (~1 where the model fits)"
+  max_shoebox_px = 15
+    .type = int(value_min=3)
+    .help = "Each shoebox is cut to at most this many pixels per side about its bbox centre"
+            "(None: whole bboxes; dials.stills_process boxes are ~30 px wide around spots"
+            "of a few pixels, and the kernel's cost grows with the pixels)"
   min_shoeboxes = 3
     .type = int(value_min=1)
     .help = "Stills with fewer integrated shoeboxes are left out (counted in the log)"

@@ -211,11 +211,24 @@ def _experiment_ids(table, experiments: ExperimentList, expt_path: Path, refl_pa
     return [int(by_identifier.get(e.identifier, -1)) for e in experiments]
 
 
-def _select_rows(arrays: dict[str, np.ndarray], table_id: int, n_fast: int, n_slow: int, n_panels: int) -> _Rows:
-    """The integrated reflections of one experiment whose bbox keeps pixels after clipping."""
+def _centre_crop(lo: np.ndarray, hi: np.ndarray, size: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """[lo, hi) cut to at most ``size`` pixels about its centre (unchanged when None or smaller)."""
+    if size is None:
+        return lo, hi
+    wide = hi - lo > size
+    start = np.where(wide, (lo + hi) // 2 - size // 2, lo)
+    return start, np.where(wide, start + size, hi)
+
+
+def _select_rows(arrays: dict[str, np.ndarray], table_id: int, n_fast: int, n_slow: int, n_panels: int,
+                 max_shoebox_px: int | None = None) -> _Rows:  # fmt: skip
+    """The integrated reflections of one experiment whose bbox keeps pixels after clipping (each
+    bbox first cut to ``max_shoebox_px`` per side about its centre)."""
     rows = np.flatnonzero(arrays["id"] == table_id) if table_id >= 0 else np.zeros(0, dtype=np.int64)
     integrated = arrays["integrated"][rows]
-    bbox = arrays["bbox"][rows][:, :4]
+    bbox = arrays["bbox"][rows][:, :4].copy()
+    bbox[:, 0], bbox[:, 1] = _centre_crop(bbox[:, 0], bbox[:, 1], max_shoebox_px)
+    bbox[:, 2], bbox[:, 3] = _centre_crop(bbox[:, 2], bbox[:, 3], max_shoebox_px)
     x0, x1 = np.clip(bbox[:, 0], 0, n_fast), np.clip(bbox[:, 1], 0, n_fast)
     y0, y1 = np.clip(bbox[:, 2], 0, n_slow), np.clip(bbox[:, 3], 0, n_slow)
     panel = arrays["panel"][rows]
@@ -396,6 +409,7 @@ def load_shots(
     spectra_file: Path | None = None,
     n_layers: int = 1,
     min_shoeboxes: int = 1,
+    max_shoebox_px: int | None = None,
 ) -> ShotSet:
     """The integrated stills of dials.stills_process output, with their pixels and spectra.
 
@@ -408,6 +422,9 @@ def load_shots(
             in the image containers.
         n_layers: sensor layers of the PanelArray.
         min_shoeboxes: stills with fewer usable shoeboxes are skipped (and counted in the log).
+        max_shoebox_px: each shoebox is cut to at most this many pixels per side about the
+            centre of its bbox (None: the whole bbox).  dials.stills_process makes boxes of
+            ~30 x 30 pixels around spots a few pixels wide; the rest is background.
 
     Returns:
         The stills in file order (then experiment order), with the shared geometry.
@@ -450,7 +467,7 @@ def load_shots(
                 raise SpreadError(f"experiment {identifier!r} of {expt_path} has no crystal: give integrated stills")
             geometry.add(experiment, expt_path)
             n_fast, n_slow = experiment.detector[0].get_image_size()
-            rows = _select_rows(arrays, table_id, n_fast, n_slow, len(experiment.detector))
+            rows = _select_rows(arrays, table_id, n_fast, n_slow, len(experiment.detector), max_shoebox_px)
             n_integrated += rows.n_integrated
             n_dropped += rows.n_integrated - len(rows.reflection)
             n_clipped += rows.n_clipped

@@ -82,7 +82,8 @@ def run_refinement(ctx, experiments, reflections) -> dict:
     try:
         if local:
             shots = load_shots([p[0] for p in local], [p[1] for p in local], quantum_gain=params.input.quantum_gain,
-                               spectra_file=params.input.spectra_file, min_shoeboxes=params.refinement.min_shoeboxes)  # fmt: skip
+                               spectra_file=params.input.spectra_file, min_shoeboxes=params.refinement.min_shoeboxes,
+                               max_shoebox_px=params.refinement.max_shoebox_px)  # fmt: skip
     except SpreadError as e:
         error = str(e)
     errors = [e for e in comm.allgather(error) if e]

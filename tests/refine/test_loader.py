@@ -148,6 +148,28 @@ def test_all_stills(processed):
         assert shot.shoeboxes.n_pixels == int((shot.shoeboxes.n_fast * shot.shoeboxes.n_slow).sum())
 
 
+def test_max_shoebox_px_keeps_the_centre_of_each_box(processed):
+    """Boxes cut to 7 pixels per side hold the central block of the whole box's pixels (the
+    reference: the uncut load sliced by hand; boxes clipped at a panel edge are centred on the
+    unclipped box, so only their containment is checked)."""
+    expts, refls = _pairs(processed)
+    uncut = load_shots(expts[:1], refls[:1])
+    whole = _boxes(uncut.shots[0])
+    cut = _boxes(load_shots(expts[:1], refls[:1], max_shoebox_px=7).shots[0])
+    assert len(cut) == len(whole) and any(x1 - x0 > 7 for _, x0, x1, *_ in whole)
+    n_fast, n_slow = uncut.panels.n_fast, uncut.panels.n_slow
+    for (p, x0, x1, y0, y1, counts, valid), (q, u0, u1, v0, v1, c_cut, v_cut) in zip(whole, cut):
+        assert p == q and x0 <= u0 < u1 <= x1 and y0 <= v0 < v1 <= y1
+        np.testing.assert_array_equal(c_cut, counts[v0 - y0 : v1 - y0, u0 - x0 : u1 - x0])
+        np.testing.assert_array_equal(v_cut, valid[v0 - y0 : v1 - y0, u0 - x0 : u1 - x0])
+        if x0 == 0 or y0 == 0 or x1 == n_fast or y1 == n_slow:
+            continue
+        assert u1 - u0 == min(7, x1 - x0) and v1 - v0 == min(7, y1 - y0)
+        fs = (x0 + x1) // 2 - 3 if x1 - x0 > 7 else x0
+        ss = (y0 + y1) // 2 - 3 if y1 - y0 > 7 else y0
+        assert (u0, v0) == (fs, ss)
+
+
 def test_bbox_overhanging_or_off_the_panel(processed, tmp_path):
     """A bbox overhanging its panel is clipped; one with no pixel on it is left out."""
     expts, refls = _pairs(processed)
