@@ -144,6 +144,11 @@ likelihood = *poisson gaussian_readout
 readout_sigma_photons = None
   .type = float(value_min=0)
   .help = "Readout noise (photons) of the gaussian_readout likelihood"
+model_error_fraction = 0
+  .type = float(value_min=0)
+  .help = "Fractional error f of the pixel model itself: > 0 uses the Gaussian likelihood with"
+          "variance lambda + sigma_readout^2 + (f lambda)^2, so that bright pixels, whose"
+          "Poisson noise is far below any model's accuracy, do not dominate (0: Poisson)"
 refinement {
   macrocycles = 5
     .type = int(value_min=1)
@@ -217,6 +222,7 @@ controls
 truth = None
   .type = path
   .help = "A simulation's <prefix>_run.json: report each site's error against the truth"
+include scope spread_dials.phil.common.device_phil
 include scope spread_dials.phil.common.mp_phil
 include scope spread_dials.phil.common.output_phil
 include scope spread_dials.phil.common.random_phil

@@ -32,7 +32,7 @@ def command(name: str) -> str:
 SIMULATION = [
     "detector.type=simple", "detector.simple.n_fast=512", "detector.simple.n_slow=512", "detector.distance_mm=60",
     "crystal.ncells_abc=30,30,30", "crystal.spot_scale=100", "nimages=4", "output.images_per_container=2",
-    "random.seed=3", "mp.nproc=2",
+    "crystal.domain_set=quadrature", "random.seed=3", "mp.nproc=2",
 ]  # fmt: skip
 NIMAGES = 4
 

@@ -47,6 +47,8 @@ class RefineSettings:
         parameter_tolerance: or when no global parameter moves more than this.
         stage1_iterations, stage2_iterations: L-BFGS iterations per stage and macrocycle.
         readout_sigma: None for the Poisson likelihood, else the Gaussian readout width (photons).
+        model_error_fraction: > 0: the Gaussian likelihood with a fractional model error in the
+            variance (:func:`~spread_dials.refine.model.pixel_variance`).
         refine_orientation: refine the three rotation angles in stage 1 (else only scale and
             background).
         rotation_step_mrad: trust radius of one stage-1 pass: each rotation angle moves at most
@@ -62,6 +64,7 @@ class RefineSettings:
     stage2_iterations: int = 50
     readout_sigma: float | None = None
     refine_orientation: bool = True
+    model_error_fraction: float = 0.0
     rotation_step_mrad: float = 1.0
     relinearisations: int = 3
     parameter_tolerance: float = 0.01
@@ -118,7 +121,7 @@ def refine_shot(cache: ShotCache, state: ShotState, intensity: Tensor, settings:
 
     def objective() -> Tensor:
         lam, _ = pixel_rate(cache, current(), intensity)
-        return negative_log_likelihood(lam, cache.counts, cache.valid, settings.readout_sigma)
+        return negative_log_likelihood(lam, cache.counts, cache.valid, settings.readout_sigma, settings.model_error_fraction)
 
     nll = _lbfgs(params, objective, settings.stage1_iterations)
     return current().detach(), nll
@@ -133,13 +136,14 @@ def site_intensities(sites: SiteModel, theta: Tensor, cache: ShotCache) -> Tenso
 
 
 def global_objective(
-    theta: Tensor, caches: list[ShotCache], states: list[ShotState], sites: SiteModel, readout_sigma: float | None
+    theta: Tensor, caches: list[ShotCache], states: list[ShotState], sites: SiteModel, readout_sigma: float | None,
+    model_error_fraction: float = 0.0,
 ) -> list[Tensor]:
     """Each local still's weighted NLL as a function of the global parameters ``theta``."""
     values = []
     for cache, state in zip(caches, states):
         lam, _ = pixel_rate(cache, state, site_intensities(sites, theta, cache))
-        values.append(cache.weight * negative_log_likelihood(lam, cache.counts, cache.valid, readout_sigma))
+        values.append(cache.weight * negative_log_likelihood(lam, cache.counts, cache.valid, readout_sigma, model_error_fraction))
     return values
 
 
@@ -186,7 +190,8 @@ class Refinement:
     def global_value_and_grad(self, theta: Tensor) -> tuple[Tensor, Tensor]:
         """Total NLL + prior and its gradient in theta (every rank gets the same numbers)."""
         theta = theta.detach().clone().requires_grad_(True)
-        parts = global_objective(theta, self.caches, self.states, self.sites, self.settings.readout_sigma)
+        parts = global_objective(theta, self.caches, self.states, self.sites, self.settings.readout_sigma,
+                                 self.settings.model_error_fraction)  # fmt: skip
         local = []
         for value in parts:
             (grad,) = torch.autograd.grad(value, theta, retain_graph=False)

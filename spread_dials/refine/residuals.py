@@ -3,7 +3,8 @@
 For every valid pixel (inside the mask and trusted range) of a shoebox the standardized residual
 is ``z = (k - lambda) / sqrt(v)`` with k the counted photons, lambda the model's pixel rate
 (:func:`~spread_dials.refine.model.pixel_rate`, floored at ``LAMBDA_FLOOR`` as the likelihood
-sees it) and ``v = lambda`` (Poisson) or ``lambda + sigma_readout^2`` (gaussian_readout).  Where
+sees it) and ``v`` the likelihood's variance: ``lambda`` (Poisson), ``+ sigma_readout^2``
+(gaussian_readout), ``+ (f lambda)^2`` (likelihood.model_error_fraction f).  Where
 the model is right, E[z^2] = 1 exactly for either likelihood, so a shoebox's
 
 - ``sigma_z``: rms of z over its valid pixels, is ~1 (0 for a shoebox with no valid pixel), and
@@ -24,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from spread_dials.refine.model import LAMBDA_FLOOR, pixel_rate
+from spread_dials.refine.model import LAMBDA_FLOOR, pixel_rate, pixel_variance
 
 __all__ = ["Z_BIN_EDGES", "standardized_residuals", "shoebox_statistics", "gather_residuals"]
 
@@ -32,14 +33,16 @@ __all__ = ["Z_BIN_EDGES", "standardized_residuals", "shoebox_statistics", "gathe
 Z_BIN_EDGES = np.linspace(-6.0, 6.0, 49)
 
 
-def standardized_residuals(lam: Tensor, counts: Tensor, readout_sigma: float | None = None) -> Tensor:
-    """(N,) z = (k - lambda) / sqrt(v), v = lambda (Poisson) or lambda + sigma^2 (photons)."""
+def standardized_residuals(lam: Tensor, counts: Tensor, readout_sigma: float | None = None,
+                           model_error_fraction: float = 0.0) -> Tensor:  # fmt: skip
+    """(N,) z = (k - lambda) / sqrt(v), v the likelihood's variance
+    (:func:`~spread_dials.refine.model.pixel_variance`: lambda, + sigma^2, + (f lambda)^2)."""
     lam = lam.clamp(min=LAMBDA_FLOOR)
-    variance = lam if readout_sigma is None else lam + readout_sigma**2
-    return (counts - lam) / variance.sqrt()
+    return (counts - lam) / pixel_variance(lam, readout_sigma, model_error_fraction).sqrt()
 
 
-def shoebox_statistics(cache, state, intensity: Tensor, n_shoeboxes: int, readout_sigma: float | None = None) -> dict:
+def shoebox_statistics(cache, state, intensity: Tensor, n_shoeboxes: int, readout_sigma: float | None = None,
+                       model_error_fraction: float = 0.0) -> dict:  # fmt: skip
     """One still's per-shoebox numbers (numpy, CPU) and its valid pixels' z with their shoebox.
 
     Args:
@@ -48,6 +51,7 @@ def shoebox_statistics(cache, state, intensity: Tensor, n_shoeboxes: int, readou
         intensity: (B, C) |F_h(E_c)|^2 at the refined global parameters.
         n_shoeboxes: B.
         readout_sigma: None (Poisson) or the Gaussian readout width (photons).
+        model_error_fraction: the likelihood's fractional model error.
 
     Returns:
         {"bragg_photons", "sigma_z", "mean_z" (B,) float64, "n_valid" (B,) int64, "z" (V,) the
@@ -55,7 +59,7 @@ def shoebox_statistics(cache, state, intensity: Tensor, n_shoeboxes: int, readou
     """
     with torch.no_grad():
         lam, bragg = pixel_rate(cache, state, intensity)
-        z = standardized_residuals(lam, cache.counts, readout_sigma)
+        z = standardized_residuals(lam, cache.counts, readout_sigma, model_error_fraction)
         sb = cache.pixel_shoebox
         valid = cache.valid
         dtype = lam.dtype
@@ -104,7 +108,8 @@ def gather_residuals(refinement, comm, readout_sigma: float | None, threshold: f
     local = []
     for i, (shot, cache, state) in enumerate(zip(shots.shots, refinement.caches, refinement.states)):
         sb = shot.shoeboxes
-        stats = shoebox_statistics(cache, state, refinement.curves_intensity(i).detach(), sb.n_shoeboxes, readout_sigma)
+        stats = shoebox_statistics(cache, state, refinement.curves_intensity(i).detach(), sb.n_shoeboxes, readout_sigma,
+                                   refinement.settings.model_error_fraction)  # fmt: skip
         panel = sb.panel.cpu().numpy()
         z, pixel_panel = stats.pop("z"), panel[stats.pop("z_shoebox")]
         np.add.at(panels["n"], pixel_panel, 1.0)

@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from spread_dials.refine.engine import RefineSettings, Refinement, make_caches
+from spread_dials.refine.engine import Refinement, RefineSettings, make_caches
 from spread_dials.refine.model import ShotState
 from spread_dials.refine.profiles import CrystalModel
 from spread_dials.refine.sites import EdgeShiftSites, FreeSites
@@ -47,6 +47,7 @@ def _crystal_model(params) -> CrystalModel:
 
 #: the scopes whose values change the refinement (a checkpoint of other values is refused)
 _REFINING_SCOPES = ("input", "structure", "reference", "model", "crystal", "beam", "likelihood", "readout_sigma_photons",
+                    "model_error_fraction",
                     "refinement", "controls", "random")  # fmt: skip
 
 
@@ -94,6 +95,9 @@ def run_refinement(ctx, experiments, reflections) -> dict:
     if n_shots == 0:
         raise SpreadError("no still has enough integrated shoeboxes to refine")
     shots = _common_sensor(shots, comm, counts)
+    if shots is not None and ctx.device.type != "cpu":
+        shots = shots.to(ctx.device)
+    logger.info("Kernel and pixels on %s (float64; device.dtype applies to dials.spread_simulate)", ctx.device)
     # the global still order is that of the experiment identifiers: the same on any number of ranks
     identifiers = [s.identifier for s in shots.shots] if shots else []
     order = {name: i for i, name in enumerate(sorted(x for part in comm.allgather(identifiers) for x in part))}
@@ -143,7 +147,7 @@ def run_refinement(ctx, experiments, reflections) -> dict:
         stage2_iterations=r.stage2_iterations,
         readout_sigma=params.readout_sigma_photons if params.likelihood == "gaussian_readout" else None,
         refine_orientation=r.refine_orientation, rotation_step_mrad=r.rotation_step_mrad, relinearisations=r.relinearisations,
-        parameter_tolerance=r.parameter_tolerance,
+        parameter_tolerance=r.parameter_tolerance, model_error_fraction=params.model_error_fraction,
     )  # fmt: skip
     if params.controls.shuffle_channels:
         logger.info("NEGATIVE CONTROL: channel energies shuffled for f'/f'' (the kernel keeps the true ones)")
@@ -152,9 +156,11 @@ def run_refinement(ctx, experiments, reflections) -> dict:
     checkpoint = ctx.output_path(f"{params.output.prefix}.checkpoint.pt")
     fingerprint = _fingerprint(params, pairs)
     saved = _load_checkpoint(checkpoint, fingerprint) if params.refinement.resume else None
+    ctx.accept_inputs()  # the inputs are checked: from here on the log and outputs stay
     rotations = None
     if saved is not None:
-        rotations = [torch.tensor(saved["states"][s.identifier]["rotation"], dtype=torch.float64) for s in shots.shots]
+        rotations = [torch.tensor(saved["states"][s.identifier]["rotation"], dtype=torch.float64, device=ctx.device)
+                     for s in shots.shots]  # fmt: skip
     t1 = time.perf_counter()
     caches = make_caches(shots, table, model, rotations, spoil_hkl=params.controls.spoil_hkl,
                          shuffle_seed=params.random.seed if params.controls.shuffle_channels else None)  # fmt: skip
@@ -163,9 +169,10 @@ def run_refinement(ctx, experiments, reflections) -> dict:
     start_cycle = 0
     if saved is not None:
         refinement.theta = torch.tensor(saved["theta"], dtype=torch.float64)
-        refinement.states = [ShotState(torch.tensor(saved["states"][s.identifier]["log_scale"], dtype=torch.float64),
-                                       torch.tensor(saved["states"][s.identifier]["rotation"], dtype=torch.float64),
-                                       torch.tensor(saved["states"][s.identifier]["background"], dtype=torch.float64))
+        def tensor(s, key: str) -> Tensor:
+            return torch.tensor(saved["states"][s.identifier][key], dtype=torch.float64, device=ctx.device)
+
+        refinement.states = [ShotState(tensor(s, "log_scale"), tensor(s, "rotation"), tensor(s, "background"))
                              for s in shots.shots]  # fmt: skip
         refinement.history = saved["history"]
         start_cycle = int(saved["macrocycle"])
@@ -229,10 +236,13 @@ class _Progress:
         self.total, self.t0, self.step = total, None, max(1, total // 10)
 
     def __call__(self, done: int, total: int) -> None:
+        """After still ``done`` of ``total``; the clock starts at the first still's end (the rate
+        counts the stills after it)."""
         if done == 1 or self.t0 is None:
             self.t0 = time.perf_counter()
+            return
         if done % self.step == 0 or done == total:
-            rate = done / max(time.perf_counter() - self.t0, 1e-9)
+            rate = (done - 1) / max(time.perf_counter() - self.t0, 1e-9)
             logger.info("  stage 1: %d/%d stills, %.2f stills/s, ETA %.0f s", done, total, rate, (total - done) / rate)
 
 

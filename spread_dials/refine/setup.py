@@ -47,7 +47,12 @@ def prepare_structure(structure, d_min: float, mean_energy_eV: float):
     from pathlib import Path
 
     from spread_dials.adapters.anomalous_setup import resolve_structure_params
-    from spread_dials.adapters.structure_factors import default_model_path, load_model, prepare_structure_factors, select_sites
+    from spread_dials.adapters.structure_factors import (
+        default_model_path,
+        load_model,
+        prepare_structure_factors,
+        select_sites,
+    )
 
     try:
         choice = resolve_structure_params(structure)

@@ -24,7 +24,7 @@ import torch
 from torch import Tensor
 
 from spread_dials.refine.engine import global_objective, refine_globals, site_intensities
-from spread_dials.refine.model import LAMBDA_FLOOR, pixel_rate
+from spread_dials.refine.model import pixel_rate, pixel_variance
 
 __all__ = ["CurvatureResult", "curvature", "bootstrap", "interval", "state_probabilities"]
 
@@ -64,7 +64,7 @@ def _shot_information(refinement, i: int, theta: Tensor, include_rotation: bool)
     if include_rotation and cache.profiles.jacobian is not None:
         columns.append(scale * torch.einsum("ncr,nc->nr", cache.profiles.jacobian, intensity[sb]))
     u = torch.cat(columns, -1)  # (N, P + n_s)
-    variance = lam.clamp(min=LAMBDA_FLOOR) + (0.0 if readout is None else readout**2)
+    variance = pixel_variance(lam, readout, refinement.settings.model_error_fraction)
     w = cache.valid.to(lam.dtype) / variance
     x = torch.stack([torch.ones_like(cache.fast), cache.fast, cache.slow], -1)  # (N, 3)
     n_b = int(state.background.shape[0])
@@ -117,7 +117,8 @@ def curvature(refinement, observed: bool = True) -> CurvatureResult:
     observed_cov = None
     if observed:
         def total(t: Tensor) -> Tensor:
-            parts = global_objective(t, refinement.caches, refinement.states, refinement.sites, refinement.settings.readout_sigma)
+            parts = global_objective(t, refinement.caches, refinement.states, refinement.sites, refinement.settings.readout_sigma,
+                                     refinement.settings.model_error_fraction)  # fmt: skip
             return sum(parts) if parts else t.sum() * 0.0
 
         observed_sum = refinement.comm.allreduce(torch.autograd.functional.hessian(total, theta).cpu().numpy())
@@ -129,7 +130,7 @@ def _shot_score(refinement, i: int, theta: Tensor) -> Tensor:
     """(P,) gradient of still i's NLL in theta at its per-shot optimum (the profiled score)."""
     t = theta.detach().clone().requires_grad_(True)
     (value,) = global_objective(t, [refinement.caches[i]], [refinement.states[i]], refinement.sites,
-                                refinement.settings.readout_sigma)  # fmt: skip
+                                refinement.settings.readout_sigma, refinement.settings.model_error_fraction)  # fmt: skip
     (grad,) = torch.autograd.grad(value, t)
     return grad.detach().cpu()
 

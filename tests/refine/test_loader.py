@@ -203,7 +203,7 @@ def test_trusted_range_marks_invalid_pixels(processed, tmp_path):
     expt = _edit_expt(expts[0], tmp_path / "trusted.expt", trusted)
     shot = load_shots([expt], refls[:1]).shots[0]
     n_invalid = 0
-    for panel, x0, x1, y0, y1, counts, valid in _boxes(shot):
+    for panel, x0, x1, y0, y1, _, valid in _boxes(shot):
         raw = image[panel, y0:y1, x0:x1]
         np.testing.assert_array_equal(valid, (raw > 0) & (raw < high))
         n_invalid += int((~valid).sum())
