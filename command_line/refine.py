@@ -201,7 +201,8 @@ uncertainty {
     .help = "The reported sigma and intervals. fisher: the curvature (Fisher information,"
             "per-still parameters profiled out): right when the pixel model is. sandwich:"
             "the curvature around the spread of the stills' scores: right when it is not."
-            "robust: the larger of the two for each parameter (needs >= 3 stills)"
+            "robust: for each parameter the largest of Fisher, sandwich, the sandwich with the"
+            "observed Hessian, and the bootstrap (with >= 10 resamples); needs >= 3 stills"
   bootstrap = 20
     .type = int(value_min=0)
     .help = "Bootstrap resamples of the stills (0: none)"

@@ -10,7 +10,7 @@ autograd), and evaluates the pixel rate from the cache (:mod:`spread_dials.refin
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -121,12 +121,20 @@ class ShotProfiles:
 def shot_profiles(shots: ShotSet, shot: Shot, model: CrystalModel, rotation: Tensor, jacobian: bool = True) -> ShotProfiles:
     """The kernel's per-channel profiles of the shot's shoebox pixels at ``rotation`` (3,) (rad),
     and (``jacobian``) their derivatives with respect to it by forward-mode autograd."""
-    windows = shoebox_windows(shot, model.mosaic_domains)
-    n = shot.shoeboxes.n_pixels
+    one = shoebox_windows(shot, 1)
+    # the kernel's GPU chunks (2^29 terms) hold float64 intermediates for 3 tangents at once
+    # under jacfwd: 2^25 keeps a PSII still's recomputation within a few GB
+    chunk = (1 << 25) if rotation.device.type == "cuda" else None
 
     def profile(rot: Tensor) -> Tensor:
-        per_window = window_channel_profiles(shot_scene(shots, shot, model, rot), windows)
-        return per_window.view(model.mosaic_domains, n, per_window.shape[-1]).sum(0)
+        """(N, C) summed over the domains one domain at a time (a (domains, N, C) tensor and its
+        tangents would not fit for a PSII still: 25 x 636k pixels x 100 channels x 8 B x 4)."""
+        scene = shot_scene(shots, shot, model, rot)
+        total = None
+        for m in range(model.mosaic_domains):
+            part = window_channel_profiles(scene, replace(one, domain=torch.full_like(one.domain, m)), chunk)
+            total = part if total is None else total + part
+        return total
 
     rotation = rotation.detach()
     if not jacobian:

@@ -266,7 +266,7 @@ def _report(ctx, refinement: Refinement, refs, prepared, band, n_shots, n_sb, n_
     cov = curvature(refinement, observed=params.uncertainty.observed_hessian and theta.numel() <= 16)
     draws = bootstrap(refinement, params.uncertainty.bootstrap, params.random.seed)
     logger.info("Uncertainty (curvature + %d bootstrap refits) in %.1f s", draws.shape[0], time.perf_counter() - t0)
-    chosen = _reported_covariance(cov, params.uncertainty.sigma)
+    chosen = _reported_covariance(cov, params.uncertainty.sigma, draws)
     sigma = chosen.diag().clamp(min=0).sqrt()
     sigma_fisher = cov.profiled.diag().clamp(min=0).sqrt()
     sigma_sandwich = cov.sandwich.diag().clamp(min=0).sqrt() if cov.sandwich is not None else None
@@ -285,6 +285,7 @@ def _report(ctx, refinement: Refinement, refs, prepared, band, n_shots, n_sb, n_
                 "site": label, "reference": refs.reference[members[0]].label, "edge_shift_eV": value, "sigma_eV": s,
                 "sigma_fisher_eV": float(sigma_fisher[g]),
                 "sigma_sandwich_eV": None if sigma_sandwich is None else float(sigma_sandwich[g]),
+                "sigma_sandwich_observed_eV": None if cov.sandwich_observed is None else float(cov.sandwich_observed[g, g].clamp(min=0).sqrt()),
                 "sandwich_over_fisher": None if sigma_sandwich is None else float(sigma_sandwich[g] / sigma_fisher[g]),
                 "sigma_conditional_eV": float(cov.conditional[g, g].sqrt()),
                 "sigma_observed_conditional_eV": None if cov.observed_conditional is None else float(cov.observed_conditional[g, g].clamp(min=0).sqrt()),
@@ -318,7 +319,8 @@ def _report(ctx, refinement: Refinement, refs, prepared, band, n_shots, n_sb, n_
         "uncertainty_method": "fisher: Fisher information of the likelihood over theta and every still's scale, rotation "
                               "and background planes; per-shot parameters eliminated by the Schur complement; plus the "
                               "prior's Hessian. sandwich: H^-1 S H^-1 with H that information and S the covariance of the "
-                              "stills' scores (honest when the pixel model misfits). robust: per parameter the larger. "
+                              "stills' scores (honest when the pixel model misfits), also with the observed Hessian as "
+                              "bread. robust: per parameter the largest of these and the bootstrap's. "
                               "Bootstrap: refits of theta over resampled stills with per-shot parameters fixed.",
     }  # fmt: skip
     summary, stills, panels = residuals if residuals is not None else (None, None, None)
@@ -337,16 +339,22 @@ def _report(ctx, refinement: Refinement, refs, prepared, band, n_shots, n_sb, n_
     return results
 
 
-def _reported_covariance(cov, method: str) -> Tensor:
+def _reported_covariance(cov, method: str, draws: Tensor) -> Tensor:
     """The covariance behind the reported sigmas: Fisher, sandwich, or (robust) the sandwich's
-    correlations with each variance the larger of the two (Fisher alone with < 3 stills)."""
+    correlations with each variance the largest of Fisher, sandwich, the sandwich with the
+    observed Hessian, and the bootstrap (>= 10 resamples) (Fisher alone with < 3 stills)."""
     if method == "fisher" or cov.sandwich is None:
         if method != "fisher":
             logger.info("Fewer than 3 stills: sigma from the Fisher information alone")
         return cov.profiled
     if method == "sandwich":
         return cov.sandwich
-    sd = torch.maximum(cov.profiled.diag(), cov.sandwich.diag()).clamp(min=0).sqrt()
+    variances = [cov.profiled.diag(), cov.sandwich.diag()]
+    if cov.sandwich_observed is not None:
+        variances.append(cov.sandwich_observed.diag())
+    if draws.shape[0] >= 10:
+        variances.append(draws.var(0))
+    sd = torch.stack(variances).max(0).values.clamp(min=0).sqrt()
     s = cov.sandwich.diag().clamp(min=1e-300).sqrt()
     return cov.sandwich / (s.unsqueeze(-1) * s) * (sd.unsqueeze(-1) * sd)
 

@@ -37,12 +37,15 @@ class CurvatureResult:
     pixel model is right), ``sandwich`` (the profiled inverse information around the spread of
     the stills' scores, H^-1 S H^-1: honest when the model misfits; None with fewer than 3
     stills), ``conditional`` (per-shot parameters fixed, Fisher) and ``observed_conditional``
-    (per-shot fixed, observed autograd Hessian; None when not computed)."""
+    (per-shot fixed, observed autograd Hessian; None when not computed); ``sandwich_observed``
+    the sandwich with the observed Hessian as bread (under misfit the Fisher information can
+    overstate the curvature many-fold; None without the observed Hessian or with < 3 stills)."""
 
     profiled: Tensor
     sandwich: Tensor | None
     conditional: Tensor
     observed_conditional: Tensor | None
+    sandwich_observed: Tensor | None = None
 
 
 def _shot_information(refinement, i: int, theta: Tensor, include_rotation: bool) -> tuple[Tensor, Tensor]:
@@ -107,7 +110,7 @@ def curvature(refinement, observed: bool = True) -> CurvatureResult:
     conditional_sum = refinement.ordered_sum(conditional)
     prior = torch.autograd.functional.hessian(refinement.sites.negative_log_prior, theta)
     profiled_cov = _inverse(profiled_sum + prior)
-    sandwich = None
+    sandwich, spread = None, None
     if refinement.n_shots >= 3:
         n = refinement.n_shots
         outer = refinement.ordered_sum([s.unsqueeze(-1) * s.unsqueeze(-2) for s in scores])
@@ -123,7 +126,8 @@ def curvature(refinement, observed: bool = True) -> CurvatureResult:
 
         observed_sum = refinement.comm.allreduce(torch.autograd.functional.hessian(total, theta).cpu().numpy())
         observed_cov = _inverse(torch.as_tensor(observed_sum) + prior)
-    return CurvatureResult(profiled_cov, sandwich, _inverse(conditional_sum + prior), observed_cov)
+    sandwich_observed = observed_cov @ spread @ observed_cov if observed_cov is not None and spread is not None else None
+    return CurvatureResult(profiled_cov, sandwich, _inverse(conditional_sum + prior), observed_cov, sandwich_observed)
 
 
 def _shot_score(refinement, i: int, theta: Tensor) -> Tensor:
