@@ -18,7 +18,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 from torch import Tensor
@@ -45,6 +45,8 @@ class RefineSettings:
         macrocycles: most macrocycles.
         nll_tolerance: converged when the total NLL changes less than this between macrocycles,
         parameter_tolerance: or when no global parameter moves more than this.
+        reject_sigma_z: after each stage 1, shoeboxes whose sigma_Z (rms standardized residual
+            over their valid pixels) exceeds this leave the fit for good (None: keep all).
         stage1_iterations, stage2_iterations: L-BFGS iterations per stage and macrocycle.
         readout_sigma: None for the Poisson likelihood, else the Gaussian readout width (photons).
         model_error_fraction: > 0: the Gaussian likelihood with a fractional model error in the
@@ -68,6 +70,7 @@ class RefineSettings:
     rotation_step_mrad: float = 1.0
     relinearisations: int = 3
     parameter_tolerance: float = 0.01
+    reject_sigma_z: float | None = None
 
 
 def initial_state(cache: ShotCache, intensity: Tensor, n_shoeboxes: int, iterations: int = 50) -> ShotState:
@@ -75,7 +78,7 @@ def initial_state(cache: ShotCache, intensity: Tensor, n_shoeboxes: int, iterati
     squares fit counts ~ level_b + G * bragg (alternating closed-form updates)."""
     dtype = cache.counts.dtype
     bragg = (cache.profiles.profile * intensity[cache.pixel_shoebox]).sum(-1)
-    valid = cache.valid.to(dtype)
+    valid = cache.fitted.to(dtype)
     sb = cache.pixel_shoebox
     device = cache.counts.device
     n_valid = torch.zeros(n_shoeboxes, dtype=dtype, device=device).index_add(0, sb, valid).clamp(min=1)
@@ -121,7 +124,7 @@ def refine_shot(cache: ShotCache, state: ShotState, intensity: Tensor, settings:
 
     def objective() -> Tensor:
         lam, _ = pixel_rate(cache, current(), intensity)
-        return negative_log_likelihood(lam, cache.counts, cache.valid, settings.readout_sigma, settings.model_error_fraction)
+        return negative_log_likelihood(lam, cache.counts, cache.fitted, settings.readout_sigma, settings.model_error_fraction)
 
     nll = _lbfgs(params, objective, settings.stage1_iterations)
     return current().detach(), nll
@@ -143,7 +146,7 @@ def global_objective(
     values = []
     for cache, state in zip(caches, states):
         lam, _ = pixel_rate(cache, state, site_intensities(sites, theta, cache))
-        values.append(cache.weight * negative_log_likelihood(lam, cache.counts, cache.valid, readout_sigma, model_error_fraction))
+        values.append(cache.weight * negative_log_likelihood(lam, cache.counts, cache.fitted, readout_sigma, model_error_fraction))
     return values
 
 
@@ -237,6 +240,7 @@ class Refinement:
             t0 = time.perf_counter()
             theta_before = self.theta.clone()
             stage1 = self.comm.allreduce(self.stage1(progress))
+            rejected = self.reject_shoeboxes()
             nll = self.stage2()
             self.history.append({"macrocycle": cycle + 1, "stage1_nll": stage1, "nll": nll,
                                  "theta": self.theta.tolist(), "seconds": time.perf_counter() - t0})  # fmt: skip
@@ -247,6 +251,9 @@ class Refinement:
             if on_macrocycle is not None:
                 on_macrocycle(self)
             moved = float((self.theta - theta_before).abs().max()) if self.theta.numel() else 0.0
+            if rejected:  # the fit's pixels changed: compare from the next macrocycle on
+                previous = nll
+                continue
             if previous is not None and abs(previous - nll) < self.settings.nll_tolerance:
                 logger.info("converged: NLL changed by %.4f < %g", abs(previous - nll), self.settings.nll_tolerance)
                 break
@@ -254,6 +261,30 @@ class Refinement:
                 logger.info("converged: global parameters moved by at most %.4g < %g", moved, self.settings.parameter_tolerance)
                 break
             previous = nll
+
+    def reject_shoeboxes(self) -> int:
+        """Leave out of the fit the shoeboxes whose sigma_Z exceeds ``settings.reject_sigma_z``
+        (a neighbour's spot in the box, a model far off); returns how many were newly left out
+        on all ranks, and logs it."""
+        from spread_dials.refine.residuals import shoebox_statistics
+
+        threshold = self.settings.reject_sigma_z
+        if threshold is None:
+            return 0
+        new = 0
+        for i, cache in enumerate(self.caches):
+            n_b = int(self.shots.shots[i].shoeboxes.n_shoeboxes)
+            stats = shoebox_statistics(cache, self.states[i], self.curves_intensity(i).detach(), n_b,
+                                       self.settings.readout_sigma, self.settings.model_error_fraction)  # fmt: skip
+            bad = torch.as_tensor(stats["sigma_z"] > threshold, device=cache.counts.device)
+            before = cache.rejected if cache.rejected is not None else torch.zeros_like(bad)
+            new += int((bad & ~before).sum())
+            self.caches[i] = replace(cache, rejected=before | bad)
+        new = int(self.comm.allreduce(new))
+        total = int(self.comm.allreduce(sum(int(c.rejected.sum()) for c in self.caches)))
+        logger.info("Left out of the fit %d more shoeboxes with sigma_Z > %g (%d in all; spread.rejected in the "
+                    "output reflections)", new, threshold, total)  # fmt: skip
+        return new
 
     def stage2(self) -> float:
         """Global L-BFGS over theta from the caches; returns the total NLL + prior."""

@@ -68,6 +68,7 @@ class ShotCache:
             global parameters; everything else on the still's device).
         profiles: cached per-channel profiles (and derivatives).
         weight: how many times the still counts (bootstrap resampling; 1 normally).
+        rejected: (B,) bool shoeboxes left out of the fit (extreme residuals), or None.
     """
 
     pixel_shoebox: Tensor
@@ -80,6 +81,12 @@ class ShotCache:
     energy_eV: Tensor
     profiles: ShotProfiles
     weight: float = 1.0
+    rejected: Tensor | None = None
+
+    @property
+    def fitted(self) -> Tensor:
+        """(N,) bool pixels in the fit: valid and not in a rejected shoebox."""
+        return self.valid if self.rejected is None else self.valid & ~self.rejected[self.pixel_shoebox]
 
     def with_profiles(self, profiles: ShotProfiles) -> "ShotCache":
         return replace(self, profiles=profiles)

@@ -14,10 +14,12 @@ new list) and the columns
 - ``spread.sigma_z`` (double): rms of the standardized residuals over its valid pixels;
 - ``spread.mean_z`` (double), ``spread.n_valid`` (int): their mean and number;
 - ``spread.scale`` (double): the still's refined scale G;
+- ``spread.rejected`` (bool): left out of the fit (sigma_z > refinement.reject_sigma_z after a
+  stage 1);
 - ``spread.flagged`` (bool): sigma_z > refinement.flag_sigma_z.  A column rather than a DIALS
   flag: no reflection_table flag means "misfit by a pixel model" (``bad_shoebox``,
   ``outlier_in_scaling`` and ``centroid_outlier`` mean other things, and downstream DIALS
-  programs act on them), and the rows were kept in the refinement.
+  programs act on them); flagged rows stay in the fit unless also rejected.
 """
 
 from __future__ import annotations
@@ -178,6 +180,7 @@ def refined_stills(pairs, stills: list[dict]):
             piece["spread.n_valid"] = flex.int(still["n_valid"].astype(np.int32))
             piece["spread.scale"] = flex.double(n, float(still["scale"]))
             piece["spread.flagged"] = flex.bool(still["flagged"].astype(bool))
+            piece["spread.rejected"] = flex.bool(still["rejected"])
             table_out.extend(piece)
     return experiments_out, table_out
 

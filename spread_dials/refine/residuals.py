@@ -123,6 +123,8 @@ def gather_residuals(refinement, comm, readout_sigma: float | None, threshold: f
             "rotation_rad": state.rotation.detach().cpu().numpy().astype(np.float64),
             "reflection": sb.reflection.cpu().numpy().astype(np.int64), "panel": panel.astype(np.int64),
             "flagged": stats["sigma_z"] > threshold, **stats,
+            "rejected": (np.zeros(sb.n_shoeboxes, dtype=bool) if cache.rejected is None
+                         else cache.rejected.cpu().numpy().astype(bool)),
         })  # fmt: skip
     sigma_local = np.concatenate([s["sigma_z"] for s in local]) if local else np.zeros(0)
     gathered = comm.gather(local)

@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -148,6 +149,7 @@ def run_refinement(ctx, experiments, reflections) -> dict:
         readout_sigma=params.readout_sigma_photons if params.likelihood == "gaussian_readout" else None,
         refine_orientation=r.refine_orientation, rotation_step_mrad=r.rotation_step_mrad, relinearisations=r.relinearisations,
         parameter_tolerance=r.parameter_tolerance, model_error_fraction=params.model_error_fraction,
+        reject_sigma_z=r.reject_sigma_z,
     )  # fmt: skip
     if params.controls.shuffle_channels:
         logger.info("NEGATIVE CONTROL: channel energies shuffled for f'/f'' (the kernel keeps the true ones)")
@@ -169,11 +171,15 @@ def run_refinement(ctx, experiments, reflections) -> dict:
     start_cycle = 0
     if saved is not None:
         refinement.theta = torch.tensor(saved["theta"], dtype=torch.float64)
+
         def tensor(s, key: str) -> Tensor:
             return torch.tensor(saved["states"][s.identifier][key], dtype=torch.float64, device=ctx.device)
 
         refinement.states = [ShotState(tensor(s, "log_scale"), tensor(s, "rotation"), tensor(s, "background"))
                              for s in shots.shots]  # fmt: skip
+        refinement.caches = [replace(c, rejected=None if saved["states"][s.identifier].get("rejected") is None else
+                                     torch.tensor(saved["states"][s.identifier]["rejected"], device=ctx.device))
+                             for c, s in zip(refinement.caches, shots.shots)]  # fmt: skip
         refinement.history = saved["history"]
         start_cycle = int(saved["macrocycle"])
         logger.info("Resuming after macrocycle %d (%s)", start_cycle, checkpoint.name)
@@ -182,7 +188,9 @@ def run_refinement(ctx, experiments, reflections) -> dict:
 
     def save(r: Refinement) -> None:
         states = {s.identifier: {"log_scale": float(st.log_scale), "rotation": st.rotation.tolist(),
-                                 "background": st.background.tolist()} for s, st in zip(r.shots.shots, r.states)}  # fmt: skip
+                                 "background": st.background.tolist(),
+                                 "rejected": None if c.rejected is None else c.rejected.tolist()}
+                  for s, st, c in zip(r.shots.shots, r.states, r.caches)}  # fmt: skip
         merged = {k: v for part in comm.allgather(states) for k, v in part.items()}
         if comm.is_root:
             with atomic_path(checkpoint) as tmp:
@@ -220,8 +228,6 @@ def _residuals(refinement: Refinement, comm, readout_sigma, threshold: float) ->
 def _common_sensor(shots, comm, counts):
     """Every rank's panels with the sensor mu averaged over ALL stills (the loader averages over
     its own), so that any number of ranks models the same detector."""
-    from dataclasses import replace
-
     mine = shots.panels.attenuation_length_mm
     mu = torch.where(mine > 0, 1.0 / mine.clamp(min=1e-300), torch.zeros_like(mine)) * counts[comm.rank]
     total = torch.as_tensor(comm.allreduce(mu.numpy()), dtype=mine.dtype) / sum(counts)

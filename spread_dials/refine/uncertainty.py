@@ -68,7 +68,7 @@ def _shot_information(refinement, i: int, theta: Tensor, include_rotation: bool)
         columns.append(scale * torch.einsum("ncr,nc->nr", cache.profiles.jacobian, intensity[sb]))
     u = torch.cat(columns, -1)  # (N, P + n_s)
     variance = pixel_variance(lam, readout, refinement.settings.model_error_fraction)
-    w = cache.valid.to(lam.dtype) / variance
+    w = cache.fitted.to(lam.dtype) / variance
     x = torch.stack([torch.ones_like(cache.fast), cache.fast, cache.slow], -1)  # (N, 3)
     n_b = int(state.background.shape[0])
     wx = w.unsqueeze(-1) * x

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -130,3 +131,30 @@ def test_ordered_sum_does_not_depend_on_the_split():
     split = [list(zip(range(0, 7, 2), values[0::2])), list(zip(range(1, 7, 2), values[1::2]))]
     two = Refinement.ordered_sum(type("R", (), {"comm": FakeComm(split), "shot_index": [], "n_shots": 7})(), [])
     assert torch.equal(serial, two)
+
+
+def test_rejected_shoeboxes_leave_the_fit(problem):
+    """A still's NLL with shoeboxes rejected equals its NLL with those shoeboxes' pixels marked
+    invalid (the reference: the mask built by hand), and the rejection threshold picks exactly
+    the shoeboxes whose sigma_Z exceeds it."""
+    from dataclasses import replace
+
+    from spread_dials.refine.engine import global_objective
+    from spread_dials.refine.residuals import shoebox_statistics
+
+    r = _refinement(problem)
+    cache, state = r.caches[0], r.states[0]
+    n_b = int(r.shots.shots[0].shoeboxes.n_shoeboxes)
+    rejected = torch.zeros(n_b, dtype=torch.bool)
+    rejected[::3] = True
+    by_hand = replace(cache, valid=cache.valid & ~rejected[cache.pixel_shoebox])
+    theta = r.theta
+    (a,) = global_objective(theta, [replace(cache, rejected=rejected)], [state], r.sites, None)
+    (b,) = global_objective(theta, [by_hand], [state], r.sites, None)
+    (c,) = global_objective(theta, [cache], [state], r.sites, None)
+    assert float(a) == pytest.approx(float(b), rel=1e-12) and float(a) != pytest.approx(float(c), rel=1e-6)
+    sigma_z = shoebox_statistics(cache, state, r.curves_intensity(0), n_b)["sigma_z"]
+    threshold = float(np.median(sigma_z))
+    r.settings = RefineSettings(reject_sigma_z=threshold)
+    r.reject_shoeboxes()
+    assert r.caches[0].rejected.tolist() == (sigma_z > threshold).tolist()
