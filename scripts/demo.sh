@@ -68,11 +68,11 @@ step "4. pictures of still $STILL (dials.spread_pictures)" \
 # 5. SPREAD: refine the Fe site's edge shift against the packaged Fe(II) curve from the shoebox
 #    pixels, with its uncertainty and the oxidation-state call; the truth is only for the report.
 #    Sized for 2 CPU cores: 10 model domains, shoeboxes cut to 11 x 11 px, one relinearisation
-#    of the orientation per macrocycle, 3 macrocycles (refine_rubredoxin.phil has the defaults).
+#    of the orientation per macrocycle, 8 macrocycles (refine_rubredoxin.phil has the defaults).
 step "5. refine the Fe edge shift (dials.spread_refine)" \
   ${MPI[@]+"${MPI[@]}"} dials.spread_refine "$OUT"/processed/idx-*_integrated.expt "$OUT"/processed/idx-*_integrated.refl \
   refine_rubredoxin.phil crystal.mosaic_domains=10 refinement.max_shoebox_px=11 refinement.relinearisations=1 \
-  refinement.macrocycles=3 truth="$OUT/simulated/images_run.json" output.directory="$OUT/refined" "${SIM_MP[@]}"
+  refinement.macrocycles=8 truth="$OUT/simulated/images_run.json" output.directory="$OUT/refined" "${SIM_MP[@]}"
 
 {
   echo "spread_dials demo ($MODE), $(date -u +%Y-%m-%dT%H:%M:%SZ)"
