@@ -179,8 +179,9 @@ refinement {
   flag_sigma_z = 3
     .type = float(value_min=0)
     .help = "Flag shoeboxes whose sigma_Z (rms over their valid pixels of the standardized"
-            "residual (k - lambda) / sqrt(lambda), or sqrt(lambda + sigma^2) for"
-            "gaussian_readout) exceeds this: they stay in the refinement, are counted in the"
+            "residual (k - lambda) / sqrt(v), v the likelihood's variance: lambda, plus"
+            "sigma^2 for gaussian_readout, plus (f lambda)^2 with model_error_fraction f)"
+            "exceeds this: they stay in the refinement, are counted in the"
             "log and the sites .json, and marked in the column spread.flagged of the output"
             "reflections (~1 where the model fits)"
   reject_sigma_z = None

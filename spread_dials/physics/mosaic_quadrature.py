@@ -17,9 +17,12 @@ import math
 import torch
 from torch import Tensor
 
-from spread_dials.physics.crystal import domain_rotations_from_unit_vectors
+from spread_dials.physics.crystal import domain_rotations_from_unit_vectors, mosaic_domain_rotations
 
-__all__ = ["mosaic_quadrature_vectors", "mosaic_domain_quadrature"]
+__all__ = ["DOMAIN_SETS", "mosaic_quadrature_vectors", "mosaic_domain_quadrature", "domain_rotations"]
+
+#: the ways of choosing a crystal's mosaic domains (PHIL crystal.domain_set)
+DOMAIN_SETS = ("random", "quadrature")
 
 _GOLDEN_ANGLE = math.pi * (3.0 - math.sqrt(5.0))
 
@@ -84,3 +87,26 @@ def mosaic_domain_quadrature(
     crystal axes as :func:`~spread_dials.physics.crystal.mosaic_domain_rotations`."""
     return domain_rotations_from_unit_vectors(mosaic_quadrature_vectors(n_domains), spread_deg, real_space,
                                               anisotropic_spread_deg, dtype)  # fmt: skip
+
+
+def domain_rotations(
+    domain_set: str,
+    spread_deg: Tensor | float,
+    n_domains: int,
+    seed: int,
+    real_space: Tensor | None = None,
+    anisotropic_spread_deg: Tensor | None = None,
+    dtype: torch.dtype = torch.float64,
+) -> Tensor:
+    """(n_domains, 3, 3) rotations of a crystal's mosaic domains: ``quadrature`` (this module's
+    deterministic set; ``seed`` unused) or ``random`` (a draw from ``seed``,
+    :func:`~spread_dials.physics.crystal.mosaic_domain_rotations`).
+
+    Raises:
+        ValueError: another ``domain_set``.
+    """
+    if domain_set == "quadrature":
+        return mosaic_domain_quadrature(spread_deg, n_domains, real_space, anisotropic_spread_deg, dtype)
+    if domain_set == "random":
+        return mosaic_domain_rotations(spread_deg, n_domains, seed, real_space, anisotropic_spread_deg, dtype)
+    raise ValueError(f"domain_set must be one of {', '.join(DOMAIN_SETS)}, not {domain_set!r}")

@@ -26,6 +26,7 @@ from torch import Tensor
 from spread_dials.physics.structure_factors import StructureFactors
 from spread_dials.refine.model import ShotCache, ShotState, intensities, negative_log_likelihood, pixel_rate
 from spread_dials.refine.profiles import CrystalModel, shot_profiles
+from spread_dials.refine.residuals import shoebox_statistics
 from spread_dials.refine.shots import ShotSet
 from spread_dials.refine.sites import SiteModel
 
@@ -190,16 +191,23 @@ class Refinement:
                 total = by_index[i].clone() if total is None else total + by_index[i]
         return total
 
+    def still_nlls(self, theta: Tensor) -> list[Tensor]:
+        """Each local still's weighted NLL as a function of ``theta`` (this refinement's likelihood)."""
+        return global_objective(theta, self.caches, self.states, self.sites, self.settings.readout_sigma,
+                                self.settings.model_error_fraction)  # fmt: skip
+
+    def still_values_and_grads(self, theta: Tensor) -> list[Tensor]:
+        """(1 + P,) per local still: its NLL and its gradient in ``theta`` (its score)."""
+        theta = theta.detach().clone().requires_grad_(True)
+        out = []
+        for value in self.still_nlls(theta):
+            (grad,) = torch.autograd.grad(value, theta)
+            out.append(torch.cat([value.detach().reshape(1).to(grad.device), grad]))
+        return out
+
     def global_value_and_grad(self, theta: Tensor) -> tuple[Tensor, Tensor]:
         """Total NLL + prior and its gradient in theta (every rank gets the same numbers)."""
-        theta = theta.detach().clone().requires_grad_(True)
-        parts = global_objective(theta, self.caches, self.states, self.sites, self.settings.readout_sigma,
-                                 self.settings.model_error_fraction)  # fmt: skip
-        local = []
-        for value in parts:
-            (grad,) = torch.autograd.grad(value, theta, retain_graph=False)
-            local.append(torch.cat([value.detach().reshape(1).to(grad.device), grad]))
-        total = self.ordered_sum(local)
+        total = self.ordered_sum(self.still_values_and_grads(theta))
         if total is None:
             total = torch.zeros(theta.numel() + 1, dtype=theta.dtype)
         prior_theta = theta.detach().clone().requires_grad_(True)
@@ -266,8 +274,6 @@ class Refinement:
         """Leave out of the fit the shoeboxes whose sigma_Z exceeds ``settings.reject_sigma_z``
         (a neighbour's spot in the box, a model far off); returns how many were newly left out
         on all ranks, and logs it."""
-        from spread_dials.refine.residuals import shoebox_statistics
-
         threshold = self.settings.reject_sigma_z
         if threshold is None:
             return 0

@@ -17,8 +17,8 @@ from torch import Tensor
 
 from spread_dials.physics.beam import make_sources
 from spread_dials.physics.bragg import Scene
-from spread_dials.physics.crystal import Crystal, mosaic_domain_rotations, rotation_from_vector
-from spread_dials.physics.mosaic_quadrature import mosaic_domain_quadrature
+from spread_dials.physics.crystal import Crystal, rotation_from_vector
+from spread_dials.physics.mosaic_quadrature import domain_rotations
 from spread_dials.physics.sparse import BraggWindows, window_channel_profiles
 from spread_dials.physics.structure_factors import constant_structure_factors
 from spread_dials.refine.shots import Shot, ShotSet
@@ -56,12 +56,8 @@ class CrystalModel:
         """(mosaic_domains, 3, 3) domain rotations: the deterministic quadrature of the mosaic
         distribution (:mod:`spread_dials.physics.mosaic_quadrature`; ``domain_set = quadrature``)
         or a random draw from ``seed`` (default this model's)."""
-        if self.domain_set == "quadrature":
-            return mosaic_domain_quadrature(self.mosaic_spread_deg, self.mosaic_domains, dtype=dtype)
-        if self.domain_set != "random":
-            raise ValueError(f"domain_set must be quadrature or random, not {self.domain_set!r}")
-        return mosaic_domain_rotations(self.mosaic_spread_deg, self.mosaic_domains, seed=self.seed if seed is None else seed,
-                                       dtype=dtype)  # fmt: skip
+        return domain_rotations(self.domain_set, self.mosaic_spread_deg, self.mosaic_domains,
+                                self.seed if seed is None else seed, dtype=dtype)  # fmt: skip
 
 
 def shoebox_windows(shot: Shot, n_domains: int) -> BraggWindows:

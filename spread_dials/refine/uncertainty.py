@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from spread_dials.refine.engine import global_objective, refine_globals, site_intensities
+from spread_dials.refine.engine import refine_globals, site_intensities
 from spread_dials.refine.model import pixel_rate, pixel_variance
 
 __all__ = ["CurvatureResult", "curvature", "bootstrap", "interval", "state_probabilities"]
@@ -100,12 +100,13 @@ def curvature(refinement, observed: bool = True) -> CurvatureResult:
     """Covariances of theta at the current optimum (see the module docstring)."""
     theta = refinement.theta.detach()
     include_rotation = refinement.settings.refine_orientation
-    profiled, conditional, scores = [], [], []
+    profiled, conditional = [], []
     for i in range(len(refinement.caches)):
         a, b = _shot_information(refinement, i, theta, include_rotation)
         profiled.append(a)
         conditional.append(b)
-        scores.append(_shot_score(refinement, i, theta))
+    # each still's score: the gradient of its NLL at its per-shot optimum (profiled score)
+    scores = [v[1:].cpu() for v in refinement.still_values_and_grads(theta)]
     profiled_sum = refinement.ordered_sum(profiled)
     conditional_sum = refinement.ordered_sum(conditional)
     prior = torch.autograd.functional.hessian(refinement.sites.negative_log_prior, theta)
@@ -120,23 +121,13 @@ def curvature(refinement, observed: bool = True) -> CurvatureResult:
     observed_cov = None
     if observed:
         def total(t: Tensor) -> Tensor:
-            parts = global_objective(t, refinement.caches, refinement.states, refinement.sites, refinement.settings.readout_sigma,
-                                     refinement.settings.model_error_fraction)  # fmt: skip
+            parts = refinement.still_nlls(t)
             return sum(parts) if parts else t.sum() * 0.0
 
         observed_sum = refinement.comm.allreduce(torch.autograd.functional.hessian(total, theta).cpu().numpy())
         observed_cov = _inverse(torch.as_tensor(observed_sum) + prior)
     sandwich_observed = observed_cov @ spread @ observed_cov if observed_cov is not None and spread is not None else None
     return CurvatureResult(profiled_cov, sandwich, _inverse(conditional_sum + prior), observed_cov, sandwich_observed)
-
-
-def _shot_score(refinement, i: int, theta: Tensor) -> Tensor:
-    """(P,) gradient of still i's NLL in theta at its per-shot optimum (the profiled score)."""
-    t = theta.detach().clone().requires_grad_(True)
-    (value,) = global_objective(t, [refinement.caches[i]], [refinement.states[i]], refinement.sites,
-                                refinement.settings.readout_sigma, refinement.settings.model_error_fraction)  # fmt: skip
-    (grad,) = torch.autograd.grad(value, t)
-    return grad.detach().cpu()
 
 
 def _inverse(h: Tensor) -> Tensor:

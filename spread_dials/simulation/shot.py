@@ -16,8 +16,8 @@ import torch
 
 from spread_dials.physics.beam import make_sources
 from spread_dials.physics.bragg import Scene
-from spread_dials.physics.crystal import Crystal, mosaic_domain_rotations, real_space_from_cell
-from spread_dials.physics.mosaic_quadrature import mosaic_domain_quadrature
+from spread_dials.physics.crystal import Crystal, real_space_from_cell
+from spread_dials.physics.mosaic_quadrature import domain_rotations
 from spread_dials.physics.sparse import BraggWindows, predict_windows, simulate_sparse_windows
 from spread_dials.physics.still import DetectorResponse, detector_counts
 from spread_dials.simulation.plan import ShotPlan
@@ -168,11 +168,7 @@ def simulate_shot(setup: RunSetup, plan: ShotPlan) -> ShotResult:
     real_space = real_space_from_cell(torch.tensor(setup.unit_cell, dtype=torch.float64),
                                       torch.as_tensor(plan.rotation, dtype=torch.float64))  # fmt: skip
     aniso = torch.tensor(c.anisotropic_spread_deg, dtype=torch.float64) if c.anisotropic_spread_deg else None
-    if c.domain_set == "quadrature":
-        rotations = mosaic_domain_quadrature(c.mosaic_spread_deg, c.mosaic_domains, real_space, aniso)
-    else:
-        rotations = mosaic_domain_rotations(c.mosaic_spread_deg, c.mosaic_domains, seed=plan.seeds.mosaic,
-                                            real_space=real_space, anisotropic_spread_deg=aniso)  # fmt: skip
+    rotations = domain_rotations(c.domain_set, c.mosaic_spread_deg, c.mosaic_domains, plan.seeds.mosaic, real_space, aniso)
     crystal = Crystal(
         real_space=real_space,
         ncells_abc=torch.tensor(setup.brightness.ncells_abc, dtype=torch.float64),
