@@ -173,6 +173,13 @@ refinement {
     .type = float(value_min=0.01)
     .help = "Trust radius (mrad) of one stage-1 pass: each angle moves at most this far from"
             "where the profiles were last computed"
+  refine_cell = False
+    .type = bool
+    .help = "Refine each still's unit-cell lengths (a, b, c; tied as the lattice symmetry of"
+            "the integrated crystals requires; angles kept)"
+  cell_step_permille = 1.0
+    .type = float(value_min=0.01)
+    .help = "Trust radius of one stage-1 pass for each cell length (parts per thousand)"
   relinearisations = 3
     .type = int(value_min=1)
     .help = "Most stage-1 passes per still and macrocycle, the profiles recomputed after each"

@@ -5,9 +5,10 @@ are striped over ranks; stage 1 is local to a rank; in stage 2 every rank comput
 NLL and gradient, the per-shot values are gathered and summed in global shot order (so any
 number of ranks gives the serial result bit for bit), and every rank runs the same L-BFGS.
 
-A macrocycle: (1) stage 1 refines each still's scale, orientation and background planes on its
-cached profiles (linearised in the orientation about the cache point) with f', f'' fixed;
-(2) the profiles are recomputed with the kernel at the new orientation; (3) stage 2 refines the
+A macrocycle: (1) stage 1 refines each still's scale, orientation, (optionally) unit-cell
+lengths and background planes on its cached profiles (linearised in orientation and cell about
+the cache point) with f', f'' fixed; (2) the profiles are recomputed with the kernel at the new
+orientation and cell; (3) stage 2 refines the
 global parameters with everything per shot fixed, from the cache.  Refinement stops when the
 total NLL changes by less than ``nll_tolerance``, or no global parameter moves by more than
 ``parameter_tolerance``, between macrocycles.
@@ -24,7 +25,15 @@ import torch
 from torch import Tensor
 
 from spread_dials.physics.structure_factors import StructureFactors
-from spread_dials.refine.model import ShotCache, ShotState, intensities, negative_log_likelihood, pixel_rate
+from spread_dials.refine.model import (
+    ShotCache,
+    ShotState,
+    bragg_terms,
+    intensities,
+    negative_log_likelihood,
+    pixel_rate,
+    rate_from_terms,
+)
 from spread_dials.refine.profiles import CrystalModel, shot_profiles
 from spread_dials.refine.residuals import shoebox_statistics
 from spread_dials.refine.shots import ShotSet
@@ -34,8 +43,9 @@ __all__ = ["RefineSettings", "Refinement", "initial_state", "refine_shot", "site
 
 logger = logging.getLogger("dials.spread.refine")
 
-#: stage 1 optimises the rotation in milliradians (better conditioned next to log G and photons)
-_ROTATION_UNIT = 1e-3
+#: stage 1 optimises the rotation in milliradians and the log cell lengths in parts per thousand
+#: (better conditioned next to log G and photons)
+_OFFSET_UNIT = 1e-3
 
 
 @dataclass(frozen=True)
@@ -54,11 +64,14 @@ class RefineSettings:
             variance (:func:`~spread_dials.refine.model.pixel_variance`).
         refine_orientation: refine the three rotation angles in stage 1 (else only scale and
             background).
+        refine_cell: refine each still's unit-cell lengths in stage 1 (under the lattice
+            symmetry's ties; the caches must be made with a cell, :func:`make_caches`).
         rotation_step_mrad: trust radius of one stage-1 pass: each rotation angle moves at most
             this far (mrad) from the point where the profiles were linearised.
+        cell_step_permille: the same for each cell length (parts per thousand).
         relinearisations: most stage-1 passes per still and macrocycle; after each the profiles
-            are recomputed at the new orientation; a pass whose largest step is under a quarter
-            of the trust radius ends them.
+            are recomputed at the new orientation and cell; a pass whose largest step is under a
+            quarter of its trust radius ends them.
     """
 
     macrocycles: int = 5
@@ -69,6 +82,8 @@ class RefineSettings:
     refine_orientation: bool = True
     model_error_fraction: float = 0.0
     rotation_step_mrad: float = 1.0
+    refine_cell: bool = False
+    cell_step_permille: float = 1.0
     relinearisations: int = 3
     parameter_tolerance: float = 0.01
     reject_sigma_z: float | None = None
@@ -78,7 +93,7 @@ def initial_state(cache: ShotCache, intensity: Tensor, n_shoeboxes: int, iterati
     """Starting per-shot parameters: flat background levels and the scale G from the linear least
     squares fit counts ~ level_b + G * bragg (alternating closed-form updates)."""
     dtype = cache.counts.dtype
-    bragg = (cache.profiles.profile * intensity[cache.pixel_shoebox]).sum(-1)
+    bragg = bragg_terms(cache, intensity, jacobian=False).value
     valid = cache.fitted.to(dtype)
     sb = cache.pixel_shoebox
     device = cache.counts.device
@@ -89,7 +104,8 @@ def initial_state(cache: ShotCache, intensity: Tensor, n_shoeboxes: int, iterati
         scale = ((cache.counts - level[sb]) * bragg * valid).sum() / (bragg * bragg * valid).sum().clamp(min=1e-300)
     background = torch.zeros((n_shoeboxes, 3), dtype=dtype, device=device)
     background[:, 0] = level.clamp(min=1e-3)
-    return ShotState(torch.log(scale.clamp(min=1e-12)), cache.profiles.rotation.clone(), background)
+    cell = None if cache.profiles.cell is None else cache.profiles.cell.clone()
+    return ShotState(torch.log(scale.clamp(min=1e-12)), cache.profiles.rotation.clone(), background, cell)
 
 
 def _lbfgs(parameters: list[Tensor], objective: Callable[[], Tensor], iterations: int) -> float:
@@ -108,23 +124,41 @@ def _lbfgs(parameters: list[Tensor], objective: Callable[[], Tensor], iterations
         return float(objective())
 
 
+class _Trust:
+    """A crystal offset x kept within t (in units of 1e-3) of the cache point x0:
+    x = x0 + t tanh(u / t) 1e-3, optimised in u."""
+
+    def __init__(self, x: Tensor, x0: Tensor, t: float, refine: bool) -> None:
+        self.x0, self.t = x0.to(x), t
+        start = ((x.detach() - self.x0) / _OFFSET_UNIT).clamp(-0.99 * t, 0.99 * t)
+        self.u = (t * torch.atanh(start / t)).clone().requires_grad_(refine)
+
+    def value(self) -> Tensor:
+        return self.x0 + self.t * torch.tanh(self.u / self.t) * _OFFSET_UNIT
+
+
 def refine_shot(cache: ShotCache, state: ShotState, intensity: Tensor, settings: RefineSettings) -> tuple[ShotState, float]:
-    """Stage 1 for one still: L-BFGS over (log G, rotation, background planes) with |F|^2 fixed,
-    on the cached profiles linearised about the cache's rotation r0; each angle stays within
-    ``settings.rotation_step_mrad`` of r0 (r = r0 + t tanh(u / t)).  Returns the state and NLL."""
+    """Stage 1 for one still: L-BFGS over (log G, rotation, cell, background planes) with |F|^2
+    fixed, on the cached profiles linearised about the cache's offsets; each angle stays within
+    ``settings.rotation_step_mrad`` and each log cell length within ``cell_step_permille`` of the
+    cache point (:class:`_Trust`).  The channels are summed once (:func:`bragg_terms`), so an
+    evaluation costs O(pixels), not O(pixels x channels).  Returns the state and NLL."""
     log_scale = state.log_scale.detach().clone().requires_grad_(True)
-    r0 = cache.profiles.rotation.to(state.rotation)
-    t = settings.rotation_step_mrad
-    start = ((state.rotation.detach() - r0) / _ROTATION_UNIT).clamp(-0.99 * t, 0.99 * t)
-    u = (t * torch.atanh(start / t)).clone().requires_grad_(settings.refine_orientation)
+    rotation = _Trust(state.rotation, cache.profiles.rotation, settings.rotation_step_mrad, settings.refine_orientation)
+    cell = None
+    if state.cell is not None:
+        cell = _Trust(state.cell, cache.profiles.cell, settings.cell_step_permille, settings.refine_cell)
     background = state.background.detach().clone().requires_grad_(True)
-    params = [log_scale, background] + ([u] if settings.refine_orientation else [])
+    params = [log_scale, background] + ([rotation.u] if settings.refine_orientation else [])
+    params += [cell.u] if cell is not None and settings.refine_cell else []
 
     def current() -> ShotState:
-        return ShotState(log_scale, r0 + t * torch.tanh(u / t) * _ROTATION_UNIT, background)
+        return ShotState(log_scale, rotation.value(), background, None if cell is None else cell.value())
+
+    terms = bragg_terms(cache, intensity)
 
     def objective() -> Tensor:
-        lam, _ = pixel_rate(cache, current(), intensity)
+        lam, _ = rate_from_terms(cache, current(), terms)
         return negative_log_likelihood(lam, cache.counts, cache.fitted, settings.readout_sigma, settings.model_error_fraction)
 
     nll = _lbfgs(params, objective, settings.stage1_iterations)
@@ -216,24 +250,30 @@ class Refinement:
         return total[0] + prior.detach(), total[1:] + prior_grad
 
     def stage1(self, progress: Callable[[int, int], None] | None = None) -> float:
-        """Per-shot refinement, then the profiles recomputed at the new orientations; local NLL."""
-        total = 0.0
-        passes = self.settings.relinearisations if self.settings.refine_orientation else 1
+        """Per-shot refinement, then the profiles recomputed at the new orientations; the total
+        NLL over all ranks (summed in still order)."""
+        nlls = []
+        settings = self.settings
+        passes = settings.relinearisations if settings.refine_orientation or settings.refine_cell else 1
         for i in range(len(self.caches)):
             intensity = self.curves_intensity(i).detach()
             for _ in range(passes):
-                state, nll = refine_shot(self.caches[i], self.states[i], intensity, self.settings)
-                step = float((state.rotation - self.caches[i].profiles.rotation).abs().max()) / _ROTATION_UNIT
+                state, nll = refine_shot(self.caches[i], self.states[i], intensity, settings)
+                step = float((state.rotation - self.caches[i].profiles.rotation).abs().max()) / _OFFSET_UNIT / settings.rotation_step_mrad
+                if state.cell is not None:
+                    cell_step = float((state.cell - self.caches[i].profiles.cell).abs().max()) / _OFFSET_UNIT
+                    step = max(step, cell_step / settings.cell_step_permille)
                 self.states[i] = state
                 self.caches[i] = self.caches[i].with_profiles(
-                    shot_profiles(self.shots, self.shots.shots[i], self.crystal_model, state.rotation)
+                    shot_profiles(self.shots, self.shots.shots[i], self.crystal_model, state.rotation, cell=state.cell)
                 )
-                if step < 0.25 * self.settings.rotation_step_mrad:
+                if step < 0.25:
                     break
-            total += nll
+            nlls.append(torch.tensor([nll], dtype=torch.float64))
             if progress is not None:
                 progress(i + 1, len(self.caches))
-        return total
+        total = self.ordered_sum(nlls)
+        return 0.0 if total is None else float(total[0])
 
     def initialise_states(self) -> None:
         """Starting per-shot parameters from the caches at the current theta."""
@@ -247,7 +287,7 @@ class Refinement:
         for cycle in range(start_macrocycle, self.settings.macrocycles):
             t0 = time.perf_counter()
             theta_before = self.theta.clone()
-            stage1 = self.comm.allreduce(self.stage1(progress))
+            stage1 = self.stage1(progress)
             rejected = self.reject_shoeboxes()
             nll = self.stage2()
             self.history.append({"macrocycle": cycle + 1, "stage1_nll": stage1, "nll": nll,
@@ -300,9 +340,11 @@ class Refinement:
 
 
 def make_caches(shots: ShotSet, table: StructureFactors, model: CrystalModel, rotations: list[Tensor] | None = None,
-                spoil_hkl: bool = False, shuffle_seed: int | None = None) -> list[ShotCache]:  # fmt: skip
+                spoil_hkl: bool = False, shuffle_seed: int | None = None, cells: list[Tensor] | None = None,
+                refine_cell: bool = False) -> list[ShotCache]:  # fmt: skip
     """Each still's cache: pixels, F0 and G of its reflections (from ``table``) and profiles at
-    ``rotations`` (default zero).
+    ``rotations`` (default zero) and, with ``refine_cell``, at log cell-length changes ``cells``
+    (default zero; ``model.n_cell_parameters`` each).
 
     Negative controls (refinement must then fail to find the truth): ``spoil_hkl`` looks F0 and
     G up at (h, k, l + 1); ``shuffle_seed`` permutes the channel energies at which f', f'' are
@@ -320,6 +362,10 @@ def make_caches(shots: ShotSet, table: StructureFactors, model: CrystalModel, ro
         if bool((rows >= table.n_reflections).any()):
             raise ValueError(f"still {shot.identifier}: reflections missing from the structure-factor table")
         rotation = torch.zeros(3, dtype=torch.float64) if rotations is None else rotations[i]
+        cell = None
+        if refine_cell:
+            cell = torch.zeros(model.n_cell_parameters, dtype=torch.float64) if cells is None else cells[i]
+            cell = cell.to(device)
         fast, slow = sb.pixel_coordinates()
         energy = shot.energy_eV.cpu()
         if shuffle_seed is not None:
@@ -327,7 +373,7 @@ def make_caches(shots: ShotSet, table: StructureFactors, model: CrystalModel, ro
         caches.append(ShotCache(
             pixel_shoebox=sb.pixel_shoebox(), fast=fast, slow=slow, counts=sb.counts, valid=sb.valid,
             F0=table.F0[rows].to(device), G=table.G[rows].to(device), energy_eV=energy,
-            profiles=shot_profiles(shots, shot, model, rotation.to(device)),
+            profiles=shot_profiles(shots, shot, model, rotation.to(device), cell=cell),
         ))  # fmt: skip
     return caches
 

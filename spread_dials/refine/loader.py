@@ -45,6 +45,7 @@ import numpy as np
 import torch
 from dials.array_family import flex
 from dxtbx.model.experiment_list import ExperimentList, ExperimentListFactory
+from torch import Tensor
 
 from spread_dials.adapters.dxtbx_models import panel_array_from_detector, real_space_from_crystal, sources_from_beam
 from spread_dials.refine.shots import Shoeboxes, Shot, ShotSet
@@ -345,18 +346,13 @@ class _Geometry:
         self.detector = None
         self.beam = None
         self.where = ""
-        self.mu_sum: np.ndarray | None = None  # per panel, over the stills
-        self.mu_range: list[np.ndarray] = []  # per panel min and max
-        self.n = 0
 
     def add(self, experiment, expt_path: Path) -> None:
         detector, beam = experiment.detector, experiment.beam
         if detector is None or beam is None:
             raise SpreadError(f"experiment {experiment.identifier!r} of {expt_path} has no detector or beam")
-        mu = np.array([p.get_mu() for p in detector], dtype=np.float64)
         if self.detector is None:
             self.detector, self.beam, self.where = detector, beam, f"{expt_path} ({experiment.identifier})"
-            self.mu_sum, self.mu_range, self.n = mu, [mu, mu], 1
             return
         if detector is not self.detector and not self._same_detector(detector):
             raise SpreadError(f"experiments with different detectors: {experiment.identifier!r} of {expt_path} and "
@@ -364,9 +360,6 @@ class _Geometry:
         if beam is not self.beam and not self._same_beam(beam):
             raise SpreadError(f"experiments with different beam directions or polarization: {experiment.identifier!r} "
                               f"of {expt_path} and {self.where}")  # fmt: skip
-        self.mu_sum = self.mu_sum + mu
-        self.mu_range = [np.minimum(self.mu_range[0], mu), np.maximum(self.mu_range[1], mu)]
-        self.n += 1
 
     def _same_detector(self, detector) -> bool:
         ref = self.detector
@@ -384,19 +377,46 @@ class _Geometry:
                 return False
         return abs(beam.get_polarization_fraction() - ref.get_polarization_fraction()) <= _BEAM_TOL
 
-    def panels(self, n_layers: int):
+    def panels(self, n_layers: int, shots: list[Shot]):
         try:
             panels = panel_array_from_detector(self.detector, n_layers=n_layers, dtype=torch.float64)
         except ValueError as e:
             raise SpreadError(f"detector of {self.where}: {e}") from None
-        mu = self.mu_sum / self.n
-        if (mu > 0).any():
-            low, high = self.mu_range
-            spread_pct = 100 * float(((high - low) / np.where(mu > 0, mu, 1.0)).max())
-            logger.info("Sensor mu %.4g 1/mm (mean over %d stills and the panels; the stills range over %.2g%%)",
-                        mu[mu > 0].mean(), self.n, spread_pct)  # fmt: skip
-        att = torch.from_numpy(np.where(mu > 0, 1.0 / np.where(mu > 0, mu, 1.0), 0.0))
-        return replace(panels, attenuation_length_mm=att.to(panels.attenuation_length_mm.dtype))
+        return with_mean_sensor_mu(panels, [s.sensor_mu_per_mm for s in shots])
+
+
+def with_mean_sensor_mu(panels, mus: list[Tensor]):
+    """``panels`` with the attenuation length 1 / (mean of the stills' sensor mu), the mean summed
+    in the order given (so that any split of the stills over MPI ranks, gathered in one order,
+    gives the same bits).  dxtbx's FormatNXmx computes mu per container at its first image's
+    wavelength, so the stills differ slightly; the log gives their range.
+
+    Args:
+        panels: a PanelArray.
+        mus: one (P,) tensor (1/mm) per still.
+    """
+    total = None
+    for mu in mus:
+        total = mu.clone() if total is None else total + mu
+    mu = total / len(mus)
+    if bool((mu > 0).any()):
+        stacked = torch.stack(mus)
+        spread_pct = 100 * float(((stacked.amax(0) - stacked.amin(0)) / torch.where(mu > 0, mu, 1.0)).max())
+        logger.info("Sensor mu %.4g 1/mm (mean over %d stills and the panels; the stills range over %.2g%%)",
+                    float(mu[mu > 0].mean()), len(mus), spread_pct)  # fmt: skip
+    att = torch.where(mu > 0, 1.0 / torch.where(mu > 0, mu, 1.0), 0.0)
+    return replace(panels, attenuation_length_mm=att.to(panels.attenuation_length_mm.dtype))
+
+
+#: unit-cell length ties (a, b, c) of each crystal system (cctbx names)
+_CELL_TIES = {"Triclinic": (0, 1, 2), "Monoclinic": (0, 1, 2), "Orthorhombic": (0, 1, 2), "Tetragonal": (0, 0, 1),
+              "Trigonal": (0, 0, 1), "Hexagonal": (0, 0, 1), "Cubic": (0, 0, 0)}  # fmt: skip
+
+
+def cell_ties(crystal) -> tuple[int, int, int]:
+    """Which unit-cell length parameter scales a, b, c of a dxtbx crystal under its lattice
+    symmetry (a = b for tetragonal, trigonal and hexagonal settings, a = b = c for cubic)."""
+    return _CELL_TIES[crystal.get_space_group().crystal_system()]
 
 
 # -- the loader ------------------------------------------------------------------------------------
@@ -451,6 +471,7 @@ def load_shots(
     shots: list[Shot] = []
     sources: list[str] = []
     seen: dict[str, Path] = {}
+    ties: tuple[int, int, int] | None = None
     n_few = n_integrated = n_dropped = n_clipped = 0
 
     for expt_path, refl_path in zip(experiment_files, reflection_files):
@@ -466,6 +487,11 @@ def load_shots(
             if experiment.crystal is None:
                 raise SpreadError(f"experiment {identifier!r} of {expt_path} has no crystal: give integrated stills")
             geometry.add(experiment, expt_path)
+            if ties is None:
+                ties = cell_ties(experiment.crystal)
+            elif cell_ties(experiment.crystal) != ties:
+                raise SpreadError(f"experiment {identifier!r} of {expt_path} has a {experiment.crystal.get_space_group().crystal_system()} "
+                                  "crystal unlike the first still's: dials.spread_refine needs one lattice symmetry")  # fmt: skip
             n_fast, n_slow = experiment.detector[0].get_image_size()
             rows = _select_rows(arrays, table_id, n_fast, n_slow, len(experiment.detector), max_shoebox_px)
             n_integrated += rows.n_integrated
@@ -487,7 +513,8 @@ def load_shots(
                 shoeboxes = _shoeboxes(experiment, rows, quantum_gain)
             except (RuntimeError, OSError) as e:
                 raise SpreadError(f"cannot read image {image_index} of {image_path} (of {expt_path}): {e}") from None
-            shots.append(Shot(identifier, real_space_from_crystal(experiment.crystal), energy, weight, shoeboxes))
+            mu = torch.tensor([p.get_mu() for p in experiment.detector], dtype=torch.float64)
+            shots.append(Shot(identifier, real_space_from_crystal(experiment.crystal), energy, weight, shoeboxes, mu))
             sources.append(f"{image_path}:{image_index}")
             logger.debug("%s: %d shoeboxes, %d pixels (%s)", identifier, shoeboxes.n_shoeboxes, shoeboxes.n_pixels,
                          sources[-1])  # fmt: skip
@@ -508,10 +535,11 @@ def load_shots(
     n_valid = sum(int(s.shoeboxes.valid.sum()) for s in shots)
     logger.info("Loaded %d stills: %d shoeboxes, %d pixels (%d valid)", len(shots), n_boxes, n_pixels, n_valid)
     return ShotSet(
-        panels=geometry.panels(n_layers),
+        panels=geometry.panels(n_layers, shots),
         beam_direction=beam.direction[0].clone(),
         e_vector=beam.e_vector.clone(),
         polarization_fraction=float(beam.polarization_fraction),
         shots=shots,
         sources=sources,
+        cell_ties=ties,
     )

@@ -8,8 +8,8 @@ For shoebox pixel p of reflection h in a still::
 with a background plane per shoebox (photons per pixel; x, y pixel offsets from the shoebox
 centre), the still's scale G, the kernel's per-channel profile P (photons per unit |F|^2,
 summed over mosaic domains; :mod:`spread_dials.refine.profiles`) and the structure factor of the
-round-1 assembly.  P is cached at rotation r0 with its derivative, and evaluated as
-P(r0) + dP/dr (r - r0) (exact at the cache point).  Likelihoods: Poisson (photon counting) or
+round-1 assembly.  P is cached at crystal offsets x0 (rotation and, optionally, cell) with its
+derivative, and evaluated as P(x0) + dP/dx (x - x0) (exact at the cache point).  Likelihoods: Poisson (photon counting) or
 Gaussian with variance lambda + sigma_readout^2 (charge-integrating detectors).
 """
 
@@ -22,7 +22,7 @@ from torch import Tensor
 
 from spread_dials.refine.profiles import ShotProfiles
 
-__all__ = ["ShotState", "ShotCache", "intensities", "pixel_rate", "pixel_variance", "negative_log_likelihood", "LAMBDA_FLOOR"]
+__all__ = ["ShotState", "ShotCache", "BraggTerms", "bragg_terms", "rate_from_terms", "intensities", "pixel_rate", "pixel_variance", "negative_log_likelihood", "LAMBDA_FLOOR"]
 
 #: smallest pixel rate (photons) the likelihood sees (a plane may dip below 0 at a corner)
 LAMBDA_FLOOR = 1e-6
@@ -37,21 +37,23 @@ class ShotState:
         rotation: (3,) small rotation vector (rad, lab frame) applied to the .expt crystal.
         background: (B, 3) plane per shoebox: photons per pixel at the centre, per pixel in
             fast, per pixel in slow.
+        cell: (k,) log changes of the unit-cell lengths (profiles.CrystalModel.cell_ties), or
+            None when the cell is not refined.
     """
 
     log_scale: Tensor
     rotation: Tensor
     background: Tensor
+    cell: Tensor | None = None
 
-    def flat(self) -> Tensor:
-        return torch.cat([self.log_scale.reshape(1), self.rotation, self.background.reshape(-1)])
-
-    @staticmethod
-    def from_flat(x: Tensor) -> "ShotState":
-        return ShotState(x[0], x[1:4], x[4:].view(-1, 3))
+    @property
+    def offsets(self) -> Tensor:
+        """(3 + k,) crystal offsets: rotation then cell (as ShotProfiles.offsets)."""
+        return self.rotation if self.cell is None else torch.cat([self.rotation, self.cell.to(self.rotation)])
 
     def detach(self) -> "ShotState":
-        return ShotState(self.log_scale.detach(), self.rotation.detach(), self.background.detach())
+        return ShotState(self.log_scale.detach(), self.rotation.detach(), self.background.detach(),
+                         None if self.cell is None else self.cell.detach())  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -99,23 +101,59 @@ def intensities(F0: Tensor, G: Tensor, f_prime: Tensor, f_double_prime: Tensor) 
     return F.real * F.real + F.imag * F.imag
 
 
+@dataclass(frozen=True)
+class BraggTerms:
+    """A still's Bragg photons per unit scale with the channels summed at fixed |F|^2 (stage 1
+    holds f', f'' fixed, so it contracts the channels once per pass, not at every evaluation).
+
+    Attributes:
+        value: (N,) sum_c P_c(p; x0) |F_h(E_c)|^2 at the cache point x0.
+        jacobian: (N, 3 + k) its derivative in the crystal offsets, or None.
+        offsets: (3 + k,) the cache point x0.
+    """
+
+    value: Tensor
+    jacobian: Tensor | None
+    offsets: Tensor
+
+
+def bragg_terms(cache: ShotCache, intensity: Tensor, jacobian: bool = True) -> BraggTerms:
+    """:class:`BraggTerms` of ``cache`` for ``intensity`` (B, C) |F_h(E_c)|^2 (with the offsets'
+    derivative when ``jacobian`` and the cache has one)."""
+    weight = intensity[cache.pixel_shoebox]
+    value = (cache.profiles.profile * weight).sum(-1)
+    d = None
+    if jacobian and cache.profiles.jacobian is not None:
+        d = torch.einsum("nck,nc->nk", cache.profiles.jacobian, weight)
+    return BraggTerms(value, d, cache.profiles.offsets)
+
+
+def rate_from_terms(cache: ShotCache, state: ShotState, terms: BraggTerms) -> tuple[Tensor, Tensor]:
+    """(lambda, bragg) (N,) of :func:`pixel_rate` from channel-summed terms, linear in the
+    offsets' change from the terms' cache point."""
+    bragg = terms.value
+    if terms.jacobian is not None:
+        delta = state.offsets - terms.offsets.to(state.rotation)
+        if delta.requires_grad or bool((delta != 0).any()):
+            bragg = bragg + terms.jacobian @ delta
+    plane = state.background[cache.pixel_shoebox]
+    background = plane[:, 0] + plane[:, 1] * cache.fast + plane[:, 2] * cache.slow
+    return background + torch.exp(state.log_scale) * bragg, bragg
+
+
 def pixel_rate(cache: ShotCache, state: ShotState, intensity: Tensor) -> tuple[Tensor, Tensor]:
     """(lambda, bragg): expected photons (N,) of every pixel and the Bragg part without G.
 
     Args:
         cache: the still's cache.
-        state: its per-shot parameters (rotation relative to the cache's is linearised).
+        state: its per-shot parameters (rotation and cell relative to the cache's are linearised).
         intensity: (B, C) |F_h(E_c)|^2 of its reflections.
     """
-    profile = cache.profiles.profile
+    moved = False
     if cache.profiles.jacobian is not None:
-        delta = state.rotation - cache.profiles.rotation.to(state.rotation)
-        if delta.requires_grad or bool((delta != 0).any()):
-            profile = profile + cache.profiles.jacobian @ delta
-    bragg = (profile * intensity[cache.pixel_shoebox]).sum(-1)
-    plane = state.background[cache.pixel_shoebox]
-    background = plane[:, 0] + plane[:, 1] * cache.fast + plane[:, 2] * cache.slow
-    return background + torch.exp(state.log_scale) * bragg, bragg
+        delta = state.offsets - cache.profiles.offsets.to(state.rotation)
+        moved = delta.requires_grad or bool((delta != 0).any())
+    return rate_from_terms(cache, state, bragg_terms(cache, intensity, jacobian=moved))
 
 
 def pixel_variance(lam: Tensor, readout_sigma: float | None = None, model_error_fraction: float = 0.0) -> Tensor:

@@ -3,9 +3,10 @@ bootstrap draws, the refined stills (.expt/.refl), PNGs.  Every file is written 
 temporary name and renamed.
 
 The refined stills: ``<prefix>.expt`` holds every refined experiment (input file order, then
-experiment order) with its crystal turned by the still's refined rotation r (rad, lab frame):
-U' = R(r) U, so the real-space rows become a R(r)^T as in
-:func:`~spread_dials.refine.profiles.shot_scene`; B (the cell) is unchanged.  ``<prefix>.refl``
+experiment order) with its crystal turned by the still's refined rotation r (rad, lab frame)
+and its cell lengths scaled by s (3,) (1 when the cell is not refined): U' = R(r) U and
+B' = B diag(1 / s), so the real-space rows become diag(s) A R(r)^T as in
+:func:`~spread_dials.refine.profiles.crystal_real_space`.  ``<prefix>.refl``
 holds one row per refined shoebox (all the input columns of its row, ``id`` renumbered to the
 new list) and the columns
 
@@ -139,7 +140,7 @@ def refined_stills(pairs, stills: list[dict]):
     Args:
         pairs: the input (.expt, .refl) paths, in the order the loader read them.
         stills: per refined still (:func:`~spread_dials.refine.residuals.gather_residuals`):
-            "identifier", "rotation_rad", "scale", "reflection" (its shoeboxes' rows among the
+            "identifier", "rotation_rad", "cell_scale" (optional), "scale", "reflection" (its shoeboxes' rows among the
             experiment's rows of its .refl), and the per-shoebox arrays.
     """
     import copy
@@ -163,6 +164,9 @@ def refined_stills(pairs, stills: list[dict]):
                 continue
             crystal = copy.deepcopy(experiment.crystal)
             crystal.set_U(matrix.sqr(_rotation_matrix(still["rotation_rad"])) * matrix.sqr(crystal.get_U()))
+            scale = np.asarray(still.get("cell_scale", np.ones(3)), dtype=np.float64)
+            if (scale != 1).any():
+                crystal.set_B(matrix.sqr(crystal.get_B()) * matrix.diag(tuple(float(x) for x in 1.0 / scale)))
             experiment.crystal = crystal
             new_id = len(experiments_out)
             experiments_out.append(experiment)

@@ -6,6 +6,13 @@ for every channel, summed here over the domains.  f' and f'' only reweight the c
 refinement caches these profiles (Sauter et al. 2020) at the current per-shot parameters,
 together with their derivatives with respect to the three small orientation angles (forward-mode
 autograd), and evaluates the pixel rate from the cache (:mod:`spread_dials.refine.model`).
+
+Per-shot crystal offsets: a small rotation vector r (3,) (rad, lab frame) and, optionally, the
+log changes of the unit-cell lengths (k,), one per set of lengths that the lattice symmetry ties
+(``CrystalModel.cell_ties``): the still's rows a, b, c become
+diag(exp(cell[ties])) A0 R(r)^T.  Cell angles are kept (stills_process refines them only as far
+as the lattice symmetry allows; for the orthorhombic to cubic lattices of the use cases they are
+fixed at 90 degrees).
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from spread_dials.physics.sparse import BraggWindows, window_channel_profiles
 from spread_dials.physics.structure_factors import constant_structure_factors
 from spread_dials.refine.shots import Shot, ShotSet
 
-__all__ = ["CrystalModel", "ShotProfiles", "shot_profiles", "shot_scene", "shoebox_windows"]
+__all__ = ["CrystalModel", "ShotProfiles", "crystal_real_space", "shot_profiles", "shot_scene", "shoebox_windows"]
 
 
 @dataclass(frozen=True)
@@ -41,6 +48,9 @@ class CrystalModel:
         oversample: sub-pixels per pixel edge.
         domain_set: ``quadrature`` (deterministic, approximates a crystal of very many domains)
             or ``random`` (seeded draw).
+        cell_ties: (3,) the cell parameter that scales each of a, b, c: (0, 1, 2) three free
+            lengths (orthorhombic and lower), (0, 0, 1) a = b (tetragonal, trigonal, hexagonal),
+            (0, 0, 0) cubic.
     """
 
     ncells_abc: tuple[float, float, float]
@@ -51,6 +61,12 @@ class CrystalModel:
     fluence_photons_per_m2: float = 1.2732395447351627e24
     oversample: int = 1
     domain_set: str = "quadrature"
+    cell_ties: tuple[int, int, int] = (0, 1, 2)
+
+    @property
+    def n_cell_parameters(self) -> int:
+        """Free unit-cell length parameters under the lattice symmetry."""
+        return max(self.cell_ties) + 1
 
     def domain_rotations(self, seed: int | None = None, dtype: torch.dtype = torch.float64) -> Tensor:
         """(mosaic_domains, 3, 3) domain rotations: the deterministic quadrature of the mosaic
@@ -78,11 +94,22 @@ def shoebox_windows(shot: Shot, n_domains: int) -> BraggWindows:
     )
 
 
-def shot_scene(shots: ShotSet, shot: Shot, model: CrystalModel, rotation: Tensor) -> Scene:
+def crystal_real_space(real_space: Tensor, rotation: Tensor, cell: Tensor | None, cell_ties: tuple[int, int, int]) -> Tensor:
+    """(3, 3) rows a, b, c (A) of a crystal ``real_space`` (3, 3) turned by the rotation vector
+    ``rotation`` (3,) (rad, lab frame) with its lengths scaled by exp(``cell``[ties]) (``cell``:
+    (k,) log length changes, or None / empty for the given cell)."""
+    turned = real_space.to(rotation.dtype) @ rotation_from_vector(rotation).transpose(-1, -2)
+    if cell is None or cell.numel() == 0:
+        return turned
+    return torch.exp(cell[list(cell_ties)]).unsqueeze(-1) * turned
+
+
+def shot_scene(shots: ShotSet, shot: Shot, model: CrystalModel, rotation: Tensor, cell: Tensor | None = None) -> Scene:
     """The kernel scene of ``shot`` with its crystal turned by the rotation vector ``rotation`` (3,)
-    (rad, lab frame), with |F| = 1 everywhere (profiles are per unit |F|^2)."""
+    (rad, lab frame) and its cell lengths changed by ``cell`` (:func:`crystal_real_space`), with
+    |F| = 1 everywhere (profiles are per unit |F|^2)."""
     dtype = shots.panels.origin_mm.dtype
-    real_space = shot.real_space.to(rotation.dtype) @ rotation_from_vector(rotation).transpose(-1, -2)
+    real_space = crystal_real_space(shot.real_space, rotation, cell, model.cell_ties)
     rotations = model.domain_rotations(dtype=dtype)
     crystal = Crystal(
         real_space=real_space,
@@ -101,31 +128,42 @@ def shot_scene(shots: ShotSet, shot: Shot, model: CrystalModel, rotation: Tensor
 
 @dataclass(frozen=True)
 class ShotProfiles:
-    """Cached per-channel profiles of one shot at orientation offset ``rotation``.
+    """Cached per-channel profiles of one shot at crystal offsets ``rotation``, ``cell``.
 
     Attributes:
         rotation: (3,) rotation vector (rad) at which the cache was made.
         profile: (N, C) photons per unit |F|^2 of every shoebox pixel and channel (all domains).
-        jacobian: (N, C, 3) d profile / d rotation (per rad), or None.
+        jacobian: (N, C, 3 + k) d profile / d (rotation (per rad), cell (per unit log length)),
+            or None.
+        cell: (k,) log cell-length changes at which the cache was made (None: cell not refined).
     """
 
     rotation: Tensor
     profile: Tensor
     jacobian: Tensor | None
+    cell: Tensor | None = None
+
+    @property
+    def offsets(self) -> Tensor:
+        """(3 + k,) the cache point: rotation then cell."""
+        return self.rotation if self.cell is None else torch.cat([self.rotation, self.cell.to(self.rotation)])
 
 
-def shot_profiles(shots: ShotSet, shot: Shot, model: CrystalModel, rotation: Tensor, jacobian: bool = True) -> ShotProfiles:
-    """The kernel's per-channel profiles of the shot's shoebox pixels at ``rotation`` (3,) (rad),
-    and (``jacobian``) their derivatives with respect to it by forward-mode autograd."""
+def shot_profiles(shots: ShotSet, shot: Shot, model: CrystalModel, rotation: Tensor, jacobian: bool = True,
+                  cell: Tensor | None = None) -> ShotProfiles:  # fmt: skip
+    """The kernel's per-channel profiles of the shot's shoebox pixels at ``rotation`` (3,) (rad)
+    and ``cell`` (k,) (log length changes; None: the given cell, not refined), and
+    (``jacobian``) their derivatives with respect to both by forward-mode autograd."""
     one = shoebox_windows(shot, 1)
     # the kernel's GPU chunks (2^29 terms) hold float64 intermediates for 3 tangents at once
     # under jacfwd: 2^25 keeps a PSII still's recomputation within a few GB
     chunk = (1 << 25) if rotation.device.type == "cuda" else None
 
-    def profile(rot: Tensor) -> Tensor:
-        """(N, C) summed over the domains one domain at a time (a (domains, N, C) tensor and its
-        tangents would not fit for a PSII still: 25 x 636k pixels x 100 channels x 8 B x 4)."""
-        scene = shot_scene(shots, shot, model, rot)
+    def profile(x: Tensor) -> Tensor:
+        """(N, C) at offsets x = (rotation, cell), summed over the domains one domain at a time (a
+        (domains, N, C) tensor and its tangents would not fit for a PSII still: 25 x 636k pixels
+        x 100 channels x 8 B x 4)."""
+        scene = shot_scene(shots, shot, model, x[:3], x[3:] if cell is not None else None)
         total = None
         for m in range(model.mosaic_domains):
             part = window_channel_profiles(scene, replace(one, domain=torch.full_like(one.domain, m)), chunk)
@@ -133,11 +171,13 @@ def shot_profiles(shots: ShotSet, shot: Shot, model: CrystalModel, rotation: Ten
         return total
 
     rotation = rotation.detach()
+    cell = None if cell is None else cell.detach().to(rotation)
+    x = rotation if cell is None else torch.cat([rotation, cell])
     if not jacobian:
         with torch.no_grad():
-            return ShotProfiles(rotation, profile(rotation), None)
-    value, jac = _value_and_jacfwd(profile, rotation)
-    return ShotProfiles(rotation, value, jac)
+            return ShotProfiles(rotation, profile(x), None, cell)
+    value, jac = _value_and_jacfwd(profile, x)
+    return ShotProfiles(rotation, value, jac, cell)
 
 
 def _value_and_jacfwd(fn, x: Tensor) -> tuple[Tensor, Tensor]:

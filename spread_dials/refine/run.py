@@ -39,11 +39,11 @@ def _pairs(experiments, reflections) -> list[tuple[Path, Path]]:
     return [(Path(e), Path(r)) for e, r in zip(experiments, reflections)]
 
 
-def _crystal_model(params) -> CrystalModel:
+def _crystal_model(params, cell_ties: tuple[int, int, int]) -> CrystalModel:
     c = params.crystal
     fluence = params.beam.photons / (math.pi * (0.5e-6 * params.beam.diameter_um) ** 2)
     return CrystalModel(tuple(float(x) for x in c.ncells_abc), float(c.mosaic_spread_deg), int(c.mosaic_domains),
-                        c.shape, int(params.random.seed), fluence, int(c.oversample), c.domain_set)  # fmt: skip
+                        c.shape, int(params.random.seed), fluence, int(c.oversample), c.domain_set, cell_ties)  # fmt: skip
 
 
 #: the scopes whose values change the refinement (a checkpoint of other values is refused)
@@ -95,7 +95,7 @@ def run_refinement(ctx, experiments, reflections) -> dict:
     n_shots = sum(counts)
     if n_shots == 0:
         raise SpreadError("no still has enough integrated shoeboxes to refine")
-    shots = _common_sensor(shots, comm, counts)
+    shots = _common_sensor(shots, comm)
     if shots is not None and ctx.device.type != "cpu":
         shots = shots.to(ctx.device)
     logger.info("Kernel and pixels on %s (float64; device.dtype applies to dials.spread_simulate)", ctx.device)
@@ -141,13 +141,14 @@ def run_refinement(ctx, experiments, reflections) -> dict:
     logger.info("Sites: %s; model %s with %d parameters", ", ".join(f"{s.label} [{r.label}]" for s, r in zip(prepared.sites, refs.reference)),
                 sites.kind, sites.initial().numel())  # fmt: skip
 
-    model = _crystal_model(params)
+    model = _crystal_model(params, shots.cell_ties)
     r = params.refinement
     settings = RefineSettings(
         macrocycles=r.macrocycles, nll_tolerance=r.nll_tolerance, stage1_iterations=r.stage1_iterations,
         stage2_iterations=r.stage2_iterations,
         readout_sigma=params.readout_sigma_photons if params.likelihood == "gaussian_readout" else None,
         refine_orientation=r.refine_orientation, rotation_step_mrad=r.rotation_step_mrad, relinearisations=r.relinearisations,
+        refine_cell=r.refine_cell, cell_step_permille=r.cell_step_permille,
         parameter_tolerance=r.parameter_tolerance, model_error_fraction=params.model_error_fraction,
         reject_sigma_z=r.reject_sigma_z,
     )  # fmt: skip
@@ -159,13 +160,17 @@ def run_refinement(ctx, experiments, reflections) -> dict:
     fingerprint = _fingerprint(params, pairs)
     saved = _load_checkpoint(checkpoint, fingerprint) if params.refinement.resume else None
     ctx.accept_inputs()  # the inputs are checked: from here on the log and outputs stay
-    rotations = None
+    rotations = cells = None
     if saved is not None:
         rotations = [torch.tensor(saved["states"][s.identifier]["rotation"], dtype=torch.float64, device=ctx.device)
                      for s in shots.shots]  # fmt: skip
+        if r.refine_cell:
+            cells = [torch.tensor(saved["states"][s.identifier]["cell"], dtype=torch.float64, device=ctx.device)
+                     for s in shots.shots]  # fmt: skip
     t1 = time.perf_counter()
     caches = make_caches(shots, table, model, rotations, spoil_hkl=params.controls.spoil_hkl,
-                         shuffle_seed=params.random.seed if params.controls.shuffle_channels else None)  # fmt: skip
+                         shuffle_seed=params.random.seed if params.controls.shuffle_channels else None,
+                         cells=cells, refine_cell=r.refine_cell)  # fmt: skip
     logger.info("Profiles of %d local stills in %.1f s", len(caches), time.perf_counter() - t1)
     refinement = Refinement(shots, shot_index, n_shots, caches, [], sites, sites.initial(), model, comm, settings)
     start_cycle = 0
@@ -175,7 +180,8 @@ def run_refinement(ctx, experiments, reflections) -> dict:
         def tensor(s, key: str) -> Tensor:
             return torch.tensor(saved["states"][s.identifier][key], dtype=torch.float64, device=ctx.device)
 
-        refinement.states = [ShotState(tensor(s, "log_scale"), tensor(s, "rotation"), tensor(s, "background"))
+        refinement.states = [ShotState(tensor(s, "log_scale"), tensor(s, "rotation"), tensor(s, "background"),
+                                       tensor(s, "cell") if r.refine_cell else None)
                              for s in shots.shots]  # fmt: skip
         refinement.caches = [replace(c, rejected=None if saved["states"][s.identifier].get("rejected") is None else
                                      torch.tensor(saved["states"][s.identifier]["rejected"], device=ctx.device))
@@ -188,6 +194,7 @@ def run_refinement(ctx, experiments, reflections) -> dict:
 
     def save(r: Refinement) -> None:
         states = {s.identifier: {"log_scale": float(st.log_scale), "rotation": st.rotation.tolist(),
+                                 "cell": None if st.cell is None else st.cell.tolist(),
                                  "background": st.background.tolist(),
                                  "rejected": None if c.rejected is None else c.rejected.tolist()}
                   for s, st, c in zip(r.shots.shots, r.states, r.caches)}  # fmt: skip
@@ -220,19 +227,23 @@ def _residuals(refinement: Refinement, comm, readout_sigma, threshold: float) ->
     if stills is not None:
         log = logger.info if len(stills) <= 20 else logger.debug
         for s in stills:
-            log("  still %s: scale %.6g, rotation (%+.4f, %+.4f, %+.4f) mrad, %d shoeboxes (%d flagged)", s["identifier"],
-                s["scale"], *(1e3 * s["rotation_rad"]), s["sigma_z"].size, int(s["flagged"].sum()))  # fmt: skip
+            log("  still %s: scale %.6g, rotation (%+.4f, %+.4f, %+.4f) mrad, cell lengths x (%.5f, %.5f, %.5f), "
+                "%d shoeboxes (%d flagged)", s["identifier"], s["scale"], *(1e3 * s["rotation_rad"]), *s["cell_scale"],
+                s["sigma_z"].size, int(s["flagged"].sum()))  # fmt: skip
     return summary, stills, panels
 
 
-def _common_sensor(shots, comm, counts):
+def _common_sensor(shots, comm):
     """Every rank's panels with the sensor mu averaged over ALL stills (the loader averages over
-    its own), so that any number of ranks models the same detector."""
-    mine = shots.panels.attenuation_length_mm
-    mu = torch.where(mine > 0, 1.0 / mine.clamp(min=1e-300), torch.zeros_like(mine)) * counts[comm.rank]
-    total = torch.as_tensor(comm.allreduce(mu.numpy()), dtype=mine.dtype) / sum(counts)
-    att = torch.where(total > 0, 1.0 / total.clamp(min=1e-300), torch.zeros_like(total))
-    return replace(shots, panels=replace(shots.panels, attenuation_length_mm=att))
+    its own), summed in experiment-identifier order so that any number of ranks models the same
+    detector to the bit."""
+    from spread_dials.refine.loader import with_mean_sensor_mu
+
+    mine = [(s.identifier, s.sensor_mu_per_mm) for s in shots.shots] if shots else []
+    everyone = sorted((pair for part in comm.allgather(mine) for pair in part), key=lambda pair: pair[0])
+    if shots is None:
+        return None
+    return replace(shots, panels=with_mean_sensor_mu(shots.panels, [mu for _, mu in everyone]))
 
 
 class _Progress:
@@ -322,8 +333,8 @@ def _report(ctx, refinement: Refinement, refs, prepared, band, n_shots, n_sb, n_
         "bootstrap_resamples": int(draws.shape[0]), "sites": rows, "pairs": pairs, "history": refinement.history,
         "seconds": seconds + (time.perf_counter() - t0),
         "controls": {"spoil_hkl": bool(params.controls.spoil_hkl), "shuffle_channels": bool(params.controls.shuffle_channels)},
-        "uncertainty_method": "fisher: Fisher information of the likelihood over theta and every still's scale, rotation "
-                              "and background planes; per-shot parameters eliminated by the Schur complement; plus the "
+        "uncertainty_method": "fisher: Fisher information of the likelihood over theta and every still's scale, rotation, "
+                              "cell lengths (when refined) and background planes; per-shot parameters eliminated by the Schur complement; plus the "
                               "prior's Hessian. sandwich: H^-1 S H^-1 with H that information and S the covariance of the "
                               "stills' scores (honest when the pixel model misfits), also with the observed Hessian as "
                               "bread. robust: per parameter the largest of these and the bootstrap's. "
@@ -334,6 +345,7 @@ def _report(ctx, refinement: Refinement, refs, prepared, band, n_shots, n_sb, n_
         results["residuals"] = summary
     if stills is not None:
         results["refined_stills"] = [{"identifier": s["identifier"], "scale": s["scale"], "rotation_rad": s["rotation_rad"].tolist(),
+                                      "cell_scale": s["cell_scale"].tolist(),
                                       "shoeboxes": int(s["sigma_z"].size), "flagged": int(s["flagged"].sum())}
                                      for s in stills]  # fmt: skip
     if comm.is_root:

@@ -82,6 +82,8 @@ class Shot(TensorFields):
         energy_eV: (C,) recorded spectrum channel energies (eV).
         weight: (C,) recorded fraction of the pulse's photons per channel (sum 1).
         shoeboxes: the integrated reflections and their pixels.
+        sensor_mu_per_mm: (P,) the sensor's linear attenuation coefficient per panel that dxtbx
+            gives this still (1/mm), or None (stills made in memory).
     """
 
     identifier: str
@@ -89,6 +91,7 @@ class Shot(TensorFields):
     energy_eV: Tensor
     weight: Tensor
     shoeboxes: Shoeboxes
+    sensor_mu_per_mm: Tensor | None = None
 
 
 @dataclass(frozen=True)
@@ -102,6 +105,8 @@ class ShotSet:
         polarization_fraction: Kahn factor.
         shots: the stills.
         sources: where each shot came from (file and image index), parallel to ``shots``.
+        cell_ties: (3,) which unit-cell length parameter scales a, b, c under the crystals'
+            lattice symmetry ((0, 1, 2) three free lengths, (0, 0, 1) a = b, (0, 0, 0) cubic).
     """
 
     panels: PanelArray
@@ -110,8 +115,10 @@ class ShotSet:
     polarization_fraction: float
     shots: list[Shot]
     sources: list[str]
+    cell_ties: tuple[int, int, int] = (0, 1, 2)
 
     def to(self, device) -> "ShotSet":
         """A copy with every tensor on ``device`` (a GPU for the kernel)."""
         return ShotSet(self.panels.to(device=device), self.beam_direction.to(device), self.e_vector.to(device),
-                       self.polarization_fraction, [s.to(device=device) for s in self.shots], list(self.sources))  # fmt: skip
+                       self.polarization_fraction, [s.to(device=device) for s in self.shots], list(self.sources),
+                       self.cell_ties)  # fmt: skip

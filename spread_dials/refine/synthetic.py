@@ -4,7 +4,8 @@ For the GPU machines (no DIALS) and fast tests: each still's true crystal is dra
 predicted and simulated with the sparse kernel (``window_photons``, the simulator's own path),
 shoeboxes are the bounding boxes of each reflection's windows plus a margin, counts are Poisson
 draws of Bragg + a flat background, and the crystal handed to refinement is the true one turned
-by a random rotation (the orientation error that indexing leaves).  Every draw comes from ``seed``.
+by a random rotation and with its cell lengths scaled by random factors (the orientation and
+cell errors that indexing leaves).  Every draw comes from ``seed``.
 """
 
 from __future__ import annotations
@@ -32,11 +33,13 @@ __all__ = ["SyntheticTruth", "synthetic_shots"]
 @dataclass(frozen=True)
 class SyntheticTruth:
     """What the synthetic stills were made with: per still the true real space (3, 3), the
-    orientation error (rotation vector, rad) and the scale."""
+    orientation error (rotation vector, rad), the cell error (3,) (given / true length of a, b,
+    c) and the scale."""
 
     real_space: list[Tensor]
     rotation_error: list[Tensor]
     spot_scale: float
+    cell_error: list[Tensor]
 
 
 def _boxes(windows: BraggWindows, margin: int, n_fast: int, n_slow: int) -> tuple[Tensor, ...]:
@@ -67,6 +70,7 @@ def synthetic_shots(
     spot_scale: float = 1.0,
     background_photons: float = 0.5,
     orientation_error_deg: float = 0.02,
+    cell_error_fraction: float = 0.0,
     min_bragg_photons: float = 20.0,
     max_box_px: int = 25,
     margin_px: int = 2,
@@ -78,6 +82,8 @@ def synthetic_shots(
     """``n_shots`` stills of a crystal with rows a, b, c ``unit_cell_real_space`` (3, 3) (A) in
     random orientations, flat SASE-like spectra on channels ``energy_eV`` (C,) (random weights),
     the true f', f'' inside ``structure_factors`` (F0, G, f_prime, f_double_prime per channel).
+    The crystal handed on is the true one turned by N(0, ``orientation_error_deg``) about each
+    axis and with each cell length scaled by 1 + N(0, ``cell_error_fraction``).
 
     Shoeboxes keep reflections with at least ``min_bragg_photons`` expected Bragg photons and
     boxes at most ``max_box_px`` on a side.  The crystals are made with ``truth_model`` (default
@@ -93,7 +99,7 @@ def synthetic_shots(
     dtype = torch.float64
     beam = torch.tensor([0.0, 0.0, -1.0], dtype=dtype)
     e_vector = torch.tensor([1.0, 0.0, 0.0], dtype=dtype)
-    shots, reals, errors = [], [], []
+    shots, reals, errors, cell_errors = [], [], [], []
     for i in range(n_shots):
         real_space = unit_cell_real_space.to(dtype) @ torch.as_tensor(uniform_rotation(rng), dtype=dtype).T
         weight = torch.as_tensor(rng.gamma(2.0, size=energy_eV.numel()), dtype=dtype)
@@ -126,9 +132,13 @@ def synthetic_shots(
         boxes = Shoeboxes(hkl[strong], panel[strong], x0[strong], y0[strong], nx[strong], ny[strong],
                           counts[pixel_keep], torch.ones(int(pixel_keep.sum()), dtype=torch.bool),
                           torch.arange(int(strong.sum())))  # fmt: skip
-        given = real_space @ rotation_from_vector(error).T
+        cell_error = torch.ones(3, dtype=dtype)
+        if cell_error_fraction > 0:  # (no draw otherwise: the same stills as without the option)
+            cell_error = cell_error + torch.as_tensor(rng.normal(size=3), dtype=dtype) * cell_error_fraction
+        given = cell_error.unsqueeze(-1) * real_space @ rotation_from_vector(error).T
         shots.append(Shot(f"synthetic-{seed}-{i}", given, energy_eV.to(dtype), weight / weight.sum(), boxes))
         reals.append(real_space)
         errors.append(error)
+        cell_errors.append(cell_error)
     shot_set = ShotSet(panels, beam, e_vector, 0.999, shots, [f"synthetic still {i}" for i in range(n_shots)])
-    return shot_set, SyntheticTruth(reals, errors, spot_scale)
+    return shot_set, SyntheticTruth(reals, errors, spot_scale, cell_errors)

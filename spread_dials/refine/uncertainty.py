@@ -3,9 +3,10 @@ a bootstrap over stills, intervals and oxidation-state probabilities (pure torch
 
 Curvature: the Fisher information of the Poisson likelihood (its expected Hessian,
 sum_p J_p J_p^T / lambda_p with J = d lambda / d parameters; for the Gaussian-readout likelihood
-1 / (lambda + sigma^2)) over the global parameters theta AND every still's scale, three rotation
-angles and background planes, plus the prior's Hessian (autograd).  The per-shot parameters are
-eliminated by the Schur complement (first each shoebox's plane, then scale and rotation), so
+1 / (lambda + sigma^2)) over the global parameters theta AND every still's scale, three
+rotation angles, cell lengths (when refined) and background planes, plus the prior's Hessian
+(autograd).  The per-shot parameters are eliminated by the Schur complement (first each
+shoebox's plane, then scale, rotation and cell), so
 the covariance of theta accounts for them.  The observed Hessian of the NLL in theta with the
 per-shot parameters held fixed (autograd) is reported beside the Fisher one as a check.
 
@@ -23,7 +24,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from spread_dials.refine.engine import refine_globals, site_intensities
+from spread_dials.refine.engine import global_objective, refine_globals, site_intensities
 from spread_dials.refine.model import pixel_rate, pixel_variance
 
 __all__ = ["CurvatureResult", "curvature", "bootstrap", "interval", "state_probabilities"]
@@ -48,8 +49,9 @@ class CurvatureResult:
     sandwich_observed: Tensor | None = None
 
 
-def _shot_information(refinement, i: int, theta: Tensor, include_rotation: bool) -> tuple[Tensor, Tensor]:
-    """(profiled, conditional) Fisher information of theta from still i."""
+def _shot_information(refinement, i: int, theta: Tensor) -> tuple[Tensor, Tensor]:
+    """(profiled, conditional) Fisher information of theta from still i (the crystal offsets
+    that stage 1 refines, rotation and cell, are profiled with the scale and backgrounds)."""
     cache, state, sites = refinement.caches[i], refinement.states[i], refinement.sites
     readout = refinement.settings.readout_sigma
 
@@ -64,8 +66,12 @@ def _shot_information(refinement, i: int, theta: Tensor, include_rotation: bool)
     profile = cache.profiles.profile
     u_theta = scale * torch.einsum("nc,ncp->np", profile, d_intensity[sb])
     columns = [u_theta, (scale * bragg).unsqueeze(-1)]
-    if include_rotation and cache.profiles.jacobian is not None:
-        columns.append(scale * torch.einsum("ncr,nc->nr", cache.profiles.jacobian, intensity[sb]))
+    jacobian = cache.profiles.jacobian
+    if jacobian is not None:
+        settings = refinement.settings
+        refined = [settings.refine_orientation] * 3 + [settings.refine_cell] * (jacobian.shape[-1] - 3)
+        if any(refined):
+            columns.append(scale * torch.einsum("ncr,nc->nr", jacobian[..., torch.tensor(refined)], intensity[sb]))
     u = torch.cat(columns, -1)  # (N, P + n_s)
     variance = pixel_variance(lam, readout, refinement.settings.model_error_fraction)
     w = cache.fitted.to(lam.dtype) / variance
@@ -99,10 +105,9 @@ def _psd_pseudo_inverse(h: Tensor, rcond: float = 1e-10) -> Tensor:
 def curvature(refinement, observed: bool = True) -> CurvatureResult:
     """Covariances of theta at the current optimum (see the module docstring)."""
     theta = refinement.theta.detach()
-    include_rotation = refinement.settings.refine_orientation
     profiled, conditional = [], []
     for i in range(len(refinement.caches)):
-        a, b = _shot_information(refinement, i, theta, include_rotation)
+        a, b = _shot_information(refinement, i, theta)
         profiled.append(a)
         conditional.append(b)
     # each still's score: the gradient of its NLL at its per-shot optimum (profiled score)
@@ -120,14 +125,21 @@ def curvature(refinement, observed: bool = True) -> CurvatureResult:
         sandwich = profiled_cov @ spread @ profiled_cov
     observed_cov = None
     if observed:
-        def total(t: Tensor) -> Tensor:
-            parts = refinement.still_nlls(t)
-            return sum(parts) if parts else t.sum() * 0.0
-
-        observed_sum = refinement.comm.allreduce(torch.autograd.functional.hessian(total, theta).cpu().numpy())
-        observed_cov = _inverse(torch.as_tensor(observed_sum) + prior)
+        observed_sum = refinement.ordered_sum([_still_hessian(refinement, i, theta) for i in range(len(refinement.caches))])
+        observed_cov = _inverse(observed_sum + prior)
     sandwich_observed = observed_cov @ spread @ observed_cov if observed_cov is not None and spread is not None else None
     return CurvatureResult(profiled_cov, sandwich, _inverse(conditional_sum + prior), observed_cov, sandwich_observed)
+
+
+def _still_hessian(refinement, i: int, theta: Tensor) -> Tensor:
+    """(P, P) observed Hessian (autograd) of still i's weighted NLL in theta, per-shot fixed."""
+    one = [refinement.caches[i]], [refinement.states[i]]
+    settings = refinement.settings
+
+    def nll(t: Tensor) -> Tensor:
+        return global_objective(t, *one, refinement.sites, settings.readout_sigma, settings.model_error_fraction)[0]
+
+    return torch.autograd.functional.hessian(nll, theta).cpu()
 
 
 def _inverse(h: Tensor) -> Tensor:
