@@ -162,7 +162,8 @@ refinement {
             "(eV for edge shifts, electrons for free f', f'')"
   stage1_iterations = 50
     .type = int(value_min=1)
-    .help = "L-BFGS iterations per still and macrocycle"
+    .help = "Most Gauss-Newton steps per still and stage-1 pass (a pass ends earlier when a step"
+            "lowers the NLL by less than 1e-4)"
   stage2_iterations = 50
     .type = int(value_min=1)
     .help = "L-BFGS iterations of the global parameters per macrocycle"

@@ -1,4 +1,5 @@
-"""SPREAD refinement: macrocycles of per-shot (stage 1) and global f'/f'' (stage 2) L-BFGS.
+"""SPREAD refinement: macrocycles of per-shot (stage 1, Gauss-Newton) and global f'/f'' (stage 2,
+L-BFGS) fits.
 
 Pure torch plus a communicator (:class:`spread_dials.parallel.Parallel`, serial or MPI): shots
 are striped over ranks; stage 1 is local to a rank; in stage 2 every rank computes its shots'
@@ -32,20 +33,16 @@ from spread_dials.refine.model import (
     intensities,
     negative_log_likelihood,
     pixel_rate,
-    rate_from_terms,
 )
 from spread_dials.refine.profiles import CrystalModel, shot_profiles
 from spread_dials.refine.residuals import shoebox_statistics
 from spread_dials.refine.shots import ShotSet
 from spread_dials.refine.sites import SiteModel
+from spread_dials.refine.stage1 import OFFSET_UNIT, refine_shot
 
 __all__ = ["RefineSettings", "Refinement", "initial_state", "refine_shot", "site_intensities", "global_objective", "refine_globals"]
 
 logger = logging.getLogger("dials.spread.refine")
-
-#: stage 1 optimises the rotation in milliradians and the log cell lengths in parts per thousand
-#: (better conditioned next to log G and photons)
-_OFFSET_UNIT = 1e-3
 
 
 @dataclass(frozen=True)
@@ -58,7 +55,9 @@ class RefineSettings:
         parameter_tolerance: or when no global parameter moves more than this.
         reject_sigma_z: after each stage 1, shoeboxes whose sigma_Z (rms standardized residual
             over their valid pixels) exceeds this leave the fit for good (None: keep all).
-        stage1_iterations, stage2_iterations: L-BFGS iterations per stage and macrocycle.
+        stage1_iterations: most Gauss-Newton steps per still and stage-1 pass
+            (:mod:`spread_dials.refine.stage1`).
+        stage2_iterations: most L-BFGS iterations of the global parameters per macrocycle.
         readout_sigma: None for the Poisson likelihood, else the Gaussian readout width (photons).
         model_error_fraction: > 0: the Gaussian likelihood with a fractional model error in the
             variance (:func:`~spread_dials.refine.model.pixel_variance`).
@@ -106,63 +105,6 @@ def initial_state(cache: ShotCache, intensity: Tensor, n_shoeboxes: int, iterati
     background[:, 0] = level.clamp(min=1e-3)
     cell = None if cache.profiles.cell is None else cache.profiles.cell.clone()
     return ShotState(torch.log(scale.clamp(min=1e-12)), cache.profiles.rotation.clone(), background, cell)
-
-
-def _lbfgs(parameters: list[Tensor], objective: Callable[[], Tensor], iterations: int) -> float:
-    """Minimise ``objective`` over ``parameters`` with torch.optim.LBFGS (strong Wolfe)."""
-    optimizer = torch.optim.LBFGS(parameters, max_iter=iterations, line_search_fn="strong_wolfe",
-                                  tolerance_grad=1e-9, tolerance_change=1e-12, history_size=20)  # fmt: skip
-
-    def closure() -> Tensor:
-        optimizer.zero_grad()
-        value = objective()
-        value.backward()
-        return value
-
-    optimizer.step(closure)
-    with torch.no_grad():
-        return float(objective())
-
-
-class _Trust:
-    """A crystal offset x kept within t (in units of 1e-3) of the cache point x0:
-    x = x0 + t tanh(u / t) 1e-3, optimised in u."""
-
-    def __init__(self, x: Tensor, x0: Tensor, t: float, refine: bool) -> None:
-        self.x0, self.t = x0.to(x), t
-        start = ((x.detach() - self.x0) / _OFFSET_UNIT).clamp(-0.99 * t, 0.99 * t)
-        self.u = (t * torch.atanh(start / t)).clone().requires_grad_(refine)
-
-    def value(self) -> Tensor:
-        return self.x0 + self.t * torch.tanh(self.u / self.t) * _OFFSET_UNIT
-
-
-def refine_shot(cache: ShotCache, state: ShotState, intensity: Tensor, settings: RefineSettings) -> tuple[ShotState, float]:
-    """Stage 1 for one still: L-BFGS over (log G, rotation, cell, background planes) with |F|^2
-    fixed, on the cached profiles linearised about the cache's offsets; each angle stays within
-    ``settings.rotation_step_mrad`` and each log cell length within ``cell_step_permille`` of the
-    cache point (:class:`_Trust`).  The channels are summed once (:func:`bragg_terms`), so an
-    evaluation costs O(pixels), not O(pixels x channels).  Returns the state and NLL."""
-    log_scale = state.log_scale.detach().clone().requires_grad_(True)
-    rotation = _Trust(state.rotation, cache.profiles.rotation, settings.rotation_step_mrad, settings.refine_orientation)
-    cell = None
-    if state.cell is not None:
-        cell = _Trust(state.cell, cache.profiles.cell, settings.cell_step_permille, settings.refine_cell)
-    background = state.background.detach().clone().requires_grad_(True)
-    params = [log_scale, background] + ([rotation.u] if settings.refine_orientation else [])
-    params += [cell.u] if cell is not None and settings.refine_cell else []
-
-    def current() -> ShotState:
-        return ShotState(log_scale, rotation.value(), background, None if cell is None else cell.value())
-
-    terms = bragg_terms(cache, intensity)
-
-    def objective() -> Tensor:
-        lam, _ = rate_from_terms(cache, current(), terms)
-        return negative_log_likelihood(lam, cache.counts, cache.fitted, settings.readout_sigma, settings.model_error_fraction)
-
-    nll = _lbfgs(params, objective, settings.stage1_iterations)
-    return current().detach(), nll
 
 
 def site_intensities(sites: SiteModel, theta: Tensor, cache: ShotCache) -> Tensor:
@@ -259,9 +201,9 @@ class Refinement:
             intensity = self.curves_intensity(i).detach()
             for _ in range(passes):
                 state, nll = refine_shot(self.caches[i], self.states[i], intensity, settings)
-                step = float((state.rotation - self.caches[i].profiles.rotation).abs().max()) / _OFFSET_UNIT / settings.rotation_step_mrad
+                step = float((state.rotation - self.caches[i].profiles.rotation).abs().max()) / OFFSET_UNIT / settings.rotation_step_mrad
                 if state.cell is not None:
-                    cell_step = float((state.cell - self.caches[i].profiles.cell).abs().max()) / _OFFSET_UNIT
+                    cell_step = float((state.cell - self.caches[i].profiles.cell).abs().max()) / OFFSET_UNIT
                     step = max(step, cell_step / settings.cell_step_permille)
                 self.states[i] = state
                 self.caches[i] = self.caches[i].with_profiles(
