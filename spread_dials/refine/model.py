@@ -22,7 +22,7 @@ from torch import Tensor
 
 from spread_dials.refine.profiles import ShotProfiles
 
-__all__ = ["ShotState", "ShotCache", "BraggTerms", "bragg_terms", "rate_from_terms", "intensities", "pixel_rate", "pixel_variance", "negative_log_likelihood", "LAMBDA_FLOOR"]
+__all__ = ["ShotState", "ShotCache", "BraggTerms", "bragg_terms", "rate_from_terms", "intensities", "site_intensities", "pixel_rate", "pixel_variance", "negative_log_likelihood", "LAMBDA_FLOOR"]
 
 #: smallest pixel rate (photons) the likelihood sees (a plane may dip below 0 at a corner)
 LAMBDA_FLOOR = 1e-6
@@ -99,6 +99,15 @@ def intensities(F0: Tensor, G: Tensor, f_prime: Tensor, f_double_prime: Tensor) 
     anomalous = torch.complex(f_prime, f_double_prime).to(G.dtype)
     F = F0.unsqueeze(-1) + G @ anomalous
     return F.real * F.real + F.imag * F.imag
+
+
+def site_intensities(sites, theta: Tensor, cache: ShotCache) -> Tensor:
+    """(B, C) |F_h(E_c)|^2 of the still's reflections for global parameters ``theta`` (P,) of the
+    site model ``sites`` (:class:`~spread_dials.refine.sites.SiteModel`; theta on the CPU, like
+    the curves), on the device of the still's cache."""
+    fp, fdp = sites.curves(theta, cache.energy_eV)
+    device = cache.F0.device
+    return intensities(cache.F0, cache.G, fp.to(device), fdp.to(device))
 
 
 @dataclass(frozen=True)

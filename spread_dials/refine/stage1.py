@@ -28,6 +28,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from spread_dials.refine.information import eliminate_planes, normal_blocks, refined_offsets
 from spread_dials.refine.model import (
     BraggTerms,
     ShotCache,
@@ -52,12 +53,6 @@ def _nll(cache: ShotCache, state: ShotState, terms: BraggTerms, settings) -> Ten
     return negative_log_likelihood(lam, cache.counts, cache.fitted, settings.readout_sigma, settings.model_error_fraction)
 
 
-def _refined_offsets(state: ShotState, settings) -> Tensor:
-    """(K,) bool: which offsets (3 rotation, then cell) stage 1 refines."""
-    n_cell = 0 if state.cell is None else int(state.cell.numel())
-    return torch.tensor([settings.refine_orientation] * 3 + [settings.refine_cell] * n_cell)
-
-
 def _normal_equations(cache: ShotCache, state: ShotState, terms: BraggTerms, settings, refined: Tensor):
     """NLL, gradient and Fisher blocks at ``state``: (nll, g_s (S,), g_b (B, 3), H_ss (S, S),
     H_bs (B, 3, S), H_bb (B, 3, 3)) with s = (log G, refined offsets)."""
@@ -77,30 +72,20 @@ def _normal_equations(cache: ShotCache, state: ShotState, terms: BraggTerms, set
         columns.append(scale * terms.jacobian[:, refined.to(terms.jacobian.device)])
     u = torch.cat(columns, -1)  # (N, S)
     w = cache.fitted.to(lam.dtype) / pixel_variance(lam, settings.readout_sigma, settings.model_error_fraction)
-    x = torch.stack([torch.ones_like(cache.fast), cache.fast, cache.slow], -1)
-    sb = cache.pixel_shoebox
-    wx = w.unsqueeze(-1) * x
-    h_bb = torch.zeros((n_b, 3, 3), dtype=lam.dtype, device=lam.device).index_add(0, sb, wx.unsqueeze(-1) * x.unsqueeze(-2))
-    h_bs = torch.zeros((n_b, 3, u.shape[1]), dtype=lam.dtype, device=lam.device).index_add(0, sb, wx.unsqueeze(-1) * u.unsqueeze(-2))
-    h_ss = (w.unsqueeze(-1) * u).T @ u
+    h_bb, h_bs, h_ss = normal_blocks(cache, w, u, n_b)
     g_s = torch.cat([g_scale.reshape(1), g_offsets[refined.to(g_offsets.device)]])
     return nll.detach(), g_s, g_b, h_ss, h_bs, h_bb
 
 
 def _damped_step(g_s: Tensor, g_b: Tensor, h_ss: Tensor, h_bs: Tensor, h_bb: Tensor, mu: float) -> tuple[Tensor, Tensor]:
-    """(step_s (S,), step_b (B, 3)) of the damped normal equations, the planes eliminated per
-    shoebox.  Damping: each diagonal x (1 + mu), plus a floor for empty shoeboxes."""
-    eye3 = torch.eye(3, dtype=h_bb.dtype, device=h_bb.device)
-    d_bb = h_bb.diagonal(dim1=-2, dim2=-1)
-    h_bb = h_bb + torch.diag_embed(mu * d_bb) + 1e-12 * (1 + d_bb.amax(-1, keepdim=True)).unsqueeze(-1) * eye3
-    h_ss = h_ss + torch.diag(mu * h_ss.diagonal()) + 1e-12 * (1 + h_ss.diagonal().amax()) * torch.eye(h_ss.shape[0], dtype=h_ss.dtype, device=h_ss.device)
-    solved = torch.linalg.solve(h_bb, torch.cat([h_bs, g_b.unsqueeze(-1)], -1))  # (B, 3, S + 1)
-    inv_bs, inv_gb = solved[..., :-1], solved[..., -1]
-    reduced = h_ss - torch.einsum("bis,bit->st", h_bs, inv_bs)
-    rhs = g_s - torch.einsum("bis,bi->s", h_bs, inv_gb)
+    """(step_s (S,), step_b (B, 3)) of the normal equations damped by diagonal x (1 + mu), the
+    planes eliminated per shoebox (:func:`~spread_dials.refine.information.eliminate_planes`)."""
+    h_bb = h_bb + torch.diag_embed(mu * h_bb.diagonal(dim1=-2, dim2=-1))
+    eye = torch.eye(h_ss.shape[0], dtype=h_ss.dtype, device=h_ss.device)
+    h_ss = h_ss + torch.diag(mu * h_ss.diagonal()) + 1e-12 * (1 + h_ss.diagonal().amax()) * eye
+    reduced, rhs, back, back_g = eliminate_planes(h_bb, h_bs, h_ss, g_b, g_s)
     step_s = -torch.linalg.solve(0.5 * (reduced + reduced.T), rhs)
-    step_b = -(inv_gb + (inv_bs @ step_s.unsqueeze(-1)).squeeze(-1))
-    return step_s, step_b
+    return step_s, -(back_g + (back @ step_s.unsqueeze(-1)).squeeze(-1))
 
 
 def refine_shot(cache: ShotCache, state: ShotState, intensity: Tensor, settings) -> tuple[ShotState, float]:
@@ -117,7 +102,7 @@ def refine_shot(cache: ShotCache, state: ShotState, intensity: Tensor, settings)
         (state, NLL) at the end.
     """
     terms = bragg_terms(cache, intensity)
-    refined = _refined_offsets(state, settings) & (terms.jacobian is not None)
+    refined = refined_offsets(state.offsets.numel(), settings) & (terms.jacobian is not None)
     x0 = cache.profiles.offsets.to(state.rotation)
     n_cell = x0.numel() - 3
     radius = torch.tensor([settings.rotation_step_mrad] * 3 + [settings.cell_step_permille] * n_cell, dtype=x0.dtype,

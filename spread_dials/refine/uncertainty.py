@@ -24,8 +24,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from spread_dials.refine.engine import global_objective, refine_globals, site_intensities
-from spread_dials.refine.model import pixel_rate, pixel_variance
+from spread_dials.refine.engine import global_objective, refine_globals
+from spread_dials.refine.information import shot_information
 
 __all__ = ["CurvatureResult", "curvature", "bootstrap", "interval", "state_probabilities"]
 
@@ -49,65 +49,12 @@ class CurvatureResult:
     sandwich_observed: Tensor | None = None
 
 
-def _shot_information(refinement, i: int, theta: Tensor) -> tuple[Tensor, Tensor]:
-    """(profiled, conditional) Fisher information of theta from still i (the crystal offsets
-    that stage 1 refines, rotation and cell, are profiled with the scale and backgrounds)."""
-    cache, state, sites = refinement.caches[i], refinement.states[i], refinement.sites
-    readout = refinement.settings.readout_sigma
-
-    def intensity_of(t: Tensor) -> Tensor:
-        return site_intensities(sites, t, cache)
-
-    intensity = intensity_of(theta)
-    d_intensity = torch.func.jacfwd(intensity_of)(theta)  # (B, C, P)
-    lam, bragg = pixel_rate(cache, state, intensity)
-    scale = torch.exp(state.log_scale)
-    sb = cache.pixel_shoebox
-    profile = cache.profiles.profile
-    u_theta = scale * torch.einsum("nc,ncp->np", profile, d_intensity[sb])
-    columns = [u_theta, (scale * bragg).unsqueeze(-1)]
-    jacobian = cache.profiles.jacobian
-    if jacobian is not None:
-        settings = refinement.settings
-        refined = [settings.refine_orientation] * 3 + [settings.refine_cell] * (jacobian.shape[-1] - 3)
-        if any(refined):
-            columns.append(scale * torch.einsum("ncr,nc->nr", jacobian[..., torch.tensor(refined)], intensity[sb]))
-    u = torch.cat(columns, -1)  # (N, P + n_s)
-    variance = pixel_variance(lam, readout, refinement.settings.model_error_fraction)
-    w = cache.fitted.to(lam.dtype) / variance
-    x = torch.stack([torch.ones_like(cache.fast), cache.fast, cache.slow], -1)  # (N, 3)
-    n_b = int(state.background.shape[0])
-    wx = w.unsqueeze(-1) * x
-    h_bb = torch.zeros((n_b, 3, 3), dtype=lam.dtype, device=lam.device).index_add(0, sb, wx.unsqueeze(-1) * x.unsqueeze(-2))
-    h_bo = torch.zeros((n_b, 3, u.shape[1]), dtype=lam.dtype, device=lam.device).index_add(0, sb, wx.unsqueeze(-1) * u.unsqueeze(-2))
-    h_oo = (w.unsqueeze(-1) * u).T @ u
-    h_bb = h_bb + 1e-12 * torch.eye(3, dtype=lam.dtype, device=lam.device)
-    reduced = h_oo - torch.einsum("bip,biq->pq", h_bo, torch.linalg.solve(h_bb, h_bo))
-    p = u_theta.shape[1]
-    h_tt, h_ts, h_ss = reduced[:p, :p], reduced[:p, p:], reduced[p:, p:]
-    profiled = h_tt - h_ts @ _psd_pseudo_inverse(h_ss) @ h_ts.T
-    conditional = h_oo[:p, :p]
-    return cache.weight * profiled.detach().cpu(), cache.weight * conditional.detach().cpu()
-
-
-def _psd_pseudo_inverse(h: Tensor, rcond: float = 1e-10) -> Tensor:
-    """Pseudo-inverse of a positive semi-definite information matrix, scaled to unit diagonal
-    first (log G and angles in rad differ by orders of magnitude); directions with relative
-    eigenvalue below ``rcond`` (a parameter the still does not determine, or round-off that
-    makes an eigenvalue negative) are dropped rather than inverted."""
-    d = h.diagonal().clamp(min=1e-300).rsqrt()
-    evals, evecs = torch.linalg.eigh(d.unsqueeze(-1) * h * d)
-    keep = evals > rcond * evals.max().clamp(min=1e-300)
-    inv = (evecs[:, keep] / evals[keep]) @ evecs[:, keep].T
-    return d.unsqueeze(-1) * inv * d
-
-
 def curvature(refinement, observed: bool = True) -> CurvatureResult:
     """Covariances of theta at the current optimum (see the module docstring)."""
     theta = refinement.theta.detach()
     profiled, conditional = [], []
     for i in range(len(refinement.caches)):
-        a, b = _shot_information(refinement, i, theta)
+        a, b = shot_information(refinement, i, theta)
         profiled.append(a)
         conditional.append(b)
     # each still's score: the gradient of its NLL at its per-shot optimum (profiled score)

@@ -1,0 +1,102 @@
+"""Fisher information of the global parameters from one still, with its per-shot parameters
+profiled out (pure torch); used by stage 2's scoring step and by the uncertainty.
+
+The Fisher information of the Poisson likelihood (its expected Hessian, sum_p J_p J_p^T /
+lambda_p with J = d lambda / d parameters; for the Gaussian likelihoods 1 / variance) over the
+global parameters theta AND the still's scale, refined crystal offsets (rotation, cell) and
+background planes.  The per-shot parameters are eliminated by the Schur complement (first each
+shoebox's plane, then scale and offsets).
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from spread_dials.refine.model import pixel_rate, pixel_variance, site_intensities
+
+__all__ = ["shot_information", "refined_offsets", "psd_pseudo_inverse", "normal_blocks", "eliminate_planes"]
+
+
+def shot_information(refinement, i: int, theta: Tensor) -> tuple[Tensor, Tensor]:
+    """(profiled, conditional) Fisher information of theta from still i (the crystal offsets
+    that stage 1 refines, rotation and cell, are profiled with the scale and backgrounds)."""
+    cache, state, sites = refinement.caches[i], refinement.states[i], refinement.sites
+    readout = refinement.settings.readout_sigma
+
+    def intensity_of(t: Tensor) -> Tensor:
+        return site_intensities(sites, t, cache)
+
+    intensity = intensity_of(theta)
+    d_intensity = torch.func.jacfwd(intensity_of)(theta)  # (B, C, P)
+    lam, bragg = pixel_rate(cache, state, intensity)
+    scale = torch.exp(state.log_scale)
+    sb = cache.pixel_shoebox
+    profile = cache.profiles.profile
+    u_theta = scale * torch.einsum("nc,ncp->np", profile, d_intensity[sb])
+    columns = [u_theta, (scale * bragg).unsqueeze(-1)]
+    jacobian = cache.profiles.jacobian
+    if jacobian is not None:
+        refined = refined_offsets(jacobian.shape[-1], refinement.settings)
+        if bool(refined.any()):
+            columns.append(scale * torch.einsum("ncr,nc->nr", jacobian[..., refined.to(jacobian.device)], intensity[sb]))
+    u = torch.cat(columns, -1)  # (N, P + n_s)
+    w = cache.fitted.to(lam.dtype) / pixel_variance(lam, readout, refinement.settings.model_error_fraction)
+    h_bb, h_bo, h_oo = normal_blocks(cache, w, u, int(state.background.shape[0]))
+    reduced, _, _, _ = eliminate_planes(h_bb, h_bo, h_oo)
+    p = u_theta.shape[1]
+    h_tt, h_ts, h_ss = reduced[:p, :p], reduced[:p, p:], reduced[p:, p:]
+    profiled = h_tt - h_ts @ psd_pseudo_inverse(h_ss) @ h_ts.T
+    conditional = h_oo[:p, :p]
+    return cache.weight * profiled.detach().cpu(), cache.weight * conditional.detach().cpu()
+
+
+def refined_offsets(n_offsets: int, settings) -> Tensor:
+    """(n_offsets,) bool: which crystal offsets (3 rotation angles, then the cell lengths)
+    stage 1 refines under ``settings`` (:class:`~spread_dials.refine.engine.RefineSettings`)."""
+    return torch.tensor([settings.refine_orientation] * 3 + [settings.refine_cell] * (n_offsets - 3))
+
+
+def normal_blocks(cache, w: Tensor, u: Tensor, n_shoeboxes: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Blocks of sum_p w_p d_p d_p^T with d_p = (x_p (the plane's 3 columns), u_p (S,)):
+    (H_bb (B, 3, 3), H_bs (B, 3, S), H_ss (S, S)); x_p = (1, fast_p, slow_p) of the pixel's
+    shoebox (``cache.pixel_shoebox``), w (N,) the weights (0 for pixels out of the fit)."""
+    x = torch.stack([torch.ones_like(cache.fast), cache.fast, cache.slow], -1)
+    sb = cache.pixel_shoebox
+    wx = w.unsqueeze(-1) * x
+    zeros = torch.zeros((n_shoeboxes, 3, 3 + u.shape[1]), dtype=w.dtype, device=w.device)
+    h_b = zeros.index_add(0, sb, wx.unsqueeze(-1) * torch.cat([x, u], -1).unsqueeze(-2))
+    return h_b[..., :3], h_b[..., 3:], (w.unsqueeze(-1) * u).T @ u
+
+
+def eliminate_planes(h_bb: Tensor, h_bs: Tensor, h_ss: Tensor, g_b: Tensor | None = None, g_s: Tensor | None = None):
+    """Schur complement of the per-shoebox plane blocks of a normal matrix (and gradient).
+
+    Returns:
+        (reduced (S, S), reduced gradient (S,) or None, H_bb^-1 H_bs (B, 3, S), H_bb^-1 g_b
+        (B, 3) or None): the reduced system in the shared parameters and what back-substitution
+        needs (plane step = -(H_bb^-1 g_b + H_bb^-1 H_bs step_s)).  A relative 1e-12 ridge keeps
+        an empty shoebox's block invertible.
+    """
+    d = h_bb.diagonal(dim1=-2, dim2=-1).amax(-1, keepdim=True).unsqueeze(-1)
+    h_bb = h_bb + 1e-12 * (1 + d) * torch.eye(3, dtype=h_bb.dtype, device=h_bb.device)
+    rhs = h_bs if g_b is None else torch.cat([h_bs, g_b.unsqueeze(-1)], -1)
+    solved = torch.linalg.solve(h_bb, rhs)
+    back = solved[..., : h_bs.shape[-1]]
+    reduced = h_ss - torch.einsum("bis,bit->st", h_bs, back)
+    if g_b is None:
+        return reduced, None, back, None
+    back_g = solved[..., -1]
+    return reduced, g_s - torch.einsum("bis,bi->s", h_bs, back_g), back, back_g
+
+
+def psd_pseudo_inverse(h: Tensor, rcond: float = 1e-10) -> Tensor:
+    """Pseudo-inverse of a positive semi-definite information matrix, scaled to unit diagonal
+    first (log G and angles in rad differ by orders of magnitude); directions with relative
+    eigenvalue below ``rcond`` (a parameter the still does not determine, or round-off that
+    makes an eigenvalue negative) are dropped rather than inverted."""
+    d = h.diagonal().clamp(min=1e-300).rsqrt()
+    evals, evecs = torch.linalg.eigh(d.unsqueeze(-1) * h * d)
+    keep = evals > rcond * evals.max().clamp(min=1e-300)
+    inv = (evecs[:, keep] / evals[keep]) @ evecs[:, keep].T
+    return d.unsqueeze(-1) * inv * d
