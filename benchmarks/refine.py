@@ -268,7 +268,7 @@ def run_case(name: str, args, device: torch.device, deadline: float, emit) -> di
                 raise Deadline()
 
         try:
-            stage1_nll = ref.stage1(progress)
+            stage1_nll, _ = ref.stage1(progress)
             complete1 = True
         except Deadline:
             stage1_nll, complete1 = None, False

@@ -181,6 +181,12 @@ refinement {
   cell_step_permille = 1.0
     .type = float(value_min=0.01)
     .help = "Trust radius of one stage-1 pass for each cell length (parts per thousand)"
+  resolution_ramp = 0.3 0.5 0.7 0.85
+    .type = floats(value_min=0.01, value_max=1)
+    .help = "Fractions of each still's shoeboxes, lowest resolution first, that the first"
+            "macrocycle's stage 1 fits (one relinearised pass each) before all of them: an"
+            "orientation or cell error moves high-resolution spots by more than their width,"
+            "out of reach of the linearised profiles.  Empty: all shoeboxes from the start"
   relinearisations = 3
     .type = int(value_min=1)
     .help = "Most stage-1 passes per still and macrocycle, the profiles recomputed after each"

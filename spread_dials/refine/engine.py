@@ -77,6 +77,8 @@ class RefineSettings:
         relinearisations: most stage-1 passes per still and macrocycle; after each the profiles
             are recomputed at the new orientation and cell; a pass whose largest step is under a
             quarter of its trust radius ends them.
+        resolution_ramp: fractions of each still's shoeboxes, lowest resolution first, that the
+            first macrocycle's stage 1 fits before all of them (one pass each; :meth:`Refinement.stage1`).
     """
 
     macrocycles: int = 5
@@ -94,6 +96,7 @@ class RefineSettings:
     relinearisations: int = 3
     parameter_tolerance: float = 0.01
     reject_sigma_z: float | None = None
+    resolution_ramp: tuple[float, ...] = (0.3, 0.5, 0.7, 0.85)
 
 
 def initial_state(cache: ShotCache, intensity: Tensor, n_shoeboxes: int, iterations: int = 50) -> ShotState:
@@ -191,31 +194,53 @@ class Refinement:
         (prior_grad,) = torch.autograd.grad(prior, prior_theta)
         return total[0] + prior.detach(), total[1:] + prior_grad
 
-    def stage1(self, progress: Callable[[int, int], None] | None = None) -> float:
-        """Per-shot refinement, then the profiles recomputed at the new orientations; the total
-        NLL over all ranks (summed in still order)."""
-        nlls = []
+    def stage1(self, progress: Callable[[int, int], None] | None = None, ramp: bool = False) -> tuple[float, float]:
+        """Per-shot refinement, then the profiles recomputed at the new offsets.
+
+        With ``ramp`` (the first macrocycle) each still first fits growing sets of its
+        lowest-resolution shoeboxes (``settings.resolution_ramp``: fractions of them), the
+        profiles recomputed after each: a cell or orientation error moves a high-resolution spot
+        by more than its width, out of the linearisation's reach, while the low-resolution spots
+        still pull the crystal towards the truth.
+
+        Returns:
+            (total NLL over all ranks (summed in still order), the largest move of any still's
+            offsets in units of its trust radius, over all ranks).
+        """
+        nlls, largest = [], 0.0
         settings = self.settings
         passes = settings.relinearisations if settings.refine_orientation or settings.refine_cell else 1
         for i in range(len(self.caches)):
             intensity = self.curves_intensity(i).detach()
-            for _ in range(passes):
-                state, nll = refine_shot(self.caches[i], self.states[i], intensity, settings)
-                step = float((state.rotation - self.caches[i].profiles.rotation).abs().max()) / OFFSET_UNIT / settings.rotation_step_mrad
-                if state.cell is not None:
-                    cell_step = float((state.cell - self.caches[i].profiles.cell).abs().max()) / OFFSET_UNIT
-                    step = max(step, cell_step / settings.cell_step_permille)
+            start = self.states[i].offsets.clone()
+            radius = self._trust_radius(start)
+            fractions = list(settings.resolution_ramp) if ramp and passes > 1 else []
+            order = _resolution(self.shots.shots[i]) if fractions else None
+            for fraction in [*fractions, *([None] * passes)]:
+                cache = self.caches[i]
+                if fraction is not None:
+                    low = order <= torch.quantile(order, fraction)
+                    cache = replace(cache, rejected=~low if cache.rejected is None else cache.rejected | ~low)
+                state, nll = refine_shot(cache, self.states[i], intensity, settings)
+                step = float(((state.offsets - self.caches[i].profiles.offsets) / radius).abs().max())
                 self.states[i] = state
                 self.caches[i] = self.caches[i].with_profiles(
                     shot_profiles(self.shots, self.shots.shots[i], self.crystal_model, state.rotation, cell=state.cell)
                 )
-                if step < 0.25:
+                if fraction is None and step < 0.25:
                     break
+            largest = max(largest, float(((self.states[i].offsets - start) / radius).abs().max()))
             nlls.append(torch.tensor([nll], dtype=torch.float64))
             if progress is not None:
                 progress(i + 1, len(self.caches))
         total = self.ordered_sum(nlls)
-        return 0.0 if total is None else float(total[0])
+        return (0.0 if total is None else float(total[0])), float(self.comm.allreduce(largest, op="max"))
+
+    def _trust_radius(self, offsets: Tensor) -> Tensor:
+        """(3 + k,) trust radius of each offset (rad, log length)."""
+        n_cell = offsets.numel() - 3
+        radius = [self.settings.rotation_step_mrad] * 3 + [self.settings.cell_step_permille] * n_cell
+        return torch.tensor(radius, dtype=offsets.dtype, device=offsets.device) * OFFSET_UNIT
 
     def initialise_states(self) -> None:
         """Starting per-shot parameters from the caches at the current theta."""
@@ -229,7 +254,7 @@ class Refinement:
         for cycle in range(start_macrocycle, self.settings.macrocycles):
             t0 = time.perf_counter()
             theta_before = self.theta.clone()
-            stage1 = self.stage1(progress)
+            stage1, offsets_moved = self.stage1(progress, ramp=cycle == 0)
             rejected = self.reject_shoeboxes()
             nll = self.stage2()
             self.history.append({"macrocycle": cycle + 1, "stage1_nll": stage1, "nll": nll,
@@ -247,8 +272,9 @@ class Refinement:
             if previous is not None and abs(previous - nll) < self.settings.nll_tolerance:
                 logger.info("converged: NLL changed by %.4f < %g", abs(previous - nll), self.settings.nll_tolerance)
                 break
-            if previous is not None and moved < self.settings.parameter_tolerance:
-                logger.info("converged: global parameters moved by at most %.4g < %g", moved, self.settings.parameter_tolerance)
+            if previous is not None and moved < self.settings.parameter_tolerance and offsets_moved < 0.05:
+                logger.info("converged: global parameters moved by at most %.4g < %g, crystal offsets by at most %.3f of "
+                            "their trust radius", moved, self.settings.parameter_tolerance, offsets_moved)  # fmt: skip
                 break
             previous = nll
 
@@ -300,6 +326,12 @@ class Refinement:
             self.theta = self.theta + step
         value, _ = self.global_value_and_grad(self.theta)
         return float(value)
+
+
+def _resolution(shot) -> Tensor:
+    """(B,) |h| in reciprocal space (1/A) of each shoebox's reflection under the given crystal."""
+    q = shot.shoeboxes.miller_index.to(shot.real_space.dtype) @ torch.linalg.inv(shot.real_space).T
+    return q.norm(dim=-1)
 
 
 def make_caches(shots: ShotSet, table: StructureFactors, model: CrystalModel, rotations: list[Tensor] | None = None,
