@@ -214,7 +214,7 @@ class Refinement:
             intensity = self.curves_intensity(i).detach()
             start = self.states[i].offsets.clone()
             radius = self._trust_radius(start)
-            fractions = list(settings.resolution_ramp) if ramp and passes > 1 else []
+            fractions = list(settings.resolution_ramp) if ramp and (settings.refine_orientation or settings.refine_cell) else []
             order = _resolution(self.shots.shots[i]) if fractions else None
             for fraction in [*fractions, *([None] * passes)]:
                 cache = self.caches[i]
