@@ -51,6 +51,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root (no install needed)
 
 import spread_dials.refine.engine as engine
+import spread_dials.refine.stage1 as stage1
 from spread_dials.detectors.jungfrau import jungfrau16m_panel_array
 from spread_dials.io.anomalous_tables import read_anomalous_table
 from spread_dials.io.builtin_references import builtin_fe_reference_paths
@@ -93,8 +94,8 @@ def _sync(device: torch.device) -> None:
 
 
 def _instrument(device: torch.device) -> None:
-    """Time engine.shot_profiles (synchronised) and count pixel-rate evaluations."""
-    profiles, rate = engine.shot_profiles, engine.pixel_rate
+    """Time engine.shot_profiles (synchronised) and count stage 1's rate evaluations."""
+    profiles, rate = engine.shot_profiles, stage1.rate_from_terms
 
     def timed_profiles(*a, **k):
         _sync(device)
@@ -110,7 +111,7 @@ def _instrument(device: torch.device) -> None:
         return rate(*a, **k)
 
     engine.shot_profiles = timed_profiles
-    engine.pixel_rate = counted_rate
+    stage1.rate_from_terms = counted_rate
 
 
 def _reset() -> None:
@@ -180,7 +181,8 @@ def run_case(name: str, args, device: torch.device, deadline: float, emit) -> di
                                       seed=args.seed * 1000 + i, spot_scale=case["spot_scale"],
                                       background_photons=BACKGROUND_PHOTONS,
                                       orientation_error_deg=case["orientation_error_deg"], truth_model=case["truth_model"],
-                                      domains_per_still=True, device=device)  # fmt: skip
+                                      domains_per_still=True, device=device,
+                                      cell_error_fraction=args.cell_error)  # fmt: skip
         shot_list.append(made.shots[0])
         if i == 0:
             base = made
@@ -213,7 +215,8 @@ def run_case(name: str, args, device: torch.device, deadline: float, emit) -> di
     for i in range(n):
         if time.perf_counter() > deadline - args.reserve_s:
             break
-        caches += make_caches(replace(shots, shots=[shots.shots[i]], sources=[""]), case["table"], case["model"])
+        caches += make_caches(replace(shots, shots=[shots.shots[i]], sources=[""]), case["table"], case["model"],
+                              refine_cell=args.cell_error > 0)  # fmt: skip
     _sync(device)
     if len(caches) < n:  # the deadline cut in: refine the stills that have caches
         shots = replace(shots, shots=shots.shots[: len(caches)], sources=shots.sources[: len(caches)])
@@ -223,9 +226,12 @@ def run_case(name: str, args, device: torch.device, deadline: float, emit) -> di
     row["make_caches_seconds"] = time.perf_counter() - t0
     settings = RefineSettings(macrocycles=args.macrocycles, nll_tolerance=0.0, stage1_iterations=args.stage1_iterations,
                               stage2_iterations=args.stage2_iterations, readout_sigma=None, refine_orientation=True,
-                              rotation_step_mrad=1.0, relinearisations=args.relinearisations)  # fmt: skip
+                              rotation_step_mrad=1.0, relinearisations=args.relinearisations,
+                              refine_cell=args.cell_error > 0, stage2=args.stage2)  # fmt: skip
     row["settings"] = {k: getattr(settings, k) for k in ("macrocycles", "stage1_iterations", "stage2_iterations",
-                                                        "relinearisations", "rotation_step_mrad")}  # fmt: skip
+                                                        "relinearisations", "rotation_step_mrad", "refine_cell",
+                                                        "stage2", "resolution_ramp")}  # fmt: skip
+    row["cell_error_fraction"] = args.cell_error
     sites = EdgeShiftSites(case["references"], list(range(len(case["references"]))), case["labels"])
     ref = Refinement(shots, list(range(n)), n, caches, [], sites, sites.initial(), case["model"], Parallel(), settings)
     t0 = time.perf_counter()
@@ -268,7 +274,7 @@ def run_case(name: str, args, device: torch.device, deadline: float, emit) -> di
                 raise Deadline()
 
         try:
-            stage1_nll, _ = ref.stage1(progress)
+            stage1_nll, _ = ref.stage1(progress, ramp=cycle == 0)
             complete1 = True
         except Deadline:
             stage1_nll, complete1 = None, False
@@ -342,7 +348,7 @@ def profile_pieces(ref: Refinement, device: torch.device, deadline: float, profi
             ref.theta.clone().requires_grad_(True), [cache], [state], ref.sites, None
         )[0].backward(),  # fmt: skip
         "profile_recompute": lambda: engine.shot_profiles(
-            ref.shots, ref.shots.shots[i], ref.crystal_model, state.rotation
+            ref.shots, ref.shots.shots[i], ref.crystal_model, state.rotation, cell=state.cell
         ),
     }
     for key, fn in pieces.items():
@@ -387,6 +393,9 @@ def main(argv=None) -> int:
     ap.add_argument("--stage2-iterations", type=int, default=50)
     ap.add_argument("--relinearisations", type=int, default=3)
     ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--cell-error", type=float, default=0.001,
+                    help="rms fractional error of each given cell length (0: cell not refined)")
+    ap.add_argument("--stage2", default="scoring", choices=("scoring", "lbfgs"))
     ap.add_argument("--deadline-s", type=float, default=3600.0, help="wall-clock budget of the whole run (s)")
     ap.add_argument("--case-share", type=str, default="0.7,0.3", help="share of the deadline for each case")
     ap.add_argument("--reserve-s", type=float, default=5.0)
