@@ -163,7 +163,7 @@ refinement {
   stage1_iterations = 50
     .type = int(value_min=1)
     .help = "Most Gauss-Newton steps per still and stage-1 pass (a pass ends earlier when a step"
-            "lowers the NLL by less than 1e-4)"
+            "lowers the NLL by less than 1e-3)"
   stage2_iterations = 50
     .type = int(value_min=1)
     .help = "L-BFGS iterations of the global parameters per macrocycle"
@@ -174,7 +174,7 @@ refinement {
     .type = float(value_min=0.01)
     .help = "Trust radius (mrad) of one stage-1 pass: each angle moves at most this far from"
             "where the profiles were last computed"
-  refine_cell = False
+  refine_cell = True
     .type = bool
     .help = "Refine each still's unit-cell lengths (a, b, c; tied as the lattice symmetry of"
             "the integrated crystals requires; angles kept)"

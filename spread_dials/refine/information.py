@@ -13,7 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from spread_dials.refine.model import pixel_rate, pixel_variance, site_intensities
+from spread_dials.refine.model import fisher_weights, pixel_rate, site_intensities
 
 __all__ = ["shot_information", "refined_offsets", "psd_pseudo_inverse", "normal_blocks", "eliminate_planes"]
 
@@ -41,7 +41,7 @@ def shot_information(refinement, i: int, theta: Tensor) -> tuple[Tensor, Tensor]
         if bool(refined.any()):
             columns.append(scale * torch.einsum("ncr,nc->nr", jacobian[..., refined.to(jacobian.device)], intensity[sb]))
     u = torch.cat(columns, -1)  # (N, P + n_s)
-    w = cache.fitted.to(lam.dtype) / pixel_variance(lam, readout, refinement.settings.model_error_fraction)
+    w = fisher_weights(lam, cache.fitted, readout, refinement.settings.model_error_fraction)
     h_bb, h_bo, h_oo = normal_blocks(cache, w, u, int(state.background.shape[0]))
     reduced, _, _, _ = eliminate_planes(h_bb, h_bo, h_oo)
     p = u_theta.shape[1]

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from spread_dials.refine.profiles import ShotProfiles
 
-__all__ = ["ShotState", "ShotCache", "BraggTerms", "bragg_terms", "rate_from_terms", "intensities", "site_intensities", "pixel_rate", "pixel_variance", "negative_log_likelihood", "LAMBDA_FLOOR"]
+__all__ = ["ShotState", "ShotCache", "BraggTerms", "bragg_terms", "rate_from_terms", "intensities", "site_intensities", "pixel_rate", "pixel_variance", "fisher_weights", "negative_log_likelihood", "LAMBDA_FLOOR"]
 
 #: smallest pixel rate (photons) the likelihood sees (a plane may dip below 0 at a corner)
 LAMBDA_FLOOR = 1e-6
@@ -171,6 +171,14 @@ def pixel_variance(lam: Tensor, readout_sigma: float | None = None, model_error_
     pixel is 200 photons, twice its Poisson noise)."""
     lam = lam.clamp(min=LAMBDA_FLOOR)
     return lam + (readout_sigma or 0.0) ** 2 + (model_error_fraction * lam) ** 2
+
+
+def fisher_weights(lam: Tensor, fitted: Tensor, readout_sigma: float | None = None, model_error_fraction: float = 0.0) -> Tensor:
+    """(N,) weights 1 / variance of the Fisher information sum_p w_p (d lambda_p)(d lambda_p)^T:
+    0 for pixels out of the fit and for pixels whose rate is at or below the floor (the clamped
+    rate does not move with the parameters; 1 / floor would swamp the information)."""
+    w = fitted.to(lam.dtype) / pixel_variance(lam, readout_sigma, model_error_fraction)
+    return torch.where(lam > LAMBDA_FLOOR, w, torch.zeros_like(w))
 
 
 def negative_log_likelihood(lam: Tensor, counts: Tensor, valid: Tensor, readout_sigma: float | None = None,

@@ -34,15 +34,15 @@ from spread_dials.refine.model import (
     ShotCache,
     ShotState,
     bragg_terms,
+    fisher_weights,
     negative_log_likelihood,
-    pixel_variance,
     rate_from_terms,
 )
 
 __all__ = ["refine_shot", "STAGE1_TOLERANCE", "OFFSET_UNIT"]
 
 #: a Gauss-Newton step that lowers the NLL by less than this ends stage 1 for the still
-STAGE1_TOLERANCE = 1e-4
+STAGE1_TOLERANCE = 1e-3
 
 #: unit of the trust radii: mrad for rotations, parts per thousand for log cell lengths
 OFFSET_UNIT = 1e-3
@@ -71,7 +71,7 @@ def _normal_equations(cache: ShotCache, state: ShotState, terms: BraggTerms, set
     if bool(refined.any()):
         columns.append(scale * terms.jacobian[:, refined.to(terms.jacobian.device)])
     u = torch.cat(columns, -1)  # (N, S)
-    w = cache.fitted.to(lam.dtype) / pixel_variance(lam, settings.readout_sigma, settings.model_error_fraction)
+    w = fisher_weights(lam, cache.fitted, settings.readout_sigma, settings.model_error_fraction)
     h_bb, h_bs, h_ss = normal_blocks(cache, w, u, n_b)
     g_s = torch.cat([g_scale.reshape(1), g_offsets[refined.to(g_offsets.device)]])
     return nll.detach(), g_s, g_b, h_ss, h_bs, h_bb
