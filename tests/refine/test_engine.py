@@ -240,4 +240,5 @@ def test_stage_one_reaches_the_optimum_of_an_independent_optimiser(problem):
     reference = minimize(objective, x0, jac=True, method="L-BFGS-B", bounds=bounds,
                          options={"maxiter": 20000, "maxfun": 40000, "ftol": 1e-15, "gtol": 1e-9})  # fmt: skip
     assert nll <= reference.fun + 1e-3, (nll, reference.fun, reference.message)
-    assert float(fitted.log_scale) == pytest.approx(reference.x[0], abs=1e-4)
+    # stage 1 stops when a step gains < 1e-3 in NLL (a 1-sigma move of one parameter is 0.5)
+    assert float(fitted.log_scale) == pytest.approx(reference.x[0], abs=2e-3)
