@@ -328,7 +328,10 @@ class Refinement:
         Under misfit the Fisher information can misjudge the curvature either way (too small a
         step on bright stills, too large along a poorly determined direction): the line search
         keeps every step downhill.  No step when none of the three lowers it."""
-        value, grad = self.global_value_and_grad(self.theta)
+        # the per-shot parameters refitted on the current caches (stage 1 recomputed the profiles
+        # after its last fit): the profile NLL at theta that a trial must beat
+        value, self.states = self._profile_nll(self.theta)
+        _, grad = self.global_value_and_grad(self.theta)
         information = self.ordered_sum([shot_information(self, i, self.theta)[0] for i in range(len(self.caches))])
         prior = torch.autograd.functional.hessian(self.sites.negative_log_prior, self.theta.detach())
         information = prior if information is None else information + prior
@@ -338,16 +341,22 @@ class Refinement:
             step = step * (self.settings.max_global_step / largest)
         for t in (1.0, 0.25, 0.0625):
             trial = self.theta + t * step
-            states, nlls = [], []
-            for i in range(len(self.caches)):
-                state, nll = refine_shot(self.caches[i], self.states[i], self.curves_intensity(i, trial).detach(), self.settings)
-                states.append(state)
-                nlls.append(torch.tensor([nll], dtype=torch.float64))
-            total = self.ordered_sum(nlls)
-            profile = (0.0 if total is None else float(total[0])) + float(self.sites.negative_log_prior(trial))
-            if profile < float(value):
+            profile, states = self._profile_nll(trial)
+            if profile < value:
                 self.theta, self.states = trial, states
                 return
+
+    def _profile_nll(self, theta: Tensor) -> tuple[float, list[ShotState]]:
+        """Profile NLL + prior at ``theta`` on the current caches (every still's per-shot
+        parameters refitted by stage 1's Gauss-Newton from their current values, profiles kept;
+        summed in still order) and the refitted per-shot parameters."""
+        states, nlls = [], []
+        for i in range(len(self.caches)):
+            state, nll = refine_shot(self.caches[i], self.states[i], self.curves_intensity(i, theta).detach(), self.settings)
+            states.append(state)
+            nlls.append(torch.tensor([nll], dtype=torch.float64))
+        total = self.ordered_sum(nlls)
+        return (0.0 if total is None else float(total[0])) + float(self.sites.negative_log_prior(theta)), states
 
 
 def _resolution(shot) -> Tensor:
