@@ -2,6 +2,11 @@
 bootstrap draws, the refined stills (.expt/.refl), PNGs.  Every file is written under a
 temporary name and renamed.
 
+The sites .csv holds one row per site group (edge_shift and spline_kk: edge shift, sigmas,
+intervals, oxidation state, truth), one per pair of groups (site, site_b, difference_eV,
+sigma_eV) and, with truth=, one per site with the Figure 9 columns (window, points, CC and
+RMSD of f' and f'' against the truth; the .json's "figure9").
+
 The refined stills: ``<prefix>.expt`` holds every refined experiment (input file order, then
 experiment order) with its crystal turned by the still's refined rotation r (rad, lab frame)
 and its cell lengths scaled by s (3,) (1 when the cell is not refined): U' = R(r) U and
@@ -40,6 +45,10 @@ __all__ = ["write_outputs", "write_refined_stills", "refined_stills"]
 
 logger = logging.getLogger("dials.spread.refine")
 
+#: the sites .csv's columns of the Figure 9 rows (one row per site, with truth=)
+FIGURE9_COLUMNS = ["figure9_window_eV", "figure9_points", "cc_f_prime", "rmsd_f_prime_e", "cc_f_double_prime",
+                   "rmsd_f_double_prime_e"]  # fmt: skip
+
 
 def _curve_draws(sites, theta: torch.Tensor, cov: torch.Tensor, energy: torch.Tensor, n: int = 400, seed: int = 0):
     """(n, 2, S, E) f'/f'' for Gaussian draws of theta ~ N(theta, cov)."""
@@ -69,17 +78,21 @@ def write_outputs(ctx, results: dict, refinement, refs, draws: torch.Tensor, ban
 
     path = ctx.output_path(f"{prefix}_sites.json")
     written.append(write_text_atomic(path, json.dumps(results, indent=1)))
-    if results["sites"]:
+    figure9 = results.get("figure9") or {}
+    if results["sites"] or figure9:
         buffer = io.StringIO()
         keys = ["site", "reference", "edge_shift_eV", "sigma_eV", "sigma_fisher_eV", "sigma_sandwich_eV", "sigma_bootstrap_eV",
                 "interval68_eV", "interval95_eV", "oxidation_state", "state_probability", "truth_edge_shift_eV", "error_in_sigma"]  # fmt: skip
-        writer = csv.DictWriter(buffer, fieldnames=keys + ["site_b", "difference_eV"], extrasaction="ignore")
+        writer = csv.DictWriter(buffer, fieldnames=keys + ["site_b", "difference_eV"] + FIGURE9_COLUMNS, extrasaction="ignore")
         writer.writeheader()
         for row in results["sites"]:
             writer.writerow({k: (json.dumps(v) if isinstance(v, (dict, list, tuple)) else v) for k, v in row.items()})
         for pair in results["pairs"]:
             writer.writerow({"site": pair["site_a"], "site_b": pair["site_b"], "difference_eV": pair["difference_eV"],
                              "sigma_eV": pair["sigma_eV"]})  # fmt: skip
+        for site, f9 in figure9.items():
+            writer.writerow({"site": site, "figure9_window_eV": json.dumps(f9["window_eV"]), "figure9_points": f9["points"],
+                             **{k: f9[k] for k in FIGURE9_COLUMNS[2:]}})  # fmt: skip
         written.append(write_text_atomic(ctx.output_path(f"{prefix}_sites.csv"), buffer.getvalue()))
 
     with atomic_path(ctx.output_path(f"{prefix}.h5")) as tmp:

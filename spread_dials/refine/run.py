@@ -20,7 +20,8 @@ from torch import Tensor
 from spread_dials.refine.engine import Refinement, RefineSettings, make_caches
 from spread_dials.refine.model import ShotState
 from spread_dials.refine.profiles import CrystalModel
-from spread_dials.refine.sites import EdgeShiftSites, FreeSites
+from spread_dials.refine.references import matched_edge_shifts
+from spread_dials.refine.sites import EdgeShiftSites, FreeSites, SplineKKSites
 from spread_dials.refine.uncertainty import bootstrap, curvature, interval, state_probabilities
 from spread_dials.util.atomic import atomic_path
 from spread_dials.util.errors import SpreadError
@@ -134,6 +135,11 @@ def run_refinement(ctx, experiments, reflections) -> dict:
         if len(start) != len(labels):
             raise SpreadError(f"model.start_edge_shift_eV: give one value or one per site group ({len(labels)})")
         sites = EdgeShiftSites(refs.reference, group, labels, start, params.model.edge_shift_prior_sigma_eV)
+    elif params.model.anomalous == "spline_kk":
+        kk = params.model.spline_kk
+        n_steps = max(2, math.ceil((band[1] - math.floor(band[0])) / kk.node_step_eV - 1e-9))
+        nodes = math.floor(band[0]) + kk.node_step_eV * torch.arange(n_steps + 1, dtype=torch.float64)
+        sites = SplineKKSites(refs.reference, group, labels, nodes, kk.smoothness_sigma_e, kk.change_sigma_e)
     else:
         grid = torch.arange(math.floor(band[0]), math.ceil(band[1]) + 1e-9, params.model.free.grid_step_eV, dtype=torch.float64)
         sites = FreeSites(refs.reference, group, labels, grid, params.model.free.smoothness_sigma_e,
@@ -285,31 +291,37 @@ def _report(ctx, refinement: Refinement, refs, prepared, band, n_shots, n_sb, n_
     draws = bootstrap(refinement, params.uncertainty.bootstrap, params.random.seed)
     logger.info("Uncertainty (curvature + %d bootstrap refits) in %.1f s", draws.shape[0], time.perf_counter() - t0)
     chosen = _reported_covariance(cov, params.uncertainty.sigma, draws)
-    sigma = chosen.diag().clamp(min=0).sqrt()
-    sigma_fisher = cov.profiled.diag().clamp(min=0).sqrt()
-    sigma_sandwich = cov.sandwich.diag().clamp(min=0).sqrt() if cov.sandwich is not None else None
-    sigma_boot = draws.std(0) if draws.shape[0] > 1 else torch.full_like(theta, float("nan"))
     names = sites.parameter_names()
     rows, pairs = [], []
     truth_curves = _truth_curves(params.truth, len(prepared.sites)) if params.truth else None
     truth = _truth_shifts(truth_curves, refs) if truth_curves else None
-    if sites.kind == "edge_shift":
+    if sites.kind in ("edge_shift", "spline_kk"):
+        shifts, jac, boot_shifts = _group_edge_shifts(sites, theta, draws, refs, band)
+
+        def project(c: Tensor | None) -> Tensor | None:
+            return None if c is None else jac @ c @ jac.T
+
+        chosen_g, fisher_g, sandwich_g = project(chosen), project(cov.profiled), project(cov.sandwich)
+        sandwich_observed_g, conditional_g = project(cov.sandwich_observed), project(cov.conditional)
+        observed_conditional_g = project(cov.observed_conditional)
+        sigma_boot_g = boot_shifts.std(0) if boot_shifts.shape[0] > 1 else torch.full_like(shifts, float("nan"))
         for g, label in enumerate(sites.group_labels):
             members = [s for s in range(sites.n_sites) if int(sites.group[s]) == g]
-            value, s = float(theta[g]), float(sigma[g])
-            shifts = refs.state_shifts_eV[members[0]]
-            probs = state_probabilities(value, s, shifts)
+            value, s = float(shifts[g]), float(chosen_g[g, g].clamp(min=0).sqrt())
+            s_fisher = float(fisher_g[g, g].clamp(min=0).sqrt())
+            s_sandwich = None if sandwich_g is None else float(sandwich_g[g, g].clamp(min=0).sqrt())
+            state_shifts = refs.state_shifts_eV[members[0]]
+            probs = state_probabilities(value, s, state_shifts)
             row = {
                 "site": label, "reference": refs.reference[members[0]].label, "edge_shift_eV": value, "sigma_eV": s,
-                "sigma_fisher_eV": float(sigma_fisher[g]),
-                "sigma_sandwich_eV": None if sigma_sandwich is None else float(sigma_sandwich[g]),
-                "sigma_sandwich_observed_eV": None if cov.sandwich_observed is None else float(cov.sandwich_observed[g, g].clamp(min=0).sqrt()),
-                "sandwich_over_fisher": None if sigma_sandwich is None else float(sigma_sandwich[g] / sigma_fisher[g]),
-                "sigma_conditional_eV": float(cov.conditional[g, g].sqrt()),
-                "sigma_observed_conditional_eV": None if cov.observed_conditional is None else float(cov.observed_conditional[g, g].clamp(min=0).sqrt()),
-                "sigma_bootstrap_eV": float(sigma_boot[g]), "bootstrap_over_fisher": float(sigma_boot[g] / sigma_fisher[g]),
+                "sigma_fisher_eV": s_fisher, "sigma_sandwich_eV": s_sandwich,
+                "sigma_sandwich_observed_eV": None if sandwich_observed_g is None else float(sandwich_observed_g[g, g].clamp(min=0).sqrt()),
+                "sandwich_over_fisher": None if s_sandwich is None else s_sandwich / s_fisher,
+                "sigma_conditional_eV": float(conditional_g[g, g].clamp(min=0).sqrt()),
+                "sigma_observed_conditional_eV": None if observed_conditional_g is None else float(observed_conditional_g[g, g].clamp(min=0).sqrt()),
+                "sigma_bootstrap_eV": float(sigma_boot_g[g]), "bootstrap_over_fisher": float(sigma_boot_g[g]) / s_fisher,
                 "interval68_eV": interval(value, s, 0.68), "interval95_eV": interval(value, s, 0.95),
-                "state_shifts_eV": {str(k): v for k, v in shifts.items()},
+                "state_shifts_eV": {str(k): v for k, v in state_shifts.items()},
                 "state_probability": {str(k): v for k, v in probs.items()},
                 "oxidation_state": max(probs, key=probs.get) if probs else None,
             }  # fmt: skip
@@ -320,8 +332,8 @@ def _report(ctx, refinement: Refinement, refs, prepared, band, n_shots, n_sb, n_
             rows.append(row)
         for a in range(sites.n_groups):
             for b in range(a + 1, sites.n_groups):
-                d = float(theta[a] - theta[b])
-                v = float(chosen[a, a] + chosen[b, b] - 2 * chosen[a, b])
+                d = float(shifts[a] - shifts[b])
+                v = float(chosen_g[a, a] + chosen_g[b, b] - 2 * chosen_g[a, b])
                 pairs.append({"site_a": sites.group_labels[a], "site_b": sites.group_labels[b], "difference_eV": d,
                               "sigma_eV": math.sqrt(max(v, 0.0))})  # fmt: skip
     results = {
@@ -332,6 +344,7 @@ def _report(ctx, refinement: Refinement, refs, prepared, band, n_shots, n_sb, n_
         "covariance_sandwich": None if cov.sandwich is None else cov.sandwich.tolist(),
         "covariance_conditional": cov.conditional.tolist(),
         "bootstrap_resamples": int(draws.shape[0]), "sites": rows, "pairs": pairs, "history": refinement.history,
+        "edge_shift_method": _EDGE_SHIFT_METHOD.get(sites.kind),
         "seconds": seconds + (time.perf_counter() - t0),
         "controls": {"spoil_hkl": bool(params.controls.spoil_hkl), "shuffle_channels": bool(params.controls.shuffle_channels)},
         "uncertainty_method": "fisher: Fisher information of the likelihood over theta and every still's scale, rotation, "
@@ -341,6 +354,12 @@ def _report(ctx, refinement: Refinement, refs, prepared, band, n_shots, n_sb, n_
                               "bread. robust: per parameter the largest of these and the bootstrap's. "
                               "Bootstrap: refits of theta over resampled stills with per-shot parameters fixed.",
     }  # fmt: skip
+    if truth_curves is not None:
+        from spread_dials.validation.anomalous import figure9_report
+
+        results["figure9"] = figure9_report(sites, theta, truth_curves, [s.label for s in prepared.sites],
+                                            [s.element for s in prepared.sites], refs.reference,
+                                            params.validation.window_eV)  # fmt: skip
     summary, stills, panels = residuals if residuals is not None else (None, None, None)
     if summary is not None:
         results["residuals"] = summary
@@ -355,7 +374,19 @@ def _report(ctx, refinement: Refinement, refs, prepared, band, n_shots, n_sb, n_
         write_outputs(ctx, results, refinement, refs, draws, band, truth_curves, pairs=file_pairs, stills=stills,
                       panels=panels)  # fmt: skip
     _log_table(rows, pairs)
+    if "figure9" in results:
+        _log_figure9(results["figure9"])
     return results
+
+
+_EDGE_SHIFT_METHOD = {
+    "edge_shift": "the refined parameter: f_s(E) = f_ref,s(E - shift)",
+    "spline_kk": (
+        "the rigid shift of the reference that best matches the refined f' and f'' over the band (least squares "
+        "on a 1 eV grid, as the oxidation states' shifts); sigma from the covariance of the node changes "
+        "propagated through its Jacobian (implicit differentiation)"
+    ),
+}
 
 
 def _reported_covariance(cov, method: str, draws: Tensor) -> Tensor:
@@ -404,6 +435,33 @@ def _truth_shifts(curves, refs) -> list[float]:
     from spread_dials.refine.references import rigid_shift_eV
 
     return [rigid_shift_eV(c, refs.reference[s], float(c.energy_eV[1]), float(c.energy_eV[-2])) for s, c in enumerate(curves)]
+
+
+def _group_edge_shifts(sites, theta: Tensor, draws: Tensor, refs, band) -> tuple[Tensor, Tensor, Tensor]:
+    """(edge shift per group (G,), d shift / d theta (G, P), shifts of the bootstrap draws (B, G)).
+
+    edge_shift: the parameters themselves.  spline_kk: the reference's rigid shift that best
+    matches each group's refined f' and f'' over the band (1 eV grid;
+    :func:`~spread_dials.refine.references.matched_edge_shifts`), its Jacobian by implicit
+    differentiation (the covariances are propagated through it)."""
+    if sites.kind == "edge_shift":
+        return theta.clone(), torch.eye(theta.numel(), dtype=theta.dtype), draws
+    low, high = float(math.ceil(band[0])), float(math.floor(band[1]))
+    shifts, jac = matched_edge_shifts(sites, theta, refs.reference, low, high)
+    boot = [matched_edge_shifts(sites, d, refs.reference, low, high, jacobian=False)[0] for d in draws]
+    return shifts, jac, torch.stack(boot) if boot else torch.zeros((0, sites.n_groups), dtype=theta.dtype)
+
+
+def _log_figure9(figure9: dict[str, dict]) -> None:
+    def num(x) -> str:
+        return "-" if x is None else f"{x:.3f}"
+
+    for site, r in figure9.items():
+        logger.info("Figure 9 (against the truth over %.0f-%.0f eV, %d points) %s: f' CC %s RMSD %s e; f'' CC %s RMSD %s e",
+                    *r["window_eV"], r["points"], site, num(r["cc_f_prime"]), num(r["rmsd_f_prime_e"]),
+                    num(r["cc_f_double_prime"]), num(r["rmsd_f_double_prime_e"]))  # fmt: skip
+        if r["points"] < 31:
+            logger.info("  (%d of the window's 31 energies lie outside the truth's channels)", 31 - r["points"])
 
 
 def _log_table(rows, pairs) -> None:
