@@ -13,3 +13,11 @@ if not _os.environ.get("LIBTBX_BUILD"):
         _cand = _os.path.join(_sys.base_prefix, _rel)
         if _os.path.isfile(_os.path.join(_cand, "libtbx_env")):
             _os.environ["LIBTBX_BUILD"] = _cand
+
+# torch first, so that its bundled OpenMP runtime (torch/lib/libgomp.so.1) is the one loaded:
+# dxtbx imports scikit-learn and cctbx's omptbx, which load the system's libgomp.so.1 (Debian 12,
+# GCC 12), and torch then runs its parallel CPU kernels on that one.  In that order
+# dials.spread_refine model.anomalous=spline_kk aborted in the curvature with "double free or
+# corruption" on the 4-still test data, every time; with OMP_NUM_THREADS=1, with torch's
+# libgomp preloaded, or with this import order it ran.
+import torch as _torch  # noqa: F401

@@ -7,11 +7,14 @@ every test that compares against it."""
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import re
 import shutil
 import signal
 import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -68,6 +71,7 @@ def test_refine_writes_sites_and_resumes(refined, processed, simulated, tmp_path
     # the truth (oxidized rubredoxin against the Fe(II) reference) is the rigid shift of the two
     # measured curves: about +1.85 eV (SPREAD_NOTES)
     assert 1.5 < site["truth_edge_shift_eV"] < 2.2
+    _check_figure9(tmp_path, record)
     with h5py.File(tmp_path / "spread_refine.h5", "r") as h:
         assert h["f_prime"].shape == h["f_double_prime"].shape == (1, h["energy_eV"].shape[0])
         assert h["bootstrap_theta"].shape == (2, 1)
@@ -79,6 +83,57 @@ def test_refine_writes_sites_and_resumes(refined, processed, simulated, tmp_path
     log = (tmp_path / "dials.spread_refine.log").read_text()
     assert "Resuming after macrocycle 2" in log, again.stdout[-2000:]
     assert _record(tmp_path)["theta"] == record["theta"]
+
+
+def _check_figure9(directory: Path, record: dict) -> None:
+    """Sauter 2020 Figure 9 against the truth: per site in the .json, a .csv row and a log line;
+    the simulation's 40 channels about 7120 eV hold the whole Fe window (31 energies)."""
+    (site,) = list(record["figure9"])
+    f9 = record["figure9"][site]
+    assert f9["window_eV"] == [7105.0, 7135.0] and f9["points"] == 31
+    for key in ("cc_f_prime", "cc_f_double_prime"):
+        assert -1.0 <= f9[key] <= 1.0, f9
+    for key in ("rmsd_f_prime_e", "rmsd_f_double_prime_e"):
+        assert 0.0 <= f9[key] < 5.0, f9
+    rows = [r for r in csv.DictReader(io.StringIO((directory / "spread_refine_sites.csv").read_text())) if r["cc_f_prime"]]
+    assert [r["site"] for r in rows] == [site]
+    assert float(rows[0]["rmsd_f_double_prime_e"]) == pytest.approx(f9["rmsd_f_double_prime_e"], rel=1e-12)
+    assert f"Figure 9 (against the truth over 7105-7135 eV, 31 points) {site}" in (directory / "dials.spread_refine.log").read_text()
+
+
+def test_spline_kk_reports_an_edge_shift_and_figure9(processed, simulated, tmp_path):
+    """model.anomalous=spline_kk through the program: a node change per 2 eV over the band, the
+    edge shift matched to the refined curves with its sigma and oxidation state, Figure 9, the
+    curves in the .h5 and the PNGs."""
+    run([command("dials.spread_refine"), *_inputs(processed), *FAST, "model.anomalous=spline_kk", "plots=True",
+         f"truth={simulated / 'images_run.json'}"], tmp_path)  # fmt: skip
+    record = _record(tmp_path)
+    assert record["model"] == "spline_kk" and "rigid shift" in record["edge_shift_method"]
+    band = record["spectrum_band_eV"]
+    assert len(record["theta"]) == len(record["parameters"]) >= (band[1] - band[0]) / 2
+    assert record["parameters"][0].startswith("f_double_prime_change[")
+    (site,) = record["sites"]
+    assert np.isfinite(site["edge_shift_eV"]) and site["sigma_eV"] > 0 and site["sigma_fisher_eV"] > 0
+    assert site["oxidation_state"] in (2, 3) and 1.5 < site["truth_edge_shift_eV"] < 2.2
+    _check_figure9(tmp_path, record)
+    with h5py.File(tmp_path / "spread_refine.h5", "r") as h:
+        assert h.attrs["model"] == "spline_kk"
+        assert h["f_prime"].shape == h["f_double_prime"].shape == (1, h["energy_eV"].shape[0])
+        assert np.isfinite(h["f_prime_sigma"][()]).all() and (h["f_double_prime_sigma"][()] > 0).any()
+    for png in ("fp_fdp", "edge_shifts", "nll"):
+        assert (tmp_path / f"spread_refine_{png}.png").stat().st_size > 0
+
+
+@pytest.mark.skipif(not Path("/proc/self/maps").is_file(), reason="reads /proc/self/maps (Linux)")
+def test_programs_run_torch_on_its_own_openmp_runtime():
+    """Importing a program loads torch's bundled libgomp, not the system's that dxtbx's imports
+    (scikit-learn, cctbx's omptbx) bring: on the system's, torch's parallel kernels corrupted
+    the heap (spline_kk's curvature aborted) or hung (the free model's)."""
+    code = ("import json, spread_dials.command_line.refine\n"
+            "print(json.dumps(sorted({l.split()[-1] for l in open('/proc/self/maps') if 'libgomp' in l})))")  # fmt: skip
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    loaded = json.loads(out)
+    assert loaded and all("/torch/lib/" in path for path in loaded), loaded
 
 
 def test_refined_stills_read_back_with_dials(refined, processed):
