@@ -251,7 +251,7 @@ class SplineKKSites(SiteModel):
         step = torch.arange(1, n_margin + 1, dtype=torch.float64) * fine_step_eV
         self._query_eV = torch.cat([self.fine_eV[0] - step.flip(0), self.fine_eV, self.fine_eV[-1] + step])
         self._query_kk = self._exact_kramers_kronig_basis(self._query_eV)  # (K, Q)
-        self._cache: OrderedDict[bytes, tuple[Tensor, Tensor, Tensor, Tensor]] = OrderedDict()
+        self._cache: OrderedDict[tuple[float, ...], tuple[Tensor, Tensor, Tensor, Tensor]] = OrderedDict()
         self.cache_size = int(cache_size)
 
     @property
