@@ -301,9 +301,14 @@ def _report(ctx, refinement: Refinement, refs, prepared, band, n_shots, n_sb, n_
         def project(c: Tensor | None) -> Tensor | None:
             return None if c is None else jac @ c @ jac.T
 
-        chosen_g, fisher_g, sandwich_g = project(chosen), project(cov.profiled), project(cov.sandwich)
-        sandwich_observed_g, conditional_g = project(cov.sandwich_observed), project(cov.conditional)
-        observed_conditional_g = project(cov.observed_conditional)
+        # every covariance carried to the shifts, and the reported one chosen among those as for
+        # theta (robust: the largest variance of each shift; identical for edge_shift, J = 1)
+        cov_g = replace(cov, profiled=project(cov.profiled), sandwich=project(cov.sandwich),
+                        conditional=project(cov.conditional), observed_conditional=project(cov.observed_conditional),
+                        sandwich_observed=project(cov.sandwich_observed))  # fmt: skip
+        chosen_g = _reported_covariance(cov_g, params.uncertainty.sigma, boot_shifts, quiet=True)
+        fisher_g, sandwich_g, conditional_g = cov_g.profiled, cov_g.sandwich, cov_g.conditional
+        sandwich_observed_g, observed_conditional_g = cov_g.sandwich_observed, cov_g.observed_conditional
         sigma_boot_g = boot_shifts.std(0) if boot_shifts.shape[0] > 1 else torch.full_like(shifts, float("nan"))
         for g, label in enumerate(sites.group_labels):
             members = [s for s in range(sites.n_sites) if int(sites.group[s]) == g]
@@ -389,12 +394,12 @@ _EDGE_SHIFT_METHOD = {
 }
 
 
-def _reported_covariance(cov, method: str, draws: Tensor) -> Tensor:
+def _reported_covariance(cov, method: str, draws: Tensor, quiet: bool = False) -> Tensor:
     """The covariance behind the reported sigmas: Fisher, sandwich, or (robust) the sandwich's
     correlations with each variance the largest of Fisher, sandwich, the sandwich with the
     observed Hessian, and the bootstrap (>= 10 resamples) (Fisher alone with < 3 stills)."""
     if method == "fisher" or cov.sandwich is None:
-        if method != "fisher":
+        if method != "fisher" and not quiet:
             logger.info("Fewer than 3 stills: sigma from the Fisher information alone")
         return cov.profiled
     if method == "sandwich":

@@ -114,6 +114,8 @@ def test_spline_kk_reports_an_edge_shift_and_figure9(processed, simulated, tmp_p
     assert record["parameters"][0].startswith("f_double_prime_change[")
     (site,) = record["sites"]
     assert np.isfinite(site["edge_shift_eV"]) and site["sigma_eV"] > 0 and site["sigma_fisher_eV"] > 0
+    # robust (the default): the shift's largest variance among Fisher, sandwich and observed sandwich
+    assert site["sigma_eV"] >= max(site["sigma_fisher_eV"], site["sigma_sandwich_eV"]) * (1 - 1e-9)
     assert site["oxidation_state"] in (2, 3) and 1.5 < site["truth_edge_shift_eV"] < 2.2
     _check_figure9(tmp_path, record)
     with h5py.File(tmp_path / "spread_refine.h5", "r") as h:
