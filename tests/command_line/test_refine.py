@@ -140,7 +140,8 @@ def test_programs_run_torch_on_its_own_openmp_runtime():
 
 def test_refined_stills_read_back_with_dials(refined, processed):
     """spread_refine.expt/.refl: one experiment per refined still, one row per refined shoebox,
-    finite new columns, crystals turned by the logged rotations, the flag count."""
+    finite new columns, crystals turned by the logged rotations and their cells rescaled, the
+    flag count."""
     record = _record(refined)
     stills = {s["identifier"]: s for s in record["refined_stills"]}
     experiments = ExperimentListFactory.from_json_file(str(refined / "spread_refine.expt"), check_format=False)
@@ -174,7 +175,7 @@ def test_refined_stills_read_back_with_dials(refined, processed):
     assert (columns["spread.flagged"] == (columns["spread.sigma_z"] > 3.0)).all()
     log = (refined / "dials.spread_refine.log").read_text()
     assert f"Flagged {summary['shoeboxes_flagged']} of {len(table)} shoeboxes" in log
-    # the crystals: U' = R(r) U with r the logged rotation (log: mrad, 4 decimals), B unchanged
+    # the crystals: U' = R(r) U with r the logged rotation (log: mrad, 4 decimals)
     logged = {m[0]: 1e-3 * np.array([float(x) for x in m[2:5]]) for m in
               re.findall(r"still (\S+): scale (\S+), rotation \((\S+), (\S+), (\S+)\) mrad", log)}  # fmt: skip
     assert set(logged) == set(stills)
@@ -191,7 +192,13 @@ def test_refined_stills_read_back_with_dials(refined, processed):
         turn = np.array(matrix.sqr(after.get_U()) * matrix.sqr(before.get_U()).transpose()).reshape(3, 3)
         expected = rotation_from_vector(torch.tensor(rotation)).numpy()
         assert np.abs(turn - expected).max() < 1e-9
-        assert np.abs(np.array(after.get_B()) - np.array(before.get_B())).max() < 1e-12
+        # the cell: each length scaled by the still's refined factor (cctbx's unit cell of the
+        # written crystal against the input's), the angles kept
+        scale = np.array(still["cell_scale"])
+        assert np.abs(scale - 1).max() > 1e-6  # refinement did change every cell
+        cell_before, cell_after = (np.array(c.get_unit_cell().parameters()) for c in (before, after))
+        assert np.allclose(cell_after[:3], cell_before[:3] * scale, rtol=1e-9)
+        assert np.allclose(cell_after[3:], cell_before[3:], atol=1e-9)
         assert columns["spread.scale"][ids == i] == pytest.approx(still["scale"], rel=1e-12)
 
 
