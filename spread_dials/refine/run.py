@@ -168,11 +168,11 @@ def run_refinement(ctx, experiments, reflections) -> dict:
     saved = _load_checkpoint(checkpoint, fingerprint) if params.refinement.resume else None
     ctx.accept_inputs()  # the inputs are checked: from here on the log and outputs stay
     rotations = cells = None
-    if saved is not None:
-        rotations = [torch.tensor(saved["states"][s.identifier]["rotation"], dtype=torch.float64, device=ctx.device)
+    if saved is not None:  # the caches at the saved cache points (stage 2 may move the states off them)
+        rotations = [torch.tensor(saved["states"][s.identifier]["cache_rotation"], dtype=torch.float64, device=ctx.device)
                      for s in shots.shots]  # fmt: skip
         if r.refine_cell:
-            cells = [torch.tensor(saved["states"][s.identifier]["cell"], dtype=torch.float64, device=ctx.device)
+            cells = [torch.tensor(saved["states"][s.identifier]["cache_cell"], dtype=torch.float64, device=ctx.device)
                      for s in shots.shots]  # fmt: skip
     t1 = time.perf_counter()
     caches = make_caches(shots, table, model, rotations, spoil_hkl=params.controls.spoil_hkl,
@@ -203,7 +203,9 @@ def run_refinement(ctx, experiments, reflections) -> dict:
         states = {s.identifier: {"log_scale": float(st.log_scale), "rotation": st.rotation.tolist(),
                                  "cell": None if st.cell is None else st.cell.tolist(),
                                  "background": st.background.tolist(),
-                                 "rejected": None if c.rejected is None else c.rejected.tolist()}
+                                 "rejected": None if c.rejected is None else c.rejected.tolist(),
+                                 "cache_rotation": c.profiles.rotation.tolist(),
+                                 "cache_cell": None if c.profiles.cell is None else c.profiles.cell.tolist()}
                   for s, st, c in zip(r.shots.shots, r.states, r.caches)}  # fmt: skip
         merged = {k: v for part in comm.allgather(states) for k, v in part.items()}
         if comm.is_root:
