@@ -184,9 +184,19 @@ refinement {
     .type = int(value_min=1)
     .help = "Most Gauss-Newton steps per still and stage-1 pass (a pass ends earlier when a step"
             "lowers the NLL by less than 1e-3)"
+  stage2 = *scoring lbfgs
+    .type = choice
+    .help = "Stage 2: one Fisher-scoring step of the profile likelihood per macrocycle (the"
+            "per-shot parameters profiled out) with a backtracking line search, or L-BFGS with"
+            "the per-shot parameters fixed (slower: steps shrink by the ratio of conditional to"
+            "profiled information)"
+  max_global_step = 2.0
+    .type = float(value_min=0)
+    .help = "Largest change of any global parameter in one scoring step (eV for edge shifts,"
+            "electrons for f', f'' and spline nodes)"
   stage2_iterations = 50
     .type = int(value_min=1)
-    .help = "L-BFGS iterations of the global parameters per macrocycle"
+    .help = "L-BFGS iterations of the global parameters per macrocycle (stage2=lbfgs)"
   refine_orientation = True
     .type = bool
     .help = "Refine three small rotation angles per still (else only scale and background)"

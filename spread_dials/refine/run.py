@@ -155,7 +155,7 @@ def run_refinement(ctx, experiments, reflections) -> dict:
         readout_sigma=params.readout_sigma_photons if params.likelihood == "gaussian_readout" else None,
         refine_orientation=r.refine_orientation, rotation_step_mrad=r.rotation_step_mrad, relinearisations=r.relinearisations,
         refine_cell=r.refine_cell, cell_step_permille=r.cell_step_permille,
-        resolution_ramp=tuple(r.resolution_ramp or ()),
+        resolution_ramp=tuple(r.resolution_ramp or ()), stage2=r.stage2, max_global_step=r.max_global_step,
         parameter_tolerance=r.parameter_tolerance, model_error_fraction=params.model_error_fraction,
         reject_sigma_z=r.reject_sigma_z,
     )  # fmt: skip
