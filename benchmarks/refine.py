@@ -152,7 +152,8 @@ def load_case(name: str, data: Path) -> dict:
     return dict(
         name=name, cell=cell, real_space=real_space_from_cell(torch.tensor(cell, dtype=torch.float64)),
         truth=StructureFactors(hkl, F0, G, fp, fdp), table=StructureFactors(hkl, F0, G), energy=energy,
-        references=references, labels=[str(x) for x in z["site_labels"]], model=model, truth_model=truth_model,
+        references=references, truth_curves=truth_curves, labels=[str(x) for x in z["site_labels"]], model=model,
+        truth_model=truth_model,
         spot_scale=bright.spot_scale, ncells=bright.ncells_abc, mean_eV=mean_eV,
         panels=jungfrau16m_panel_array(energy_eV=mean_eV),
         orientation_error_deg=MISORIENTATION_DEG[name] / 1.538,
