@@ -41,6 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from refine import BACKGROUND_PHOTONS, load_case
 
 from spread_dials.parallel import Parallel, mpi_context
+from spread_dials.physics.structure_factors import StructureFactors
 from spread_dials.refine.engine import Refinement, RefineSettings, make_caches
 from spread_dials.refine.references import rigid_shift_eV
 from spread_dials.refine.shots import ShotSet
@@ -89,7 +90,7 @@ def run_replicate(case: dict, n: int, replicate: int, args, comm: Parallel, devi
         "sigma_sandwich": sigma(cov.sandwich),
         "sigma_bootstrap": None if draws is None or draws.shape[0] < 2 else draws.std(0).tolist(),
         "macrocycles": len(refinement.history), "ranks": comm.size, "device": str(device),
-        "cell_error": args.cell_error, "seconds": time.perf_counter() - t0,
+        "cell_error": args.cell_error, "truth_shift": args.truth_shift, "seconds": time.perf_counter() - t0,
         "date": time.strftime("%Y-%m-%d"),
     }  # fmt: skip
 
@@ -126,6 +127,8 @@ def main(argv=None) -> int:
     ap.add_argument("--macrocycles", type=int, default=6)
     ap.add_argument("--bootstrap", type=int, default=0)
     ap.add_argument("--cell-error", type=float, default=0.001, help="rms fractional error of each given cell length")
+    ap.add_argument("--truth-shift", type=float, default=None,
+                    help="eV: every site's truth is its reference moved by this (default: the case's true states)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--mpi", action="store_true", help="ranks of mpirun share each replicate's stills")
     ap.add_argument("--out", default="campaign")
@@ -137,6 +140,11 @@ def main(argv=None) -> int:
     comm = mpi_context("mpi" if args.mpi else "serial")
     device = select_device(args.device, rank=comm.rank)
     case = load_case(args.case, Path(args.data))  # stills drawn from case["model"]: the refinement's own domain set
+    if args.truth_shift is not None:  # each site's truth: its reference moved by exactly this (the model is exact)
+        case["truth_curves"] = [r.shifted(args.truth_shift) for r in case["references"]]
+        fp, fdp = zip(*(c.at(case["energy"]) for c in case["truth_curves"]))
+        table = case["table"]
+        case["truth"] = StructureFactors(table.miller_index, table.F0, table.G, torch.stack(fp), torch.stack(fdp))
     out = Path(args.out) / f"campaign_{args.case}.jsonl"
     done = set()
     if out.exists():
