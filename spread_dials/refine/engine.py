@@ -40,7 +40,7 @@ from spread_dials.refine.profiles import CrystalModel, shot_profiles
 from spread_dials.refine.residuals import shoebox_statistics
 from spread_dials.refine.shots import ShotSet
 from spread_dials.refine.sites import SiteModel
-from spread_dials.refine.stage1 import OFFSET_UNIT, refine_shot
+from spread_dials.refine.stage1 import refine_shot, trust_radius
 
 __all__ = ["RefineSettings", "Refinement", "initial_state", "refine_shot", "global_objective", "refine_globals"]
 
@@ -170,6 +170,23 @@ class Refinement:
                 total = by_index[i].clone() if total is None else total + by_index[i]
         return total
 
+    def ordered_total(self, values: list[float]) -> float:
+        """Sum of per-still numbers over all ranks in global still order (0 without stills)."""
+        total = self.ordered_sum([torch.tensor([v], dtype=torch.float64) for v in values])
+        return 0.0 if total is None else float(total[0])
+
+    def prior_hessian(self, theta: Tensor) -> Tensor:
+        """(P, P) Hessian of the site model's negative log prior at ``theta`` (autograd)."""
+        return torch.autograd.functional.hessian(self.sites.negative_log_prior, theta.detach())
+
+    def information(self, theta: Tensor) -> tuple[Tensor, Tensor]:
+        """(profiled, conditional) Fisher information of theta over all stills (summed in still
+        order; :func:`~spread_dials.refine.information.shot_information`) plus the prior's Hessian."""
+        parts = [shot_information(self, i, theta) for i in range(len(self.caches))]
+        prior = self.prior_hessian(theta)
+        sums = [self.ordered_sum([part[k] for part in parts]) for k in (0, 1)]
+        return tuple(prior if total is None else total + prior for total in sums)
+
     def still_nlls(self, theta: Tensor) -> list[Tensor]:
         """Each local still's weighted NLL as a function of ``theta`` (this refinement's likelihood)."""
         return global_objective(theta, self.caches, self.states, self.sites, self.settings.readout_sigma,
@@ -209,12 +226,13 @@ class Refinement:
         """
         nlls, largest = [], 0.0
         settings = self.settings
-        passes = settings.relinearisations if settings.refine_orientation or settings.refine_cell else 1
+        moves_crystal = settings.refine_orientation or settings.refine_cell
+        passes = settings.relinearisations if moves_crystal else 1
         for i in range(len(self.caches)):
             intensity = self.curves_intensity(i).detach()
             start = self.states[i].offsets.clone()
-            radius = self._trust_radius(start)
-            fractions = list(settings.resolution_ramp) if ramp and (settings.refine_orientation or settings.refine_cell) else []
+            radius = trust_radius(start.numel(), settings, start)
+            fractions = list(settings.resolution_ramp) if ramp and moves_crystal else []
             order = _resolution(self.shots.shots[i]) if fractions else None
             for fraction in [*fractions, *([None] * passes)]:
                 cache = self.caches[i]
@@ -230,17 +248,10 @@ class Refinement:
                 if fraction is None and step < 0.25:
                     break
             largest = max(largest, float(((self.states[i].offsets - start) / radius).abs().max()))
-            nlls.append(torch.tensor([nll], dtype=torch.float64))
+            nlls.append(nll)
             if progress is not None:
                 progress(i + 1, len(self.caches))
-        total = self.ordered_sum(nlls)
-        return (0.0 if total is None else float(total[0])), float(self.comm.allreduce(largest, op="max"))
-
-    def _trust_radius(self, offsets: Tensor) -> Tensor:
-        """(3 + k,) trust radius of each offset (rad, log length)."""
-        n_cell = offsets.numel() - 3
-        radius = [self.settings.rotation_step_mrad] * 3 + [self.settings.cell_step_permille] * n_cell
-        return torch.tensor(radius, dtype=offsets.dtype, device=offsets.device) * OFFSET_UNIT
+        return self.ordered_total(nlls), float(self.comm.allreduce(largest, op="max"))
 
     def initialise_states(self) -> None:
         """Starting per-shot parameters from the caches at the current theta."""
@@ -332,9 +343,7 @@ class Refinement:
         # after its last fit): the profile NLL at theta that a trial must beat
         value, self.states = self._profile_nll(self.theta)
         _, grad = self.global_value_and_grad(self.theta)
-        information = self.ordered_sum([shot_information(self, i, self.theta)[0] for i in range(len(self.caches))])
-        prior = torch.autograd.functional.hessian(self.sites.negative_log_prior, self.theta.detach())
-        information = prior if information is None else information + prior
+        information, _ = self.information(self.theta)
         step = -psd_pseudo_inverse(0.5 * (information + information.T)) @ grad
         largest = float(step.abs().max()) if step.numel() else 0.0
         if largest > self.settings.max_global_step:
@@ -350,13 +359,10 @@ class Refinement:
         """Profile NLL + prior at ``theta`` on the current caches (every still's per-shot
         parameters refitted by stage 1's Gauss-Newton from their current values, profiles kept;
         summed in still order) and the refitted per-shot parameters."""
-        states, nlls = [], []
-        for i in range(len(self.caches)):
-            state, nll = refine_shot(self.caches[i], self.states[i], self.curves_intensity(i, theta).detach(), self.settings)
-            states.append(state)
-            nlls.append(torch.tensor([nll], dtype=torch.float64))
-        total = self.ordered_sum(nlls)
-        return (0.0 if total is None else float(total[0])) + float(self.sites.negative_log_prior(theta)), states
+        fits = [refine_shot(cache, state, self.curves_intensity(i, theta).detach(), self.settings)
+                for i, (cache, state) in enumerate(zip(self.caches, self.states))]  # fmt: skip
+        profile = self.ordered_total([nll for _, nll in fits]) + float(self.sites.negative_log_prior(theta))
+        return profile, [state for state, _ in fits]
 
 
 def _resolution(shot) -> Tensor:

@@ -13,9 +13,9 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from spread_dials.refine.model import fisher_weights, pixel_rate, site_intensities
+from spread_dials.refine.model import bragg_terms, fisher_weights, rate_from_terms, site_intensities
 
-__all__ = ["shot_information", "refined_offsets", "psd_pseudo_inverse", "normal_blocks", "eliminate_planes"]
+__all__ = ["shot_information", "shot_columns", "refined_offsets", "psd_pseudo_inverse", "normal_blocks", "eliminate_planes"]
 
 
 def shot_information(refinement, i: int, theta: Tensor) -> tuple[Tensor, Tensor]:
@@ -29,18 +29,11 @@ def shot_information(refinement, i: int, theta: Tensor) -> tuple[Tensor, Tensor]
 
     intensity = intensity_of(theta)
     d_intensity = torch.func.jacfwd(intensity_of)(theta)  # (B, C, P)
-    lam, bragg = pixel_rate(cache, state, intensity)
-    scale = torch.exp(state.log_scale)
-    sb = cache.pixel_shoebox
-    profile = cache.profiles.profile
-    u_theta = scale * torch.einsum("nc,ncp->np", profile, d_intensity[sb])
-    columns = [u_theta, (scale * bragg).unsqueeze(-1)]
-    jacobian = cache.profiles.jacobian
-    if jacobian is not None:
-        refined = refined_offsets(jacobian.shape[-1], refinement.settings)
-        if bool(refined.any()):
-            columns.append(scale * torch.einsum("ncr,nc->nr", jacobian[..., refined.to(jacobian.device)], intensity[sb]))
-    u = torch.cat(columns, -1)  # (N, P + n_s)
+    terms = bragg_terms(cache, intensity)
+    lam, bragg = rate_from_terms(cache, state, terms)
+    u_theta = torch.exp(state.log_scale) * torch.einsum("nc,ncp->np", cache.profiles.profile, d_intensity[cache.pixel_shoebox])
+    refined = refined_offsets(terms.offsets.numel(), refinement.settings)
+    u = torch.cat([u_theta, shot_columns(state, terms, bragg, refined)], -1)  # (N, P + n_s)
     w = fisher_weights(lam, cache.fitted, readout, refinement.settings.model_error_fraction)
     h_bb, h_bo, h_oo = normal_blocks(cache, w, u, int(state.background.shape[0]))
     reduced, _, _, _ = eliminate_planes(h_bb, h_bo, h_oo)
@@ -49,6 +42,18 @@ def shot_information(refinement, i: int, theta: Tensor) -> tuple[Tensor, Tensor]
     profiled = h_tt - h_ts @ psd_pseudo_inverse(h_ss) @ h_ts.T
     conditional = h_oo[:p, :p]
     return cache.weight * profiled.detach().cpu(), cache.weight * conditional.detach().cpu()
+
+
+def shot_columns(state, terms, bragg: Tensor, refined: Tensor) -> Tensor:
+    """(N, S) derivatives of every pixel's rate in a still's shared per-shot parameters,
+    s = (log G, the refined crystal offsets): G * bragg and G * d bragg / d offset (from the
+    channel-summed :class:`~spread_dials.refine.model.BraggTerms`; ``bragg`` (N,) at ``state``,
+    ``refined`` (3 + k,) bool from :func:`refined_offsets`)."""
+    scale = torch.exp(state.log_scale.detach())
+    columns = [(scale * bragg).unsqueeze(-1)]
+    if terms.jacobian is not None and bool(refined.any()):
+        columns.append(scale * terms.jacobian[:, refined.to(terms.jacobian.device)])
+    return torch.cat(columns, -1)
 
 
 def refined_offsets(n_offsets: int, settings) -> Tensor:

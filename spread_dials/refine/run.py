@@ -309,23 +309,25 @@ def _report(ctx, refinement: Refinement, refs, prepared, band, n_shots, n_sb, n_
                         conditional=project(cov.conditional), observed_conditional=project(cov.observed_conditional),
                         sandwich_observed=project(cov.sandwich_observed))  # fmt: skip
         chosen_g = _reported_covariance(cov_g, params.uncertainty.sigma, boot_shifts, quiet=True)
-        fisher_g, sandwich_g, conditional_g = cov_g.profiled, cov_g.sandwich, cov_g.conditional
-        sandwich_observed_g, observed_conditional_g = cov_g.sandwich_observed, cov_g.observed_conditional
         sigma_boot_g = boot_shifts.std(0) if boot_shifts.shape[0] > 1 else torch.full_like(shifts, float("nan"))
+
+        def sd(c: Tensor | None, g: int) -> float | None:
+            """sigma of group g's shift under covariance ``c`` (None when ``c`` is)."""
+            return None if c is None else float(c[g, g].clamp(min=0).sqrt())
+
         for g, label in enumerate(sites.group_labels):
             members = [s for s in range(sites.n_sites) if int(sites.group[s]) == g]
-            value, s = float(shifts[g]), float(chosen_g[g, g].clamp(min=0).sqrt())
-            s_fisher = float(fisher_g[g, g].clamp(min=0).sqrt())
-            s_sandwich = None if sandwich_g is None else float(sandwich_g[g, g].clamp(min=0).sqrt())
+            value, s = float(shifts[g]), sd(chosen_g, g)
+            s_fisher, s_sandwich = sd(cov_g.profiled, g), sd(cov_g.sandwich, g)
             state_shifts = refs.state_shifts_eV[members[0]]
             probs = state_probabilities(value, s, state_shifts)
             row = {
                 "site": label, "reference": refs.reference[members[0]].label, "edge_shift_eV": value, "sigma_eV": s,
                 "sigma_fisher_eV": s_fisher, "sigma_sandwich_eV": s_sandwich,
-                "sigma_sandwich_observed_eV": None if sandwich_observed_g is None else float(sandwich_observed_g[g, g].clamp(min=0).sqrt()),
+                "sigma_sandwich_observed_eV": sd(cov_g.sandwich_observed, g),
                 "sandwich_over_fisher": None if s_sandwich is None else s_sandwich / s_fisher,
-                "sigma_conditional_eV": float(conditional_g[g, g].clamp(min=0).sqrt()),
-                "sigma_observed_conditional_eV": None if observed_conditional_g is None else float(observed_conditional_g[g, g].clamp(min=0).sqrt()),
+                "sigma_conditional_eV": sd(cov_g.conditional, g),
+                "sigma_observed_conditional_eV": sd(cov_g.observed_conditional, g),
                 "sigma_bootstrap_eV": float(sigma_boot_g[g]), "bootstrap_over_fisher": float(sigma_boot_g[g]) / s_fisher,
                 "interval68_eV": interval(value, s, 0.68), "interval95_eV": interval(value, s, 0.95),
                 "state_shifts_eV": {str(k): v for k, v in state_shifts.items()},

@@ -28,7 +28,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from spread_dials.refine.information import eliminate_planes, normal_blocks, refined_offsets
+from spread_dials.refine.information import eliminate_planes, normal_blocks, refined_offsets, shot_columns
 from spread_dials.refine.model import (
     BraggTerms,
     ShotCache,
@@ -39,13 +39,21 @@ from spread_dials.refine.model import (
     rate_from_terms,
 )
 
-__all__ = ["refine_shot", "STAGE1_TOLERANCE", "OFFSET_UNIT"]
+__all__ = ["refine_shot", "trust_radius", "STAGE1_TOLERANCE", "OFFSET_UNIT"]
 
 #: a Gauss-Newton step that lowers the NLL by less than this ends stage 1 for the still
 STAGE1_TOLERANCE = 1e-3
 
 #: unit of the trust radii: mrad for rotations, parts per thousand for log cell lengths
 OFFSET_UNIT = 1e-3
+
+
+def trust_radius(n_offsets: int, settings, like: Tensor) -> Tensor:
+    """(n_offsets,) trust radius of each crystal offset (rad for the 3 rotation angles, log length
+    for the cell lengths): ``rotation_step_mrad`` and ``cell_step_permille`` of ``settings``
+    times :data:`OFFSET_UNIT`, with the dtype and device of ``like``."""
+    radius = [settings.rotation_step_mrad] * 3 + [settings.cell_step_permille] * (n_offsets - 3)
+    return torch.tensor(radius, dtype=like.dtype, device=like.device) * OFFSET_UNIT
 
 
 def _nll(cache: ShotCache, state: ShotState, terms: BraggTerms, settings) -> Tensor:
@@ -65,12 +73,8 @@ def _normal_equations(cache: ShotCache, state: ShotState, terms: BraggTerms, set
     nll = negative_log_likelihood(lam, cache.counts, cache.fitted, settings.readout_sigma, settings.model_error_fraction)
     g_scale, g_offsets, g_b = torch.autograd.grad(nll, [log_scale, offsets, background], allow_unused=True)
     g_offsets = torch.zeros_like(offsets) if g_offsets is None else g_offsets
-    lam, bragg = lam.detach(), bragg.detach()
-    scale = torch.exp(state.log_scale.detach())
-    columns = [(scale * bragg).unsqueeze(-1)]
-    if bool(refined.any()):
-        columns.append(scale * terms.jacobian[:, refined.to(terms.jacobian.device)])
-    u = torch.cat(columns, -1)  # (N, S)
+    lam = lam.detach()
+    u = shot_columns(state, terms, bragg.detach(), refined)  # (N, S)
     w = fisher_weights(lam, cache.fitted, settings.readout_sigma, settings.model_error_fraction)
     h_bb, h_bs, h_ss = normal_blocks(cache, w, u, n_b)
     g_s = torch.cat([g_scale.reshape(1), g_offsets[refined.to(g_offsets.device)]])
@@ -104,9 +108,7 @@ def refine_shot(cache: ShotCache, state: ShotState, intensity: Tensor, settings)
     terms = bragg_terms(cache, intensity)
     refined = refined_offsets(state.offsets.numel(), settings) & (terms.jacobian is not None)
     x0 = cache.profiles.offsets.to(state.rotation)
-    n_cell = x0.numel() - 3
-    radius = torch.tensor([settings.rotation_step_mrad] * 3 + [settings.cell_step_permille] * n_cell, dtype=x0.dtype,
-                          device=x0.device) * OFFSET_UNIT  # fmt: skip
+    radius = trust_radius(x0.numel(), settings, x0)
     low, high = x0 - radius, x0 + radius
     state = ShotState(state.log_scale.detach(), state.rotation.detach(), state.background.detach(),
                       None if state.cell is None else state.cell.detach())  # fmt: skip

@@ -25,7 +25,6 @@ import torch
 from torch import Tensor
 
 from spread_dials.refine.engine import global_objective, refine_globals
-from spread_dials.refine.information import shot_information
 
 __all__ = ["CurvatureResult", "curvature", "bootstrap", "interval", "state_probabilities"]
 
@@ -52,17 +51,10 @@ class CurvatureResult:
 def curvature(refinement, observed: bool = True) -> CurvatureResult:
     """Covariances of theta at the current optimum (see the module docstring)."""
     theta = refinement.theta.detach()
-    profiled, conditional = [], []
-    for i in range(len(refinement.caches)):
-        a, b = shot_information(refinement, i, theta)
-        profiled.append(a)
-        conditional.append(b)
+    profiled_information, conditional_information = refinement.information(theta)
     # each still's score: the gradient of its NLL at its per-shot optimum (profiled score)
     scores = [v[1:].cpu() for v in refinement.still_values_and_grads(theta)]
-    profiled_sum = refinement.ordered_sum(profiled)
-    conditional_sum = refinement.ordered_sum(conditional)
-    prior = torch.autograd.functional.hessian(refinement.sites.negative_log_prior, theta)
-    profiled_cov = _inverse(profiled_sum + prior)
+    profiled_cov = _inverse(profiled_information)
     sandwich, spread = None, None
     if refinement.n_shots >= 3:
         n = refinement.n_shots
@@ -73,9 +65,9 @@ def curvature(refinement, observed: bool = True) -> CurvatureResult:
     observed_cov = None
     if observed:
         observed_sum = refinement.ordered_sum([_still_hessian(refinement, i, theta) for i in range(len(refinement.caches))])
-        observed_cov = _inverse(observed_sum + prior)
+        observed_cov = _inverse(observed_sum + refinement.prior_hessian(theta))
     sandwich_observed = observed_cov @ spread @ observed_cov if observed_cov is not None and spread is not None else None
-    return CurvatureResult(profiled_cov, sandwich, _inverse(conditional_sum + prior), observed_cov, sandwich_observed)
+    return CurvatureResult(profiled_cov, sandwich, _inverse(conditional_information), observed_cov, sandwich_observed)
 
 
 def _still_hessian(refinement, i: int, theta: Tensor) -> Tensor:
