@@ -273,3 +273,16 @@ def test_scoring_and_lbfgs_stage_two_reach_the_same_edge_shift():
     assert sigma < 1.0, results  # the stills determine the shift (the prior's sigma is 10 eV)
     assert abs(a - b) < 0.05 * sigma, results
     assert n_a <= n_b, results
+
+
+def test_fisher_weights_are_zero_at_the_rate_floor():
+    """w = 1 / variance (closed form: 1 / lambda for Poisson, 1 / (lambda + sigma^2) with readout
+    noise) on fitted pixels; 0 off the fit and where the rate sits at or below the floor (the
+    clamped rate does not move with the parameters)."""
+    from spread_dials.refine.model import LAMBDA_FLOOR, fisher_weights
+
+    lam = torch.tensor([4.0, 0.5, LAMBDA_FLOOR, -3.0, 2.0], dtype=torch.float64)
+    fitted = torch.tensor([True, True, True, True, False])
+    assert torch.equal(fisher_weights(lam, fitted), torch.tensor([0.25, 2.0, 0.0, 0.0, 0.0], dtype=torch.float64))
+    readout = fisher_weights(lam, fitted, readout_sigma=2.0)
+    assert torch.allclose(readout, torch.tensor([1 / 8.0, 1 / 4.5, 0.0, 0.0, 0.0], dtype=torch.float64))
