@@ -36,7 +36,7 @@ from spread_dials.refine.model import (
     pixel_rate,
     site_intensities,
 )
-from spread_dials.refine.profiles import CrystalModel, shot_profiles
+from spread_dials.refine.profiles import CrystalModel, ShotProfiles, shot_profiles
 from spread_dials.refine.residuals import shoebox_statistics
 from spread_dials.refine.shots import ShotSet
 from spread_dials.refine.sites import SiteModel
@@ -143,6 +143,9 @@ class Refinement:
         crystal_model: fixed crystal assumptions.
         comm: the communicator.
         history: per macrocycle {"macrocycle", "nll", "theta", "seconds"}.
+        profile_map: applied to every still's profiles as the kernel recomputes them (index of
+            the local still, physics profiles -> the profiles the fit uses; dials.spread_correct
+            maps them through its learned correction), or None.
     """
 
     shots: ShotSet
@@ -156,6 +159,13 @@ class Refinement:
     comm: object
     settings: RefineSettings
     history: list[dict] = field(default_factory=list)
+    profile_map: Callable[[int, ShotProfiles], ShotProfiles] | None = None
+
+    def profiles_at(self, i: int, state: ShotState) -> ShotProfiles:
+        """Local still i's profiles (and derivatives) recomputed by the kernel at the crystal
+        offsets of ``state``, through :attr:`profile_map`."""
+        profiles = shot_profiles(self.shots, self.shots.shots[i], self.crystal_model, state.rotation, cell=state.cell)
+        return profiles if self.profile_map is None else self.profile_map(i, profiles)
 
     def curves_intensity(self, i: int, theta: Tensor | None = None) -> Tensor:
         return site_intensities(self.sites, self.theta if theta is None else theta, self.caches[i])
@@ -242,9 +252,7 @@ class Refinement:
                 state, nll = refine_shot(cache, self.states[i], intensity, settings)
                 step = float(((state.offsets - self.caches[i].profiles.offsets) / radius).abs().max())
                 self.states[i] = state
-                self.caches[i] = self.caches[i].with_profiles(
-                    shot_profiles(self.shots, self.shots.shots[i], self.crystal_model, state.rotation, cell=state.cell)
-                )
+                self.caches[i] = self.caches[i].with_profiles(self.profiles_at(i, state))
                 if fraction is None and step < 0.25:
                     break
             largest = max(largest, float(((self.states[i].offsets - start) / radius).abs().max()))

@@ -6,6 +6,11 @@ shoeboxes are the bounding boxes of each reflection's windows plus a margin, cou
 draws of Bragg + a flat background, and the crystal handed to refinement is the true one turned
 by a random rotation and with its cell lengths scaled by random factors (the orientation and
 cell errors that indexing leaves).  Every draw comes from ``seed``.
+
+Model errors that refinement is not told about (:class:`InjectedErrors`, for
+dials.spread_correct's experiments): a Gaussian point-spread function (each shoebox's expected
+Bragg photons blurred inside its box), per-panel gain factors (on Bragg and background), and a
+recorded spectrum whose energies are off by a spectrometer offset plus a per-still jitter.
 """
 
 from __future__ import annotations
@@ -20,6 +25,7 @@ from torch import Tensor
 from spread_dials.physics.beam import make_sources
 from spread_dials.physics.bragg import Scene
 from spread_dials.physics.crystal import Crystal, rotation_from_vector
+from spread_dials.physics.detector_response import gaussian_psf
 from spread_dials.physics.geometry import PanelArray
 from spread_dials.physics.sparse import BraggWindows, predict_windows, window_photons
 from spread_dials.physics.structure_factors import StructureFactors
@@ -27,7 +33,35 @@ from spread_dials.refine.profiles import CrystalModel, shoebox_windows
 from spread_dials.refine.shots import Shoeboxes, Shot, ShotSet
 from spread_dials.simulation.plan import uniform_rotation
 
-__all__ = ["SyntheticTruth", "synthetic_shots"]
+__all__ = ["InjectedErrors", "SyntheticTruth", "synthetic_shots"]
+
+
+@dataclass(frozen=True)
+class InjectedErrors:
+    """Model errors in synthetic stills (the refinement's model lacks them).
+
+    Attributes:
+        psf_fwhm_px: Gaussian point-spread FWHM (pixels; 0 off), applied to the Bragg photons
+            of each shoebox inside its box.
+        panel_gain: (P,) factors on each panel's expected photons, or None.
+        spectrometer_offset_eV: recorded channel energies = true + this + the still's jitter.
+        energy_jitter_eV: rms of a per-still N(0, 1) jitter of the recorded energies.
+    """
+
+    psf_fwhm_px: float = 0.0
+    panel_gain: Tensor | None = None
+    spectrometer_offset_eV: float = 0.0
+    energy_jitter_eV: float = 0.0
+
+
+def _blur_boxes(bragg: Tensor, nx: Tensor, ny: Tensor, fwhm_px: float) -> Tensor:
+    """Each box's pixels (row-major, boxes consecutive) blurred by a Gaussian of ``fwhm_px``
+    (light leaving a box is lost, as light leaving a panel)."""
+    out, start = [], 0
+    for w, h in zip(nx.tolist(), ny.tolist()):
+        out.append(gaussian_psf(bragg[start : start + w * h].view(1, h, w), fwhm_px).reshape(-1))
+        start += w * h
+    return torch.cat(out) if out else bragg
 
 
 @dataclass(frozen=True)
@@ -78,6 +112,7 @@ def synthetic_shots(
     truth_model: CrystalModel | None = None,
     domains_per_still: bool = False,
     device: str | torch.device = "cpu",
+    errors: InjectedErrors | None = None,
 ) -> tuple[ShotSet, SyntheticTruth]:
     """``n_shots`` stills of a crystal with rows a, b, c ``unit_cell_real_space`` (3, 3) (A) in
     random orientations, flat SASE-like spectra on channels ``energy_eV`` (C,) (random weights),
@@ -89,8 +124,9 @@ def synthetic_shots(
     boxes at most ``max_box_px`` on a side.  The crystals are made with ``truth_model`` (default
     ``model``, the one handed to refinement, whose domain count sets the shoebox windows);
     ``domains_per_still`` draws each still's mosaic domains from its own seed (as
-    dials.spread_simulate does) instead of the model's one draw.  The kernel runs on ``device``;
-    the stills come back on the CPU.  Returns the stills and what made them.
+    dials.spread_simulate does) instead of the model's one draw.  ``errors``: model errors the
+    stills carry (:class:`InjectedErrors`).  The kernel runs on ``device``; the stills come back
+    on the CPU.  Returns the stills and what made them.
     """
     truth_model = model if truth_model is None else truth_model
     panels_device = panels.to(device)
@@ -99,7 +135,7 @@ def synthetic_shots(
     dtype = torch.float64
     beam = torch.tensor([0.0, 0.0, -1.0], dtype=dtype)
     e_vector = torch.tensor([1.0, 0.0, 0.0], dtype=dtype)
-    shots, reals, errors, cell_errors = [], [], [], []
+    shots, reals, rotation_errors, cell_errors = [], [], [], []
     for i in range(n_shots):
         real_space = unit_cell_real_space.to(dtype) @ torch.as_tensor(uniform_rotation(rng), dtype=dtype).T
         weight = torch.as_tensor(rng.gamma(2.0, size=energy_eV.numel()), dtype=dtype)
@@ -125,7 +161,13 @@ def synthetic_shots(
         sb_of_pixel = torch.repeat_interleave(torch.arange(hkl.shape[0]), nx * ny)
         per_box = torch.zeros(hkl.shape[0], dtype=dtype).index_add(0, sb_of_pixel, bragg)
         gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
-        counts = torch.poisson(bragg + background_photons, generator=gen)
+        expected = bragg + background_photons
+        if errors is not None:
+            if errors.psf_fwhm_px > 0:
+                expected = _blur_boxes(bragg, nx, ny, errors.psf_fwhm_px) + background_photons
+            if errors.panel_gain is not None:
+                expected = expected * errors.panel_gain.to(dtype)[torch.repeat_interleave(panel, nx * ny)]
+        counts = torch.poisson(expected, generator=gen)
         strong = per_box >= min_bragg_photons
         pixel_keep = strong[sb_of_pixel]
         error = torch.as_tensor(rng.normal(size=3), dtype=dtype) * math.radians(orientation_error_deg)
@@ -136,9 +178,12 @@ def synthetic_shots(
         if cell_error_fraction > 0:  # (no draw otherwise: the same stills as without the option)
             cell_error = cell_error + torch.as_tensor(rng.normal(size=3), dtype=dtype) * cell_error_fraction
         given = cell_error.unsqueeze(-1) * real_space @ rotation_from_vector(error).T
-        shots.append(Shot(f"synthetic-{seed}-{i}", given, energy_eV.to(dtype), weight / weight.sum(), boxes))
+        recorded = energy_eV.to(dtype)
+        if errors is not None and (errors.spectrometer_offset_eV or errors.energy_jitter_eV):
+            recorded = recorded + errors.spectrometer_offset_eV + errors.energy_jitter_eV * float(rng.normal())
+        shots.append(Shot(f"synthetic-{seed}-{i}", given, recorded, weight / weight.sum(), boxes))
         reals.append(real_space)
-        errors.append(error)
+        rotation_errors.append(error)
         cell_errors.append(cell_error)
     shot_set = ShotSet(panels, beam, e_vector, 0.999, shots, [f"synthetic still {i}" for i in range(n_shots)])
-    return shot_set, SyntheticTruth(reals, errors, spot_scale, cell_errors)
+    return shot_set, SyntheticTruth(reals, rotation_errors, spot_scale, cell_errors)

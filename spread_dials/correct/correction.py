@@ -1,0 +1,190 @@
+"""The learned correction of the physics model's per-channel profiles (pure torch).
+
+The physics rate of a shoebox pixel is lambda = plane + G sum_c P_c(p) |F_h(E_c)|^2
+(:mod:`spread_dials.refine.model`).  The correction acts on the per-channel profiles P, so the
+corrected rate keeps that form and dials.spread_refine's engine (stage 1, the Fisher information,
+the scoring step) runs on corrected profiles unchanged:
+
+    P*_c(p) = exp(log_gain(p) + head(p)) * (K P_c)(p)
+
+- ``log_gain``: a smooth gain field per panel, bicubic over a coarse grid of nodes (detector gain
+  non-uniformity; the background plane of each shoebox absorbs the gain's effect on background
+  over the few pixels of a shoebox, so the gain multiplies the Bragg part only: a departure from
+  CORRECT_DESIGN.md, which multiplies background too, that keeps the rate in the engine's form).
+- ``K``: a flux-conserving redistribution inside each shoebox (PSF, spot-shape errors):
+  K x = x + sum_o c_o (move x_p to its neighbour p + o) - (x_p leaves p), each move only between
+  pixels of the same shoebox, so every shoebox's total is kept exactly for any coefficients c.
+- ``head``: a Lipschitz-bounded function of the pixel's direction in the crystal frame, excitation
+  error and resolution (partiality errors such as an anisotropic mosaic spread): it cannot follow
+  the pseudo-random sign of a site's phase from one Miller index to the next.
+
+Every part is zero at initialisation, so the corrected profile equals the physics one exactly.
+The inputs are a :class:`~spread_dials.correct.context.PixelContext` only (no Miller index, F0,
+G, |F|^2 or spectrum: the guards of CORRECT_DESIGN.md).
+
+:class:`LeakyCorrection` is the deliberately leaky arm: the same parts plus a free log factor per
+Miller index, no anchor; it can absorb the anomalous signal, so a test that it does shows the
+guard tests have power.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from spread_dials.correct.context import HEAD_FEATURES, PixelContext, stencil_offsets
+
+__all__ = ["CorrectionSettings", "PixelCorrection", "LeakyCorrection", "redistribute"]
+
+
+@dataclass(frozen=True)
+class CorrectionSettings:
+    """Shape of the correction and its priors.
+
+    Attributes:
+        gain: learn the gain field; gain_nodes: nodes per panel edge; gain_prior_sigma: prior
+            sd of the log gain at each node (0.05: 5 %).
+        redistribution: learn the stencil; stencil_radius: its half-width (pixels);
+            stencil_prior_sigma: prior sd of each coefficient (fraction of a pixel's photons moved).
+        head: learn the intensity head; head_hidden: hidden units; head_lipschitz: bound on
+            |d head / d feature| (log intensity per unit of a standardized feature).
+        seed: seed of the head's initial weights.
+    """
+
+    gain: bool = True
+    gain_nodes: int = 4
+    gain_prior_sigma: float = 0.05
+    redistribution: bool = True
+    stencil_radius: int = 1
+    stencil_prior_sigma: float = 0.1
+    head: bool = True
+    head_hidden: int = 16
+    head_lipschitz: float = 0.5
+    seed: int = 0
+
+
+class _SpectralBound(nn.Module):
+    """W / max(1, ||W||_2): the layer's Lipschitz constant is at most 1 (exact spectral norm,
+    unlike torch's power-iteration spectral_norm)."""
+
+    def forward(self, weight: Tensor) -> Tensor:
+        return weight / torch.linalg.matrix_norm(weight, ord=2).clamp(min=1.0)
+
+
+def _bounded_linear(n_in: int, n_out: int, dtype: torch.dtype) -> nn.Linear:
+    layer = nn.Linear(n_in, n_out, dtype=dtype)
+    parametrize.register_parametrization(layer, "weight", _SpectralBound())
+    return layer
+
+
+def redistribute(x: Tensor, coefficients: Tensor, neighbours: Tensor) -> Tensor:
+    """K x: ``x`` (N, ...) per pixel with, for each stencil offset o, a fraction c_o of every
+    pixel's value moved to its neighbour at o (``neighbours`` (K, N), -1 outside the shoebox:
+    nothing moves).  Linear in x; keeps each shoebox's sum exactly."""
+    out = x
+    for c, nb in zip(coefficients, neighbours):
+        src = torch.nonzero(nb >= 0).squeeze(-1)
+        moved = c * x[src]
+        out = out.index_add(0, nb[src], moved).index_add(0, src, -moved)
+    return out
+
+
+class PixelCorrection(nn.Module):
+    """The correction (module docstring) for detectors of ``n_panels`` panels.
+
+    Args:
+        n_panels: panels of the detector.
+        settings: shape and priors.
+        feature_scale: (5,) typical size of each head feature (:data:`HEAD_FEATURES`) in the
+            data set (their standard deviations), so the head sees standardized inputs.
+    """
+
+    def __init__(self, n_panels: int, settings: CorrectionSettings, feature_scale: Tensor, dtype: torch.dtype = torch.float64):
+        super().__init__()
+        self.settings = settings
+        g = settings.gain_nodes
+        self.log_gain_nodes = nn.Parameter(torch.zeros((n_panels, 1, g, g), dtype=dtype))
+        self.offsets = stencil_offsets(settings.stencil_radius)
+        self.stencil = nn.Parameter(torch.zeros(len(self.offsets), dtype=dtype))
+        self.register_buffer("feature_scale", feature_scale.to(dtype).clamp(min=1e-12))
+        gen_state = torch.random.get_rng_state()
+        torch.manual_seed(settings.seed)
+        h = settings.head_hidden
+        self.mlp = nn.Sequential(_bounded_linear(len(HEAD_FEATURES), h, dtype), nn.Tanh(),
+                                 _bounded_linear(h, h, dtype), nn.Tanh(), _bounded_linear(h, 1, dtype))  # fmt: skip
+        torch.random.set_rng_state(gen_state)
+        # head = L tanh(s) mlp(x): Lipschitz <= L, exactly 0 at s = 0
+        self.head_amplitude = nn.Parameter(torch.zeros((), dtype=dtype))
+
+    def log_gain(self, context: PixelContext) -> Tensor:
+        """(N,) log gain of every pixel (0 when the gain is not learned)."""
+        if not self.settings.gain:
+            return torch.zeros_like(context.panel_xy[:, 0])
+        nodes = self.log_gain_nodes[context.panel]  # (N, 1, g, g)
+        grid = context.panel_xy.to(nodes.dtype).view(-1, 1, 1, 2)
+        return nn.functional.grid_sample(nodes, grid, mode="bicubic", padding_mode="border", align_corners=True).view(-1)
+
+    def head(self, context: PixelContext) -> Tensor:
+        """(N,) log intensity factor of every pixel (0 when the head is not learned)."""
+        if not self.settings.head:
+            return torch.zeros_like(context.panel_xy[:, 0])
+        x = context.head_features.to(self.feature_scale.dtype) / self.feature_scale
+        amplitude = self.settings.head_lipschitz * torch.tanh(self.head_amplitude)
+        return amplitude * self.mlp(x).squeeze(-1)
+
+    def coefficients(self) -> Tensor:
+        """(K,) stencil coefficients (0 when the redistribution is not learned)."""
+        return self.stencil if self.settings.redistribution else torch.zeros_like(self.stencil)
+
+    def factor(self, context: PixelContext) -> Tensor:
+        """(N,) exp(log_gain + head): the multiplicative part."""
+        return torch.exp(self.log_gain(context) + self.head(context))
+
+    def apply(self, profile: Tensor, context: PixelContext, **_) -> Tensor:
+        """Corrected profiles: exp(log_gain + head) K ``profile`` for (N, ...) per-pixel values
+        (profiles (N, C), their offsets' Jacobian (N, C, k)); linear in ``profile``."""
+        if tuple(context.offsets) != tuple(self.offsets):
+            raise ValueError(f"context made for stencil offsets {context.offsets}, correction has {self.offsets}")
+        moved = redistribute(profile, self.coefficients(), context.neighbours) if self.settings.redistribution else profile
+        f = self.factor(context)
+        return f.view(-1, *([1] * (profile.dim() - 1))) * moved
+
+    def negative_log_prior(self) -> Tensor:
+        """Gaussian priors: log gain at each node, stencil coefficients; the head's amplitude
+        parameter N(0, 1) (its bound does the rest)."""
+        s = self.settings
+        total = self.head_amplitude**2 / 2
+        if s.gain:
+            total = total + (self.log_gain_nodes**2).sum() / (2 * s.gain_prior_sigma**2)
+        if s.redistribution:
+            total = total + (self.stencil**2).sum() / (2 * s.stencil_prior_sigma**2)
+        return total
+
+
+class LeakyCorrection(PixelCorrection):
+    """The leaky arm: :class:`PixelCorrection` plus a free log factor per Miller index (it is
+    given h, so it can absorb each reflection's anomalous difference); no prior on it."""
+
+    def __init__(self, n_panels: int, settings: CorrectionSettings, feature_scale: Tensor, miller_index: Tensor,
+                 dtype: torch.dtype = torch.float64):  # fmt: skip
+        super().__init__(n_panels, settings, feature_scale, dtype)
+        self.register_buffer("miller_index", torch.unique(miller_index, dim=0))
+        self.per_reflection = nn.Parameter(torch.zeros(self.miller_index.shape[0], dtype=dtype))
+
+    def apply(self, profile: Tensor, context: PixelContext, miller_index: Tensor | None = None, **_) -> Tensor:
+        """As :meth:`PixelCorrection.apply`, times exp(the factor of each pixel's Miller index)
+        (``miller_index`` (B, 3) of the still's shoeboxes)."""
+        out = super().apply(profile, context)
+        rows = torch.searchsorted(_keys(self.miller_index), _keys(miller_index))
+        f = torch.exp(self.per_reflection[rows])[context.shoebox]
+        return f.view(-1, *([1] * (profile.dim() - 1))) * out
+
+
+def _keys(hkl: Tensor) -> Tensor:
+    """(B,) one sortable integer per Miller index (|h|, |k|, |l| < 2^20); torch.unique sorts rows
+    lexicographically, which this key preserves."""
+    h = hkl.to(torch.long) + (1 << 20)
+    return (h[:, 0] << 42) | (h[:, 1] << 21) | h[:, 2]

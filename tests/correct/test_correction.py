@@ -1,0 +1,215 @@
+"""The correction's guards (CORRECT_DESIGN.md "Why it cannot absorb the edge shifts"): identity at
+initialisation, no dependence on the forbidden inputs, flux conservation, the Lipschitz bound,
+and the Poisson KL anchor against Monte Carlo (pure torch; references: closed forms,
+torch.distributions, independent sums)."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+
+import pytest
+import torch
+
+from spread_dials.correct.context import pixel_context
+from spread_dials.correct.correction import CorrectionSettings, LeakyCorrection, PixelCorrection, redistribute
+from spread_dials.correct.divergence import poisson_kl
+from spread_dials.correct.fit import CorrectedModel, CorrectSettings, feature_scale
+from spread_dials.refine.model import pixel_rate
+
+from .toy import NOMINAL_EV, toy_refinement
+
+
+@pytest.fixture(scope="module")
+def toy():
+    return toy_refinement(seed=0, n_stills=2)
+
+
+def _correction(refinement, contexts, **settings) -> PixelCorrection:
+    return PixelCorrection(refinement.shots.panels.n_panels, CorrectionSettings(**settings), feature_scale(refinement, contexts))
+
+
+def _randomise(correction: PixelCorrection, seed: int, size: float = 0.3) -> None:
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in correction.parameters():
+            p.copy_(size * torch.randn(p.shape, generator=gen, dtype=p.dtype))
+
+
+def test_identity_at_initialisation(toy):
+    """A fresh correction leaves every still's pixel rate equal to the physics rate (1e-6
+    relative) and its profiles and their Jacobian exactly as they were."""
+    contexts = [pixel_context(toy.shots, s, NOMINAL_EV) for s in toy.shots.shots]
+    correction = _correction(toy, contexts)
+    physics = [c.profiles for c in toy.caches]
+    before = [pixel_rate(c, s, toy.curves_intensity(i))[0] for i, (c, s) in enumerate(zip(toy.caches, toy.states))]
+    model = CorrectedModel(toy, correction, contexts, CorrectSettings())
+    for i, cache in enumerate(toy.caches):
+        assert torch.equal(cache.profiles.profile, physics[i].profile)
+        assert torch.equal(cache.profiles.jacobian, physics[i].jacobian)
+        lam_star, lam_phys = model.rates(i)
+        assert torch.allclose(lam_star, lam_phys, rtol=1e-6, atol=0)
+        assert torch.allclose(lam_phys, before[i], rtol=1e-12, atol=0)
+        nll, kl = model.still_terms(i)
+        assert float(kl.detach()) == 0.0
+    toy.profile_map = None
+
+
+def _perturbed_shot(shot):
+    """The still with its Miller indices, counts and recorded spectrum changed."""
+    sb = shot.shoeboxes
+    boxes = replace(sb, miller_index=sb.miller_index[torch.randperm(sb.n_shoeboxes, generator=torch.Generator().manual_seed(1))],
+                    counts=sb.counts * 2 + 1)  # fmt: skip
+    return replace(shot, shoeboxes=boxes, energy_eV=shot.energy_eV + 7.0, weight=torch.flip(shot.weight, [0]))
+
+
+def test_context_ignores_forbidden_inputs(toy):
+    """Changing a still's Miller indices, counts or recorded spectrum changes nothing in its
+    context; the context has no gradient with respect to the spectrum."""
+    shot = toy.shots.shots[0]
+    a = pixel_context(toy.shots, shot, NOMINAL_EV)
+    b = pixel_context(toy.shots, _perturbed_shot(shot), NOMINAL_EV)
+    for name in ("panel", "panel_xy", "two_theta", "azimuth", "obliquity", "shoebox", "local", "neighbours",
+                 "direction", "excitation_error", "resolution"):  # fmt: skip
+        assert torch.equal(getattr(a, name), getattr(b, name)), name
+    energy = shot.energy_eV.clone().requires_grad_(True)
+    weight = shot.weight.clone().requires_grad_(True)
+    ctx = pixel_context(toy.shots, replace(shot, energy_eV=energy, weight=weight), NOMINAL_EV)
+    for t in (ctx.head_features, ctx.panel_xy, ctx.two_theta):
+        assert not t.requires_grad
+
+
+def test_correction_has_zero_jacobian_in_F0_G_and_the_edge_shifts(toy):
+    """With random weights, the correction's output for a still (its per-pixel factor and
+    stencil) has zero derivative with respect to F0, G and the edge shifts: autograd finds no
+    path; perturbing F0 and G in the cache leaves the corrected profiles unchanged."""
+    contexts = [pixel_context(toy.shots, s, NOMINAL_EV) for s in toy.shots.shots]
+    correction = _correction(toy, contexts)
+    _randomise(correction, 3)
+    cache = toy.caches[0]
+    F0 = cache.F0.clone().requires_grad_(True)
+    G = cache.G.clone().requires_grad_(True)
+    theta = torch.tensor([1.0, -0.5], dtype=torch.float64, requires_grad=True)
+    perturbed = replace(cache, F0=F0 * 1.3, G=G * 1j)
+    toy.caches[0] = perturbed
+    try:
+        out = torch.cat([correction.factor(contexts[0]), correction.coefficients()])
+        grads = torch.autograd.grad(out.sum(), [F0, G, theta], allow_unused=True)
+        assert all(g is None for g in grads)
+        model = CorrectedModel(toy, correction, contexts, CorrectSettings())
+        corrected_perturbed = toy.caches[0].profiles.profile
+    finally:
+        toy.caches[0] = cache
+        toy.profile_map = None
+    model = CorrectedModel(toy, correction, contexts, CorrectSettings())
+    assert torch.equal(corrected_perturbed, toy.caches[0].profiles.profile)
+    toy.caches[0] = cache.with_profiles(model.physics[0])
+    toy.profile_map = None
+
+
+def test_redistribution_conserves_every_shoebox_total(toy):
+    """K x keeps each shoebox's sum (1e-12 relative) for random coefficients up to 0.5 and random
+    (N, C) inputs, while moving photons between pixels."""
+    shot = toy.shots.shots[1]
+    ctx = pixel_context(toy.shots, shot, NOMINAL_EV, stencil_radius=2)
+    gen = torch.Generator().manual_seed(4)
+    x = torch.rand((shot.shoeboxes.n_pixels, 3), generator=gen, dtype=torch.float64)
+    c = 0.5 * torch.rand(ctx.neighbours.shape[0], generator=gen, dtype=torch.float64)
+    y = redistribute(x, c, ctx.neighbours)
+    n_b = shot.shoeboxes.n_shoeboxes
+    total_x = torch.zeros((n_b, 3), dtype=x.dtype).index_add(0, ctx.shoebox, x)
+    total_y = torch.zeros((n_b, 3), dtype=x.dtype).index_add(0, ctx.shoebox, y)
+    assert torch.allclose(total_y, total_x, rtol=1e-12, atol=0)
+    assert (y - x).abs().max() > 0.1
+
+
+def test_redistribution_matches_a_convolution_inside_a_box(toy):
+    """Inside a shoebox, away from its edges, K x equals the 2-D convolution of x with the
+    stencil (1 - sum c) at the centre, c_o at offset o (torch's conv2d as the reference)."""
+    shot = toy.shots.shots[0]
+    ctx = pixel_context(toy.shots, shot, NOMINAL_EV)
+    sb = shot.shoeboxes
+    b = int(torch.argmax(sb.n_fast * sb.n_slow))
+    start = int((sb.n_fast * sb.n_slow)[:b].sum())
+    w, h = int(sb.n_fast[b]), int(sb.n_slow[b])
+    gen = torch.Generator().manual_seed(5)
+    x = torch.rand(sb.n_pixels, generator=gen, dtype=torch.float64)
+    c = 0.1 * torch.rand(8, generator=gen, dtype=torch.float64)
+    y = redistribute(x, c, ctx.neighbours)[start : start + w * h].view(h, w)
+    kernel = torch.zeros(3, 3, dtype=torch.float64)
+    kernel[1, 1] = 1 - c.sum()
+    for coefficient, (dx, dy) in zip(c, ctx.offsets):
+        kernel[1 + dy, 1 + dx] = coefficient  # photons at p move to p + o: y[p + o] += c x[p]
+    image = x[start : start + w * h].view(1, 1, h, w)
+    conv = torch.nn.functional.conv2d(image, kernel.flip([0, 1]).view(1, 1, 3, 3)).view(h - 2, w - 2)
+    assert torch.allclose(y[1:-1, 1:-1], conv, rtol=1e-12, atol=1e-14)
+
+
+def test_head_is_lipschitz_bounded(toy):
+    """|head(x) - head(y)| <= L |x - y| (standardized features) for random weights and random
+    pairs of the still's pixels, and |d head / d x| <= L at every pixel (autograd); the head is
+    not constant (ratios reach 1 % of L)."""
+    contexts = [pixel_context(toy.shots, s, NOMINAL_EV) for s in toy.shots.shots]
+    correction = _correction(toy, contexts, head_lipschitz=0.5)
+    _randomise(correction, 6, size=1.0)
+    with torch.no_grad():
+        correction.head_amplitude.fill_(10.0)
+    ctx = contexts[0]
+    head = correction.head(ctx).detach()
+    x = (ctx.head_features / correction.feature_scale)
+    gen = torch.Generator().manual_seed(7)
+    i, j = torch.randint(0, x.shape[0], (2, 20000), generator=gen)
+    distance = (x[i] - x[j]).norm(dim=-1)
+    keep = distance > 0
+    ratio = ((head[i] - head[j]).abs()[keep] / distance[keep])
+    assert float(ratio.max()) <= 0.5 * (1 + 1e-9)
+    assert float(ratio.max()) > 0.5 / 100
+    z = x.clone().requires_grad_(True)
+    amplitude = 0.5 * torch.tanh(correction.head_amplitude)
+    (grad,) = torch.autograd.grad((amplitude * correction.mlp(z)).sum(), z)
+    assert float(grad.norm(dim=-1).max()) <= 0.5 * (1 + 1e-9)
+
+
+def test_gain_field_interpolates_its_nodes(toy):
+    """The bicubic field (torch grid_sample, align_corners) takes each node's value at the node's
+    panel coordinates (nodes at -1 ... 1) and a constant field's value at every pixel."""
+    contexts = [pixel_context(toy.shots, s, NOMINAL_EV) for s in toy.shots.shots]
+    correction = _correction(toy, contexts, gain_nodes=5)
+    gen = torch.Generator().manual_seed(10)
+    with torch.no_grad():
+        correction.log_gain_nodes.copy_(0.05 * torch.randn(correction.log_gain_nodes.shape, generator=gen, dtype=torch.float64))
+    ctx = contexts[0]
+    grid = torch.linspace(-1, 1, 5, dtype=torch.float64)
+    p, iy, ix = torch.meshgrid(torch.arange(4), torch.arange(5), torch.arange(5), indexing="ij")
+    at_nodes = replace(ctx, panel=p.reshape(-1), panel_xy=torch.stack([grid[ix.reshape(-1)], grid[iy.reshape(-1)]], -1))
+    assert torch.allclose(correction.log_gain(at_nodes), correction.log_gain_nodes[p, 0, iy, ix].reshape(-1), atol=1e-12)
+    with torch.no_grad():
+        correction.log_gain_nodes.fill_(0.03)
+    assert torch.allclose(correction.log_gain(ctx), torch.full_like(ctx.two_theta, 0.03), atol=1e-12)
+
+
+def test_leaky_correction_reads_the_miller_index(toy):
+    """The leaky arm's output moves with the Miller index (it is given h): the guard tests above
+    would fail for it."""
+    contexts = [pixel_context(toy.shots, s, NOMINAL_EV) for s in toy.shots.shots]
+    hkl = torch.cat([s.shoeboxes.miller_index for s in toy.shots.shots])
+    leaky = LeakyCorrection(toy.shots.panels.n_panels, CorrectionSettings(), feature_scale(toy, contexts), hkl)
+    _randomise(leaky, 8)
+    shot = toy.shots.shots[0]
+    ones = torch.ones(shot.shoeboxes.n_pixels, dtype=torch.float64)
+    a = leaky.apply(ones, contexts[0], miller_index=shot.shoeboxes.miller_index)
+    b = leaky.apply(ones, contexts[0], miller_index=_perturbed_shot(shot).shoeboxes.miller_index)
+    assert (a - b).abs().max() > 1e-3
+
+
+def test_poisson_kl_matches_monte_carlo():
+    """Closed-form KL(Poisson(a) || Poisson(b)) against the mean of log p_a(k) - log p_b(k) over
+    200k draws k ~ Poisson(a) (torch.distributions), within 4 standard errors."""
+    gen = torch.Generator().manual_seed(9)
+    for a, b in [(0.3, 0.5), (4.0, 3.0), (50.0, 58.0), (1e3, 1.02e3)]:
+        pa, pb = torch.distributions.Poisson(torch.tensor(a, dtype=torch.float64)), torch.distributions.Poisson(torch.tensor(b, dtype=torch.float64))
+        k = torch.poisson(torch.full((200000,), a, dtype=torch.float64), generator=gen)
+        log_ratio = pa.log_prob(k) - pb.log_prob(k)
+        mc, se = float(log_ratio.mean()), float(log_ratio.std() / 200000**0.5)
+        exact = float(poisson_kl(torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)))
+        assert abs(mc - exact) < 4 * se + 1e-12, (a, b, mc, exact, se)
+    assert float(poisson_kl(torch.tensor(7.0), torch.tensor(7.0))) == 0.0

@@ -1,0 +1,52 @@
+"""A two-site toy problem in memory for dials.spread_correct's tests (pure torch): a 34 x 35 x 44 A
+crystal with random F0 and two anomalous sites of random phase, small stills on a 2 x 2-panel
+detector, optional injected model errors."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from spread_dials.parallel import Parallel
+from spread_dials.physics.crystal import real_space_from_cell
+from spread_dials.physics.sparse import miller_indices_within
+from spread_dials.physics.structure_factors import StructureFactors
+from spread_dials.refine.engine import Refinement, RefineSettings, make_caches
+from spread_dials.refine.profiles import CrystalModel
+from spread_dials.refine.sites import EdgeShiftSites
+from spread_dials.refine.synthetic import InjectedErrors, synthetic_shots
+
+from ..physics.scene_factory import grid_panels
+from ..refine.test_engine import _reference
+
+ENERGY = torch.arange(7106.0, 7136.0, 4.0, dtype=torch.float64)
+NOMINAL_EV = 7120.0
+CELL = (34.1, 34.9, 43.7, 90.0, 90.0, 90.0)
+
+
+def toy_refinement(seed: int, shifts=(2.0, 0.0), n_stills: int = 3, spot_scale: float = 2000.0,
+                   errors: InjectedErrors | None = None, macrocycles: int = 2) -> Refinement:  # fmt: skip
+    """A physics-only :class:`Refinement` of ``n_stills`` toy stills whose two sites' truths are
+    the reference moved by ``shifts`` (eV); per-shot states initialised, nothing refined yet.
+    The structure (F0, G) is the same for every seed; the stills, spectra and noise are drawn
+    from ``seed``."""
+    ref = _reference()
+    cell = real_space_from_cell(torch.tensor(CELL, dtype=torch.float64))
+    hkl = miller_indices_within(cell, 2.0)
+    gen = torch.Generator().manual_seed(100)
+    n = hkl.shape[0]
+    F0 = torch.complex(torch.randn(n, generator=gen, dtype=torch.float64), torch.randn(n, generator=gen, dtype=torch.float64)) * 20
+    G = torch.polar(torch.ones(n, 2, dtype=torch.float64), 2 * math.pi * torch.rand(n, 2, generator=gen, dtype=torch.float64))
+    curves = [ref.at(ENERGY, s) for s in shifts]
+    truth = StructureFactors(hkl, F0, G, torch.stack([c[0] for c in curves]), torch.stack([c[1] for c in curves]))
+    panels = grid_panels(n_fast=160, n_slow=160, pixel_mm=0.1, distance_mm=40.0, grid=(2, 2), gap_mm=0.5, tilt_deg=0.0)
+    model = CrystalModel((20.0,) * 3, 0.1, 6)
+    shots, _ = synthetic_shots(panels, truth, model, cell, ENERGY, n_shots=n_stills, seed=seed, spot_scale=spot_scale,
+                               min_bragg_photons=10.0, orientation_error_deg=0.01, errors=errors)  # fmt: skip
+    sites = EdgeShiftSites([ref, ref], [0, 1], ["A", "B"])
+    caches = make_caches(shots, StructureFactors(hkl, F0, G), model)
+    r = Refinement(shots, list(range(n_stills)), n_stills, caches, [], sites, sites.initial(), model, Parallel(),
+                   RefineSettings(macrocycles=macrocycles, relinearisations=1))  # fmt: skip
+    r.initialise_states()
+    return r
