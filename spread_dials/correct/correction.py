@@ -165,22 +165,26 @@ class PixelCorrection(nn.Module):
 
 
 class LeakyCorrection(PixelCorrection):
-    """The leaky arm: :class:`PixelCorrection` plus a free log factor per Miller index (it is
-    given h, so it can absorb each reflection's anomalous difference); no prior on it."""
+    """The leaky arm: :class:`PixelCorrection` times a free factor exp(a_hc) per Miller index h
+    and spectrum channel c (it is given h and the spectrum, so it can mimic |F_h(E_c)|^2 of any
+    f', f'' and absorb the edge shifts); no prior on a.  Acts on per-channel profiles only
+    (:attr:`per_channel`); the stills must share their channel count."""
+
+    per_channel = True
 
     def __init__(self, n_panels: int, settings: CorrectionSettings, feature_scale: Tensor, miller_index: Tensor,
-                 dtype: torch.dtype = torch.float64):  # fmt: skip
+                 n_channels: int, dtype: torch.dtype = torch.float64):  # fmt: skip
         super().__init__(n_panels, settings, feature_scale, dtype)
         self.register_buffer("miller_index", torch.unique(miller_index, dim=0))
-        self.per_reflection = nn.Parameter(torch.zeros(self.miller_index.shape[0], dtype=dtype))
+        self.per_reflection = nn.Parameter(torch.zeros((self.miller_index.shape[0], n_channels), dtype=dtype))
 
     def apply(self, profile: Tensor, context: PixelContext, miller_index: Tensor | None = None, **_) -> Tensor:
-        """As :meth:`PixelCorrection.apply`, times exp(the factor of each pixel's Miller index)
-        (``miller_index`` (B, 3) of the still's shoeboxes)."""
+        """As :meth:`PixelCorrection.apply` for per-channel ``profile`` (N, C, ...), times each
+        pixel's reflection and channel factor (``miller_index`` (B, 3) of the still's shoeboxes)."""
         out = super().apply(profile, context)
         rows = torch.searchsorted(_keys(self.miller_index), _keys(miller_index))
-        f = torch.exp(self.per_reflection[rows])[context.shoebox]
-        return f.view(-1, *([1] * (profile.dim() - 1))) * out
+        f = torch.exp(self.per_reflection[rows][context.shoebox])  # (N, C)
+        return f.view(*f.shape, *([1] * (profile.dim() - 2))) * out
 
 
 def _keys(hkl: Tensor) -> Tensor:

@@ -125,15 +125,25 @@ class CorrectedModel:
         differentiable in the correction's weights."""
         r = self.refinement
         cache = r.caches[i].with_profiles(self.physics[i])
-        terms = bragg_terms(cache, r.curves_intensity(i, theta).detach())
-        value = terms.value
-        if terms.jacobian is not None:  # move to the state's offsets first: K and the factor are linear
-            value = value + terms.jacobian @ (r.states[i].offsets - terms.offsets.to(value))
-        physics = BraggTerms(value, None, terms.offsets)
-        corrected = BraggTerms(self._apply(i, value), None, terms.offsets)
+        intensity = r.curves_intensity(i, theta).detach()
+        physics = self._terms(i, cache, intensity)
+        if getattr(self.correction, "per_channel", False):  # channel-dependent (the leaky arm): correct each channel
+            p = self.physics[i]
+            jacobian = None if p.jacobian is None else self._apply(i, p.jacobian)
+            corrected = self._terms(i, cache.with_profiles(ShotProfiles(p.rotation, self._apply(i, p.profile), jacobian, p.cell)), intensity)
+        else:  # K and the factor are linear and channel-independent: correct the channel sum
+            corrected = BraggTerms(self._apply(i, physics.value), None, physics.offsets)
         lam_star, _ = rate_from_terms(cache, r.states[i], corrected)
         lam_phys, _ = rate_from_terms(cache, r.states[i], physics)
         return lam_star, lam_phys
+
+    def _terms(self, i: int, cache, intensity: Tensor) -> BraggTerms:
+        """Channel-summed Bragg terms of ``cache`` moved to local still i's crystal offsets."""
+        terms = bragg_terms(cache, intensity)
+        value = terms.value
+        if terms.jacobian is not None:
+            value = value + terms.jacobian @ (self.refinement.states[i].offsets - terms.offsets.to(value))
+        return BraggTerms(value, None, terms.offsets)
 
     def still_terms(self, i: int) -> tuple[Tensor, Tensor]:
         """(weighted NLL of lambda*, weighted Poisson KL anchor) of local still i."""

@@ -188,14 +188,14 @@ def test_gain_field_interpolates_its_nodes(toy):
 
 
 def test_leaky_correction_reads_the_miller_index(toy):
-    """The leaky arm's output moves with the Miller index (it is given h): the guard tests above
-    would fail for it."""
+    """The leaky arm's output moves with the Miller index (it is given h and the channels): the
+    guard tests above would fail for it."""
     contexts = [pixel_context(toy.shots, s, NOMINAL_EV) for s in toy.shots.shots]
     hkl = torch.cat([s.shoeboxes.miller_index for s in toy.shots.shots])
-    leaky = LeakyCorrection(toy.shots.panels.n_panels, CorrectionSettings(), feature_scale(toy, contexts), hkl)
-    _randomise(leaky, 8)
     shot = toy.shots.shots[0]
-    ones = torch.ones(shot.shoeboxes.n_pixels, dtype=torch.float64)
+    leaky = LeakyCorrection(toy.shots.panels.n_panels, CorrectionSettings(), feature_scale(toy, contexts), hkl, shot.energy_eV.numel())
+    _randomise(leaky, 8)
+    ones = torch.ones((shot.shoeboxes.n_pixels, shot.energy_eV.numel()), dtype=torch.float64)
     a = leaky.apply(ones, contexts[0], miller_index=shot.shoeboxes.miller_index)
     b = leaky.apply(ones, contexts[0], miller_index=_perturbed_shot(shot).shoeboxes.miller_index)
     assert (a - b).abs().max() > 1e-3
