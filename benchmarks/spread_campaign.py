@@ -40,7 +40,9 @@ Cases (``case.name``; what the table holds and the truth):
               grid detector, 10 channels, 4 domains and a bright crystal: seconds per still).
 ``case.truth_states`` replaces the truth (one oxidation state per site, e.g. ``2 2`` for the null
 control of ferredoxin), ``case.truth_shift`` makes every site's truth its reference moved by
-exactly that many eV.  ``control`` = spoil_hkl / shuffle_channels: the negative controls of
+exactly that many eV; ``case.truth_prior_sigma_eV`` draws each replicate's shifts from N(0, s)
+(seeded by the replicate; the refinement's prior then has the same width: the calibration
+design, whose coverage and SBC ranks need the truth drawn from the prior).  ``control`` = spoil_hkl / shuffle_channels: the negative controls of
 make_caches (F0, G looked up at l + 1; the channel energies of f', f'' permuted per still).
 
 Each line: the estimates ``theta`` (eV), the ``truth`` (rigid shift of each site's true curve
@@ -84,6 +86,9 @@ case {
   truth_shift = None
     .type = float
     .help = "eV: every site's truth is its reference moved by exactly this (overrides truth_states)"
+  truth_prior_sigma_eV = None
+    .type = float
+    .help = "eV: each replicate draws every site's truth shift from N(0, this) (its reference moved by it: the calibration design) and the refinement's edge-shift prior has this width"
 }
 beam {
   energy_eV = None
@@ -177,9 +182,9 @@ output {
     .type = str
     .help = "File stem; None: campaign_<case>[_<control>]"
 }
-device = auto
-  .type = str
-  .help = "auto, cpu or cuda (with mpi, rank r takes GPU r % n)"
+device = *auto cpu cuda
+  .type = choice
+  .help = "auto: CUDA where torch sees a GPU (with mpi, rank r takes GPU r % n)"
 mpi = False
   .type = bool
   .help = "Ranks of mpirun share each replicate's stills"
@@ -233,6 +238,7 @@ def read_params(files: list[str], overrides: list[str], use_libtbx: bool | None 
 
 
 def _read_libtbx(texts: list[tuple[str, str]], overrides: list[str]) -> dict:
+    import libtbx
     import libtbx.phil
     from libtbx.utils import Sorry
 
@@ -244,7 +250,8 @@ def _read_libtbx(texts: list[tuple[str, str]], overrides: list[str]) -> dict:
         working, unused = master.fetch(sources=sources, track_unused_definitions=True)
         if unused:
             raise CampaignError(f"unknown parameter {unused[0].path!r} ({unused[0].object.where_str.strip()})")
-        return {d.path: d.object.extract() for d in working.all_definitions()}
+        values = {d.path: d.object.extract() for d in working.all_definitions()}
+        return {k: "auto" if v is libtbx.Auto else v for k, v in values.items()}  # as phil_lite gives it
     except (Sorry, RuntimeError) as e:
         raise CampaignError(str(e).splitlines()[0]) from None
 
@@ -329,8 +336,7 @@ def build_case(params) -> dict:
     if params.case.truth_shift is not None:  # each site's truth: its reference moved by exactly this
         truth_curves = [r.shifted(params.case.truth_shift) for r in references]
         truth_states = None
-    fp = torch.stack([c.at(energy)[0] for c in truth_curves])
-    fdp = torch.stack([c.at(energy)[1] for c in truth_curves])
+    table = StructureFactors(hkl, F0, G)
     c = params.crystal
     bright = brightness(cell, c.domain_size_A, c.length_um, params.beam.diameter_um, ncells_abc=c.ncells_abc,
                         spot_scale=c.spot_scale)  # fmt: skip
@@ -340,11 +346,20 @@ def build_case(params) -> dict:
     misorientation = params.stills.misorientation_deg or preset["misorientation_deg"]
     return dict(
         name=name, cell=cell, real_space=real_space_from_cell(torch.tensor(cell, dtype=torch.float64)),
-        truth=StructureFactors(hkl, F0, G, fp, fdp), table=StructureFactors(hkl, F0, G), energy=energy,
+        truth=_with_curves(table, truth_curves, energy), table=table, energy=energy,
         references=references, truth_curves=truth_curves, truth_states=truth_states, labels=labels, model=model,
         spot_scale=bright.spot_scale, ncells=bright.ncells_abc, panels=_panels(params, mean_eV),
         orientation_error_deg=misorientation / MAXWELL_MEDIAN,
     )  # fmt: skip
+
+
+def _with_curves(table, curves: list, energy: torch.Tensor):
+    """``table``'s F0 and G with f', f'' (S, C) of the curves (one per site) at ``energy`` (C,) eV."""
+    from spread_dials.physics.structure_factors import StructureFactors
+
+    fp = torch.stack([c.at(energy)[0] for c in curves])
+    fdp = torch.stack([c.at(energy)[1] for c in curves])
+    return StructureFactors(table.miller_index, table.F0, table.G, fp, fdp)
 
 
 def pair_differences(theta: list[float], truth: list[float], covariances: dict, labels: list[str]) -> list[dict]:
@@ -374,6 +389,13 @@ def run_replicate(case: dict, n: int, replicate: int, params, comm, device: torc
     t0 = time.perf_counter()
     seed = params.ladder.seed
     cell_error = params.stills.cell_error
+    prior_sigma = params.case.truth_prior_sigma_eV
+    case = dict(case)
+    if prior_sigma is not None:  # this replicate's truth, drawn from the prior
+        rng = np.random.default_rng(np.random.SeedSequence([seed, n, replicate, 2**31 - 1]))
+        shifts = rng.normal(0.0, prior_sigma, size=len(case["references"]))
+        case["truth_curves"] = [r.shifted(float(d)) for r, d in zip(case["references"], shifts)]
+        case["truth"] = _with_curves(case["truth"], case["truth_curves"], case["energy"])
     mine = list(range(comm.rank, n, comm.size))
     model = case["model"]
     shots, base = [], None
@@ -395,7 +417,8 @@ def run_replicate(case: dict, n: int, replicate: int, params, comm, device: torc
                              shuffle_seed=_still_seed(seed, n, replicate, -1) if control == "shuffle_channels" else None)  # fmt: skip
     except ValueError as e:
         raise CampaignError(f"{e} (make the table to the detector's reach)") from None
-    sites = EdgeShiftSites(case["references"], list(range(len(case["references"]))), case["labels"])
+    sites = EdgeShiftSites(case["references"], list(range(len(case["references"]))), case["labels"],
+                           prior_sigma_eV=10.0 if prior_sigma is None else prior_sigma)  # (10: the engine's default)
     settings = RefineSettings(macrocycles=params.refine.macrocycles, refine_cell=cell_error > 0)
     refinement = Refinement(shot_set, mine, n, caches, [], sites, sites.initial(), model, comm, settings)
     refinement.initialise_states()
@@ -412,14 +435,15 @@ def run_replicate(case: dict, n: int, replicate: int, params, comm, device: torc
     sigma = lambda m: None if m is None else m.diag().clamp(min=0).sqrt().tolist()  # noqa: E731
     return {
         "case": case["name"], "n": n, "replicate": replicate, "seed": seed, "sites": case["labels"],
-        "truth_states": case["truth_states"], "control": control,
+        "truth_states": None if prior_sigma is not None else case["truth_states"], "control": control,
         "theta": theta, "truth": truth, "sigma_fisher": sigma(cov.profiled), "sigma_sandwich": sigma(cov.sandwich),
         "sigma_bootstrap": sigma(boot),
         "differences": pair_differences(theta, truth, {"fisher": cov.profiled, "sandwich": cov.sandwich,
                                                        "bootstrap": boot}, case["labels"]),
         "shoeboxes": int(counts[0]), "pixels": int(counts[1]),
         "macrocycles": len(refinement.history), "ranks": comm.size, "device": str(device),
-        "cell_error": cell_error, "truth_shift": params.case.truth_shift, "seconds": time.perf_counter() - t0,
+        "cell_error": cell_error, "truth_shift": params.case.truth_shift, "truth_prior_sigma_eV": prior_sigma,
+        "seconds": time.perf_counter() - t0,
         "date": time.strftime("%Y-%m-%d"),
     }  # fmt: skip
 

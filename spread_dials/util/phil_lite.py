@@ -18,6 +18,9 @@ Supported:
 - ``key=value`` overrides as on a DIALS command line, where ``key`` may be any unique trailing
   part of a definition's path (``n=300`` for ``ladder.n``).
 
+``auto`` (any case, any type) is the string ``"auto"`` (libtbx.phil gives its ``libtbx.Auto``:
+callers that compare map it to ``"auto"``).
+
 Not supported (an error, never a silent difference): ``include``, ``$``-substitutions,
 multiple-definition scopes (``.multiple = True``).
 
@@ -48,7 +51,7 @@ class Definition:
     help: str = ""
 
 
-_TOKEN = re.compile(r"""\s*(?:(\#[^\n]*)|("(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*')|(\{|\}|=|\n)|([^\s{}="'#]+))""")
+_TOKEN = re.compile(r"""[ \t\r\f\v]*(?:(\#[^\n]*)|("(?:[^"\\]|\\.)*"|'(?:[^'\\]|\\.)*')|(\{|\}|=|\n)|([^\s{}="'#]+))""")
 
 
 def _tokens(text: str, origin: str) -> list[tuple[str, str, int]]:
@@ -110,7 +113,7 @@ def _statements(text: str, origin: str) -> list[tuple[str, list[tuple[str, str]]
         i += 2
         values = []
         while i < len(tokens) and tokens[i][0] not in ("newline", "}"):
-            if tokens[i][0] in ("{", "="):
+            if tokens[i][0] == "{" or (tokens[i][0] == "=" and not word.startswith(".")):  # .type = int(value_min=1)
                 raise PhilError(f"{origin}, line {tokens[i][2]}: unexpected {tokens[i][1]!r} in the value of {word!r}")
             values.append((tokens[i][0], tokens[i][1]))
             i += 1
@@ -144,6 +147,8 @@ def parse_master(text: str, origin: str = "master") -> dict[str, Definition]:
 def _convert(definition: Definition, words: list[str], origin: str):
     """A definition's value from its words, as libtbx.phil's extract() gives it."""
     kind = definition.type
+    if len(words) == 1 and words[0].lstrip("*").lower() == "auto":  # libtbx.Auto, whatever the type
+        return "auto"
     if kind == "choice":
         options = [w.lstrip("*") for w in definition.words]
         marked = [w.lstrip("*") for w in words if w.startswith("*")]

@@ -24,7 +24,7 @@ TRUTH_SHIFT_EV = 2.0  # ci_smoke.phil's case.truth_shift: the truth is the refer
 FIELDS = {
     "case", "n", "replicate", "seed", "sites", "truth_states", "control", "theta", "truth", "sigma_fisher",
     "sigma_sandwich", "sigma_bootstrap", "differences", "shoeboxes", "pixels", "macrocycles", "ranks", "device",
-    "cell_error", "truth_shift", "seconds", "date", "parameters",
+    "cell_error", "truth_shift", "truth_prior_sigma_eV", "seconds", "date", "parameters",
 }  # fmt: skip
 
 
@@ -83,13 +83,17 @@ def test_estimates_are_near_the_truth(campaign):
     assert rows[1]["sigma_fisher"][0] < rows[0]["sigma_fisher"][0]  # 4 stills carry more information than 2
 
 
-def test_a_rerun_adds_no_lines(campaign, tmp_path):
-    path, _, _ = campaign
+def test_a_rerun_adds_no_lines(campaign):
+    """The same run again, its PHIL read without libtbx (as on the GPU machines): the same
+    parameters (the design hash every line carries) and nothing left to do."""
+    path, _, first = campaign
     before = path.read_text()
-    again = _run(str(HARNESS), str(SMOKE), f"case.data={path.parent.parent / 'tables'}", f"output.directory={path.parent}",
-                 cwd=tmp_path)  # fmt: skip
+    again = _run(str(HARNESS), str(SMOKE), "case.data=tables", "output.directory=out", "--phil-reader", "lite",
+                 cwd=path.parent.parent)  # fmt: skip
     assert again.returncode == 0, again.stderr[-3000:]
     assert "0 replicates to run (2 already there" in again.stdout
+    design = json.loads(before.splitlines()[0])["parameters"]
+    assert f"parameters {design})" in first and f"parameters {design})" in again.stdout
     assert path.read_text() == before
 
 
