@@ -49,6 +49,7 @@ def main(argv=None) -> int:
     ap.add_argument("--psii-d-min", type=float, default=3.4)
     ap.add_argument("--skip-psii", action="store_true")
     ap.add_argument("--ferredoxin-model", default="../shared/data/models/1m2a.pdb")
+    ap.add_argument("--ferredoxin-d-min", type=float, default=None, help="A (default: the Jungfrau 16M's reach)")
     ap.add_argument("--tiny-d-min", type=float, default=3.5)
     ap.add_argument("--cases", default="rubredoxin,psii", help="comma-separated: rubredoxin, psii, ferredoxin, tiny")
     args = ap.parse_args(argv)
@@ -76,7 +77,7 @@ def main(argv=None) -> int:
     wavenumber_max = (7120.0 + 20.0) / 12398.419843320026
     reach = detector_d_min(panels, torch.tensor([0.0, 0.0, -1.0], dtype=torch.float64), wavenumber_max)
     fe_cases = {"rubredoxin": (default_model_path(), "atom", reach), "tiny": (default_model_path(), "atom", args.tiny_d_min),
-                "ferredoxin": (Path(args.ferredoxin_model), "name", reach)}  # fmt: skip
+                "ferredoxin": (Path(args.ferredoxin_model), "name", args.ferredoxin_d_min or reach)}  # fmt: skip
     for name in [c for c in cases if c in fe_cases]:
         t0 = time.perf_counter()
         path, group_by, d_min = fe_cases[name]

@@ -143,3 +143,32 @@ def test_pair_differences_follow_the_covariance():
     # var(a - b) = 0.04 + 0.09 - 2 * 0.01; var(a - c) = 0.2; var(b - c) = 0.09 + 0.16 + 0.04
     assert [r["sigma_fisher"] for r in rows] == pytest.approx([math.sqrt(0.11), math.sqrt(0.2), math.sqrt(0.29)])
     assert all(r["sigma_sandwich"] is None for r in rows)
+
+
+def test_ferredoxin_sites_are_tied_across_chains_and_their_difference_is_recorded(tmp_path, shared_data):
+    """Ferredoxin (1m2a, Sauter 2020's FE1 and FE2, each both chains) on the smoke design with the
+    null truth (both sites reduced: each truth is its reference itself, so the edge-shift model is
+    exact): the FE1 - FE2 difference, its truth 0 and its sigma in the line and in --summarise."""
+    tables = _run(str(REPO / "benchmarks" / "refine_tables.py"), "--out", "tables", "--cases", "ferredoxin",
+                  "--ferredoxin-model", str(shared_data / "models" / "1m2a.pdb"), "--ferredoxin-d-min", "3.5",
+                  cwd=tmp_path)  # fmt: skip
+    assert tables.returncode == 0, tables.stderr[-3000:]
+    run = _run(str(HARNESS), str(SMOKE), "case.name=ferredoxin", "case.truth_shift=None", "case.truth_states=2 2",
+               "n=3", "case.data=tables", "output.directory=out", cwd=tmp_path)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    (line,) = (tmp_path / "out" / "campaign_ferredoxin.jsonl").read_text().splitlines()
+    r = json.loads(line)
+    assert r["sites"] == ["FE1 (2 atoms)", "FE2 (2 atoms)"] and r["truth_states"] == [2, 2]
+    assert r["truth"] == pytest.approx([0.0, 0.0], abs=0.01)
+    (d,) = r["differences"]
+    assert d["sites"] == r["sites"]
+    assert d["estimate"] == pytest.approx(r["theta"][0] - r["theta"][1]) and d["truth"] == pytest.approx(0.0, abs=0.01)
+    s1, s2 = r["sigma_fisher"]
+    assert abs(s1 - s2) <= d["sigma_fisher"] <= s1 + s2  # sqrt(C11 + C22 - 2 C12) with |C12| <= s1 s2
+    for theta, sigma in zip(r["theta"], r["sigma_fisher"]):
+        assert abs(theta) < 4 * sigma
+    assert abs(d["estimate"]) < 4 * d["sigma_fisher"]
+    summary = json.loads(_run(str(HARNESS), "--summarise", "out/campaign_ferredoxin.jsonl", cwd=tmp_path).stdout)
+    entry = summary["ferredoxin N=3"]["differences"]
+    assert entry["pairs"] == [r["sites"]] and entry["estimate_eV"][0] == pytest.approx(d["estimate"], abs=1e-4)
+    assert entry["z_mean"][0] == pytest.approx(d["estimate"] / d["sigma_fisher"], abs=0.01)
