@@ -175,6 +175,14 @@ refine {
 control = *none spoil_hkl shuffle_channels
   .type = choice
   .help = "Negative controls: F0, G looked up at l + 1, or f', f'' at permuted channel energies"
+plan {
+  probe_stills = 5
+    .type = int(value_min=1)
+    .help = "--plan: noise-free stills at the truth whose mean Fisher information predicts sigma(N)"
+  same_stills_as_n = None
+    .type = int
+    .help = "--plan: probe with the ladder's own stills of this N (replicate 0) instead of independent ones (a check)"
+}
 output {
   directory = campaign
     .type = str
@@ -377,10 +385,60 @@ def pair_differences(theta: list[float], truth: list[float], covariances: dict, 
     return out
 
 
+def truth_shifts(case: dict) -> list[float]:
+    """Each site's true edge shift (eV): the rigid shift of its true curve onto its reference over
+    the band inside the outer channels (as dials.spread_refine's truth= report)."""
+    from spread_dials.refine.references import rigid_shift_eV
+
+    band = (float(case["energy"][1]), float(case["energy"][-2]))
+    return [rigid_shift_eV(c, r, *band) for c, r in zip(case["truth_curves"], case["references"])]
+
+
+def plan(case: dict, params, device: torch.device) -> dict:
+    """Predicted sigma of every site and pairwise difference at each ``ladder.n`` from the mean
+    profiled Fisher information of ``plan.probe_stills`` noise-free stills at the truth
+    (:mod:`spread_dials.refine.planning`); no refinement."""
+    from spread_dials.refine.engine import RefineSettings
+    from spread_dials.refine.planning import predicted_covariance, still_information
+    from spread_dials.refine.shots import ShotSet
+    from spread_dials.refine.sites import EdgeShiftSites
+    from spread_dials.refine.synthetic import synthetic_shots
+
+    t0 = time.perf_counter()
+    seed, k = params.ladder.seed, params.plan.probe_stills
+    probe_n = params.plan.same_stills_as_n
+    seeds = [_still_seed(seed, probe_n, 0, i) if probe_n else _still_seed(seed, 0, 0, i) for i in range(k)]  # (N = 0: never a ladder point)
+    shots = []
+    for s in seeds:  # as run_replicate's stills, with the given crystal the true one
+        made, _ = synthetic_shots(case["panels"], case["truth"], case["model"], case["real_space"], case["energy"], 1,
+                                  seed=s, spot_scale=case["spot_scale"], background_photons=params.stills.background_photons,
+                                  orientation_error_deg=0.0, min_bragg_photons=params.stills.min_bragg_photons,
+                                  device=device)  # fmt: skip
+        shots.append(made.shots[0])
+    shot_set = ShotSet(made.panels, made.beam_direction, made.e_vector, made.polarization_fraction, shots,
+                       [f"probe {i}" for i in range(k)]).to(device)  # fmt: skip
+    sites = EdgeShiftSites(case["references"], list(range(len(case["references"]))), case["labels"])
+    truth = truth_shifts(case)
+    settings = RefineSettings(refine_cell=params.stills.cell_error > 0)
+    info = still_information(shot_set, case["table"], case["model"], sites, torch.tensor(truth, dtype=torch.float64),
+                             case["spot_scale"], params.stills.background_photons, settings)  # fmt: skip
+    per_still = [float(x) for x in info.per_still[:, 0, 0]]
+    rows = {}
+    for n in params.ladder.n:
+        cov = predicted_covariance(info, n)
+        rows[str(n)] = {"sigma_eV": cov.diagonal().sqrt().tolist(),
+                        "differences": pair_differences(truth, truth, {"predicted": cov}, case["labels"])}  # fmt: skip
+        for d in rows[str(n)]["differences"]:
+            del d["estimate"]
+    return {"case": case["name"], "sites": case["labels"], "truth": truth, "probe_stills": k,
+            "probe_seeds_of_n": probe_n, "information_per_still_site0_eV-2": per_still,
+            "mean_information_per_still": info.mean.tolist(), "predicted": rows,
+            "seconds": time.perf_counter() - t0}  # fmt: skip
+
+
 def run_replicate(case: dict, n: int, replicate: int, params, comm, device: torch.device) -> dict | None:
     """Refine one replicate of ``n`` stills (this rank's share); the record on the root rank."""
     from spread_dials.refine.engine import Refinement, RefineSettings, make_caches
-    from spread_dials.refine.references import rigid_shift_eV
     from spread_dials.refine.shots import ShotSet
     from spread_dials.refine.sites import EdgeShiftSites
     from spread_dials.refine.synthetic import synthetic_shots
@@ -428,8 +486,7 @@ def run_replicate(case: dict, n: int, replicate: int, params, comm, device: torc
     counts = comm.allreduce(np.array([sum(s.shoeboxes.n_shoeboxes for s in shots), sum(s.shoeboxes.n_pixels for s in shots)]))
     if not comm.is_root:
         return None
-    band = (float(case["energy"][1]), float(case["energy"][-2]))
-    truth = [rigid_shift_eV(c, r, *band) for c, r in zip(case["truth_curves"], case["references"])]
+    truth = truth_shifts(case)
     theta = refinement.theta.tolist()
     boot = None if draws is None or draws.shape[0] < 2 else torch.cov(draws.T).reshape(len(theta), len(theta))
     sigma = lambda m: None if m is None else m.diag().clamp(min=0).sqrt().tolist()  # noqa: E731
@@ -509,8 +566,10 @@ def main(argv=None) -> int:
     ap.add_argument("--mpi", action="store_true", help="= mpi=True")
     ap.add_argument("--summarise", default=None, help="print the summary of a campaign file and stop")
     ap.add_argument("--show-phil", action="store_true", help="print the parameters with their values and stop")
+    ap.add_argument("--plan", action="store_true",
+                    help="print each site's predicted sigma at every ladder.n from the Fisher information and stop")
     ap.add_argument("--phil-reader", choices=("auto", "libtbx", "lite"), default="auto")
-    args = ap.parse_args(argv)
+    args = ap.parse_intermixed_args(argv)
     try:
         if args.summarise:
             path = Path(args.summarise)
@@ -527,14 +586,15 @@ def main(argv=None) -> int:
         if args.show_phil:
             print("\n".join(f"{k} = {v}" for k, v in flat.items()))
             return 0
-        return run_campaign(flat)
+        return run_campaign(flat, plan_only=args.plan)
     except CampaignError as e:
         print(f"Sorry: {e}", file=sys.stderr)
         return 1
 
 
-def run_campaign(flat: dict) -> int:
-    """Every (N, replicate) of the ladder not yet in the output file, appended as JSON lines."""
+def run_campaign(flat: dict, plan_only: bool = False) -> int:
+    """Every (N, replicate) of the ladder not yet in the output file, appended as JSON lines
+    (``plan_only``: print the planning prediction, :func:`plan`, and stop)."""
     from spread_dials.parallel import mpi_context
     from spread_dials.util.device import select_device
     from spread_dials.util.errors import SpreadError
@@ -546,6 +606,10 @@ def run_campaign(flat: dict) -> int:
     except SpreadError as e:
         raise CampaignError(str(e)) from None
     case = build_case(params)
+    if plan_only:
+        if comm.is_root:
+            print(json.dumps(plan(case, params, device), indent=1))
+        return 0
     out = output_path(params)
     done = set()
     if out.exists():

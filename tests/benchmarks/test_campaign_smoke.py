@@ -172,3 +172,29 @@ def test_ferredoxin_sites_are_tied_across_chains_and_their_difference_is_recorde
     entry = summary["ferredoxin N=3"]["differences"]
     assert entry["pairs"] == [r["sites"]] and entry["estimate_eV"][0] == pytest.approx(d["estimate"], abs=1e-4)
     assert entry["z_mean"][0] == pytest.approx(d["estimate"] / d["sigma_fisher"], abs=0.01)
+
+
+def _plan(campaign, *args: str) -> dict:
+    path, _, _ = campaign
+    out = _run(str(HARNESS), str(SMOKE), "case.data=tables", "output.directory=out", "--plan", *args, cwd=path.parent.parent)
+    assert out.returncode == 0, out.stderr[-3000:]
+    return json.loads(out.stdout)
+
+
+def test_plan_predicts_the_campaigns_fisher_sigma(campaign):
+    """--plan (spread_dials.refine.planning: the mean profiled Fisher information of noise-free
+    stills at the truth, sigma_N = sqrt(diag((N I_mean)^-1))) against the refinement's reported
+    Fisher sigma at its optimum: with the ladder's own 4 stills as probes the two differ only by
+    where the information is evaluated (truth and true per-shot parameters vs the optimum), so
+    they agree to a few per cent; with 5 independent probe stills (other orientations and
+    spectra: the per-still information of this tiny design varies ~10x) within 1.5x."""
+    path, _, _ = campaign
+    (n4,) = [json.loads(line) for line in path.read_text().splitlines() if json.loads(line)["n"] == 4]
+    measured = n4["sigma_fisher"][0]
+    same = _plan(campaign, "plan.same_stills_as_n=4", "plan.probe_stills=4")
+    assert same["truth"] == pytest.approx([TRUTH_SHIFT_EV], abs=0.02) and same["probe_stills"] == 4
+    assert same["predicted"]["4"]["sigma_eV"][0] == pytest.approx(measured, rel=0.03)
+    # N scaling: sigma_2 / sigma_4 = sqrt(2) exactly (the information of N exchangeable stills is N I_mean)
+    assert same["predicted"]["2"]["sigma_eV"][0] / same["predicted"]["4"]["sigma_eV"][0] == pytest.approx(math.sqrt(2))
+    independent = _plan(campaign, "plan.probe_stills=5")
+    assert 1 / 1.5 < independent["predicted"]["4"]["sigma_eV"][0] / measured < 1.5
