@@ -7,6 +7,10 @@ Usage (repository root; on the GPU machines with PYTHONPATH=$PWD, bench_data car
                                                  (stills striped over ranks, one GPU per rank)
     python benchmarks/spread_campaign.py --summarise campaign/campaign_rubredoxin.jsonl
     python benchmarks/spread_campaign.py --show-phil          (the parameters, their defaults)
+    python benchmarks/spread_campaign.py phil/campaign/ferredoxin_ladder.phil --plan
+                          (each site's and site pair's sigma at every ladder.n predicted from the
+                           Fisher information of plan.probe_stills noise-free stills, no refinement:
+                           spread_dials.refine.planning)
 
 Parameters come from PHIL files (phil/campaign/*.phil) and ``key=value`` arguments (a path or a
 unique trailing part: ``n=300,1000``, ``ladder.replicates=8``), read with libtbx.phil where it
@@ -50,9 +54,12 @@ onto its reference over the band, as dials.spread_refine's truth= report), ``sig
 profiled Fisher sigma at the optimum: the Cramer-Rao bound of these pixels when the model is
 right), ``sigma_sandwich``, ``sigma_bootstrap`` (with refine.bootstrap > 0), with two or more
 sites the pairwise ``differences`` (estimate, truth, Fisher and sandwich sigma from the
-covariance), shoeboxes, pixels, seconds and device.  Resumable: an (N, replicate, seed) already
-in the output file is skipped.  Not yet (issue 12): the precision ladder's plot, calibration
-(SBC), the conventional route.
+covariance), shoeboxes, pixels, seconds, device and ``parameters`` (a hash of all the PHIL
+values).  Resumable: an (N, replicate, seed) already in the output file is skipped.  --summarise
+gives per (case, N) the bias, spread and mean Fisher sigma of every site and site pair.  CI runs
+phil/campaign/ci_smoke.phil (tests/benchmarks/test_campaign_smoke.py).  Not yet (issue 12): the
+precision ladder's plot, the Figure 9 metric, the calibration analysis (coverage, SBC ranks), the
+conventional route, a dials.spread_plan program (the planning is --plan here).
 """
 
 from __future__ import annotations
