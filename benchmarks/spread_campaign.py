@@ -1,33 +1,73 @@
-"""SPREAD campaign harness (first step of the SPREAD-at-scale issue): replicate refinements of N
-in-memory stills with a known truth, one JSON line per (case, N, replicate).
+"""SPREAD campaign harness (issue 12, SPREAD at scale): replicate refinements of N in-memory
+stills with a known truth, one JSON line per (N, replicate), from one PHIL file.
 
 Usage (repository root; on the GPU machines with PYTHONPATH=$PWD, bench_data carried):
-    python benchmarks/spread_campaign.py --case rubredoxin --n 30,100 --replicates 4 --out campaign
-    mpirun -n 8 python benchmarks/spread_campaign.py ... --mpi      (stills striped over ranks,
-                                                                    one GPU per rank)
+    python benchmarks/spread_campaign.py phil/campaign/rubredoxin_ladder.phil [key=value ...]
+    mpirun -n 8 python benchmarks/spread_campaign.py phil/campaign/psii_20k.phil mpi=True
+                                                 (stills striped over ranks, one GPU per rank)
     python benchmarks/spread_campaign.py --summarise campaign/campaign_rubredoxin.jsonl
+    python benchmarks/spread_campaign.py --show-phil          (the parameters, their defaults)
+    python benchmarks/spread_campaign.py phil/campaign/ferredoxin_ladder.phil --plan
+                          (each site's and site pair's sigma at every ladder.n predicted from the
+                           Fisher information of plan.probe_stills noise-free stills, no refinement:
+                           spread_dials.refine.planning)
+
+Parameters come from PHIL files (phil/campaign/*.phil) and ``key=value`` arguments (a path or a
+unique trailing part: ``n=300,1000``, ``ladder.replicates=8``), read with libtbx.phil where it
+imports and otherwise with spread_dials.util.phil_lite (the GPU machines have no libtbx; both
+give the same values, tests/util/test_phil_lite.py).  The earlier flags still work and map to
+PHIL: --case (case.name), --data, --n, --replicates, --seed, --macrocycles, --bootstrap,
+--cell-error, --truth-shift, --device, --mpi, --out (output.directory).
 
 The stills come from the physics core in memory (spread_dials.refine.synthetic, the simulator's
-sparse kernel; no DIALS): the cases of benchmarks/refine.py (cctbx F0/G from bench_data, the
-presets' brightness, the Jungfrau 16M), each still's crystal drawn from the SAME domain set as
-the refinement's model (quadrature: so that the spread measures the statistics, not a domain
-misfit), handed on with the orientation and cell errors that dials.spread_stills_process leaves
-(orientation: benchmarks/refine.py's measured medians; cell: --cell-error rms).  Every draw comes
-from --seed, N and the replicate.  Refinement: the engine of dials.spread_refine with its
-defaults (cell refined, resolution ramp, Gauss-Newton stage 1, scoring stage 2).
+sparse kernel; no DIALS): the structure factors are cctbx's, precomputed by
+benchmarks/refine_tables.py into <case.data>/<case.name>.npz (F0 and the per-site bases G; the
+sites already tied by name where the case groups them); the physical crystal and beam of the
+presets (docs/brightness.md: Ncells and spot scale derived from 4000 A domains, a 4 um path,
+1e12 photons in a 1 um beam) unless ``crystal.ncells_abc`` / ``crystal.spot_scale`` are given;
+each still's crystal drawn from the SAME domain set as the refinement's model (quadrature: so the
+spread measures the statistics, not a domain misfit), handed on with the orientation and cell
+errors that dials.spread_stills_process leaves (orientation: the measured median
+misorientation, benchmarks/RESULTS.md; cell: ``stills.cell_error`` rms).  Every draw comes from
+``ladder.seed``, N, the replicate and the still.  Refinement: the engine of dials.spread_refine
+with its defaults (cell refined, resolution ramp, Gauss-Newton stage 1, scoring stage 2).
 
-Each line: the estimates theta (eV), the truth (rigid shift of each site's true curve onto its
-reference over the band, as dials.spread_refine's truth= report), the profiled Fisher sigma at the
-optimum (the Cramer-Rao bound of these pixels when the model is right), the sandwich sigma,
-optionally a bootstrap sigma, shoeboxes, pixels, seconds and device.  Resumable: a (case, N,
-replicate, seed) already in the file is skipped.  Not yet (issue 12): the PHIL front end, the
-precision ladder's plot, calibration (SBC), PSII at 20k stills, the conventional route.
+Cases (``case.name``; what the table holds and the truth):
+  rubredoxin  built-in 1BRF, one Fe; truth Fe(III) (packaged oxidized curve), reference Fe(II)
+              (packaged reduced curve); 7120 eV, 40 channels of 1 eV, 10 domains, Jungfrau 16M.
+  ferredoxin  1m2a.pdb (Sauter 2020), two sites tied across the two chains by atom name: FE1
+              truth Fe(III), FE2 truth Fe(II), both against the reduced curve; as rubredoxin
+              otherwise (its misorientation assumed to be rubredoxin's: not yet measured).
+  psii        psii_oec.pdb, MN1..MN4 (both monomers each), S1 = Mn(III, IV, IV, III) against
+              Mn(III); 6550 eV, 100 channels of 1 eV, 25 domains, Jungfrau 16M, d_min 3.4 A.
+  tiny        rubredoxin to 3.5 A (the CI smoke case, phil/campaign/ci_smoke.phil sets a small
+              grid detector, 10 channels, 4 domains and a bright crystal: seconds per still).
+``case.truth_states`` replaces the truth (one oxidation state per site, e.g. ``2 2`` for the null
+control of ferredoxin), ``case.truth_shift`` makes every site's truth its reference moved by
+exactly that many eV; ``case.truth_prior_sigma_eV`` draws each replicate's shifts from N(0, s)
+(seeded by the replicate; the refinement's prior then has the same width: the calibration
+design, whose coverage and SBC ranks need the truth drawn from the prior).  ``control`` = spoil_hkl / shuffle_channels: the negative controls of
+make_caches (F0, G looked up at l + 1; the channel energies of f', f'' permuted per still).
+
+Each line: the estimates ``theta`` (eV), the ``truth`` (rigid shift of each site's true curve
+onto its reference over the band, as dials.spread_refine's truth= report), ``sigma_fisher`` (the
+profiled Fisher sigma at the optimum: the Cramer-Rao bound of these pixels when the model is
+right), ``sigma_sandwich``, ``sigma_bootstrap`` (with refine.bootstrap > 0), with two or more
+sites the pairwise ``differences`` (estimate, truth, Fisher and sandwich sigma from the
+covariance), shoeboxes, pixels, seconds, device and ``parameters`` (a hash of all the PHIL
+values).  Resumable: an (N, replicate, seed) already in the output file is skipped.  --summarise
+gives per (case, N) the bias, spread and mean Fisher sigma of every site and site pair.  CI runs
+phil/campaign/ci_smoke.phil (tests/benchmarks/test_campaign_smoke.py).  Not yet (issue 12): the
+precision ladder's plot, the Figure 9 metric, the calibration analysis (coverage, SBC ranks), the
+conventional route, a dials.spread_plan program (the planning is --plan here).
 """
 
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
+import math
 import sys
 import time
 from pathlib import Path
@@ -36,19 +76,199 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root (no install needed)
-sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from refine import BACKGROUND_PHOTONS, load_case
+from spread_dials.util import phil_lite
 
-from spread_dials.parallel import Parallel, mpi_context
-from spread_dials.physics.structure_factors import StructureFactors
-from spread_dials.refine.engine import Refinement, RefineSettings, make_caches
-from spread_dials.refine.references import rigid_shift_eV
-from spread_dials.refine.shots import ShotSet
-from spread_dials.refine.sites import EdgeShiftSites
-from spread_dials.refine.synthetic import synthetic_shots
-from spread_dials.refine.uncertainty import bootstrap, curvature
-from spread_dials.util.device import select_device
+MASTER_PHIL = """
+case {
+  name = *rubredoxin ferredoxin psii tiny
+    .type = choice
+    .help = "The case (module docstring): its table is <data>/<name>.npz (benchmarks/refine_tables.py)"
+  data = bench_data
+    .type = str
+    .help = "Directory of the cctbx tables"
+  truth_states = None
+    .type = ints
+    .help = "One oxidation state per site (Fe: 2 or 3; Mn: 3 or 4) instead of the case's truth"
+  truth_shift = None
+    .type = float
+    .help = "eV: every site's truth is its reference moved by exactly this (overrides truth_states)"
+  truth_prior_sigma_eV = None
+    .type = float
+    .help = "eV: each replicate draws every site's truth shift from N(0, this) (its reference moved by it: the calibration design) and the refinement's edge-shift prior has this width"
+}
+beam {
+  energy_eV = None
+    .type = float
+    .help = "Mean energy (eV); None: the case's (7120 Fe, 6550 Mn)"
+  channels = None
+    .type = int
+    .help = "Spectral channels; None: the case's (40 Fe, 100 Mn)"
+  channel_width_eV = 1.0
+    .type = float
+  photons = 1e12
+    .type = float
+    .help = "Photons per pulse"
+  diameter_um = 1.0
+    .type = float
+    .help = "Diameter of the round top-hat beam (um)"
+}
+crystal {
+  mosaic_domains = None
+    .type = int
+    .help = "Mosaic domains (quadrature); None: the case's (10 Fe, 25 Mn)"
+  mosaic_spread_deg = 0.05
+    .type = float
+  domain_size_A = 4000
+    .type = float
+  length_um = 4
+    .type = float
+  ncells_abc = None
+    .type = floats
+    .help = "Unit cells per domain; None: derived from domain_size_A"
+  spot_scale = None
+    .type = float
+    .help = "Domains in the beam; None: derived from the crystal and the beam"
+}
+detector {
+  type = *jungfrau16m grid
+    .type = choice
+    .help = "jungfrau16m: the ideal Jungfrau 16M; grid: detector.grid's panels facing the beam"
+  grid {
+    n_fast = 128
+      .type = int
+    n_slow = 128
+      .type = int
+    pixel_mm = 0.1
+      .type = float
+    distance_mm = 40
+      .type = float
+    panels = 2
+      .type = int
+      .help = "panels x panels"
+    gap_mm = 0.5
+      .type = float
+  }
+}
+stills {
+  background_photons = 6.0
+    .type = float
+    .help = "Flat background per pixel (photons; 6: the presets' 5 um water)"
+  misorientation_deg = None
+    .type = float
+    .help = "Median misorientation left by stills_process (deg); None: measured (rubredoxin 0.037, psii 0.072)"
+  cell_error = 0.001
+    .type = float
+    .help = "rms fractional error of each given cell length (0: cell not refined)"
+  min_bragg_photons = 20
+    .type = float
+}
+ladder {
+  n = 30
+    .type = ints(value_min=1)
+    .help = "Numbers of stills"
+  replicates = 4
+    .type = int(value_min=1)
+  seed = 1
+    .type = int
+}
+refine {
+  macrocycles = 6
+    .type = int(value_min=1)
+  bootstrap = 0
+    .type = int(value_min=0)
+    .help = "Bootstrap resamples (0: none)"
+}
+control = *none spoil_hkl shuffle_channels
+  .type = choice
+  .help = "Negative controls: F0, G looked up at l + 1, or f', f'' at permuted channel energies"
+plan {
+  probe_stills = 5
+    .type = int(value_min=1)
+    .help = "--plan: noise-free stills at the truth whose mean Fisher information predicts sigma(N)"
+  same_stills_as_n = None
+    .type = int
+    .help = "--plan: probe with the ladder's own stills of this N (replicate 0) instead of independent ones (a check)"
+}
+output {
+  directory = campaign
+    .type = str
+  name = None
+    .type = str
+    .help = "File stem; None: campaign_<case>[_<control>]"
+}
+device = *auto cpu cuda
+  .type = choice
+  .help = "auto: CUDA where torch sees a GPU (with mpi, rank r takes GPU r % n)"
+mpi = False
+  .type = bool
+  .help = "Ranks of mpirun share each replicate's stills"
+"""
+
+# the case's own settings where PHIL leaves None
+PRESETS = {
+    "rubredoxin": dict(element="Fe", energy_eV=7120.0, channels=40, mosaic_domains=10, misorientation_deg=0.037),
+    "ferredoxin": dict(element="Fe", energy_eV=7120.0, channels=40, mosaic_domains=10, misorientation_deg=0.037),
+    "psii": dict(element="Mn", energy_eV=6550.0, channels=100, mosaic_domains=25, misorientation_deg=0.072),
+    "tiny": dict(element="Fe", energy_eV=7120.0, channels=40, mosaic_domains=10, misorientation_deg=0.037),
+}
+# median of a Maxwell distribution is 1.538 sigma (per-axis sigma of synthetic_shots' rotation error)
+MAXWELL_MEDIAN = 1.538
+# the ferredoxin sites of Sauter 2020: FE1 oxidized, FE2 reduced
+FERREDOXIN_TRUTH = {"FE1": 3, "FE2": 2}
+
+
+class CampaignError(Exception):
+    """Bad input: printed as one ``Sorry:`` line, exit status 1."""
+
+
+def read_params(files: list[str], overrides: list[str], use_libtbx: bool | None = None) -> dict:
+    """Flat ``{path: value}`` of :data:`MASTER_PHIL` with the PHIL ``files`` and ``key=value``
+    ``overrides`` applied, through libtbx.phil where it imports (``use_libtbx`` None), else (or
+    with ``use_libtbx=False``) through :mod:`spread_dials.util.phil_lite`.
+
+    Raises:
+        CampaignError: an unreadable file, an unknown parameter or a bad value.
+    """
+    texts = []
+    for f in files:
+        try:
+            texts.append((Path(f).read_text(), str(f)))
+        except OSError as e:
+            raise CampaignError(f"cannot read the PHIL file {f}: {e.strerror}") from None
+    if use_libtbx is None:
+        try:
+            import libtbx.phil  # noqa: F401
+        except ImportError:
+            use_libtbx = False
+        else:
+            use_libtbx = True
+    if use_libtbx:
+        return _read_libtbx(texts, overrides)
+    try:
+        master = phil_lite.parse_master(MASTER_PHIL)
+        return phil_lite.apply_overrides(master, phil_lite.fetch(master, texts), overrides)
+    except phil_lite.PhilError as e:
+        raise CampaignError(str(e)) from None
+
+
+def _read_libtbx(texts: list[tuple[str, str]], overrides: list[str]) -> dict:
+    import libtbx
+    import libtbx.phil
+    from libtbx.utils import Sorry
+
+    master = libtbx.phil.parse(MASTER_PHIL)
+    try:
+        sources = [libtbx.phil.parse(text, source_info=origin) for text, origin in texts]
+        interpreter = master.command_line_argument_interpreter()
+        sources += [interpreter.process(arg) for arg in overrides]
+        working, unused = master.fetch(sources=sources, track_unused_definitions=True)
+        if unused:
+            raise CampaignError(f"unknown parameter {unused[0].path!r} ({unused[0].object.where_str.strip()})")
+        values = {d.path: d.object.extract() for d in working.all_definitions()}
+        return {k: "auto" if v is libtbx.Auto else v for k, v in values.items()}  # as phil_lite gives it
+    except (Sorry, RuntimeError) as e:
+        raise CampaignError(str(e).splitlines()[0]) from None
 
 
 def _still_seed(seed: int, n: int, replicate: int, index: int) -> int:
@@ -56,106 +276,363 @@ def _still_seed(seed: int, n: int, replicate: int, index: int) -> int:
     return int(np.random.SeedSequence([seed, n, replicate, index]).generate_state(1)[0])
 
 
-def run_replicate(case: dict, n: int, replicate: int, args, comm: Parallel, device: torch.device) -> dict | None:
-    """Refine one replicate of ``n`` stills (this rank's share); the record on the root rank."""
+def _curve(z, prefix: str, label: str):
+    from spread_dials.physics.anomalous import TabulatedCurve
+
+    return TabulatedCurve(torch.as_tensor(z[f"{prefix}_energy"]), torch.as_tensor(z[f"{prefix}_fp"]),
+                          torch.as_tensor(z[f"{prefix}_fdp"]), label)  # fmt: skip
+
+
+def _panels(params, energy_eV: float):
+    from spread_dials.detectors.jungfrau import jungfrau16m_panel_array
+    from spread_dials.detectors.layout import panel_array_from_layout
+    from spread_dials.detectors.simple import simple_detector
+
+    if params.detector.type == "jungfrau16m":
+        return jungfrau16m_panel_array(energy_eV=energy_eV)
+    g = params.detector.grid
+    return panel_array_from_layout(simple_detector(g.n_fast, g.n_slow, g.pixel_mm, g.distance_mm, g.panels, g.panels,
+                                                   gap_mm=g.gap_mm))  # fmt: skip
+
+
+def build_case(params) -> dict:
+    """Everything a replicate needs, on the CPU, from the parameters (a :func:`phil_lite.as_namespace`).
+
+    Returns a dict: name, labels (S,), energy (C,) eV, table / truth StructureFactors (the
+    truth with f', f'' (S, C)), references and truth_curves (S TabulatedCurves), model (the
+    refinement's CrystalModel, also the stills'), real_space (3, 3) A, spot_scale, panels,
+    orientation_error_deg (per-axis sigma, deg).
+
+    Raises:
+        CampaignError: a missing table, or truth states that do not fit the case.
+    """
+    from spread_dials.io.anomalous_tables import read_anomalous_table
+    from spread_dials.io.builtin_references import builtin_fe_reference_paths
+    from spread_dials.physics.crystal import real_space_from_cell
+    from spread_dials.physics.microcrystal import brightness
+    from spread_dials.physics.structure_factors import StructureFactors
+    from spread_dials.refine.profiles import CrystalModel
+
+    name = params.case.name
+    preset = PRESETS[name]
+    path = Path(params.case.data) / f"{name}.npz"
+    if not path.is_file():
+        raise CampaignError(f"no table {path}: make it with benchmarks/refine_tables.py --out {params.case.data} "
+                            f"--cases {name}")  # fmt: skip
+    z = np.load(path)
+    cell = tuple(float(x) for x in z["cell"])
+    hkl = torch.as_tensor(z["miller_index"].astype(np.int64))
+    F0 = torch.as_tensor(z["F0"]).to(torch.complex128)
+    G = torch.as_tensor(z["G"]).to(torch.complex128)
+    labels = [str(x) for x in z["site_labels"]]
+    n_sites = G.shape[1]
+    mean_eV = params.beam.energy_eV or preset["energy_eV"]
+    channels = params.beam.channels or preset["channels"]
+    energy = mean_eV + (torch.arange(channels, dtype=torch.float64) - (channels - 1) / 2) * params.beam.channel_width_eV
+    if preset["element"] == "Fe":
+        paths = builtin_fe_reference_paths()
+        states = {s: read_anomalous_table(p) for s, p in paths.items()}
+        reference_state = 2
+        if name == "ferredoxin":
+            truth_states = [FERREDOXIN_TRUTH[label.split()[0]] for label in labels]
+        else:
+            truth_states = [3] * n_sites
+    else:
+        states = {3: _curve(z, "mn3", "Mn(III)"), 4: _curve(z, "mn4", "Mn(IV)")}
+        reference_state = 3
+        truth_states = [3, 4, 4, 3][:n_sites]  # S1: MN1(III) MN2(IV) MN3(IV) MN4(III)
+    if params.case.truth_states is not None:
+        truth_states = list(params.case.truth_states)
+        if len(truth_states) != n_sites or any(s not in states for s in truth_states):
+            raise CampaignError(f"case.truth_states: give one of the states {sorted(states)} for each of the "
+                                f"{n_sites} sites {labels}, not {truth_states}")  # fmt: skip
+    references = [states[reference_state]] * n_sites
+    truth_curves = [states[s] for s in truth_states]
+    if params.case.truth_shift is not None:  # each site's truth: its reference moved by exactly this
+        truth_curves = [r.shifted(params.case.truth_shift) for r in references]
+        truth_states = None
+    table = StructureFactors(hkl, F0, G)
+    c = params.crystal
+    bright = brightness(cell, c.domain_size_A, c.length_um, params.beam.diameter_um, ncells_abc=c.ncells_abc,
+                        spot_scale=c.spot_scale)  # fmt: skip
+    fluence = params.beam.photons / (math.pi / 4.0 * (params.beam.diameter_um * 1e-6) ** 2)
+    domains = c.mosaic_domains or preset["mosaic_domains"]
+    model = CrystalModel(bright.ncells_abc, c.mosaic_spread_deg, domains, "gauss", 7, fluence, 1, "quadrature")
+    misorientation = params.stills.misorientation_deg or preset["misorientation_deg"]
+    return dict(
+        name=name, cell=cell, real_space=real_space_from_cell(torch.tensor(cell, dtype=torch.float64)),
+        truth=_with_curves(table, truth_curves, energy), table=table, energy=energy,
+        references=references, truth_curves=truth_curves, truth_states=truth_states, labels=labels, model=model,
+        spot_scale=bright.spot_scale, ncells=bright.ncells_abc, panels=_panels(params, mean_eV),
+        orientation_error_deg=misorientation / MAXWELL_MEDIAN,
+    )  # fmt: skip
+
+
+def _with_curves(table, curves: list, energy: torch.Tensor):
+    """``table``'s F0 and G with f', f'' (S, C) of the curves (one per site) at ``energy`` (C,) eV."""
+    from spread_dials.physics.structure_factors import StructureFactors
+
+    fp = torch.stack([c.at(energy)[0] for c in curves])
+    fdp = torch.stack([c.at(energy)[1] for c in curves])
+    return StructureFactors(table.miller_index, table.F0, table.G, fp, fdp)
+
+
+def pair_differences(theta: list[float], truth: list[float], covariances: dict, labels: list[str]) -> list[dict]:
+    """Every pair i < j of sites: theta_i - theta_j, its truth, and its sigma from each
+    covariance (P, P) in ``covariances`` (``{"fisher": C, ...}``; C None: sigma None):
+    sqrt(C_ii + C_jj - 2 C_ij)."""
+    out = []
+    for i in range(len(theta)):
+        for j in range(i + 1, len(theta)):
+            row = {"sites": [labels[i], labels[j]], "estimate": theta[i] - theta[j], "truth": truth[i] - truth[j]}
+            for key, cov in covariances.items():
+                var = None if cov is None else float(cov[i, i] + cov[j, j] - 2 * cov[i, j])
+                row[f"sigma_{key}"] = None if var is None else math.sqrt(max(var, 0.0))
+            out.append(row)
+    return out
+
+
+def truth_shifts(case: dict) -> list[float]:
+    """Each site's true edge shift (eV): the rigid shift of its true curve onto its reference over
+    the band inside the outer channels (as dials.spread_refine's truth= report)."""
+    from spread_dials.refine.references import rigid_shift_eV
+
+    band = (float(case["energy"][1]), float(case["energy"][-2]))
+    return [rigid_shift_eV(c, r, *band) for c, r in zip(case["truth_curves"], case["references"])]
+
+
+def plan(case: dict, params, device: torch.device) -> dict:
+    """Predicted sigma of every site and pairwise difference at each ``ladder.n`` from the mean
+    profiled Fisher information of ``plan.probe_stills`` noise-free stills at the truth
+    (:mod:`spread_dials.refine.planning`); no refinement."""
+    from spread_dials.refine.engine import RefineSettings
+    from spread_dials.refine.planning import predicted_covariance, still_information
+    from spread_dials.refine.shots import ShotSet
+    from spread_dials.refine.sites import EdgeShiftSites
+    from spread_dials.refine.synthetic import synthetic_shots
+
     t0 = time.perf_counter()
+    seed, k = params.ladder.seed, params.plan.probe_stills
+    probe_n = params.plan.same_stills_as_n
+    seeds = [_still_seed(seed, probe_n, 0, i) if probe_n else _still_seed(seed, 0, 0, i) for i in range(k)]  # (N = 0: never a ladder point)
+    shots = []
+    for s in seeds:  # as run_replicate's stills, with the given crystal the true one
+        made, _ = synthetic_shots(case["panels"], case["truth"], case["model"], case["real_space"], case["energy"], 1,
+                                  seed=s, spot_scale=case["spot_scale"], background_photons=params.stills.background_photons,
+                                  orientation_error_deg=0.0, min_bragg_photons=params.stills.min_bragg_photons,
+                                  device=device)  # fmt: skip
+        shots.append(made.shots[0])
+    shot_set = ShotSet(made.panels, made.beam_direction, made.e_vector, made.polarization_fraction, shots,
+                       [f"probe {i}" for i in range(k)]).to(device)  # fmt: skip
+    sites = EdgeShiftSites(case["references"], list(range(len(case["references"]))), case["labels"])
+    truth = truth_shifts(case)
+    settings = RefineSettings(refine_cell=params.stills.cell_error > 0)
+    info = still_information(shot_set, case["table"], case["model"], sites, torch.tensor(truth, dtype=torch.float64),
+                             case["spot_scale"], params.stills.background_photons, settings)  # fmt: skip
+    per_still = [float(x) for x in info.per_still[:, 0, 0]]
+    rows = {}
+    for n in params.ladder.n:
+        cov = predicted_covariance(info, n)
+        rows[str(n)] = {"sigma_eV": cov.diagonal().sqrt().tolist(),
+                        "differences": pair_differences(truth, truth, {"predicted": cov}, case["labels"])}  # fmt: skip
+        for d in rows[str(n)]["differences"]:
+            del d["estimate"]
+    return {"case": case["name"], "sites": case["labels"], "truth": truth, "probe_stills": k,
+            "probe_seeds_of_n": probe_n, "information_per_still_site0_eV-2": per_still,
+            "mean_information_per_still": info.mean.tolist(), "predicted": rows,
+            "seconds": time.perf_counter() - t0}  # fmt: skip
+
+
+def run_replicate(case: dict, n: int, replicate: int, params, comm, device: torch.device) -> dict | None:
+    """Refine one replicate of ``n`` stills (this rank's share); the record on the root rank."""
+    from spread_dials.refine.engine import Refinement, RefineSettings, make_caches
+    from spread_dials.refine.shots import ShotSet
+    from spread_dials.refine.sites import EdgeShiftSites
+    from spread_dials.refine.synthetic import synthetic_shots
+    from spread_dials.refine.uncertainty import bootstrap, curvature
+
+    t0 = time.perf_counter()
+    seed = params.ladder.seed
+    cell_error = params.stills.cell_error
+    prior_sigma = params.case.truth_prior_sigma_eV
+    case = dict(case)
+    if prior_sigma is not None:  # this replicate's truth, drawn from the prior
+        rng = np.random.default_rng(np.random.SeedSequence([seed, n, replicate, 2**31 - 1]))
+        shifts = rng.normal(0.0, prior_sigma, size=len(case["references"]))
+        case["truth_curves"] = [r.shifted(float(d)) for r, d in zip(case["references"], shifts)]
+        case["truth"] = _with_curves(case["truth"], case["truth_curves"], case["energy"])
     mine = list(range(comm.rank, n, comm.size))
     model = case["model"]
-    shots = []
+    shots, base = [], None
     for i in mine:
         made, _ = synthetic_shots(case["panels"], case["truth"], model, case["real_space"], case["energy"], 1,
-                                  seed=_still_seed(args.seed, n, replicate, i), spot_scale=case["spot_scale"],
-                                  background_photons=BACKGROUND_PHOTONS, orientation_error_deg=case["orientation_error_deg"],
-                                  cell_error_fraction=args.cell_error, device=device)  # fmt: skip
+                                  seed=_still_seed(seed, n, replicate, i), spot_scale=case["spot_scale"],
+                                  background_photons=params.stills.background_photons,
+                                  orientation_error_deg=case["orientation_error_deg"], cell_error_fraction=cell_error,
+                                  min_bragg_photons=params.stills.min_bragg_photons, device=device)  # fmt: skip
         shots.append(made.shots[0])
         base = made
+    if base is None:
+        raise CampaignError(f"ladder.n = {n} gives rank {comm.rank} of {comm.size} no still: use n >= ranks")
     shot_set = ShotSet(base.panels, base.beam_direction, base.e_vector, base.polarization_fraction, shots,
                        [f"still {i}" for i in mine]).to(device)  # fmt: skip
-    caches = make_caches(shot_set, case["table"], model, refine_cell=args.cell_error > 0)
-    sites = EdgeShiftSites(case["references"], list(range(len(case["references"]))), case["labels"])
-    settings = RefineSettings(macrocycles=args.macrocycles, refine_cell=args.cell_error > 0)
+    control = params.control
+    try:
+        caches = make_caches(shot_set, case["table"], model, refine_cell=cell_error > 0, spoil_hkl=control == "spoil_hkl",
+                             shuffle_seed=_still_seed(seed, n, replicate, -1) if control == "shuffle_channels" else None)  # fmt: skip
+    except ValueError as e:
+        raise CampaignError(f"{e} (make the table to the detector's reach)") from None
+    sites = EdgeShiftSites(case["references"], list(range(len(case["references"]))), case["labels"],
+                           prior_sigma_eV=10.0 if prior_sigma is None else prior_sigma)  # (10: the engine's default)
+    settings = RefineSettings(macrocycles=params.refine.macrocycles, refine_cell=cell_error > 0)
     refinement = Refinement(shot_set, mine, n, caches, [], sites, sites.initial(), model, comm, settings)
     refinement.initialise_states()
     refinement.run()
     cov = curvature(refinement, observed=False)
-    draws = bootstrap(refinement, args.bootstrap, args.seed) if args.bootstrap else None
+    draws = bootstrap(refinement, params.refine.bootstrap, seed) if params.refine.bootstrap else None
+    counts = comm.allreduce(np.array([sum(s.shoeboxes.n_shoeboxes for s in shots), sum(s.shoeboxes.n_pixels for s in shots)]))
     if not comm.is_root:
         return None
-    band = (float(case["energy"][1]), float(case["energy"][-2]))
-    truth = [rigid_shift_eV(c, r, *band) for c, r in zip(case["truth_curves"], case["references"])]
+    truth = truth_shifts(case)
+    theta = refinement.theta.tolist()
+    boot = None if draws is None or draws.shape[0] < 2 else torch.cov(draws.T).reshape(len(theta), len(theta))
     sigma = lambda m: None if m is None else m.diag().clamp(min=0).sqrt().tolist()  # noqa: E731
     return {
-        "case": case["name"], "n": n, "replicate": replicate, "seed": args.seed, "sites": case["labels"],
-        "theta": refinement.theta.tolist(), "truth": truth, "sigma_fisher": sigma(cov.profiled),
-        "sigma_sandwich": sigma(cov.sandwich),
-        "sigma_bootstrap": None if draws is None or draws.shape[0] < 2 else draws.std(0).tolist(),
+        "case": case["name"], "n": n, "replicate": replicate, "seed": seed, "sites": case["labels"],
+        "truth_states": None if prior_sigma is not None else case["truth_states"], "control": control,
+        "theta": theta, "truth": truth, "sigma_fisher": sigma(cov.profiled), "sigma_sandwich": sigma(cov.sandwich),
+        "sigma_bootstrap": sigma(boot),
+        "differences": pair_differences(theta, truth, {"fisher": cov.profiled, "sandwich": cov.sandwich,
+                                                       "bootstrap": boot}, case["labels"]),
+        "shoeboxes": int(counts[0]), "pixels": int(counts[1]),
         "macrocycles": len(refinement.history), "ranks": comm.size, "device": str(device),
-        "cell_error": args.cell_error, "truth_shift": args.truth_shift, "seconds": time.perf_counter() - t0,
+        "cell_error": cell_error, "truth_shift": params.case.truth_shift, "truth_prior_sigma_eV": prior_sigma,
+        "seconds": time.perf_counter() - t0,
         "date": time.strftime("%Y-%m-%d"),
     }  # fmt: skip
 
 
+def _stats(error: np.ndarray, fisher: np.ndarray) -> dict:
+    """Bias, spread (ddof 1; NaN from one replicate), mean Fisher sigma, their ratio and the
+    fractions of |z| < 1, 2 of errors (R, K) against their Fisher sigmas (R, K)."""
+    spread = error.std(0, ddof=1) if error.shape[0] > 1 else np.full(error.shape[1], np.nan)
+    z = error / fisher
+    return {
+        "bias_eV": error.mean(0).round(4).tolist(), "spread_eV": spread.round(4).tolist(),
+        "sigma_fisher_eV": fisher.mean(0).round(4).tolist(), "spread_over_fisher": (spread / fisher.mean(0)).round(3).tolist(),
+        "within_1_fisher_sigma": (np.abs(z) < 1).mean(0).round(3).tolist(),
+        "within_2_fisher_sigma": (np.abs(z) < 2).mean(0).round(3).tolist(),
+    }  # fmt: skip
+
+
 def summarise(path: Path) -> dict:
-    """Per (case, N): replicates, bias and spread of each site's estimate, mean Fisher and
-    sandwich sigma, the spread over the mean Fisher sigma, and the fraction of |z| < 1, 2."""
+    """Per (case, N): replicates, bias and spread of each site's estimate, mean Fisher sigma,
+    the spread over the mean Fisher sigma, and the fraction of |z| < 1, 2; with two or more
+    sites the same for every pairwise difference, plus its mean estimate and truth and
+    ``z_mean`` = mean difference / mean Fisher sigma (how many sigma one data set separates them)."""
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     out = {}
     for key in sorted({(r["case"], r["n"]) for r in rows}):
         group = [r for r in rows if (r["case"], r["n"]) == key]
         theta = np.array([r["theta"] for r in group])
         truth = np.array([r["truth"] for r in group])
-        fisher = np.array([r["sigma_fisher"] for r in group])
-        error = theta - truth
-        spread = error.std(0, ddof=1) if len(group) > 1 else np.full(theta.shape[1], np.nan)
-        z = error / fisher
-        out[f"{key[0]} N={key[1]}"] = {
-            "replicates": len(group), "bias_eV": error.mean(0).round(4).tolist(), "spread_eV": spread.round(4).tolist(),
-            "sigma_fisher_eV": fisher.mean(0).round(4).tolist(), "spread_over_fisher": (spread / fisher.mean(0)).round(3).tolist(),
-            "within_1_fisher_sigma": (np.abs(z) < 1).mean(0).round(3).tolist(),
-            "within_2_fisher_sigma": (np.abs(z) < 2).mean(0).round(3).tolist(),
-        }  # fmt: skip
+        fisher = np.array([r["sigma_fisher"] for r in group], dtype=float)
+        entry = {"replicates": len(group), "sites": group[0]["sites"], **_stats(theta - truth, fisher)}
+        diffs = [r.get("differences") or [] for r in group]
+        if diffs and diffs[0]:
+            est = np.array([[d["estimate"] for d in row] for row in diffs])
+            tru = np.array([[d["truth"] for d in row] for row in diffs])
+            sig = np.array([[d["sigma_fisher"] for d in row] for row in diffs], dtype=float)
+            entry["differences"] = {
+                "pairs": [d["sites"] for d in diffs[0]], "estimate_eV": est.mean(0).round(4).tolist(),
+                "truth_eV": tru.mean(0).round(4).tolist(), **_stats(est - tru, sig),
+                "z_mean": (est.mean(0) / sig.mean(0)).round(2).tolist(),
+            }  # fmt: skip
+        out[f"{key[0]} N={key[1]}"] = entry
     return out
 
 
+FLAG_TO_PHIL = {
+    "case": "case.name", "data": "case.data", "n": "ladder.n", "replicates": "ladder.replicates", "seed": "ladder.seed",
+    "macrocycles": "refine.macrocycles", "bootstrap": "refine.bootstrap", "cell_error": "stills.cell_error",
+    "truth_shift": "case.truth_shift", "device": "device", "out": "output.directory",
+}  # fmt: skip
+
+
+def output_path(params) -> Path:
+    stem = params.output.name or f"campaign_{params.case.name}" + ("" if params.control == "none" else f"_{params.control}")
+    return Path(params.output.directory) / f"{stem}.jsonl"
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--case", default="rubredoxin", choices=("rubredoxin", "psii"))
-    ap.add_argument("--data", default="bench_data", help="cctbx tables from benchmarks/refine_tables.py")
-    ap.add_argument("--n", default="30", help="comma-separated numbers of stills")
-    ap.add_argument("--replicates", type=int, default=4)
-    ap.add_argument("--seed", type=int, default=1)
-    ap.add_argument("--macrocycles", type=int, default=6)
-    ap.add_argument("--bootstrap", type=int, default=0)
-    ap.add_argument("--cell-error", type=float, default=0.001, help="rms fractional error of each given cell length")
-    ap.add_argument("--truth-shift", type=float, default=None,
-                    help="eV: every site's truth is its reference moved by this (default: the case's true states)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--mpi", action="store_true", help="ranks of mpirun share each replicate's stills")
-    ap.add_argument("--out", default="campaign")
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                 epilog="PHIL files (*.phil) and key=value arguments set the parameters (--show-phil)")  # fmt: skip
+    ap.add_argument("phil", nargs="*", help="PHIL files and key=value overrides")
+    for flag in FLAG_TO_PHIL:
+        ap.add_argument("--" + flag.replace("_", "-"), dest=flag, default=None, help=f"= {FLAG_TO_PHIL[flag]}")
+    ap.add_argument("--mpi", action="store_true", help="= mpi=True")
     ap.add_argument("--summarise", default=None, help="print the summary of a campaign file and stop")
-    args = ap.parse_args(argv)
-    if args.summarise:
-        print(json.dumps(summarise(Path(args.summarise)), indent=1))
+    ap.add_argument("--show-phil", action="store_true", help="print the parameters with their values and stop")
+    ap.add_argument("--plan", action="store_true",
+                    help="print each site's predicted sigma at every ladder.n from the Fisher information and stop")
+    ap.add_argument("--phil-reader", choices=("auto", "libtbx", "lite"), default="auto")
+    args = ap.parse_intermixed_args(argv)
+    try:
+        if args.summarise:
+            path = Path(args.summarise)
+            if not path.is_file():
+                raise CampaignError(f"no campaign file {path}")
+            print(json.dumps(summarise(path), indent=1))
+            return 0
+        files = [a for a in args.phil if "=" not in a]
+        overrides = [a for a in args.phil if "=" in a]
+        overrides += [f"{FLAG_TO_PHIL[k]}={getattr(args, k)}" for k in FLAG_TO_PHIL if getattr(args, k) is not None]
+        overrides += ["mpi=True"] if args.mpi else []
+        reader = {"auto": None, "libtbx": True, "lite": False}[args.phil_reader]
+        flat = read_params(files, overrides, use_libtbx=reader)
+        if args.show_phil:
+            print("\n".join(f"{k} = {v}" for k, v in flat.items()))
+            return 0
+        return run_campaign(flat, plan_only=args.plan)
+    except CampaignError as e:
+        print(f"Sorry: {e}", file=sys.stderr)
+        return 1
+
+
+def run_campaign(flat: dict, plan_only: bool = False) -> int:
+    """Every (N, replicate) of the ladder not yet in the output file, appended as JSON lines
+    (``plan_only``: print the planning prediction, :func:`plan`, and stop)."""
+    from spread_dials.parallel import mpi_context
+    from spread_dials.util.device import select_device
+    from spread_dials.util.errors import SpreadError
+
+    params = phil_lite.as_namespace(flat)
+    comm = mpi_context("mpi" if params.mpi else "serial")
+    try:
+        device = select_device(params.device, rank=comm.rank)
+    except SpreadError as e:
+        raise CampaignError(str(e)) from None
+    case = build_case(params)
+    if plan_only:
+        if comm.is_root:
+            print(json.dumps(plan(case, params, device), indent=1))
         return 0
-    comm = mpi_context("mpi" if args.mpi else "serial")
-    device = select_device(args.device, rank=comm.rank)
-    case = load_case(args.case, Path(args.data))  # stills drawn from case["model"]: the refinement's own domain set
-    if args.truth_shift is not None:  # each site's truth: its reference moved by exactly this (the model is exact)
-        case["truth_curves"] = [r.shifted(args.truth_shift) for r in case["references"]]
-        fp, fdp = zip(*(c.at(case["energy"]) for c in case["truth_curves"]))
-        table = case["table"]
-        case["truth"] = StructureFactors(table.miller_index, table.F0, table.G, torch.stack(fp), torch.stack(fdp))
-    out = Path(args.out) / f"campaign_{args.case}.jsonl"
+    out = output_path(params)
     done = set()
     if out.exists():
         done = {(r["n"], r["replicate"], r["seed"]) for r in map(json.loads, out.read_text().splitlines()) if r}
     if comm.is_root:
         out.parent.mkdir(parents=True, exist_ok=True)
+    design = hashlib.sha1(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    seed = params.ladder.seed
+    work = [(n, r) for n in params.ladder.n for r in range(params.ladder.replicates) if (n, r, seed) not in done]
+    if comm.is_root:
+        print(f"{out}: {len(work)} replicates to run ({len(done)} already there; parameters {design})", flush=True)
     t_start = time.perf_counter()
-    work = [(int(n), r) for n in args.n.split(",") for r in range(args.replicates) if (int(n), r, args.seed) not in done]
     for k, (n, replicate) in enumerate(work):
-        record = run_replicate(case, n, replicate, args, comm, device)
+        record = run_replicate(case, n, replicate, params, comm, device)
         if record is not None:
+            record["parameters"] = design
             with out.open("a") as f:  # one whole line per write: a killed run leaves complete lines
                 f.write(json.dumps(record) + "\n")
             rate = (k + 1) / (time.perf_counter() - t_start)

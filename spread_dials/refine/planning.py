@@ -1,0 +1,94 @@
+"""Planning: each site's edge-shift sigma for N stills from the Fisher information alone, without
+simulating and refining a data set (pure torch; issue 12, "go beyond tables").
+
+For a few probe stills at the truth (true crystal, true scale, flat true background, true f',
+f''), the profiled Fisher information of the global parameters is
+:func:`~spread_dials.refine.information.shot_information` (the Poisson likelihood's expected
+Hessian with each still's scale, crystal offsets and background planes eliminated by the Schur
+complement): exactly what dials.spread_refine reports as its Fisher sigma at the optimum, here
+evaluated at the truth and with no counts (the information depends on the expected rates only).
+Stills are exchangeable, so the information of N stills is N times the mean per still, and
+
+    sigma_N = sqrt(diag((N * I_mean)^-1)),   sigma_N(i - j) = sqrt(C_ii + C_jj - 2 C_ij),
+
+the Cramer-Rao bound of an unbiased estimate from N such stills (no prior).  Its accuracy is
+that of the mean over the probe stills (stills differ in orientation and spectrum: a handful
+gives the mean to some ten per cent).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from spread_dials.parallel import Parallel
+from spread_dials.physics.structure_factors import StructureFactors
+from spread_dials.refine.engine import Refinement, RefineSettings, make_caches
+from spread_dials.refine.information import shot_information
+from spread_dials.refine.model import ShotState
+from spread_dials.refine.profiles import CrystalModel
+from spread_dials.refine.shots import ShotSet
+from spread_dials.refine.sites import SiteModel
+
+__all__ = ["StillInformation", "still_information", "predicted_covariance", "predicted_sigma"]
+
+
+@dataclass(frozen=True)
+class StillInformation:
+    """Per-still profiled Fisher information of the global parameters at the truth.
+
+    Attributes:
+        per_still: (K, P, P) one matrix per probe still (eV^-2 for edge shifts).
+        mean: (P, P) their mean, the expected information of one still.
+        names: the P parameter names.
+    """
+
+    per_still: Tensor
+    mean: Tensor
+    names: list[str]
+
+
+def still_information(shots: ShotSet, table: StructureFactors, model: CrystalModel, sites: SiteModel, theta: Tensor,
+                      spot_scale: float, background_photons: float, settings: RefineSettings) -> StillInformation:  # fmt: skip
+    """Profiled Fisher information of ``theta`` (P,) per still of ``shots``, each at its truth.
+
+    Arguments:
+        shots: probe stills whose given crystals ARE the true ones (made with no orientation or
+            cell error; their counts are not used).
+        table: F0 and G of every reflection (no f', f'').
+        model: the crystal model of the refinement, which made the stills (same domains).
+        sites: the site model; ``theta`` its true parameters (edge shifts, eV).
+        spot_scale: the true scale G of every still (the kernel's spot scale at the model's fluence).
+        background_photons: the true flat background (photons per pixel).
+        settings: which per-shot parameters refinement refines (``refine_orientation``,
+            ``refine_cell``) and its likelihood (``readout_sigma``, ``model_error_fraction``).
+    """
+    n = len(shots.shots)
+    caches = make_caches(shots, table, model, refine_cell=settings.refine_cell)
+    dtype = torch.float64
+    states = []
+    for shot, cache in zip(shots.shots, caches):
+        n_boxes = int(shot.shoeboxes.n_shoeboxes)
+        background = torch.zeros((n_boxes, 3), dtype=dtype, device=cache.counts.device)
+        background[:, 0] = background_photons
+        states.append(ShotState(torch.tensor(math.log(spot_scale), dtype=dtype, device=cache.counts.device),
+                                cache.profiles.rotation.clone(), background,
+                                None if cache.profiles.cell is None else cache.profiles.cell.clone()))  # fmt: skip
+    refinement = Refinement(shots, list(range(n)), n, caches, states, sites, theta.detach().clone(), model, Parallel(),
+                            settings)  # fmt: skip
+    per_still = torch.stack([shot_information(refinement, i, refinement.theta)[0] for i in range(n)])
+    return StillInformation(per_still, per_still.mean(0), sites.parameter_names())
+
+
+def predicted_covariance(information: StillInformation, n_stills: int) -> Tensor:
+    """(P, P) covariance (inverse information) of the global parameters from ``n_stills`` stills."""
+    h = n_stills * information.mean
+    return torch.linalg.inv(0.5 * (h + h.T))
+
+
+def predicted_sigma(information: StillInformation, n_stills: int) -> Tensor:
+    """(P,) sigma of each global parameter from ``n_stills`` stills (eV for edge shifts)."""
+    return predicted_covariance(information, n_stills).diagonal().clamp(min=0).sqrt()
