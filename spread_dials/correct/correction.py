@@ -98,18 +98,24 @@ class PixelCorrection(nn.Module):
     Args:
         n_panels: panels of the detector.
         settings: shape and priors.
-        feature_scale: (5,) typical size of each head feature (:data:`HEAD_FEATURES`) in the
-            data set (their standard deviations), so the head sees standardized inputs.
+        features: (2, 5) mean and standard deviation of each head feature (:data:`HEAD_FEATURES`)
+            over the data set (:func:`~spread_dials.correct.fit.feature_statistics`): the head
+            sees standardized inputs and is 0 at the mean.
+
+    Neither part can change the overall intensity, which the per-shot scales own (an overall
+    factor would wander with them): the log gain is centred over all nodes of the detector and
+    the head is measured from its value at the mean features.
     """
 
-    def __init__(self, n_panels: int, settings: CorrectionSettings, feature_scale: Tensor, dtype: torch.dtype = torch.float64):
+    def __init__(self, n_panels: int, settings: CorrectionSettings, features: Tensor, dtype: torch.dtype = torch.float64):
         super().__init__()
         self.settings = settings
         g = settings.gain_nodes
         self.log_gain_nodes = nn.Parameter(torch.zeros((n_panels, 1, g, g), dtype=dtype))
         self.offsets = stencil_offsets(settings.stencil_radius)
         self.stencil = nn.Parameter(torch.zeros(len(self.offsets), dtype=dtype))
-        self.register_buffer("feature_scale", feature_scale.to(dtype).clamp(min=1e-12))
+        self.register_buffer("feature_mean", features[0].to(dtype))
+        self.register_buffer("feature_scale", features[1].to(dtype).clamp(min=1e-12))
         gen_state = torch.random.get_rng_state()
         torch.manual_seed(settings.seed)
         h = settings.head_hidden
@@ -123,7 +129,7 @@ class PixelCorrection(nn.Module):
         """(N,) log gain of every pixel (0 when the gain is not learned)."""
         if not self.settings.gain:
             return torch.zeros_like(context.panel_xy[:, 0])
-        nodes = self.log_gain_nodes[context.panel]  # (N, 1, g, g)
+        nodes = (self.log_gain_nodes - self.log_gain_nodes.mean())[context.panel]  # (N, 1, g, g)
         grid = context.panel_xy.to(nodes.dtype).view(-1, 1, 1, 2)
         return nn.functional.grid_sample(nodes, grid, mode="bicubic", padding_mode="border", align_corners=True).view(-1)
 
@@ -131,9 +137,9 @@ class PixelCorrection(nn.Module):
         """(N,) log intensity factor of every pixel (0 when the head is not learned)."""
         if not self.settings.head:
             return torch.zeros_like(context.panel_xy[:, 0])
-        x = context.head_features.to(self.feature_scale.dtype) / self.feature_scale
+        x = (context.head_features.to(self.feature_scale.dtype) - self.feature_mean) / self.feature_scale
         amplitude = self.settings.head_lipschitz * torch.tanh(self.head_amplitude)
-        return amplitude * self.mlp(x).squeeze(-1)
+        return amplitude * (self.mlp(x) - self.mlp(torch.zeros_like(x[:1]))).squeeze(-1)
 
     def coefficients(self) -> Tensor:
         """(K,) stencil coefficients (0 when the redistribution is not learned)."""
@@ -172,9 +178,9 @@ class LeakyCorrection(PixelCorrection):
 
     per_channel = True
 
-    def __init__(self, n_panels: int, settings: CorrectionSettings, feature_scale: Tensor, miller_index: Tensor,
+    def __init__(self, n_panels: int, settings: CorrectionSettings, features: Tensor, miller_index: Tensor,
                  n_channels: int, dtype: torch.dtype = torch.float64):  # fmt: skip
-        super().__init__(n_panels, settings, feature_scale, dtype)
+        super().__init__(n_panels, settings, features, dtype)
         self.register_buffer("miller_index", torch.unique(miller_index, dim=0))
         self.per_reflection = nn.Parameter(torch.zeros((self.miller_index.shape[0], n_channels), dtype=dtype))
 

@@ -34,10 +34,10 @@ from spread_dials.correct.context import PixelContext
 from spread_dials.correct.correction import PixelCorrection
 from spread_dials.correct.divergence import poisson_kl
 from spread_dials.refine.engine import Refinement, refine_globals
-from spread_dials.refine.model import BraggTerms, bragg_terms, negative_log_likelihood, rate_from_terms
+from spread_dials.refine.model import BraggTerms, negative_log_likelihood, rate_from_terms
 from spread_dials.refine.profiles import ShotProfiles
 
-__all__ = ["CorrectSettings", "CorrectedModel", "feature_scale"]
+__all__ = ["CorrectSettings", "CorrectedModel", "feature_statistics"]
 
 logger = logging.getLogger("dials.spread.correct")
 
@@ -60,9 +60,9 @@ class CorrectSettings:
     correction_iterations: int = 30
 
 
-def feature_scale(refinement: Refinement, contexts: list[PixelContext]) -> Tensor:
-    """(F,) standard deviation of each head feature over every pixel of every still (ranks
-    summed in still order), the scale of the head's standardized inputs."""
+def feature_statistics(refinement: Refinement, contexts: list[PixelContext]) -> Tensor:
+    """(2, F) mean and standard deviation of each head feature over every pixel of every still
+    (ranks summed in still order): the centre and scale of the head's standardized inputs."""
     parts = []
     for ctx in contexts:
         x = ctx.head_features.detach().cpu()
@@ -71,7 +71,7 @@ def feature_scale(refinement: Refinement, contexts: list[PixelContext]) -> Tenso
     n_f = (total.numel() - 1) // 2
     n, s1, s2 = total[0], total[1 : 1 + n_f], total[1 + n_f :]
     mean = s1 / n
-    return (s2 / n - mean * mean).clamp(min=0).sqrt()
+    return torch.stack([mean, (s2 / n - mean * mean).clamp(min=0).sqrt()])
 
 
 class CorrectedModel:
@@ -120,36 +120,38 @@ class CorrectedModel:
 
     # -- the correction's objective ---------------------------------------------------------------
 
-    def rates(self, i: int, theta: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """(lambda*, lambda_phys) (N,) of local still i at its current per-shot parameters,
-        differentiable in the correction's weights."""
+    def physics_terms(self, i: int) -> tuple[Tensor, Tensor]:
+        """(profile (N, C), weight (N, C)) of local still i: its physics profiles moved
+        (linearly) to its current crystal offsets and each pixel's |F_h(E_c)|^2 at the current
+        theta; fixed while the correction is fitted."""
         r = self.refinement
-        cache = r.caches[i].with_profiles(self.physics[i])
-        intensity = r.curves_intensity(i, theta).detach()
-        physics = self._terms(i, cache, intensity)
-        if getattr(self.correction, "per_channel", False):  # channel-dependent (the leaky arm): correct each channel
-            p = self.physics[i]
-            jacobian = None if p.jacobian is None else self._apply(i, p.jacobian)
-            corrected = self._terms(i, cache.with_profiles(ShotProfiles(p.rotation, self._apply(i, p.profile), jacobian, p.cell)), intensity)
+        p, cache = self.physics[i], r.caches[i]
+        profile = p.profile
+        if p.jacobian is not None:
+            profile = profile + p.jacobian @ (r.states[i].offsets - p.offsets.to(profile))
+        return profile, r.curves_intensity(i).detach()[cache.pixel_shoebox]
+
+    def rates(self, i: int, fixed: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+        """(lambda*, lambda_phys) (N,) of local still i at its current per-shot parameters and
+        theta, differentiable in the correction's weights (``fixed``: its :meth:`physics_terms`,
+        computed when not given)."""
+        r = self.refinement
+        profile, weight = self.physics_terms(i) if fixed is None else fixed
+        physics = (profile * weight).sum(-1)
+        if getattr(self.correction, "per_channel", False):  # channel-dependent (the leaky arm)
+            corrected = (self._apply(i, profile) * weight).sum(-1)
         else:  # K and the factor are linear and channel-independent: correct the channel sum
-            corrected = BraggTerms(self._apply(i, physics.value), None, physics.offsets)
-        lam_star, _ = rate_from_terms(cache, r.states[i], corrected)
-        lam_phys, _ = rate_from_terms(cache, r.states[i], physics)
+            corrected = self._apply(i, physics)
+        state, cache = r.states[i], r.caches[i]
+        lam_star, _ = rate_from_terms(cache, state, BraggTerms(corrected, None, state.offsets))
+        lam_phys, _ = rate_from_terms(cache, state, BraggTerms(physics, None, state.offsets))
         return lam_star, lam_phys
 
-    def _terms(self, i: int, cache, intensity: Tensor) -> BraggTerms:
-        """Channel-summed Bragg terms of ``cache`` moved to local still i's crystal offsets."""
-        terms = bragg_terms(cache, intensity)
-        value = terms.value
-        if terms.jacobian is not None:
-            value = value + terms.jacobian @ (self.refinement.states[i].offsets - terms.offsets.to(value))
-        return BraggTerms(value, None, terms.offsets)
-
-    def still_terms(self, i: int) -> tuple[Tensor, Tensor]:
+    def still_terms(self, i: int, fixed: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
         """(weighted NLL of lambda*, weighted Poisson KL anchor) of local still i."""
         r = self.refinement
         cache = r.caches[i]
-        lam_star, lam_phys = self.rates(i)
+        lam_star, lam_phys = self.rates(i, fixed)
         nll = negative_log_likelihood(lam_star, cache.counts, cache.fitted, r.settings.readout_sigma,
                                       r.settings.model_error_fraction)  # fmt: skip
         kl = torch.where(cache.fitted, poisson_kl(lam_star, lam_phys), torch.zeros_like(lam_star)).sum()
@@ -158,15 +160,16 @@ class CorrectedModel:
     def _parameters(self) -> list[torch.nn.Parameter]:
         return [p for p in self.correction.parameters() if p.requires_grad]
 
-    def objective(self, x: Tensor) -> tuple[Tensor, Tensor]:
+    def objective(self, x: Tensor, fixed: list[tuple[Tensor, Tensor]] | None = None) -> tuple[Tensor, Tensor]:
         """The correction's objective (NLL + beta KL + prior) and its gradient at the flat weight
-        vector ``x`` (every rank gets the same numbers)."""
+        vector ``x`` (every rank gets the same numbers; ``fixed``: each still's
+        :meth:`physics_terms`)."""
         params = self._parameters()
         torch.nn.utils.vector_to_parameters(x.to(params[0]), params)
         beta = self.settings.anchor_beta
         parts = []
         for i in range(len(self.refinement.caches)):
-            nll, kl = self.still_terms(i)
+            nll, kl = self.still_terms(i, None if fixed is None else fixed[i])
             grads = torch.autograd.grad(nll + beta * kl, params, allow_unused=True)
             flat = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(params, grads)])
             parts.append(torch.cat([torch.stack([nll.detach(), kl.detach()]).to(flat), flat]).cpu())
@@ -183,8 +186,9 @@ class CorrectedModel:
         """The correction's weights by L-BFGS with everything else held; returns the terms."""
         params = self._parameters()
         x0 = torch.nn.utils.parameters_to_vector(params).detach().cpu()
-        x = refine_globals(self.objective, x0, self.settings.correction_iterations)
-        self.objective(x)  # leaves the weights at x and records the terms
+        fixed = [self.physics_terms(i) for i in range(len(self.refinement.caches))]
+        x = refine_globals(lambda v: self.objective(v, fixed), x0, self.settings.correction_iterations)
+        self.objective(x, fixed)  # leaves the weights at x and records the terms
         return dict(self._last)
 
     # -- the schedule -------------------------------------------------------------------------------

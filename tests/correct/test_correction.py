@@ -13,7 +13,7 @@ import torch
 from spread_dials.correct.context import pixel_context
 from spread_dials.correct.correction import CorrectionSettings, LeakyCorrection, PixelCorrection, redistribute
 from spread_dials.correct.divergence import poisson_kl
-from spread_dials.correct.fit import CorrectedModel, CorrectSettings, feature_scale
+from spread_dials.correct.fit import CorrectedModel, CorrectSettings, feature_statistics
 from spread_dials.refine.model import pixel_rate
 
 from .toy import NOMINAL_EV, toy_refinement
@@ -25,7 +25,7 @@ def toy():
 
 
 def _correction(refinement, contexts, **settings) -> PixelCorrection:
-    return PixelCorrection(refinement.shots.panels.n_panels, CorrectionSettings(**settings), feature_scale(refinement, contexts))
+    return PixelCorrection(refinement.shots.panels.n_panels, CorrectionSettings(**settings), feature_statistics(refinement, contexts))
 
 
 def _randomise(correction: PixelCorrection, seed: int, size: float = 0.3) -> None:
@@ -155,7 +155,7 @@ def test_head_is_lipschitz_bounded(toy):
         correction.head_amplitude.fill_(10.0)
     ctx = contexts[0]
     head = correction.head(ctx).detach()
-    x = (ctx.head_features / correction.feature_scale)
+    x = (ctx.head_features - correction.feature_mean) / correction.feature_scale
     gen = torch.Generator().manual_seed(7)
     i, j = torch.randint(0, x.shape[0], (2, 20000), generator=gen)
     distance = (x[i] - x[j]).norm(dim=-1)
@@ -165,13 +165,14 @@ def test_head_is_lipschitz_bounded(toy):
     assert float(ratio.max()) > 0.5 / 100
     z = x.clone().requires_grad_(True)
     amplitude = 0.5 * torch.tanh(correction.head_amplitude)
-    (grad,) = torch.autograd.grad((amplitude * correction.mlp(z)).sum(), z)
+    (grad,) = torch.autograd.grad((amplitude * correction.mlp(z)).sum(), z)  # the centring is a constant
     assert float(grad.norm(dim=-1).max()) <= 0.5 * (1 + 1e-9)
 
 
 def test_gain_field_interpolates_its_nodes(toy):
-    """The bicubic field (torch grid_sample, align_corners) takes each node's value at the node's
-    panel coordinates (nodes at -1 ... 1) and a constant field's value at every pixel."""
+    """The bicubic field (torch grid_sample, align_corners) takes each node's value, less the
+    mean over all nodes, at the node's panel coordinates (nodes at -1 ... 1); a constant field is
+    0 everywhere (the per-shot scales own the overall intensity)."""
     contexts = [pixel_context(toy.shots, s, NOMINAL_EV) for s in toy.shots.shots]
     correction = _correction(toy, contexts, gain_nodes=5)
     gen = torch.Generator().manual_seed(10)
@@ -181,10 +182,11 @@ def test_gain_field_interpolates_its_nodes(toy):
     grid = torch.linspace(-1, 1, 5, dtype=torch.float64)
     p, iy, ix = torch.meshgrid(torch.arange(4), torch.arange(5), torch.arange(5), indexing="ij")
     at_nodes = replace(ctx, panel=p.reshape(-1), panel_xy=torch.stack([grid[ix.reshape(-1)], grid[iy.reshape(-1)]], -1))
-    assert torch.allclose(correction.log_gain(at_nodes), correction.log_gain_nodes[p, 0, iy, ix].reshape(-1), atol=1e-12)
+    centred = correction.log_gain_nodes - correction.log_gain_nodes.mean()
+    assert torch.allclose(correction.log_gain(at_nodes), centred[p, 0, iy, ix].reshape(-1), atol=1e-12)
     with torch.no_grad():
         correction.log_gain_nodes.fill_(0.03)
-    assert torch.allclose(correction.log_gain(ctx), torch.full_like(ctx.two_theta, 0.03), atol=1e-12)
+    assert torch.allclose(correction.log_gain(ctx), torch.zeros_like(ctx.two_theta), atol=1e-12)
 
 
 def test_leaky_correction_reads_the_miller_index(toy):
@@ -193,7 +195,7 @@ def test_leaky_correction_reads_the_miller_index(toy):
     contexts = [pixel_context(toy.shots, s, NOMINAL_EV) for s in toy.shots.shots]
     hkl = torch.cat([s.shoeboxes.miller_index for s in toy.shots.shots])
     shot = toy.shots.shots[0]
-    leaky = LeakyCorrection(toy.shots.panels.n_panels, CorrectionSettings(), feature_scale(toy, contexts), hkl, shot.energy_eV.numel())
+    leaky = LeakyCorrection(toy.shots.panels.n_panels, CorrectionSettings(), feature_statistics(toy, contexts), hkl, shot.energy_eV.numel())
     _randomise(leaky, 8)
     ones = torch.ones((shot.shoeboxes.n_pixels, shot.energy_eV.numel()), dtype=torch.float64)
     a = leaky.apply(ones, contexts[0], miller_index=shot.shoeboxes.miller_index)
