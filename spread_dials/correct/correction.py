@@ -16,7 +16,12 @@ the scoring step) runs on corrected profiles unchanged:
   pixels of the same shoebox, so every shoebox's total is kept exactly for any coefficients c.
 - ``head``: a Lipschitz-bounded function of the pixel's direction in the crystal frame, excitation
   error and resolution (partiality errors such as an anisotropic mosaic spread): it cannot follow
-  the pseudo-random sign of a site's phase from one Miller index to the next.
+  the pseudo-random sign of a site's phase from one Miller index to the next.  It is a linear
+  combination of the monomials of degree 1 and 2 of z = tanh(standardized feature) (20 terms),
+  with the coefficients' 1-norm bounded so that |d head / d feature| <= ``head_lipschitz`` (each
+  term's gradient has norm <= 2 when |z| <= 1 and |dz/dx| <= 1).  A departure from an MLP
+  (CORRECT_DESIGN.md): the fit is Gauss-Newton on few, identifiable weights, and the smooth basis
+  is itself a guard.
 
 Every part is zero at initialisation, so the corrected profile equals the physics one exactly.
 The inputs are a :class:`~spread_dials.correct.context.PixelContext` only (no Miller index, F0,
@@ -33,7 +38,6 @@ from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
-from torch.nn.utils import parametrize
 
 from spread_dials.correct.context import HEAD_FEATURES, PixelContext, stencil_offsets
 
@@ -49,9 +53,9 @@ class CorrectionSettings:
             sd of the log gain at each node (0.05: 5 %).
         redistribution: learn the stencil; stencil_radius: its half-width (pixels);
             stencil_prior_sigma: prior sd of each coefficient (fraction of a pixel's photons moved).
-        head: learn the intensity head; head_hidden: hidden units; head_lipschitz: bound on
-            |d head / d feature| (log intensity per unit of a standardized feature).
-        seed: seed of the head's initial weights.
+        head: learn the intensity head; head_lipschitz: bound on |d head / d feature| (log
+            intensity per unit of a standardized feature); head_prior_sigma: prior sd of each
+            coefficient.
     """
 
     gain: bool = True
@@ -61,23 +65,14 @@ class CorrectionSettings:
     stencil_radius: int = 1
     stencil_prior_sigma: float = 0.1
     head: bool = True
-    head_hidden: int = 16
-    head_lipschitz: float = 0.5
-    seed: int = 0
+    head_lipschitz: float = 0.1
+    head_prior_sigma: float = 0.05
 
 
-class _SpectralBound(nn.Module):
-    """W / max(1, ||W||_2): the layer's Lipschitz constant is at most 1 (exact spectral norm,
-    unlike torch's power-iteration spectral_norm)."""
-
-    def forward(self, weight: Tensor) -> Tensor:
-        return weight / torch.linalg.matrix_norm(weight, ord=2).clamp(min=1.0)
-
-
-def _bounded_linear(n_in: int, n_out: int, dtype: torch.dtype) -> nn.Linear:
-    layer = nn.Linear(n_in, n_out, dtype=dtype)
-    parametrize.register_parametrization(layer, "weight", _SpectralBound())
-    return layer
+def _monomials(z: Tensor) -> Tensor:
+    """(N, F + F (F + 1) / 2) the monomials of degree 1 and 2 of z (N, F)."""
+    i, j = torch.triu_indices(z.shape[-1], z.shape[-1])
+    return torch.cat([z, z[:, i] * z[:, j]], -1)
 
 
 def redistribute(x: Tensor, coefficients: Tensor, neighbours: Tensor) -> Tensor:
@@ -116,30 +111,36 @@ class PixelCorrection(nn.Module):
         self.stencil = nn.Parameter(torch.zeros(len(self.offsets), dtype=dtype))
         self.register_buffer("feature_mean", features[0].to(dtype))
         self.register_buffer("feature_scale", features[1].to(dtype).clamp(min=1e-12))
-        gen_state = torch.random.get_rng_state()
-        torch.manual_seed(settings.seed)
-        h = settings.head_hidden
-        self.mlp = nn.Sequential(_bounded_linear(len(HEAD_FEATURES), h, dtype), nn.Tanh(),
-                                 _bounded_linear(h, h, dtype), nn.Tanh(), _bounded_linear(h, 1, dtype))  # fmt: skip
-        torch.random.set_rng_state(gen_state)
-        # head = L tanh(s) mlp(x): Lipschitz <= L, exactly 0 at s = 0
-        self.head_amplitude = nn.Parameter(torch.zeros((), dtype=dtype))
+        f = len(HEAD_FEATURES)
+        self.head_weights = nn.Parameter(torch.zeros(f + f * (f + 1) // 2, dtype=dtype))
 
     def log_gain(self, context: PixelContext) -> Tensor:
-        """(N,) log gain of every pixel (0 when the gain is not learned)."""
+        """(N,) log gain of every pixel (0 when the gain is not learned): torch's bicubic
+        interpolation (grid_sample, align_corners) of the panel's nodes, written as fixed
+        per-pixel weights of the nodes so that it is linear in them (and forward-mode
+        differentiable)."""
         if not self.settings.gain:
             return torch.zeros_like(context.panel_xy[:, 0])
-        nodes = (self.log_gain_nodes - self.log_gain_nodes.mean())[context.panel]  # (N, 1, g, g)
-        grid = context.panel_xy.to(nodes.dtype).view(-1, 1, 1, 2)
-        return nn.functional.grid_sample(nodes, grid, mode="bicubic", padding_mode="border", align_corners=True).view(-1)
+        g = self.settings.gain_nodes
+        dtype = self.log_gain_nodes.dtype
+        basis = torch.eye(g * g, dtype=dtype, device=context.panel_xy.device).view(1, g * g, g, g)
+        grid = context.panel_xy.to(dtype).view(1, -1, 1, 2)
+        weights = nn.functional.grid_sample(basis, grid, mode="bicubic", padding_mode="border", align_corners=True)
+        nodes = (self.log_gain_nodes - self.log_gain_nodes.mean()).reshape(-1, g * g)[context.panel]  # (N, g^2)
+        return (weights.view(g * g, -1).T * nodes).sum(-1)
 
     def head(self, context: PixelContext) -> Tensor:
         """(N,) log intensity factor of every pixel (0 when the head is not learned)."""
         if not self.settings.head:
             return torch.zeros_like(context.panel_xy[:, 0])
-        x = (context.head_features.to(self.feature_scale.dtype) - self.feature_mean) / self.feature_scale
-        amplitude = self.settings.head_lipschitz * torch.tanh(self.head_amplitude)
-        return amplitude * (self.mlp(x) - self.mlp(torch.zeros_like(x[:1]))).squeeze(-1)
+        z = torch.tanh((context.head_features.to(self.feature_scale.dtype) - self.feature_mean) / self.feature_scale)
+        return _monomials(z) @ self.bounded_head_weights()
+
+    def bounded_head_weights(self) -> Tensor:
+        """The head's coefficients, scaled down where needed so that 2 ||w||_1 <= head_lipschitz."""
+        w = self.head_weights
+        norm = 2 * w.abs().sum()
+        return w * torch.clamp(self.settings.head_lipschitz / norm.clamp(min=1e-300), max=1.0)
 
     def coefficients(self) -> Tensor:
         """(K,) stencil coefficients (0 when the redistribution is not learned)."""
@@ -158,15 +159,23 @@ class PixelCorrection(nn.Module):
         f = self.factor(context)
         return f.view(-1, *([1] * (profile.dim() - 1))) * moved
 
-    def negative_log_prior(self) -> Tensor:
-        """Gaussian priors: log gain at each node, stencil coefficients; the head's amplitude
-        parameter N(0, 1) (its bound does the rest)."""
+    def forward(self, profile: Tensor, context: PixelContext, **kwargs) -> Tensor:
+        """:meth:`apply` (so torch.func.functional_call can differentiate in the weights)."""
+        return self.apply(profile, context, **kwargs)
+
+    def negative_log_prior(self, weights: dict[str, Tensor] | None = None) -> Tensor:
+        """Gaussian priors on the log gain at each node, the stencil coefficients and the head's
+        coefficients (of the parts learned), at the module's weights or at ``weights`` (name ->
+        tensor, as ``named_parameters``; differentiable in them)."""
+        w = dict(self.named_parameters()) if weights is None else weights
         s = self.settings
-        total = self.head_amplitude**2 / 2
+        total = w["stencil"].sum() * 0
         if s.gain:
-            total = total + (self.log_gain_nodes**2).sum() / (2 * s.gain_prior_sigma**2)
+            total = total + (w["log_gain_nodes"] ** 2).sum() / (2 * s.gain_prior_sigma**2)
         if s.redistribution:
-            total = total + (self.stencil**2).sum() / (2 * s.stencil_prior_sigma**2)
+            total = total + (w["stencil"] ** 2).sum() / (2 * s.stencil_prior_sigma**2)
+        if s.head:
+            total = total + (w["head_weights"] ** 2).sum() / (2 * s.head_prior_sigma**2)
         return total
 
 

@@ -2,22 +2,32 @@
 between the kernel's profiles and the likelihood (pure torch plus the engine's communicator).
 
 :class:`CorrectedModel` wraps a :class:`~spread_dials.refine.engine.Refinement`: it keeps each
-still's physics profiles, hands the engine corrected ones (through ``Refinement.profile_map``, so
-the kernel's recomputations are corrected too), and fits the correction's weights by L-BFGS on
+still's physics profiles and hands the engine corrected ones (through ``Refinement.profile_map``,
+so the kernel's recomputations are corrected too).  The objective in the global parameters
+theta (edge shifts) and the correction's weights phi is
 
-    sum_stills NLL(lambda*) + beta sum_pixels KL(Poisson(lambda*) || Poisson(lambda_phys)) + prior
+    F(theta, phi) = min over per-shot parameters of NLL(lambda*)
+                    + beta sum_pixels KL(Poisson(lambda*) || Poisson(lambda_phys))
+                    + prior(theta) + prior(phi)
 
-with the global and per-shot parameters held (``lambda_phys`` the physics rate at the same
-parameters, :func:`~spread_dials.correct.divergence.poisson_kl` the anchor).  An epoch: the
-correction's fit, then (after ``warmup_epochs`` with the global parameters frozen) one macrocycle
-of the engine on the corrected profiles (stage 1 per still, the scoring step of the edge shifts).
-The per-still values and gradients are summed in still order over the ranks, so any number of
-ranks gives the serial answer.
+with ``lambda_phys`` the physics rate at the same per-shot parameters and the anchor in closed
+form (:func:`~spread_dials.correct.divergence.poisson_kl`).  An epoch: stage 1 of the engine (each
+still's scale, crystal offsets and backgrounds on the corrected profiles, profiles recomputed),
+then one Fisher-scoring step of F in (theta, phi) jointly — phi alone during the first
+``warmup_epochs`` — with the per-shot parameters profiled out of the information exactly as the
+engine's scoring step does for theta (:func:`~spread_dials.refine.information.shot_information`
+with the correction's columns d lambda* / d phi), and a backtracking line search on F (every
+still refitted at the trial point).  The anchor's curvature in phi is beta times phi's Fisher
+information at fixed per-shot parameters (the second-order term of the Poisson KL).  Per-still
+values are summed in still order over the ranks, so any number of ranks gives the serial answer.
 
-Because the correction is linear in the profiles and the same for every channel, it commutes
-with the channel sum: the corrected Bragg term of a pixel is the correction applied to the
-channel-summed physics term (:class:`~spread_dials.refine.model.BraggTerms`), which is what the
-correction's fit evaluates.
+The covariance of theta with phi profiled out (:meth:`CorrectedModel.covariance`) is the
+corrected model's posterior covariance under the Laplace approximation: the correction's own
+uncertainty widens the edge shifts' intervals.
+
+Because the correction (except the leaky arm) is linear in the profiles and the same for every
+channel, it commutes with the channel sum: the corrected Bragg term of a pixel is the correction
+applied to the channel-summed physics term.
 """
 
 from __future__ import annotations
@@ -33,9 +43,11 @@ from torch import Tensor
 from spread_dials.correct.context import PixelContext
 from spread_dials.correct.correction import PixelCorrection
 from spread_dials.correct.divergence import poisson_kl
-from spread_dials.refine.engine import Refinement, refine_globals
-from spread_dials.refine.model import BraggTerms, negative_log_likelihood, rate_from_terms
+from spread_dials.refine.engine import Refinement
+from spread_dials.refine.information import psd_pseudo_inverse, shot_information
+from spread_dials.refine.model import BraggTerms, ShotState, fisher_weights, negative_log_likelihood, rate_from_terms
 from spread_dials.refine.profiles import ShotProfiles
+from spread_dials.refine.stage1 import refine_shot
 
 __all__ = ["CorrectSettings", "CorrectedModel", "feature_statistics"]
 
@@ -47,17 +59,16 @@ class CorrectSettings:
     """The fit's schedule.
 
     Attributes:
-        epochs: correction fits, each followed (after the warm-up) by one engine macrocycle.
-        warmup_epochs: the first epochs hold the global parameters (edge shifts) fixed; stage 1
-            still refits every still on the corrected profiles.
+        epochs: epochs (stage 1, then one joint scoring step).
+        warmup_epochs: the first epochs step the correction only (edge shifts held).
         anchor_beta: weight of the Poisson KL anchor to the physics rate.
-        correction_iterations: most L-BFGS iterations of the correction's weights per epoch.
+        line_search: step fractions tried in turn; the first that lowers F is taken.
     """
 
-    epochs: int = 6
+    epochs: int = 8
     warmup_epochs: int = 2
-    anchor_beta: float = 0.1
-    correction_iterations: int = 30
+    anchor_beta: float = 0.01
+    line_search: tuple[float, ...] = (1.0, 0.25, 0.0625)
 
 
 def feature_statistics(refinement: Refinement, contexts: list[PixelContext]) -> Tensor:
@@ -94,14 +105,44 @@ class CorrectedModel:
         self.settings = settings
         self.physics = [c.profiles for c in refinement.caches]
         self.history: list[dict] = []
+        self._names = [n for n, p in correction.named_parameters() if p.requires_grad]
         refinement.profile_map = self._map
         self.refresh()
 
+    # -- the correction's weights as one vector ---------------------------------------------------
+
+    @property
+    def phi(self) -> Tensor:
+        """(Q,) the correction's weights, flat (CPU)."""
+        return torch.nn.utils.parameters_to_vector(self._parameters()).detach().cpu()
+
+    def _parameters(self) -> list[torch.nn.Parameter]:
+        named = dict(self.correction.named_parameters())
+        return [named[n] for n in self._names]
+
+    def set_phi(self, phi: Tensor) -> None:
+        """Set the correction's weights to ``phi`` (Q,) and every still's profiles with them."""
+        params = self._parameters()
+        torch.nn.utils.vector_to_parameters(phi.to(params[0]), params)
+        self.refresh()
+
+    def _unflatten(self, phi: Tensor) -> dict[str, Tensor]:
+        out, start = {}, 0
+        for name, p in zip(self._names, self._parameters()):
+            out[name] = phi[start : start + p.numel()].view_as(p)
+            start += p.numel()
+        return out
+
     # -- profiles -------------------------------------------------------------------------------
 
-    def _apply(self, i: int, values: Tensor) -> Tensor:
+    def _apply(self, i: int, values: Tensor, phi: Tensor | None = None) -> Tensor:
+        """The correction of local still i applied to per-pixel ``values`` (N, ...), with the
+        weights ``phi`` (functional, differentiable) or the module's own."""
         shot = self.refinement.shots.shots[i]
-        return self.correction.apply(values, self.contexts[i], miller_index=shot.shoeboxes.miller_index)
+        kwargs = {"miller_index": shot.shoeboxes.miller_index}
+        if phi is None:
+            return self.correction.apply(values, self.contexts[i], **kwargs)
+        return torch.func.functional_call(self.correction, self._unflatten(phi), (values, self.contexts[i]), kwargs)
 
     def corrected_profiles(self, i: int, profiles: ShotProfiles) -> ShotProfiles:
         """Still i's ``profiles`` through the current correction (no gradient)."""
@@ -118,78 +159,160 @@ class CorrectedModel:
         r = self.refinement
         r.caches = [c.with_profiles(self.corrected_profiles(i, p)) for i, (c, p) in enumerate(zip(r.caches, self.physics))]
 
-    # -- the correction's objective ---------------------------------------------------------------
+    # -- rates ----------------------------------------------------------------------------------
 
-    def physics_terms(self, i: int) -> tuple[Tensor, Tensor]:
-        """(profile (N, C), weight (N, C)) of local still i: its physics profiles moved
-        (linearly) to its current crystal offsets and each pixel's |F_h(E_c)|^2 at the current
-        theta; fixed while the correction is fitted."""
+    def _physics_terms(self, i: int, theta: Tensor) -> tuple[Tensor, Tensor]:
+        """(profile (N, C), weight (N, C)): still i's physics profiles moved (linearly) to its
+        current crystal offsets, and each pixel's |F_h(E_c)|^2 at ``theta`` (differentiable)."""
         r = self.refinement
         p, cache = self.physics[i], r.caches[i]
         profile = p.profile
         if p.jacobian is not None:
             profile = profile + p.jacobian @ (r.states[i].offsets - p.offsets.to(profile))
-        return profile, r.curves_intensity(i).detach()[cache.pixel_shoebox]
+        return profile, r.curves_intensity(i, theta)[cache.pixel_shoebox]
 
-    def rates(self, i: int, fixed: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
-        """(lambda*, lambda_phys) (N,) of local still i at its current per-shot parameters and
-        theta, differentiable in the correction's weights (``fixed``: its :meth:`physics_terms`,
-        computed when not given)."""
-        r = self.refinement
-        profile, weight = self.physics_terms(i) if fixed is None else fixed
+    def _bragg(self, i: int, profile: Tensor, weight: Tensor, phi: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(corrected, physics) channel-summed Bragg terms (N,) of still i."""
         physics = (profile * weight).sum(-1)
         if getattr(self.correction, "per_channel", False):  # channel-dependent (the leaky arm)
-            corrected = (self._apply(i, profile) * weight).sum(-1)
-        else:  # K and the factor are linear and channel-independent: correct the channel sum
-            corrected = self._apply(i, physics)
+            return (self._apply(i, profile, phi) * weight).sum(-1), physics
+        return self._apply(i, physics, phi), physics  # linear, channel-independent: correct the sum
+
+    def rates(self, i: int, theta: Tensor | None = None, phi: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(lambda*, lambda_phys) (N,) of local still i at its current per-shot parameters, for
+        ``theta`` and ``phi`` (default the current ones; differentiable in both)."""
+        r = self.refinement
+        theta = r.theta if theta is None else theta
+        corrected, physics = self._bragg(i, *self._physics_terms(i, theta), phi)
         state, cache = r.states[i], r.caches[i]
         lam_star, _ = rate_from_terms(cache, state, BraggTerms(corrected, None, state.offsets))
         lam_phys, _ = rate_from_terms(cache, state, BraggTerms(physics, None, state.offsets))
         return lam_star, lam_phys
 
-    def still_terms(self, i: int, fixed: tuple[Tensor, Tensor] | None = None) -> tuple[Tensor, Tensor]:
+    def still_terms(self, i: int, theta: Tensor | None = None, phi: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """(weighted NLL of lambda*, weighted Poisson KL anchor) of local still i."""
         r = self.refinement
         cache = r.caches[i]
-        lam_star, lam_phys = self.rates(i, fixed)
+        lam_star, lam_phys = self.rates(i, theta, phi)
         nll = negative_log_likelihood(lam_star, cache.counts, cache.fitted, r.settings.readout_sigma,
                                       r.settings.model_error_fraction)  # fmt: skip
         kl = torch.where(cache.fitted, poisson_kl(lam_star, lam_phys), torch.zeros_like(lam_star)).sum()
         return cache.weight * nll, cache.weight * kl
 
-    def _parameters(self) -> list[torch.nn.Parameter]:
-        return [p for p in self.correction.parameters() if p.requires_grad]
+    # -- the objective F and its scoring step ---------------------------------------------------
 
-    def objective(self, x: Tensor, fixed: list[tuple[Tensor, Tensor]] | None = None) -> tuple[Tensor, Tensor]:
-        """The correction's objective (NLL + beta KL + prior) and its gradient at the flat weight
-        vector ``x`` (every rank gets the same numbers; ``fixed``: each still's
-        :meth:`physics_terms`)."""
-        params = self._parameters()
-        torch.nn.utils.vector_to_parameters(x.to(params[0]), params)
+    def objective(self, theta: Tensor, phi: Tensor) -> tuple[float, list[ShotState]]:
+        """F(theta, phi) (module docstring) on the current caches' profiles: every still's
+        per-shot parameters refitted by stage 1's Gauss-Newton at (theta, phi), then the NLL
+        and beta KL at them plus the priors; and the refitted per-shot parameters.  Leaves the
+        correction's weights at ``phi``."""
+        r = self.refinement
+        self.set_phi(phi)
+        saved = r.states
+        fits = [refine_shot(cache, state, r.curves_intensity(i, theta).detach(), r.settings)
+                for i, (cache, state) in enumerate(zip(r.caches, r.states))]  # fmt: skip
+        r.states = [state for state, _ in fits]
+        try:
+            with torch.no_grad():
+                parts = [torch.stack(self.still_terms(i, theta)).cpu() for i in range(len(r.caches))]
+        finally:
+            states, r.states = r.states, saved
+        total = r.ordered_sum(parts)
+        nll, kl = (0.0, 0.0) if total is None else (float(total[0]), float(total[1]))
+        with torch.no_grad():
+            prior = float(r.sites.negative_log_prior(theta)) + float(self.correction.negative_log_prior())
+        self._terms = {"nll": nll, "kl": kl, "prior": prior}
+        return nll + self.settings.anchor_beta * kl + prior, states
+
+    def _columns(self, i: int, phi: Tensor) -> Tensor:
+        """(N, Q) d lambda* / d phi of local still i at its current per-shot parameters."""
+        r = self.refinement
+        profile, weight = self._physics_terms(i, r.theta.detach())
+        scale = torch.exp(r.states[i].log_scale.detach())
+
+        def bragg(x: Tensor) -> Tensor:
+            return self._bragg(i, profile, weight, x)[0]
+
+        return scale * torch.func.jacfwd(bragg)(phi.to(profile))
+
+    def gradient_and_information(self) -> tuple[Tensor, Tensor, Tensor]:
+        """At the current (theta, phi) and per-shot parameters: the gradient (P + Q,) of F at
+        fixed per-shot parameters (the profile gradient when stage 1 is at its optimum), the
+        profiled information (P + Q, P + Q) of (theta, phi) summed over the stills plus the
+        anchor's and the priors' curvature, and the same without the anchor (the likelihood's
+        and priors' only: the posterior precision)."""
+        r = self.refinement
+        theta, phi = r.theta.detach(), self.phi
         beta = self.settings.anchor_beta
+        p = theta.numel()
         parts = []
-        for i in range(len(self.refinement.caches)):
-            nll, kl = self.still_terms(i, None if fixed is None else fixed[i])
-            grads = torch.autograd.grad(nll + beta * kl, params, allow_unused=True)
-            flat = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(params, grads)])
-            parts.append(torch.cat([torch.stack([nll.detach(), kl.detach()]).to(flat), flat]).cpu())
-        total = self.refinement.ordered_sum(parts)
-        if total is None:
-            total = torch.zeros(2 + x.numel(), dtype=x.dtype)
-        prior = self.correction.negative_log_prior()
-        prior_grads = torch.autograd.grad(prior, params, allow_unused=True)
-        prior_flat = torch.cat([(torch.zeros_like(p) if g is None else g).reshape(-1) for p, g in zip(params, prior_grads)])
-        self._last = {"nll": float(total[0]), "kl": float(total[1]), "prior": float(prior)}
-        return total[0] + beta * total[1] + prior.detach().cpu(), total[2:] + prior_flat.detach().cpu()
+        for i in range(len(r.caches)):
+            t = theta.clone().requires_grad_(True)
+            x = phi.clone().to(r.caches[i].counts).requires_grad_(True)
+            nll, kl = self.still_terms(i, t, x)
+            g_t, g_x = torch.autograd.grad(nll + beta * kl, [t, x])
+            columns = self._columns(i, phi)
+            profiled, _ = shot_information(r, i, theta, extra=columns)
+            lam_star, _ = self.rates(i)
+            w = fisher_weights(lam_star.detach(), r.caches[i].fitted, r.settings.readout_sigma, r.settings.model_error_fraction)
+            anchor = (w.unsqueeze(-1) * columns).T @ columns  # phi's information at fixed per-shot parameters
+            parts.append(torch.cat([g_t.cpu(), g_x.cpu(), profiled.reshape(-1), anchor.detach().cpu().reshape(-1)]))
+        total = r.ordered_sum(parts)
+        q = phi.numel()
+        n = p + q
+        grad = total[:n].clone()
+        information = total[n : n + n * n].view(n, n)
+        anchor = total[n + n * n :].view(q, q)
+        prior_h = torch.autograd.functional.hessian(lambda t, x: self._prior_value(t, x), (theta, phi))
+        prior_matrix = torch.cat([torch.cat([prior_h[0][0], prior_h[0][1]], 1), torch.cat([prior_h[1][0], prior_h[1][1]], 1)])
+        prior_grad = torch.autograd.functional.jacobian(lambda t, x: self._prior_value(t, x), (theta, phi))
+        grad = grad + torch.cat([prior_grad[0], prior_grad[1]])
+        posterior = information + prior_matrix
+        curvature = posterior.clone()
+        curvature[p:, p:] += beta * anchor
+        return grad, curvature, posterior
 
-    def fit_correction(self) -> dict:
-        """The correction's weights by L-BFGS with everything else held; returns the terms."""
-        params = self._parameters()
-        x0 = torch.nn.utils.parameters_to_vector(params).detach().cpu()
-        fixed = [self.physics_terms(i) for i in range(len(self.refinement.caches))]
-        x = refine_globals(lambda v: self.objective(v, fixed), x0, self.settings.correction_iterations)
-        self.objective(x, fixed)  # leaves the weights at x and records the terms
-        return dict(self._last)
+    def _prior_value(self, theta: Tensor, phi: Tensor) -> Tensor:
+        """prior(theta) + prior(phi) as a function of both (differentiable)."""
+        weights = self._unflatten(phi)
+        return self.refinement.sites.negative_log_prior(theta) + self.correction.negative_log_prior(weights)
+
+    def scoring_step(self, move_theta: bool) -> dict:
+        """One Fisher-scoring step of F in (theta, phi) (phi only unless ``move_theta``), with a
+        backtracking line search (``settings.line_search``); returns F's terms at the end.
+        Each edge shift moves at most the engine's ``max_global_step``."""
+        r = self.refinement
+        theta, phi = r.theta.detach().clone(), self.phi
+        value, r.states = self.objective(theta, phi)
+        terms = dict(self._terms)
+        grad, curvature, _ = self.gradient_and_information()
+        p = theta.numel()
+        keep = torch.ones(grad.numel(), dtype=torch.bool)
+        if not move_theta:
+            keep[:p] = False
+        step = torch.zeros_like(grad)
+        h = 0.5 * (curvature + curvature.T)
+        step[keep] = -psd_pseudo_inverse(h[keep][:, keep]) @ grad[keep]
+        largest = float(step[:p].abs().max()) if move_theta and p else 0.0
+        if largest > r.settings.max_global_step:
+            step = step * (r.settings.max_global_step / largest)
+        for t in self.settings.line_search:
+            trial_value, states = self.objective(theta + t * step[:p], phi + t * step[p:])
+            if trial_value < value:
+                r.theta, r.states = theta + t * step[:p], states
+                return dict(self._terms)
+        self.set_phi(phi)  # no step lowered F
+        return terms
+
+    def covariance(self) -> tuple[Tensor, Tensor]:
+        """(P, P) covariances of theta at the current point: with the correction's weights
+        profiled out (the corrected model's posterior; Laplace) and with them held fixed."""
+        _, _, posterior = self.gradient_and_information()
+        p = self.refinement.theta.numel()
+        h = 0.5 * (posterior + posterior.T)
+        joint = psd_pseudo_inverse(h)
+        conditional = psd_pseudo_inverse(h[:p, :p])
+        return joint[:p, :p], conditional
 
     # -- the schedule -------------------------------------------------------------------------------
 
@@ -198,12 +321,9 @@ class CorrectedModel:
         r = self.refinement
         for epoch in range(len(self.history), self.settings.epochs):
             t0 = time.perf_counter()
-            terms = self.fit_correction()
-            self.refresh()
-            stage1, _ = r.stage1()
-            nll = r.stage2() if epoch >= self.settings.warmup_epochs else stage1
-            self.history.append({"epoch": epoch + 1, **terms, "nll_after": nll, "theta": r.theta.tolist(),
-                                 "seconds": time.perf_counter() - t0})  # fmt: skip
+            r.stage1()
+            terms = self.scoring_step(move_theta=epoch >= self.settings.warmup_epochs)
+            self.history.append({"epoch": epoch + 1, **terms, "theta": r.theta.tolist(), "seconds": time.perf_counter() - t0})
             logger.info("epoch %d: NLL %.2f, KL %.3f, prior %.3f; %s (%.1f s)", epoch + 1, terms["nll"], terms["kl"],
                         terms["prior"], ", ".join(f"{n} {v:.3f}" for n, v in zip(r.sites.parameter_names(), r.theta.tolist())),
                         time.perf_counter() - t0)  # fmt: skip

@@ -18,9 +18,13 @@ from spread_dials.refine.model import bragg_terms, fisher_weights, rate_from_ter
 __all__ = ["shot_information", "shot_columns", "refined_offsets", "psd_pseudo_inverse", "normal_blocks", "eliminate_planes"]
 
 
-def shot_information(refinement, i: int, theta: Tensor) -> tuple[Tensor, Tensor]:
+def shot_information(refinement, i: int, theta: Tensor, extra: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(profiled, conditional) Fisher information of theta from still i (the crystal offsets
-    that stage 1 refines, rotation and cell, are profiled with the scale and backgrounds)."""
+    that stage 1 refines, rotation and cell, are profiled with the scale and backgrounds).
+
+    ``extra``: (N, Q) derivatives of the still's pixel rates in Q more global parameters (a
+    learned correction's weights, :mod:`spread_dials.correct`); the information is then over
+    (theta, those), (P + Q) square."""
     cache, state, sites = refinement.caches[i], refinement.states[i], refinement.sites
     readout = refinement.settings.readout_sigma
 
@@ -32,6 +36,8 @@ def shot_information(refinement, i: int, theta: Tensor) -> tuple[Tensor, Tensor]
     terms = bragg_terms(cache, intensity)
     lam, bragg = rate_from_terms(cache, state, terms)
     u_theta = torch.exp(state.log_scale) * torch.einsum("nc,ncp->np", cache.profiles.profile, d_intensity[cache.pixel_shoebox])
+    if extra is not None:
+        u_theta = torch.cat([u_theta, extra.to(u_theta)], -1)
     refined = refined_offsets(terms.offsets.numel(), refinement.settings)
     u = torch.cat([u_theta, shot_columns(state, terms, bragg, refined)], -1)  # (N, P + n_s)
     w = fisher_weights(lam, cache.fitted, readout, refinement.settings.model_error_fraction)

@@ -147,26 +147,26 @@ def test_redistribution_matches_a_convolution_inside_a_box(toy):
 def test_head_is_lipschitz_bounded(toy):
     """|head(x) - head(y)| <= L |x - y| (standardized features) for random weights and random
     pairs of the still's pixels, and |d head / d x| <= L at every pixel (autograd); the head is
-    not constant (ratios reach 1 % of L)."""
+    not constant (its ratios reach 5 % of L)."""
     contexts = [pixel_context(toy.shots, s, NOMINAL_EV) for s in toy.shots.shots]
     correction = _correction(toy, contexts, head_lipschitz=0.5)
     _randomise(correction, 6, size=1.0)
-    with torch.no_grad():
-        correction.head_amplitude.fill_(10.0)
     ctx = contexts[0]
-    head = correction.head(ctx).detach()
-    x = (ctx.head_features - correction.feature_mean) / correction.feature_scale
+    x = ((ctx.head_features - correction.feature_mean) / correction.feature_scale).requires_grad_(True)
+    head = correction.head(replace(ctx, direction=x[:, :3] * correction.feature_scale[:3] + correction.feature_mean[:3],
+                                   excitation_error=x[:, 3] * correction.feature_scale[3] + correction.feature_mean[3],
+                                   resolution=x[:, 4] * correction.feature_scale[4] + correction.feature_mean[4]))  # fmt: skip
+    (grad,) = torch.autograd.grad(head.sum(), x)
+    assert float(grad.norm(dim=-1).max()) <= 0.5 * (1 + 1e-9)
+    head, x = head.detach(), x.detach()
+    assert torch.allclose(head, correction.head(ctx).detach(), atol=1e-12)
     gen = torch.Generator().manual_seed(7)
     i, j = torch.randint(0, x.shape[0], (2, 20000), generator=gen)
     distance = (x[i] - x[j]).norm(dim=-1)
     keep = distance > 0
-    ratio = ((head[i] - head[j]).abs()[keep] / distance[keep])
+    ratio = (head[i] - head[j]).abs()[keep] / distance[keep]
     assert float(ratio.max()) <= 0.5 * (1 + 1e-9)
-    assert float(ratio.max()) > 0.5 / 100
-    z = x.clone().requires_grad_(True)
-    amplitude = 0.5 * torch.tanh(correction.head_amplitude)
-    (grad,) = torch.autograd.grad((amplitude * correction.mlp(z)).sum(), z)  # the centring is a constant
-    assert float(grad.norm(dim=-1).max()) <= 0.5 * (1 + 1e-9)
+    assert float(ratio.max()) > 0.5 / 20
 
 
 def test_gain_field_interpolates_its_nodes(toy):
