@@ -41,7 +41,7 @@ from torch import Tensor, nn
 
 from spread_dials.correct.context import HEAD_FEATURES, PixelContext, stencil_offsets
 
-__all__ = ["CorrectionSettings", "PixelCorrection", "LeakyCorrection", "redistribute"]
+__all__ = ["CorrectionSettings", "PixelCorrection", "LeakyCorrection", "redistribute", "within_capacity"]
 
 
 @dataclass(frozen=True)
@@ -67,6 +67,28 @@ class CorrectionSettings:
     head: bool = True
     head_lipschitz: float = 0.1
     head_prior_sigma: float = 0.05
+
+
+def within_capacity(settings: CorrectionSettings, n_shoeboxes: int, n_panels: int, per_weight: float) -> tuple[CorrectionSettings, list[str]]:
+    """``settings`` with each part switched off whose weights the data cannot pin down: a part
+    with k weights needs at least ``per_weight`` * k shoeboxes (the gain: per panel, on average
+    over the ``n_panels`` panels).  A weight informed by few reflections can follow their
+    pseudo-random anomalous differences (a gain node per reflection absorbs the signal as a
+    free factor per Miller index would); with many, those average out.  Returns the settings and
+    one message per part switched off."""
+    from dataclasses import replace
+
+    notes = []
+    f = len(HEAD_FEATURES)
+    parts = {"gain": (settings.gain_nodes**2, n_shoeboxes / max(n_panels, 1), "shoeboxes per panel"),
+             "redistribution": (len(stencil_offsets(settings.stencil_radius)), n_shoeboxes, "shoeboxes"),
+             "head": (f + f * (f + 1) // 2, n_shoeboxes, "shoeboxes")}  # fmt: skip
+    for name, (k, have, unit) in parts.items():
+        if getattr(settings, name) and have < per_weight * k:
+            settings = replace(settings, **{name: False})
+            notes.append(f"correction.{name} off: {have:.0f} {unit} for its {k} weights (needs >= {per_weight:g} per weight, "
+                         "correct.min_shoeboxes_per_weight)")  # fmt: skip
+    return settings, notes
 
 
 def _monomials(z: Tensor) -> Tensor:

@@ -430,6 +430,7 @@ def load_shots(
     n_layers: int = 1,
     min_shoeboxes: int = 1,
     max_shoebox_px: int | None = None,
+    stripe: tuple[int, int] = (0, 1),
 ) -> ShotSet:
     """The integrated stills of dials.stills_process output, with their pixels and spectra.
 
@@ -445,6 +446,9 @@ def load_shots(
         max_shoebox_px: each shoebox is cut to at most this many pixels per side about the
             centre of its bbox (None: the whole bbox).  dials.stills_process makes boxes of
             ~30 x 30 pixels around spots a few pixels wide; the rest is background.
+        stripe: (rank, size): keep only the experiments whose index among all experiments of
+            all files (file order, then experiment order) is rank modulo size (MPI ranks sharing
+            one file).
 
     Returns:
         The stills in file order (then experiment order), with the shared geometry.
@@ -473,6 +477,7 @@ def load_shots(
     seen: dict[str, Path] = {}
     ties: tuple[int, int, int] | None = None
     n_few = n_integrated = n_dropped = n_clipped = 0
+    counter = -1
 
     for expt_path, refl_path in zip(experiment_files, reflection_files):
         experiments = _read_experiments(expt_path)
@@ -486,6 +491,9 @@ def load_shots(
             seen[identifier] = expt_path
             if experiment.crystal is None:
                 raise SpreadError(f"experiment {identifier!r} of {expt_path} has no crystal: give integrated stills")
+            counter += 1
+            if counter % stripe[1] != stripe[0]:
+                continue
             geometry.add(experiment, expt_path)
             if ties is None:
                 ties = cell_ties(experiment.crystal)

@@ -22,6 +22,8 @@ new list) and the columns
 - ``spread.scale`` (double): the still's refined scale G;
 - ``spread.rejected`` (bool): left out of the fit (sigma_z > refinement.reject_sigma_z after a
   stage 1);
+- ``spread.bragg_photons_physics`` (double, dials.spread_correct only): the same photons under
+  the physics model alone (``spread.bragg_photons`` is then the corrected model's);
 - ``spread.flagged`` (bool): sigma_z > refinement.flag_sigma_z.  A column rather than a DIALS
   flag: no reflection_table flag means "misfit by a pixel model" (``bad_shoebox``,
   ``outlier_in_scaling`` and ``centroid_outlier`` mean other things, and downstream DIALS
@@ -198,6 +200,8 @@ def refined_stills(pairs, stills: list[dict]):
             piece["spread.scale"] = flex.double(n, float(still["scale"]))
             piece["spread.flagged"] = flex.bool(still["flagged"].astype(bool))
             piece["spread.rejected"] = flex.bool(still["rejected"])
+            if "bragg_photons_physics" in still:  # dials.spread_correct: the physics model's photons beside the corrected
+                piece["spread.bragg_photons_physics"] = flex.double(still["bragg_photons_physics"].astype(np.float64))
             table_out.extend(piece)
     return experiments_out, table_out
 

@@ -10,7 +10,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +26,7 @@ from spread_dials.refine.uncertainty import bootstrap, curvature, interval, stat
 from spread_dials.util.atomic import atomic_path
 from spread_dials.util.errors import SpreadError
 
-__all__ = ["run_refinement"]
+__all__ = ["RefineSetup", "load_setup", "make_refinement", "refined_residuals", "run_refinement", "truth_curves_from_record", "truth_edge_shifts"]
 
 logger = logging.getLogger("dials.spread.refine")
 
@@ -65,8 +65,34 @@ def _fingerprint(params, pairs) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def run_refinement(ctx, experiments, reflections) -> dict:
-    """The whole job for ``ctx.params`` (see command_line/refine.py)."""
+@dataclass
+class RefineSetup:
+    """What dials.spread_refine and dials.spread_correct set up from their inputs and PHIL on
+    this rank: the local stills (on the device), their global order, the structure's F0/G
+    table, the sites and their references, the crystal model and the optimiser settings."""
+
+    pairs: list[tuple[Path, Path]]
+    shots: object
+    shot_index: list[int]
+    n_shots: int
+    n_shoeboxes: int
+    n_pixels: int
+    band: tuple[float, float]
+    prepared: object
+    table: object
+    refs: object
+    sites: object
+    model: CrystalModel
+    settings: RefineSettings
+
+
+def load_setup(ctx, experiments, reflections) -> RefineSetup:
+    """Load the stills of the file pairs striped over the ranks and set up the model from
+    ``ctx.params`` (the scopes of command_line/refine.py).
+
+    Raises:
+        SpreadError: bad inputs or parameters (one line each).
+    """
     from spread_dials.adapters.anomalous_setup import atom_name
     from spread_dials.refine.loader import load_shots
     from spread_dials.refine.setup import prepare_structure, site_references
@@ -76,19 +102,19 @@ def run_refinement(ctx, experiments, reflections) -> dict:
     if params.likelihood == "gaussian_readout" and params.readout_sigma_photons is None:
         raise SpreadError("likelihood=gaussian_readout needs readout_sigma_photons (photons)")
     t0 = time.perf_counter()
-    if len(pairs) < comm.size:
-        raise SpreadError(f"{len(pairs)} file pairs for {comm.size} MPI ranks: run fewer ranks than input files")
-    mine = list(range(comm.rank, len(pairs), comm.size))
+    # ranks take whole file pairs in turn, or (fewer pairs than ranks) every rank reads every
+    # pair and keeps every size-th experiment
+    by_file = len(pairs) >= comm.size
+    local = [pairs[i] for i in range(comm.rank, len(pairs), comm.size)] if by_file else pairs
+    stripe = (0, 1) if by_file else (comm.rank, comm.size)
     shots = None
-    local = [pairs[i] for i in mine]
     error = None
     try:
-        if local:
-            shots = load_shots([p[0] for p in local], [p[1] for p in local], quantum_gain=params.input.quantum_gain,
-                               spectra_file=params.input.spectra_file, min_shoeboxes=params.refinement.min_shoeboxes,
-                               max_shoebox_px=params.refinement.max_shoebox_px)  # fmt: skip
+        shots = load_shots([p[0] for p in local], [p[1] for p in local], quantum_gain=params.input.quantum_gain,
+                           spectra_file=params.input.spectra_file, min_shoeboxes=params.refinement.min_shoeboxes,
+                           max_shoebox_px=params.refinement.max_shoebox_px, stripe=stripe)  # fmt: skip
     except SpreadError as e:
-        error = str(e)
+        error = str(e) if by_file or "no still has" not in str(e) else f"{e} on MPI rank {comm.rank} of {comm.size}: run fewer ranks"
     errors = [e for e in comm.allgather(error) if e]
     if errors:
         raise SpreadError(errors[0])
@@ -159,10 +185,34 @@ def run_refinement(ctx, experiments, reflections) -> dict:
         parameter_tolerance=r.parameter_tolerance, model_error_fraction=params.model_error_fraction,
         reject_sigma_z=r.reject_sigma_z,
     )  # fmt: skip
+    return RefineSetup(pairs, shots, shot_index, n_shots, n_sb, n_px, band, prepared, table, refs, sites, model, settings)
+
+
+def make_refinement(ctx, setup: RefineSetup, rotations: list[Tensor] | None = None,
+                    cells: list[Tensor] | None = None) -> Refinement:  # fmt: skip
+    """The engine over ``setup``'s stills: profiles at the given cache points (default the
+    stills' own crystals), theta at the sites' start, no per-shot states yet."""
+    params, r = ctx.params, ctx.params.refinement
     if params.controls.shuffle_channels:
         logger.info("NEGATIVE CONTROL: channel energies shuffled for f'/f'' (the kernel keeps the true ones)")
     if params.controls.spoil_hkl:
         logger.info("NEGATIVE CONTROL: structure factors looked up at h, k, l+1")
+    t1 = time.perf_counter()
+    caches = make_caches(setup.shots, setup.table, setup.model, rotations, spoil_hkl=params.controls.spoil_hkl,
+                         shuffle_seed=params.random.seed if params.controls.shuffle_channels else None,
+                         cells=cells, refine_cell=r.refine_cell)  # fmt: skip
+    logger.info("Profiles of %d local stills in %.1f s", len(caches), time.perf_counter() - t1)
+    sites = setup.sites
+    return Refinement(setup.shots, setup.shot_index, setup.n_shots, caches, [], sites, sites.initial(), setup.model, ctx.mpi,
+                      setup.settings)  # fmt: skip
+
+
+def run_refinement(ctx, experiments, reflections) -> dict:
+    """The whole job for ``ctx.params`` (see command_line/refine.py)."""
+    params, comm = ctx.params, ctx.mpi
+    t0 = time.perf_counter()
+    setup = load_setup(ctx, experiments, reflections)
+    shots, pairs, r = setup.shots, setup.pairs, params.refinement
     checkpoint = ctx.output_path(f"{params.output.prefix}.checkpoint.pt")
     fingerprint = _fingerprint(params, pairs)
     saved = _load_checkpoint(checkpoint, fingerprint) if params.refinement.resume else None
@@ -174,12 +224,7 @@ def run_refinement(ctx, experiments, reflections) -> dict:
         if r.refine_cell:
             cells = [torch.tensor(saved["states"][s.identifier]["cache_cell"], dtype=torch.float64, device=ctx.device)
                      for s in shots.shots]  # fmt: skip
-    t1 = time.perf_counter()
-    caches = make_caches(shots, table, model, rotations, spoil_hkl=params.controls.spoil_hkl,
-                         shuffle_seed=params.random.seed if params.controls.shuffle_channels else None,
-                         cells=cells, refine_cell=r.refine_cell)  # fmt: skip
-    logger.info("Profiles of %d local stills in %.1f s", len(caches), time.perf_counter() - t1)
-    refinement = Refinement(shots, shot_index, n_shots, caches, [], sites, sites.initial(), model, comm, settings)
+    refinement = make_refinement(ctx, setup, rotations, cells)
     start_cycle = 0
     if saved is not None:
         refinement.theta = torch.tensor(saved["theta"], dtype=torch.float64)
@@ -214,15 +259,15 @@ def run_refinement(ctx, experiments, reflections) -> dict:
                             "states": merged, "history": r.history}, tmp)  # fmt: skip
         comm.barrier()
 
-    rate = _Progress(len(caches))
+    rate = _Progress(len(refinement.caches))
     refinement.run(start_cycle, on_macrocycle=save, progress=rate)
-    residuals = _residuals(refinement, comm, settings.readout_sigma, params.refinement.flag_sigma_z)
-    results = _report(ctx, refinement, refs, prepared, band, n_shots, n_sb, n_px, time.perf_counter() - t0,
-                      file_pairs=pairs, residuals=residuals)  # fmt: skip
+    residuals = refined_residuals(refinement, comm, setup.settings.readout_sigma, params.refinement.flag_sigma_z)
+    results = _report(ctx, refinement, setup.refs, setup.prepared, setup.band, setup.n_shots, setup.n_shoeboxes,
+                      setup.n_pixels, time.perf_counter() - t0, file_pairs=pairs, residuals=residuals)  # fmt: skip
     return results
 
 
-def _residuals(refinement: Refinement, comm, readout_sigma, threshold: float) -> tuple:
+def refined_residuals(refinement: Refinement, comm, readout_sigma, threshold: float) -> tuple:
     """Per-shoebox model intensities and sigma_Z, gathered on rank 0; the flagged count and the
     refined stills in the log (see :mod:`spread_dials.refine.residuals`)."""
     from spread_dials.refine.residuals import gather_residuals
@@ -295,8 +340,8 @@ def _report(ctx, refinement: Refinement, refs, prepared, band, n_shots, n_sb, n_
     chosen = _reported_covariance(cov, params.uncertainty.sigma, draws)
     names = sites.parameter_names()
     rows, pairs = [], []
-    truth_curves = _truth_curves(params.truth, len(prepared.sites)) if params.truth else None
-    truth = _truth_shifts(truth_curves, refs) if truth_curves else None
+    truth_curves = truth_curves_from_record(params.truth, len(prepared.sites)) if params.truth else None
+    truth = truth_edge_shifts(truth_curves, refs) if truth_curves else None
     if sites.kind in ("edge_shift", "spline_kk"):
         shifts, jac, boot_shifts = _group_edge_shifts(sites, theta, draws, refs, band)
 
@@ -418,7 +463,7 @@ def _reported_covariance(cov, method: str, draws: Tensor, quiet: bool = False) -
     return cov.sandwich / (s.unsqueeze(-1) * s) * (sd.unsqueeze(-1) * sd)
 
 
-def _truth_curves(path, n_sites: int) -> list:
+def truth_curves_from_record(path, n_sites: int) -> list:
     """The simulated f'/f'' of every site (``images_run.json``: per site and channel) as curves.
 
     Raises:
@@ -438,7 +483,7 @@ def _truth_curves(path, n_sites: int) -> list:
                            torch.tensor(site["f_double_prime"], dtype=torch.float64), "truth") for site in truth_sites]  # fmt: skip
 
 
-def _truth_shifts(curves, refs) -> list[float]:
+def truth_edge_shifts(curves, refs) -> list[float]:
     """Each site's true edge shift (eV) against its reference: the rigid shift of the simulated
     curve onto the reference over the channels (the outermost channel each side left out)."""
     from spread_dials.refine.references import rigid_shift_eV

@@ -1,0 +1,134 @@
+"""Correct the physics model of SPREAD refinement with a learned, guarded correction and report
+calibrated per-site posteriors (issue 13; Ganapati et al., arXiv 2307.01901).
+
+Starts from dials.spread_refine's results (its refined stills and edge shifts) and fits, beside
+the edge shifts, a correction of the pixel model that sees only pixel geometry, never the
+anomalous signal (no Miller index, F0, G, |F|^2 or spectrum): a smooth gain field per panel, a
+flux-conserving redistribution inside each shoebox (point spread, spot shape) and a
+Lipschitz-bounded intensity factor over the reflection's direction in the crystal frame,
+excitation error and resolution.  It is zero at the start (the physics model exactly), anchored
+to the physics by a Poisson KL penalty and Gaussian priors, and fitted by Fisher scoring of the
+profile likelihood jointly with the edge shifts (every still's scale, orientation, cell and
+backgrounds profiled out).  The reported sigma includes the correction's own uncertainty (its
+weights profiled out of the information).  Inter-site differences are the headline: a
+spectrometer offset is indistinguishable from a common edge shift.  Pass the .phil of the
+dials.spread_refine run: every scope of dials.spread_refine is read the same way.
+
+Examples::
+
+  dials.spread_correct spread_refine.expt spread_refine.refl spread_refine.h5 refine_rubredoxin.phil
+  dials.spread_correct ... truth=sim/images_run.json correct.epochs=10
+  mpirun -n 4 dials.spread_correct spread_refine.expt spread_refine.refl spread_refine.h5 mp.method=mpi
+
+Outputs (output.directory): spread_posterior.csv (per site and site pair: physics-only and
+corrected edge shift, sigma, quantiles, P(oxidation state), truth), spread_posterior.h5 (draws,
+covariances, f'/f'' quantile bands on a 1 eV grid, the correction's weights), <prefix>.json,
+<prefix>.expt/.refl (the stills; columns spread.bragg_photons with the correction and
+spread.bragg_photons_physics without), <prefix>_edge_shifts.png, <prefix>_loss.png,
+<prefix>_correction.png, <prefix>.checkpoint.pt (a killed run resumes from its last epoch) and
+dials.spread_correct.log.
+"""
+
+from __future__ import annotations
+
+import sys
+
+from libtbx.phil import parse
+
+from spread_dials.command_line.refine import phil_str as refine_phil_str
+from spread_dials.command_line.simulate import shipped_phil_files
+from spread_dials.util.errors import SpreadError
+from spread_dials.util.program import Program, handle_errors
+
+correct_phil_str = """
+correct
+  .help = "The learned correction and its fit"
+{
+  epochs = 8
+    .type = int(value_min=1)
+    .help = "Epochs: stage 1 per still, then one joint Fisher-scoring step of the edge shifts and"
+            "the correction's weights (a backtracking line search on the profile objective)"
+  warmup_epochs = 2
+    .type = int(value_min=0)
+    .help = "The first epochs move the correction only (edge shifts held at the warm start)"
+  anchor_beta = 0.01
+    .type = float(value_min=0)
+    .help = "Weight of the anchor sum_pixels KL(Poisson(corrected) || Poisson(physics))"
+  nominal_energy_eV = None
+    .type = float(value_min=0)
+    .help = "The one energy (eV) at which the correction's geometry (excitation error, direction)"
+            "is computed, never a still's spectrum. None: the middle of the spectra's band"
+  posterior_draws = 2000
+    .type = int(value_min=10)
+    .help = "Draws of the edge shifts from the posterior for the f'/f'' quantile bands"
+  resume = True
+    .type = bool
+    .help = "Continue from <prefix>.checkpoint.pt when it exists for these inputs"
+  min_shoeboxes_per_weight = 50
+    .type = float(value_min=0)
+    .help = "A part of the correction is switched off (and the log says so) unless the data have"
+            "this many shoeboxes per weight (the gain: per panel hit): a weight informed by few"
+            "reflections can follow their anomalous differences"
+  correction {
+    gain = True
+      .type = bool
+      .help = "A smooth gain field per panel (bicubic over gain_nodes x gain_nodes nodes)"
+    gain_nodes = 2
+      .type = int(value_min=2)
+      .help = "Nodes per panel edge of the gain field"
+    gain_prior_sigma = 0.05
+      .type = float(value_min=0)
+      .help = "Prior sd of the log gain at a node (0.05: 5 %)"
+    redistribution = True
+      .type = bool
+      .help = "A flux-conserving redistribution of photons inside each shoebox (PSF, spot shape)"
+    stencil_radius = 1
+      .type = int(value_min=1)
+      .help = "Half-width (pixels) of the redistribution stencil"
+    stencil_prior_sigma = 0.1
+      .type = float(value_min=0)
+      .help = "Prior sd of the fraction of a pixel's photons moved to each neighbour"
+    head = True
+      .type = bool
+      .help = "An intensity factor smooth in the reflection's direction in the crystal frame,"
+            "its excitation error and resolution (partiality, anisotropic mosaic spread)"
+    head_lipschitz = 0.1
+      .type = float(value_min=0)
+      .help = "Bound on the head's log-intensity change per unit of a standardized feature"
+    head_prior_sigma = 0.05
+      .type = float(value_min=0)
+      .help = "Prior sd of each of the head's 20 coefficients"
+  }
+}
+"""
+
+phil_scope = parse(refine_phil_str + correct_phil_str, process_includes=True).fetch(parse("output.prefix = spread_correct"))
+
+program = Program(
+    "dials.spread_correct",
+    usage="dials.spread_correct spread_refine.expt spread_refine.refl spread_refine.h5 [refine.phil] [options]",
+    help=__doc__,
+    phil=phil_scope,
+)
+
+
+@handle_errors
+def run(args=None, phil=phil_scope) -> None:
+    """Parse the command line and correct (see the module docstring)."""
+    args = sys.argv[1:] if args is None else list(args)
+    experiments = [a for a in args if a.endswith(".expt")]
+    reflections = [a for a in args if a.endswith(".refl")]
+    warm = [a for a in args if a.endswith((".h5", ".hdf5"))]
+    rest = shipped_phil_files([a for a in args if not a.endswith((".expt", ".refl", ".h5", ".hdf5"))])
+    ctx = program.start(rest, phil=phil)
+    if not ctx.params.output.prefix or "/" in ctx.params.output.prefix:
+        raise SpreadError(f"output.prefix must be a plain file name prefix, not {ctx.params.output.prefix!r}")
+    if len(warm) > 1:
+        raise SpreadError(f"give one warm start (.h5 of dials.spread_refine), not {len(warm)}")
+    from spread_dials.correct.run import run_correction
+
+    run_correction(ctx, experiments, reflections, warm[0] if warm else None)
+
+
+if __name__ == "__main__":
+    run()

@@ -1,0 +1,77 @@
+"""PNG plots of dials.spread_correct: edge shifts with and without the correction, the fit's
+terms per epoch, the learned correction (stencil, gain nodes, head coefficients)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from spread_dials.plots.figures import pyplot, save_figure
+
+__all__ = ["plot_edge_shift_arms", "plot_loss", "plot_correction"]
+
+
+def plot_edge_shift_arms(rows: list[dict], pairs: list[dict], path: str | Path) -> Path:
+    """Per site (and site pair) the physics-only and the corrected edge shift with 68/95 %
+    intervals, and the truth where known."""
+    plt = pyplot()
+    items = [(r["site"], r["physics_edge_shift_eV"], r["physics_sigma_eV"], r["edge_shift_eV"], r["sigma_eV"],
+              r.get("truth_edge_shift_eV")) for r in rows]  # fmt: skip
+    items += [(f"{p['site_a']} - {p['site_b']}", p["physics_difference_eV"], p["physics_sigma_eV"], p["difference_eV"],
+               p["sigma_eV"], None) for p in pairs]  # fmt: skip
+    fig, ax = plt.subplots(figsize=(7, 1.2 + 0.8 * len(items)))
+    for i, (_, pv, ps, cv, cs, truth) in enumerate(items):
+        for offset, value, sd, colour, name in ((0.15, pv, ps, "C7", "physics only"), (-0.15, cv, cs, "C0", "corrected")):
+            y = i + offset
+            ax.plot([value - 1.96 * sd, value + 1.96 * sd], [y, y], color=colour, lw=2)
+            ax.plot([value - sd, value + sd], [y, y], color=colour, lw=6, label=name if i == 0 else None)
+            ax.plot([value], [y], "o", color="k", ms=3)
+        if truth is not None:
+            ax.plot([truth], [i], "x", color="C3", ms=10, label="truth" if i == 0 else None)
+    ax.set_yticks(range(len(items)), [it[0] for it in items])
+    ax.set_ylim(-0.7, len(items) - 0.3)
+    ax.set_xlabel("edge shift / difference (eV); bars 68/95 %")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    return save_figure(fig, path, dpi=110)
+
+
+def plot_loss(history: list[dict], path: str | Path) -> Path:
+    """The NLL, beta-weighted anchor and prior after each epoch (relative to the first NLL)."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(11, 3.2))
+    epochs = [h["epoch"] for h in history]
+    for ax, key in zip(axes, ("nll", "kl", "prior")):
+        values = np.array([h[key] for h in history])
+        ax.plot(epochs, values - (values[0] if key == "nll" else 0.0), "o-")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel({"nll": "NLL - NLL(epoch 1)", "kl": "KL(corrected || physics)", "prior": "-log prior"}[key])
+    fig.tight_layout()
+    return save_figure(fig, path, dpi=110)
+
+
+def plot_correction(correction, path: str | Path) -> Path:
+    """The learned redistribution stencil (fraction of a pixel's photons moved to each
+    neighbour), the log-gain nodes of every panel (centred) and the head's coefficients."""
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 3, figsize=(12, 3.6))
+    r = correction.settings.stencil_radius
+    stencil = np.zeros((2 * r + 1, 2 * r + 1))
+    coefficients = correction.coefficients().detach().cpu().numpy()
+    for c, (dx, dy) in zip(coefficients, correction.offsets):
+        stencil[r + dy, r + dx] = c
+    stencil[r, r] = -coefficients.sum()
+    image = axes[0].imshow(stencil, cmap="RdBu_r", vmin=-abs(stencil).max() or -1, vmax=abs(stencil).max() or 1)
+    fig.colorbar(image, ax=axes[0])
+    axes[0].set_title("redistribution (centre: fraction that leaves)")
+    nodes = (correction.log_gain_nodes - correction.log_gain_nodes.mean()).detach().cpu().numpy().reshape(len(correction.log_gain_nodes), -1)
+    image = axes[1].imshow(nodes.T, aspect="auto", cmap="RdBu_r")
+    fig.colorbar(image, ax=axes[1])
+    axes[1].set_xlabel("panel")
+    axes[1].set_ylabel("node")
+    axes[1].set_title("log gain nodes")
+    axes[2].bar(range(correction.head_weights.numel()), correction.bounded_head_weights().detach().cpu().numpy())
+    axes[2].set_title("intensity head coefficients")
+    fig.tight_layout()
+    return save_figure(fig, path, dpi=110)

@@ -1,0 +1,108 @@
+"""dials.spread_correct run as a user runs it: on dials.spread_refine's output of real
+dials.stills_process output (the shared 4-still fixture): every output written and readable,
+the truth reported, resume from the checkpoint, bad input."""
+
+from __future__ import annotations
+
+import csv
+import json
+from pathlib import Path
+
+import h5py
+import numpy as np
+import pytest
+from dials.array_family import flex
+
+from ..processed_stills import command, run
+from .test_refine import FAST, _inputs
+
+#: the refine run the correction starts from, and the correction's own settings (small: 2 epochs;
+#: the fixture's 209 shoeboxes are below the default capacity guard of 50 per weight)
+REFINE = [*FAST, "uncertainty.bootstrap=0"]
+CORRECT = [*REFINE, "correct.epochs=2", "correct.warmup_epochs=1", "correct.posterior_draws=200",
+           "correct.min_shoeboxes_per_weight=2"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def refined_for_correct(processed, tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("refined_for_correct")
+    run([command("dials.spread_refine"), *_inputs(processed), *REFINE], directory)
+    return directory
+
+
+def _warm(refined: Path) -> list[str]:
+    return [str(refined / f"spread_refine.{ext}") for ext in ("expt", "refl", "h5")]
+
+
+@pytest.fixture(scope="module")
+def corrected(refined_for_correct, simulated, tmp_path_factory) -> Path:
+    directory = tmp_path_factory.mktemp("corrected")
+    run([command("dials.spread_correct"), *_warm(refined_for_correct), *CORRECT, f"truth={simulated / 'images_run.json'}", "plots=True"],
+        directory)  # fmt: skip
+    return directory
+
+
+def test_correct_writes_every_output(corrected, refined_for_correct):
+    for name in ("spread_posterior.csv", "spread_posterior.h5", "spread_correct.json", "spread_correct.expt",
+                 "spread_correct.refl", "spread_correct_edge_shifts.png", "spread_correct_loss.png",
+                 "spread_correct_correction.png", "spread_correct.checkpoint.pt", "dials.spread_correct.log"):  # fmt: skip
+        assert (corrected / name).is_file(), name
+    record = json.loads((corrected / "spread_correct.json").read_text())
+    assert len(record["history"]) == 2
+    (site,) = record["sites"]
+    warm = h5py.File(refined_for_correct / "spread_refine.h5", "r")
+    assert site["physics_edge_shift_eV"] == pytest.approx(float(warm["theta"][0]))
+    assert np.isfinite(site["edge_shift_eV"]) and site["sigma_eV"] > 0
+    # the correction's weights profiled out can only widen the interval
+    assert site["sigma_eV"] >= site["sigma_conditional_eV"] * (1 - 1e-9)
+    assert "truth_edge_shift_eV" in site and np.isfinite(site["error_in_sigma"])
+    assert abs(sum(site["state_probability"].values()) - 1) < 1e-9
+    rows = list(csv.DictReader((corrected / "spread_posterior.csv").open()))
+    assert rows[0]["site"] == site["site"] and float(rows[0]["edge_shift_eV"]) == pytest.approx(site["edge_shift_eV"])
+    with h5py.File(corrected / "spread_posterior.h5", "r") as h:
+        assert h.attrs["program"] == "dials.spread_correct"
+        draws = h["draws"][()]
+        assert draws.shape == (200, 1)
+        assert abs(draws.mean() - site["edge_shift_eV"]) < 4 * site["sigma_eV"] / np.sqrt(200)
+        q = h["f_double_prime_quantiles"][()]
+        assert q.shape[0] == 5 and bool((np.diff(q, axis=0) >= -1e-12).all())  # quantile bands ordered
+        assert h["correction_weights"].shape == (h["correction_weight_names"].shape[0],)
+    table = flex.reflection_table.from_file(str(corrected / "spread_correct.refl"))
+    assert "spread.bragg_photons_physics" in table and "spread.bragg_photons" in table
+    log = (corrected / "dials.spread_correct.log").read_text()
+    assert "ETA" in log and "Inter-site differences are the headline" in log
+    assert "correction.gain off" not in log  # min_shoeboxes_per_weight=2: every part on
+
+
+def test_correct_resumes_from_its_checkpoint(corrected, refined_for_correct, tmp_path):
+    """A rerun with one more epoch starts after the saved epochs (it does not redo them)."""
+    for name in ("spread_correct.checkpoint.pt",):
+        (tmp_path / name).write_bytes((corrected / name).read_bytes())
+    args = [command("dials.spread_correct"), *_warm(refined_for_correct), *CORRECT, "correct.epochs=3"]
+    run(args, tmp_path)
+    log = (tmp_path / "dials.spread_correct.log").read_text()
+    assert "Resuming after epoch 2" in log
+    assert len(json.loads((tmp_path / "spread_correct.json").read_text())["history"]) == 3
+
+
+def test_bad_input_gives_one_sorry_line(refined_for_correct, tmp_path):
+    exe = command("dials.spread_correct")
+    expt, refl, h5 = _warm(refined_for_correct)
+    not_refine = tmp_path / "other.h5"
+    with h5py.File(not_refine, "w") as h:
+        h.attrs["program"] = "something else"
+    cases = {
+        "no warm start": [expt, refl],
+        "not a refine result": [expt, refl, str(not_refine)],
+        "missing warm start": [expt, refl, str(tmp_path / "nothing.h5")],
+        "another model": [expt, refl, h5, "model.anomalous=spline_kk"],
+        "other sites": [expt, refl, h5, "structure.sites.element=Zn"],
+        "too few shoeboxes for any part": [expt, refl, h5, "correct.min_shoeboxes_per_weight=1000"],
+    }
+    for name, args in cases.items():
+        result = run([exe, *CORRECT, *args], tmp_path, check=False)
+        text = (result.stdout + result.stderr).strip()
+        assert result.returncode != 0, name
+        assert "Traceback" not in text, (name, text[-2000:])
+        assert text.splitlines()[-1].startswith("Sorry"), (name, text[-500:])
+    assert not list(tmp_path.glob("spread_posterior.*")) and not list(tmp_path.glob("spread_correct*"))
