@@ -181,6 +181,11 @@ class PixelCorrection(nn.Module):
         f = self.factor(context)
         return f.view(-1, *([1] * (profile.dim() - 1))) * moved
 
+    def learned(self) -> list[str]:
+        """Names of the weights of the parts switched on (those the fit moves)."""
+        s = self.settings
+        return [n for n, on in (("log_gain_nodes", s.gain), ("stencil", s.redistribution), ("head_weights", s.head)) if on]
+
     def forward(self, profile: Tensor, context: PixelContext, **kwargs) -> Tensor:
         """:meth:`apply` (so torch.func.functional_call can differentiate in the weights)."""
         return self.apply(profile, context, **kwargs)
@@ -189,9 +194,9 @@ class PixelCorrection(nn.Module):
         """Gaussian priors on the log gain at each node, the stencil coefficients and the head's
         coefficients (of the parts learned), at the module's weights or at ``weights`` (name ->
         tensor, as ``named_parameters``; differentiable in them)."""
-        w = dict(self.named_parameters()) if weights is None else weights
+        w = {**dict(self.named_parameters()), **(weights or {})}
         s = self.settings
-        total = w["stencil"].sum() * 0
+        total = torch.zeros((), dtype=self.stencil.dtype, device=self.stencil.device)
         if s.gain:
             total = total + (w["log_gain_nodes"] ** 2).sum() / (2 * s.gain_prior_sigma**2)
         if s.redistribution:
@@ -208,6 +213,9 @@ class LeakyCorrection(PixelCorrection):
     (:attr:`per_channel`); the stills must share their channel count."""
 
     per_channel = True
+
+    def learned(self) -> list[str]:
+        return [*super().learned(), "per_reflection"]
 
     def __init__(self, n_panels: int, settings: CorrectionSettings, features: Tensor, miller_index: Tensor,
                  n_channels: int, dtype: torch.dtype = torch.float64):  # fmt: skip

@@ -105,7 +105,7 @@ class CorrectedModel:
         self.settings = settings
         self.physics = [c.profiles for c in refinement.caches]
         self.history: list[dict] = []
-        self._names = [n for n, p in correction.named_parameters() if p.requires_grad]
+        self._names = correction.learned()
         refinement.profile_map = self._map
         self.refresh()
 
