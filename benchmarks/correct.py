@@ -1,0 +1,204 @@
+"""dials.spread_correct at scale: speed and the arms physics-only vs corrected on in-memory stills
+with injected model errors (issue 13), one JSON line per (case, error, N, replicate).
+
+Usage (repository root; on the GPU machines with PYTHONPATH=$PWD and bench_data carried):
+    python benchmarks/correct.py --case rubredoxin --n 20 --errors none,psf1.5,gain0.05,offset1,jitter0.5 \\
+        --replicates 1 --out results
+    python benchmarks/correct.py --summarise results/correct_rubredoxin.jsonl
+
+Stills: benchmarks/refine.py's case (cctbx F0/G from bench_data, the preset's brightness, the
+Jungfrau 16M), drawn from the model's own domain set (so that without an injected error the
+physics model is exact), each site's truth its reference moved by exactly --truth-shift eV (no
+rigid-fit definition of the truth), the orientation errors stills_process leaves and 0.1 %
+cell errors.  Injected (spread_dials.refine.synthetic.InjectedErrors; the refinement is not
+told): psfF (Gaussian PSF of FWHM F px), gainR (per-panel gain, rms R), offsetE (spectrometer
+offset, eV), jitterE (per-still energy jitter rms, eV).
+
+Arms on the same stills: physics (the refine engine's defaults, to convergence) and corrected
+(dials.spread_correct's model warm-started from it: CorrectSettings defaults, the correction's
+parts kept by the capacity guard at 50 shoeboxes per weight).  Each line: estimates, Fisher
+sigma (physics), joint and conditional sigma (corrected), the parts kept, the learned stencil,
+seconds (physics, correction), seconds per epoch, GPU-seconds per still per epoch and the peak
+GPU memory.  Resumable: a (case, error, N, replicate, seed) already in the file is skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from refine import BACKGROUND_PHOTONS, load_case
+
+from spread_dials.correct.context import pixel_context
+from spread_dials.correct.correction import CorrectionSettings, PixelCorrection, within_capacity
+from spread_dials.correct.fit import CorrectedModel, CorrectSettings, feature_statistics
+from spread_dials.parallel import Parallel
+from spread_dials.physics.structure_factors import StructureFactors
+from spread_dials.refine.engine import Refinement, RefineSettings, make_caches
+from spread_dials.refine.shots import ShotSet
+from spread_dials.refine.sites import EdgeShiftSites
+from spread_dials.refine.synthetic import InjectedErrors, synthetic_shots
+from spread_dials.refine.uncertainty import curvature
+
+
+def parse_error(text: str, n_panels: int, seed: int) -> InjectedErrors:
+    """``none``, ``psfF``, ``gainR``, ``offsetE``, ``jitterE`` (joined by ``+``) as InjectedErrors."""
+    fields = {}
+    for part in text.split("+"):
+        if part == "none":
+            continue
+        for key, name in (("psf", "psf_fwhm_px"), ("gain", "panel_gain"), ("offset", "spectrometer_offset_eV"),
+                          ("jitter", "energy_jitter_eV")):  # fmt: skip
+            if part.startswith(key):
+                value = float(part[len(key) :])
+                if key == "gain":
+                    rng = np.random.default_rng(np.random.SeedSequence([seed, 0x9A1E]))
+                    fields[name] = torch.as_tensor(1.0 + value * rng.normal(size=n_panels))
+                else:
+                    fields[name] = value
+                break
+        else:
+            raise SystemExit(f"Sorry: unknown error {part!r} (none, psfF, gainR, offsetE, jitterE)")
+    return InjectedErrors(**fields)
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def run_one(case: dict, error: str, n: int, replicate: int, args, device: torch.device) -> dict:
+    seed = int(np.random.SeedSequence([args.seed, n, replicate]).generate_state(1)[0])
+    errors = parse_error(error, case["panels"].n_panels, seed)
+    model = case["model"]
+    shots = []
+    for i in range(n):
+        made, _ = synthetic_shots(case["panels"], case["truth"], model, case["real_space"], case["energy"], 1,
+                                  seed=seed + i, spot_scale=case["spot_scale"], background_photons=BACKGROUND_PHOTONS,
+                                  orientation_error_deg=case["orientation_error_deg"], cell_error_fraction=0.001,
+                                  device=device, errors=errors)  # fmt: skip
+        shots.append(made.shots[0])
+    shot_set = ShotSet(made.panels, made.beam_direction, made.e_vector, made.polarization_fraction, shots,
+                       [f"still {i}" for i in range(n)]).to(device)  # fmt: skip
+    sites = EdgeShiftSites(case["references"], list(range(len(case["references"]))), case["labels"])
+    settings = RefineSettings(macrocycles=args.macrocycles, refine_cell=True)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    t0 = time.perf_counter()
+    physics = Refinement(shot_set, list(range(n)), n, make_caches(shot_set, case["table"], model, refine_cell=True), [],
+                         sites, sites.initial(), model, Parallel(), settings)  # fmt: skip
+    physics.initialise_states()
+    physics.run()
+    physics_sigma = curvature(physics, observed=False).profiled.diag().sqrt().tolist()
+    _sync(device)
+    t_physics = time.perf_counter() - t0
+    # the corrected arm: caches at the physics fit's crystals, theta from it
+    t0 = time.perf_counter()
+    caches = make_caches(shot_set, case["table"], model, [s.rotation for s in physics.states], refine_cell=True,
+                         cells=[s.cell for s in physics.states])  # fmt: skip
+    r = Refinement(shot_set, list(range(n)), n, caches, [], sites, physics.theta.clone(), model, Parallel(), settings)
+    r.initialise_states()
+    nominal = float(case["energy"].mean())
+    contexts = [pixel_context(shot_set, s, nominal) for s in shot_set.shots]
+    n_sb = sum(s.shoeboxes.n_shoeboxes for s in shot_set.shots)
+    hit = int(torch.unique(torch.cat([s.shoeboxes.panel.cpu() for s in shot_set.shots])).numel())
+    kept, notes = within_capacity(CorrectionSettings(), n_sb, hit, args.per_weight)
+    correction = PixelCorrection(shot_set.panels.n_panels, kept, feature_statistics(r, contexts)).to(device)
+    corrected = CorrectedModel(r, correction, contexts, CorrectSettings(epochs=args.epochs))
+    corrected.run()
+    joint, conditional = corrected.covariance()
+    _sync(device)
+    t_correct = time.perf_counter() - t0
+    epoch_s = [h["seconds"] for h in corrected.history]
+    return {
+        "case": case["name"], "error": error, "n": n, "replicate": replicate, "seed": args.seed, "sites": case["labels"],
+        "truth": [args.truth_shift] * len(case["labels"]),
+        "physics_theta": physics.theta.tolist(), "physics_sigma": physics_sigma,
+        "theta": r.theta.tolist(), "sigma_joint": joint.diag().sqrt().tolist(),
+        "sigma_conditional": conditional.diag().sqrt().tolist(),
+        "parts": {"gain": kept.gain, "redistribution": kept.redistribution, "head": kept.head}, "capacity_notes": notes,
+        "stencil": correction.stencil.detach().cpu().tolist(), "shoeboxes": n_sb, "weights": corrected.phi.numel(),
+        "physics_seconds": t_physics, "correct_seconds": t_correct, "seconds_per_epoch": float(np.mean(epoch_s)),
+        "gpu_seconds_per_still_per_epoch": float(np.mean(epoch_s)) / n,
+        "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "history": corrected.history, "settings": asdict(CorrectSettings(epochs=args.epochs)),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "date": time.strftime("%Y-%m-%d"),
+    }  # fmt: skip
+
+
+def summarise(path: Path) -> dict:
+    """Per (case, error, N): the bias of each arm in its own sigma units and in eV, mean sigmas."""
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    out = {}
+    for key in sorted({(r["case"], r["error"], r["n"]) for r in rows}):
+        group = [r for r in rows if (r["case"], r["error"], r["n"]) == key]
+        truth = np.array([r["truth"] for r in group])
+        p_err = np.array([r["physics_theta"] for r in group]) - truth
+        c_err = np.array([r["theta"] for r in group]) - truth
+        ps, cs = np.array([r["physics_sigma"] for r in group]), np.array([r["sigma_joint"] for r in group])
+        out[f"{key[0]} {key[1]} N={key[2]}"] = {
+            "replicates": len(group), "physics_bias_eV": p_err.mean(0).round(4).tolist(),
+            "physics_bias_sigma": (p_err / ps).mean(0).round(2).tolist(), "corrected_bias_eV": c_err.mean(0).round(4).tolist(),
+            "corrected_bias_sigma": (c_err / cs).mean(0).round(2).tolist(), "physics_sigma": ps.mean(0).round(4).tolist(),
+            "corrected_sigma_joint": cs.mean(0).round(4).tolist(),
+            "seconds_per_epoch": round(float(np.mean([r["seconds_per_epoch"] for r in group])), 2),
+        }  # fmt: skip
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--case", default="rubredoxin", choices=("rubredoxin", "psii"))
+    ap.add_argument("--data", default="bench_data")
+    ap.add_argument("--n", type=int, default=20)
+    ap.add_argument("--errors", default="none,psf1.5")
+    ap.add_argument("--replicates", type=int, default=1)
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--macrocycles", type=int, default=6)
+    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--per-weight", type=float, default=50.0, help="capacity guard: shoeboxes per weight")
+    ap.add_argument("--truth-shift", type=float, default=2.0)
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--out", default="results")
+    ap.add_argument("--summarise", default=None)
+    args = ap.parse_args(argv)
+    if args.summarise:
+        print(json.dumps(summarise(Path(args.summarise)), indent=1))
+        return 0
+    device = torch.device(args.device)
+    case = load_case(args.case, Path(args.data))
+    case["truth_curves"] = [r.shifted(args.truth_shift) for r in case["references"]]
+    fp, fdp = zip(*(c.at(case["energy"]) for c in case["truth_curves"]))
+    table = case["table"]
+    case["truth"] = StructureFactors(table.miller_index, table.F0, table.G, torch.stack(fp), torch.stack(fdp))
+    out = Path(args.out) / f"correct_{args.case}.jsonl"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = set()
+    if out.exists():
+        done = {(r["error"], r["n"], r["replicate"], r["seed"]) for r in map(json.loads, out.read_text().splitlines()) if r}
+    work = [(e, r) for e in args.errors.split(",") for r in range(args.replicates) if (e, args.n, r, args.seed) not in done]
+    t_start = time.perf_counter()
+    for k, (error, replicate) in enumerate(work):
+        record = run_one(case, error, args.n, replicate, args, device)
+        with out.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+        rate = (k + 1) / (time.perf_counter() - t_start)
+        print(f"{error} N={args.n} r{replicate}: physics {np.round(record['physics_theta'], 3).tolist()} +- "
+              f"{np.round(record['physics_sigma'], 3).tolist()}, corrected {np.round(record['theta'], 3).tolist()} +- "
+              f"{np.round(record['sigma_joint'], 3).tolist()} (parts {record['parts']}; {record['physics_seconds']:.0f} + "
+              f"{record['correct_seconds']:.0f} s; {k + 1}/{len(work)}, ETA {(len(work) - k - 1) / rate:.0f} s)", flush=True)  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
