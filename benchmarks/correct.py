@@ -109,10 +109,10 @@ def run_one(case: dict, error: str, n: int, replicate: int, args, device: torch.
     r = Refinement(shot_set, list(range(n)), n, caches, [], sites, physics.theta.clone(), model, Parallel(), settings)
     r.initialise_states()
     nominal = float(case["energy"].mean())
-    contexts = [pixel_context(shot_set, s, nominal) for s in shot_set.shots]
+    contexts = [pixel_context(shot_set, s, nominal, args.stencil_radius) for s in shot_set.shots]
     n_sb = sum(s.shoeboxes.n_shoeboxes for s in shot_set.shots)
     hit = int(torch.unique(torch.cat([s.shoeboxes.panel.cpu() for s in shot_set.shots])).numel())
-    kept, notes = within_capacity(CorrectionSettings(), n_sb, hit, args.per_weight)
+    kept, notes = within_capacity(CorrectionSettings(stencil_radius=args.stencil_radius), n_sb, hit, args.per_weight)
     correction = PixelCorrection(shot_set.panels.n_panels, kept, feature_statistics(r, contexts)).to(device)
     corrected = CorrectedModel(r, correction, contexts, CorrectSettings(epochs=args.epochs))
     corrected.run()
@@ -127,6 +127,7 @@ def run_one(case: dict, error: str, n: int, replicate: int, args, device: torch.
         "theta": r.theta.tolist(), "sigma_joint": joint.diag().sqrt().tolist(),
         "sigma_conditional": conditional.diag().sqrt().tolist(),
         "parts": {"gain": kept.gain, "redistribution": kept.redistribution, "head": kept.head}, "capacity_notes": notes,
+        "correction_settings": asdict(kept),
         "stencil": correction.stencil.detach().cpu().tolist(), "shoeboxes": n_sb, "weights": corrected.phi.numel(),
         "physics_seconds": t_physics, "correct_seconds": t_correct, "seconds_per_epoch": float(np.mean(epoch_s)),
         "gpu_seconds_per_still_per_epoch": float(np.mean(epoch_s)) / n,
@@ -167,6 +168,7 @@ def main(argv=None) -> int:
     ap.add_argument("--macrocycles", type=int, default=6)
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--per-weight", type=float, default=50.0, help="capacity guard: shoeboxes per weight")
+    ap.add_argument("--stencil-radius", type=int, default=1, help="half-width (px) of the redistribution stencil")
     ap.add_argument("--truth-shift", type=float, default=2.0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default="results")

@@ -13,8 +13,8 @@ theta (edge shifts) and the correction's weights phi is
 with ``lambda_phys`` the physics rate at the same per-shot parameters and the anchor in closed
 form (:func:`~spread_dials.correct.divergence.poisson_kl`).  An epoch: stage 1 of the engine (each
 still's scale, crystal offsets and backgrounds on the corrected profiles, profiles recomputed),
-then one Fisher-scoring step of F in (theta, phi) jointly — phi alone during the first
-``warmup_epochs`` — with the per-shot parameters profiled out of the information exactly as the
+then one Fisher-scoring step of F in phi and (after the first ``warmup_epochs``) one in theta,
+with the per-shot parameters profiled out of the information exactly as the
 engine's scoring step does for theta (:func:`~spread_dials.refine.information.shot_information`
 with the correction's columns d lambda* / d phi), and a backtracking line search on F (every
 still refitted at the trial point).  The anchor's curvature in phi is beta times phi's Fisher
@@ -277,23 +277,27 @@ class CorrectedModel:
         weights = self._unflatten(phi)
         return self.refinement.sites.negative_log_prior(theta) + self.correction.negative_log_prior(weights)
 
-    def scoring_step(self, move_theta: bool) -> dict:
-        """One Fisher-scoring step of F in (theta, phi) (phi only unless ``move_theta``), with a
-        backtracking line search (``settings.line_search``); returns F's terms at the end.
-        Each edge shift moves at most the engine's ``max_global_step``."""
+    def scoring_step(self, block: str) -> dict:
+        """One Fisher-scoring step of F in one block of parameters, ``theta`` (the correction
+        held) or ``phi`` (the edge shifts held), the other block and the per-shot parameters
+        profiled out of the information, with a backtracking line search
+        (``settings.line_search``); returns F's terms at the end.  Each edge shift moves at most
+        the engine's ``max_global_step``.  (Joint steps in both blocks at once were measured to
+        stall on bright stills with a strong PSF error: one poorly modelled block spoilt every
+        trial of the other.)"""
         r = self.refinement
         theta, phi = r.theta.detach().clone(), self.phi
         value, r.states = self.objective(theta, phi)
         terms = dict(self._terms)
         grad, curvature, _ = self.gradient_and_information()
         p = theta.numel()
-        keep = torch.ones(grad.numel(), dtype=torch.bool)
-        if not move_theta:
-            keep[:p] = False
+        keep = torch.zeros(grad.numel(), dtype=torch.bool)
+        keep[:p] = block == "theta"
+        keep[p:] = block == "phi"
         step = torch.zeros_like(grad)
         h = 0.5 * (curvature + curvature.T)
         step[keep] = -psd_pseudo_inverse(h[keep][:, keep]) @ grad[keep]
-        largest = float(step[:p].abs().max()) if move_theta and p else 0.0
+        largest = float(step[:p].abs().max()) if p else 0.0
         if largest > r.settings.max_global_step:
             step = step * (r.settings.max_global_step / largest)
         for t in self.settings.line_search:
@@ -322,7 +326,9 @@ class CorrectedModel:
         for epoch in range(len(self.history), self.settings.epochs):
             t0 = time.perf_counter()
             r.stage1()
-            terms = self.scoring_step(move_theta=epoch >= self.settings.warmup_epochs)
+            terms = self.scoring_step("phi")
+            if epoch >= self.settings.warmup_epochs:
+                terms = self.scoring_step("theta")
             self.history.append({"epoch": epoch + 1, **terms, "theta": r.theta.tolist(), "seconds": time.perf_counter() - t0})
             logger.info("epoch %d: NLL %.2f, KL %.3f, prior %.3f; %s (%.1f s)", epoch + 1, terms["nll"], terms["kl"],
                         terms["prior"], ", ".join(f"{n} {v:.3f}" for n, v in zip(r.sites.parameter_names(), r.theta.tolist())),
