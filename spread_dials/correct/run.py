@@ -23,11 +23,14 @@ from torch import Tensor
 from spread_dials.correct.context import pixel_context
 from spread_dials.correct.correction import CorrectionSettings, PixelCorrection, within_capacity
 from spread_dials.correct.fit import CorrectedModel, CorrectSettings, feature_statistics
-from spread_dials.refine.model import ShotState
 from spread_dials.refine.run import (
+    checkpoint_states,
+    load_checkpoint,
     load_setup,
     make_refinement,
     refined_residuals,
+    saved_cache_points,
+    saved_states,
     truth_curves_from_record,
     truth_edge_shifts,
 )
@@ -121,21 +124,11 @@ def run_correction(ctx, experiments, reflections, warm_start) -> dict:
                           f"(correct.min_shoeboxes_per_weight = {params.correct.min_shoeboxes_per_weight:g}): give more stills")  # fmt: skip
     checkpoint = ctx.output_path(f"{params.output.prefix}.checkpoint.pt")
     fingerprint = _fingerprint(params, setup.pairs, warm_path)
-    saved = None
-    if params.correct.resume and checkpoint.is_file():
-        saved = torch.load(checkpoint, weights_only=False)
-        if saved.get("fingerprint") != fingerprint:
-            raise SpreadError(f"{checkpoint} belongs to another run (other inputs or parameters): remove it or use "
-                              "another output.prefix")  # fmt: skip
+    saved = load_checkpoint(checkpoint, fingerprint) if params.correct.resume else None
     ctx.accept_inputs()
     shots = setup.shots
-    rotations = cells = None
-    if saved is not None:
-        rotations = [torch.tensor(saved["states"][s.identifier]["cache_rotation"], dtype=torch.float64, device=ctx.device)
-                     for s in shots.shots]  # fmt: skip
-        if params.refinement.refine_cell:
-            cells = [torch.tensor(saved["states"][s.identifier]["cache_cell"], dtype=torch.float64, device=ctx.device)
-                     for s in shots.shots]  # fmt: skip
+    refine_cell = params.refinement.refine_cell
+    rotations, cells = saved_cache_points(saved, shots, refine_cell, ctx.device) if saved is not None else (None, None)
     refinement = make_refinement(ctx, setup, rotations, cells)
     refinement.theta = warm["theta"].clone()
     refinement.initialise_states()
@@ -150,13 +143,7 @@ def run_correction(ctx, experiments, reflections, warm_start) -> dict:
     if saved is not None:
         refinement.theta = torch.tensor(saved["theta"], dtype=torch.float64)
         model.set_phi(torch.tensor(saved["phi"], dtype=torch.float64))
-
-        def tensor(s, key: str) -> Tensor:
-            return torch.tensor(saved["states"][s.identifier][key], dtype=torch.float64, device=ctx.device)
-
-        refinement.states = [ShotState(tensor(s, "log_scale"), tensor(s, "rotation"), tensor(s, "background"),
-                                       tensor(s, "cell") if params.refinement.refine_cell else None)
-                             for s in shots.shots]  # fmt: skip
+        refinement.states = saved_states(saved, shots, refine_cell, ctx.device)
         model.history = saved["history"]
         logger.info("Resuming after epoch %d (%s)", len(model.history), checkpoint.name)
     logger.info("Correction: %d weights (gain %s, redistribution %s, head %s); anchor beta %g; nominal energy %.1f eV",
@@ -171,12 +158,7 @@ def run_correction(ctx, experiments, reflections, warm_start) -> dict:
         logger.info("  epoch %d/%d done, %.3f epochs/s, ETA %.0f s", done, settings.epochs, rate,
                     (settings.epochs - done) / max(rate, 1e-12))  # fmt: skip
         r = m.refinement
-        states = {s.identifier: {"log_scale": float(st.log_scale), "rotation": st.rotation.tolist(),
-                                 "cell": None if st.cell is None else st.cell.tolist(), "background": st.background.tolist(),
-                                 "cache_rotation": c.profiles.rotation.tolist(),
-                                 "cache_cell": None if c.profiles.cell is None else c.profiles.cell.tolist()}
-                  for s, st, c in zip(r.shots.shots, r.states, r.caches)}  # fmt: skip
-        merged = {k: v for part in comm.allgather(states) for k, v in part.items()}
+        merged = checkpoint_states(r, comm)
         if comm.is_root:
             with atomic_path(checkpoint) as tmp:
                 torch.save({"fingerprint": fingerprint, "theta": r.theta.tolist(), "phi": m.phi.tolist(),

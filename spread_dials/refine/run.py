@@ -26,7 +26,8 @@ from spread_dials.refine.uncertainty import bootstrap, curvature, interval, stat
 from spread_dials.util.atomic import atomic_path
 from spread_dials.util.errors import SpreadError
 
-__all__ = ["RefineSetup", "load_setup", "make_refinement", "refined_residuals", "run_refinement", "truth_curves_from_record", "truth_edge_shifts"]
+__all__ = ["RefineSetup", "checkpoint_states", "load_checkpoint", "load_setup", "make_refinement", "refined_residuals", "run_refinement",
+           "saved_cache_points", "saved_states", "truth_curves_from_record", "truth_edge_shifts"]
 
 logger = logging.getLogger("dials.spread.refine")
 
@@ -215,26 +216,15 @@ def run_refinement(ctx, experiments, reflections) -> dict:
     shots, pairs, r = setup.shots, setup.pairs, params.refinement
     checkpoint = ctx.output_path(f"{params.output.prefix}.checkpoint.pt")
     fingerprint = _fingerprint(params, pairs)
-    saved = _load_checkpoint(checkpoint, fingerprint) if params.refinement.resume else None
+    saved = load_checkpoint(checkpoint, fingerprint) if params.refinement.resume else None
     ctx.accept_inputs()  # the inputs are checked: from here on the log and outputs stay
-    rotations = cells = None
-    if saved is not None:  # the caches at the saved cache points (stage 2 may move the states off them)
-        rotations = [torch.tensor(saved["states"][s.identifier]["cache_rotation"], dtype=torch.float64, device=ctx.device)
-                     for s in shots.shots]  # fmt: skip
-        if r.refine_cell:
-            cells = [torch.tensor(saved["states"][s.identifier]["cache_cell"], dtype=torch.float64, device=ctx.device)
-                     for s in shots.shots]  # fmt: skip
+    # the caches at the saved cache points (stage 2 may move the states off them)
+    rotations, cells = saved_cache_points(saved, shots, r.refine_cell, ctx.device) if saved is not None else (None, None)
     refinement = make_refinement(ctx, setup, rotations, cells)
     start_cycle = 0
     if saved is not None:
         refinement.theta = torch.tensor(saved["theta"], dtype=torch.float64)
-
-        def tensor(s, key: str) -> Tensor:
-            return torch.tensor(saved["states"][s.identifier][key], dtype=torch.float64, device=ctx.device)
-
-        refinement.states = [ShotState(tensor(s, "log_scale"), tensor(s, "rotation"), tensor(s, "background"),
-                                       tensor(s, "cell") if r.refine_cell else None)
-                             for s in shots.shots]  # fmt: skip
+        refinement.states = saved_states(saved, shots, r.refine_cell, ctx.device)
         refinement.caches = [replace(c, rejected=None if saved["states"][s.identifier].get("rejected") is None else
                                      torch.tensor(saved["states"][s.identifier]["rejected"], device=ctx.device))
                              for c, s in zip(refinement.caches, shots.shots)]  # fmt: skip
@@ -245,14 +235,7 @@ def run_refinement(ctx, experiments, reflections) -> dict:
         refinement.initialise_states()
 
     def save(r: Refinement) -> None:
-        states = {s.identifier: {"log_scale": float(st.log_scale), "rotation": st.rotation.tolist(),
-                                 "cell": None if st.cell is None else st.cell.tolist(),
-                                 "background": st.background.tolist(),
-                                 "rejected": None if c.rejected is None else c.rejected.tolist(),
-                                 "cache_rotation": c.profiles.rotation.tolist(),
-                                 "cache_cell": None if c.profiles.cell is None else c.profiles.cell.tolist()}
-                  for s, st, c in zip(r.shots.shots, r.states, r.caches)}  # fmt: skip
-        merged = {k: v for part in comm.allgather(states) for k, v in part.items()}
+        merged = checkpoint_states(r, comm)
         if comm.is_root:
             with atomic_path(checkpoint) as tmp:
                 torch.save({"fingerprint": fingerprint, "macrocycle": r.history[-1]["macrocycle"], "theta": r.theta.tolist(),
@@ -317,13 +300,49 @@ class _Progress:
             logger.info("  stage 1: %d/%d stills, %.2f stills/s, ETA %.0f s", done, total, rate, (total - done) / rate)
 
 
-def _load_checkpoint(path: Path, fingerprint: str) -> dict | None:
+def load_checkpoint(path: Path, fingerprint: str) -> dict | None:
+    """The checkpoint at ``path`` (None when there is none).
+
+    Raises:
+        SpreadError: it was written for other inputs or parameters (``fingerprint``).
+    """
     if not path.is_file():
         return None
     saved = torch.load(path, weights_only=False)
     if saved.get("fingerprint") != fingerprint:
         raise SpreadError(f"{path} belongs to another run (other inputs or parameters): remove it or use another output.prefix")
     return saved
+
+
+def checkpoint_states(refinement: Refinement, comm) -> dict[str, dict]:
+    """Every still's per-shot parameters, cache point and left-out shoeboxes, gathered from all
+    ranks (experiment identifier -> lists), as a checkpoint stores them."""
+    states = {s.identifier: {"log_scale": float(st.log_scale), "rotation": st.rotation.tolist(),
+                             "cell": None if st.cell is None else st.cell.tolist(),
+                             "background": st.background.tolist(),
+                             "rejected": None if c.rejected is None else c.rejected.tolist(),
+                             "cache_rotation": c.profiles.rotation.tolist(),
+                             "cache_cell": None if c.profiles.cell is None else c.profiles.cell.tolist()}
+              for s, st, c in zip(refinement.shots.shots, refinement.states, refinement.caches)}  # fmt: skip
+    return {k: v for part in comm.allgather(states) for k, v in part.items()}
+
+
+def _saved(saved: dict, shot, key: str, device) -> Tensor:
+    return torch.tensor(saved["states"][shot.identifier][key], dtype=torch.float64, device=device)
+
+
+def saved_cache_points(saved: dict, shots, refine_cell: bool, device) -> tuple[list[Tensor], list[Tensor] | None]:
+    """(rotations, cells or None) of the local stills' cache points in a checkpoint
+    (:func:`checkpoint_states`)."""
+    rotations = [_saved(saved, s, "cache_rotation", device) for s in shots.shots]
+    return rotations, [_saved(saved, s, "cache_cell", device) for s in shots.shots] if refine_cell else None
+
+
+def saved_states(saved: dict, shots, refine_cell: bool, device) -> list[ShotState]:
+    """The local stills' per-shot parameters in a checkpoint (:func:`checkpoint_states`)."""
+    return [ShotState(_saved(saved, s, "log_scale", device), _saved(saved, s, "rotation", device),
+                      _saved(saved, s, "background", device), _saved(saved, s, "cell", device) if refine_cell else None)
+            for s in shots.shots]  # fmt: skip
 
 
 def _report(ctx, refinement: Refinement, refs, prepared, band, n_shots, n_sb, n_px, seconds, file_pairs=None,
