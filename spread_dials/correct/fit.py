@@ -179,12 +179,17 @@ class CorrectedModel:
             return (self._apply(i, profile, phi) * weight).sum(-1), physics
         return self._apply(i, physics, phi), physics  # linear, channel-independent: correct the sum
 
+    def bragg(self, i: int, theta: Tensor | None = None, phi: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(corrected, physics) Bragg terms (N,) of local still i per unit scale at its current
+        crystal offsets, for ``theta`` and ``phi`` (default the current ones)."""
+        theta = self.refinement.theta if theta is None else theta
+        return self._bragg(i, *self._physics_terms(i, theta), phi)
+
     def rates(self, i: int, theta: Tensor | None = None, phi: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """(lambda*, lambda_phys) (N,) of local still i at its current per-shot parameters, for
         ``theta`` and ``phi`` (default the current ones; differentiable in both)."""
         r = self.refinement
-        theta = r.theta if theta is None else theta
-        corrected, physics = self._bragg(i, *self._physics_terms(i, theta), phi)
+        corrected, physics = self.bragg(i, theta, phi)
         state, cache = r.states[i], r.caches[i]
         lam_star, _ = rate_from_terms(cache, state, BraggTerms(corrected, None, state.offsets))
         lam_phys, _ = rate_from_terms(cache, state, BraggTerms(physics, None, state.offsets))

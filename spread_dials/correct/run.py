@@ -184,12 +184,10 @@ def _physics_photons(model: CorrectedModel) -> dict[str, np.ndarray]:
     r = model.refinement
     for i, shot in enumerate(r.shots.shots):
         with torch.no_grad():
-            _, lam_phys = model.rates(i)
-            state, cache = r.states[i], r.caches[i]
-            plane = state.background[cache.pixel_shoebox]
-            background = plane[:, 0] + plane[:, 1] * cache.fast + plane[:, 2] * cache.slow
-            per_box = torch.zeros(shot.shoeboxes.n_shoeboxes, dtype=lam_phys.dtype, device=lam_phys.device)
-            per_box.index_add_(0, cache.pixel_shoebox, lam_phys - background)
+            _, physics = model.bragg(i)
+            photons = torch.exp(r.states[i].log_scale) * physics
+            per_box = torch.zeros(shot.shoeboxes.n_shoeboxes, dtype=photons.dtype, device=photons.device)
+            per_box.index_add_(0, r.caches[i].pixel_shoebox, photons)
         out[shot.identifier] = per_box.cpu().numpy()
     return out
 
