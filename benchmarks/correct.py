@@ -28,11 +28,13 @@ import argparse
 import json
 import sys
 import time
-from dataclasses import asdict
+from collections.abc import Callable
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 import torch
+from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -45,9 +47,10 @@ from spread_dials.correct.fit import CorrectedModel, CorrectSettings, feature_st
 from spread_dials.parallel import Parallel
 from spread_dials.physics.structure_factors import StructureFactors
 from spread_dials.refine.engine import Refinement, RefineSettings, make_caches
+from spread_dials.refine.profiles import ShotProfiles
 from spread_dials.refine.shots import ShotSet
 from spread_dials.refine.sites import EdgeShiftSites
-from spread_dials.refine.synthetic import InjectedErrors, synthetic_shots
+from spread_dials.refine.synthetic import InjectedErrors, blur_boxes, synthetic_shots
 from spread_dials.refine.uncertainty import curvature
 
 
@@ -70,6 +73,46 @@ def parse_error(text: str, n_panels: int, seed: int) -> InjectedErrors:
         else:
             raise SystemExit(f"Sorry: unknown error {part!r} (none, psfF, gainR, offsetE, jitterE)")
     return InjectedErrors(**fields)
+
+
+def fit_physics(shot_set: ShotSet, case: dict, model, sites, args,
+                profile_map: Callable[[int, ShotProfiles], ShotProfiles] | None = None) -> tuple[Refinement, list[float]]:
+    """dials.spread_refine's engine from the given crystals and the sites' initial edge shifts
+    (``args.macrocycles``), on profiles through ``profile_map`` when given (the oracle); returns
+    the refinement and the edge shifts' Fisher sigma."""
+    n = len(shot_set.shots)
+    caches = make_caches(shot_set, case["table"], model, refine_cell=True)
+    r = Refinement(shot_set, list(range(n)), n, caches, [], sites, sites.initial(), model, Parallel(),
+                   RefineSettings(macrocycles=args.macrocycles, refine_cell=True))  # fmt: skip
+    if profile_map is not None:
+        r.profile_map = profile_map
+        r.caches = [c.with_profiles(profile_map(i, c.profiles)) for i, c in enumerate(r.caches)]
+    r.initialise_states()
+    r.run()
+    return r, curvature(r, observed=False).profiled.diag().sqrt().tolist()
+
+
+def oracle_arm(shot_set: ShotSet, case: dict, errors: InjectedErrors, model, sites, args) -> tuple[Refinement, list[float]]:
+    """Physics given the true error family and its values, run as the physics arm: the recorded
+    spectra's true energies, every channel's profile (and its Jacobian) blurred inside its box
+    by the true PSF as the stills were (``synthetic.blur_boxes``), times the true panel gain."""
+    shots = replace(shot_set, shots=[replace(s, energy_eV=case["energy"].to(s.energy_eV)) for s in shot_set.shots])
+    if errors.psf_fwhm_px <= 0 and errors.panel_gain is None:
+        return fit_physics(shots, case, model, sites, args)
+
+    def exact(i: int, p: ShotProfiles) -> ShotProfiles:
+        sb = shots.shots[i].shoeboxes
+        gain = None if errors.panel_gain is None else errors.panel_gain.to(p.profile)[sb.panel[sb.pixel_shoebox()]]
+
+        def apply(x: Tensor) -> Tensor:
+            if errors.psf_fwhm_px > 0:
+                x = blur_boxes(x, sb.n_fast, sb.n_slow, errors.psf_fwhm_px)
+            return x if gain is None else gain.view(-1, *([1] * (x.dim() - 1))) * x
+
+        with torch.no_grad():
+            return ShotProfiles(p.rotation, apply(p.profile), None if p.jacobian is None else apply(p.jacobian), p.cell)
+
+    return fit_physics(shots, case, model, sites, args, exact)
 
 
 def _sync(device: torch.device) -> None:
@@ -95,13 +138,15 @@ def run_one(case: dict, error: str, n: int, replicate: int, args, device: torch.
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
-    physics = Refinement(shot_set, list(range(n)), n, make_caches(shot_set, case["table"], model, refine_cell=True), [],
-                         sites, sites.initial(), model, Parallel(), settings)  # fmt: skip
-    physics.initialise_states()
-    physics.run()
-    physics_sigma = curvature(physics, observed=False).profiled.diag().sqrt().tolist()
+    physics, physics_sigma = fit_physics(shot_set, case, model, sites, args)
     _sync(device)
     t_physics = time.perf_counter() - t0
+    oracle_theta = oracle_sigma = oracle_history = None
+    t0 = time.perf_counter()
+    if args.oracle:
+        oracle, oracle_sigma = oracle_arm(shot_set, case, errors, model, sites, args)
+        oracle_theta, oracle_history = oracle.theta.tolist(), oracle.history
+    t_oracle = time.perf_counter() - t0
     # the corrected arm: caches at the physics fit's crystals, theta from it
     t0 = time.perf_counter()
     caches = make_caches(shot_set, case["table"], model, [s.rotation for s in physics.states], refine_cell=True,
@@ -112,7 +157,10 @@ def run_one(case: dict, error: str, n: int, replicate: int, args, device: torch.
     contexts = [pixel_context(shot_set, s, nominal, args.stencil_radius) for s in shot_set.shots]
     n_sb = sum(s.shoeboxes.n_shoeboxes for s in shot_set.shots)
     hit = int(torch.unique(torch.cat([s.shoeboxes.panel.cpu() for s in shot_set.shots])).numel())
-    kept, notes = within_capacity(CorrectionSettings(stencil_radius=args.stencil_radius), n_sb, hit, args.per_weight)
+    parts = set(args.parts.split(","))
+    wanted = CorrectionSettings(stencil_radius=args.stencil_radius, gain="gain" in parts,
+                                redistribution="redistribution" in parts, head="head" in parts)  # fmt: skip
+    kept, notes = within_capacity(wanted, n_sb, hit, args.per_weight)
     correction = PixelCorrection(shot_set.panels.n_panels, kept, feature_statistics(r, contexts)).to(device)
     corrected = CorrectedModel(r, correction, contexts, CorrectSettings(epochs=args.epochs))
     corrected.run()
@@ -126,6 +174,9 @@ def run_one(case: dict, error: str, n: int, replicate: int, args, device: torch.
         "physics_theta": physics.theta.tolist(), "physics_sigma": physics_sigma,
         "theta": r.theta.tolist(), "sigma_joint": joint.diag().sqrt().tolist(),
         "sigma_conditional": conditional.diag().sqrt().tolist(),
+        "oracle_theta": oracle_theta, "oracle_sigma": oracle_sigma, "oracle_seconds": t_oracle,
+        "oracle_history": oracle_history, "physics_history": physics.history,
+        "head_weights": correction.head_weights.detach().cpu().tolist(), "head_slope_bound": correction.head_slope_bound(), "parts_asked": sorted(parts),
         "parts": {"gain": kept.gain, "redistribution": kept.redistribution, "head": kept.head}, "capacity_notes": notes,
         "correction_settings": asdict(kept),
         "stencil": correction.stencil.detach().cpu().tolist(), "shoeboxes": n_sb, "weights": corrected.phi.numel(),
@@ -168,6 +219,9 @@ def main(argv=None) -> int:
     ap.add_argument("--macrocycles", type=int, default=6)
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--per-weight", type=float, default=50.0, help="capacity guard: shoeboxes per weight")
+    ap.add_argument("--parts", default="gain,redistribution,head", help="parts of the correction asked for (the guard may drop some)")
+    ap.add_argument("--oracle", action="store_true", help="also the oracle arm: physics given the true error")
+    ap.add_argument("--tag", default="", help="suffix of the output file (e.g. one per process)")
     ap.add_argument("--stencil-radius", type=int, default=1, help="half-width (px) of the redistribution stencil")
     ap.add_argument("--truth-shift", type=float, default=2.0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -183,7 +237,7 @@ def main(argv=None) -> int:
     fp, fdp = zip(*(c.at(case["energy"]) for c in case["truth_curves"]))
     table = case["table"]
     case["truth"] = StructureFactors(table.miller_index, table.F0, table.G, torch.stack(fp), torch.stack(fdp))
-    out = Path(args.out) / f"correct_{args.case}.jsonl"
+    out = Path(args.out) / f"correct_{args.case}{args.tag}.jsonl"
     out.parent.mkdir(parents=True, exist_ok=True)
     done = set()
     if out.exists():

@@ -92,9 +92,6 @@ correct
       .type = bool
       .help = "An intensity factor smooth in the reflection's direction in the crystal frame,"
             "its excitation error and resolution (partiality, anisotropic mosaic spread)"
-    head_lipschitz = 0.1
-      .type = float(value_min=0)
-      .help = "Bound on the head's log-intensity change per unit of a standardized feature"
     head_prior_sigma = 0.05
       .type = float(value_min=0)
       .help = "Prior sd of each of the head's 20 coefficients"

@@ -6,16 +6,21 @@ still's physics profiles and hands the engine corrected ones (through ``Refineme
 so the kernel's recomputations are corrected too).  The objective in the global parameters
 theta (edge shifts) and the correction's weights phi is
 
-    F(theta, phi) = min over per-shot parameters of NLL(lambda*)
-                    + beta sum_pixels KL(Poisson(lambda*) || Poisson(lambda_phys))
+    F(theta, phi) = min over per-shot parameters of NLL(lambda*(theta, phi))
+                    + beta sum_pixels KL(Poisson(lambda*(theta_0, phi)) || Poisson(lambda_phys(theta_0)))
                     + prior(theta) + prior(phi)
 
 with ``lambda_phys`` the physics rate at the same per-shot parameters and the anchor in closed
-form (:func:`~spread_dials.correct.divergence.poisson_kl`).  An epoch: stage 1 of the engine (each
-still's scale, crystal offsets and backgrounds on the corrected profiles, profiles recomputed),
-then one Fisher-scoring step of F in phi and (after the first ``warmup_epochs``) one in
-(theta, phi) jointly, or in theta alone where the joint step finds no descent, with the per-shot
-parameters profiled out of the information exactly as the
+form (:func:`~spread_dials.correct.divergence.poisson_kl`).  The anchor is taken at the warm
+start's edge shifts theta_0, so it constrains the correction only: at the current theta it has a
+gradient in theta (how much the correction changes the rate depends weakly on the spots' |F|^2
+over the channels), and with the KL of a strong correction ~1e9 that gradient pulls the edge
+shifts.
+
+An epoch: stage 1 of the engine (each still's scale, crystal offsets and backgrounds on the
+corrected profiles, profiles recomputed), then one Fisher-scoring step of F in phi and (after
+the first ``warmup_epochs``) one in (theta, phi) jointly, or in theta alone where the joint step
+finds no descent, with the per-shot parameters profiled out of the information exactly as the
 engine's scoring step does for theta (:func:`~spread_dials.refine.information.shot_information`
 with the correction's columns d lambda* / d phi), and a backtracking line search on F (every
 still refitted at the trial point).  The anchor's curvature in phi is beta times phi's Fisher
@@ -106,6 +111,7 @@ class CorrectedModel:
         self.settings = settings
         self.physics = [c.profiles for c in refinement.caches]
         self.history: list[dict] = []
+        self.anchor_theta = refinement.theta.detach().clone()
         self._names = correction.learned()
         refinement.profile_map = self._map
         self.refresh()
@@ -196,13 +202,15 @@ class CorrectedModel:
         return lam_star, lam_phys
 
     def still_terms(self, i: int, theta: Tensor | None = None, phi: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """(weighted NLL of lambda*, weighted Poisson KL anchor) of local still i."""
+        """(weighted NLL of lambda* at ``theta``, weighted Poisson KL anchor at the warm start's
+        edge shifts) of local still i."""
         r = self.refinement
         cache = r.caches[i]
-        lam_star, lam_phys = self.rates(i, theta, phi)
+        lam_star, _ = self.rates(i, theta, phi)
         nll = negative_log_likelihood(lam_star, cache.counts, cache.fitted, r.settings.readout_sigma,
                                       r.settings.model_error_fraction)  # fmt: skip
-        kl = torch.where(cache.fitted, poisson_kl(lam_star, lam_phys), torch.zeros_like(lam_star)).sum()
+        anchored, lam_phys = self.rates(i, self.anchor_theta.to(r.theta), phi)
+        kl = torch.where(cache.fitted, poisson_kl(anchored, lam_phys), torch.zeros_like(lam_star)).sum()
         return cache.weight * nll, cache.weight * kl
 
     # -- the objective F and its scoring step ---------------------------------------------------

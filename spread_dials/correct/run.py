@@ -92,7 +92,7 @@ def _correction_settings(params) -> CorrectionSettings:
     c = params.correct.correction
     return CorrectionSettings(gain=c.gain, gain_nodes=c.gain_nodes, gain_prior_sigma=c.gain_prior_sigma,
                               redistribution=c.redistribution, stencil_radius=c.stencil_radius,
-                              stencil_prior_sigma=c.stencil_prior_sigma, head=c.head, head_lipschitz=c.head_lipschitz,
+                              stencil_prior_sigma=c.stencil_prior_sigma, head=c.head,
                               head_prior_sigma=c.head_prior_sigma)  # fmt: skip
 
 
@@ -243,7 +243,8 @@ def _results(ctx, model: CorrectedModel, setup, warm: dict, joint: Tensor, condi
             "pixels": setup.n_pixels, "parameters": sites.parameter_names(), "theta": theta.tolist(),
             "covariance": joint.tolist(), "covariance_conditional": conditional.tolist(), "sites": rows, "pairs": pairs,
             "history": model.history, "seconds": seconds,
-            "correction": {"weights": model.phi.numel(), **asdict(model.correction.settings)},
+            "correction": {"weights": model.phi.numel(), "head_slope_bound": model.correction.head_slope_bound(),
+                           **asdict(model.correction.settings)},
             "uncertainty_method": "Laplace: the inverse of the Fisher information of the edge shifts and the "
                                   "correction's weights (every still's scale, crystal offsets and background planes "
                                   "profiled out) plus the priors' curvature; sigma_eV with the correction's weights "

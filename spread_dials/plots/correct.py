@@ -71,7 +71,7 @@ def plot_correction(correction, path: str | Path) -> Path:
     axes[1].set_xlabel("panel")
     axes[1].set_ylabel("node")
     axes[1].set_title("log gain nodes")
-    axes[2].bar(range(correction.head_weights.numel()), correction.bounded_head_weights().detach().cpu().numpy())
+    axes[2].bar(range(correction.head_weights.numel()), correction.head_weights.detach().cpu().numpy())
     axes[2].set_title("intensity head coefficients")
     fig.tight_layout()
     return save_figure(fig, path, dpi=110)

@@ -33,7 +33,7 @@ from spread_dials.refine.profiles import CrystalModel, shoebox_windows
 from spread_dials.refine.shots import Shoeboxes, Shot, ShotSet
 from spread_dials.simulation.plan import uniform_rotation
 
-__all__ = ["InjectedErrors", "SyntheticTruth", "synthetic_shots"]
+__all__ = ["InjectedErrors", "SyntheticTruth", "blur_boxes", "synthetic_shots"]
 
 
 @dataclass(frozen=True)
@@ -54,14 +54,17 @@ class InjectedErrors:
     energy_jitter_eV: float = 0.0
 
 
-def _blur_boxes(bragg: Tensor, nx: Tensor, ny: Tensor, fwhm_px: float) -> Tensor:
-    """Each box's pixels (row-major, boxes consecutive) blurred by a Gaussian of ``fwhm_px``
-    (light leaving a box is lost, as light leaving a panel)."""
+def blur_boxes(values: Tensor, nx: Tensor, ny: Tensor, fwhm_px: float) -> Tensor:
+    """Per-pixel ``values`` (N, ...) of boxes of ``nx`` x ``ny`` pixels (row-major, boxes
+    consecutive) blurred inside each box by a Gaussian of ``fwhm_px`` (light leaving a box is
+    lost, as light leaving a panel), each trailing column on its own."""
     out, start = [], 0
     for w, h in zip(nx.tolist(), ny.tolist()):
-        out.append(gaussian_psf(bragg[start : start + w * h].view(1, h, w), fwhm_px).reshape(-1))
+        box = values[start : start + w * h]
+        columns = box.reshape(h, w, -1).permute(2, 0, 1)  # (K, h, w)
+        out.append(gaussian_psf(columns, fwhm_px).permute(1, 2, 0).reshape(box.shape))
         start += w * h
-    return torch.cat(out) if out else bragg
+    return torch.cat(out) if out else values
 
 
 @dataclass(frozen=True)
@@ -164,7 +167,7 @@ def synthetic_shots(
         expected = bragg + background_photons
         if errors is not None:
             if errors.psf_fwhm_px > 0:
-                expected = _blur_boxes(bragg, nx, ny, errors.psf_fwhm_px) + background_photons
+                expected = blur_boxes(bragg, nx, ny, errors.psf_fwhm_px) + background_photons
             if errors.panel_gain is not None:
                 expected = expected * errors.panel_gain.to(dtype)[torch.repeat_interleave(panel, nx * ny)]
         counts = torch.poisson(expected, generator=gen)
