@@ -12,7 +12,7 @@ import json
 import logging
 import math
 import time
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import h5py
@@ -23,6 +23,7 @@ from torch import Tensor
 from spread_dials.correct.context import pixel_context
 from spread_dials.correct.correction import CorrectionSettings, PixelCorrection, within_capacity
 from spread_dials.correct.fit import CorrectedModel, CorrectSettings, feature_statistics
+from spread_dials.correct.spectrometer import SpectrometerSites
 from spread_dials.refine.run import (
     checkpoint_states,
     load_checkpoint,
@@ -92,6 +93,7 @@ def _correction_settings(params) -> CorrectionSettings:
     c = params.correct.correction
     return CorrectionSettings(gain=c.gain, gain_nodes=c.gain_nodes, gain_prior_sigma=c.gain_prior_sigma,
                               redistribution=c.redistribution, stencil_radius=c.stencil_radius,
+                              shoebox_boundary=c.shoebox_boundary,
                               stencil_prior_sigma=c.stencil_prior_sigma, head=c.head,
                               head_prior_sigma=c.head_prior_sigma)  # fmt: skip
 
@@ -115,6 +117,12 @@ def run_correction(ctx, experiments, reflections, warm_start) -> dict:
     for s in setup.shots.shots:
         hit[s.shoeboxes.panel.cpu()] = True
     n_hit = int(torch.stack(comm.allgather(hit)).any(0).sum())
+    nominal = params.correct.nominal_energy_eV or 0.5 * (setup.band[0] + setup.band[1])
+    spectrometer = params.correct.spectrometer
+    try:
+        sites = SpectrometerSites(setup.sites, nominal, spectrometer.offset_sigma_eV, spectrometer.dispersion_sigma)
+    except ValueError as e:
+        raise SpreadError(str(e)) from None
     correction_settings, notes = within_capacity(_correction_settings(params), setup.n_shoeboxes, n_hit,
                                                  params.correct.min_shoeboxes_per_weight)  # fmt: skip
     for note in notes:
@@ -129,10 +137,9 @@ def run_correction(ctx, experiments, reflections, warm_start) -> dict:
     shots = setup.shots
     refine_cell = params.refinement.refine_cell
     rotations, cells = saved_cache_points(saved, shots, refine_cell, ctx.device) if saved is not None else (None, None)
-    refinement = make_refinement(ctx, setup, rotations, cells)
-    refinement.theta = warm["theta"].clone()
+    refinement = make_refinement(ctx, replace(setup, sites=sites), rotations, cells)
+    refinement.theta = torch.cat([warm["theta"], sites.initial()[warm["theta"].numel() :]])
     refinement.initialise_states()
-    nominal = params.correct.nominal_energy_eV or 0.5 * (setup.band[0] + setup.band[1])
     radius = params.correct.correction.stencil_radius
     contexts = [pixel_context(shots, s, nominal, radius) for s in shots.shots]
     correction = PixelCorrection(shots.panels.n_panels, correction_settings, feature_statistics(refinement, contexts))
@@ -146,6 +153,8 @@ def run_correction(ctx, experiments, reflections, warm_start) -> dict:
         refinement.states = saved_states(saved, shots, refine_cell, ctx.device)
         model.history = saved["history"]
         logger.info("Resuming after epoch %d (%s)", len(model.history), checkpoint.name)
+    if sites.latents:
+        logger.info("Spectrometer latents: %s (calibration prior sd)", ", ".join(f"{n} {s:g}" for n, s in sites.latents))
     logger.info("Correction: %d weights (gain %s, redistribution %s, head %s); anchor beta %g; nominal energy %.1f eV",
                 model.phi.numel(), correction.settings.gain, correction.settings.redistribution, correction.settings.head,
                 settings.anchor_beta, nominal)  # fmt: skip
@@ -240,7 +249,8 @@ def _results(ctx, model: CorrectedModel, setup, warm: dict, joint: Tensor, condi
     logger.info("Inter-site differences are the headline: a spectrometer offset moves every edge shift alike and no "
                 "correction can tell it from a common shift")  # fmt: skip
     return {"program": "dials.spread_correct", "stills": setup.n_shots, "shoeboxes": setup.n_shoeboxes,
-            "pixels": setup.n_pixels, "parameters": sites.parameter_names(), "theta": theta.tolist(),
+            "pixels": setup.n_pixels, "parameters": r.sites.parameter_names(), "theta": theta.tolist(),
+            "spectrometer": _spectrometer(r.sites, theta, joint),
             "covariance": joint.tolist(), "covariance_conditional": conditional.tolist(), "sites": rows, "pairs": pairs,
             "history": model.history, "seconds": seconds,
             "correction": {"weights": model.phi.numel(), "head_slope_bound": model.correction.head_slope_bound(),
@@ -249,6 +259,17 @@ def _results(ctx, model: CorrectedModel, setup, warm: dict, joint: Tensor, condi
                                   "correction's weights (every still's scale, crystal offsets and background planes "
                                   "profiled out) plus the priors' curvature; sigma_eV with the correction's weights "
                                   "profiled out (its uncertainty included), sigma_conditional_eV with them held"}  # fmt: skip
+
+
+def _spectrometer(sites: SpectrometerSites, theta: Tensor, joint: Tensor) -> dict:
+    """Each spectrometer latent switched on: its estimate, posterior sd and calibration prior sd."""
+    _, latent = sites.split(theta)
+    first = sites.n_site_parameters
+    out = {}
+    for k, (name, prior) in enumerate(sites.latents):
+        j = first + k
+        out[name] = {"value": float(latent[name]), "sigma": float(joint[j, j].clamp(min=0).sqrt()), "prior_sigma": prior}
+    return out
 
 
 def _normal_quantile(q: float) -> float:
@@ -270,14 +291,15 @@ def _write(ctx, model: CorrectedModel, setup, results: dict, joint: Tensor, resi
     root = evecs * evals.clamp(min=0).sqrt()
     draws = theta + torch.randn((params.correct.posterior_draws, theta.numel()), generator=gen, dtype=theta.dtype) @ root.T
     energy = torch.arange(math.floor(setup.band[0]), math.ceil(setup.band[1]) + 1e-9, 1.0, dtype=torch.float64)
-    curves = torch.stack([torch.stack(sites.curves(d, energy)) for d in draws])  # (n, 2, S, E)
+    n_site = model.refinement.sites.n_site_parameters
+    curves = torch.stack([torch.stack(sites.curves(d[:n_site], energy)) for d in draws])  # (n, 2, S, E), true energies
     bands = torch.quantile(curves, torch.tensor(QUANTILES, dtype=torch.float64), dim=0)  # (Q, 2, S, E)
     with atomic_path(ctx.output_path("spread_posterior.h5")) as tmp:
         with h5py.File(tmp, "w") as h:
             h.attrs["program"] = "dials.spread_correct"
             h.attrs["correction_settings"] = json.dumps(asdict(model.correction.settings))
             h["theta"] = theta.numpy()
-            h["parameter_names"] = np.array(sites.parameter_names(), dtype="S")
+            h["parameter_names"] = np.array(model.refinement.sites.parameter_names(), dtype="S")
             h["site_labels"] = np.array([s.encode() for s in sites.group_labels])
             h["covariance"] = joint.numpy()
             h["covariance_conditional"] = np.array(results["covariance_conditional"])

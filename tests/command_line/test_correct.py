@@ -49,6 +49,11 @@ def test_correct_writes_every_output(corrected, refined_for_correct):
         assert (corrected / name).is_file(), name
     record = json.loads((corrected / "spread_correct.json").read_text())
     assert len(record["history"]) == 2
+    # the offset (calibration prior 1 eV) is a common edge shift: the absolute shift's interval
+    # carries the calibration's uncertainty
+    offset = record["spectrometer"]["offset"]
+    assert offset["prior_sigma"] == 1.0 and 0.9 < offset["sigma"] <= 1.0
+    assert record["sites"][0]["sigma_eV"] >= 0.9
     (site,) = record["sites"]
     warm = h5py.File(refined_for_correct / "spread_refine.h5", "r")
     assert site["physics_edge_shift_eV"] == pytest.approx(float(warm["theta"][0]))
@@ -62,8 +67,10 @@ def test_correct_writes_every_output(corrected, refined_for_correct):
     with h5py.File(corrected / "spread_posterior.h5", "r") as h:
         assert h.attrs["program"] == "dials.spread_correct"
         draws = h["draws"][()]
-        assert draws.shape == (200, 1)
-        assert abs(draws.mean() - site["edge_shift_eV"]) < 4 * site["sigma_eV"] / np.sqrt(200)
+        assert draws.shape == (200, 3)  # the edge shift, the spectrometer's offset and dispersion
+        names = [n.decode() for n in h["parameter_names"][()]]
+        assert names[1:] == ["spectrometer_offset_eV", "spectrometer_dispersion"]
+        assert abs(draws[:, 0].mean() - site["edge_shift_eV"]) < 4 * site["sigma_eV"] / np.sqrt(200)
         q = h["f_double_prime_quantiles"][()]
         assert q.shape[0] == 5 and bool((np.diff(q, axis=0) >= -1e-12).all())  # quantile bands ordered
         assert h["correction_weights"].shape == (h["correction_weight_names"].shape[0],)
@@ -98,6 +105,7 @@ def test_bad_input_gives_one_sorry_line(refined_for_correct, tmp_path):
         "another model": [expt, refl, h5, "model.anomalous=spline_kk"],
         "other sites": [expt, refl, h5, "structure.sites.element=Zn"],
         "too few shoeboxes for any part": [expt, refl, h5, "correct.min_shoeboxes_per_weight=1000"],
+        "a calibration prior of zero": [expt, refl, h5, "correct.spectrometer.offset_sigma_eV=0"],
     }
     for name, args in cases.items():
         result = run([exe, *CORRECT, *args], tmp_path, check=False)

@@ -106,15 +106,15 @@ def test_correction_has_zero_jacobian_in_F0_G_and_the_edge_shifts(toy):
     toy.profile_map = None
 
 
-def test_redistribution_conserves_every_shoebox_total(toy):
-    """K x keeps each shoebox's sum (1e-12 relative) for random coefficients up to 0.5 and random
-    (N, C) inputs, while moving photons between pixels."""
+def test_closed_redistribution_conserves_every_shoebox_total(toy):
+    """With closed shoeboxes, K x keeps each shoebox's sum (1e-12 relative) for random
+    coefficients up to 0.5 and random (N, C) inputs, while moving photons between pixels."""
     shot = toy.shots.shots[1]
     ctx = pixel_context(toy.shots, shot, NOMINAL_EV, stencil_radius=2)
     gen = torch.Generator().manual_seed(4)
     x = torch.rand((shot.shoeboxes.n_pixels, 3), generator=gen, dtype=torch.float64)
     c = 0.5 * torch.rand(ctx.neighbours.shape[0], generator=gen, dtype=torch.float64)
-    y = redistribute(x, c, ctx.neighbours)
+    y = redistribute(x, c, ctx.neighbours, open_boundary=False)
     n_b = shot.shoeboxes.n_shoeboxes
     total_x = torch.zeros((n_b, 3), dtype=x.dtype).index_add(0, ctx.shoebox, x)
     total_y = torch.zeros((n_b, 3), dtype=x.dtype).index_add(0, ctx.shoebox, y)
@@ -122,26 +122,40 @@ def test_redistribution_conserves_every_shoebox_total(toy):
     assert (y - x).abs().max() > 0.1
 
 
-def test_redistribution_matches_a_convolution_inside_a_box(toy):
-    """Inside a shoebox, away from its edges, K x equals the 2-D convolution of x with the
-    stencil (1 - sum c) at the centre, c_o at offset o (torch's conv2d as the reference)."""
+@pytest.mark.parametrize("radius", [1, 2])
+def test_redistribution_is_a_convolution_and_conserves_photons_on_the_detector(toy, radius):
+    """Open shoeboxes: K x over a whole box (edges included) equals the 2-D convolution of the
+    box, zero outside it, with the stencil (1 - sum c) at the centre, c_o at offset o (torch's
+    conv2d as the reference), and K x's sum plus the light the convolution puts outside the box
+    equals x's sum (1e-12): photons are conserved on the detector.  Closed shoeboxes give the
+    same values away from the edges."""
     shot = toy.shots.shots[0]
-    ctx = pixel_context(toy.shots, shot, NOMINAL_EV)
+    ctx = pixel_context(toy.shots, shot, NOMINAL_EV, stencil_radius=radius)
     sb = shot.shoeboxes
     b = int(torch.argmax(sb.n_fast * sb.n_slow))
     start = int((sb.n_fast * sb.n_slow)[:b].sum())
     w, h = int(sb.n_fast[b]), int(sb.n_slow[b])
     gen = torch.Generator().manual_seed(5)
     x = torch.rand(sb.n_pixels, generator=gen, dtype=torch.float64)
-    c = 0.1 * torch.rand(8, generator=gen, dtype=torch.float64)
+    c = 0.1 * torch.rand(len(ctx.offsets), generator=gen, dtype=torch.float64)
     y = redistribute(x, c, ctx.neighbours)[start : start + w * h].view(h, w)
-    kernel = torch.zeros(3, 3, dtype=torch.float64)
-    kernel[1, 1] = 1 - c.sum()
+    closed = redistribute(x, c, ctx.neighbours, open_boundary=False)[start : start + w * h].view(h, w)
+    size = 2 * radius + 1
+    kernel = torch.zeros(size, size, dtype=torch.float64)
+    kernel[radius, radius] = 1 - c.sum()
     for coefficient, (dx, dy) in zip(c, ctx.offsets):
-        kernel[1 + dy, 1 + dx] = coefficient  # photons at p move to p + o: y[p + o] += c x[p]
+        kernel[radius + dy, radius + dx] = coefficient  # photons at p move to p + o: y[p + o] += c x[p]
     image = x[start : start + w * h].view(1, 1, h, w)
-    conv = torch.nn.functional.conv2d(image, kernel.flip([0, 1]).view(1, 1, 3, 3)).view(h - 2, w - 2)
-    assert torch.allclose(y[1:-1, 1:-1], conv, rtol=1e-12, atol=1e-14)
+    full = torch.nn.functional.conv2d(image, kernel.flip([0, 1]).view(1, 1, size, size), padding=2 * radius).view(
+        h + 2 * radius, w + 2 * radius)  # fmt: skip
+    box = full[radius : radius + h, radius : radius + w]
+    assert torch.allclose(y, box, rtol=1e-12, atol=1e-14)
+    outside = full.sum() - box.sum()
+    assert float(outside) > 0
+    assert float(y.sum() + outside) == pytest.approx(float(image.sum()), rel=1e-12)
+    inner = (slice(radius, h - radius), slice(radius, w - radius))
+    assert torch.allclose(closed[inner], box[inner], rtol=1e-12, atol=1e-14)
+    assert not torch.allclose(closed, box)
 
 
 def test_head_slope_is_within_its_reported_bound(toy):
