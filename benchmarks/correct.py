@@ -34,7 +34,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from torch import Tensor
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -44,13 +43,14 @@ from refine import BACKGROUND_PHOTONS, load_case
 from spread_dials.correct.context import pixel_context
 from spread_dials.correct.correction import CorrectionSettings, PixelCorrection, within_capacity
 from spread_dials.correct.fit import CorrectedModel, CorrectSettings, feature_statistics
+from spread_dials.correct.spectrometer import SpectrometerSites
 from spread_dials.parallel import Parallel
 from spread_dials.physics.structure_factors import StructureFactors
 from spread_dials.refine.engine import Refinement, RefineSettings, make_caches
 from spread_dials.refine.profiles import ShotProfiles
 from spread_dials.refine.shots import ShotSet
 from spread_dials.refine.sites import EdgeShiftSites
-from spread_dials.refine.synthetic import InjectedErrors, blur_boxes, synthetic_shots
+from spread_dials.refine.synthetic import InjectedErrors, oracle_profile_map, synthetic_shots
 from spread_dials.refine.uncertainty import curvature
 
 
@@ -97,22 +97,7 @@ def oracle_arm(shot_set: ShotSet, case: dict, errors: InjectedErrors, model, sit
     spectra's true energies, every channel's profile (and its Jacobian) blurred inside its box
     by the true PSF as the stills were (``synthetic.blur_boxes``), times the true panel gain."""
     shots = replace(shot_set, shots=[replace(s, energy_eV=case["energy"].to(s.energy_eV)) for s in shot_set.shots])
-    if errors.psf_fwhm_px <= 0 and errors.panel_gain is None:
-        return fit_physics(shots, case, model, sites, args)
-
-    def exact(i: int, p: ShotProfiles) -> ShotProfiles:
-        sb = shots.shots[i].shoeboxes
-        gain = None if errors.panel_gain is None else errors.panel_gain.to(p.profile)[sb.panel[sb.pixel_shoebox()]]
-
-        def apply(x: Tensor) -> Tensor:
-            if errors.psf_fwhm_px > 0:
-                x = blur_boxes(x, sb.n_fast, sb.n_slow, errors.psf_fwhm_px)
-            return x if gain is None else gain.view(-1, *([1] * (x.dim() - 1))) * x
-
-        with torch.no_grad():
-            return ShotProfiles(p.rotation, apply(p.profile), None if p.jacobian is None else apply(p.jacobian), p.cell)
-
-    return fit_physics(shots, case, model, sites, args, exact)
+    return fit_physics(shots, case, model, sites, args, oracle_profile_map(shots, errors))
 
 
 def _sync(device: torch.device) -> None:
@@ -151,9 +136,11 @@ def run_one(case: dict, error: str, n: int, replicate: int, args, device: torch.
     t0 = time.perf_counter()
     caches = make_caches(shot_set, case["table"], model, [s.rotation for s in physics.states], refine_cell=True,
                          cells=[s.cell for s in physics.states])  # fmt: skip
-    r = Refinement(shot_set, list(range(n)), n, caches, [], sites, physics.theta.clone(), model, Parallel(), settings)
-    r.initialise_states()
     nominal = float(case["energy"].mean())
+    corrected_sites = SpectrometerSites(sites, nominal, args.offset_sigma, args.dispersion_sigma)
+    start = torch.cat([physics.theta, corrected_sites.initial()[physics.theta.numel() :]])
+    r = Refinement(shot_set, list(range(n)), n, caches, [], corrected_sites, start, model, Parallel(), settings)
+    r.initialise_states()
     contexts = [pixel_context(shot_set, s, nominal, args.stencil_radius) for s in shot_set.shots]
     n_sb = sum(s.shoeboxes.n_shoeboxes for s in shot_set.shots)
     hit = int(torch.unique(torch.cat([s.shoeboxes.panel.cpu() for s in shot_set.shots])).numel())
@@ -172,7 +159,7 @@ def run_one(case: dict, error: str, n: int, replicate: int, args, device: torch.
         "case": case["name"], "error": error, "n": n, "replicate": replicate, "seed": args.seed, "sites": case["labels"],
         "truth": [args.truth_shift] * len(case["labels"]),
         "physics_theta": physics.theta.tolist(), "physics_sigma": physics_sigma,
-        "theta": r.theta.tolist(), "sigma_joint": joint.diag().sqrt().tolist(),
+        "theta": r.theta.tolist(), "sigma_joint": joint.diag().sqrt().tolist(), "parameters": corrected_sites.parameter_names(),
         "sigma_conditional": conditional.diag().sqrt().tolist(),
         "oracle_theta": oracle_theta, "oracle_sigma": oracle_sigma, "oracle_seconds": t_oracle,
         "oracle_history": oracle_history, "physics_history": physics.history,
@@ -196,8 +183,8 @@ def summarise(path: Path) -> dict:
         group = [r for r in rows if (r["case"], r["error"], r["n"]) == key]
         truth = np.array([r["truth"] for r in group])
         p_err = np.array([r["physics_theta"] for r in group]) - truth
-        c_err = np.array([r["theta"] for r in group]) - truth
-        ps, cs = np.array([r["physics_sigma"] for r in group]), np.array([r["sigma_joint"] for r in group])
+        c_err = np.array([r["theta"][: len(r["sites"])] for r in group]) - truth
+        ps, cs = np.array([r["physics_sigma"] for r in group]), np.array([r["sigma_joint"][: len(r["sites"])] for r in group])
         out[f"{key[0]} {key[1]} N={key[2]}"] = {
             "replicates": len(group), "physics_bias_eV": p_err.mean(0).round(4).tolist(),
             "physics_bias_sigma": (p_err / ps).mean(0).round(2).tolist(), "corrected_bias_eV": c_err.mean(0).round(4).tolist(),
@@ -205,6 +192,12 @@ def summarise(path: Path) -> dict:
             "corrected_sigma_joint": cs.mean(0).round(4).tolist(),
             "seconds_per_epoch": round(float(np.mean([r["seconds_per_epoch"] for r in group])), 2),
         }  # fmt: skip
+        told = [r for r in group if r.get("oracle_theta")]
+        if told:
+            o_err = np.array([r["oracle_theta"] for r in told]) - np.array([r["truth"] for r in told])
+            out[f"{key[0]} {key[1]} N={key[2]}"].update(
+                oracle_replicates=len(told), oracle_bias_eV=o_err.mean(0).round(4).tolist(),
+                oracle_bias_sigma=(o_err / np.array([r["oracle_sigma"] for r in told])).mean(0).round(2).tolist())
     return out
 
 
@@ -219,9 +212,11 @@ def main(argv=None) -> int:
     ap.add_argument("--macrocycles", type=int, default=6)
     ap.add_argument("--epochs", type=int, default=8)
     ap.add_argument("--per-weight", type=float, default=50.0, help="capacity guard: shoeboxes per weight")
-    ap.add_argument("--parts", default="gain,redistribution,head", help="parts of the correction asked for (the guard may drop some)")
+    ap.add_argument("--parts", default="gain,redistribution", help="parts of the correction asked for (the guard may drop some; the head is off by default, as in the program)")
     ap.add_argument("--oracle", action="store_true", help="also the oracle arm: physics given the true error")
     ap.add_argument("--tag", default="", help="suffix of the output file (e.g. one per process)")
+    ap.add_argument("--offset-sigma", type=float, default=1.0, help="the correction's spectrometer offset prior sd (eV)")
+    ap.add_argument("--dispersion-sigma", type=float, default=0.005, help="its dispersion error prior sd")
     ap.add_argument("--stencil-radius", type=int, default=1, help="half-width (px) of the redistribution stencil")
     ap.add_argument("--truth-shift", type=float, default=2.0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")

@@ -7,15 +7,18 @@ so the kernel's recomputations are corrected too).  The objective in the global 
 theta (edge shifts) and the correction's weights phi is
 
     F(theta, phi) = min over per-shot parameters of NLL(lambda*(theta, phi))
-                    + beta sum_pixels KL(Poisson(lambda*(theta_0, phi)) || Poisson(lambda_phys(theta_0)))
-                    + prior(theta) + prior(phi)
+                    + beta A(phi) + prior(theta) + prior(phi),
+    A(phi) = sum_stills sum_pixels KL(Poisson(lambda*_0(phi)) || Poisson(lambda_0))
 
-with ``lambda_phys`` the physics rate at the same per-shot parameters and the anchor in closed
-form (:func:`~spread_dials.correct.divergence.poisson_kl`).  The anchor is taken at the warm
-start's edge shifts theta_0, so it constrains the correction only: at the current theta it has a
-gradient in theta (how much the correction changes the rate depends weakly on the spots' |F|^2
-over the channels), and with the KL of a strong correction ~1e9 that gradient pulls the edge
-shifts.
+with the anchor A in closed form (:func:`~spread_dials.correct.divergence.poisson_kl`) at a frozen
+reference: lambda_0 = b_0 + s_0 B_0 is each still's physics rate at the warm start (its edge
+shifts theta_0 and the per-shot parameters the model starts from: background b_0, scale s_0,
+Bragg photons per unit scale B_0), and lambda*_0(phi) = b_0 + s_0 C_phi(B_0) the same with the
+correction applied.  So the anchor constrains the correction only.  Taken at the current theta
+and per-shot parameters instead, it has a gradient in theta of its own and, through the refitted
+scales (the KL of a strong correction is ~1e9 at scale, and homogeneous in the scale), F's
+minimum in theta moves off the likelihood's: measured on the toy, theta steps stalled 1.9 sigma
+from the truth.
 
 An epoch: stage 1 of the engine (each still's scale, crystal offsets and backgrounds on the
 corrected profiles, profiles recomputed), then one Fisher-scoring step of F in phi and (after
@@ -23,8 +26,8 @@ the first ``warmup_epochs``) one in (theta, phi) jointly, or in theta alone wher
 finds no descent, with the per-shot parameters profiled out of the information exactly as the
 engine's scoring step does for theta (:func:`~spread_dials.refine.information.shot_information`
 with the correction's columns d lambda* / d phi), and a backtracking line search on F (every
-still refitted at the trial point).  The anchor's curvature in phi is beta times phi's Fisher
-information at fixed per-shot parameters (the second-order term of the Poisson KL).  Per-still
+still refitted at the trial point).  The anchor's curvature in phi is beta times its Gauss-Newton
+Hessian at the frozen reference.  Per-still
 values are summed in still order over the ranks, so any number of ranks gives the serial answer.
 
 The covariance of theta with phi profiled out (:meth:`CorrectedModel.covariance`) is the
@@ -51,7 +54,7 @@ from spread_dials.correct.correction import PixelCorrection
 from spread_dials.correct.divergence import poisson_kl
 from spread_dials.refine.engine import Refinement
 from spread_dials.refine.information import psd_pseudo_inverse, shot_information
-from spread_dials.refine.model import BraggTerms, ShotState, fisher_weights, negative_log_likelihood, rate_from_terms
+from spread_dials.refine.model import BraggTerms, ShotState, negative_log_likelihood, rate_from_terms
 from spread_dials.refine.profiles import ShotProfiles
 from spread_dials.refine.stage1 import refine_shot
 
@@ -111,7 +114,7 @@ class CorrectedModel:
         self.settings = settings
         self.physics = [c.profiles for c in refinement.caches]
         self.history: list[dict] = []
-        self.anchor_theta = refinement.theta.detach().clone()
+        self._anchor = [self._anchor_reference(i) for i in range(len(refinement.caches))]
         self._names = correction.learned()
         refinement.profile_map = self._map
         self.refresh()
@@ -201,17 +204,42 @@ class CorrectedModel:
         lam_phys, _ = rate_from_terms(cache, state, BraggTerms(physics, None, state.offsets))
         return lam_star, lam_phys
 
+    # -- the anchor ----------------------------------------------------------------------------
+
+    def _anchor_reference(self, i: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Local still i's frozen anchor reference (module docstring): (physics profile (N, C)
+        and |F|^2 weight (N, C) at theta_0, channel-summed unless the correction acts per
+        channel; s_0 (0-d); lambda_0 (N,))."""
+        r = self.refinement
+        with torch.no_grad():
+            profile, weight = self._physics_terms(i, r.theta.detach())
+            if not getattr(self.correction, "per_channel", False):
+                profile, weight = (profile * weight).sum(-1, keepdim=True), torch.ones_like(profile[:, :1])
+            state = r.states[i]
+            physics = (profile * weight).sum(-1)
+            lam_0, _ = rate_from_terms(r.caches[i], state, BraggTerms(physics, None, state.offsets))
+        return profile, weight, torch.exp(state.log_scale.detach()), lam_0
+
+    def anchored_rate(self, i: int, phi: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(lambda*_0(phi), lambda_0) (N,) of local still i (differentiable in ``phi``)."""
+        profile, weight, scale, lam_0 = self._anchor[i]
+        corrected, physics = self._bragg(i, profile, weight, phi)
+        return lam_0 + scale * (corrected - physics), lam_0
+
+    def anchor(self, i: int, phi: Tensor | None = None) -> Tensor:
+        """Local still i's weighted anchor sum_pixels KL(lambda*_0(phi) || lambda_0)."""
+        cache = self.refinement.caches[i]
+        lam_star, lam_0 = self.anchored_rate(i, phi)
+        return cache.weight * torch.where(cache.fitted, poisson_kl(lam_star, lam_0), torch.zeros_like(lam_0)).sum()
+
     def still_terms(self, i: int, theta: Tensor | None = None, phi: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """(weighted NLL of lambda* at ``theta``, weighted Poisson KL anchor at the warm start's
-        edge shifts) of local still i."""
+        """(weighted NLL of lambda* at ``theta``, weighted anchor) of local still i."""
         r = self.refinement
         cache = r.caches[i]
         lam_star, _ = self.rates(i, theta, phi)
         nll = negative_log_likelihood(lam_star, cache.counts, cache.fitted, r.settings.readout_sigma,
                                       r.settings.model_error_fraction)  # fmt: skip
-        anchored, lam_phys = self.rates(i, self.anchor_theta.to(r.theta), phi)
-        kl = torch.where(cache.fitted, poisson_kl(anchored, lam_phys), torch.zeros_like(lam_star)).sum()
-        return cache.weight * nll, cache.weight * kl
+        return cache.weight * nll, self.anchor(i, phi)
 
     # -- the objective F and its scoring step ---------------------------------------------------
 
@@ -249,6 +277,17 @@ class CorrectedModel:
 
         return scale * torch.func.jacfwd(bragg)(phi.to(profile))
 
+    def _anchor_curvature(self, i: int, phi: Tensor) -> Tensor:
+        """(Q, Q) the Gauss-Newton curvature of local still i's weighted anchor in phi:
+        J^T diag(1 / lambda*_0) J with J = d lambda*_0 / d phi (the KL's second derivative in
+        lambda* is 1 / lambda*)."""
+        cache = self.refinement.caches[i]
+        x = phi.to(cache.counts)
+        jacobian = torch.func.jacfwd(lambda y: self.anchored_rate(i, y)[0])(x)
+        lam_star, _ = self.anchored_rate(i, x)
+        w = torch.where(cache.fitted, 1.0 / lam_star.clamp(min=1e-300), torch.zeros_like(lam_star)) * cache.weight
+        return ((w.unsqueeze(-1) * jacobian).T @ jacobian).detach()
+
     def gradient_and_information(self) -> tuple[Tensor, Tensor, Tensor]:
         """At the current (theta, phi) and per-shot parameters: the gradient (P + Q,) of F at
         fixed per-shot parameters (the profile gradient when stage 1 is at its optimum), the
@@ -267,9 +306,7 @@ class CorrectedModel:
             g_t, g_x = torch.autograd.grad(nll + beta * kl, [t, x])
             columns = self._columns(i, phi)
             profiled, _ = shot_information(r, i, theta, extra=columns)
-            lam_star, _ = self.rates(i)
-            w = fisher_weights(lam_star.detach(), r.caches[i].fitted, r.settings.readout_sigma, r.settings.model_error_fraction)
-            anchor = (w.unsqueeze(-1) * columns).T @ columns  # phi's information at fixed per-shot parameters
+            anchor = self._anchor_curvature(i, phi)
             parts.append(torch.cat([g_t.cpu(), g_x.cpu(), profiled.reshape(-1), anchor.detach().cpu().reshape(-1)]))
         total = r.ordered_sum(parts)
         q = phi.numel()

@@ -16,6 +16,7 @@ recorded spectrum whose energies are off by a spectrometer offset plus a per-sti
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -29,11 +30,11 @@ from spread_dials.physics.detector_response import gaussian_psf
 from spread_dials.physics.geometry import PanelArray
 from spread_dials.physics.sparse import BraggWindows, predict_windows, window_photons
 from spread_dials.physics.structure_factors import StructureFactors
-from spread_dials.refine.profiles import CrystalModel, shoebox_windows
+from spread_dials.refine.profiles import CrystalModel, ShotProfiles, shoebox_windows
 from spread_dials.refine.shots import Shoeboxes, Shot, ShotSet
 from spread_dials.simulation.plan import uniform_rotation
 
-__all__ = ["InjectedErrors", "SyntheticTruth", "blur_boxes", "synthetic_shots"]
+__all__ = ["InjectedErrors", "SyntheticTruth", "blur_boxes", "oracle_profile_map", "synthetic_shots"]
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,31 @@ def blur_boxes(values: Tensor, nx: Tensor, ny: Tensor, fwhm_px: float) -> Tensor
         out.append(gaussian_psf(columns, fwhm_px).permute(1, 2, 0).reshape(box.shape))
         start += w * h
     return torch.cat(out) if out else values
+
+
+def oracle_profile_map(shots: ShotSet, errors: InjectedErrors) -> Callable[[int, ShotProfiles], ShotProfiles] | None:
+    """The physics model told the injected pixel-level errors (dials.spread_correct's oracle
+    arm), as a ``Refinement.profile_map``: every channel's profile of still i (and its
+    Jacobian) blurred inside its box by the PSF exactly as the stills were made
+    (:func:`blur_boxes`), times the panel gain (the background's gain is the shoebox background
+    plane's).  None when ``errors`` has no PSF and no gain.  (A spectrometer offset or jitter
+    is told by giving the stills their true energies.)"""
+    if errors.psf_fwhm_px <= 0 and errors.panel_gain is None:
+        return None
+
+    def exact(i: int, p: ShotProfiles) -> ShotProfiles:
+        sb = shots.shots[i].shoeboxes
+        gain = None if errors.panel_gain is None else errors.panel_gain.to(p.profile)[sb.panel[sb.pixel_shoebox()]]
+
+        def apply(x: Tensor) -> Tensor:
+            if errors.psf_fwhm_px > 0:
+                x = blur_boxes(x, sb.n_fast, sb.n_slow, errors.psf_fwhm_px)
+            return x if gain is None else gain.view(-1, *([1] * (x.dim() - 1))) * x
+
+        with torch.no_grad():
+            return ShotProfiles(p.rotation, apply(p.profile), None if p.jacobian is None else apply(p.jacobian), p.cell)
+
+    return exact
 
 
 @dataclass(frozen=True)

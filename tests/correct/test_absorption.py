@@ -1,18 +1,19 @@
-"""The toy absorption test of dials.spread_correct (issue 13): two sites, ~100 small shoeboxes on
-two bright stills, a Gaussian point-spread function (FWHM 1.5 px) in the data that the physics
+"""The toy absorption test of dials.spread_correct (issue 13): two sites, 293 small shoeboxes on
+eight bright stills, a Gaussian point-spread function (FWHM 1.5 px) in the data that the physics
 model lacks.  Site A's truth is moved by -2 and +2 eV (site B stays at 0); the same seed draws
-the same crystals, spectra and noise for both.  Three arms on the same data: physics only
-(dials.spread_refine's engine), the guarded correction, and the leaky correction (a free factor
-per Miller index and channel, no anchor), which can mimic any f', f''.
+the same crystals, spectra and noise for both.  Four arms on the same data: physics only
+(dials.spread_refine's engine), the oracle (physics told the PSF: every profile blurred as the
+stills were), the guarded correction (gain and stencil; the head is off by default), and the
+leaky correction (a free factor per Miller index and channel, no anchor), which can mimic any
+f', f''.
 
-Measured (2026-11-30, this data): physics A -4.59 / -0.10 eV (bias -2.6 / -2.1, 9-20 sigma), B
-+2.7; corrected (10 epochs) A -1.539 / 2.324 (slope 0.97), B 0.51 / 0.62, joint sigma 0.25-0.35
-(biases 1.0-1.8 sigma, 77-88 % below physics); the stencil found the PSF's pixel fractions (0.117 to
-each edge neighbour, 0.034 to each corner; the discretised Gaussian: 0.114, 0.033); leaky A
-0.000 / 0.000 with sigma at the prior (10 eV).  The corrected estimates depend on the fit's path
-by up to ~1 sigma here (joint steps only: A -1.867 / 2.054, B 0.13 / 0.44), and converge slowly
-(after 6 epochs the slope was 0.38): 97 shoeboxes barely pin the correction's 32 weights (the program's capacity guard would switch it off at 50 per
-weight)."""
+Measured (2026-11-30, this data; sigma 0.09-0.11 eV): physics A -2.658 / 3.690 (-6.8 / +17.6
+sigma), B 0.125 / 0.256; oracle A -1.972 / 2.191, B -0.109 / -0.105; corrected (6 epochs) A
+-1.958 / 2.246 (slope 1.05; 0.15 and 0.5 sigma from the oracle; biases 94 % and 85 % below
+physics), B -0.075 / -0.145, joint sigma 1.02-1.14x the conditional; the stencil found the PSF's
+pixel fractions (0.117 to each edge neighbour, 0.035 to each corner; the discretised Gaussian:
+0.114, 0.033, plus 1.8 % at 2 px that a radius-1 stencil folds in).  Leaky (on the first two
+stills) A -2.0 / -0.10 (slope 0.48), sigma 9.8 (the prior's 10 eV): it absorbs the signal."""
 
 from __future__ import annotations
 
@@ -24,7 +25,7 @@ import torch
 from spread_dials.correct.context import pixel_context
 from spread_dials.correct.correction import CorrectionSettings, LeakyCorrection, PixelCorrection
 from spread_dials.correct.fit import CorrectedModel, CorrectSettings, feature_statistics
-from spread_dials.refine.synthetic import InjectedErrors
+from spread_dials.refine.synthetic import InjectedErrors, oracle_profile_map
 from spread_dials.refine.uncertainty import curvature
 
 from .toy import ENERGY, NOMINAL_EV, toy_refinement
@@ -34,12 +35,14 @@ PSF = InjectedErrors(psf_fwhm_px=1.5)
 CORRECTION = CorrectionSettings(gain_nodes=2)
 
 
-def _data(shift: float):
-    return toy_refinement(seed=0, shifts=(shift, 0.0), n_stills=2, spot_scale=8000.0, errors=PSF, macrocycles=4)
+def _data(shift: float, n_stills: int = 8):
+    return toy_refinement(seed=0, shifts=(shift, 0.0), n_stills=n_stills, spot_scale=8000.0, errors=PSF, macrocycles=4)
 
 
 def _corrected(shift: float, leaky: bool) -> tuple[list[float], list[float], CorrectedModel]:
-    r = _data(shift)
+    # the leaky arm on the first two stills: its free factor per Miller index and channel makes
+    # ~8 weights per shoebox, whose columns cost minutes on all eight
+    r = _data(shift, n_stills=2 if leaky else 8)
     contexts = [pixel_context(r.shots, s, NOMINAL_EV) for s in r.shots.shots]
     stats = feature_statistics(r, contexts)
     if leaky:
@@ -48,7 +51,7 @@ def _corrected(shift: float, leaky: bool) -> tuple[list[float], list[float], Cor
         settings = CorrectSettings(epochs=2, warmup_epochs=1, anchor_beta=0.0)
     else:
         correction = PixelCorrection(r.shots.panels.n_panels, CORRECTION, stats)
-        settings = CorrectSettings(epochs=10)
+        settings = CorrectSettings(epochs=6)
     model = CorrectedModel(r, correction, contexts, settings)
     model.run()
     joint, _ = model.covariance()
@@ -60,6 +63,20 @@ def physics():
     out = {}
     for shift in SHIFTS:
         r = _data(shift)
+        r.run()
+        out[shift] = (r.theta.tolist(), curvature(r, observed=False).profiled.diag().sqrt().tolist())
+    return out
+
+
+@pytest.fixture(scope="module")
+def oracle():
+    """Physics told the PSF: every profile blurred as the stills were (synthetic.oracle_profile_map)."""
+    out = {}
+    for shift in SHIFTS:
+        r = _data(shift)
+        r.profile_map = oracle_profile_map(r.shots, PSF)
+        r.caches = [c.with_profiles(r.profile_map(i, c.profiles)) for i, c in enumerate(r.caches)]
+        r.initialise_states()
         r.run()
         out[shift] = (r.theta.tolist(), curvature(r, observed=False).profiled.diag().sqrt().tolist())
     return out
@@ -80,17 +97,20 @@ def test_the_psf_biases_physics_only_refinement(physics):
         assert abs(theta[0] - shift) > 3 * sigma[0], (shift, theta, sigma)
 
 
-def test_correction_recovers_the_injected_shift(physics, corrected):
-    """With the correction: slope 1 +- 0.1 in site A's injected shift, every site within 2.5
-    (joint) sigma of its truth, and each site's bias at least 60 % smaller than physics only;
-    the stencil has found a symmetric PSF (edge neighbours > corners > 0)."""
+def test_correction_recovers_the_injected_shift(physics, oracle, corrected):
+    """With the correction: slope 1 +- 0.1 in site A's injected shift; every site within 0.75
+    (joint) sigma of the oracle's estimate on the same data (CORRECT_DESIGN.md's acceptance is
+    0.5 sigma of the bias over replicates; this is one data set), with a sigma at most 1.25 x
+    the oracle's; site A's bias at least 60 % smaller than physics only; the stencil has found
+    a symmetric PSF (edge neighbours > corners > 0)."""
     assert abs(_slope(corrected) - 1.0) < 0.1, _slope(corrected)
     for shift in SHIFTS:
         theta, sigma, model = corrected[shift]
-        truth = [shift, 0.0]
+        oracle_theta, oracle_sigma = oracle[shift]
         for s in range(2):
-            assert abs(theta[s] - truth[s]) < 2.5 * sigma[s], (shift, s, theta, sigma)
-            assert abs(theta[s] - truth[s]) < 0.4 * abs(physics[shift][0][s] - truth[s]), (shift, s, theta, physics[shift])
+            assert abs(theta[s] - oracle_theta[s]) < 0.75 * sigma[s], (shift, s, theta, oracle_theta, sigma)
+            assert sigma[s] <= 1.25 * oracle_sigma[s], (shift, s, sigma, oracle_sigma)
+        assert abs(theta[0] - shift) < 0.4 * abs(physics[shift][0][0] - shift), (shift, theta, physics[shift])
         stencil = model.correction.stencil.detach()
         edges, corners = stencil[[1, 3, 4, 6]], stencil[[0, 2, 5, 7]]
         assert float(edges.min()) > float(corners.max()) > 0, stencil

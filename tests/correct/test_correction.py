@@ -69,7 +69,7 @@ def test_context_ignores_forbidden_inputs(toy):
     a = pixel_context(toy.shots, shot, NOMINAL_EV)
     b = pixel_context(toy.shots, _perturbed_shot(shot), NOMINAL_EV)
     for name in ("panel", "panel_xy", "two_theta", "azimuth", "obliquity", "shoebox", "local", "neighbours",
-                 "direction", "excitation_error", "resolution"):  # fmt: skip
+                 "direction", "resolution"):  # fmt: skip
         assert torch.equal(getattr(a, name), getattr(b, name)), name
     energy = shot.energy_eV.clone().requires_grad_(True)
     weight = shot.weight.clone().requires_grad_(True)
@@ -170,8 +170,7 @@ def test_head_slope_is_within_its_reported_bound(toy):
     ctx = contexts[0]
     x = ((ctx.head_features - correction.feature_mean) / correction.feature_scale).requires_grad_(True)
     head = correction.head(replace(ctx, direction=x[:, :3] * correction.feature_scale[:3] + correction.feature_mean[:3],
-                                   excitation_error=x[:, 3] * correction.feature_scale[3] + correction.feature_mean[3],
-                                   resolution=x[:, 4] * correction.feature_scale[4] + correction.feature_mean[4]))  # fmt: skip
+                                   resolution=x[:, 3] * correction.feature_scale[3] + correction.feature_mean[3]))  # fmt: skip
     (grad,) = torch.autograd.grad(head.sum(), x)
     assert float(grad.norm(dim=-1).max()) <= bound * (1 + 1e-9)
     head, x = head.detach(), x.detach()
