@@ -151,7 +151,8 @@ def run_one(case: dict, error: str, n: int, replicate: int, args, device: torch.
     correction = PixelCorrection(shot_set.panels.n_panels, kept, feature_statistics(r, contexts)).to(device)
     corrected = CorrectedModel(r, correction, contexts, CorrectSettings(epochs=args.epochs))
     corrected.run()
-    joint, conditional = corrected.covariance()
+    calibration = tuple(range(corrected_sites.n_site_parameters, start.numel()))
+    joint, conditional, calibrated = corrected.covariance(held=calibration)
     _sync(device)
     t_correct = time.perf_counter() - t0
     epoch_s = [h["seconds"] for h in corrected.history]
@@ -160,7 +161,7 @@ def run_one(case: dict, error: str, n: int, replicate: int, args, device: torch.
         "truth": [args.truth_shift] * len(case["labels"]),
         "physics_theta": physics.theta.tolist(), "physics_sigma": physics_sigma,
         "theta": r.theta.tolist(), "sigma_joint": joint.diag().sqrt().tolist(), "parameters": corrected_sites.parameter_names(),
-        "sigma_conditional": conditional.diag().sqrt().tolist(),
+        "sigma_conditional": conditional.diag().sqrt().tolist(), "sigma_given_calibration": calibrated.diag().sqrt().tolist(),
         "oracle_theta": oracle_theta, "oracle_sigma": oracle_sigma, "oracle_seconds": t_oracle,
         "oracle_history": oracle_history, "physics_history": physics.history,
         "head_weights": correction.head_weights.detach().cpu().tolist(), "head_slope_bound": correction.head_slope_bound(), "parts_asked": sorted(parts),

@@ -26,9 +26,10 @@ the first ``warmup_epochs``) one in (theta, phi) jointly, or in theta alone wher
 finds no descent, with the per-shot parameters profiled out of the information exactly as the
 engine's scoring step does for theta (:func:`~spread_dials.refine.information.shot_information`
 with the correction's columns d lambda* / d phi), and a backtracking line search on F (every
-still refitted at the trial point).  The anchor's curvature in phi is beta times its Gauss-Newton
-Hessian at the frozen reference.  Per-still
-values are summed in still order over the ranks, so any number of ranks gives the serial answer.
+still refitted at the trial point).  The anchor's curvature in phi is beta times its
+Gauss-Newton Hessian at the frozen reference.  Per-still values are summed in still order over
+the ranks, so any number of ranks gives the serial answer.  (A resumed fit rebuilds the frozen
+reference from its checkpoint's crystals, so its anchor differs slightly from the first run's.)
 
 The covariance of theta with phi profiled out (:meth:`CorrectedModel.covariance`) is the
 corrected model's posterior covariance under the Laplace approximation: the correction's own
@@ -357,15 +358,21 @@ class CorrectedModel:
         self.set_phi(phi)  # no step lowered F
         return terms, False
 
-    def covariance(self) -> tuple[Tensor, Tensor]:
+    def covariance(self, held: tuple[int, ...] = ()) -> tuple[Tensor, Tensor, Tensor]:
         """(P, P) covariances of theta at the current point: with the correction's weights
-        profiled out (the corrected model's posterior; Laplace) and with them held fixed."""
+        profiled out (the corrected model's posterior; Laplace), with them held fixed, and with
+        them profiled out but the parameters ``held`` (indices into theta, e.g. the
+        spectrometer's latents) fixed (their rows and columns 0)."""
         _, _, posterior = self.gradient_and_information()
         p = self.refinement.theta.numel()
         h = 0.5 * (posterior + posterior.T)
         joint = psd_pseudo_inverse(h)
         conditional = psd_pseudo_inverse(h[:p, :p])
-        return joint[:p, :p], conditional
+        free = torch.ones(h.shape[0], dtype=torch.bool)
+        free[list(held)] = False
+        given = torch.zeros_like(h)
+        given[free.unsqueeze(-1) & free] = psd_pseudo_inverse(h[free][:, free]).reshape(-1)
+        return joint[:p, :p], conditional, given[:p, :p]
 
     # -- the schedule -------------------------------------------------------------------------------
 

@@ -175,8 +175,9 @@ def run_correction(ctx, experiments, reflections, warm_start) -> dict:
         comm.barrier()
 
     model.run(on_epoch=save)
-    joint, conditional = model.covariance()
-    results = _results(ctx, model, setup, warm, joint, conditional, time.perf_counter() - t0)
+    calibration = tuple(range(sites.n_site_parameters, sites.initial().numel()))
+    joint, conditional, calibrated = model.covariance(held=calibration)
+    results = _results(ctx, model, setup, warm, joint, conditional, calibrated, time.perf_counter() - t0)
     residuals = refined_residuals(refinement, comm, setup.settings.readout_sigma, params.refinement.flag_sigma_z)
     physics_photons = _physics_photons(model)
     gathered = {k: v for part in comm.allgather(physics_photons) for k, v in part.items()}
@@ -201,7 +202,8 @@ def _physics_photons(model: CorrectedModel) -> dict[str, np.ndarray]:
     return out
 
 
-def _results(ctx, model: CorrectedModel, setup, warm: dict, joint: Tensor, conditional: Tensor, seconds: float) -> dict:
+def _results(ctx, model: CorrectedModel, setup, warm: dict, joint: Tensor, conditional: Tensor, calibrated: Tensor,
+             seconds: float) -> dict:  # fmt: skip
     """Per site and site pair: the physics-only (warm start) and corrected edge shifts, sigmas,
     quantiles, oxidation-state probabilities and, with truth=, errors."""
     params = ctx.params
@@ -220,6 +222,7 @@ def _results(ctx, model: CorrectedModel, setup, warm: dict, joint: Tensor, condi
         probs = state_probabilities(value, sd, state_shifts)
         row = {"site": label, "reference": refs.reference[members[0]].label, "edge_shift_eV": value, "sigma_eV": sd,
                "sigma_conditional_eV": float(conditional[g, g].clamp(min=0).sqrt()),
+               "sigma_given_calibration_eV": float(calibrated[g, g].clamp(min=0).sqrt()),
                "physics_edge_shift_eV": float(physics[g]), "physics_sigma_eV": float(physics_cov[g, g].clamp(min=0).sqrt()),
                "quantiles_eV": {str(q): value + sd * _normal_quantile(q) for q in QUANTILES},
                "state_probability": {str(k): v for k, v in probs.items()},
@@ -238,8 +241,9 @@ def _results(ctx, model: CorrectedModel, setup, warm: dict, joint: Tensor, condi
                           "difference_eV": float(theta[a] - theta[b]), "sigma_eV": math.sqrt(max(var, 0.0)),
                           "physics_difference_eV": float(physics[a] - physics[b]), "physics_sigma_eV": math.sqrt(max(pvar, 0.0))})  # fmt: skip
     for row in rows:
-        logger.info("%s: edge shift %.3f +- %.3f eV corrected (physics only %.3f +- %.3f); P(state) %s%s", row["site"],
-                    row["edge_shift_eV"], row["sigma_eV"], row["physics_edge_shift_eV"], row["physics_sigma_eV"],
+        logger.info("%s: edge shift %.3f +- %.3f eV corrected (+- %.3f given the spectrometer's calibration; physics "
+                    "only %.3f +- %.3f); P(state) %s%s", row["site"], row["edge_shift_eV"], row["sigma_eV"],
+                    row["sigma_given_calibration_eV"], row["physics_edge_shift_eV"], row["physics_sigma_eV"],
                     {k: round(v, 3) for k, v in row["state_probability"].items()},
                     f"; truth {row['truth_edge_shift_eV']:.3f} ({row['error_in_sigma']:+.2f} sigma; physics "
                     f"{row['physics_error_in_sigma']:+.2f})" if "truth_edge_shift_eV" in row else "")  # fmt: skip
@@ -258,7 +262,9 @@ def _results(ctx, model: CorrectedModel, setup, warm: dict, joint: Tensor, condi
             "uncertainty_method": "Laplace: the inverse of the Fisher information of the edge shifts and the "
                                   "correction's weights (every still's scale, crystal offsets and background planes "
                                   "profiled out) plus the priors' curvature; sigma_eV with the correction's weights "
-                                  "profiled out (its uncertainty included), sigma_conditional_eV with them held"}  # fmt: skip
+                                  "profiled out (its uncertainty included), sigma_conditional_eV with them held, "
+                                  "sigma_given_calibration_eV with the spectrometer's offset and dispersion held (the "
+                                  "data's sigma for a perfectly calibrated spectrometer)"}  # fmt: skip
 
 
 def _spectrometer(sites: SpectrometerSites, theta: Tensor, joint: Tensor) -> dict:
@@ -331,7 +337,8 @@ def _write_csv(path: Path, results: dict) -> None:
     import csv
     import io
 
-    keys = ["site", "reference", "edge_shift_eV", "sigma_eV", "sigma_conditional_eV", "physics_edge_shift_eV",
+    keys = ["site", "reference", "edge_shift_eV", "sigma_eV", "sigma_conditional_eV", "sigma_given_calibration_eV",
+            "physics_edge_shift_eV",
             "physics_sigma_eV", *[f"q{q}" for q in QUANTILES], "oxidation_state", "state_probability",
             "truth_edge_shift_eV", "error_in_sigma", "physics_error_in_sigma", "site_b", "difference_eV",
             "physics_difference_eV"]  # fmt: skip

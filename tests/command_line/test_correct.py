@@ -60,6 +60,8 @@ def test_correct_writes_every_output(corrected, refined_for_correct):
     assert np.isfinite(site["edge_shift_eV"]) and site["sigma_eV"] > 0
     # the correction's weights profiled out can only widen the interval
     assert site["sigma_eV"] >= site["sigma_conditional_eV"] * (1 - 1e-9)
+    # with the spectrometer's calibration held the interval is the data's: well inside the 1 eV prior
+    assert site["sigma_given_calibration_eV"] < 0.5 * site["sigma_eV"]
     assert "truth_edge_shift_eV" in site and np.isfinite(site["error_in_sigma"])
     assert abs(sum(site["state_probability"].values()) - 1) < 1e-9
     rows = list(csv.DictReader((corrected / "spread_posterior.csv").open()))

@@ -54,7 +54,7 @@ def _corrected(shift: float, leaky: bool) -> tuple[list[float], list[float], Cor
         settings = CorrectSettings(epochs=6)
     model = CorrectedModel(r, correction, contexts, settings)
     model.run()
-    joint, _ = model.covariance()
+    joint, _, _ = model.covariance()
     return r.theta.tolist(), joint.diag().sqrt().tolist(), model
 
 
@@ -120,7 +120,7 @@ def test_correction_reports_its_own_uncertainty(corrected):
     """The covariance with the correction's weights profiled out is wider than with them held
     (the correction's uncertainty reaches the edge shifts), by less than a factor 2."""
     for _, _, model in corrected.values():
-        joint, conditional = model.covariance()
+        joint, conditional, _ = model.covariance()
         ratio = (joint.diag() / conditional.diag()).sqrt()
         assert bool((ratio > 1.0).all()) and bool((ratio < 2.0).all()), ratio
 

@@ -25,6 +25,8 @@ def toy():
 
 
 def _correction(refinement, contexts, **settings) -> PixelCorrection:
+    """A correction with every part on (the head too, which is off by default) unless ``settings`` say otherwise."""
+    settings = {"head": True, **settings}
     return PixelCorrection(refinement.shots.panels.n_panels, CorrectionSettings(**settings), feature_statistics(refinement, contexts))
 
 
