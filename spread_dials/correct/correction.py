@@ -113,15 +113,22 @@ def _monomials(z: Tensor) -> Tensor:
 
 def redistribute(x: Tensor, coefficients: Tensor, neighbours: Tensor, open_boundary: bool = True) -> Tensor:
     """K x: ``x`` (N, ...) per pixel with, for each stencil offset o, a fraction c_o of every
-    pixel's value moved to its neighbour at o (``neighbours`` (K, N), -1 outside the shoebox).
-    A move to outside the shoebox takes the value off it (``open_boundary``: K x is the
-    convolution with the stencil, zero outside the box) or is not made (each shoebox's sum kept
-    exactly).  Linear in x."""
+    pixel's value moved to its neighbour at o (``neighbours`` (K, N), -1 outside the shoebox,
+    for the offsets of :func:`~spread_dials.correct.context.stencil_offsets`, whose order is
+    symmetric: offset K - 1 - k is minus offset k).  A move to outside the shoebox takes the value
+    off it (``open_boundary``: K x is the convolution with the stencil, zero outside the box) or
+    is not made (each shoebox's sum kept exactly).  Linear in x.  Written with gathers only (the
+    photons arriving at p from offset o come from the pixel at p - o): no scatter-add, so the
+    result does not depend on the order of floating-point additions."""
+    shape = (-1, *([1] * (x.dim() - 1)))
+    k = len(coefficients)
     out = x
-    for c, nb in zip(coefficients, neighbours):
-        inside = torch.nonzero(nb >= 0).squeeze(-1)
-        out = out.index_add(0, nb[inside], c * x[inside])
-        out = out - c * x if open_boundary else out.index_add(0, inside, -c * x[inside])
+    for j in range(k):
+        c = coefficients[j]
+        source = neighbours[k - 1 - j]  # the pixel at p - o_j, whose photons move to p
+        arriving = torch.where((source >= 0).view(shape), x[source.clamp(min=0)], torch.zeros_like(x))
+        leaving = x if open_boundary else torch.where((neighbours[j] >= 0).view(shape), x, torch.zeros_like(x))
+        out = out + c * (arriving - leaving)
     return out
 
 
