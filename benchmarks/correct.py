@@ -14,10 +14,14 @@ cell errors.  Injected (spread_dials.refine.synthetic.InjectedErrors; the refine
 told): psfF (Gaussian PSF of FWHM F px), gainR (per-panel gain, rms R), offsetE (spectrometer
 offset, eV), jitterE (per-still energy jitter rms, eV).
 
-Arms on the same stills: physics (the refine engine's defaults, to convergence) and corrected
-(dials.spread_correct's model warm-started from it: CorrectSettings defaults, the correction's
-parts kept by the capacity guard at 50 shoeboxes per weight).  Each line: estimates, Fisher
-sigma (physics), joint and conditional sigma (corrected), the parts kept, the learned stencil,
+Arms on the same stills: physics (the refine engine's defaults, to convergence), corrected
+(dials.spread_correct's model warm-started from it: CorrectSettings defaults, --parts of the
+correction kept by the capacity guard at 50 shoeboxes per weight, the spectrometer's offset and
+dispersion latents at --offset-sigma / --dispersion-sigma) and, with --oracle, the oracle
+(physics told the error: synthetic.oracle_profile_map and the true energies, fitted as the
+physics arm).  Each line: estimates, Fisher sigma (physics, oracle), the corrected model's
+sigma with everything profiled, with the correction held and with the calibration held, the
+parts kept, the learned stencil and head,
 seconds (physics, correction), seconds per epoch, GPU-seconds per still per epoch and the peak
 GPU memory.  Resumable: a (case, error, N, replicate, seed) already in the file is skipped.
 """
