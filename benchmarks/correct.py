@@ -79,29 +79,28 @@ def parse_error(text: str, n_panels: int, seed: int) -> InjectedErrors:
     return InjectedErrors(**fields)
 
 
-def fit_physics(shot_set: ShotSet, case: dict, model, sites, args,
+def fit_physics(shot_set: ShotSet, case: dict, model, sites, settings: RefineSettings,
                 profile_map: Callable[[int, ShotProfiles], ShotProfiles] | None = None) -> tuple[Refinement, list[float]]:
-    """dials.spread_refine's engine from the given crystals and the sites' initial edge shifts
-    (``args.macrocycles``), on profiles through ``profile_map`` when given (the oracle); returns
-    the refinement and the edge shifts' Fisher sigma."""
+    """dials.spread_refine's engine from the given crystals and the sites' initial edge shifts,
+    on profiles through ``profile_map`` when given (the oracle); returns the refinement and the
+    edge shifts' Fisher sigma."""
     n = len(shot_set.shots)
     caches = make_caches(shot_set, case["table"], model, refine_cell=True)
-    r = Refinement(shot_set, list(range(n)), n, caches, [], sites, sites.initial(), model, Parallel(),
-                   RefineSettings(macrocycles=args.macrocycles, refine_cell=True))  # fmt: skip
+    r = Refinement(shot_set, list(range(n)), n, caches, [], sites, sites.initial(), model, Parallel(), settings)
     if profile_map is not None:
-        r.profile_map = profile_map
-        r.caches = [c.with_profiles(profile_map(i, c.profiles)) for i, c in enumerate(r.caches)]
+        r.map_profiles(profile_map)
     r.initialise_states()
     r.run()
     return r, curvature(r, observed=False).profiled.diag().sqrt().tolist()
 
 
-def oracle_arm(shot_set: ShotSet, case: dict, errors: InjectedErrors, model, sites, args) -> tuple[Refinement, list[float]]:
+def oracle_arm(shot_set: ShotSet, case: dict, errors: InjectedErrors, model, sites,
+               settings: RefineSettings) -> tuple[Refinement, list[float]]:  # fmt: skip
     """Physics given the true error family and its values, run as the physics arm: the recorded
     spectra's true energies, every channel's profile (and its Jacobian) blurred inside its box
     by the true PSF as the stills were (``synthetic.blur_boxes``), times the true panel gain."""
     shots = replace(shot_set, shots=[replace(s, energy_eV=case["energy"].to(s.energy_eV)) for s in shot_set.shots])
-    return fit_physics(shots, case, model, sites, args, oracle_profile_map(shots, errors))
+    return fit_physics(shots, case, model, sites, settings, oracle_profile_map(shots, errors))
 
 
 def _sync(device: torch.device) -> None:
@@ -127,13 +126,13 @@ def run_one(case: dict, error: str, n: int, replicate: int, args, device: torch.
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     t0 = time.perf_counter()
-    physics, physics_sigma = fit_physics(shot_set, case, model, sites, args)
+    physics, physics_sigma = fit_physics(shot_set, case, model, sites, settings)
     _sync(device)
     t_physics = time.perf_counter() - t0
     oracle_theta = oracle_sigma = oracle_history = None
     t0 = time.perf_counter()
     if args.oracle:
-        oracle, oracle_sigma = oracle_arm(shot_set, case, errors, model, sites, args)
+        oracle, oracle_sigma = oracle_arm(shot_set, case, errors, model, sites, settings)
         oracle_theta, oracle_history = oracle.theta.tolist(), oracle.history
     t_oracle = time.perf_counter() - t0
     # the corrected arm: caches at the physics fit's crystals, theta from it
@@ -142,8 +141,8 @@ def run_one(case: dict, error: str, n: int, replicate: int, args, device: torch.
                          cells=[s.cell for s in physics.states])  # fmt: skip
     nominal = float(case["energy"].mean())
     corrected_sites = SpectrometerSites(sites, nominal, args.offset_sigma, args.dispersion_sigma)
-    start = torch.cat([physics.theta, corrected_sites.initial()[physics.theta.numel() :]])
-    r = Refinement(shot_set, list(range(n)), n, caches, [], corrected_sites, start, model, Parallel(), settings)
+    r = Refinement(shot_set, list(range(n)), n, caches, [], corrected_sites, corrected_sites.extend(physics.theta), model,
+                   Parallel(), settings)  # fmt: skip
     r.initialise_states()
     contexts = [pixel_context(shot_set, s, nominal, args.stencil_radius) for s in shot_set.shots]
     n_sb = sum(s.shoeboxes.n_shoeboxes for s in shot_set.shots)
@@ -155,8 +154,7 @@ def run_one(case: dict, error: str, n: int, replicate: int, args, device: torch.
     correction = PixelCorrection(shot_set.panels.n_panels, kept, feature_statistics(r, contexts)).to(device)
     corrected = CorrectedModel(r, correction, contexts, CorrectSettings(epochs=args.epochs))
     corrected.run()
-    calibration = tuple(range(corrected_sites.n_site_parameters, start.numel()))
-    joint, conditional, calibrated = corrected.covariance(held=calibration)
+    joint, conditional, calibrated = corrected.covariance(held=corrected_sites.latent_indices)
     _sync(device)
     t_correct = time.perf_counter() - t0
     epoch_s = [h["seconds"] for h in corrected.history]

@@ -10,8 +10,8 @@ context does not move).  The reflection's direction in the crystal frame and its
 those of the pixel's own scattering vector at the nominal energy, averaged over its shoebox:
 geometry, not the table's Miller index.
 
-Nothing here varies with a pixel's position inside its spot except the stencil's neighbours: in
-a pink beam each pixel of a spot is diffracted by its own energy, so a feature that resolves
+The intensity head's features (:attr:`PixelContext.head_features`) do not vary inside a shoebox:
+in a pink beam each pixel of a spot is diffracted by its own energy, so a feature that resolves
 positions inside a spot is a proxy for the energy, and the mean anomalous intensity
 |f' + i f''|^2 |G|^2 of every reflection steps with the energy at the edge (the part of the
 signal that does not change sign with the Miller index).  Measured: with the excitation error

@@ -25,12 +25,13 @@ the scoring step) runs on corrected profiles unchanged:
   resolution, one value per shoebox (partiality errors such as an anisotropic mosaic spread; no
   feature that resolves positions inside a spot, which would be a proxy for the energy:
   :mod:`~spread_dials.correct.context`): a linear combination of the 14 monomials of degree 1 and
-  2 of z = tanh(standardized feature), with a Gaussian prior on each coefficient.  Its slope is at most 2 ||w||_1 per unit of a standardized feature
-  (:meth:`PixelCorrection.head_slope_bound`: each term's gradient has norm <= 2 when |z| <= 1
-  and |dz/dx| <= 1), so it cannot follow the pseudo-random sign of a site's phase from one
-  Miller index to the next.  The bound is reported, not imposed: a hard bound (a rescaling of
-  the weights, then a projection onto the 1-norm ball) left the head pinned at the bound and the
-  fit stalled (the toy: a bias of 4 sigma on site B; the H200 PSF run: 0.7 eV, 26 sigma).  A departure from an MLP
+  2 of z = tanh(standardized feature), with a Gaussian prior on each coefficient.  Its slope is
+  at most 2 ||w||_1 per unit of a standardized feature (:meth:`PixelCorrection.head_slope_bound`:
+  each term's gradient has norm <= 2 when |z| <= 1 and |dz/dx| <= 1), so it cannot follow the
+  pseudo-random sign of a site's phase from one Miller index to the next.  The bound is
+  reported, not imposed: a hard bound (a rescaling of the weights, then a projection onto the
+  1-norm ball) left the head pinned at the bound and the fit stalled or ran off (toy, 2 stills:
+  site B -4.3 eV for truth 0 with the projection).  A departure from an MLP
   (CORRECT_DESIGN.md): the fit is Gauss-Newton on few, identifiable weights, and the smooth basis
   is itself a guard.
 
@@ -62,23 +63,22 @@ class CorrectionSettings:
     Attributes:
         gain: learn the gain field; gain_nodes: nodes per panel edge; gain_prior_sigma: prior
             sd of the log gain at each node (0.05: 5 %).
-        shoebox_boundary: ``open`` (photons moved off a shoebox leave it) or ``closed`` (they
-            stay; each shoebox's total kept).
         redistribution: learn the stencil; stencil_radius: its half-width (pixels);
             stencil_prior_sigma: prior sd of each coefficient (fraction of a pixel's photons moved).
+        shoebox_boundary: ``open`` (photons moved off a shoebox leave it) or ``closed`` (they
+            stay; each shoebox's total kept).
         head: learn the intensity head (off by default: on the toy with a PSF it moved site A
             by 2.4 sigma from where the stencil alone agrees with the oracle; why is not
-            understood yet);
-            head_prior_sigma: prior sd of each coefficient (log intensity).
+            understood yet); head_prior_sigma: prior sd of each coefficient (log intensity).
     """
 
     gain: bool = True
-    shoebox_boundary: str = "open"
     gain_nodes: int = 4
     gain_prior_sigma: float = 0.05
     redistribution: bool = True
     stencil_radius: int = 1
     stencil_prior_sigma: float = 0.1
+    shoebox_boundary: str = "open"
     head: bool = False
     head_prior_sigma: float = 0.05
 

@@ -117,8 +117,7 @@ class CorrectedModel:
         self.history: list[dict] = []
         self._anchor = [self._anchor_reference(i) for i in range(len(refinement.caches))]
         self._names = correction.learned()
-        refinement.profile_map = self._map
-        self.refresh()
+        refinement.map_profiles(self._map)
 
     # -- the correction's weights as one vector ---------------------------------------------------
 
@@ -195,15 +194,18 @@ class CorrectedModel:
         theta = self.refinement.theta if theta is None else theta
         return self._bragg(i, *self._physics_terms(i, theta), phi)
 
+    def _rate(self, i: int, bragg: Tensor) -> Tensor:
+        """(N,) local still i's rate at its current per-shot parameters for Bragg terms ``bragg``
+        (N,) per unit scale."""
+        state = self.refinement.states[i]
+        rate, _ = rate_from_terms(self.refinement.caches[i], state, BraggTerms(bragg, None, state.offsets))
+        return rate
+
     def rates(self, i: int, theta: Tensor | None = None, phi: Tensor | None = None) -> tuple[Tensor, Tensor]:
         """(lambda*, lambda_phys) (N,) of local still i at its current per-shot parameters, for
         ``theta`` and ``phi`` (default the current ones; differentiable in both)."""
-        r = self.refinement
         corrected, physics = self.bragg(i, theta, phi)
-        state, cache = r.states[i], r.caches[i]
-        lam_star, _ = rate_from_terms(cache, state, BraggTerms(corrected, None, state.offsets))
-        lam_phys, _ = rate_from_terms(cache, state, BraggTerms(physics, None, state.offsets))
-        return lam_star, lam_phys
+        return self._rate(i, corrected), self._rate(i, physics)
 
     # -- the anchor ----------------------------------------------------------------------------
 
@@ -237,7 +239,7 @@ class CorrectedModel:
         """(weighted NLL of lambda* at ``theta``, weighted anchor) of local still i."""
         r = self.refinement
         cache = r.caches[i]
-        lam_star, _ = self.rates(i, theta, phi)
+        lam_star = self._rate(i, self.bragg(i, theta, phi)[0])
         nll = negative_log_likelihood(lam_star, cache.counts, cache.fitted, r.settings.readout_sigma,
                                       r.settings.model_error_fraction)  # fmt: skip
         return cache.weight * nll, self.anchor(i, phi)
@@ -283,9 +285,12 @@ class CorrectedModel:
         J^T diag(1 / lambda*_0) J with J = d lambda*_0 / d phi (the KL's second derivative in
         lambda* is 1 / lambda*)."""
         cache = self.refinement.caches[i]
-        x = phi.to(cache.counts)
-        jacobian = torch.func.jacfwd(lambda y: self.anchored_rate(i, y)[0])(x)
-        lam_star, _ = self.anchored_rate(i, x)
+
+        def rate(y: Tensor) -> tuple[Tensor, Tensor]:
+            value = self.anchored_rate(i, y)[0]
+            return value, value
+
+        jacobian, lam_star = torch.func.jacfwd(rate, has_aux=True)(phi.to(cache.counts))
         w = torch.where(cache.fitted, 1.0 / lam_star.clamp(min=1e-300), torch.zeros_like(lam_star)) * cache.weight
         return ((w.unsqueeze(-1) * jacobian).T @ jacobian).detach()
 

@@ -93,8 +93,7 @@ def _correction_settings(params) -> CorrectionSettings:
     c = params.correct.correction
     return CorrectionSettings(gain=c.gain, gain_nodes=c.gain_nodes, gain_prior_sigma=c.gain_prior_sigma,
                               redistribution=c.redistribution, stencil_radius=c.stencil_radius,
-                              shoebox_boundary=c.shoebox_boundary,
-                              stencil_prior_sigma=c.stencil_prior_sigma, head=c.head,
+                              stencil_prior_sigma=c.stencil_prior_sigma, shoebox_boundary=c.shoebox_boundary, head=c.head,
                               head_prior_sigma=c.head_prior_sigma)  # fmt: skip
 
 
@@ -138,7 +137,7 @@ def run_correction(ctx, experiments, reflections, warm_start) -> dict:
     refine_cell = params.refinement.refine_cell
     rotations, cells = saved_cache_points(saved, shots, refine_cell, ctx.device) if saved is not None else (None, None)
     refinement = make_refinement(ctx, replace(setup, sites=sites), rotations, cells)
-    refinement.theta = torch.cat([warm["theta"], sites.initial()[warm["theta"].numel() :]])
+    refinement.theta = sites.extend(warm["theta"])
     refinement.initialise_states()
     radius = params.correct.correction.stencil_radius
     contexts = [pixel_context(shots, s, nominal, radius) for s in shots.shots]
@@ -175,8 +174,7 @@ def run_correction(ctx, experiments, reflections, warm_start) -> dict:
         comm.barrier()
 
     model.run(on_epoch=save)
-    calibration = tuple(range(sites.n_site_parameters, sites.initial().numel()))
-    joint, conditional, calibrated = model.covariance(held=calibration)
+    joint, conditional, calibrated = model.covariance(held=sites.latent_indices)
     results = _results(ctx, model, setup, warm, joint, conditional, calibrated, time.perf_counter() - t0)
     residuals = refined_residuals(refinement, comm, setup.settings.readout_sigma, params.refinement.flag_sigma_z)
     physics_photons = _physics_photons(model)
@@ -270,12 +268,8 @@ def _results(ctx, model: CorrectedModel, setup, warm: dict, joint: Tensor, condi
 def _spectrometer(sites: SpectrometerSites, theta: Tensor, joint: Tensor) -> dict:
     """Each spectrometer latent switched on: its estimate, posterior sd and calibration prior sd."""
     _, latent = sites.split(theta)
-    first = sites.n_site_parameters
-    out = {}
-    for k, (name, prior) in enumerate(sites.latents):
-        j = first + k
-        out[name] = {"value": float(latent[name]), "sigma": float(joint[j, j].clamp(min=0).sqrt()), "prior_sigma": prior}
-    return out
+    return {name: {"value": float(latent[name]), "sigma": float(joint[j, j].clamp(min=0).sqrt()), "prior_sigma": prior}
+            for (name, prior), j in zip(sites.latents, sites.latent_indices)}  # fmt: skip
 
 
 def _normal_quantile(q: float) -> float:

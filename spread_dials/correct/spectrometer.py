@@ -54,6 +54,16 @@ class SpectrometerSites(SiteModel):
         self.latents = [(n, float(s)) for n, s in (("offset", offset_sigma_eV), ("dispersion", dispersion_sigma)) if s is not None]
         self.n_site_parameters = int(sites.initial().numel())
 
+    @property
+    def latent_indices(self) -> tuple[int, ...]:
+        """Positions of the latents switched on in ``theta`` (after the site model's)."""
+        return tuple(range(self.n_site_parameters, self.n_site_parameters + len(self.latents)))
+
+    def extend(self, site_theta: Tensor) -> Tensor:
+        """(P + L,) the site model's parameters ``site_theta`` (P,) with every latent at 0 (its
+        prior mean)."""
+        return torch.cat([site_theta.to(torch.float64), torch.zeros(len(self.latents), dtype=torch.float64)])
+
     def split(self, theta: Tensor) -> tuple[Tensor, dict[str, Tensor]]:
         """(the site model's parameters, {latent name: 0-d value}) of ``theta``."""
         p = self.n_site_parameters
@@ -70,7 +80,7 @@ class SpectrometerSites(SiteModel):
         return e
 
     def initial(self) -> Tensor:
-        return torch.cat([self.sites.initial(), torch.zeros(len(self.latents), dtype=torch.float64)])
+        return self.extend(self.sites.initial())
 
     def curves(self, theta: Tensor, energy_eV: Tensor) -> tuple[Tensor, Tensor]:
         site_theta, _ = self.split(theta)

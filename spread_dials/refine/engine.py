@@ -161,6 +161,12 @@ class Refinement:
     history: list[dict] = field(default_factory=list)
     profile_map: Callable[[int, ShotProfiles], ShotProfiles] | None = None
 
+    def map_profiles(self, profile_map: Callable[[int, ShotProfiles], ShotProfiles]) -> None:
+        """Route every still's profiles through ``profile_map`` (:attr:`profile_map`): the
+        current caches' now, the kernel's recomputations from here on."""
+        self.profile_map = profile_map
+        self.caches = [c.with_profiles(profile_map(i, c.profiles)) for i, c in enumerate(self.caches)]
+
     def profiles_at(self, i: int, state: ShotState) -> ShotProfiles:
         """Local still i's profiles (and derivatives) recomputed by the kernel at the crystal
         offsets of ``state``, through :attr:`profile_map`."""

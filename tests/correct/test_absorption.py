@@ -74,8 +74,7 @@ def oracle():
     out = {}
     for shift in SHIFTS:
         r = _data(shift)
-        r.profile_map = oracle_profile_map(r.shots, PSF)
-        r.caches = [c.with_profiles(r.profile_map(i, c.profiles)) for i, c in enumerate(r.caches)]
+        r.map_profiles(oracle_profile_map(r.shots, PSF))
         r.initialise_states()
         r.run()
         out[shift] = (r.theta.tolist(), curvature(r, observed=False).profiled.diag().sqrt().tolist())
