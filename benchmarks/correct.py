@@ -121,6 +121,15 @@ def run_one(case: dict, error: str, n: int, replicate: int, args, device: torch.
         shots.append(made.shots[0])
     shot_set = ShotSet(made.panels, made.beam_direction, made.e_vector, made.polarization_fraction, shots,
                        [f"still {i}" for i in range(n)]).to(device)  # fmt: skip
+    n_sb = sum(s.shoeboxes.n_shoeboxes for s in shot_set.shots)
+    hit = int(torch.unique(torch.cat([s.shoeboxes.panel.cpu() for s in shot_set.shots])).numel())
+    parts = set(args.parts.split(","))
+    wanted = CorrectionSettings(stencil_radius=args.stencil_radius, gain="gain" in parts,
+                                redistribution="redistribution" in parts, head="head" in parts)  # fmt: skip
+    kept, notes = within_capacity(wanted, n_sb, hit, args.per_weight)
+    if not (kept.gain or kept.redistribution or kept.head):  # as dials.spread_correct: nothing to learn
+        raise SystemExit(f"Sorry: {n_sb} shoeboxes of {n} stills cannot pin down any part of the correction "
+                         f"(--per-weight {args.per_weight:g}: {'; '.join(notes)}): give more stills")  # fmt: skip
     sites = EdgeShiftSites(case["references"], list(range(len(case["references"]))), case["labels"])
     settings = RefineSettings(macrocycles=args.macrocycles, refine_cell=True)
     if device.type == "cuda":
@@ -145,12 +154,6 @@ def run_one(case: dict, error: str, n: int, replicate: int, args, device: torch.
                    Parallel(), settings)  # fmt: skip
     r.initialise_states()
     contexts = [pixel_context(shot_set, s, nominal, args.stencil_radius) for s in shot_set.shots]
-    n_sb = sum(s.shoeboxes.n_shoeboxes for s in shot_set.shots)
-    hit = int(torch.unique(torch.cat([s.shoeboxes.panel.cpu() for s in shot_set.shots])).numel())
-    parts = set(args.parts.split(","))
-    wanted = CorrectionSettings(stencil_radius=args.stencil_radius, gain="gain" in parts,
-                                redistribution="redistribution" in parts, head="head" in parts)  # fmt: skip
-    kept, notes = within_capacity(wanted, n_sb, hit, args.per_weight)
     correction = PixelCorrection(shot_set.panels.n_panels, kept, feature_statistics(r, contexts)).to(device)
     corrected = CorrectedModel(r, correction, contexts, CorrectSettings(epochs=args.epochs))
     corrected.run()

@@ -502,6 +502,7 @@ def run_replicate(case: dict, n: int, replicate: int, params, comm, device: torc
         "truth_states": None if prior_sigma is not None else case["truth_states"], "control": control,
         "theta": theta, "truth": truth, "sigma_fisher": sigma(cov.profiled), "sigma_sandwich": sigma(cov.sandwich),
         "sigma_bootstrap": sigma(boot),
+        "bootstrap_draws": None if draws is None else draws.tolist(),
         "differences": pair_differences(theta, truth, {"fisher": cov.profiled, "sandwich": cov.sandwich,
                                                        "bootstrap": boot}, case["labels"]),
         "shoeboxes": int(counts[0]), "pixels": int(counts[1]),
@@ -530,6 +531,8 @@ def summarise(path: Path) -> dict:
     the spread over the mean Fisher sigma, and the fraction of |z| < 1, 2; with two or more
     sites the same for every pairwise difference, plus its mean estimate and truth and
     ``z_mean`` = mean difference / mean Fisher sigma (how many sigma one data set separates them)."""
+    from spread_dials.validation.calibration import calibration_summary
+
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     out = {}
     for key in sorted({(r["case"], r["n"]) for r in rows}):
@@ -548,8 +551,61 @@ def summarise(path: Path) -> dict:
                 "truth_eV": tru.mean(0).round(4).tolist(), **_stats(est - tru, sig),
                 "z_mean": (est.mean(0) / sig.mean(0)).round(2).tolist(),
             }  # fmt: skip
+        if all(r.get("truth_prior_sigma_eV") is not None for r in group):
+            entry["calibration"] = {k: calibration_summary(pit) for k, pit in calibration_pits(group).items()}
         out[f"{key[0]} N={key[1]}"] = entry
     return out
+
+
+def calibration_pits(group: list[dict]) -> dict[str, np.ndarray]:
+    """{"<site or pair> <method>": (R,) PIT of the truth} over the replicates in ``group`` (one
+    (case, N)): the curvature (N(theta, sigma_fisher^2)), the sandwich where every replicate has
+    one, and the bootstrap's refits (rank of the truth among them) where every replicate has them;
+    pairwise differences likewise (bootstrap: differences of the refits)."""
+    from spread_dials.validation.calibration import draws_pit, gaussian_pit
+
+    rng = np.random.default_rng(np.random.SeedSequence([group[0]["seed"], group[0]["n"], 12]))  # the jitter of tied ranks
+    theta = np.array([r["theta"] for r in group])
+    truth = np.array([r["truth"] for r in group])
+    out = {}
+    for j, label in enumerate(group[0]["sites"]):
+        for method in ("fisher", "sandwich"):
+            sig = [r[f"sigma_{method}"] for r in group]
+            if all(s is not None for s in sig):
+                out[f"{label} {method}"] = gaussian_pit(theta[:, j], np.array(sig)[:, j], truth[:, j])
+        if all(r.get("bootstrap_draws") for r in group):
+            out[f"{label} bootstrap"] = draws_pit(np.array([np.array(r["bootstrap_draws"])[:, j] for r in group]), truth[:, j], rng)
+    for k, pair in enumerate((group[0].get("differences") or [])):
+        name = " - ".join(pair["sites"])
+        i, j = (group[0]["sites"].index(s) for s in pair["sites"])
+        rows = [r["differences"][k] for r in group]
+        est, tru = np.array([d["estimate"] for d in rows]), np.array([d["truth"] for d in rows])
+        for method in ("fisher", "sandwich"):
+            if all(d[f"sigma_{method}"] is not None for d in rows):
+                out[f"{name} {method}"] = gaussian_pit(est, np.array([d[f"sigma_{method}"] for d in rows]), tru)
+        if all(r.get("bootstrap_draws") for r in group):
+            draws = np.array([np.array(r["bootstrap_draws"])[:, i] - np.array(r["bootstrap_draws"])[:, j] for r in group])
+            out[f"{name} bootstrap"] = draws_pit(draws, tru, rng)
+    return out
+
+
+def plot_campaign(path: Path, directory: Path) -> list[Path]:
+    """PNGs of a campaign file into ``directory``: per (case, N) with a prior-drawn truth the
+    coverage curve and the SBC rank histograms of every site's intervals."""
+    from spread_dials.plots.calibration import plot_coverage, plot_rank_histograms
+
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    for case, n in sorted({(r["case"], r["n"]) for r in rows}):
+        group = [r for r in rows if (r["case"], r["n"]) == (case, n)]
+        if not all(r.get("truth_prior_sigma_eV") is not None for r in group):
+            continue
+        pits = calibration_pits(group)
+        title = f"{case}, {n} stills per data set, truth ~ N(0, {group[0]['truth_prior_sigma_eV']} eV)"
+        written.append(plot_coverage(pits, directory / f"{path.stem}_N{n}_coverage.png", title))
+        written.append(plot_rank_histograms(pits, directory / f"{path.stem}_N{n}_sbc.png", title=title))
+    return written
 
 
 FLAG_TO_PHIL = {
@@ -572,6 +628,7 @@ def main(argv=None) -> int:
         ap.add_argument("--" + flag.replace("_", "-"), dest=flag, default=None, help=f"= {FLAG_TO_PHIL[flag]}")
     ap.add_argument("--mpi", action="store_true", help="= mpi=True")
     ap.add_argument("--summarise", default=None, help="print the summary of a campaign file and stop")
+    ap.add_argument("--plots", default=None, help="with --summarise: write the calibration PNGs into this directory")
     ap.add_argument("--show-phil", action="store_true", help="print the parameters with their values and stop")
     ap.add_argument("--plan", action="store_true",
                     help="print each site's predicted sigma at every ladder.n from the Fisher information and stop")
@@ -583,6 +640,9 @@ def main(argv=None) -> int:
             if not path.is_file():
                 raise CampaignError(f"no campaign file {path}")
             print(json.dumps(summarise(path), indent=1))
+            if args.plots:
+                for png in plot_campaign(path, Path(args.plots)):
+                    print(f"wrote {png}")
             return 0
         files = [a for a in args.phil if "=" not in a]
         overrides = [a for a in args.phil if "=" in a]

@@ -23,7 +23,7 @@ SMOKE = REPO / "phil" / "campaign" / "ci_smoke.phil"
 TRUTH_SHIFT_EV = 2.0  # ci_smoke.phil's case.truth_shift: the truth is the reference moved by exactly this
 FIELDS = {
     "case", "n", "replicate", "seed", "sites", "truth_states", "control", "theta", "truth", "sigma_fisher",
-    "sigma_sandwich", "sigma_bootstrap", "differences", "shoeboxes", "pixels", "macrocycles", "ranks", "device",
+    "sigma_sandwich", "sigma_bootstrap", "bootstrap_draws", "differences", "shoeboxes", "pixels", "macrocycles", "ranks", "device",
     "cell_error", "truth_shift", "truth_prior_sigma_eV", "seconds", "date", "parameters",
 }  # fmt: skip
 
@@ -63,7 +63,7 @@ def test_every_json_line_has_every_field(campaign):
         assert r["truth_states"] is None  # truth_shift replaces the states
         assert len(r["theta"]) == len(r["truth"]) == len(r["sigma_fisher"]) == 1
         assert r["differences"] == []  # one site: no pairs
-        assert r["sigma_bootstrap"] is None  # refine.bootstrap = 0
+        assert r["sigma_bootstrap"] is None and r["bootstrap_draws"] is None  # refine.bootstrap = 0
         assert 1 <= r["macrocycles"] <= 6
         assert r["pixels"] > 9 * r["shoeboxes"] > 0  # boxes of at least 3 x 3 pixels
         assert 0 < r["seconds"] < 120 and len(r["parameters"]) == 10
@@ -112,6 +112,45 @@ def test_summarise(campaign, tmp_path):
         assert math.isnan(entry["spread_eV"][0])  # one replicate: no spread
         z = abs(r["theta"][0] - r["truth"][0]) / r["sigma_fisher"][0]
         assert entry["within_2_fisher_sigma"][0] == float(z < 2)
+
+
+def _calibration_records(rng, replicates: int, sigma_factor: float) -> list[dict]:
+    """Campaign lines of a two-site design whose truths come from the prior N(0, 1 eV) and whose
+    estimates scatter with the true sigma (per site, per data set); the reported Fisher sigma is
+    the true one times ``sigma_factor``, the bootstrap's 20 refits have the true spread."""
+    rows = []
+    for r in range(replicates):
+        truth = rng.normal(0.0, 1.0, 2)
+        sigma = rng.uniform(0.05, 0.1, 2)
+        theta = truth + sigma * rng.normal(size=2)
+        draws = theta + sigma * rng.normal(size=(20, 2))
+        fisher = (sigma * sigma_factor).tolist()
+        rows.append({"case": "toy", "n": 10, "replicate": r, "seed": 7, "sites": ["a", "b"],
+                     "theta": theta.tolist(), "truth": truth.tolist(), "sigma_fisher": fisher, "sigma_sandwich": None,
+                     "bootstrap_draws": draws.tolist(), "truth_prior_sigma_eV": 1.0,
+                     "differences": [{"sites": ["a", "b"], "estimate": theta[0] - theta[1], "truth": truth[0] - truth[1],
+                                      "sigma_fisher": float(np.hypot(*fisher)), "sigma_sandwich": None}]})  # fmt: skip
+    return rows
+
+
+def test_summarise_measures_calibration_and_plots_it(tmp_path):
+    """--summarise on lines with a prior-drawn truth reports coverage and SBC uniformity per site
+    and pair and method (spread_dials.validation.calibration), --plots writes the coverage curve
+    and rank histograms; an overconfident Fisher sigma (half the true one) fails both criteria."""
+    rng = np.random.default_rng(11)
+    for factor, calibrated in ((1.0, True), (0.5, False)):
+        path = tmp_path / f"cal_{factor}.jsonl"
+        path.write_text("".join(json.dumps(r) + "\n" for r in _calibration_records(rng, 400, factor)))
+        out = _run(str(HARNESS), "--summarise", str(path), "--plots", str(tmp_path / "png"), cwd=tmp_path)
+        assert out.returncode == 0, out.stderr[-3000:]
+        cal = json.loads(out.stdout[: out.stdout.rindex("}") + 1])["toy N=10"]["calibration"]
+        assert sorted(cal) == ["a - b bootstrap", "a - b fisher", "a bootstrap", "a fisher", "b bootstrap", "b fisher"]
+        for key, entry in cal.items():
+            assert entry["replicates"] == 400 and entry["levels"] == [0.5, 0.68, 0.9, 0.95]
+            good = calibrated or "bootstrap" in key
+            assert entry["within_tolerance"] == good and entry["uniform"] == good, (key, entry)
+        for png in (f"cal_{factor}_N10_coverage.png", f"cal_{factor}_N10_sbc.png"):
+            assert (tmp_path / "png" / png).stat().st_size > 10_000 and f"wrote {tmp_path / 'png' / png}" in out.stdout
 
 
 @pytest.mark.parametrize(
