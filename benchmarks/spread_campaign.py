@@ -406,24 +406,16 @@ def plan(case: dict, params, device: torch.device) -> dict:
     profiled Fisher information of ``plan.probe_stills`` noise-free stills at the truth
     (:mod:`spread_dials.refine.planning`); no refinement."""
     from spread_dials.refine.engine import RefineSettings
-    from spread_dials.refine.planning import predicted_covariance, still_information
-    from spread_dials.refine.shots import ShotSet
+    from spread_dials.refine.planning import predicted_covariance, probe_stills, still_information
     from spread_dials.refine.sites import EdgeShiftSites
-    from spread_dials.refine.synthetic import synthetic_shots
 
     t0 = time.perf_counter()
     seed, k = params.ladder.seed, params.plan.probe_stills
     probe_n = params.plan.same_stills_as_n
     seeds = [_still_seed(seed, probe_n, 0, i) if probe_n else _still_seed(seed, 0, 0, i) for i in range(k)]  # (N = 0: never a ladder point)
-    shots = []
-    for s in seeds:  # as run_replicate's stills, with the given crystal the true one
-        made, _ = synthetic_shots(case["panels"], case["truth"], case["model"], case["real_space"], case["energy"], 1,
-                                  seed=s, spot_scale=case["spot_scale"], background_photons=params.stills.background_photons,
-                                  orientation_error_deg=0.0, min_bragg_photons=params.stills.min_bragg_photons,
-                                  device=device)  # fmt: skip
-        shots.append(made.shots[0])
-    shot_set = ShotSet(made.panels, made.beam_direction, made.e_vector, made.polarization_fraction, shots,
-                       [f"probe {i}" for i in range(k)]).to(device)  # fmt: skip
+    shot_set = probe_stills(case["panels"], case["truth"], case["model"], case["real_space"], case["energy"], seeds,
+                            case["spot_scale"], params.stills.background_photons, params.stills.min_bragg_photons,
+                            device)  # fmt: skip
     sites = EdgeShiftSites(case["references"], list(range(len(case["references"]))), case["labels"])
     truth = truth_shifts(case)
     settings = RefineSettings(refine_cell=params.stills.cell_error > 0)

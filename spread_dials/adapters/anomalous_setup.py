@@ -36,6 +36,7 @@ __all__ = [
     "measured_reference_files",
     "site_oxidation_states",
     "site_references",
+    "site_edge_shifts",
     "anomalous_model_from_params",
 ]
 
@@ -209,13 +210,19 @@ def _check_coverage(anomalous, sites, references, shift: Tensor, energy_eV: Tens
             )
 
 
+def site_edge_shifts(anomalous, n_sites: int) -> Tensor:
+    """(S,) each site's edge shift (eV) against its reference (``anomalous.edge_shift_eV``: one
+    value for all or one per site; None 0)."""
+    shifts = _per_site(anomalous.edge_shift_eV, n_sites, "anomalous.edge_shift_eV")
+    return torch.tensor([0.0 if s is None else float(s) for s in shifts], dtype=torch.float64)
+
+
 def anomalous_model_from_params(
     anomalous, sites: Sequence[AnomalousSite], energy_eV: Tensor, free_atom_table: str = "sasaki"
 ) -> nn.Module:
     """The per-site f'/f'' model: call it with channel energies (C,) for two (S, C) tensors."""
     references = site_references(anomalous, sites, energy_eV, free_atom_table)
-    shifts = _per_site(anomalous.edge_shift_eV, len(sites), "anomalous.edge_shift_eV")
-    shift = torch.tensor([0.0 if s is None else float(s) for s in shifts], dtype=torch.float64)
+    shift = site_edge_shifts(anomalous, len(sites))
     _check_coverage(anomalous, sites, references, shift, energy_eV)
     if anomalous.model == "edge_shift":
         return EdgeShiftModel(references, shift, refine=True)

@@ -32,8 +32,10 @@ from spread_dials.refine.model import ShotState
 from spread_dials.refine.profiles import CrystalModel
 from spread_dials.refine.shots import ShotSet
 from spread_dials.refine.sites import SiteModel
+from spread_dials.refine.synthetic import synthetic_shots
 
-__all__ = ["StillInformation", "still_information", "predicted_covariance", "predicted_sigma"]
+__all__ = ["StillInformation", "probe_stills", "still_information", "predicted_covariance", "predicted_sigma",
+           "stills_needed"]
 
 
 @dataclass(frozen=True)
@@ -49,6 +51,30 @@ class StillInformation:
     per_still: Tensor
     mean: Tensor
     names: list[str]
+
+
+def probe_stills(panels, truth: StructureFactors, model: CrystalModel, real_space: Tensor, energy_eV: Tensor,
+                 seeds: list[int], spot_scale: float, background_photons: float, min_bragg_photons: float,
+                 device: torch.device) -> ShotSet:  # fmt: skip
+    """Noise-free probe stills at the truth, one per seed: random orientations and SASE-like
+    channel weights (:func:`~spread_dials.refine.synthetic.synthetic_shots`), the given crystal
+    the true one (no orientation or cell error), shoeboxes of reflections with at least
+    ``min_bragg_photons`` expected Bragg photons.
+
+    Arguments:
+        panels: the detector (physics panels); truth: F0, G and the true f', f'' (S, C) per
+            channel; model: the crystal model (its domains make the stills); real_space: (3, 3)
+            the cell's rows a, b, c (A); energy_eV: (C,) channel energies (eV); spot_scale: the
+            kernel's scale (domains in the beam); background_photons: flat background per pixel.
+    """
+    shots, made = [], None
+    for seed in seeds:
+        made, _ = synthetic_shots(panels, truth, model, real_space, energy_eV, 1, seed=seed, spot_scale=spot_scale,
+                                  background_photons=background_photons, orientation_error_deg=0.0,
+                                  min_bragg_photons=min_bragg_photons, device=device)  # fmt: skip
+        shots.append(made.shots[0])
+    return ShotSet(made.panels, made.beam_direction, made.e_vector, made.polarization_fraction, shots,
+                   [f"probe {i}" for i in range(len(seeds))]).to(device)  # fmt: skip
 
 
 def still_information(shots: ShotSet, table: StructureFactors, model: CrystalModel, sites: SiteModel, theta: Tensor,
@@ -92,3 +118,16 @@ def predicted_covariance(information: StillInformation, n_stills: int) -> Tensor
 def predicted_sigma(information: StillInformation, n_stills: int) -> Tensor:
     """(P,) sigma of each global parameter from ``n_stills`` stills (eV for edge shifts)."""
     return predicted_covariance(information, n_stills).diagonal().clamp(min=0).sqrt()
+
+
+def stills_needed(variance_one_still: float, sigma_eV: float) -> int:
+    """Stills whose information gives a sigma of at most ``sigma_eV`` to a quantity whose
+    variance from one still's mean information is ``variance_one_still`` (eV^2):
+    ceil(variance / sigma^2).
+
+    Raises:
+        ValueError: a sigma that is not positive.
+    """
+    if not sigma_eV > 0:
+        raise ValueError(f"the target sigma must be > 0 eV, not {sigma_eV}")
+    return max(1, math.ceil(variance_one_still / sigma_eV**2 - 1e-9))
