@@ -6,6 +6,9 @@ Usage (repository root; on the GPU machines with PYTHONPATH=$PWD, bench_data car
     mpirun -n 8 python benchmarks/spread_campaign.py phil/campaign/psii_20k.phil mpi=True
                                                  (stills striped over ranks, one GPU per rank)
     python benchmarks/spread_campaign.py --summarise campaign/campaign_rubredoxin.jsonl
+    for i in 0 1 2 3; do CUDA_VISIBLE_DEVICES=$((i % 2)) python benchmarks/spread_campaign.py \
+        phil/campaign/rubredoxin_ladder_exact.phil mpi=False ladder.shards=4 ladder.shard=$i & done; wait
+    python benchmarks/spread_campaign.py --summarise campaign/campaign_rubredoxin_shift2.shard*.jsonl
     python benchmarks/spread_campaign.py --show-phil          (the parameters, their defaults)
     python benchmarks/spread_campaign.py phil/campaign/ferredoxin_ladder.phil --plan
                           (each site's and site pair's sigma at every ladder.n predicted from the
@@ -55,7 +58,11 @@ profiled Fisher sigma at the optimum: the Cramer-Rao bound of these pixels when 
 right), ``sigma_sandwich``, ``sigma_bootstrap`` (with refine.bootstrap > 0), with two or more
 sites the pairwise ``differences`` (estimate, truth, Fisher and sandwich sigma from the
 covariance), shoeboxes, pixels, seconds, device and ``parameters`` (a hash of all the PHIL
-values).  Resumable: an (N, replicate, seed) already in the output file is skipped.  --summarise
+values).  Resumable: an (N, replicate, seed) already in the output file is skipped.  Shards
+(``ladder.shards``, ``ladder.shard``): independent processes that split the (N, replicate)
+pairs round-robin, one file each (several per GPU: a rubredoxin still is launch-bound, one
+process leaves the GPU mostly idle); a still's seed depends only on (seed, N, replicate, still),
+so the shards' lines are the unsharded run's.  --summarise
 gives per (case, N) the bias, spread and mean Fisher sigma of every site and site pair.  CI runs
 phil/campaign/ci_smoke.phil (tests/benchmarks/test_campaign_smoke.py).  Not yet (issue 12): the
 precision ladder's plot, the Figure 9 metric, the calibration analysis (coverage, SBC ranks), the
@@ -171,6 +178,12 @@ ladder {
     .type = int(value_min=1)
   seed = 1
     .type = int
+  shards = 1
+    .type = int(value_min=1)
+    .help = "Split the ladder's (N, replicate) pairs round-robin over this many independent processes (no MPI; several per GPU keep a launch-bound GPU busy); each writes <name>.shard<i>of<shards>.jsonl"
+  shard = 0
+    .type = int(value_min=0)
+    .help = "Which of the shards this process runs (0 .. shards - 1)"
 }
 refine {
   macrocycles = 6
@@ -518,14 +531,19 @@ def _stats(error: np.ndarray, fisher: np.ndarray) -> dict:
     }  # fmt: skip
 
 
-def summarise(path: Path) -> dict:
+def _records(paths: list[Path]) -> list[dict]:
+    """Every line of the campaign files ``paths`` (e.g. the shards of one ladder)."""
+    return [json.loads(line) for path in paths for line in path.read_text().splitlines() if line.strip()]
+
+
+def summarise(paths: list[Path]) -> dict:
     """Per (case, N): replicates, bias and spread of each site's estimate, mean Fisher sigma,
     the spread over the mean Fisher sigma, and the fraction of |z| < 1, 2; with two or more
     sites the same for every pairwise difference, plus its mean estimate and truth and
     ``z_mean`` = mean difference / mean Fisher sigma (how many sigma one data set separates them)."""
     from spread_dials.validation.calibration import calibration_summary
 
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = _records(paths)
     out = {}
     for key in sorted({(r["case"], r["n"]) for r in rows}):
         group = [r for r in rows if (r["case"], r["n"]) == key]
@@ -581,12 +599,14 @@ def calibration_pits(group: list[dict]) -> dict[str, np.ndarray]:
     return out
 
 
-def plot_campaign(path: Path, directory: Path) -> list[Path]:
-    """PNGs of a campaign file into ``directory``: per (case, N) with a prior-drawn truth the
-    coverage curve and the SBC rank histograms of every site's intervals."""
+def plot_campaign(paths: list[Path], directory: Path) -> list[Path]:
+    """PNGs of campaign files into ``directory``: per (case, N) with a prior-drawn truth the
+    coverage curve and the SBC rank histograms of every site's intervals (files named after the
+    first path)."""
     from spread_dials.plots.calibration import plot_coverage, plot_rank_histograms
 
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    path = paths[0]
+    rows = _records(paths)
     directory.mkdir(parents=True, exist_ok=True)
     written = []
     for case, n in sorted({(r["case"], r["n"]) for r in rows}):
@@ -609,7 +629,8 @@ FLAG_TO_PHIL = {
 
 def output_path(params) -> Path:
     stem = params.output.name or f"campaign_{params.case.name}" + ("" if params.control == "none" else f"_{params.control}")
-    return Path(params.output.directory) / f"{stem}.jsonl"
+    shards = params.ladder.shards
+    return Path(params.output.directory) / (f"{stem}.jsonl" if shards == 1 else f"{stem}.shard{params.ladder.shard}of{shards}.jsonl")
 
 
 def main(argv=None) -> int:
@@ -619,7 +640,7 @@ def main(argv=None) -> int:
     for flag in FLAG_TO_PHIL:
         ap.add_argument("--" + flag.replace("_", "-"), dest=flag, default=None, help=f"= {FLAG_TO_PHIL[flag]}")
     ap.add_argument("--mpi", action="store_true", help="= mpi=True")
-    ap.add_argument("--summarise", default=None, help="print the summary of a campaign file and stop")
+    ap.add_argument("--summarise", nargs="+", default=None, help="print the summary of campaign files (e.g. a ladder's shards) and stop")
     ap.add_argument("--plots", default=None, help="with --summarise: write the calibration PNGs into this directory")
     ap.add_argument("--show-phil", action="store_true", help="print the parameters with their values and stop")
     ap.add_argument("--plan", action="store_true",
@@ -628,12 +649,13 @@ def main(argv=None) -> int:
     args = ap.parse_intermixed_args(argv)
     try:
         if args.summarise:
-            path = Path(args.summarise)
-            if not path.is_file():
-                raise CampaignError(f"no campaign file {path}")
-            print(json.dumps(summarise(path), indent=1))
+            paths = [Path(p) for p in args.summarise]
+            for path in paths:
+                if not path.is_file():
+                    raise CampaignError(f"no campaign file {path}")
+            print(json.dumps(summarise(paths), indent=1))
             if args.plots:
-                for png in plot_campaign(path, Path(args.plots)):
+                for png in plot_campaign(paths, Path(args.plots)):
                     print(f"wrote {png}")
             return 0
         files = [a for a in args.phil if "=" not in a]
@@ -677,7 +699,10 @@ def run_campaign(flat: dict, plan_only: bool = False) -> int:
         out.parent.mkdir(parents=True, exist_ok=True)
     design = hashlib.sha1(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:10]
     seed = params.ladder.seed
-    work = [(n, r) for n in params.ladder.n for r in range(params.ladder.replicates) if (n, r, seed) not in done]
+    if not 0 <= params.ladder.shard < params.ladder.shards:
+        raise CampaignError(f"ladder.shard = {params.ladder.shard} is not one of the {params.ladder.shards} shards (0 .. shards - 1)")
+    pairs = [(n, r) for n in params.ladder.n for r in range(params.ladder.replicates)]
+    work = [p for k, p in enumerate(pairs) if k % params.ladder.shards == params.ladder.shard and (*p, seed) not in done]
     if comm.is_root:
         print(f"{out}: {len(work)} replicates to run ({len(done)} already there; parameters {design})", flush=True)
     t_start = time.perf_counter()

@@ -97,6 +97,32 @@ def test_a_rerun_adds_no_lines(campaign):
     assert path.read_text() == before
 
 
+def test_shards_split_the_ladder_and_reproduce_its_lines(campaign, tmp_path):
+    """Two shards (independent processes) run one (N, replicate) each, and their lines are the
+    unsharded run's (every still's seed depends on (seed, N, replicate, still) alone); the
+    summary of both shards is the summary of the whole."""
+    path, _, _ = campaign
+    tables = path.parent.parent / "tables"
+    for shard in (0, 1):
+        out = _run(str(HARNESS), str(SMOKE), f"case.data={tables}", "output.directory=out", "ladder.shards=2",
+                   f"ladder.shard={shard}", cwd=tmp_path)  # fmt: skip
+        assert out.returncode == 0, out.stderr[-3000:]
+    whole = {(r["n"], r["replicate"]): r for r in map(json.loads, path.read_text().splitlines())}
+    files = [tmp_path / "out" / f"campaign_tiny.shard{k}of2.jsonl" for k in (0, 1)]
+    for k, f in enumerate(files):
+        (line,) = f.read_text().splitlines()
+        r = json.loads(line)
+        assert (r["n"], r["replicate"]) == [(2, 0), (4, 0)][k]
+        assert r["theta"] == pytest.approx(whole[(r["n"], r["replicate"])]["theta"], abs=1e-9)
+        assert r["sigma_fisher"] == pytest.approx(whole[(r["n"], r["replicate"])]["sigma_fisher"], rel=1e-9)
+    both = _run(str(HARNESS), "--summarise", *map(str, files), cwd=tmp_path)
+    one = _run(str(HARNESS), "--summarise", str(path), cwd=tmp_path)
+    assert both.returncode == 0 and json.loads(both.stdout) == json.loads(one.stdout)
+    bad = _run(str(HARNESS), str(SMOKE), f"case.data={tables}", "output.directory=out", "ladder.shards=2",
+               "ladder.shard=2", cwd=tmp_path)  # fmt: skip
+    assert bad.returncode == 1 and bad.stderr.strip().startswith("Sorry: ladder.shard = 2")
+
+
 def test_summarise(campaign, tmp_path):
     path, _, _ = campaign
     rows = [json.loads(line) for line in path.read_text().splitlines()]
