@@ -107,7 +107,31 @@ def psd_pseudo_inverse(h: Tensor, rcond: float = 1e-10) -> Tensor:
     eigenvalue below ``rcond`` (a parameter the still does not determine, or round-off that
     makes an eigenvalue negative) are dropped rather than inverted."""
     d = h.diagonal().clamp(min=1e-300).rsqrt()
-    evals, evecs = torch.linalg.eigh(d.unsqueeze(-1) * h * d)
+    evals, evecs = _symmetric_eigen(d.unsqueeze(-1) * h * d)
     keep = evals > rcond * evals.max().clamp(min=1e-300)
     inv = (evecs[:, keep] / evals[keep]) @ evecs[:, keep].T
     return d.unsqueeze(-1) * inv * d
+
+
+def _symmetric_eigen(m: Tensor) -> tuple[Tensor, Tensor]:
+    """Eigenvalues and eigenvectors of the symmetric ``m`` (P, P) on its device.  cuSOLVER's
+    eigh can fail to converge on an ill-conditioned matrix (seen on an H200 with a correction's
+    11 x 11 information, error code 7): then LAPACK's on the CPU, and failing that the SVD
+    (for a PSD matrix the same decomposition; a negative round-off eigenvalue comes back
+    positive but below ``rcond`` it is dropped either way).
+
+    Raises:
+        ValueError: ``m`` holds a NaN or an infinity.
+    """
+    if not bool(torch.isfinite(m).all()):
+        raise ValueError("the information matrix holds a NaN or an infinity")
+    try:
+        return torch.linalg.eigh(m)
+    except torch.linalg.LinAlgError:
+        pass
+    cpu = m.detach().cpu()
+    try:
+        evals, evecs = torch.linalg.eigh(cpu)
+    except torch.linalg.LinAlgError:
+        evecs, evals, _ = torch.linalg.svd(cpu)
+    return evals.to(m.device), evecs.to(m.device)
