@@ -599,16 +599,41 @@ def calibration_pits(group: list[dict]) -> dict[str, np.ndarray]:
     return out
 
 
-def plot_campaign(paths: list[Path], directory: Path) -> list[Path]:
-    """PNGs of campaign files into ``directory``: per (case, N) with a prior-drawn truth the
-    coverage curve and the SBC rank histograms of every site's intervals (files named after the
-    first path)."""
+def plot_campaign(paths: list[Path], directory: Path, plan: dict | None = None) -> list[Path]:
+    """PNGs of campaign files into ``directory`` (named after the first path): for a ladder of
+    two or more N (each with replicates) the measured spread and mean Fisher sigma against N per
+    site and pair, beside the planned bound of ``plan`` (a --plan output); per (case, N) with a
+    prior-drawn truth the coverage curve and the SBC rank histograms of every interval."""
     from spread_dials.plots.calibration import plot_coverage, plot_rank_histograms
+    from spread_dials.plots.planning import plot_ladder
 
     path = paths[0]
     rows = _records(paths)
     directory.mkdir(parents=True, exist_ok=True)
     written = []
+    summary = summarise(paths)
+    predicted = {}
+    if plan is not None:
+        predicted = {int(n): entry for n, entry in plan["predicted"].items()}
+    for case in sorted({r["case"] for r in rows}):
+        entries = {int(k.split("N=")[1]): v for k, v in summary.items() if k.startswith(f"{case} N=")}
+        entries = {n: e for n, e in entries.items() if e["replicates"] > 1}
+        if len(entries) < 2:
+            continue
+        sites = next(iter(entries.values()))["sites"]
+        for j, label in enumerate(sites):
+            ladder = {n: {"spread": e["spread_eV"][j], "fisher": e["sigma_fisher_eV"][j], "replicates": e["replicates"]}
+                      for n, e in entries.items()}  # fmt: skip
+            bound = {n: p["sigma_eV"][j] for n, p in predicted.items()} if predicted else None
+            name = label.replace("/", "_").replace(" ", "_")
+            written.append(plot_ladder(ladder, directory / f"{path.stem}_ladder_{name}.png", bound, f"{case}: {label}"))
+        pairs = next(iter(entries.values())).get("differences")
+        for k, pair in enumerate(pairs["pairs"] if pairs else []):
+            ladder = {n: {"spread": e["differences"]["spread_eV"][k], "fisher": e["differences"]["sigma_fisher_eV"][k],
+                          "replicates": e["replicates"]} for n, e in entries.items()}  # fmt: skip
+            bound = {n: p["differences"][k]["sigma_predicted"] for n, p in predicted.items()} if predicted else None
+            name = "-".join(s.split()[0].replace("/", "_") for s in pair)
+            written.append(plot_ladder(ladder, directory / f"{path.stem}_ladder_{name}.png", bound, f"{case}: {' - '.join(pair)}"))
     for case, n in sorted({(r["case"], r["n"]) for r in rows}):
         group = [r for r in rows if (r["case"], r["n"]) == (case, n)]
         if not all(r.get("truth_prior_sigma_eV") is not None for r in group):
@@ -641,7 +666,8 @@ def main(argv=None) -> int:
         ap.add_argument("--" + flag.replace("_", "-"), dest=flag, default=None, help=f"= {FLAG_TO_PHIL[flag]}")
     ap.add_argument("--mpi", action="store_true", help="= mpi=True")
     ap.add_argument("--summarise", nargs="+", default=None, help="print the summary of campaign files (e.g. a ladder's shards) and stop")
-    ap.add_argument("--plots", default=None, help="with --summarise: write the calibration PNGs into this directory")
+    ap.add_argument("--plots", default=None, help="with --summarise: write the ladder and calibration PNGs into this directory")
+    ap.add_argument("--plan-file", default=None, help="with --plots: a --plan output (JSON) whose bound the ladder plots show")
     ap.add_argument("--show-phil", action="store_true", help="print the parameters with their values and stop")
     ap.add_argument("--plan", action="store_true",
                     help="print each site's predicted sigma at every ladder.n from the Fisher information and stop")
@@ -655,7 +681,13 @@ def main(argv=None) -> int:
                     raise CampaignError(f"no campaign file {path}")
             print(json.dumps(summarise(paths), indent=1))
             if args.plots:
-                for png in plot_campaign(paths, Path(args.plots)):
+                plan = None
+                if args.plan_file:
+                    try:
+                        plan = json.loads(Path(args.plan_file).read_text())
+                    except (OSError, ValueError) as e:
+                        raise CampaignError(f"cannot read the plan {args.plan_file}: {e}") from None
+                for png in plot_campaign(paths, Path(args.plots), plan):
                     print(f"wrote {png}")
             return 0
         files = [a for a in args.phil if "=" not in a]

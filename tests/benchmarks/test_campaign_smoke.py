@@ -140,7 +140,7 @@ def test_summarise(campaign, tmp_path):
         assert entry["within_2_fisher_sigma"][0] == float(z < 2)
 
 
-def _calibration_records(rng, replicates: int, sigma_factor: float) -> list[dict]:
+def _calibration_records(rng, replicates: int, sigma_factor: float, n: int = 10) -> list[dict]:
     """Campaign lines of a two-site design whose truths come from the prior N(0, 1 eV) and whose
     estimates scatter with the true sigma (per site, per data set); the reported Fisher sigma is
     the true one times ``sigma_factor``, the bootstrap's 20 refits have the true spread."""
@@ -151,7 +151,7 @@ def _calibration_records(rng, replicates: int, sigma_factor: float) -> list[dict
         theta = truth + sigma * rng.normal(size=2)
         draws = theta + sigma * rng.normal(size=(20, 2))
         fisher = (sigma * sigma_factor).tolist()
-        rows.append({"case": "toy", "n": 10, "replicate": r, "seed": 7, "sites": ["a", "b"],
+        rows.append({"case": "toy", "n": n, "replicate": r, "seed": 7, "sites": ["a", "b"],
                      "theta": theta.tolist(), "truth": truth.tolist(), "sigma_fisher": fisher, "sigma_sandwich": None,
                      "bootstrap_draws": draws.tolist(), "truth_prior_sigma_eV": 1.0,
                      "differences": [{"sites": ["a", "b"], "estimate": theta[0] - theta[1], "truth": truth[0] - truth[1],
@@ -177,6 +177,24 @@ def test_summarise_measures_calibration_and_plots_it(tmp_path):
             assert entry["within_tolerance"] == good and entry["uniform"] == good, (key, entry)
         for png in (f"cal_{factor}_N10_coverage.png", f"cal_{factor}_N10_sbc.png"):
             assert (tmp_path / "png" / png).stat().st_size > 10_000 and f"wrote {tmp_path / 'png' / png}" in out.stdout
+
+
+def test_plots_draw_the_ladder_beside_the_plan(tmp_path):
+    """--plots with two N of several replicates draws a ladder per site and per pair, with the
+    bound of a --plan file (its sigma at each N)."""
+    rng = np.random.default_rng(2)
+    path = tmp_path / "ladder.jsonl"
+    rows = _calibration_records(rng, 6, 1.0, n=10) + _calibration_records(rng, 6, 1.0, n=40)
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    plan = {"predicted": {str(n): {"sigma_eV": [0.08 / n**0.5, 0.09 / n**0.5],
+                                   "differences": [{"sigma_predicted": 0.12 / n**0.5}]} for n in (10, 40)}}  # fmt: skip
+    (tmp_path / "plan.json").write_text(json.dumps(plan))
+    out = _run(str(HARNESS), "--summarise", str(path), "--plots", "png", "--plan-file", "plan.json", cwd=tmp_path)
+    assert out.returncode == 0, out.stderr[-3000:]
+    for name in ("ladder_ladder_a.png", "ladder_ladder_b.png", "ladder_ladder_a-b.png"):
+        assert (tmp_path / "png" / name).stat().st_size > 10_000, name
+    bad = _run(str(HARNESS), "--summarise", str(path), "--plots", "png", "--plan-file", "nowhere.json", cwd=tmp_path)
+    assert bad.returncode == 1 and bad.stderr.strip().startswith("Sorry: cannot read the plan nowhere.json")
 
 
 @pytest.mark.parametrize(
