@@ -334,18 +334,18 @@ class Refinement:
         profiled information (:func:`~spread_dials.refine.information.shot_information`); with
         stage 1 at its optimum for the current theta the gradient at fixed per-shot parameters
         is the profile likelihood's.  Each parameter moves at most ``max_global_step``; t from a
-        backtracking line search on the profile NLL (:meth:`_scoring_step`).
+        backtracking line search on the profile NLL (:meth:`scoring_step`).
         ``lbfgs``: L-BFGS with the per-shot parameters fixed (conditional: steps shrink by the
         ratio of the profiled to the conditional information, ~30x on the demo's stills).
         """
         if self.settings.stage2 == "lbfgs":
             self.theta = refine_globals(self.global_value_and_grad, self.theta, self.settings.stage2_iterations)
         else:
-            self._scoring_step()
+            self.scoring_step()
         value, _ = self.global_value_and_grad(self.theta)
         return float(value)
 
-    def _scoring_step(self) -> None:
+    def scoring_step(self) -> None:
         """theta + t d, d the Fisher-scoring direction of the profile likelihood (capped at
         ``max_global_step``), t in 1, 1/4, 1/16 the first that lowers the profile NLL on the
         caches (every still's scale, offsets and planes refitted at the trial theta by stage 1's
@@ -372,10 +372,12 @@ class Refinement:
     def _profile_nll(self, theta: Tensor) -> tuple[float, list[ShotState]]:
         """Profile NLL + prior at ``theta`` on the current caches (every still's per-shot
         parameters refitted by stage 1's Gauss-Newton from their current values, profiles kept;
-        summed in still order) and the refitted per-shot parameters."""
+        each still's NLL times its ``weight``, summed in still order) and the refitted per-shot
+        parameters."""
         fits = [refine_shot(cache, state, self.curves_intensity(i, theta).detach(), self.settings)
                 for i, (cache, state) in enumerate(zip(self.caches, self.states))]  # fmt: skip
-        profile = self.ordered_total([nll for _, nll in fits]) + float(self.sites.negative_log_prior(theta))
+        profile = self.ordered_total([cache.weight * nll for cache, (_, nll) in zip(self.caches, fits)])
+        profile += float(self.sites.negative_log_prior(theta))
         return profile, [state for state, _ in fits]
 
 

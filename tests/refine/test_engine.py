@@ -4,6 +4,7 @@ finite differences, autograd's gradcheck)."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -273,6 +274,36 @@ def test_scoring_and_lbfgs_stage_two_reach_the_same_edge_shift():
     assert sigma < 1.0, results  # the stills determine the shift (the prior's sigma is 10 eV)
     assert abs(a - b) < 0.05 * sigma, results
     assert n_a <= n_b, results
+
+
+def test_a_weighted_refit_drops_a_still_as_a_refinement_without_it():
+    """The bootstrap's refit (uncertainty.refit_weighted: scoring steps of the weighted profile
+    likelihood, per-shot parameters refitted) with weights (1, 1, 0) from the 3-still optimum
+    lands where an independent refinement of the first two stills alone converges (to 5 % of
+    its Fisher sigma), and weights (1, 1, 1) leave theta at the optimum; the refinement is left
+    as it was."""
+    from spread_dials.refine.uncertainty import curvature, refit_weighted
+
+    shots, table, model, ref, _ = _bright_stills(3, 0.002)
+
+    def refined(indices: list[int]) -> Refinement:
+        subset = replace(shots, shots=[shots.shots[i] for i in indices], sources=[shots.sources[i] for i in indices])
+        sites = EdgeShiftSites([ref], [0], ["Fe"])
+        r = Refinement(subset, list(range(len(indices))), len(indices), make_caches(subset, table, model, refine_cell=True),
+                       [], sites, sites.initial(), model, Parallel(),
+                       RefineSettings(macrocycles=12, refine_cell=True, parameter_tolerance=1e-4))  # fmt: skip
+        r.initialise_states()
+        r.run()
+        return r
+
+    every, two = refined([0, 1, 2]), refined([0, 1])
+    sigma = math.sqrt(float(curvature(two, observed=False).profiled[0, 0]))
+    theta = every.theta.clone()
+    assert abs(float(theta[0] - two.theta[0])) > 0.2 * sigma  # the third still matters
+    dropped = refit_weighted(every, np.array([1.0, 1.0, 0.0]))
+    assert float(dropped[0]) == pytest.approx(float(two.theta[0]), abs=0.05 * sigma)
+    assert torch.equal(every.theta, theta) and all(c.weight == 1.0 for c in every.caches)
+    assert float(refit_weighted(every, np.ones(3))[0]) == pytest.approx(float(theta[0]), abs=1e-3 * sigma)
 
 
 def test_fisher_weights_are_zero_at_the_rate_floor():
