@@ -455,6 +455,7 @@ def run_replicate(case: dict, n: int, replicate: int, params, comm, device: torc
     from spread_dials.refine.sites import EdgeShiftSites
     from spread_dials.refine.synthetic import synthetic_shots
     from spread_dials.refine.uncertainty import bootstrap, curvature
+    from spread_dials.validation.anomalous import figure9_report
 
     t0 = time.perf_counter()
     seed = params.ladder.seed
@@ -498,6 +499,8 @@ def run_replicate(case: dict, n: int, replicate: int, params, comm, device: torc
     counts = comm.allreduce(np.array([sum(s.shoeboxes.n_shoeboxes for s in shots), sum(s.shoeboxes.n_pixels for s in shots)]))
     if not comm.is_root:
         return None
+    elements = [PRESETS[case["name"]]["element"]] * len(case["labels"])
+    figure9 = figure9_report(sites, refinement.theta, case["truth_curves"], case["labels"], elements, case["references"])
     truth = truth_shifts(case)
     theta = refinement.theta.tolist()
     boot = None if draws is None or draws.shape[0] < 2 else torch.cov(draws.T).reshape(len(theta), len(theta))
@@ -510,7 +513,7 @@ def run_replicate(case: dict, n: int, replicate: int, params, comm, device: torc
         "bootstrap_draws": None if draws is None else draws.tolist(),
         "differences": pair_differences(theta, truth, {"fisher": cov.profiled, "sandwich": cov.sandwich,
                                                        "bootstrap": boot}, case["labels"]),
-        "shoeboxes": int(counts[0]), "pixels": int(counts[1]),
+        "figure9": figure9, "shoeboxes": int(counts[0]), "pixels": int(counts[1]),
         "macrocycles": len(refinement.history), "ranks": comm.size, "device": str(device),
         "cell_error": cell_error, "truth_shift": params.case.truth_shift, "truth_prior_sigma_eV": prior_sigma,
         "seconds": time.perf_counter() - t0,
@@ -538,7 +541,7 @@ def _records(paths: list[Path]) -> list[dict]:
 
 def summarise(paths: list[Path]) -> dict:
     """Per (case, N): replicates, bias and spread of each site's estimate, mean Fisher sigma,
-    the spread over the mean Fisher sigma, and the fraction of |z| < 1, 2; with two or more
+    the spread over the mean Fisher sigma, the fraction of |z| < 1, 2 and the Figure 9 metric's means; with two or more
     sites the same for every pairwise difference, plus its mean estimate and truth and
     ``z_mean`` = mean difference / mean Fisher sigma (how many sigma one data set separates them)."""
     from spread_dials.validation.calibration import calibration_summary
@@ -551,6 +554,10 @@ def summarise(paths: list[Path]) -> dict:
         truth = np.array([r["truth"] for r in group])
         fisher = np.array([r["sigma_fisher"] for r in group], dtype=float)
         entry = {"replicates": len(group), "sites": group[0]["sites"], **_stats(theta - truth, fisher)}
+        if all(r.get("figure9") for r in group):  # Sauter 2020 Figure 9: CC, RMSD of f', f'' over the edge window
+            metrics = ("cc_f_prime", "rmsd_f_prime_e", "cc_f_double_prime", "rmsd_f_double_prime_e")
+            entry["figure9_mean"] = {label: {m: round(float(np.mean([r["figure9"][label][m] for r in group])), 4)
+                                             for m in metrics} for label in group[0]["figure9"]}  # fmt: skip
         diffs = [r.get("differences") or [] for r in group]
         if diffs and diffs[0]:
             est = np.array([[d["estimate"] for d in row] for row in diffs])

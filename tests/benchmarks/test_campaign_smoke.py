@@ -23,7 +23,7 @@ SMOKE = REPO / "phil" / "campaign" / "ci_smoke.phil"
 TRUTH_SHIFT_EV = 2.0  # ci_smoke.phil's case.truth_shift: the truth is the reference moved by exactly this
 FIELDS = {
     "case", "n", "replicate", "seed", "sites", "truth_states", "control", "theta", "truth", "sigma_fisher",
-    "sigma_sandwich", "sigma_bootstrap", "bootstrap_draws", "differences", "shoeboxes", "pixels", "macrocycles", "ranks", "device",
+    "sigma_sandwich", "sigma_bootstrap", "bootstrap_draws", "differences", "figure9", "shoeboxes", "pixels", "macrocycles", "ranks", "device",
     "cell_error", "truth_shift", "truth_prior_sigma_eV", "seconds", "date", "parameters",
 }  # fmt: skip
 
@@ -63,6 +63,9 @@ def test_every_json_line_has_every_field(campaign):
         assert r["truth_states"] is None  # truth_shift replaces the states
         assert len(r["theta"]) == len(r["truth"]) == len(r["sigma_fisher"]) == 1
         assert r["differences"] == []  # one site: no pairs
+        (fig9,) = r["figure9"].values()  # Sauter 2020 Figure 9 over 7105-7135 eV (the channels' 7106.5-7133.5 eV)
+        assert fig9["window_eV"] == [7105.0, 7135.0] and fig9["points"] == 31
+        assert fig9["cc_f_prime"] > 0.99 and fig9["cc_f_double_prime"] > 0.99 and fig9["rmsd_f_double_prime_e"] < 0.2
         assert r["sigma_bootstrap"] is None and r["bootstrap_draws"] is None  # refine.bootstrap = 0
         assert 1 <= r["macrocycles"] <= 6
         assert r["pixels"] > 9 * r["shoeboxes"] > 0  # boxes of at least 3 x 3 pixels
@@ -138,6 +141,8 @@ def test_summarise(campaign, tmp_path):
         assert math.isnan(entry["spread_eV"][0])  # one replicate: no spread
         z = abs(r["theta"][0] - r["truth"][0]) / r["sigma_fisher"][0]
         assert entry["within_2_fisher_sigma"][0] == float(z < 2)
+        (label,) = r["figure9"]
+        assert entry["figure9_mean"][label]["cc_f_double_prime"] == pytest.approx(r["figure9"][label]["cc_f_double_prime"], abs=1e-4)
 
 
 def _calibration_records(rng, replicates: int, sigma_factor: float, n: int = 10) -> list[dict]:
