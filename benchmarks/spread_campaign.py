@@ -191,6 +191,15 @@ refine {
   bootstrap = 0
     .type = int(value_min=0)
     .help = "Bootstrap resamples (0: none)"
+  conventional = False
+    .type = bool
+    .help = "Also the conventional route on the same stills (spread_dials.refine.conventional: summation intensities, one energy per reflection, energy bins, per-bin f'/f'', the reference shifted to them), with the pixel route's refined crystals as its partialities"
+  conventional_bin_eV = 1.0
+    .type = float
+    .help = "Width of the conventional route's energy bins (eV)"
+  conventional_min_reflections = 20
+    .type = int(value_min=1)
+    .help = "Fewest reflections per energy bin (sparser bins are merged or dropped)"
 }
 control = *none spoil_hkl shuffle_channels
   .type = choice
@@ -497,6 +506,7 @@ def run_replicate(case: dict, n: int, replicate: int, params, comm, device: torc
     cov = curvature(refinement, observed=False)
     draws = bootstrap(refinement, params.refine.bootstrap, seed) if params.refine.bootstrap else None
     counts = comm.allreduce(np.array([sum(s.shoeboxes.n_shoeboxes for s in shots), sum(s.shoeboxes.n_pixels for s in shots)]))
+    conventional = conventional_route(refinement, case, params, comm) if params.refine.conventional else None
     if not comm.is_root:
         return None
     elements = [PRESETS[case["name"]]["element"]] * len(case["labels"])
@@ -513,12 +523,51 @@ def run_replicate(case: dict, n: int, replicate: int, params, comm, device: torc
         "bootstrap_draws": None if draws is None else draws.tolist(),
         "differences": pair_differences(theta, truth, {"fisher": cov.profiled, "sandwich": cov.sandwich,
                                                        "bootstrap": boot}, case["labels"]),
-        "figure9": figure9, "shoeboxes": int(counts[0]), "pixels": int(counts[1]),
+        "figure9": figure9, "conventional": conventional, "shoeboxes": int(counts[0]), "pixels": int(counts[1]),
         "macrocycles": len(refinement.history), "ranks": comm.size, "device": str(device),
         "cell_error": cell_error, "truth_shift": params.case.truth_shift, "truth_prior_sigma_eV": prior_sigma,
         "seconds": time.perf_counter() - t0,
         "date": time.strftime("%Y-%m-%d"),
     }  # fmt: skip
+
+
+def conventional_route(refinement, case: dict, params, comm) -> dict | None:
+    """The conventional route (spread_dials.refine.conventional) on this replicate's stills:
+    summation intensities with partialities and energies from the profiles at the pixel route's
+    refined crystals, gathered on the root rank; there its edge shifts, their sigma (counting
+    noise only) and the bins, or the reason it could not fit (too few reflections per bin)."""
+    from spread_dials.refine.conventional import (
+        Reflections,
+        edge_shifts_from_bins,
+        energy_bins,
+        fit_binned,
+        summation_reflections,
+    )
+    from spread_dials.refine.engine import make_caches
+
+    shots = refinement.shots
+    caches = make_caches(shots, case["table"], case["model"], [s.rotation for s in refinement.states],
+                         refine_cell=params.stills.cell_error > 0, cells=[s.cell for s in refinement.states])  # fmt: skip
+    mine = summation_reflections(caches, [s.shoeboxes for s in shots.shots])
+    mine = Reflections(*(getattr(mine, f) for f in ("intensity", "variance")),
+                       torch.as_tensor(refinement.shot_index)[mine.still], *(getattr(mine, f) for f in
+                       ("energy_eV", "partiality", "F0", "G")))  # fmt: skip
+    parts = comm.gather(mine)
+    if not comm.is_root:
+        return None
+    refl = Reflections(*(torch.cat([getattr(p, f) for p in parts]) for f in Reflections.__dataclass_fields__))
+    references = case["references"]
+    try:
+        edges = energy_bins(refl.energy_eV, params.refine.conventional_bin_eV, params.refine.conventional_min_reflections)
+        centres = 0.5 * (edges[1:] + edges[:-1])
+        start = tuple(torch.stack([c.at(centres)[k] for c in references], -1) for k in (0, 1))
+        fit = fit_binned(refl, refinement.n_shots, edges, start)
+        theta, cov = edge_shifts_from_bins(fit, references)
+    except (ValueError, RuntimeError) as e:  # too few reflections, or a singular bin
+        return {"error": str(e).splitlines()[0], "reflections": int(refl.intensity.numel())}
+    return {"theta": theta.tolist(), "sigma": cov.diagonal().clamp(min=0).sqrt().tolist(),
+            "bins_eV": edges.tolist(), "reflections_per_bin": fit.reflections.tolist(),
+            "reflections": int(refl.intensity.numel()), "bin_width_eV": params.refine.conventional_bin_eV}  # fmt: skip
 
 
 def _stats(error: np.ndarray, fisher: np.ndarray) -> dict:
@@ -554,6 +603,10 @@ def summarise(paths: list[Path]) -> dict:
         truth = np.array([r["truth"] for r in group])
         fisher = np.array([r["sigma_fisher"] for r in group], dtype=float)
         entry = {"replicates": len(group), "sites": group[0]["sites"], **_stats(theta - truth, fisher)}
+        conv = [r.get("conventional") for r in group]
+        if all(c and "theta" in c for c in conv):  # the conventional route beside
+            err = np.array([c["theta"] for c in conv]) - truth
+            entry["conventional"] = _stats(err, np.array([c["sigma"] for c in conv], dtype=float))
         if all(r.get("figure9") for r in group):  # Sauter 2020 Figure 9: CC, RMSD of f', f'' over the edge window
             metrics = ("cc_f_prime", "rmsd_f_prime_e", "cc_f_double_prime", "rmsd_f_double_prime_e")
             entry["figure9_mean"] = {label: {m: round(float(np.mean([r["figure9"][label][m] for r in group])), 4)

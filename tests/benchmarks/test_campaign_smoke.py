@@ -23,7 +23,7 @@ SMOKE = REPO / "phil" / "campaign" / "ci_smoke.phil"
 TRUTH_SHIFT_EV = 2.0  # ci_smoke.phil's case.truth_shift: the truth is the reference moved by exactly this
 FIELDS = {
     "case", "n", "replicate", "seed", "sites", "truth_states", "control", "theta", "truth", "sigma_fisher",
-    "sigma_sandwich", "sigma_bootstrap", "bootstrap_draws", "differences", "figure9", "shoeboxes", "pixels", "macrocycles", "ranks", "device",
+    "sigma_sandwich", "sigma_bootstrap", "bootstrap_draws", "differences", "figure9", "conventional", "shoeboxes", "pixels", "macrocycles", "ranks", "device",
     "cell_error", "truth_shift", "truth_prior_sigma_eV", "seconds", "date", "parameters",
 }  # fmt: skip
 
@@ -124,6 +124,25 @@ def test_shards_split_the_ladder_and_reproduce_its_lines(campaign, tmp_path):
     bad = _run(str(HARNESS), str(SMOKE), f"case.data={tables}", "output.directory=out", "ladder.shards=2",
                "ladder.shard=2", cwd=tmp_path)  # fmt: skip
     assert bad.returncode == 1 and bad.stderr.strip().startswith("Sorry: ladder.shard = 2")
+
+
+def test_the_conventional_route_rides_along(campaign, tmp_path):
+    """refine.conventional=True adds the conventional route's result on the same stills (its
+    estimate, counting-noise sigma, energy bins of >= the minimum reflections) and --summarise
+    its statistics; off by default."""
+    path, _, _ = campaign
+    assert all(json.loads(line)["conventional"] is None for line in path.read_text().splitlines())
+    tables = path.parent.parent / "tables"
+    out = _run(str(HARNESS), str(SMOKE), f"case.data={tables}", "output.directory=out", "ladder.n=4",
+               "refine.conventional=True", "refine.conventional_bin_eV=3", cwd=tmp_path)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    (line,) = (tmp_path / "out" / "campaign_tiny.jsonl").read_text().splitlines()
+    conv = json.loads(line)["conventional"]
+    assert math.isfinite(conv["theta"][0]) and conv["sigma"][0] > 0 and conv["bin_width_eV"] == 3.0
+    assert min(conv["reflections_per_bin"]) >= 20 and sum(conv["reflections_per_bin"]) <= conv["reflections"]
+    assert len(conv["bins_eV"]) == len(conv["reflections_per_bin"]) + 1
+    summary = json.loads(_run(str(HARNESS), "--summarise", "out/campaign_tiny.jsonl", cwd=tmp_path).stdout)
+    assert summary["tiny N=4"]["conventional"]["bias_eV"][0] == pytest.approx(conv["theta"][0] - TRUTH_SHIFT_EV, abs=1e-3)
 
 
 def test_summarise(campaign, tmp_path):
