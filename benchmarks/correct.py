@@ -124,7 +124,7 @@ def run_one(case: dict, error: str, n: int, replicate: int, args, device: torch.
     n_sb = sum(s.shoeboxes.n_shoeboxes for s in shot_set.shots)
     hit = int(torch.unique(torch.cat([s.shoeboxes.panel.cpu() for s in shot_set.shots])).numel())
     parts = set(args.parts.split(","))
-    wanted = CorrectionSettings(stencil_radius=args.stencil_radius, gain="gain" in parts,
+    wanted = CorrectionSettings(stencil_radius=args.stencil_radius, stencil_symmetry=args.stencil_symmetry, gain="gain" in parts,
                                 redistribution="redistribution" in parts, head="head" in parts)  # fmt: skip
     kept, notes = within_capacity(wanted, n_sb, hit, args.per_weight)
     if not (kept.gain or kept.redistribution or kept.head):  # as dials.spread_correct: nothing to learn
@@ -172,7 +172,7 @@ def run_one(case: dict, error: str, n: int, replicate: int, args, device: torch.
         "head_weights": correction.head_weights.detach().cpu().tolist(), "head_slope_bound": correction.head_slope_bound(), "parts_asked": sorted(parts),
         "parts": {"gain": kept.gain, "redistribution": kept.redistribution, "head": kept.head}, "capacity_notes": notes,
         "correction_settings": asdict(kept),
-        "stencil": correction.stencil.detach().cpu().tolist(), "shoeboxes": n_sb, "weights": corrected.phi.numel(),
+        "stencil": correction.coefficients().detach().cpu().tolist(), "shoeboxes": n_sb, "weights": corrected.phi.numel(),
         "physics_seconds": t_physics, "correct_seconds": t_correct, "seconds_per_epoch": float(np.mean(epoch_s)),
         "gpu_seconds_per_still_per_epoch": float(np.mean(epoch_s)) / n,
         "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
@@ -224,6 +224,7 @@ def main(argv=None) -> int:
     ap.add_argument("--offset-sigma", type=float, default=1.0, help="the correction's spectrometer offset prior sd (eV)")
     ap.add_argument("--dispersion-sigma", type=float, default=0.005, help="its dispersion error prior sd")
     ap.add_argument("--stencil-radius", type=int, default=1, help="half-width (px) of the redistribution stencil")
+    ap.add_argument("--stencil-symmetry", choices=("none", "d4"), default="none", help="a weight per offset, or per orbit of the square's symmetries")
     ap.add_argument("--truth-shift", type=float, default=2.0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default="results")

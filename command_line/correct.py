@@ -108,6 +108,11 @@ correct
     stencil_prior_sigma = 0.1
       .type = float(value_min=0)
       .help = "Prior sd of the fraction of a pixel's photons moved to each neighbour"
+    stencil_symmetry = *none d4
+      .type = choice
+      .help = "none: a weight per stencil offset; d4: one per orbit of the square's symmetries"
+            "(2 weights for radius 1, 5 for radius 2): a point spread that is the same in every"
+            "direction along and across rows, so a wider stencil passes the capacity guard"
     head = False
       .type = bool
       .help = "An intensity factor per shoebox, smooth in the reflection's direction in the crystal"

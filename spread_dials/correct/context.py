@@ -83,6 +83,24 @@ def stencil_offsets(radius: int) -> tuple[tuple[int, int], ...]:
     return tuple((dx, dy) for dy in r for dx in r if (dx, dy) != (0, 0))
 
 
+def stencil_orbits(offsets: tuple[tuple[int, int], ...], symmetry: str = "none") -> Tensor:
+    """(K,) long: the free weight each stencil offset takes.  ``none``: one per offset; ``d4``:
+    one per orbit of the square's symmetry group (offsets equal up to sign changes and the swap
+    of fast and slow share one: a point spread that is the same along and across rows and in
+    every direction), numbered by (min |d|, max |d|).
+
+    Raises:
+        ValueError: an unknown symmetry.
+    """
+    if symmetry == "none":
+        return torch.arange(len(offsets))
+    if symmetry != "d4":
+        raise ValueError(f"unknown stencil symmetry {symmetry!r} (none or d4)")
+    keys = [tuple(sorted((abs(dx), abs(dy)))) for dx, dy in offsets]
+    order = {k: i for i, k in enumerate(sorted(set(keys)))}
+    return torch.tensor([order[k] for k in keys])
+
+
 def _neighbours(shot: Shot, offsets: tuple[tuple[int, int], ...]) -> Tensor:
     """(K, N) index of the pixel at each offset inside the same shoebox (-1 outside)."""
     sb = shot.shoeboxes

@@ -51,7 +51,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from spread_dials.correct.context import HEAD_FEATURES, PixelContext, stencil_offsets
+from spread_dials.correct.context import HEAD_FEATURES, PixelContext, stencil_offsets, stencil_orbits
 
 __all__ = ["CorrectionSettings", "PixelCorrection", "LeakyCorrection", "redistribute", "within_capacity"]
 
@@ -64,7 +64,9 @@ class CorrectionSettings:
         gain: learn the gain field; gain_nodes: nodes per panel edge; gain_prior_sigma: prior
             sd of the log gain at each node (0.05: 5 %).
         redistribution: learn the stencil; stencil_radius: its half-width (pixels);
-            stencil_prior_sigma: prior sd of each coefficient (fraction of a pixel's photons moved).
+            stencil_prior_sigma: prior sd of each coefficient (fraction of a pixel's photons moved);
+            stencil_symmetry: ``none`` (a weight per offset) or ``d4`` (a weight per orbit of the
+            square's symmetries: 2 for radius 1, 5 for radius 2; a symmetric point spread).
         shoebox_boundary: ``open`` (photons moved off a shoebox leave it) or ``closed`` (they
             stay; each shoebox's total kept).
         head: learn the intensity head (off by default: on the toy with a PSF it moved site A
@@ -78,6 +80,7 @@ class CorrectionSettings:
     redistribution: bool = True
     stencil_radius: int = 1
     stencil_prior_sigma: float = 0.1
+    stencil_symmetry: str = "none"
     shoebox_boundary: str = "open"
     head: bool = False
     head_prior_sigma: float = 0.05
@@ -95,7 +98,7 @@ def within_capacity(settings: CorrectionSettings, n_shoeboxes: int, n_panels: in
     notes = []
     f = len(HEAD_FEATURES)
     parts = {"gain": (settings.gain_nodes**2, n_shoeboxes / max(n_panels, 1), "shoeboxes per panel"),
-             "redistribution": (len(stencil_offsets(settings.stencil_radius)), n_shoeboxes, "shoeboxes"),
+             "redistribution": (_stencil_weights(settings), n_shoeboxes, "shoeboxes"),
              "head": (f + f * (f + 1) // 2, n_shoeboxes, "shoeboxes")}  # fmt: skip
     for name, (k, have, unit) in parts.items():
         if getattr(settings, name) and have < per_weight * k:
@@ -103,6 +106,11 @@ def within_capacity(settings: CorrectionSettings, n_shoeboxes: int, n_panels: in
             notes.append(f"correction.{name} off: {have:.0f} {unit} for its {k} weights (needs >= {per_weight:g} per weight, "
                          "correct.min_shoeboxes_per_weight)")  # fmt: skip
     return settings, notes
+
+
+def _stencil_weights(settings: CorrectionSettings) -> int:
+    """Free weights of the stencil (its offsets, or their orbits under ``stencil_symmetry``)."""
+    return int(stencil_orbits(stencil_offsets(settings.stencil_radius), settings.stencil_symmetry).max()) + 1
 
 
 def _monomials(z: Tensor) -> Tensor:
@@ -153,7 +161,8 @@ class PixelCorrection(nn.Module):
         g = settings.gain_nodes
         self.log_gain_nodes = nn.Parameter(torch.zeros((n_panels, 1, g, g), dtype=dtype))
         self.offsets = stencil_offsets(settings.stencil_radius)
-        self.stencil = nn.Parameter(torch.zeros(len(self.offsets), dtype=dtype))
+        self.register_buffer("stencil_orbit", stencil_orbits(self.offsets, settings.stencil_symmetry))
+        self.stencil = nn.Parameter(torch.zeros(_stencil_weights(settings), dtype=dtype))
         self.register_buffer("feature_mean", features[0].to(dtype))
         self.register_buffer("feature_scale", features[1].to(dtype).clamp(min=1e-12))
         f = len(HEAD_FEATURES)
@@ -187,8 +196,10 @@ class PixelCorrection(nn.Module):
         return 2.0 * float(self.head_weights.detach().abs().sum()) if self.settings.head else 0.0
 
     def coefficients(self) -> Tensor:
-        """(K,) stencil coefficients (0 when the redistribution is not learned)."""
-        return self.stencil if self.settings.redistribution else torch.zeros_like(self.stencil)
+        """(K,) stencil coefficient of every offset (its orbit's weight under
+        ``stencil_symmetry``; 0 when the redistribution is not learned)."""
+        c = self.stencil[self.stencil_orbit]
+        return c if self.settings.redistribution else torch.zeros_like(c)
 
     def factor(self, context: PixelContext) -> Tensor:
         """(N,) exp(log_gain + head): the multiplicative part."""

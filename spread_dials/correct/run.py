@@ -93,7 +93,8 @@ def _correction_settings(params) -> CorrectionSettings:
     c = params.correct.correction
     return CorrectionSettings(gain=c.gain, gain_nodes=c.gain_nodes, gain_prior_sigma=c.gain_prior_sigma,
                               redistribution=c.redistribution, stencil_radius=c.stencil_radius,
-                              stencil_prior_sigma=c.stencil_prior_sigma, shoebox_boundary=c.shoebox_boundary, head=c.head,
+                              stencil_prior_sigma=c.stencil_prior_sigma, stencil_symmetry=c.stencil_symmetry,
+                              shoebox_boundary=c.shoebox_boundary, head=c.head,
                               head_prior_sigma=c.head_prior_sigma)  # fmt: skip
 
 

@@ -160,6 +160,36 @@ def test_redistribution_is_a_convolution_and_conserves_photons_on_the_detector(t
     assert not torch.allclose(closed, box)
 
 
+def test_a_d4_stencil_ties_the_offsets_the_squares_symmetries_map_onto_each_other(toy):
+    """correction.stencil_symmetry=d4: 2 free weights for radius 1 and 5 for radius 2 (what the
+    capacity guard counts); every offset's coefficient is its orbit's weight, so the stencil is
+    unchanged by sign flips and by swapping fast and slow; the redistribution equals the untied
+    stencil given those same coefficients; and it starts at the identity."""
+    from spread_dials.correct.correction import within_capacity
+
+    for radius, weights in ((1, 2), (2, 5)):
+        contexts = [pixel_context(toy.shots, s, NOMINAL_EV, stencil_radius=radius) for s in toy.shots.shots]
+        tied = _correction(toy, contexts, stencil_radius=radius, stencil_symmetry="d4", gain=False, head=False)
+        assert tied.stencil.numel() == weights
+        x = torch.rand((toy.shots.shots[0].shoeboxes.n_pixels, 2), generator=torch.Generator().manual_seed(3),
+                       dtype=torch.float64)  # fmt: skip
+        assert torch.equal(tied.apply(x, contexts[0]), x)  # identity at initialisation
+        with torch.no_grad():
+            tied.stencil.copy_(torch.linspace(0.01, 0.05, weights, dtype=torch.float64))
+        c = dict(zip(tied.offsets, tied.coefficients().tolist()))
+        for (dx, dy), value in c.items():
+            for image in ((-dx, dy), (dx, -dy), (dy, dx), (-dy, -dx)):
+                assert c[image] == value
+        assert len(set(c.values())) == weights
+        free = _correction(toy, contexts, stencil_radius=radius, gain=False, head=False)
+        with torch.no_grad():
+            free.stencil.copy_(tied.coefficients())
+        assert torch.equal(tied.apply(x, contexts[0]), free.apply(x, contexts[0]))
+        settings = CorrectionSettings(stencil_radius=radius, stencil_symmetry="d4", gain=False)
+        assert within_capacity(settings, 50 * weights, 1, 50.0)[0].redistribution
+        assert not within_capacity(settings, 50 * weights - 1, 1, 50.0)[0].redistribution
+
+
 def test_head_slope_is_within_its_reported_bound(toy):
     """|head(x) - head(y)| <= L |x - y| (standardized features) with L = head_slope_bound()
     (2 ||w||_1) for random weights and random pairs of the still's pixels, and |d head / d x| <= L
