@@ -62,6 +62,11 @@ plan
   min_bragg_photons = 20
     .type = float(value_min=0)
     .help = "A reflection gets a shoebox when it expects at least this many Bragg photons"
+  max_shoebox_px = 25
+    .type = int(value_min=3)
+    .help = "Shoeboxes larger than this (pixels a side) are cut to it about their centre, as"
+            "dials.spread_refine's refinement.max_shoebox_px cuts DIALS' shoeboxes (broad spots"
+            "keep their core)"
   refine_cell = True
     .type = bool
     .help = "Profile each still's cell lengths out too (dials.spread_refine refines them)"
@@ -148,7 +153,8 @@ def predict(setup, params, device) -> dict:
                 channels[-1], setup.detector_description, c.mosaic_domains,
                 " x ".join(f"{n:g}" for n in setup.brightness.ncells_abc), setup.brightness.spot_scale, background)  # fmt: skip
     shots = probe_stills(setup.panels.to(dtype=torch.float64), truth, model, real_space, channels, seeds,
-                         setup.brightness.spot_scale, background, plan.min_bragg_photons, device)  # fmt: skip
+                         setup.brightness.spot_scale, background, plan.min_bragg_photons, device,
+                         max_box_px=plan.max_shoebox_px)  # fmt: skip
     boxes = [int(s.shoeboxes.n_shoeboxes) for s in shots.shots]
     if min(boxes) == 0:
         raise SpreadError(f"a probe still has no reflection with >= {plan.min_bragg_photons:g} expected Bragg photons: "

@@ -55,11 +55,13 @@ class StillInformation:
 
 def probe_stills(panels, truth: StructureFactors, model: CrystalModel, real_space: Tensor, energy_eV: Tensor,
                  seeds: list[int], spot_scale: float, background_photons: float, min_bragg_photons: float,
-                 device: torch.device) -> ShotSet:  # fmt: skip
+                 device: torch.device, max_box_px: int | None = None) -> ShotSet:  # fmt: skip
     """Noise-free probe stills at the truth, one per seed: random orientations and SASE-like
     channel weights (:func:`~spread_dials.refine.synthetic.synthetic_shots`), the given crystal
     the true one (no orientation or cell error), shoeboxes of reflections with at least
-    ``min_bragg_photons`` expected Bragg photons.
+    ``min_bragg_photons`` expected Bragg photons; with ``max_box_px`` every box larger than that
+    is cut to it about its centre (as dials.spread_refine's refinement.max_shoebox_px), else such
+    boxes are dropped (more than 25 px).
 
     Arguments:
         panels: the detector (physics panels); truth: F0, G and the true f', f'' (S, C) per
@@ -71,7 +73,8 @@ def probe_stills(panels, truth: StructureFactors, model: CrystalModel, real_spac
     for seed in seeds:
         made, _ = synthetic_shots(panels, truth, model, real_space, energy_eV, 1, seed=seed, spot_scale=spot_scale,
                                   background_photons=background_photons, orientation_error_deg=0.0,
-                                  min_bragg_photons=min_bragg_photons, device=device)  # fmt: skip
+                                  min_bragg_photons=min_bragg_photons, device=device,
+                                  **({} if max_box_px is None else {"max_box_px": max_box_px, "cut_large_boxes": True}))  # fmt: skip
         shots.append(made.shots[0])
     return ShotSet(made.panels, made.beam_direction, made.e_vector, made.polarization_fraction, shots,
                    [f"probe {i}" for i in range(len(seeds))]).to(device)  # fmt: skip

@@ -136,6 +136,7 @@ def synthetic_shots(
     cell_error_fraction: float = 0.0,
     min_bragg_photons: float = 20.0,
     max_box_px: int = 25,
+    cut_large_boxes: bool = False,
     margin_px: int = 2,
     tolerance: float = 1e-5,
     truth_model: CrystalModel | None = None,
@@ -150,7 +151,9 @@ def synthetic_shots(
     axis and with each cell length scaled by 1 + N(0, ``cell_error_fraction``).
 
     Shoeboxes keep reflections with at least ``min_bragg_photons`` expected Bragg photons and
-    boxes at most ``max_box_px`` on a side.  The crystals are made with ``truth_model`` (default
+    boxes at most ``max_box_px`` on a side (larger ones dropped, or with ``cut_large_boxes`` cut
+    to that size about their centre, as dials.spread_refine's refinement.max_shoebox_px cuts
+    DIALS' shoeboxes: broad spots keep their core).  The crystals are made with ``truth_model`` (default
     ``model``, the one handed to refinement, whose domain count sets the shoebox windows);
     ``domains_per_still`` draws each still's mosaic domains from its own seed (as
     dials.spread_simulate does) instead of the model's one draw.  ``errors``: model errors the
@@ -175,6 +178,9 @@ def synthetic_shots(
         scene = Scene(panels_device, sources.to(device=device), crystal.to(device=device), sf_device, truth_model.oversample)
         windows = predict_windows(scene, tolerance).to(device="cpu")
         hkl, panel, x0, y0, nx, ny = _boxes(windows, margin_px, panels.n_fast, panels.n_slow)
+        if cut_large_boxes:
+            x0, y0 = x0 + (nx - nx.clamp(max=max_box_px)) // 2, y0 + (ny - ny.clamp(max=max_box_px)) // 2
+            nx, ny = nx.clamp(max=max_box_px), ny.clamp(max=max_box_px)
         keep = (nx <= max_box_px) & (ny <= max_box_px) & (nx > 0) & (ny > 0)
         hkl, panel, x0, y0, nx, ny = hkl[keep], panel[keep], x0[keep], y0[keep], nx[keep], ny[keep]
         n_pix = int((nx * ny).sum())
