@@ -34,8 +34,8 @@ from spread_dials.refine.shots import ShotSet
 from spread_dials.refine.sites import SiteModel
 from spread_dials.refine.synthetic import synthetic_shots
 
-__all__ = ["StillInformation", "probe_stills", "still_information", "predicted_covariance", "predicted_sigma",
-           "stills_needed"]
+__all__ = ["StillInformation", "probe_stills", "still_information", "pseudo_true", "predicted_covariance",
+           "predicted_sigma", "stills_needed"]
 
 
 @dataclass(frozen=True)
@@ -56,7 +56,7 @@ class StillInformation:
 def probe_stills(panels, truth: StructureFactors, model: CrystalModel, real_space: Tensor, energy_eV: Tensor,
                  seeds: list[int], spot_scale: float, background_photons: float, min_bragg_photons: float,
                  device: torch.device, max_box_px: int | None = None) -> ShotSet:  # fmt: skip
-    """Noise-free probe stills at the truth, one per seed: random orientations and SASE-like
+    """Noise-free probe stills at the truth (counts = the expected photons), one per seed: random orientations and SASE-like
     channel weights (:func:`~spread_dials.refine.synthetic.synthetic_shots`), the given crystal
     the true one (no orientation or cell error), shoeboxes of reflections with at least
     ``min_bragg_photons`` expected Bragg photons; with ``max_box_px`` every box larger than that
@@ -73,7 +73,7 @@ def probe_stills(panels, truth: StructureFactors, model: CrystalModel, real_spac
     for seed in seeds:
         made, _ = synthetic_shots(panels, truth, model, real_space, energy_eV, 1, seed=seed, spot_scale=spot_scale,
                                   background_photons=background_photons, orientation_error_deg=0.0,
-                                  min_bragg_photons=min_bragg_photons, device=device,
+                                  min_bragg_photons=min_bragg_photons, device=device, poisson=False,
                                   **({} if max_box_px is None else {"max_box_px": max_box_px, "cut_large_boxes": True}))  # fmt: skip
         shots.append(made.shots[0])
     return ShotSet(made.panels, made.beam_direction, made.e_vector, made.polarization_fraction, shots,
@@ -110,6 +110,23 @@ def still_information(shots: ShotSet, table: StructureFactors, model: CrystalMod
                             settings)  # fmt: skip
     per_still = torch.stack([shot_information(refinement, i, refinement.theta)[0] for i in range(n)])
     return StillInformation(per_still, per_still.mean(0), sites.parameter_names())
+
+
+def pseudo_true(shots: ShotSet, table: StructureFactors, model: CrystalModel, sites: SiteModel,
+                settings: RefineSettings) -> Tensor:  # fmt: skip
+    """(P,) the pseudo-true parameters: where the refinement converges on noise-free stills
+    (:func:`probe_stills`: counts = expected photons, given crystals = the true ones), i.e. the
+    parameters whose expected rates are closest to the true ones in Kullback-Leibler divergence,
+    the limit of the estimate over many stills.  Equal to the truth when the site model can
+    express it (a reference moved by an edge shift); for a curve the model cannot reach (the
+    measured Fe(III) curve against a moved Fe(II) reference) it is what the edge shift estimates,
+    and what a bias must be measured from."""
+    n = len(shots.shots)
+    caches = make_caches(shots, table, model, refine_cell=settings.refine_cell)
+    refinement = Refinement(shots, list(range(n)), n, caches, [], sites, sites.initial(), model, Parallel(), settings)
+    refinement.initialise_states()
+    refinement.run()
+    return refinement.theta.detach().clone()
 
 
 def predicted_covariance(information: StillInformation, n_stills: int) -> Tensor:

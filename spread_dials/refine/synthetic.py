@@ -143,6 +143,7 @@ def synthetic_shots(
     domains_per_still: bool = False,
     device: str | torch.device = "cpu",
     errors: InjectedErrors | None = None,
+    poisson: bool = True,
 ) -> tuple[ShotSet, SyntheticTruth]:
     """``n_shots`` stills of a crystal with rows a, b, c ``unit_cell_real_space`` (3, 3) (A) in
     random orientations, flat SASE-like spectra on channels ``energy_eV`` (C,) (random weights),
@@ -153,7 +154,8 @@ def synthetic_shots(
     Shoeboxes keep reflections with at least ``min_bragg_photons`` expected Bragg photons and
     boxes at most ``max_box_px`` on a side (larger ones dropped, or with ``cut_large_boxes`` cut
     to that size about their centre, as dials.spread_refine's refinement.max_shoebox_px cuts
-    DIALS' shoeboxes: broad spots keep their core).  The crystals are made with ``truth_model`` (default
+    DIALS' shoeboxes: broad spots keep their core).  ``poisson`` False: the counts are the
+    expected photons themselves (noise-free stills).  The crystals are made with ``truth_model`` (default
     ``model``, the one handed to refinement, whose domain count sets the shoebox windows);
     ``domains_per_still`` draws each still's mosaic domains from its own seed (as
     dials.spread_simulate does) instead of the model's one draw.  ``errors``: model errors the
@@ -202,7 +204,7 @@ def synthetic_shots(
                 expected = blur_boxes(bragg, nx, ny, errors.psf_fwhm_px) + background_photons
             if errors.panel_gain is not None:
                 expected = expected * errors.panel_gain.to(dtype)[torch.repeat_interleave(panel, nx * ny)]
-        counts = torch.poisson(expected, generator=gen)
+        counts = torch.poisson(expected, generator=gen) if poisson else expected.clone()
         strong = per_box >= min_bragg_photons
         pixel_keep = strong[sb_of_pixel]
         error = torch.as_tensor(rng.normal(size=3), dtype=dtype) * math.radians(orientation_error_deg)

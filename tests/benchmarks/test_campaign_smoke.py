@@ -300,6 +300,8 @@ def test_plan_predicts_the_campaigns_fisher_sigma(campaign):
     measured = n4["sigma_fisher"][0]
     same = _plan(campaign, "plan.same_stills_as_n=4", "plan.probe_stills=4")
     assert same["truth"] == pytest.approx([TRUTH_SHIFT_EV], abs=0.02) and same["probe_stills"] == 4
+    # the refinement on the noise-free probes converges to the truth where the model can express it
+    assert same["pseudo_true"] == pytest.approx(same["truth"], abs=1e-3)
     assert same["predicted"]["4"]["sigma_eV"][0] == pytest.approx(measured, rel=0.03)
     # N scaling: sigma_2 / sigma_4 = sqrt(2) exactly (the information of N exchangeable stills is N I_mean)
     assert same["predicted"]["2"]["sigma_eV"][0] / same["predicted"]["4"]["sigma_eV"][0] == pytest.approx(math.sqrt(2))
