@@ -64,9 +64,12 @@ pairs round-robin, one file each (several per GPU: a rubredoxin still is launch-
 process leaves the GPU mostly idle); a still's seed depends only on (seed, N, replicate, still),
 so the shards' lines are the unsharded run's.  --summarise
 gives per (case, N) the bias, spread and mean Fisher sigma of every site and site pair.  CI runs
-phil/campaign/ci_smoke.phil (tests/benchmarks/test_campaign_smoke.py).  Not yet (issue 12): the
-precision ladder's plot, the Figure 9 metric, the calibration analysis (coverage, SBC ranks), the
-conventional route, a dials.spread_plan program (the planning is --plan here).
+phil/campaign/ci_smoke.phil (tests/benchmarks/test_campaign_smoke.py).  Each line also holds
+the Figure 9 metric (CC, RMSD of f', f'' over the edge window) and, with refine.conventional,
+the conventional route's result on the same stills; with refine.bootstrap the refits.
+--summarise --plots DIR [--plan-file plan.json] draws the ladder against the planned bound and,
+for prior-drawn truths, the coverage curve and SBC rank histograms
+(spread_dials.validation.calibration).  The planning program for users is dials.spread_plan.
 """
 
 from __future__ import annotations
