@@ -211,10 +211,16 @@ def test_plots_draw_the_ladder_beside_the_plan(tmp_path):
     rows = _calibration_records(rng, 6, 1.0, n=10) + _calibration_records(rng, 6, 1.0, n=40)
     path.write_text("".join(json.dumps(r) + "\n" for r in rows))
     plan = {"predicted": {str(n): {"sigma_eV": [0.08 / n**0.5, 0.09 / n**0.5],
-                                   "differences": [{"sigma_predicted": 0.12 / n**0.5}]} for n in (10, 40)}}  # fmt: skip
+                                   "differences": [{"sigma_predicted": 0.12 / n**0.5}]} for n in (10, 40)},
+            "pseudo_true": [0.03, -0.02]}  # fmt: skip
     (tmp_path / "plan.json").write_text(json.dumps(plan))
     out = _run(str(HARNESS), "--summarise", str(path), "--plots", "png", "--plan-file", "plan.json", cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
+    summary = json.loads(out.stdout[: out.stdout.rindex("}") + 1])["toy N=40"]
+    theta = np.array([r["theta"] for r in rows if r["n"] == 40])
+    assert summary["bias_from_pseudo_true_eV"] == pytest.approx((theta.mean(0) - [0.03, -0.02]).tolist(), abs=1e-4)
+    pair = summary["differences"]["bias_from_pseudo_true_eV"][0]
+    assert pair == pytest.approx(float((theta[:, 0] - theta[:, 1]).mean()) - 0.05, abs=1e-4)
     for name in ("ladder_ladder_a.png", "ladder_ladder_b.png", "ladder_ladder_a-b.png"):
         assert (tmp_path / "png" / name).stat().st_size > 10_000, name
     bad = _run(str(HARNESS), "--summarise", str(path), "--plots", "png", "--plan-file", "nowhere.json", cwd=tmp_path)
