@@ -406,14 +406,14 @@ def pair_differences(theta: list[float], truth: list[float], covariances: dict, 
     """Every pair i < j of sites: theta_i - theta_j, its truth, and its sigma from each
     covariance (P, P) in ``covariances`` (``{"fisher": C, ...}``; C None: sigma None):
     sqrt(C_ii + C_jj - 2 C_ij)."""
+    from spread_dials.refine.planning import difference_variance, site_pairs
+
     out = []
-    for i in range(len(theta)):
-        for j in range(i + 1, len(theta)):
-            row = {"sites": [labels[i], labels[j]], "estimate": theta[i] - theta[j], "truth": truth[i] - truth[j]}
-            for key, cov in covariances.items():
-                var = None if cov is None else float(cov[i, i] + cov[j, j] - 2 * cov[i, j])
-                row[f"sigma_{key}"] = None if var is None else math.sqrt(max(var, 0.0))
-            out.append(row)
+    for i, j in site_pairs(len(theta)):
+        row = {"sites": [labels[i], labels[j]], "estimate": theta[i] - theta[j], "truth": truth[i] - truth[j]}
+        for key, cov in covariances.items():
+            row[f"sigma_{key}"] = None if cov is None else math.sqrt(max(difference_variance(cov, i, j), 0.0))
+        out.append(row)
     return out
 
 
@@ -543,6 +543,8 @@ def conventional_route(refinement, case: dict, params, comm) -> dict | None:
     summation intensities with partialities and energies from the profiles at the pixel route's
     refined crystals, gathered on the root rank; there its edge shifts, their sigma (counting
     noise only) and the bins, or the reason it could not fit (too few reflections per bin)."""
+    from dataclasses import replace
+
     from spread_dials.refine.conventional import (
         Reflections,
         edge_shifts_from_bins,
@@ -556,9 +558,7 @@ def conventional_route(refinement, case: dict, params, comm) -> dict | None:
     caches = make_caches(shots, case["table"], case["model"], [s.rotation for s in refinement.states],
                          refine_cell=params.stills.cell_error > 0, cells=[s.cell for s in refinement.states])  # fmt: skip
     mine = summation_reflections(caches, [s.shoeboxes for s in shots.shots])
-    mine = Reflections(*(getattr(mine, f) for f in ("intensity", "variance")),
-                       torch.as_tensor(refinement.shot_index)[mine.still], *(getattr(mine, f) for f in
-                       ("energy_eV", "partiality", "F0", "G")))  # fmt: skip
+    mine = replace(mine, still=torch.as_tensor(refinement.shot_index)[mine.still])  # the global still index
     parts = comm.gather(mine)
     if not comm.is_root:
         return None
@@ -603,6 +603,7 @@ def summarise(paths: list[Path], plan: dict | None = None) -> dict:
     With a --plan output ``plan`` that has ``pseudo_true``: the bias of each site and pair from
     the pseudo-true values too (eV and in mean Fisher sigmas; what to judge the refinement by
     when the truth is a curve the edge-shift model cannot reach)."""
+    from spread_dials.refine.planning import site_pairs
     from spread_dials.validation.calibration import calibration_summary
 
     rows = _records(paths)
@@ -637,8 +638,7 @@ def summarise(paths: list[Path], plan: dict | None = None) -> dict:
                 "z_mean": (est.mean(0) / sig.mean(0)).round(2).tolist(),
             }  # fmt: skip
             if limit is not None:
-                pairs = [(i, j) for i in range(len(limit)) for j in range(i + 1, len(limit))]
-                bias = est.mean(0) - np.array([limit[i] - limit[j] for i, j in pairs])
+                bias = est.mean(0) - np.array([limit[i] - limit[j] for i, j in site_pairs(len(limit))])
                 entry["differences"]["bias_from_pseudo_true_eV"] = bias.round(4).tolist()
                 entry["differences"]["bias_from_pseudo_true_sigma"] = (bias / sig.mean(0)).round(2).tolist()
         if all(r.get("truth_prior_sigma_eV") is not None for r in group):

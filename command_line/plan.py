@@ -124,7 +124,14 @@ def predict(setup, params, device) -> dict:
     from spread_dials.physics.crystal import real_space_from_cell
     from spread_dials.physics.structure_factors import StructureFactors
     from spread_dials.refine.engine import RefineSettings
-    from spread_dials.refine.planning import predicted_covariance, probe_stills, still_information, stills_needed
+    from spread_dials.refine.planning import (
+        difference_variance,
+        predicted_covariance,
+        probe_stills,
+        site_pairs,
+        still_information,
+        stills_needed,
+    )
     from spread_dials.refine.profiles import CrystalModel
     from spread_dials.refine.sites import EdgeShiftSites
 
@@ -166,8 +173,8 @@ def predict(setup, params, device) -> dict:
     diag = info.per_still.diagonal(dim1=-2, dim2=-1)  # (K, S)
     k = plan.probe_stills
     rel_se = (diag.std(0) / diag.mean(0) / math.sqrt(k)).tolist() if k > 1 else [None] * len(labels)
-    pairs = [(i, j) for i in range(len(labels)) for j in range(i + 1, len(labels))]
-    var_pair = {(i, j): float(one[i, i] + one[j, j] - 2 * one[i, j]) for i, j in pairs}
+    pairs = site_pairs(len(labels))
+    var_pair = {(i, j): difference_variance(one, i, j) for i, j in pairs}
     predicted = {}
     for n in plan.n_stills:
         cov = one / n

@@ -72,8 +72,8 @@ def plot_ladder(ladder: dict[int, dict], path: str | Path, predicted: dict[int, 
     ax.errorbar(n, spread, yerr=[spread - lo, hi - spread], fmt="o", color="C3", capsize=3,
                 label="measured spread over replicates (68 %)")  # fmt: skip
     ax.plot(n, fisher, "s", mfc="none", color="C0", label="mean reported Fisher sigma")
-    for k, rr in zip(n, r):
-        ax.annotate(f"{rr}", (k, hi[list(n).index(k)]), textcoords="offset points", xytext=(4, 4), fontsize=7)
+    for k, rr, top in zip(n, r, hi):
+        ax.annotate(f"{rr}", (k, top), textcoords="offset points", xytext=(4, 4), fontsize=7)
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("stills per data set (replicates annotated)")

@@ -113,7 +113,9 @@ class BinnedFit:
 
 
 def _model(refl: Reflections, bin_of: Tensor, fp: Tensor, fdp: Tensor) -> Tensor:
-    """(R,) |F0 + G (f' + i f'')|^2 at each reflection's bin (fp, fdp (K, S))."""
+    """(R,) |F0 + G (f' + i f'')|^2 at each reflection's bin (fp, fdp (K, S)): the formula of
+    :func:`~spread_dials.refine.model.intensities`, which gives every reflection at every
+    channel (R, K); here each reflection needs only its own bin."""
     anomalous = torch.complex(fp[bin_of], fdp[bin_of]).to(refl.G.dtype)  # (R, S)
     return (refl.F0 + (refl.G * anomalous).sum(-1)).abs() ** 2
 
@@ -142,24 +144,25 @@ def fit_binned(refl: Reflections, n_stills: int, bin_edges_eV: Tensor, start: tu
     def split(v: Tensor) -> tuple[Tensor, Tensor]:
         return v[: p // 2].view(k_bins, n_sites), v[p // 2 :].view(k_bins, n_sites)
 
-    scale = torch.ones(n_stills, dtype=torch.float64)
-    for it in range(iterations):
-        xv = x.clone().requires_grad_(True)
-        m = _model(refl, bin_of, *split(xv)) * refl.partiality  # (R,) per unit scale
-        if it == 0:  # scales that fit the starting curves
-            md = m.detach()
-            scale = torch.zeros(n_stills, dtype=torch.float64).index_add(0, refl.still, w * refl.intensity * md) / \
-                torch.zeros(n_stills, dtype=torch.float64).index_add(0, refl.still, w * md**2)  # fmt: skip
-        jac = torch.autograd.functional.jacobian(lambda v: _model(refl, bin_of, *split(v)) * refl.partiality, x)  # (R, P)
-        m = m.detach()
+    def per_still(values: Tensor) -> Tensor:
+        return torch.zeros(n_stills, dtype=torch.float64).index_add(0, refl.still, values)
+
+    def rate(v: Tensor) -> tuple[Tensor, Tensor]:  # (R,) per unit scale, twice: jacfwd's output and aux
+        m = _model(refl, bin_of, *split(v)) * refl.partiality
+        return m, m
+
+    m = rate(x)[0]
+    scale = per_still(w * refl.intensity * m) / per_still(w * m**2)  # the scales that fit the starting curves
+    for _ in range(iterations):
+        jac, m = torch.func.jacfwd(rate, has_aux=True)(x)  # (R, P) in P forward passes, and (R,)
         k = scale[refl.still]
         r = refl.intensity - k * m
         # normal equations in (x, scales): J_x = k jac, J_k = m (per still)
         jx = k.unsqueeze(-1) * jac
         h_xx = jx.T @ (w.unsqueeze(-1) * jx)
         g_x = jx.T @ (w * r)
-        h_kk = torch.zeros(n_stills, dtype=torch.float64).index_add(0, refl.still, w * m * m)
-        g_k = torch.zeros(n_stills, dtype=torch.float64).index_add(0, refl.still, w * m * r)
+        h_kk = per_still(w * m * m)
+        g_k = per_still(w * m * r)
         h_xk = torch.zeros((p, n_stills), dtype=torch.float64).index_add(1, refl.still, (jx * (w * m).unsqueeze(-1)).T)
         reduced = h_xx - (h_xk / h_kk) @ h_xk.T
         step_x = torch.linalg.solve(reduced, g_x - (h_xk / h_kk) @ g_k)
@@ -190,7 +193,7 @@ def edge_shifts_from_bins(fit: BinnedFit, references: list[TabulatedCurve], iter
 
     delta = torch.zeros(n_sites, dtype=torch.float64)
     for _ in range(iterations):
-        j = torch.autograd.functional.jacobian(curves, delta)  # (2KS, S)
+        j = torch.func.jacfwd(curves)(delta)  # (2KS, S)
         r = observed - curves(delta)
         h = j.T @ precision @ j
         step = torch.linalg.solve(h, j.T @ precision @ r)
@@ -198,7 +201,7 @@ def edge_shifts_from_bins(fit: BinnedFit, references: list[TabulatedCurve], iter
         delta = delta + step
         if float(step.abs().max()) < 1e-8:
             break
-    j = torch.autograd.functional.jacobian(curves, delta)
+    j = torch.func.jacfwd(curves)(delta)
     return delta, torch.linalg.inv(j.T @ precision @ j)
 
 

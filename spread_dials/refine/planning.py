@@ -35,7 +35,7 @@ from spread_dials.refine.sites import SiteModel
 from spread_dials.refine.synthetic import synthetic_shots
 
 __all__ = ["StillInformation", "probe_stills", "still_information", "pseudo_true", "predicted_covariance",
-           "predicted_sigma", "stills_needed"]
+           "predicted_sigma", "site_pairs", "difference_variance", "stills_needed"]
 
 
 @dataclass(frozen=True)
@@ -56,9 +56,10 @@ class StillInformation:
 def probe_stills(panels, truth: StructureFactors, model: CrystalModel, real_space: Tensor, energy_eV: Tensor,
                  seeds: list[int], spot_scale: float, background_photons: float, min_bragg_photons: float,
                  device: torch.device, max_box_px: int | None = None) -> ShotSet:  # fmt: skip
-    """Noise-free probe stills at the truth (counts = the expected photons), one per seed: random orientations and SASE-like
-    channel weights (:func:`~spread_dials.refine.synthetic.synthetic_shots`), the given crystal
-    the true one (no orientation or cell error), shoeboxes of reflections with at least
+    """Noise-free probe stills at the truth (counts = the expected photons), one per seed:
+    random orientations and SASE-like channel weights
+    (:func:`~spread_dials.refine.synthetic.synthetic_shots`), the given crystal the true one (no
+    orientation or cell error), shoeboxes of reflections with at least
     ``min_bragg_photons`` expected Bragg photons; with ``max_box_px`` every box larger than that
     is cut to it about its centre (as dials.spread_refine's refinement.max_shoebox_px), else such
     boxes are dropped (more than 25 px).
@@ -138,6 +139,16 @@ def predicted_covariance(information: StillInformation, n_stills: int) -> Tensor
 def predicted_sigma(information: StillInformation, n_stills: int) -> Tensor:
     """(P,) sigma of each global parameter from ``n_stills`` stills (eV for edge shifts)."""
     return predicted_covariance(information, n_stills).diagonal().clamp(min=0).sqrt()
+
+
+def site_pairs(n_sites: int) -> list[tuple[int, int]]:
+    """Every pair (i, j), i < j, of ``n_sites`` sites, in the order every pairwise report uses."""
+    return [(i, j) for i in range(n_sites) for j in range(i + 1, n_sites)]
+
+
+def difference_variance(covariance: Tensor, i: int, j: int) -> float:
+    """Variance of theta_i - theta_j from their covariance (P, P): C_ii + C_jj - 2 C_ij."""
+    return float(covariance[i, i] + covariance[j, j] - 2 * covariance[i, j])
 
 
 def stills_needed(variance_one_still: float, sigma_eV: float) -> int:
