@@ -55,9 +55,9 @@ from spread_dials.correct.correction import PixelCorrection
 from spread_dials.correct.divergence import poisson_kl
 from spread_dials.refine.engine import Refinement
 from spread_dials.refine.information import psd_pseudo_inverse, shot_information
-from spread_dials.refine.model import BraggTerms, ShotState, negative_log_likelihood, rate_from_terms
+from spread_dials.refine.model import BraggTerms, ShotState, fisher_weights, negative_log_likelihood, rate_from_terms
 from spread_dials.refine.profiles import ShotProfiles
-from spread_dials.refine.stage1 import refine_shot
+from spread_dials.refine.stage1 import refine_shots
 
 __all__ = ["CorrectSettings", "CorrectedModel", "feature_statistics"]
 
@@ -254,8 +254,7 @@ class CorrectedModel:
         r = self.refinement
         self.set_phi(phi)
         saved = r.states
-        fits = [refine_shot(cache, state, r.curves_intensity(i, theta).detach(), r.settings)
-                for i, (cache, state) in enumerate(zip(r.caches, r.states))]  # fmt: skip
+        fits = refine_shots(r.caches, r.states, [r.curves_intensity(i, theta).detach() for i in range(len(r.caches))], r.settings)
         r.states = [state for state, _ in fits]
         try:
             with torch.no_grad():
@@ -283,7 +282,9 @@ class CorrectedModel:
     def _anchor_curvature(self, i: int, phi: Tensor) -> Tensor:
         """(Q, Q) the Gauss-Newton curvature of local still i's weighted anchor in phi:
         J^T diag(1 / lambda*_0) J with J = d lambda*_0 / d phi (the KL's second derivative in
-        lambda* is 1 / lambda*)."""
+        lambda* is 1 / lambda*; 0 at or below the KL's floor, where the clamped rate does not
+        move: a background plane below zero at a box corner gave 1 / 1e-300 and an infinite
+        curvature, H200 session 9)."""
         cache = self.refinement.caches[i]
 
         def rate(y: Tensor) -> tuple[Tensor, Tensor]:
@@ -291,7 +292,7 @@ class CorrectedModel:
             return value, value
 
         jacobian, lam_star = torch.func.jacfwd(rate, has_aux=True)(phi.to(cache.counts))
-        w = torch.where(cache.fitted, 1.0 / lam_star.clamp(min=1e-300), torch.zeros_like(lam_star)) * cache.weight
+        w = fisher_weights(lam_star, cache.fitted) * cache.weight
         return ((w.unsqueeze(-1) * jacobian).T @ jacobian).detach()
 
     def gradient_and_information(self) -> tuple[Tensor, Tensor, Tensor]:

@@ -40,7 +40,7 @@ from spread_dials.refine.profiles import CrystalModel, ShotProfiles, shot_profil
 from spread_dials.refine.residuals import shoebox_statistics
 from spread_dials.refine.shots import ShotSet
 from spread_dials.refine.sites import SiteModel
-from spread_dials.refine.stage1 import refine_shot, trust_radius
+from spread_dials.refine.stage1 import refine_shot, refine_shots, trust_radius
 
 __all__ = ["RefineSettings", "Refinement", "initial_state", "refine_shot", "global_objective", "refine_globals"]
 
@@ -228,7 +228,8 @@ class Refinement:
         return total[0] + prior.detach(), total[1:] + prior_grad
 
     def stage1(self, progress: Callable[[int, int], None] | None = None, ramp: bool = False) -> tuple[float, float]:
-        """Per-shot refinement, then the profiles recomputed at the new offsets.
+        """Per-shot refinement, then the profiles recomputed at the new offsets: pass by pass,
+        every local still that is still moving fitted in one batch (:func:`refine_shots`).
 
         With ``ramp`` (the first macrocycle) each still first fits growing sets of its
         lowest-resolution shoeboxes (``settings.resolution_ramp``: fractions of them), the
@@ -240,31 +241,39 @@ class Refinement:
             (total NLL over all ranks (summed in still order), the largest move of any still's
             offsets in units of its trust radius, over all ranks).
         """
-        nlls, largest = [], 0.0
         settings = self.settings
         moves_crystal = settings.refine_orientation or settings.refine_cell
         passes = settings.relinearisations if moves_crystal else 1
-        for i in range(len(self.caches)):
-            intensity = self.curves_intensity(i).detach()
-            start = self.states[i].offsets.clone()
-            radius = trust_radius(start.numel(), settings, start)
-            fractions = list(settings.resolution_ramp) if ramp and moves_crystal else []
-            order = _resolution(self.shots.shots[i]) if fractions else None
-            for fraction in [*fractions, *([None] * passes)]:
-                cache = self.caches[i]
-                if fraction is not None:
-                    low = order <= torch.quantile(order, fraction)
-                    cache = replace(cache, rejected=~low if cache.rejected is None else cache.rejected | ~low)
-                state, nll = refine_shot(cache, self.states[i], intensity, settings)
-                step = float(((state.offsets - self.caches[i].profiles.offsets) / radius).abs().max())
-                self.states[i] = state
+        n = len(self.caches)
+        intensities = [self.curves_intensity(i).detach() for i in range(n)]
+        starts = [s.offsets.clone() for s in self.states]
+        radii = [trust_radius(s.numel(), settings, s) for s in starts]
+        fractions = list(settings.resolution_ramp) if ramp and moves_crystal else []
+        orders = [_resolution(shot) for shot in self.shots.shots] if fractions else None
+        nlls, active, finished = [0.0] * n, list(range(n)), 0
+        for fraction in [*fractions, *([None] * passes)]:
+            caches = [self.caches[i] for i in active]
+            if fraction is not None:  # the lowest-resolution shoeboxes only
+                lows = [orders[i] <= torch.quantile(orders[i], fraction) for i in active]
+                caches = [replace(c, rejected=~low if c.rejected is None else c.rejected | ~low) for c, low in zip(caches, lows)]
+            fits = refine_shots(caches, [self.states[i] for i in active], [intensities[i] for i in active], settings)
+            still_moving = []
+            for i, (state, nll) in zip(active, fits):
+                step = float(((state.offsets - self.caches[i].profiles.offsets) / radii[i]).abs().max())
+                self.states[i], nlls[i] = state, nll
                 self.caches[i] = self.caches[i].with_profiles(self.profiles_at(i, state))
                 if fraction is None and step < 0.25:
-                    break
-            largest = max(largest, float(((self.states[i].offsets - start) / radius).abs().max()))
-            nlls.append(nll)
+                    finished += 1
+                    if progress is not None:
+                        progress(finished, n)
+                else:
+                    still_moving.append(i)
+            active = still_moving
+        for _ in active:  # stills that used every pass
+            finished += 1
             if progress is not None:
-                progress(i + 1, len(self.caches))
+                progress(finished, n)
+        largest = max((float(((self.states[i].offsets - starts[i]) / radii[i]).abs().max()) for i in range(n)), default=0.0)
         return self.ordered_total(nlls), float(self.comm.allreduce(largest, op="max"))
 
     def initialise_states(self) -> None:
@@ -374,8 +383,8 @@ class Refinement:
         parameters refitted by stage 1's Gauss-Newton from their current values, profiles kept;
         each still's NLL times its ``weight``, summed in still order) and the refitted per-shot
         parameters."""
-        fits = [refine_shot(cache, state, self.curves_intensity(i, theta).detach(), self.settings)
-                for i, (cache, state) in enumerate(zip(self.caches, self.states))]  # fmt: skip
+        fits = refine_shots(self.caches, self.states, [self.curves_intensity(i, theta).detach() for i in range(len(self.caches))],
+                            self.settings)  # fmt: skip
         profile = self.ordered_total([cache.weight * nll for cache, (_, nll) in zip(self.caches, fits)])
         profile += float(self.sites.negative_log_prior(theta))
         return profile, [state for state, _ in fits]

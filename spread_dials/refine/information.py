@@ -39,7 +39,7 @@ def shot_information(refinement, i: int, theta: Tensor, extra: Tensor | None = N
     if extra is not None:
         u_theta = torch.cat([u_theta, extra.to(u_theta)], -1)
     refined = refined_offsets(terms.offsets.numel(), refinement.settings)
-    u = torch.cat([u_theta, shot_columns(state, terms, bragg, refined)], -1)  # (N, P + n_s)
+    u = torch.cat([u_theta, shot_columns(torch.exp(state.log_scale), bragg, terms.jacobian, refined)], -1)  # (N, P + n_s)
     w = fisher_weights(lam, cache.fitted, readout, refinement.settings.model_error_fraction)
     h_bb, h_bo, h_oo = normal_blocks(cache, w, u, int(state.background.shape[0]))
     reduced, _, _, _ = eliminate_planes(h_bb, h_bo, h_oo)
@@ -50,15 +50,22 @@ def shot_information(refinement, i: int, theta: Tensor, extra: Tensor | None = N
     return cache.weight * profiled.detach().cpu(), cache.weight * conditional.detach().cpu()
 
 
-def shot_columns(state, terms, bragg: Tensor, refined: Tensor) -> Tensor:
+def shot_columns(scale: Tensor, bragg: Tensor, jacobian: Tensor | None, refined: Tensor) -> Tensor:
     """(N, S) derivatives of every pixel's rate in a still's shared per-shot parameters,
     s = (log G, the refined crystal offsets): G * bragg and G * d bragg / d offset (from the
-    channel-summed :class:`~spread_dials.refine.model.BraggTerms`; ``bragg`` (N,) at ``state``,
-    ``refined`` (3 + k,) bool from :func:`refined_offsets`)."""
-    scale = torch.exp(state.log_scale.detach())
+    channel-summed :class:`~spread_dials.refine.model.BraggTerms`).
+
+    Args:
+        scale: the scale G, () or (N,) (each pixel's still's, for a batch of stills).
+        bragg: (N,) Bragg photons per unit scale at the state.
+        jacobian: (N, 3 + k) its derivative in the crystal offsets, or None.
+        refined: (3 + k,) bool from :func:`refined_offsets`.
+    """
+    scale = scale.detach()
     columns = [(scale * bragg).unsqueeze(-1)]
-    if terms.jacobian is not None and bool(refined.any()):
-        columns.append(scale * terms.jacobian[:, refined.to(terms.jacobian.device)])
+    if jacobian is not None and bool(refined.any()):
+        per_pixel = scale.unsqueeze(-1) if scale.dim() else scale
+        columns.append(per_pixel * jacobian[:, refined.to(jacobian.device)])
     return torch.cat(columns, -1)
 
 
@@ -68,37 +75,54 @@ def refined_offsets(n_offsets: int, settings) -> Tensor:
     return torch.tensor([settings.refine_orientation] * 3 + [settings.refine_cell] * (n_offsets - 3))
 
 
-def normal_blocks(cache, w: Tensor, u: Tensor, n_shoeboxes: int) -> tuple[Tensor, Tensor, Tensor]:
+def normal_blocks(cache, w: Tensor, u: Tensor, n_shoeboxes: int, still: Tensor | None = None,
+                  n_stills: int = 1) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """Blocks of sum_p w_p d_p d_p^T with d_p = (x_p (the plane's 3 columns), u_p (S,)):
     (H_bb (B, 3, 3), H_bs (B, 3, S), H_ss (S, S)); x_p = (1, fast_p, slow_p) of the pixel's
-    shoebox (``cache.pixel_shoebox``), w (N,) the weights (0 for pixels out of the fit)."""
+    shoebox (``cache.pixel_shoebox``), w (N,) the weights (0 for pixels out of the fit).  With
+    ``still`` (N,) (a batch of ``n_stills`` stills, each pixel's still) H_ss is (n_stills, S, S),
+    each still's own."""
     x = torch.stack([torch.ones_like(cache.fast), cache.fast, cache.slow], -1)
     sb = cache.pixel_shoebox
     wx = w.unsqueeze(-1) * x
     zeros = torch.zeros((n_shoeboxes, 3, 3 + u.shape[1]), dtype=w.dtype, device=w.device)
     h_b = zeros.index_add(0, sb, wx.unsqueeze(-1) * torch.cat([x, u], -1).unsqueeze(-2))
-    return h_b[..., :3], h_b[..., 3:], (w.unsqueeze(-1) * u).T @ u
+    wu = w.unsqueeze(-1) * u
+    if still is None:
+        h_ss = wu.T @ u
+    else:
+        h_ss = u.new_zeros((n_stills, u.shape[1], u.shape[1])).index_add(0, still, wu.unsqueeze(-1) * u.unsqueeze(-2))
+    return h_b[..., :3], h_b[..., 3:], h_ss
 
 
-def eliminate_planes(h_bb: Tensor, h_bs: Tensor, h_ss: Tensor, g_b: Tensor | None = None, g_s: Tensor | None = None):
+def eliminate_planes(h_bb: Tensor, h_bs: Tensor, h_ss: Tensor, g_b: Tensor | None = None, g_s: Tensor | None = None,
+                     box_still: Tensor | None = None):  # fmt: skip
     """Schur complement of the per-shoebox plane blocks of a normal matrix (and gradient).
 
+    ``box_still`` (B,): a batch of stills (each shoebox's still; ``h_ss`` (K, S, S), ``g_s``
+    (K, S)): each still's own reduced system.
+
     Returns:
-        (reduced (S, S), reduced gradient (S,) or None, H_bb^-1 H_bs (B, 3, S), H_bb^-1 g_b
-        (B, 3) or None): the reduced system in the shared parameters and what back-substitution
-        needs (plane step = -(H_bb^-1 g_b + H_bb^-1 H_bs step_s)).  A relative 1e-12 ridge keeps
-        an empty shoebox's block invertible.
+        (reduced (S, S) or (K, S, S), reduced gradient (S,) / (K, S) or None, H_bb^-1 H_bs
+        (B, 3, S), H_bb^-1 g_b (B, 3) or None): the reduced system in the shared parameters and
+        what back-substitution needs (plane step = -(H_bb^-1 g_b + H_bb^-1 H_bs step_s)).  A
+        relative 1e-12 ridge keeps an empty shoebox's block invertible.
     """
     d = h_bb.diagonal(dim1=-2, dim2=-1).amax(-1, keepdim=True).unsqueeze(-1)
     h_bb = h_bb + 1e-12 * (1 + d) * torch.eye(3, dtype=h_bb.dtype, device=h_bb.device)
     rhs = h_bs if g_b is None else torch.cat([h_bs, g_b.unsqueeze(-1)], -1)
     solved = torch.linalg.solve(h_bb, rhs)
     back = solved[..., : h_bs.shape[-1]]
-    reduced = h_ss - torch.einsum("bis,bit->st", h_bs, back)
+    if box_still is None:
+        reduced = h_ss - torch.einsum("bis,bit->st", h_bs, back)
+    else:
+        reduced = h_ss - torch.zeros_like(h_ss).index_add(0, box_still, torch.einsum("bis,bit->bst", h_bs, back))
     if g_b is None:
         return reduced, None, back, None
     back_g = solved[..., -1]
-    return reduced, g_s - torch.einsum("bis,bi->s", h_bs, back_g), back, back_g
+    if box_still is None:
+        return reduced, g_s - torch.einsum("bis,bi->s", h_bs, back_g), back, back_g
+    return reduced, g_s - torch.zeros_like(g_s).index_add(0, box_still, torch.einsum("bis,bi->bs", h_bs, back_g)), back, back_g
 
 
 def psd_pseudo_inverse(h: Tensor, rcond: float = 1e-10) -> Tensor:

@@ -22,7 +22,7 @@ from torch import Tensor
 
 from spread_dials.refine.profiles import ShotProfiles
 
-__all__ = ["ShotState", "ShotCache", "BraggTerms", "bragg_terms", "rate_from_terms", "intensities", "site_intensities", "pixel_rate", "pixel_variance", "fisher_weights", "negative_log_likelihood", "LAMBDA_FLOOR"]
+__all__ = ["ShotState", "ShotCache", "BraggTerms", "bragg_terms", "rate_from_terms", "intensities", "site_intensities", "pixel_rate", "pixel_variance", "fisher_weights", "negative_log_likelihood", "pixel_nll", "LAMBDA_FLOOR"]
 
 #: smallest pixel rate (photons) the likelihood sees (a plane may dip below 0 at a corner)
 LAMBDA_FLOOR = 1e-6
@@ -186,10 +186,16 @@ def negative_log_likelihood(lam: Tensor, counts: Tensor, valid: Tensor, readout_
     """Sum over valid pixels of the NLL (up to a constant): Poisson lambda - k log lambda, or
     (``readout_sigma`` (photons) or ``model_error_fraction`` given) Gaussian
     0.5 ((k - lambda)^2 / v + log v) with v = :func:`pixel_variance`."""
+    return pixel_nll(lam, counts, valid, readout_sigma, model_error_fraction).sum()
+
+
+def pixel_nll(lam: Tensor, counts: Tensor, valid: Tensor, readout_sigma: float | None = None,
+              model_error_fraction: float = 0.0) -> Tensor:  # fmt: skip
+    """(N,) each pixel's term of :func:`negative_log_likelihood` (0 where not ``valid``)."""
     lam = lam.clamp(min=LAMBDA_FLOOR)
     if readout_sigma is None and model_error_fraction == 0:
         terms = lam - counts * torch.log(lam)
     else:
         v = pixel_variance(lam, readout_sigma, model_error_fraction)
         terms = 0.5 * ((counts - lam) ** 2 / v + torch.log(v))
-    return torch.where(valid, terms, torch.zeros_like(terms)).sum()
+    return torch.where(valid, terms, torch.zeros_like(terms))

@@ -17,6 +17,11 @@ in the box x0 +- t (the trust radius of the linearisation: ``rotation_step_mrad`
 (projected Gauss-Newton), the others are clipped to it.  Ends after ``stage1_iterations`` steps or when a step lowers the NLL
 by less than ``STAGE1_TOLERANCE``.
 
+Stills are fitted in batches (:func:`refine_shots`): their pixels concatenated, every step one
+set of tensor operations for all of them, each still with its own damping, acceptance and
+stopping (a still's fit is the one it gets alone).  A rubredoxin still is a few thousand
+operations of ~16k pixels per fit: one at a time the GPU waits on kernel launches.
+
 Why not L-BFGS (torch.optim) as stage 2: a still has ~3 parameters per shoebox that couple only
 through the few shared ones; L-BFGS needed all 50 iterations and still left the stills
 unconverged between macrocycles (the edge shift drifted for 8 macrocycles on the demo), while
@@ -25,24 +30,21 @@ Gauss-Newton with the exact block structure converges in a few steps.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 from torch import Tensor
 
 from spread_dials.refine.information import eliminate_planes, normal_blocks, refined_offsets, shot_columns
-from spread_dials.refine.model import (
-    BraggTerms,
-    ShotCache,
-    ShotState,
-    bragg_terms,
-    fisher_weights,
-    negative_log_likelihood,
-    rate_from_terms,
-)
+from spread_dials.refine.model import ShotCache, ShotState, bragg_terms, fisher_weights, pixel_nll
 
-__all__ = ["refine_shot", "trust_radius", "STAGE1_TOLERANCE", "OFFSET_UNIT"]
+__all__ = ["refine_shot", "refine_shots", "trust_radius", "STAGE1_TOLERANCE", "STAGE1_BATCH_PIXELS", "OFFSET_UNIT"]
 
 #: a Gauss-Newton step that lowers the NLL by less than this ends stage 1 for the still
 STAGE1_TOLERANCE = 1e-3
+
+#: most pixels fitted in one batch (the normal equations' per-pixel blocks: ~1 kB a pixel)
+STAGE1_BATCH_PIXELS = 1 << 22
 
 #: unit of the trust radii: mrad for rotations, parts per thousand for log cell lengths
 OFFSET_UNIT = 1e-3
@@ -56,45 +58,200 @@ def trust_radius(n_offsets: int, settings, like: Tensor) -> Tensor:
     return torch.tensor(radius, dtype=like.dtype, device=like.device) * OFFSET_UNIT
 
 
-def _nll(cache: ShotCache, state: ShotState, terms: BraggTerms, settings) -> Tensor:
-    lam, _ = rate_from_terms(cache, state, terms)
-    return negative_log_likelihood(lam, cache.counts, cache.fitted, settings.readout_sigma, settings.model_error_fraction)
+@dataclass(frozen=True)
+class _Batch:
+    """K stills' pixels concatenated, with the channels summed at fixed |F|^2.
+
+    Attributes:
+        still: (N,) each pixel's still; box_still: (B,) each shoebox's.
+        pixel_shoebox: (N,) each pixel's shoebox in the batch's numbering.
+        fast, slow, counts: (N,); fitted: (N,) bool.
+        bragg: (N,) sum_c P_c |F_h(E_c)|^2 at the cache points; jacobian: (N, 3 + k) its
+            derivative in the crystal offsets, or None.
+        x0: (K, 3 + k) each still's cache point.
+    """
+
+    still: Tensor
+    box_still: Tensor
+    pixel_shoebox: Tensor
+    fast: Tensor
+    slow: Tensor
+    counts: Tensor
+    fitted: Tensor
+    bragg: Tensor
+    jacobian: Tensor | None
+    x0: Tensor
+
+    @property
+    def n_stills(self) -> int:
+        return int(self.x0.shape[0])
+
+    @property
+    def n_shoeboxes(self) -> int:
+        return int(self.box_still.numel())
 
 
-def _normal_equations(cache: ShotCache, state: ShotState, terms: BraggTerms, settings, refined: Tensor):
-    """NLL, gradient and Fisher blocks at ``state``: (nll, g_s (S,), g_b (B, 3), H_ss (S, S),
-    H_bs (B, 3, S), H_bb (B, 3, 3)) with s = (log G, refined offsets)."""
-    n_b = int(state.background.shape[0])
-    log_scale = state.log_scale.detach().clone().requires_grad_(True)
-    offsets = state.offsets.detach().clone().requires_grad_(True)
-    background = state.background.detach().clone().requires_grad_(True)
-    trial = ShotState(log_scale, offsets[:3], background, None if state.cell is None else offsets[3:])
-    lam, bragg = rate_from_terms(cache, trial, terms)
-    nll = negative_log_likelihood(lam, cache.counts, cache.fitted, settings.readout_sigma, settings.model_error_fraction)
-    g_scale, g_offsets, g_b = torch.autograd.grad(nll, [log_scale, offsets, background], allow_unused=True)
+def _batch(caches: list[ShotCache], states: list[ShotState], intensities: list[Tensor]) -> _Batch:
+    terms = [bragg_terms(c, i) for c, i in zip(caches, intensities)]
+    has_jacobian = {t.jacobian is not None for t in terms}
+    if len(has_jacobian) > 1 or len({int(t.offsets.numel()) for t in terms}) > 1:
+        raise ValueError("stage 1 batches stills with the same crystal offsets and profile derivatives")
+    device = caches[0].counts.device
+    n_pixels = torch.tensor([c.counts.numel() for c in caches], device=device)
+    n_boxes = torch.tensor([s.background.shape[0] for s in states], device=device)
+    first_box = torch.cumsum(n_boxes, 0) - n_boxes
+    still = torch.repeat_interleave(torch.arange(len(caches), device=device), n_pixels)
+    cat = lambda name: torch.cat([getattr(c, name) for c in caches])  # noqa: E731
+    return _Batch(
+        still=still,
+        box_still=torch.repeat_interleave(torch.arange(len(caches), device=device), n_boxes),
+        pixel_shoebox=cat("pixel_shoebox") + first_box[still],
+        fast=cat("fast"), slow=cat("slow"), counts=cat("counts"),
+        fitted=torch.cat([c.fitted for c in caches]),
+        bragg=torch.cat([t.value for t in terms]),
+        jacobian=torch.cat([t.jacobian for t in terms]) if has_jacobian == {True} else None,
+        x0=torch.stack([t.offsets.to(s.rotation) for t, s in zip(terms, states)]),
+    )  # fmt: skip
+
+
+def _rate(batch: _Batch, log_scale: Tensor, offsets: Tensor, background: Tensor) -> tuple[Tensor, Tensor]:
+    """(lambda, bragg) (N,) at per-still log G (K,), crystal offsets (K, 3 + k) (linear about
+    the cache points) and shoebox planes (B, 3)."""
+    bragg = batch.bragg
+    if batch.jacobian is not None:
+        bragg = bragg + (batch.jacobian * (offsets - batch.x0)[batch.still]).sum(-1)
+    plane = background[batch.pixel_shoebox]
+    return plane[:, 0] + plane[:, 1] * batch.fast + plane[:, 2] * batch.slow + torch.exp(log_scale)[batch.still] * bragg, bragg
+
+
+def _nll(batch: _Batch, log_scale: Tensor, offsets: Tensor, background: Tensor, settings) -> Tensor:
+    """(K,) each still's NLL."""
+    lam, _ = _rate(batch, log_scale, offsets, background)
+    terms = pixel_nll(lam, batch.counts, batch.fitted, settings.readout_sigma, settings.model_error_fraction)
+    return terms.new_zeros(batch.n_stills).index_add(0, batch.still, terms)
+
+
+def _normal_equations(batch: _Batch, log_scale: Tensor, offsets: Tensor, background: Tensor, settings, refined: Tensor):
+    """NLL, gradient and Fisher blocks: (nll (K,), g_s (K, S), g_b (B, 3), H_ss (K, S, S),
+    H_bs (B, 3, S), H_bb (B, 3, 3)) with s = (log G, refined offsets) of each still."""
+    leaves = [t.detach().clone().requires_grad_(True) for t in (log_scale, offsets, background)]
+    lam, bragg = _rate(batch, *leaves)
+    terms = pixel_nll(lam, batch.counts, batch.fitted, settings.readout_sigma, settings.model_error_fraction)
+    nll = terms.new_zeros(batch.n_stills).index_add(0, batch.still, terms)
+    g_scale, g_offsets, g_b = torch.autograd.grad(nll.sum(), leaves, allow_unused=True)
     g_offsets = torch.zeros_like(offsets) if g_offsets is None else g_offsets
-    lam = lam.detach()
-    u = shot_columns(state, terms, bragg.detach(), refined)  # (N, S)
-    w = fisher_weights(lam, cache.fitted, settings.readout_sigma, settings.model_error_fraction)
-    h_bb, h_bs, h_ss = normal_blocks(cache, w, u, n_b)
-    g_s = torch.cat([g_scale.reshape(1), g_offsets[refined.to(g_offsets.device)]])
+    scale = torch.exp(log_scale.detach())[batch.still]
+    u = shot_columns(scale, bragg.detach(), batch.jacobian, refined)  # (N, S)
+    w = fisher_weights(lam.detach(), batch.fitted, settings.readout_sigma, settings.model_error_fraction)
+    h_bb, h_bs, h_ss = normal_blocks(batch, w, u, batch.n_shoeboxes, batch.still, batch.n_stills)
+    g_s = torch.cat([g_scale.unsqueeze(-1), g_offsets[:, refined.to(g_offsets.device)]], -1)
     return nll.detach(), g_s, g_b, h_ss, h_bs, h_bb
 
 
-def _damped_step(g_s: Tensor, g_b: Tensor, h_ss: Tensor, h_bs: Tensor, h_bb: Tensor, mu: float) -> tuple[Tensor, Tensor]:
-    """(step_s (S,), step_b (B, 3)) of the normal equations damped by diagonal x (1 + mu), the
-    planes eliminated per shoebox (:func:`~spread_dials.refine.information.eliminate_planes`)."""
-    h_bb = h_bb + torch.diag_embed(mu * h_bb.diagonal(dim1=-2, dim2=-1))
-    eye = torch.eye(h_ss.shape[0], dtype=h_ss.dtype, device=h_ss.device)
-    h_ss = h_ss + torch.diag(mu * h_ss.diagonal()) + 1e-12 * (1 + h_ss.diagonal().amax()) * eye
-    reduced, rhs, back, back_g = eliminate_planes(h_bb, h_bs, h_ss, g_b, g_s)
-    step_s = -torch.linalg.solve(0.5 * (reduced + reduced.T), rhs)
-    return step_s, -(back_g + (back @ step_s.unsqueeze(-1)).squeeze(-1))
+def _damped_step(batch: _Batch, g_s: Tensor, g_b: Tensor, h_ss: Tensor, h_bs: Tensor, h_bb: Tensor, mu: Tensor,
+                 keep: Tensor) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """(step_s (K, S), step_b (B, 3)) of each still's normal equations damped by diagonal x
+    (1 + mu) (mu (K,)), the planes eliminated per shoebox; shared parameters not in ``keep``
+    (K, S) bool take no step (their rows and columns decoupled)."""
+    k = keep.to(h_ss.dtype)
+    h_bs = h_bs * k[batch.box_still].unsqueeze(-2)
+    g_s = g_s * k
+    diagonal = h_ss.diagonal(dim1=-2, dim2=-1)
+    h_ss = h_ss * (k.unsqueeze(-1) * k.unsqueeze(-2))
+    ridge = 1e-12 * (1 + (diagonal * k).amax(-1))
+    h_ss = h_ss + torch.diag_embed(mu.unsqueeze(-1) * diagonal * k + ridge.unsqueeze(-1) * k + (1 - k))
+    h_bb = h_bb + torch.diag_embed(mu[batch.box_still].unsqueeze(-1) * h_bb.diagonal(dim1=-2, dim2=-1))
+    reduced, rhs, back, back_g = eliminate_planes(h_bb, h_bs, h_ss, g_b, g_s, batch.box_still)
+    step_s = -torch.linalg.solve(0.5 * (reduced + reduced.transpose(-1, -2)), rhs.unsqueeze(-1)).squeeze(-1) * k
+    return step_s, -(back_g + (back @ step_s[batch.box_still].unsqueeze(-1)).squeeze(-1))
+
+
+def refine_shots(caches: list[ShotCache], states: list[ShotState], intensities: list[Tensor],
+                 settings) -> list[tuple[ShotState, float]]:  # fmt: skip
+    """Stage 1 for a batch of stills (module docstring): each still's log G, refined offsets and
+    background planes with |F|^2 fixed, offsets within the trust box about its cache point; the
+    stills share nothing but the tensor operations.
+
+    Args:
+        caches: the stills' caches (profiles and their offsets' Jacobian at x0), on one device,
+            all with or all without the Jacobian and with the same crystal offsets.
+        states: their starting per-shot parameters.
+        intensities: (B_i, C) |F_h(E_c)|^2 of each still's reflections.
+        settings: :class:`~spread_dials.refine.engine.RefineSettings`.
+
+    Returns:
+        (state, NLL) of each still at the end of its fit.
+
+    Raises:
+        ValueError: stills that differ in their crystal offsets or profile derivatives.
+    """
+    fits, start, pixels = [], 0, 0
+    for k, cache in enumerate(caches):
+        if k > start and pixels + cache.counts.numel() > STAGE1_BATCH_PIXELS:
+            fits += _refine_batch(caches[start:k], states[start:k], intensities[start:k], settings)
+            start, pixels = k, 0
+        pixels += cache.counts.numel()
+    return fits + (_refine_batch(caches[start:], states[start:], intensities[start:], settings) if caches else [])
+
+
+def _refine_batch(caches: list[ShotCache], states: list[ShotState], intensities: list[Tensor],
+                  settings) -> list[tuple[ShotState, float]]:  # fmt: skip
+    """:func:`refine_shots` on one batch."""
+    batch = _batch(caches, states, intensities)
+    n_offsets = int(batch.x0.shape[1])
+    refined = refined_offsets(n_offsets, settings) & (batch.jacobian is not None)
+    refined_device = refined.to(batch.x0.device)
+    radius = trust_radius(n_offsets, settings, batch.x0)
+    low, high = batch.x0 - radius, batch.x0 + radius
+    log_scale = torch.stack([s.log_scale.detach() for s in states])
+    offsets = torch.stack([s.offsets.detach() for s in states])
+    background = torch.cat([s.background.detach() for s in states])
+    n = batch.n_stills
+    mu = torch.full((n,), 1e-3, dtype=log_scale.dtype, device=log_scale.device)
+    active = torch.ones(n, dtype=torch.bool, device=log_scale.device)
+    nll, g_s, g_b, h_ss, h_bs, h_bb = _normal_equations(batch, log_scale, offsets, background, settings, refined)
+    for _ in range(settings.stage1_iterations):
+        # offsets on the box that the gradient pushes outward stay there for this step
+        x, g = offsets[:, refined_device], g_s[:, 1:]
+        pinned = ((x >= high[:, refined_device] - 1e-12) & (g < 0)) | ((x <= low[:, refined_device] + 1e-12) & (g > 0))
+        keep = torch.cat([torch.ones((n, 1), dtype=torch.bool, device=pinned.device), ~pinned], -1)
+        pending, accepted = active.clone(), torch.zeros_like(active)
+        new_scale, new_offsets, new_background, new_nll = log_scale, offsets, background, nll
+        for _attempt in range(12):
+            step_s, step_b = _damped_step(batch, g_s, g_b, h_ss, h_bs, h_bb, mu, keep)
+            trial_offsets = offsets.clone()
+            trial_offsets[:, refined_device] += step_s[:, 1:]
+            trial_offsets = torch.minimum(torch.maximum(trial_offsets, low), high)
+            trial = (log_scale + step_s[:, 0], trial_offsets, background + step_b)
+            with torch.no_grad():
+                value = _nll(batch, *trial, settings)
+            ok = pending & torch.isfinite(value) & (value < nll)
+            box_ok = ok[batch.box_still].unsqueeze(-1)
+            new_scale = torch.where(ok, trial[0], new_scale)
+            new_offsets = torch.where(ok.unsqueeze(-1), trial[1], new_offsets)
+            new_background = torch.where(box_ok, trial[2], new_background)
+            new_nll = torch.where(ok, value, new_nll)
+            accepted |= ok
+            pending &= ~ok
+            mu = torch.where(pending, mu.clamp(min=1e-6) * 10.0, mu)
+            if not bool(pending.any()):
+                break
+        gain = nll - new_nll
+        log_scale, offsets, background = new_scale, new_offsets, new_background
+        mu = torch.where(accepted, (mu / 10.0).clamp(min=1e-9), mu)
+        nll, g_s, g_b, h_ss, h_bs, h_bb = _normal_equations(batch, log_scale, offsets, background, settings, refined)
+        active &= accepted & (gain >= STAGE1_TOLERANCE)
+        if not bool(active.any()):
+            break
+    values = nll.tolist()
+    boxes = torch.split(background, [int(s.background.shape[0]) for s in states])
+    cells = [s.cell is not None for s in states]
+    return [(ShotState(log_scale[k], offsets[k, :3], boxes[k], offsets[k, 3:] if cells[k] else None), values[k])
+            for k in range(n)]  # fmt: skip
 
 
 def refine_shot(cache: ShotCache, state: ShotState, intensity: Tensor, settings) -> tuple[ShotState, float]:
-    """Stage 1 for one still (module docstring): log G, refined offsets and background planes
-    with |F|^2 = ``intensity`` (B, C) fixed, offsets within the trust box about the cache point.
+    """Stage 1 for one still (:func:`refine_shots` with a batch of one).
 
     Args:
         cache: the still's cache (profiles and their offsets' Jacobian at x0).
@@ -105,44 +262,4 @@ def refine_shot(cache: ShotCache, state: ShotState, intensity: Tensor, settings)
     Returns:
         (state, NLL) at the end.
     """
-    terms = bragg_terms(cache, intensity)
-    refined = refined_offsets(state.offsets.numel(), settings) & (terms.jacobian is not None)
-    x0 = cache.profiles.offsets.to(state.rotation)
-    radius = trust_radius(x0.numel(), settings, x0)
-    low, high = x0 - radius, x0 + radius
-    state = ShotState(state.log_scale.detach(), state.rotation.detach(), state.background.detach(),
-                      None if state.cell is None else state.cell.detach())  # fmt: skip
-    mu = 1e-3
-    nll, g_s, g_b, h_ss, h_bs, h_bb = _normal_equations(cache, state, terms, settings, refined)
-    refined_device = refined.to(x0.device)
-    for _ in range(settings.stage1_iterations):
-        # offsets on the box that the gradient pushes outward stay there for this step
-        x = state.offsets[refined_device]
-        g = g_s[1:]
-        pinned = ((x >= high[refined_device] - 1e-12) & (g < 0)) | ((x <= low[refined_device] + 1e-12) & (g > 0))
-        keep = torch.cat([torch.ones(1, dtype=torch.bool, device=pinned.device), ~pinned])
-        accepted = False
-        for _attempt in range(12):
-            step_kept, step_b = _damped_step(g_s[keep], g_b, h_ss[keep][:, keep], h_bs[..., keep], h_bb, mu)
-            step_s = torch.zeros_like(g_s)
-            step_s[keep] = step_kept
-            offsets = state.offsets.clone()
-            offsets[refined_device] += step_s[1:]
-            offsets = torch.minimum(torch.maximum(offsets, low), high)
-            trial = ShotState(state.log_scale + step_s[0], offsets[:3], state.background + step_b,
-                              None if state.cell is None else offsets[3:])  # fmt: skip
-            with torch.no_grad():
-                value = _nll(cache, trial, terms, settings)
-            if bool(torch.isfinite(value)) and float(value) < float(nll):
-                accepted = True
-                break
-            mu = max(mu, 1e-6) * 10.0
-        if not accepted:
-            break
-        gain = float(nll - value)
-        state = trial
-        mu = max(mu / 10.0, 1e-9)
-        nll, g_s, g_b, h_ss, h_bs, h_bb = _normal_equations(cache, state, terms, settings, refined)
-        if gain < STAGE1_TOLERANCE:
-            break
-    return state, float(nll)
+    return refine_shots([cache], [state], [intensity], settings)[0]

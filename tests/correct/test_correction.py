@@ -250,6 +250,24 @@ def test_leaky_correction_reads_the_miller_index(toy):
     assert (a - b).abs().max() > 1e-3
 
 
+def test_anchor_curvature_is_the_kl_hessian_also_where_the_rate_is_not_positive(toy):
+    """At the physics (phi = 0, where log(lambda* / lambda_0) = 0) the anchor's Gauss-Newton
+    curvature J^T diag(1 / lambda*) J is the autograd Hessian of the Poisson KL itself; pixels
+    whose reference rate is at or below the KL's floor (a background plane below zero at a box
+    corner) add nothing to either, and the curvature stays finite (it was infinite: 1 / 1e-300)."""
+    contexts = [pixel_context(toy.shots, s, NOMINAL_EV) for s in toy.shots.shots]
+    model = CorrectedModel(toy, _correction(toy, contexts, head=False), contexts, CorrectSettings())
+    profile, weight, scale, lam_0 = model._anchor[0]
+    lam_0 = lam_0.clone()
+    lam_0[:40] = -0.5
+    model._anchor[0] = (profile, weight, scale, lam_0)
+    phi = model.phi.detach().clone()
+    curvature = model._anchor_curvature(0, phi)
+    hessian = torch.autograd.functional.hessian(lambda x: model.anchor(0, x), phi)
+    assert bool(torch.isfinite(curvature).all()) and float(hessian.abs().max()) > 0
+    assert torch.allclose(curvature, hessian, rtol=1e-8, atol=1e-10 * float(hessian.abs().max()))
+
+
 def test_poisson_kl_matches_monte_carlo():
     """Closed-form KL(Poisson(a) || Poisson(b)) against the mean of log p_a(k) - log p_b(k) over
     200k draws k ~ Poisson(a) (torch.distributions), within 4 standard errors."""

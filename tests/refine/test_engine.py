@@ -254,6 +254,30 @@ def test_stage_one_reaches_the_optimum_of_an_independent_optimiser(problem):
     assert float(fitted.log_scale) == pytest.approx(reference.x[0], abs=2e-3)
 
 
+def test_a_batch_of_stills_fits_each_as_alone(problem):
+    """refine_shots on several stills at once (one set of tensor operations, each still with
+    its own damping, acceptance and stopping) ends where each still's fit alone ends: the same
+    scale, offsets, planes and NLL to 1e-9, with one still's shoeboxes partly left out and the
+    other started away from its optimum."""
+    from spread_dials.refine.model import ShotState
+    from spread_dials.refine.stage1 import refine_shot, refine_shots
+
+    r = _refinement(problem)
+    caches = [r.caches[0], replace(r.caches[1], rejected=torch.arange(r.states[1].background.shape[0]) % 3 == 0)]
+    turned = ShotState(r.states[1].log_scale + 0.3, r.states[1].rotation + 4e-4, r.states[1].background, r.states[1].cell)
+    states = [r.states[0], turned]
+    intensities = [r.curves_intensity(i).detach() for i in range(2)]
+    settings = RefineSettings()
+    together = refine_shots(caches, states, intensities, settings)
+    for cache, state, intensity, (batched, nll) in zip(caches, states, intensities, together):
+        alone, nll_alone = refine_shot(cache, state, intensity, settings)
+        assert nll == pytest.approx(nll_alone, rel=1e-12, abs=1e-9)
+        for a, b in ((batched.log_scale, alone.log_scale), (batched.rotation, alone.rotation),
+                     (batched.background, alone.background)):  # fmt: skip
+            assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
+    assert not torch.allclose(together[1][0].rotation, turned.rotation)  # the fit moved the turned still
+
+
 def test_scoring_and_lbfgs_stage_two_reach_the_same_edge_shift():
     """Stage 2 by profile-likelihood scoring (default) and by L-BFGS with the per-shot
     parameters fixed are different optimisers of the same likelihood: run to convergence on
