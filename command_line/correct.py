@@ -25,7 +25,8 @@ corrected edge shift, sigma, quantiles, P(oxidation state), truth), spread_poste
 covariances, f'/f'' quantile bands on a 1 eV grid, the correction's weights), <prefix>.json,
 <prefix>.expt/.refl (the stills; columns spread.bragg_photons with the correction and
 spread.bragg_photons_physics without), <prefix>_edge_shifts.png, <prefix>_loss.png,
-<prefix>_correction.png, <prefix>.checkpoint.pt (a killed run resumes from its last epoch) and
+<prefix>_correction.png, <prefix>_predictive.png (held-out residuals before and after;
+correct.predictive), <prefix>.checkpoint.pt (a killed run resumes from its last epoch) and
 dials.spread_correct.log.
 """
 
@@ -82,6 +83,22 @@ correct
       .type = float
       .help = "Calibration prior sd of the relative error of the spectrometer's eV per channel;"
               "None: no dispersion latent"
+  }
+  predictive
+    .help = "The posterior predictive check: stills held out of the fit, their standardized"
+            "residuals before and after the correction per panel group and resolution shell"
+  {
+    held_out_fraction = 0.1
+      .type = float(value_min=0, value_max=0.99)
+      .help = "Fraction of the stills (at least one when > 0; drawn from random.seed) left out of"
+              "the fit of the edge shifts and the correction; their own scale, crystal and"
+              "backgrounds are fitted. 0: every still in the fit, no check"
+    panel_groups = 4
+      .type = int(value_min=1)
+      .help = "The detector's panels in this many contiguous groups"
+    resolution_shells = 4
+      .type = int(value_min=1)
+      .help = "Resolution shells of equal numbers of held-out shoeboxes"
   }
   correction {
     gain = True

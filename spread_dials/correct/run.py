@@ -23,7 +23,9 @@ from torch import Tensor
 from spread_dials.correct.context import pixel_context
 from spread_dials.correct.correction import CorrectionSettings, PixelCorrection, within_capacity
 from spread_dials.correct.fit import CorrectedModel, CorrectSettings, feature_statistics
+from spread_dials.correct.predictive import held_out_stills, residual_sums, shell_edges, summarise_sums
 from spread_dials.correct.spectrometer import SpectrometerSites
+from spread_dials.refine.engine import inverse_resolution
 from spread_dials.refine.run import (
     checkpoint_states,
     load_checkpoint,
@@ -140,6 +142,7 @@ def run_correction(ctx, experiments, reflections, warm_start) -> dict:
     refinement = make_refinement(ctx, replace(setup, sites=sites), rotations, cells)
     refinement.theta = sites.extend(warm["theta"])
     refinement.initialise_states()
+    check = _PredictiveCheck(refinement, params.correct.predictive, int(params.random.seed))
     radius = params.correct.correction.stencil_radius
     contexts = [pixel_context(shots, s, nominal, radius) for s in shots.shots]
     correction = PixelCorrection(shots.panels.n_panels, correction_settings, feature_statistics(refinement, contexts))
@@ -147,6 +150,7 @@ def run_correction(ctx, experiments, reflections, warm_start) -> dict:
     settings = CorrectSettings(epochs=params.correct.epochs, warmup_epochs=params.correct.warmup_epochs,
                                anchor_beta=params.correct.anchor_beta)  # fmt: skip
     model = CorrectedModel(refinement, correction, contexts, settings)
+    check.measure("before")  # the physics at the warm start (the correction is 0)
     if saved is not None:
         refinement.theta = torch.tensor(saved["theta"], dtype=torch.float64)
         model.set_phi(torch.tensor(saved["phi"], dtype=torch.float64))
@@ -175,8 +179,10 @@ def run_correction(ctx, experiments, reflections, warm_start) -> dict:
         comm.barrier()
 
     model.run(on_epoch=save)
+    check.measure("after")
     joint, conditional, calibrated = model.covariance(held=sites.latent_indices)
     results = _results(ctx, model, setup, warm, joint, conditional, calibrated, time.perf_counter() - t0)
+    results["posterior_predictive"] = check.report()
     residuals = refined_residuals(refinement, comm, setup.settings.readout_sigma, params.refinement.flag_sigma_z)
     physics_photons = _physics_photons(model)
     gathered = {k: v for part in comm.allgather(physics_photons) for k, v in part.items()}
@@ -184,6 +190,56 @@ def run_correction(ctx, experiments, reflections, warm_start) -> dict:
         _write(ctx, model, setup, results, joint, residuals, gathered)
     comm.barrier()
     return results
+
+
+class _PredictiveCheck:
+    """The posterior predictive check (:mod:`spread_dials.correct.predictive`): holds the chosen
+    stills out of the fit (weight 0) and measures their residuals before and after."""
+
+    def __init__(self, refinement, params, seed: int) -> None:
+        self.refinement, self.groups = refinement, params.panel_groups
+        comm = refinement.comm
+        held = set(held_out_stills(refinement.n_shots, params.held_out_fraction, seed))
+        self.fraction = params.held_out_fraction
+        self.local = [k for k, g in enumerate(refinement.shot_index) if g in held]
+        for k in self.local:
+            refinement.caches[k] = replace(refinement.caches[k], weight=0.0)
+        self.inverse_d = [inverse_resolution(shot) for shot in refinement.shots.shots]
+        mine = [self.inverse_d[k].cpu() for k in self.local]
+        everyone = [d for part in comm.allgather(mine) for d in part]
+        self.edges = shell_edges(torch.cat(everyone) if everyone else torch.zeros(0, dtype=torch.float64), params.resolution_shells)
+        names = [refinement.shots.shots[k].identifier for k in self.local]
+        self.identifiers = [n for part in comm.allgather(names) for n in part]
+        self.sums: dict[str, Tensor] = {}
+        if held:
+            logger.info("Posterior predictive check: %d of %d stills held out of the fit (correct.predictive.held_out_fraction = %g)",
+                        len(held), refinement.n_shots, self.fraction)  # fmt: skip
+
+    def measure(self, when: str) -> None:
+        """Residual sums of the held-out stills at the refinement's current globals, over all ranks."""
+        if not self.identifiers:
+            return
+        local = residual_sums(self.refinement, self.local, self.inverse_d, self.edges, self.groups)
+        self.sums[when] = sum(self.refinement.comm.allgather(local))
+
+    def report(self) -> dict | None:
+        """Per panel group and resolution shell, before and after: pixels, mean and sd of z; logged."""
+        if "after" not in self.sums:
+            return None
+        n_panels = self.refinement.shots.panels.n_panels
+        parts = {w: summarise_sums(s, self.groups, n_panels, self.edges) for w, s in self.sums.items()}
+        out = {"held_out_fraction": self.fraction, "held_out_stills": self.identifiers, **parts}
+        for key, label in (("panel_groups", "panels {panels[0]}-{panels[1]}"), ("resolution_shells", "shell {k}")):
+            for k, after in enumerate(parts["after"][key]):
+                before = parts["before"][key][k] if "before" in parts else {}
+                logger.info("  held-out z, %s (%d px): mean %s -> %s, sd %s -> %s", label.format(k=k + 1, **after),
+                            after["pixels"], _fmt(before.get("mean")), _fmt(after["mean"]), _fmt(before.get("sd")),
+                            _fmt(after["sd"]))  # fmt: skip
+        return out
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"
 
 
 def _physics_photons(model: CorrectedModel) -> dict[str, np.ndarray]:
@@ -319,11 +375,13 @@ def _write(ctx, model: CorrectedModel, setup, results: dict, joint: Tensor, resi
             still["bragg_photons_physics"] = physics_photons[still["identifier"]]
         write_refined_stills(ctx.output_path(f"{prefix}.expt"), ctx.output_path(f"{prefix}.refl"), setup.pairs, stills)
     if params.plots:
-        from spread_dials.plots.correct import plot_correction, plot_edge_shift_arms, plot_loss
+        from spread_dials.plots.correct import plot_correction, plot_edge_shift_arms, plot_loss, plot_predictive
 
         plot_edge_shift_arms(results["sites"], results["pairs"], ctx.output_path(f"{prefix}_edge_shifts.png"))
         plot_loss(model.history, ctx.output_path(f"{prefix}_loss.png"))
         plot_correction(model.correction, ctx.output_path(f"{prefix}_correction.png"))
+        if results.get("posterior_predictive"):
+            plot_predictive(results["posterior_predictive"], ctx.output_path(f"{prefix}_predictive.png"))
     logger.info("Wrote %s.json, spread_posterior.csv/.h5, %s.expt/.refl%s in %s", prefix, prefix,
                 " and PNGs" if params.plots else "", ctx.output_dir)  # fmt: skip
 

@@ -9,7 +9,7 @@ import numpy as np
 
 from spread_dials.plots.figures import pyplot, save_figure
 
-__all__ = ["plot_edge_shift_arms", "plot_loss", "plot_correction"]
+__all__ = ["plot_edge_shift_arms", "plot_loss", "plot_correction", "plot_predictive"]
 
 
 def plot_edge_shift_arms(rows: list[dict], pairs: list[dict], path: str | Path) -> Path:
@@ -73,5 +73,27 @@ def plot_correction(correction, path: str | Path) -> Path:
     axes[1].set_title("log gain nodes")
     axes[2].bar(range(correction.head_weights.numel()), correction.head_weights.detach().cpu().numpy())
     axes[2].set_title("intensity head coefficients")
+    fig.tight_layout()
+    return save_figure(fig, path, dpi=110)
+
+
+def plot_predictive(check: dict, path: str | Path) -> Path:
+    """Held-out stills' standardized residuals (mean and sd of z) per panel group and resolution
+    shell, before (physics) and after the correction, with the ideal mean 0 and sd 1 marked."""
+    plt = pyplot()
+    fig, axes = plt.subplots(2, 2, figsize=(10, 6), sharex="col")
+    for col, (key, name) in enumerate((("panel_groups", "panel group"), ("resolution_shells", "resolution shell (low to high)"))):
+        for row, (stat, ideal) in enumerate((("mean", 0.0), ("sd", 1.0))):
+            ax = axes[row, col]
+            for offset, when, colour in ((-0.15, "before", "C7"), (0.15, "after", "C0")):
+                values = [np.nan if g[stat] is None else g[stat] for g in check.get(when, {}).get(key, [])]
+                ax.bar(np.arange(len(values)) + offset, np.array(values) - ideal, width=0.3, bottom=ideal, color=colour,
+                       label={"before": "physics", "after": "corrected"}[when])  # fmt: skip
+            ax.axhline(ideal, color="k", lw=0.8)
+            ax.set_ylabel(f"{stat} of z")
+            if row == 1:
+                ax.set_xlabel(name)
+    axes[0, 0].legend(fontsize=8)
+    fig.suptitle(f"held-out stills ({len(check['held_out_stills'])}): z = (k - lambda) / sqrt(var)", fontsize=10)
     fig.tight_layout()
     return save_figure(fig, path, dpi=110)

@@ -42,7 +42,7 @@ from spread_dials.refine.shots import ShotSet
 from spread_dials.refine.sites import SiteModel
 from spread_dials.refine.stage1 import refine_shot, refine_shots, trust_radius
 
-__all__ = ["RefineSettings", "Refinement", "initial_state", "refine_shot", "global_objective", "refine_globals"]
+__all__ = ["RefineSettings", "Refinement", "initial_state", "refine_shot", "global_objective", "refine_globals", "inverse_resolution"]
 
 logger = logging.getLogger("dials.spread.refine")
 
@@ -249,7 +249,7 @@ class Refinement:
         starts = [s.offsets.clone() for s in self.states]
         radii = [trust_radius(s.numel(), settings, s) for s in starts]
         fractions = list(settings.resolution_ramp) if ramp and moves_crystal else []
-        orders = [_resolution(shot) for shot in self.shots.shots] if fractions else None
+        orders = [inverse_resolution(shot) for shot in self.shots.shots] if fractions else None
         nlls, active, finished = [0.0] * n, list(range(n)), 0
         for fraction in [*fractions, *([None] * passes)]:
             caches = [self.caches[i] for i in active]
@@ -390,7 +390,7 @@ class Refinement:
         return profile, [state for state, _ in fits]
 
 
-def _resolution(shot) -> Tensor:
+def inverse_resolution(shot) -> Tensor:
     """(B,) |h| in reciprocal space (1/A) of each shoebox's reflection under the given crystal."""
     q = shot.shoeboxes.miller_index.to(shot.real_space.dtype) @ torch.linalg.inv(shot.real_space).T
     return q.norm(dim=-1)

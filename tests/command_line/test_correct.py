@@ -45,10 +45,19 @@ def corrected(refined_for_correct, simulated, tmp_path_factory) -> Path:
 def test_correct_writes_every_output(corrected, refined_for_correct):
     for name in ("spread_posterior.csv", "spread_posterior.h5", "spread_correct.json", "spread_correct.expt",
                  "spread_correct.refl", "spread_correct_edge_shifts.png", "spread_correct_loss.png",
-                 "spread_correct_correction.png", "spread_correct.checkpoint.pt", "dials.spread_correct.log"):  # fmt: skip
+                 "spread_correct_correction.png", "spread_correct_predictive.png", "spread_correct.checkpoint.pt",
+                 "dials.spread_correct.log"):  # fmt: skip
         assert (corrected / name).is_file(), name
     record = json.loads((corrected / "spread_correct.json").read_text())
     assert len(record["history"]) == 2
+    # the posterior predictive check: one of the four stills held out, its residuals before and after
+    check = record["posterior_predictive"]
+    assert len(check["held_out_stills"]) == 1 and record["stills"] == 4
+    for when in ("before", "after"):
+        shells = check[when]["resolution_shells"]
+        assert sum(g["pixels"] for g in shells) == sum(g["pixels"] for g in check[when]["panel_groups"]) > 0
+        assert all(np.isfinite(g["sd"]) and g["sd"] > 0 for g in shells if g["sd"] is not None)
+    assert "held-out z" in (corrected / "dials.spread_correct.log").read_text()
     # the offset (calibration prior 1 eV) is a common edge shift: the absolute shift's interval
     # carries the calibration's uncertainty
     offset = record["spectrometer"]["offset"]

@@ -1,0 +1,109 @@
+"""Posterior predictive checks of dials.spread_correct on held-out stills (pure torch).
+
+A fraction of the stills is held out of the fit of the global parameters (edge shifts, the
+correction's weights: their weight in every sum over stills is 0); their own scale, crystal
+offsets and background planes are still fitted, as for any still whose globals are given.
+Before the correction (the physics model at the warm start) and after it, each held-out pixel's
+standardized residual z = (k - lambda) / sqrt(variance(lambda)) is summarised per panel group
+and resolution shell: a model that predicts the held-out photons has mean 0 and sd 1 in every
+group; a missing point spread, say, shows as sd > 1 at low resolution where spots are bright.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from spread_dials.refine.model import pixel_rate, pixel_variance
+from spread_dials.refine.stage1 import refine_shots
+
+__all__ = ["held_out_stills", "standardized_residuals", "shell_edges", "residual_sums", "summarise_sums"]
+
+
+def held_out_stills(n_stills: int, fraction: float, seed: int) -> list[int]:
+    """Global indices of the stills held out of the fit: round(fraction * n_stills) of them, at
+    least one when ``fraction`` > 0, drawn from ``seed``; none when fewer than two stills.
+
+    Raises:
+        ValueError: ``fraction`` outside [0, 1).
+    """
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"the held-out fraction must be in [0, 1), not {fraction}")
+    if fraction == 0.0 or n_stills < 2:
+        return []
+    n = min(max(1, round(fraction * n_stills)), n_stills - 1)
+    rng = np.random.default_rng(seed)
+    return sorted(int(i) for i in rng.choice(n_stills, size=n, replace=False))
+
+
+def standardized_residuals(lam: Tensor, counts: Tensor, readout_sigma: float | None = None,
+                           model_error_fraction: float = 0.0) -> Tensor:  # fmt: skip
+    """(N,) (k - lambda) / sqrt(variance) with the likelihood's variance
+    (:func:`~spread_dials.refine.model.pixel_variance`: lambda for photon counting)."""
+    return (counts - lam) / pixel_variance(lam, readout_sigma, model_error_fraction).sqrt()
+
+
+def shell_edges(inverse_d: Tensor, n_shells: int) -> Tensor:
+    """(n_shells - 1,) inner edges (1/A) of resolution shells of equal shoebox counts over
+    ``inverse_d`` (B,) 1/d of every held-out shoebox."""
+    if n_shells < 2 or inverse_d.numel() == 0:
+        return inverse_d.new_zeros(0)
+    return torch.quantile(inverse_d, torch.linspace(0, 1, n_shells + 1, dtype=inverse_d.dtype)[1:-1])
+
+
+def residual_sums(refinement, local: list[int], inverse_d: list[Tensor], edges: Tensor, n_panel_groups: int) -> Tensor:
+    """(2, groups, 3) sums (count, sum z, sum z^2) of the fitted pixels of the local stills
+    ``local`` per panel group (row 0) and resolution shell (row 1), ``groups`` = max(panel
+    groups, shells); each still's per-shot parameters refitted (stage 1) at the refinement's
+    current theta and profiles first (the refinement's states are left as they were).
+
+    Args:
+        refinement: a :class:`~spread_dials.refine.engine.Refinement` (its caches may carry a
+            correction: then the rates are the corrected ones).
+        local: indices of local stills.
+        inverse_d: (B_i,) 1/d (1/A) of each local still's shoeboxes, for every local still.
+        edges: shell edges from :func:`shell_edges`.
+        n_panel_groups: the detector's panels in this many contiguous groups.
+    """
+    n_shells = edges.numel() + 1
+    sums = torch.zeros((2, max(n_panel_groups, n_shells), 3), dtype=torch.float64)
+    if not local:
+        return sums
+    settings = refinement.settings
+    intensities = [refinement.curves_intensity(i).detach() for i in local]
+    fits = refine_shots([refinement.caches[i] for i in local], [refinement.states[i] for i in local], intensities, settings)
+    n_panels = refinement.shots.panels.n_panels
+    for i, intensity, (state, _) in zip(local, intensities, fits):
+        cache, boxes = refinement.caches[i], refinement.shots.shots[i].shoeboxes
+        with torch.no_grad():
+            lam, _ = pixel_rate(cache, state, intensity)
+        z = standardized_residuals(lam, cache.counts, settings.readout_sigma, settings.model_error_fraction)
+        keep = cache.fitted
+        z = z[keep].cpu()
+        box = cache.pixel_shoebox[keep].cpu()
+        panel_group = (boxes.panel.cpu()[box] * n_panel_groups) // n_panels
+        shell = torch.bucketize(inverse_d[i].cpu()[box], edges.cpu())
+        for row, group in ((0, panel_group), (1, shell)):
+            sums[row].index_add_(0, group, torch.stack([torch.ones_like(z), z, z * z], -1))
+    return sums
+
+
+def summarise_sums(sums: Tensor, n_panel_groups: int, n_panels: int, edges: Tensor) -> dict:
+    """Per panel group and resolution shell: pixels, mean and sd of z from :func:`residual_sums`
+    (summed over ranks), with the group's panels and the shell's d range (A)."""
+
+    def row(count: float, total: float, square: float) -> dict:
+        if count < 2:
+            return {"pixels": int(count), "mean": None, "sd": None}
+        mean = total / count
+        return {"pixels": int(count), "mean": mean, "sd": math.sqrt(max(square / count - mean * mean, 0.0) * count / (count - 1))}
+
+    bounds = [0.0, *edges.tolist(), math.inf]
+    panels = [{"panels": [g * n_panels // n_panel_groups, (g + 1) * n_panels // n_panel_groups - 1], **row(*sums[0, g].tolist())}
+              for g in range(n_panel_groups)]  # fmt: skip
+    shells = [{"d_max_A": (1 / bounds[s]) if bounds[s] > 0 else None, "d_min_A": (1 / bounds[s + 1]) if math.isfinite(bounds[s + 1]) else None,
+               **row(*sums[1, s].tolist())} for s in range(len(bounds) - 1)]  # fmt: skip
+    return {"panel_groups": panels, "resolution_shells": shells}
