@@ -4,7 +4,8 @@ A fraction of the stills is held out of the fit of the global parameters (edge s
 correction's weights: their weight in every sum over stills is 0); their own scale, crystal
 offsets and background planes are still fitted, as for any still whose globals are given.
 Before the correction (the physics model at the warm start) and after it, each held-out pixel's
-standardized residual z = (k - lambda) / sqrt(variance(lambda)) is summarised per panel group
+standardized residual z = (k - lambda) / sqrt(variance(lambda)) (lambda clamped at the likelihood's
+floor, :func:`~spread_dials.refine.residuals.standardized_residuals`) is summarised per panel group
 and resolution shell: a model that predicts the held-out photons has mean 0 and sd 1 in every
 group; a missing point spread, say, shows as sd > 1 at low resolution where spots are bright.
 """
@@ -17,10 +18,11 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from spread_dials.refine.model import pixel_rate, pixel_variance
+from spread_dials.refine.model import pixel_rate
+from spread_dials.refine.residuals import standardized_residuals
 from spread_dials.refine.stage1 import refine_shots
 
-__all__ = ["held_out_stills", "standardized_residuals", "shell_edges", "residual_sums", "summarise_sums"]
+__all__ = ["held_out_stills", "shell_edges", "residual_sums", "summarise_sums"]
 
 
 def held_out_stills(n_stills: int, fraction: float, seed: int) -> list[int]:
@@ -37,13 +39,6 @@ def held_out_stills(n_stills: int, fraction: float, seed: int) -> list[int]:
     n = min(max(1, round(fraction * n_stills)), n_stills - 1)
     rng = np.random.default_rng(seed)
     return sorted(int(i) for i in rng.choice(n_stills, size=n, replace=False))
-
-
-def standardized_residuals(lam: Tensor, counts: Tensor, readout_sigma: float | None = None,
-                           model_error_fraction: float = 0.0) -> Tensor:  # fmt: skip
-    """(N,) (k - lambda) / sqrt(variance) with the likelihood's variance
-    (:func:`~spread_dials.refine.model.pixel_variance`: lambda for photon counting)."""
-    return (counts - lam) / pixel_variance(lam, readout_sigma, model_error_fraction).sqrt()
 
 
 def shell_edges(inverse_d: Tensor, n_shells: int) -> Tensor:

@@ -82,7 +82,7 @@ def plot_predictive(check: dict, path: str | Path) -> Path:
     shell, before (physics) and after the correction, with the ideal mean 0 and sd 1 marked."""
     plt = pyplot()
     fig, axes = plt.subplots(2, 2, figsize=(10, 6), sharex="col")
-    for col, (key, name) in enumerate((("panel_groups", "panel group"), ("resolution_shells", "resolution shell (low to high)"))):
+    for col, (key, name) in enumerate((("panel_groups", "panels"), ("resolution_shells", "resolution shell (d, A)"))):
         for row, (stat, ideal) in enumerate((("mean", 0.0), ("sd", 1.0))):
             ax = axes[row, col]
             for offset, when, colour in ((-0.15, "before", "C7"), (0.15, "after", "C0")):
@@ -91,9 +91,21 @@ def plot_predictive(check: dict, path: str | Path) -> Path:
                        label={"before": "physics", "after": "corrected"}[when])  # fmt: skip
             ax.axhline(ideal, color="k", lw=0.8)
             ax.set_ylabel(f"{stat} of z")
+            groups = check.get("after", check.get("before", {})).get(key, [])
+            ax.set_xticks(range(len(groups)), [_group_label(g) for g in groups], fontsize=8)
             if row == 1:
                 ax.set_xlabel(name)
     axes[0, 0].legend(fontsize=8)
     fig.suptitle(f"held-out stills ({len(check['held_out_stills'])}): z = (k - lambda) / sqrt(var)", fontsize=10)
     fig.tight_layout()
     return save_figure(fig, path, dpi=110)
+
+
+def _group_label(group: dict) -> str:
+    """'first-last' panels, or the shell's 'd_max-d_min' (A; open ends as '>' / '<')."""
+    if "panels" in group:
+        return "{}-{}".format(*group["panels"])
+    high, low = group["d_max_A"], group["d_min_A"]
+    if high is None:
+        return f"> {low:.2f}"
+    return f"< {high:.2f}" if low is None else f"{high:.2f}-{low:.2f}"
