@@ -27,7 +27,7 @@ dials.spread_stills_process (median misorientation 0.037 deg rubredoxin, 0.072 d
 benchmarks/RESULTS.md).
 
 Timing: the engine's own Refinement.stage1 / stage2 driven macrocycle by macrocycle; the
-profile recomputation inside stage 1 (engine.shot_profiles, the kernel with 3 forward-mode
+profile recomputation inside stage 1 (engine.stills_profiles, the kernel with 3 forward-mode
 tangents) is timed by wrapping that function with device synchronisation, and subtracted from
 stage 1.  GPU-seconds per shot per macrocycle = seconds / shots on one GPU.  A deadline ends a
 case early (after the current still): the JSON then says how far it got.
@@ -94,8 +94,9 @@ def _sync(device: torch.device) -> None:
 
 
 def _instrument(device: torch.device) -> None:
-    """Time engine.shot_profiles (synchronised) and count stage 1's rate evaluations."""
-    profiles, rate = engine.shot_profiles, stage1.rate_from_terms
+    """Time engine.stills_profiles (synchronised; profile_calls counts the stills recomputed)
+    and count stage 1's batched NLL evaluations."""
+    profiles, nll = engine.stills_profiles, stage1._nll
 
     def timed_profiles(*a, **k):
         _sync(device)
@@ -103,15 +104,15 @@ def _instrument(device: torch.device) -> None:
         out = profiles(*a, **k)
         _sync(device)
         TIMERS["profiles_s"] = TIMERS.get("profiles_s", 0.0) + time.perf_counter() - t0
-        TIMERS["profile_calls"] = TIMERS.get("profile_calls", 0) + 1
+        TIMERS["profile_calls"] = TIMERS.get("profile_calls", 0) + len(out)
         return out
 
-    def counted_rate(*a, **k):
+    def counted_nll(*a, **k):
         TIMERS["rate_calls"] = TIMERS.get("rate_calls", 0) + 1
-        return rate(*a, **k)
+        return nll(*a, **k)
 
-    engine.shot_profiles = timed_profiles
-    stage1.rate_from_terms = counted_rate
+    engine.stills_profiles = timed_profiles
+    stage1._nll = counted_nll
 
 
 def _reset() -> None:
@@ -348,9 +349,7 @@ def profile_pieces(ref: Refinement, device: torch.device, deadline: float, profi
         "stage2_eval_one_still": lambda: engine.global_objective(
             ref.theta.clone().requires_grad_(True), [cache], [state], ref.sites, None
         )[0].backward(),  # fmt: skip
-        "profile_recompute": lambda: engine.shot_profiles(
-            ref.shots, ref.shots.shots[i], ref.crystal_model, state.rotation, cell=state.cell
-        ),
+        "profile_recompute": lambda: ref.profiles_at(i, state),
     }
     for key, fn in pieces.items():
         need = 3.0 * profile_call_s + 5.0 if key == "profile_recompute" else 5.0

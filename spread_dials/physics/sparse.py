@@ -497,10 +497,12 @@ def window_photon_chunks(
 
 
 def _pixel_terms(
-    scene: Scene, windows: BraggWindows, window: Tensor, local: Tensor, pad: Tensor
+    scene: Scene, windows: BraggWindows, window: Tensor, local: Tensor, pad: Tensor, domain_real_space: Tensor | None = None
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Terms of the ``local``-th pixel of each ``window`` (flat arrays of equal length): the
-    (n, o2, T, n_sources) Bragg terms without |F|^2, each pixel's flat index and validity."""
+    (n, o2, T, n_sources) Bragg terms without |F|^2, each pixel's flat index and validity.
+    ``domain_real_space``: (D, 3, 3) rows a, b, c (A) that ``windows.domain`` indexes instead of
+    the scene crystal's domains (several crystals in one call)."""
     panels, sources, crystal = scene.panels, scene.sources, scene.crystal
     dtype = panels.origin_mm.dtype
     n_fast = windows.n_fast[window]
@@ -513,7 +515,9 @@ def _pixel_terms(
     slow = slow_pix.to(dtype).unsqueeze(-1) + offsets[:, 1]
     pts = sensor_points(panels, panel.unsqueeze(-1).expand_as(fast), fast, slow)  # (n, o2, T)
     pts = SensorPoints(diffracted=pts.diffracted.unsqueeze(-2), omega_capture=pts.omega_capture.unsqueeze(-1))
-    real_space = crystal.domain_real_space()[windows.domain[window]].view(-1, 1, 1, 1, 3, 3)
+    if domain_real_space is None:
+        domain_real_space = crystal.domain_real_space()
+    real_space = domain_real_space[windows.domain[window]].view(-1, 1, 1, 1, 3, 3)
     source = torch.arange(sources.n_sources, device=fast_pix.device)
     terms = bragg_term(
         pts, sources, source, real_space, crystal, scene.structure_factors,
@@ -534,17 +538,18 @@ def _pixel_photons(
 
 
 def _pixel_source_photons(
-    scene: Scene, windows: BraggWindows, window: Tensor, local: Tensor, pad: Tensor
+    scene: Scene, windows: BraggWindows, window: Tensor, local: Tensor, pad: Tensor, domain_real_space: Tensor | None = None
 ) -> tuple[Tensor, Tensor]:
     """Photons per unit |F|^2 of the ``local``-th pixel of each ``window`` for every source,
-    (n, n_sources), summed over sub-pixels and sensor layers."""
-    terms, flat, valid = _pixel_terms(scene, windows, window, local, pad)
+    (n, n_sources), summed over sub-pixels and sensor layers (``domain_real_space``: as
+    :func:`_pixel_terms`)."""
+    terms, flat, valid = _pixel_terms(scene, windows, window, local, pad, domain_real_space)
     photons = terms.sum(dim=(1, 2)) * photon_scale(scene)
     return flat, torch.where(valid.unsqueeze(-1), photons, torch.zeros_like(photons))
 
 
 def window_channel_profiles(
-    scene: Scene, windows: BraggWindows, max_terms_per_chunk: int | None = None
+    scene: Scene, windows: BraggWindows, max_terms_per_chunk: int | None = None, domain_real_space: Tensor | None = None
 ) -> Tensor:
     """Each window pixel's photons per unit |F(h, channel)|^2, per spectral channel: (N, n_channels).
 
@@ -553,12 +558,16 @@ def window_channel_profiles(
     ``(profiles * |F(h_window, channel)|^2).sum(-1)`` pixel by pixel: the sum over channels is
     the only step left out, so refinement can cache these profiles and reweight channels when
     f', f'' change (Sauter et al. 2020).  Differentiable in the scene tensors.
+
+    ``domain_real_space``: (D, 3, 3) rows a, b, c (A) per value of ``windows.domain``, in place of
+    the scene crystal's domains: several crystals (stills) of the same lattice shape, Ncells and
+    domain count in one call (the photon scale stays the scene crystal's, per domain).
     """
     sources = scene.sources
     n_channels = int(sources.channel.max()) + 1 if sources.n_sources else 0
     pieces = [torch.zeros((0, n_channels), dtype=scene.panels.origin_mm.dtype, device=scene.panels.origin_mm.device)]
     for window, local, pad, n in _pixel_chunks(scene, windows, max_terms_per_chunk):
-        _, photons = _pixel_source_photons(scene, windows, window, local, pad)
+        _, photons = _pixel_source_photons(scene, windows, window, local, pad, domain_real_space)
         pieces.append(photons.new_zeros((photons.shape[0], n_channels)).index_add(1, sources.channel, photons)[:n])
     return torch.cat(pieces)
 

@@ -36,7 +36,7 @@ from spread_dials.refine.model import (
     pixel_rate,
     site_intensities,
 )
-from spread_dials.refine.profiles import CrystalModel, ShotProfiles, shot_profiles
+from spread_dials.refine.profiles import CrystalModel, ShotProfiles, stills_profiles
 from spread_dials.refine.residuals import shoebox_statistics
 from spread_dials.refine.shots import ShotSet
 from spread_dials.refine.sites import SiteModel
@@ -170,8 +170,14 @@ class Refinement:
     def profiles_at(self, i: int, state: ShotState) -> ShotProfiles:
         """Local still i's profiles (and derivatives) recomputed by the kernel at the crystal
         offsets of ``state``, through :attr:`profile_map`."""
-        profiles = shot_profiles(self.shots, self.shots.shots[i], self.crystal_model, state.rotation, cell=state.cell)
-        return profiles if self.profile_map is None else self.profile_map(i, profiles)
+        return self.profiles_of([i], [state])[0]
+
+    def profiles_of(self, indices: list[int], states: list[ShotState]) -> list[ShotProfiles]:
+        """:meth:`profiles_at` of the local stills ``indices`` at ``states`` (made together on a
+        GPU: :func:`~spread_dials.refine.profiles.stills_profiles`)."""
+        made = stills_profiles(self.shots, [self.shots.shots[i] for i in indices], self.crystal_model,
+                               [s.rotation for s in states], [s.cell for s in states])  # fmt: skip
+        return made if self.profile_map is None else [self.profile_map(i, p) for i, p in zip(indices, made)]
 
     def curves_intensity(self, i: int, theta: Tensor | None = None) -> Tensor:
         return site_intensities(self.sites, self.theta if theta is None else theta, self.caches[i])
@@ -257,11 +263,12 @@ class Refinement:
                 lows = [orders[i] <= torch.quantile(orders[i], fraction) for i in active]
                 caches = [replace(c, rejected=~low if c.rejected is None else c.rejected | ~low) for c, low in zip(caches, lows)]
             fits = refine_shots(caches, [self.states[i] for i in active], [intensities[i] for i in active], settings)
+            profiles = self.profiles_of(active, [state for state, _ in fits])
             still_moving = []
-            for i, (state, nll) in zip(active, fits):
+            for i, (state, nll), made in zip(active, fits, profiles):
                 step = float(((state.offsets - self.caches[i].profiles.offsets) / radii[i]).abs().max())
                 self.states[i], nlls[i] = state, nll
-                self.caches[i] = self.caches[i].with_profiles(self.profiles_at(i, state))
+                self.caches[i] = self.caches[i].with_profiles(made)
                 if fraction is None and step < 0.25:
                     finished += 1
                     if progress is not None:
@@ -410,27 +417,30 @@ def make_caches(shots: ShotSet, table: StructureFactors, model: CrystalModel, ro
     Raises:
         ValueError: a reflection missing from the structure-factor table.
     """
-    caches = []
+    caches, rows_of, offsets = [], [], []
     for i, shot in enumerate(shots.shots):
-        sb = shot.shoeboxes
-        device = sb.counts.device
-        lookup = sb.miller_index.cpu() + torch.tensor([0, 0, 1]) if spoil_hkl else sb.miller_index.cpu()
+        lookup = shot.shoeboxes.miller_index.cpu() + torch.tensor([0, 0, 1]) if spoil_hkl else shot.shoeboxes.miller_index.cpu()
         rows = table.index_of(lookup)
         if bool((rows >= table.n_reflections).any()):
             raise ValueError(f"still {shot.identifier}: reflections missing from the structure-factor table")
+        rows_of.append(rows)
+        device = shot.shoeboxes.counts.device
         rotation = torch.zeros(3, dtype=torch.float64) if rotations is None else rotations[i]
         cell = None
         if refine_cell:
-            cell = torch.zeros(model.n_cell_parameters, dtype=torch.float64) if cells is None else cells[i]
-            cell = cell.to(device)
+            cell = (torch.zeros(model.n_cell_parameters, dtype=torch.float64) if cells is None else cells[i]).to(device)
+        offsets.append((rotation.to(device), cell))
+    profiles = stills_profiles(shots, shots.shots, model, [r for r, _ in offsets], [c for _, c in offsets])
+    for i, shot in enumerate(shots.shots):
+        sb = shot.shoeboxes
+        device = sb.counts.device
         fast, slow = sb.pixel_coordinates()
         energy = shot.energy_eV.cpu()
         if shuffle_seed is not None:
             energy = energy[torch.randperm(energy.numel(), generator=torch.Generator().manual_seed(shuffle_seed + i))]
         caches.append(ShotCache(
             pixel_shoebox=sb.pixel_shoebox(), fast=fast, slow=slow, counts=sb.counts, valid=sb.valid,
-            F0=table.F0[rows].to(device), G=table.G[rows].to(device), energy_eV=energy,
-            profiles=shot_profiles(shots, shot, model, rotation.to(device), cell=cell),
+            F0=table.F0[rows_of[i]].to(device), G=table.G[rows_of[i]].to(device), energy_eV=energy, profiles=profiles[i],
         ))  # fmt: skip
     return caches
 

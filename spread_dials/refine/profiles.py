@@ -17,7 +17,7 @@ fixed at 90 degrees).
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 
 import torch
 from torch import Tensor
@@ -33,7 +33,7 @@ from spread_dials.refine.shots import Shot, ShotSet
 #: most bytes of (domains, pixels, channels) profiles and their tangents made in one kernel call on a GPU
 PROFILE_GROUP_BYTES = 1 << 30
 
-__all__ = ["CrystalModel", "ShotProfiles", "crystal_real_space", "shot_profiles", "shot_scene", "shoebox_windows"]
+__all__ = ["CrystalModel", "ShotProfiles", "crystal_real_space", "shot_profiles", "stills_profiles", "shot_scene", "shoebox_windows"]
 
 
 @dataclass(frozen=True)
@@ -156,48 +156,100 @@ def shot_profiles(shots: ShotSet, shot: Shot, model: CrystalModel, rotation: Ten
                   cell: Tensor | None = None) -> ShotProfiles:  # fmt: skip
     """The kernel's per-channel profiles of the shot's shoebox pixels at ``rotation`` (3,) (rad)
     and ``cell`` (k,) (log length changes; None: the given cell, not refined), and
-    (``jacobian``) their derivatives with respect to both by forward-mode autograd."""
-    # the kernel's GPU chunks (2^29 terms) hold float64 intermediates for 3 tangents at once
-    # under jacfwd: 2^25 keeps a PSII still's recomputation within a few GB
-    chunk = (1 << 25) if rotation.device.type == "cuda" else None
-    n_domains = model.mosaic_domains
-    n_pixels, n_channels = int(shot.shoeboxes.n_pixels), int(shot.energy_eV.numel())
-    n_boxes = int(shot.shoeboxes.n_shoeboxes)
-    tangents = (3 + (0 if cell is None else int(cell.numel()))) if jacobian else 0
-    group = 1
-    if rotation.device.type == "cuda":  # launch-bound there; on the CPU bigger blocks only miss the caches (3x slower)
-        group = max(1, min(n_domains, PROFILE_GROUP_BYTES // max(1, 8 * n_pixels * n_channels * (1 + tangents))))
-    windows = shoebox_windows(shot, group)
-
-    def profile(x: Tensor) -> Tensor:
-        """(N, C) at offsets x = (rotation, cell), summed over the domains ``group`` at a time
-        (all of a PSII still's (domains, N, C) tensor and its tangents would not fit: 25 x 636k
-        pixels x 100 channels x 8 B x 4; a rubredoxin still's take one kernel call)."""
-        scene = shot_scene(shots, shot, model, x[:3], x[3:] if cell is not None else None)
-        total = None
-        for first in range(0, n_domains, group):
-            size = min(group, n_domains - first)
-            part = window_channel_profiles(scene, _domain_block(windows, first, size, n_boxes), chunk)
-            part = part.view(size, n_pixels, -1).sum(0)
-            total = part if total is None else total + part
-        return total
-
-    rotation = rotation.detach()
-    cell = None if cell is None else cell.detach().to(rotation)
-    x = rotation if cell is None else torch.cat([rotation, cell])
-    if not jacobian:
-        with torch.no_grad():
-            return ShotProfiles(rotation, profile(x), None, cell)
-    value, jac = _value_and_jacfwd(profile, x)
-    return ShotProfiles(rotation, value, jac, cell)
+    (``jacobian``) their derivatives with respect to both by forward-mode autograd
+    (:func:`stills_profiles` of one still)."""
+    return stills_profiles(shots, [shot], model, [rotation], [cell], jacobian)[0]
 
 
-def _domain_block(windows: BraggWindows, first: int, size: int, n_boxes: int) -> BraggWindows:
-    """Domains first .. first + size - 1 as windows: the first ``size`` domain blocks of the
-    domain-major ``windows`` (:func:`shoebox_windows`, ``n_boxes`` shoeboxes a domain) with
-    their domain numbers moved up by ``first``."""
-    block = windows.select(torch.arange(size * n_boxes, device=windows.domain.device))
-    return replace(block, domain=block.domain + first)
+def stills_profiles(shots: ShotSet, stills: list[Shot], model: CrystalModel, rotations: list[Tensor],
+                    cells: list[Tensor | None], jacobian: bool = True, together: bool | None = None) -> list[ShotProfiles]:  # fmt: skip
+    """:func:`shot_profiles` of several stills (all on one device, all with or all without a cell).
+
+    ``together`` (default: on a GPU, where the kernel is launch-bound for a small still):
+    stills with the same channel energies are made together, all their domains in one kernel
+    call (each still's crystal its own block of domains: ``domain_real_space`` of
+    :func:`~spread_dials.physics.sparse.window_channel_profiles`), up to ``PROFILE_GROUP_BYTES``
+    of profiles and tangents a call.  The channel weights enter linearly, so a group is made
+    at unit weights and each still's columns scaled after.  The derivatives: one set of
+    tangents moves every still's offsets alike, and each pixel depends on its own still's
+    offsets only.  Otherwise one still a call, its domains ``PROFILE_GROUP_BYTES`` at a time on
+    a GPU (PSII: one) and one at a time on the CPU (larger blocks only missed its caches: 3x
+    slower).
+    """
+    if not stills:
+        return []
+    device = rotations[0].device
+    together = device.type == "cuda" if together is None else together
+    with_cell = cells[0] is not None
+    n_offsets = 3 + (int(cells[0].numel()) if with_cell else 0)
+    tangents = n_offsets if jacobian else 0
+    still_bytes = [8 * int(s.shoeboxes.n_pixels) * int(s.energy_eV.numel()) * (1 + tangents) * model.mosaic_domains
+                   for s in stills]  # fmt: skip
+    out, start = [], 0
+    while start < len(stills):
+        end, used = start + 1, still_bytes[start]
+        while (together and end < len(stills) and used + still_bytes[end] <= PROFILE_GROUP_BYTES
+               and torch.equal(stills[end].energy_eV, stills[start].energy_eV)):  # fmt: skip
+            used += still_bytes[end]
+            end += 1
+        group = list(range(start, end))
+        x0 = torch.stack([rotations[k].detach() if not with_cell else torch.cat([rotations[k].detach(), cells[k].detach().to(rotations[k])])
+                          for k in group])  # fmt: skip
+        if end - start > 1:
+            per_call = model.mosaic_domains
+        elif device.type == "cuda":
+            per_call = max(1, min(model.mosaic_domains, PROFILE_GROUP_BYTES * model.mosaic_domains // still_bytes[start]))
+        else:
+            per_call = 1
+        profile = _group_profile(shots, [stills[k] for k in group], model, x0, with_cell, per_call)
+        zero = torch.zeros(n_offsets, dtype=x0.dtype, device=device)
+        if jacobian:
+            value, jac = _value_and_jacfwd(profile, zero)
+        else:
+            with torch.no_grad():
+                value, jac = profile(zero), None
+        sizes = [int(stills[k].shoeboxes.n_pixels) for k in group]
+        jacs = torch.split(jac, sizes) if jac is not None else [None] * len(group)
+        for k, v, j in zip(group, torch.split(value, sizes), jacs):
+            out.append(ShotProfiles(rotations[k].detach(), v, j, cells[k].detach().to(rotations[k]) if with_cell else None))
+        start = end
+    return out
+
+
+def _group_profile(shots: ShotSet, stills: list[Shot], model: CrystalModel, x0: Tensor, with_cell: bool, per_call: int):
+    """delta (3 + k,) -> (the stills' pixels, C) profiles of ``stills`` (one channel grid) with
+    each still's crystal offsets at its row of ``x0`` (K, 3 + k) + delta, summed over the
+    domains, ``per_call`` domains of every still in one kernel call."""
+    device, n_domains = x0.device, model.mosaic_domains
+    # kernel chunks of 2^25 terms on a GPU hold float64 intermediates for every tangent at once
+    chunk = (1 << 25) if device.type == "cuda" else None
+    n_boxes = [int(s.shoeboxes.n_shoeboxes) for s in stills]
+    n_pixels = [int(s.shoeboxes.n_pixels) for s in stills]
+    windows = [shoebox_windows(s, per_call) for s in stills]
+    scales = [s.weight.to(x0) * (s.weight.numel() / s.weight.to(x0).sum()) for s in stills]  # unit weights are 1 / C
+    unit = replace(stills[0], weight=torch.ones_like(stills[0].weight))
+    scene = shot_scene(shots, unit, model, x0[0, :3], x0[0, 3:] if with_cell else None)
+    domain_rotations = model.domain_rotations(dtype=x0.dtype).to(device)
+
+    def profile(delta: Tensor) -> Tensor:
+        totals = [None] * len(stills)
+        for d0 in range(0, n_domains, per_call):
+            size = min(per_call, n_domains - d0)
+            blocks, real = [], []
+            for k, still in enumerate(stills):
+                x = x0[k] + delta
+                a = crystal_real_space(still.real_space.to(x), x[:3], x[3:] if with_cell else None, model.cell_ties)
+                real.append(a @ domain_rotations[d0 : d0 + size].transpose(-1, -2))
+                block = windows[k].select(torch.arange(size * n_boxes[k], device=device))
+                blocks.append(replace(block, domain=block.domain + k * size))
+            merged = BraggWindows(**{f.name: torch.cat([getattr(b, f.name) for b in blocks]) for f in fields(BraggWindows)})
+            channel = window_channel_profiles(scene, merged, chunk, torch.cat(real))
+            for k, piece in enumerate(torch.split(channel, [size * n for n in n_pixels])):
+                part = piece.view(size, n_pixels[k], -1).sum(0)
+                totals[k] = part if totals[k] is None else totals[k] + part
+        return torch.cat([t * w for t, w in zip(totals, scales)])
+
+    return profile
 
 
 def _value_and_jacfwd(fn, x: Tensor) -> tuple[Tensor, Tensor]:
