@@ -22,7 +22,7 @@ from torch import Tensor
 
 from spread_dials.refine.profiles import ShotProfiles
 
-__all__ = ["ShotState", "ShotCache", "BraggTerms", "bragg_terms", "rate_from_terms", "intensities", "site_intensities", "pixel_rate", "pixel_variance", "fisher_weights", "negative_log_likelihood", "pixel_nll", "LAMBDA_FLOOR"]
+__all__ = ["ShotState", "ShotCache", "BraggTerms", "bragg_terms", "rate_from_terms", "plane_rate", "intensities", "site_intensities", "pixel_rate", "pixel_variance", "fisher_weights", "negative_log_likelihood", "pixel_nll", "LAMBDA_FLOOR"]
 
 #: smallest pixel rate (photons) the likelihood sees (a plane may dip below 0 at a corner)
 LAMBDA_FLOOR = 1e-6
@@ -145,9 +145,15 @@ def rate_from_terms(cache: ShotCache, state: ShotState, terms: BraggTerms) -> tu
         delta = state.offsets - terms.offsets.to(state.rotation)
         if delta.requires_grad or bool((delta != 0).any()):
             bragg = bragg + terms.jacobian @ delta
-    plane = state.background[cache.pixel_shoebox]
-    background = plane[:, 0] + plane[:, 1] * cache.fast + plane[:, 2] * cache.slow
-    return background + torch.exp(state.log_scale) * bragg, bragg
+    return plane_rate(cache, state.background) + torch.exp(state.log_scale) * bragg, bragg
+
+
+def plane_rate(pixels, background: Tensor) -> Tensor:
+    """(N,) each pixel's background from its shoebox's plane: ``background`` (B, 3) photons per
+    pixel at the centre, per pixel in fast, per pixel in slow; ``pixels`` has ``pixel_shoebox``,
+    ``fast``, ``slow`` (N,) (a :class:`ShotCache`, or stage 1's batch of stills)."""
+    plane = background[pixels.pixel_shoebox]
+    return plane[:, 0] + plane[:, 1] * pixels.fast + plane[:, 2] * pixels.slow
 
 
 def pixel_rate(cache: ShotCache, state: ShotState, intensity: Tensor) -> tuple[Tensor, Tensor]:

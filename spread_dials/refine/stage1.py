@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from spread_dials.refine.information import eliminate_planes, normal_blocks, refined_offsets, shot_columns
-from spread_dials.refine.model import ShotCache, ShotState, bragg_terms, fisher_weights, pixel_nll
+from spread_dials.refine.model import ShotCache, ShotState, bragg_terms, fisher_weights, pixel_nll, plane_rate
 
 __all__ = ["refine_shot", "refine_shots", "trust_radius", "STAGE1_TOLERANCE", "STAGE1_BATCH_PIXELS", "OFFSET_UNIT"]
 
@@ -120,8 +120,7 @@ def _rate(batch: _Batch, log_scale: Tensor, offsets: Tensor, background: Tensor)
     bragg = batch.bragg
     if batch.jacobian is not None:
         bragg = bragg + (batch.jacobian * (offsets - batch.x0)[batch.still]).sum(-1)
-    plane = background[batch.pixel_shoebox]
-    return plane[:, 0] + plane[:, 1] * batch.fast + plane[:, 2] * batch.slow + torch.exp(log_scale)[batch.still] * bragg, bragg
+    return plane_rate(batch, background) + torch.exp(log_scale)[batch.still] * bragg, bragg
 
 
 def _nll(batch: _Batch, log_scale: Tensor, offsets: Tensor, background: Tensor, settings) -> Tensor:
