@@ -47,7 +47,7 @@ Cases (``case.name``; what the table holds and the truth):
               grid detector, 10 channels, 4 domains and a bright crystal: seconds per still).
 ``case.truth_states`` replaces the truth (one oxidation state per site, e.g. ``2 2`` for the null
 control of ferredoxin), ``case.truth_shift`` makes every site's truth its reference moved by
-exactly that many eV; ``case.truth_prior_sigma_eV`` draws each replicate's shifts from N(0, s)
+exactly that many eV (one value, or one per site: ``2 0`` for ferredoxin's FE1, FE2); ``case.truth_prior_sigma_eV`` draws each replicate's shifts from N(0, s)
 (seeded by the replicate; the refinement's prior then has the same width: the calibration
 design, whose coverage and SBC ranks need the truth drawn from the prior).  ``control`` = spoil_hkl / shuffle_channels: the negative controls of
 make_caches (F0, G looked up at l + 1; the channel energies of f', f'' permuted per still).
@@ -101,8 +101,8 @@ case {
     .type = ints
     .help = "One oxidation state per site (Fe: 2 or 3; Mn: 3 or 4) instead of the case's truth"
   truth_shift = None
-    .type = float
-    .help = "eV: every site's truth is its reference moved by exactly this (overrides truth_states)"
+    .type = floats
+    .help = "eV: every site's truth is its reference moved by exactly this (one value for all sites, or one per site; overrides truth_states)"
   truth_prior_sigma_eV = None
     .type = float
     .help = "eV: each replicate draws every site's truth shift from N(0, this) (its reference moved by it: the calibration design) and the refinement's edge-shift prior has this width"
@@ -374,7 +374,11 @@ def build_case(params) -> dict:
     references = [states[reference_state]] * n_sites
     truth_curves = [states[s] for s in truth_states]
     if params.case.truth_shift is not None:  # each site's truth: its reference moved by exactly this
-        truth_curves = [r.shifted(params.case.truth_shift) for r in references]
+        shifts = list(params.case.truth_shift)
+        if len(shifts) not in (1, n_sites):
+            raise CampaignError(f"case.truth_shift: give one shift (eV) for all sites or one for each of the "
+                                f"{n_sites} sites {labels}, not {shifts}")  # fmt: skip
+        truth_curves = [r.shifted(d) for r, d in zip(references, shifts * n_sites if len(shifts) == 1 else shifts)]
         truth_states = None
     table = StructureFactors(hkl, F0, G)
     c = params.crystal
@@ -501,7 +505,7 @@ def run_replicate(case: dict, n: int, replicate: int, params, comm, device: torc
     control = params.control
     try:
         caches = make_caches(shot_set, case["table"], model, refine_cell=cell_error > 0, spoil_hkl=control == "spoil_hkl",
-                             shuffle_seed=_still_seed(seed, n, replicate, -1) if control == "shuffle_channels" else None)  # fmt: skip
+                             shuffle_seed=_still_seed(seed, n, replicate, n) if control == "shuffle_channels" else None)  # fmt: skip
     except ValueError as e:
         raise CampaignError(f"{e} (make the table to the detector's reach)") from None
     sites = EdgeShiftSites(case["references"], list(range(len(case["references"]))), case["labels"],

@@ -403,6 +403,17 @@ def inverse_resolution(shot) -> Tensor:
     return q.norm(dim=-1)
 
 
+def table_rows(table: StructureFactors, miller_index: Tensor, spoil_hkl: bool = False) -> Tensor:
+    """(B,) rows of ``table`` for Miller indices (B, 3); with ``spoil_hkl`` (the negative
+    control) those of (h, k, l + 1), or of (h, k, l - 1) where l + 1 is not in the table.
+    ``table.n_reflections`` marks a reflection the table lacks."""
+    if not spoil_hkl:
+        return table.index_of(miller_index)
+    step = torch.tensor([0, 0, 1], dtype=miller_index.dtype)
+    up, down = table.index_of(miller_index + step), table.index_of(miller_index - step)
+    return torch.where(up < table.n_reflections, up, down)
+
+
 def make_caches(shots: ShotSet, table: StructureFactors, model: CrystalModel, rotations: list[Tensor] | None = None,
                 spoil_hkl: bool = False, shuffle_seed: int | None = None, cells: list[Tensor] | None = None,
                 refine_cell: bool = False) -> list[ShotCache]:  # fmt: skip
@@ -411,7 +422,8 @@ def make_caches(shots: ShotSet, table: StructureFactors, model: CrystalModel, ro
     (default zero; ``model.n_cell_parameters`` each).
 
     Negative controls (refinement must then fail to find the truth): ``spoil_hkl`` looks F0 and
-    G up at (h, k, l + 1); ``shuffle_seed`` permutes the channel energies at which f', f'' are
+    G up at (h, k, l + 1), or at (h, k, l - 1) where l + 1 lies beyond the table (a table made
+    to the detector's reach); ``shuffle_seed`` permutes the channel energies at which f', f'' are
     evaluated (the kernel keeps the true ones), one seeded permutation per still.
 
     Raises:
@@ -419,8 +431,7 @@ def make_caches(shots: ShotSet, table: StructureFactors, model: CrystalModel, ro
     """
     caches, rows_of, offsets = [], [], []
     for i, shot in enumerate(shots.shots):
-        lookup = shot.shoeboxes.miller_index.cpu() + torch.tensor([0, 0, 1]) if spoil_hkl else shot.shoeboxes.miller_index.cpu()
-        rows = table.index_of(lookup)
+        rows = table_rows(table, shot.shoeboxes.miller_index.cpu(), spoil_hkl)
         if bool((rows >= table.n_reflections).any()):
             raise ValueError(f"still {shot.identifier}: reflections missing from the structure-factor table")
         rows_of.append(rows)

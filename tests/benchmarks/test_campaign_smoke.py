@@ -58,7 +58,7 @@ def test_every_json_line_has_every_field(campaign):
     for r in rows:
         assert set(r) == FIELDS
         assert r["case"] == "tiny" and r["seed"] == 1 and r["control"] == "none" and r["ranks"] == 1
-        assert r["device"] == "cpu" and r["cell_error"] == 0.001 and r["truth_shift"] == TRUTH_SHIFT_EV
+        assert r["device"] == "cpu" and r["cell_error"] == 0.001 and r["truth_shift"] == [TRUTH_SHIFT_EV]
         assert len(r["sites"]) == 1 and r["sites"][0].endswith("FE")  # the built-in rubredoxin's one Fe
         assert r["truth_states"] is None  # truth_shift replaces the states
         assert len(r["theta"]) == len(r["truth"]) == len(r["sigma_fisher"]) == 1
@@ -143,6 +143,28 @@ def test_the_conventional_route_rides_along(campaign, tmp_path):
     assert len(conv["bins_eV"]) == len(conv["reflections_per_bin"]) + 1
     summary = json.loads(_run(str(HARNESS), "--summarise", "out/campaign_tiny.jsonl", cwd=tmp_path).stdout)
     assert summary["tiny N=4"]["conventional"]["bias_eV"][0] == pytest.approx(conv["theta"][0] - TRUTH_SHIFT_EV, abs=1e-3)
+
+
+@pytest.mark.parametrize("control", ["spoil_hkl", "shuffle_channels"])
+def test_negative_controls_run_in_the_campaign(campaign, tmp_path, control):
+    """control=spoil_hkl / shuffle_channels run through the harness (two H200 runs at N = 300
+    stopped on them: a negative seed, and l + 1 beyond a table made to the detector's reach) and
+    the line says which control it was."""
+    path, _, _ = campaign
+    tables = path.parent.parent / "tables"
+    out = _run(str(HARNESS), str(SMOKE), f"case.data={tables}", "output.directory=out", "ladder.n=3",
+               f"control={control}", cwd=tmp_path)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    (line,) = (tmp_path / "out" / f"campaign_tiny_{control}.jsonl").read_text().splitlines()
+    record = json.loads(line)
+    assert record["control"] == control and all(math.isfinite(x) for x in record["theta"])
+
+
+def test_a_shift_per_site_must_match_the_sites(campaign, tmp_path):
+    """case.truth_shift takes one value or one per site (the tiny case has one Fe)."""
+    path, _, _ = campaign
+    out = _run(str(HARNESS), str(SMOKE), f"case.data={path.parent.parent / 'tables'}", "case.truth_shift=2 0", cwd=tmp_path)
+    assert out.returncode == 1 and out.stderr.strip().startswith("Sorry: case.truth_shift: give one shift"), out.stderr
 
 
 def test_summarise(campaign, tmp_path):

@@ -15,7 +15,7 @@ from spread_dials.physics.anomalous import TabulatedCurve
 from spread_dials.physics.crystal import real_space_from_cell
 from spread_dials.physics.sparse import BraggWindows, miller_indices_within, window_photons
 from spread_dials.physics.structure_factors import StructureFactors
-from spread_dials.refine.engine import Refinement, RefineSettings, make_caches
+from spread_dials.refine.engine import Refinement, RefineSettings, make_caches, table_rows
 from spread_dials.refine.model import intensities
 from spread_dials.refine.profiles import CrystalModel, shoebox_windows, shot_profiles, shot_scene, stills_profiles
 from spread_dials.refine.sites import EdgeShiftSites
@@ -358,3 +358,12 @@ def test_fisher_weights_are_zero_at_the_rate_floor():
     assert torch.equal(fisher_weights(lam, fitted), torch.tensor([0.25, 2.0, 0.0, 0.0, 0.0], dtype=torch.float64))
     readout = fisher_weights(lam, fitted, readout_sigma=2.0)
     assert torch.allclose(readout, torch.tensor([1 / 8.0, 1 / 4.5, 0.0, 0.0, 0.0], dtype=torch.float64))
+
+
+def test_spoiled_rows_step_down_in_l_at_the_tables_edge():
+    """The spoil_hkl control looks each reflection up at l + 1, and at l - 1 where l + 1 lies
+    beyond a table made to the detector's reach (a ferredoxin campaign stopped on it)."""
+    hkl = torch.tensor([[1, 2, 0], [1, 2, 1], [1, 2, 2], [3, 0, -1]])
+    table = StructureFactors(miller_index=hkl, F0=torch.ones(4, dtype=torch.complex128))
+    assert table_rows(table, hkl).tolist() == [0, 1, 2, 3]
+    assert table_rows(table, hkl, spoil_hkl=True).tolist() == [1, 2, 1, 4]  # (3, 0, -2) and (3, 0, 0): not there

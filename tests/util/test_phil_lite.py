@@ -149,7 +149,7 @@ def test_old_flags_map_to_phil(capsys):
                                  "--phil-reader", "lite", "--show-phil"]) == 0  # fmt: skip
     shown = dict(line.split(" = ", 1) for line in capsys.readouterr().out.splitlines())
     assert shown["case.name"] == "ferredoxin" and shown["ladder.n"] == "[3, 4]"
-    assert shown["output.directory"] == "elsewhere" and shown["case.truth_shift"] == "1.5"
+    assert shown["output.directory"] == "elsewhere" and shown["case.truth_shift"] == "[1.5]"
 
 
 def test_a_bad_campaign_file_is_one_sorry(tmp_path, capsys):
