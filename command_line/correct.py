@@ -47,8 +47,17 @@ correct
 {
   epochs = 8
     .type = int(value_min=1)
-    .help = "Epochs: stage 1 per still, then one joint Fisher-scoring step of the edge shifts and"
-            "the correction's weights (a backtracking line search on the profile objective)"
+    .help = "The most epochs (each: stage 1 per still, then one joint Fisher-scoring step of the edge"
+            "shifts and the correction's weights, a backtracking line search on the profile"
+            "objective); the fit stops earlier once converged.  Not converged: rerun with more"
+            "epochs and it resumes from the checkpoint"
+  theta_tolerance_eV = 0.001
+    .type = float(value_min=0)
+    .help = "Converged: an epoch past the warm-up moved no edge shift or spectrometer latent by more"
+            "than this (eV) and no correction weight by more than phi_tolerance"
+  phi_tolerance = 0.0001
+    .type = float(value_min=0)
+    .help = "The convergence tolerance of the correction's weights (stencil fractions, log gains)"
   warmup_epochs = 2
     .type = int(value_min=0)
     .help = "The first epochs move the correction only (edge shifts held at the warm start)"

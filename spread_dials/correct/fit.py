@@ -69,8 +69,13 @@ class CorrectSettings:
     """The fit's schedule.
 
     Attributes:
-        epochs: epochs (stage 1, then one joint scoring step).
+        epochs: the most epochs (stage 1, then one joint scoring step).
         warmup_epochs: the first epochs step the correction only (edge shifts held).
+        theta_tolerance, phi_tolerance: the fit has converged after an epoch past the warm-up
+            that moved no global parameter by more than these (eV for edge shifts; the
+            correction's weights); it stops there.  A fixed number of epochs stopped toy fits
+            half-way: a Fisher step moves an edge shift by at most the trust radius (2 eV) and
+            a warm start 5.7 eV off needed 5 epochs past the warm-up.
         anchor_beta: weight of the Poisson KL anchor to the physics rate.
         line_search: step fractions tried in turn; the first that lowers F is taken.  Down to
             1/256: with three fractions (to 1/16) an H200 run's first stencil step overshot
@@ -82,6 +87,8 @@ class CorrectSettings:
     epochs: int = 8
     warmup_epochs: int = 2
     anchor_beta: float = 0.01
+    theta_tolerance: float = 1e-3
+    phi_tolerance: float = 1e-4
     line_search: tuple[float, ...] = (1.0, 0.25, 0.0625, 0.015625, 0.00390625)
 
 
@@ -386,11 +393,20 @@ class CorrectedModel:
 
     # -- the schedule -------------------------------------------------------------------------------
 
+    @property
+    def converged(self) -> bool:
+        """Whether the last epoch met the tolerances (:class:`CorrectSettings`)."""
+        return bool(self.history) and bool(self.history[-1].get("converged"))
+
     def run(self, on_epoch: Callable[["CorrectedModel"], None] | None = None) -> None:
-        """The epochs of the schedule (module docstring); one history entry per epoch."""
+        """The epochs of the schedule (module docstring) until converged or ``epochs``; one
+        history entry per epoch."""
         r = self.refinement
         for epoch in range(len(self.history), self.settings.epochs):
+            if self.converged:
+                break
             t0 = time.perf_counter()
+            theta_0, phi_0 = r.theta.detach().clone(), self.phi
             r.stage1()
             terms, steps = self.scoring_step("phi")
             steps = {"phi": steps}
@@ -401,8 +417,11 @@ class CorrectedModel:
                 terms, steps["both"] = self.scoring_step("both")
                 if not steps["both"]:
                     terms, steps["theta"] = self.scoring_step("theta")
+            moved = {"theta": float((r.theta.detach() - theta_0).abs().max()), "phi": float((self.phi - phi_0).abs().max())}
+            converged = (epoch >= self.settings.warmup_epochs and moved["theta"] <= self.settings.theta_tolerance
+                         and moved["phi"] <= self.settings.phi_tolerance)  # fmt: skip
             self.history.append({"epoch": epoch + 1, **terms, "theta": r.theta.tolist(), "steps_taken": steps,
-                                 "seconds": time.perf_counter() - t0})  # fmt: skip
+                                 "moved": moved, "converged": converged, "seconds": time.perf_counter() - t0})  # fmt: skip
             logger.info("epoch %d: NLL %.2f, KL %.3f, prior %.3f; %s (%.1f s)", epoch + 1, terms["nll"], terms["kl"],
                         terms["prior"], ", ".join(f"{n} {v:.3f}" for n, v in zip(r.sites.parameter_names(), r.theta.tolist())),
                         time.perf_counter() - t0)  # fmt: skip

@@ -22,7 +22,7 @@ from spread_dials.refine.model import pixel_rate
 from spread_dials.refine.residuals import standardized_residuals
 from spread_dials.refine.stage1 import refine_shots
 
-__all__ = ["held_out_stills", "shell_edges", "residual_sums", "summarise_sums"]
+__all__ = ["held_out_stills", "shell_edges", "residual_sums", "summarise_sums", "z_moments"]
 
 
 def held_out_stills(n_stills: int, fraction: float, seed: int) -> list[int]:
@@ -86,19 +86,22 @@ def residual_sums(refinement, local: list[int], inverse_d: list[Tensor], edges: 
     return sums
 
 
+def z_moments(count: float, total: float, square: float) -> dict:
+    """{"pixels", "mean", "sd" (ddof 1)} of z from its sums (count, sum z, sum z^2); mean and sd
+    None below two pixels."""
+    if count < 2:
+        return {"pixels": int(count), "mean": None, "sd": None}
+    mean = total / count
+    return {"pixels": int(count), "mean": mean, "sd": math.sqrt(max(square / count - mean * mean, 0.0) * count / (count - 1))}
+
+
 def summarise_sums(sums: Tensor, n_panel_groups: int, n_panels: int, edges: Tensor) -> dict:
     """Per panel group and resolution shell: pixels, mean and sd of z from :func:`residual_sums`
     (summed over ranks), with the group's panels and the shell's d range (A)."""
 
-    def row(count: float, total: float, square: float) -> dict:
-        if count < 2:
-            return {"pixels": int(count), "mean": None, "sd": None}
-        mean = total / count
-        return {"pixels": int(count), "mean": mean, "sd": math.sqrt(max(square / count - mean * mean, 0.0) * count / (count - 1))}
-
     bounds = [0.0, *edges.tolist(), math.inf]
-    panels = [{"panels": [g * n_panels // n_panel_groups, (g + 1) * n_panels // n_panel_groups - 1], **row(*sums[0, g].tolist())}
+    panels = [{"panels": [g * n_panels // n_panel_groups, (g + 1) * n_panels // n_panel_groups - 1], **z_moments(*sums[0, g].tolist())}
               for g in range(n_panel_groups)]  # fmt: skip
     shells = [{"d_max_A": (1 / bounds[s]) if bounds[s] > 0 else None, "d_min_A": (1 / bounds[s + 1]) if math.isfinite(bounds[s + 1]) else None,
-               **row(*sums[1, s].tolist())} for s in range(len(bounds) - 1)]  # fmt: skip
+               **z_moments(*sums[1, s].tolist())} for s in range(len(bounds) - 1)]  # fmt: skip
     return {"panel_groups": panels, "resolution_shells": shells}

@@ -24,6 +24,7 @@ from spread_dials.correct.context import pixel_context
 from spread_dials.correct.correction import CorrectionSettings, PixelCorrection, within_capacity
 from spread_dials.correct.fit import CorrectedModel, CorrectSettings, feature_statistics
 from spread_dials.correct.predictive import held_out_stills, residual_sums, shell_edges, summarise_sums
+from spread_dials.correct.residual_maps import model_residual_sums, summarise_maps
 from spread_dials.correct.spectrometer import SpectrometerSites
 from spread_dials.refine.engine import inverse_resolution
 from spread_dials.refine.run import (
@@ -148,9 +149,11 @@ def run_correction(ctx, experiments, reflections, warm_start) -> dict:
     correction = PixelCorrection(shots.panels.n_panels, correction_settings, feature_statistics(refinement, contexts))
     correction = correction.to(ctx.device)
     settings = CorrectSettings(epochs=params.correct.epochs, warmup_epochs=params.correct.warmup_epochs,
-                               anchor_beta=params.correct.anchor_beta)  # fmt: skip
+                               anchor_beta=params.correct.anchor_beta, theta_tolerance=params.correct.theta_tolerance_eV,
+                               phi_tolerance=params.correct.phi_tolerance)  # fmt: skip
     model = CorrectedModel(refinement, correction, contexts, settings)
     check.measure("before")  # the physics at the warm start (the correction is 0)
+    maps = {"before": _residual_maps(model, comm, physics=True)}
     if saved is not None:
         refinement.theta = torch.tensor(saved["theta"], dtype=torch.float64)
         model.set_phi(torch.tensor(saved["phi"], dtype=torch.float64))
@@ -179,10 +182,20 @@ def run_correction(ctx, experiments, reflections, warm_start) -> dict:
         comm.barrier()
 
     model.run(on_epoch=save)
+    moved = model.history[-1]["moved"] if model.history else {"theta": math.nan, "phi": math.nan}
+    if model.converged:
+        logger.info("Converged after epoch %d (it moved the edge shifts by <= %.2g eV, the correction by <= %.2g)",
+                    len(model.history), moved["theta"], moved["phi"])  # fmt: skip
+    else:
+        logger.warning("Not converged after %d epochs (the last moved an edge shift by %.3g eV, a correction weight by "
+                       "%.3g): rerun with more correct.epochs, it resumes", len(model.history), moved["theta"], moved["phi"])  # fmt: skip
     check.measure("after")
     joint, conditional, calibrated = model.covariance(held=sites.latent_indices)
     results = _results(ctx, model, setup, warm, joint, conditional, calibrated, time.perf_counter() - t0)
     results["posterior_predictive"] = check.report()
+    maps["after"] = _residual_maps(model, comm)
+    results["residual_maps"] = maps
+    _log_maps(maps)
     residuals = refined_residuals(refinement, comm, setup.settings.readout_sigma, params.refinement.flag_sigma_z)
     physics_photons = _physics_photons(model)
     gathered = {k: v for part in comm.allgather(physics_photons) for k, v in part.items()}
@@ -190,6 +203,30 @@ def run_correction(ctx, experiments, reflections, warm_start) -> dict:
         _write(ctx, model, setup, results, joint, residuals, gathered)
     comm.barrier()
     return results
+
+
+def _residual_maps(model: CorrectedModel, comm, physics: bool = False) -> dict:
+    """The fitted stills' residual maps (:mod:`spread_dials.correct.residual_maps`) over all ranks."""
+    parts = comm.allgather(model_residual_sums(model, physics=physics))
+    return summarise_maps(sum(p for p, _ in parts), sum(f for _, f in parts))
+
+
+def _log_maps(maps: dict) -> None:
+    """One line per residual map: the spot centre's mean z, the rms of the frame's mean z, the
+    panel mean farthest from 0, before and after."""
+
+    def numbers(m: dict) -> tuple[float, float, float]:
+        frame, radius = m["frame"], m["frame"]["radius"]
+        means = [x for row in frame["mean"] for x in row if x is not None]
+        panels = [p["mean"] for p in m["panels"] if p["mean"] is not None]
+        centre = frame["mean"][radius][radius]
+        return (math.nan if centre is None else centre, float(np.sqrt(np.mean(np.square(means)))) if means else math.nan,
+                max(panels, key=abs) if panels else math.nan)  # fmt: skip
+
+    before, after = numbers(maps["before"]), numbers(maps["after"])
+    logger.info("Residual maps of the fitted stills (z, physics at the warm start -> corrected): spot centre mean %.3f -> %.3f, "
+                "rms of the shoebox frame's means %.3f -> %.3f, panel mean farthest from 0 %.3f -> %.3f",
+                before[0], after[0], before[1], after[1], before[2], after[2])  # fmt: skip
 
 
 class _PredictiveCheck:
@@ -311,7 +348,7 @@ def _results(ctx, model: CorrectedModel, setup, warm: dict, joint: Tensor, condi
             "pixels": setup.n_pixels, "parameters": r.sites.parameter_names(), "theta": theta.tolist(),
             "spectrometer": _spectrometer(r.sites, theta, joint),
             "covariance": joint.tolist(), "covariance_conditional": conditional.tolist(), "sites": rows, "pairs": pairs,
-            "history": model.history, "seconds": seconds,
+            "history": model.history, "converged": model.converged, "seconds": seconds,
             "correction": {"weights": model.phi.numel(), "head_slope_bound": model.correction.head_slope_bound(),
                            **asdict(model.correction.settings)},
             "uncertainty_method": "Laplace: the inverse of the Fisher information of the edge shifts and the "
@@ -335,7 +372,7 @@ def _normal_quantile(q: float) -> float:
 
 def _write(ctx, model: CorrectedModel, setup, results: dict, joint: Tensor, residuals, physics_photons: dict) -> None:
     """Every shared output, each under a temporary name and renamed (rank 0)."""
-    from spread_dials.refine.outputs import write_refined_stills
+    from spread_dials.refine.outputs import curve_draws, gaussian_draws, site_curve_rows, write_refined_stills
 
     params = ctx.params
     prefix = params.output.prefix
@@ -343,13 +380,10 @@ def _write(ctx, model: CorrectedModel, setup, results: dict, joint: Tensor, resi
     theta = model.refinement.theta.detach()
     write_text_atomic(ctx.output_path(f"{prefix}.json"), json.dumps(results, indent=1))
     _write_csv(ctx.output_path("spread_posterior.csv"), results)
-    gen = torch.Generator().manual_seed(int(params.random.seed))
-    evals, evecs = torch.linalg.eigh(0.5 * (joint + joint.T))
-    root = evecs * evals.clamp(min=0).sqrt()
-    draws = theta + torch.randn((params.correct.posterior_draws, theta.numel()), generator=gen, dtype=theta.dtype) @ root.T
+    draws = gaussian_draws(theta, joint, params.correct.posterior_draws, params.random.seed)
     energy = torch.arange(math.floor(setup.band[0]), math.ceil(setup.band[1]) + 1e-9, 1.0, dtype=torch.float64)
     n_site = model.refinement.sites.n_site_parameters
-    curves = torch.stack([torch.stack(sites.curves(d[:n_site], energy)) for d in draws])  # (n, 2, S, E), true energies
+    curves = curve_draws(sites, draws[:, :n_site], energy)  # (n, 2, S, E), true energies
     bands = torch.quantile(curves, torch.tensor(QUANTILES, dtype=torch.float64), dim=0)  # (Q, 2, S, E)
     with atomic_path(ctx.output_path("spread_posterior.h5")) as tmp:
         with h5py.File(tmp, "w") as h:
@@ -375,13 +409,26 @@ def _write(ctx, model: CorrectedModel, setup, results: dict, joint: Tensor, resi
             still["bragg_photons_physics"] = physics_photons[still["identifier"]]
         write_refined_stills(ctx.output_path(f"{prefix}.expt"), ctx.output_path(f"{prefix}.refl"), setup.pairs, stills)
     if params.plots:
-        from spread_dials.plots.correct import plot_correction, plot_edge_shift_arms, plot_loss, plot_predictive
+        from spread_dials.plots.correct import (
+            plot_correction,
+            plot_edge_shift_arms,
+            plot_loss,
+            plot_predictive,
+            plot_residual_maps,
+        )
+        from spread_dials.plots.refine import plot_site_curves
 
         plot_edge_shift_arms(results["sites"], results["pairs"], ctx.output_path(f"{prefix}_edge_shifts.png"))
         plot_loss(model.history, ctx.output_path(f"{prefix}_loss.png"))
         plot_correction(model.correction, ctx.output_path(f"{prefix}_correction.png"))
         if results.get("posterior_predictive"):
             plot_predictive(results["posterior_predictive"], ctx.output_path(f"{prefix}_predictive.png"))
+        plot_residual_maps(results["residual_maps"], ctx.output_path(f"{prefix}_residual_maps.png"))
+        q = {x: k for k, x in enumerate(QUANTILES)}
+        fp, fdp = sites.curves(theta[:n_site], energy)
+        truth_curves = truth_curves_from_record(params.truth, len(setup.prepared.sites)) if params.truth else None
+        rows = site_curve_rows(sites, fp, fdp, bands[[q[0.16], q[0.84]]], bands[[q[0.025], q[0.975]]], setup.refs, energy, truth_curves)
+        plot_site_curves(energy.numpy(), rows, ctx.output_path(f"{prefix}_fp_fdp.png"))
     logger.info("Wrote %s.json, spread_posterior.csv/.h5, %s.expt/.refl%s in %s", prefix, prefix,
                 " and PNGs" if params.plots else "", ctx.output_dir)  # fmt: skip
 

@@ -1,5 +1,6 @@
 """PNG plots of dials.spread_correct: edge shifts with and without the correction, the fit's
-terms per epoch, the learned correction (stencil, gain nodes, head coefficients)."""
+terms per epoch, the learned correction (stencil, gain nodes, head coefficients), the posterior predictive check,
+residual maps before and after."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import numpy as np
 
 from spread_dials.plots.figures import pyplot, save_figure
 
-__all__ = ["plot_edge_shift_arms", "plot_loss", "plot_correction", "plot_predictive"]
+__all__ = ["plot_edge_shift_arms", "plot_loss", "plot_correction", "plot_predictive", "plot_residual_maps"]
 
 
 def plot_edge_shift_arms(rows: list[dict], pairs: list[dict], path: str | Path) -> Path:
@@ -109,3 +110,38 @@ def _group_label(group: dict) -> str:
     if high is None:
         return f"> {low:.2f}"
     return f"< {high:.2f}" if low is None else f"{high:.2f}-{low:.2f}"
+
+
+def plot_residual_maps(maps: dict, path: str | Path) -> Path:
+    """The fitted stills' standardized residuals before (physics at the warm start) and after the
+    correction: mean and sd of z per offset from the shoebox's centre (diverging about 0 and 1,
+    one colour scale per column) and per panel (:mod:`spread_dials.correct.residual_maps`)."""
+    plt = pyplot()
+    whens = [w for w in ("before", "after") if w in maps]
+    frames = {w: {k: np.array([[np.nan if x is None else x for x in row] for row in maps[w]["frame"][k]], dtype=float)
+                  for k in ("mean", "sd")} for w in whens}  # fmt: skip
+    radius = maps[whens[0]]["frame"]["radius"]
+    extent = (-radius - 0.5, radius + 0.5, radius + 0.5, -radius - 0.5)
+    fig, axes = plt.subplots(len(whens), 3, figsize=(13, 3.8 * len(whens)), squeeze=False)
+    for col, (stat, centre) in enumerate((("mean", 0.0), ("sd", 1.0))):
+        reach = max(float(np.nanmax(np.abs(frames[w][stat] - centre), initial=0.0)) for w in whens) or 1.0
+        for row, when in enumerate(whens):
+            ax = axes[row, col]
+            image = ax.imshow(frames[when][stat], cmap="RdBu_r", vmin=centre - reach, vmax=centre + reach, extent=extent)
+            fig.colorbar(image, ax=ax, shrink=0.8)
+            ax.set_title(f"{'physics' if when == 'before' else 'corrected'}: {stat} of z in the shoebox frame", fontsize=9)
+            ax.set_xlabel("fast offset (px)")
+            ax.set_ylabel("slow offset (px)")
+    for row, when in enumerate(whens):
+        ax = axes[row, 2]
+        panels = maps[when]["panels"]
+        index = [p["panel"] for p in panels]
+        for stat, marker in (("mean", "o"), ("sd", "s")):
+            ax.plot(index, [np.nan if p[stat] is None else p[stat] for p in panels], marker, ms=3, label=f"{stat} of z")
+        ax.axhline(0.0, color="k", lw=0.8)
+        ax.axhline(1.0, color="k", lw=0.8, ls="--")
+        ax.set_xlabel("panel")
+        ax.set_title(f"{'physics' if when == 'before' else 'corrected'}: per panel", fontsize=9)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    return save_figure(fig, path, dpi=110)

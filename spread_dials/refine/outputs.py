@@ -43,7 +43,7 @@ import torch
 
 from spread_dials.util.atomic import atomic_path, write_text_atomic
 
-__all__ = ["write_outputs", "write_refined_stills", "refined_stills"]
+__all__ = ["write_outputs", "write_refined_stills", "refined_stills", "gaussian_draws", "curve_draws", "site_curve_rows"]
 
 logger = logging.getLogger("dials.spread.refine")
 
@@ -52,14 +52,36 @@ FIGURE9_COLUMNS = ["figure9_window_eV", "figure9_points", "cc_f_prime", "rmsd_f_
                    "rmsd_f_double_prime_e"]  # fmt: skip
 
 
-def _curve_draws(sites, theta: torch.Tensor, cov: torch.Tensor, energy: torch.Tensor, n: int = 400, seed: int = 0):
-    """(n, 2, S, E) f'/f'' for Gaussian draws of theta ~ N(theta, cov)."""
-    gen = torch.Generator().manual_seed(seed)
-    cov = 0.5 * (cov + cov.T)
-    evals, evecs = torch.linalg.eigh(cov)
+def gaussian_draws(theta: torch.Tensor, cov: torch.Tensor, n: int, seed: int) -> torch.Tensor:
+    """(n, P) draws of N(theta (P,), cov (P, P)) from ``seed`` (a positive semi-definite
+    square root of the symmetrised ``cov``: negative eigenvalues count as 0)."""
+    gen = torch.Generator().manual_seed(int(seed))
+    evals, evecs = torch.linalg.eigh(0.5 * (cov + cov.T))
     root = evecs * evals.clamp(min=0).sqrt()
-    draws = theta + torch.randn((n, theta.numel()), generator=gen, dtype=theta.dtype) @ root.T
+    return theta + torch.randn((n, theta.numel()), generator=gen, dtype=theta.dtype) @ root.T
+
+
+def curve_draws(sites, draws: torch.Tensor, energy: torch.Tensor) -> torch.Tensor:
+    """(n, 2, S, E) f'/f'' of the site model ``sites`` on ``energy`` (E,) eV for each row of
+    ``draws`` (n, P)."""
     return torch.stack([torch.stack(sites.curves(t, energy)) for t in draws])
+
+
+def site_curve_rows(sites, fp: torch.Tensor, fdp: torch.Tensor, band68: torch.Tensor, band95: torch.Tensor, refs,
+                    energy: torch.Tensor, truth_curves=None) -> list[dict]:  # fmt: skip
+    """Per site the rows of :func:`~spread_dials.plots.refine.plot_site_curves`: f', f'' (S, E)
+    on ``energy`` (E,) eV, the 68 and 95 % bands (2 low/high, 2 f'/f'', S, E), the site's
+    oxidation-state references and, given ``truth_curves`` (one per site), the truth."""
+    rows = []
+    for s in range(sites.n_sites):
+        rows.append({
+            "label": sites.group_labels[int(sites.group[s])], "f_prime": fp[s].numpy(), "f_double_prime": fdp[s].numpy(),
+            "band68": band68[:, :, s].permute(1, 0, 2).numpy(), "band95": band95[:, :, s].permute(1, 0, 2).numpy(),
+            "states": {c.label: tuple(x.numpy() for x in c.to(dtype=torch.float64).at(energy)) for c in refs.state_curves[s].values()},
+            "truth": None if truth_curves is None else tuple(x.numpy() for x in (
+                truth_curves[s].energy_eV, truth_curves[s].f_prime, truth_curves[s].f_double_prime)),
+        })  # fmt: skip
+    return rows
 
 
 def write_outputs(ctx, results: dict, refinement, refs, draws: torch.Tensor, band, truth_curves=None, pairs=None,
@@ -75,7 +97,7 @@ def write_outputs(ctx, results: dict, refinement, refs, draws: torch.Tensor, ban
     cov = torch.tensor(results["covariance"], dtype=torch.float64)
     energy = torch.arange(np.floor(band[0]), np.ceil(band[1]) + 0.5, 1.0, dtype=torch.float64)
     fp, fdp = sites.curves(theta, energy)
-    samples = _curve_draws(sites, theta, cov, energy, seed=params.random.seed)
+    samples = curve_draws(sites, gaussian_draws(theta, cov, 400, params.random.seed), energy)
     written = []
 
     path = ctx.output_path(f"{prefix}_sites.json")
@@ -121,17 +143,8 @@ def write_outputs(ctx, results: dict, refinement, refs, draws: torch.Tensor, ban
     if params.plots:
         from spread_dials.plots.refine import plot_edge_shifts, plot_nll, plot_panel_residuals, plot_site_curves
 
-        curves = []
-        for s in range(sites.n_sites):
-            states = {c.label: tuple(x.numpy() for x in c.to(dtype=torch.float64).at(energy)) for c in refs.state_curves[s].values()}
-            curves.append({
-                "label": sites.group_labels[int(sites.group[s])], "f_prime": fp[s].numpy(), "f_double_prime": fdp[s].numpy(),
-                "band68": np.quantile(samples[:, :, s].numpy(), [0.16, 0.84], axis=0).transpose(1, 0, 2),
-                "band95": np.quantile(samples[:, :, s].numpy(), [0.025, 0.975], axis=0).transpose(1, 0, 2),
-                "states": states,
-                "truth": None if truth_curves is None else tuple(x.numpy() for x in (
-                    truth_curves[s].energy_eV, truth_curves[s].f_prime, truth_curves[s].f_double_prime)),
-            })  # fmt: skip
+        bands = torch.quantile(samples, torch.tensor([0.16, 0.84, 0.025, 0.975], dtype=samples.dtype), dim=0)
+        curves = site_curve_rows(sites, fp, fdp, bands[:2], bands[2:], refs, energy, truth_curves)
         written.append(plot_site_curves(energy.numpy(), curves, ctx.output_path(f"{prefix}_fp_fdp.png")))
         if results["sites"]:
             written.append(plot_edge_shifts(results["sites"], ctx.output_path(f"{prefix}_edge_shifts.png")))

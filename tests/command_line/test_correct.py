@@ -20,7 +20,8 @@ from .test_refine import FAST, _inputs
 #: the fixture's 209 shoeboxes are below the default capacity guard of 50 per weight)
 REFINE = [*FAST, "uncertainty.bootstrap=0"]
 CORRECT = [*REFINE, "correct.epochs=2", "correct.warmup_epochs=1", "correct.posterior_draws=200",
-           "correct.min_shoeboxes_per_weight=2"]  # fmt: skip
+           "correct.min_shoeboxes_per_weight=2", "correct.theta_tolerance_eV=0", "correct.phi_tolerance=0"]  # fmt: skip
+#: (tolerances 0: every epoch runs, so the checkpoint test knows how many there are)
 
 
 @pytest.fixture(scope="module")
@@ -45,11 +46,13 @@ def corrected(refined_for_correct, simulated, tmp_path_factory) -> Path:
 def test_correct_writes_every_output(corrected, refined_for_correct):
     for name in ("spread_posterior.csv", "spread_posterior.h5", "spread_correct.json", "spread_correct.expt",
                  "spread_correct.refl", "spread_correct_edge_shifts.png", "spread_correct_loss.png",
-                 "spread_correct_correction.png", "spread_correct_predictive.png", "spread_correct.checkpoint.pt",
+                 "spread_correct_correction.png", "spread_correct_predictive.png", "spread_correct_residual_maps.png",
+                 "spread_correct_fp_fdp.png", "spread_correct.checkpoint.pt",
                  "dials.spread_correct.log"):  # fmt: skip
         assert (corrected / name).is_file(), name
     record = json.loads((corrected / "spread_correct.json").read_text())
-    assert len(record["history"]) == 2
+    assert len(record["history"]) == 2 and record["converged"] is False
+    assert "Not converged after 2 epochs" in (corrected / "dials.spread_correct.log").read_text()
     # the posterior predictive check: one of the four stills held out, its residuals before and after
     check = record["posterior_predictive"]
     assert len(check["held_out_stills"]) == 1 and record["stills"] == 4
@@ -58,6 +61,12 @@ def test_correct_writes_every_output(corrected, refined_for_correct):
         assert sum(g["pixels"] for g in shells) == sum(g["pixels"] for g in check[when]["panel_groups"]) > 0
         assert all(np.isfinite(g["sd"]) and g["sd"] > 0 for g in shells if g["sd"] is not None)
     assert "held-out z" in (corrected / "dials.spread_correct.log").read_text()
+    # the fitted stills' residual maps: the three stills in the fit, every pixel in a panel's sums
+    for when in ("before", "after"):
+        maps = record["residual_maps"][when]
+        assert sum(p["pixels"] for p in maps["panels"]) > sum(n for row in maps["frame"]["pixels"] for n in row) > 0
+        assert all(p["sd"] > 0 for p in maps["panels"] if p["sd"] is not None)
+    assert "Residual maps of the fitted stills" in (corrected / "dials.spread_correct.log").read_text()
     # the offset (calibration prior 1 eV) is a common edge shift: the absolute shift's interval
     # carries the calibration's uncertainty
     offset = record["spectrometer"]["offset"]

@@ -15,6 +15,7 @@ from spread_dials.correct.correction import CorrectionSettings, LeakyCorrection,
 from spread_dials.correct.divergence import poisson_kl
 from spread_dials.correct.fit import CorrectedModel, CorrectSettings, feature_statistics
 from spread_dials.refine.model import pixel_rate
+from spread_dials.refine.synthetic import InjectedErrors
 
 from .toy import NOMINAL_EV, toy_refinement
 
@@ -280,3 +281,23 @@ def test_poisson_kl_matches_monte_carlo():
         exact = float(poisson_kl(torch.tensor(a, dtype=torch.float64), torch.tensor(b, dtype=torch.float64)))
         assert abs(mc - exact) < 4 * se + 1e-12, (a, b, mc, exact, se)
     assert float(poisson_kl(torch.tensor(7.0), torch.tensor(7.0))) == 0.0
+
+
+def test_the_fit_stops_once_converged_and_a_rerun_adds_nothing():
+    """epochs is the most: a PSF fit from a biased warm start stops at the first epoch past the
+    warm-up that moved no edge shift by > theta_tolerance and no weight by > phi_tolerance (the
+    epochs before it moved more), and run() again adds no epoch."""
+    r = toy_refinement(seed=3, n_stills=2, spot_scale=4000.0, errors=InjectedErrors(psf_fwhm_px=1.5))
+    r.run()
+    contexts = [pixel_context(r.shots, s, NOMINAL_EV) for s in r.shots.shots]
+    correction = PixelCorrection(r.shots.panels.n_panels, CorrectionSettings(gain=False), feature_statistics(r, contexts))
+    settings = CorrectSettings(epochs=20, warmup_epochs=1, theta_tolerance=1e-3, phi_tolerance=1e-4)
+    model = CorrectedModel(r, correction, contexts, settings)
+    model.run()
+    history = model.history
+    assert model.converged and 2 < len(history) < 20, [h["moved"] for h in history]
+    assert history[-1]["moved"]["theta"] <= 1e-3 and history[-1]["moved"]["phi"] <= 1e-4
+    assert not any(h["converged"] for h in history[:-1])
+    assert max(h["moved"]["theta"] for h in history) > 0.1  # the edge shifts did travel
+    model.run()
+    assert len(model.history) == len(history)

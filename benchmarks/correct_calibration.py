@@ -1,0 +1,138 @@
+"""Calibration of dials.spread_correct's posterior over replicate data sets (issue 13): coverage of
+the 50/68/90/95 % intervals and SBC ranks of the corrected edge shifts, beside physics only.
+
+Usage (repository root; CPU, one core, ~30 s per replicate):
+    OMP_NUM_THREADS=1 python benchmarks/correct_calibration.py --replicates 100 --out results
+    python benchmarks/correct_calibration.py --summarise results/correct_calibration_toy*.jsonl --plots docs/images
+
+Design: the toy of tests/correct/toy.py (two sites of random phase, a 2 x 2-panel detector,
+8 channels of 4 eV, 6 mosaic domains; --n stills of spot scale --spot-scale), every replicate
+with new stills, new noise and a new truth: each site's edge shift drawn from N(0, --prior-sigma
+eV) and the refinement's edge-shift prior set to the same N(0, --prior-sigma^2) (SBC needs the
+truth drawn from the fit's own prior).  A Gaussian PSF of --psf px FWHM the physics does not
+know is injected; the correction is dials.spread_correct's stencil (gain off: 4 panels), fitted
+until converged (at most --epochs epochs) after the physics arm converged.  Each line: the truth, both arms'
+estimates and sigmas (the corrected one with the correction's weights profiled: the joint
+sigma), and seconds.  --summarise: per arm and site and for the difference A - B, the coverage
+and the PIT's KS test (spread_dials.validation.calibration) and, with --plots, the coverage
+curve and rank histograms (PNG).  Resumable: a replicate already in the file is skipped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from spread_dials.correct.context import pixel_context
+from spread_dials.correct.correction import CorrectionSettings, PixelCorrection
+from spread_dials.correct.fit import CorrectedModel, CorrectSettings, feature_statistics
+from spread_dials.refine.synthetic import InjectedErrors
+from spread_dials.refine.uncertainty import curvature
+from spread_dials.validation.calibration import calibration_summary, gaussian_pit
+from tests.correct.toy import NOMINAL_EV, toy_refinement  # the toy design lives with its tests
+
+
+def run_one(replicate: int, args) -> dict:
+    """Both arms on one replicate data set (module docstring)."""
+    rng = np.random.default_rng(np.random.SeedSequence([args.seed, replicate]))
+    truth = rng.normal(0.0, args.prior_sigma, size=2)
+    t0 = time.perf_counter()
+    r = toy_refinement(seed=int(rng.integers(2**31)), shifts=tuple(truth.tolist()), n_stills=args.n, spot_scale=args.spot_scale,
+                       errors=InjectedErrors(psf_fwhm_px=args.psf), macrocycles=4, prior_sigma_eV=args.prior_sigma)  # fmt: skip
+    r.run()
+    physics_cov = curvature(r, observed=False).profiled
+    physics = r.theta.tolist()
+    contexts = [pixel_context(r.shots, s, NOMINAL_EV) for s in r.shots.shots]
+    correction = PixelCorrection(r.shots.panels.n_panels, CorrectionSettings(gain=False), feature_statistics(r, contexts))
+    model = CorrectedModel(r, correction, contexts, CorrectSettings(epochs=args.epochs))
+    model.run()
+    joint, _, _ = model.covariance()
+    return {
+        "replicate": replicate, "seed": args.seed, "n": args.n, "psf_fwhm_px": args.psf, "prior_sigma_eV": args.prior_sigma,
+        "truth": truth.tolist(), "physics_theta": physics, "physics_covariance": physics_cov.tolist(),
+        "theta": r.theta.tolist(), "covariance": joint[:2, :2].tolist(), "epochs": len(model.history), "converged": model.converged,
+        "seconds": time.perf_counter() - t0,
+    }  # fmt: skip
+
+
+def summarise(paths: list[Path]) -> dict:
+    """Per arm (physics, corrected) and quantity (site A, site B, A - B): calibration_summary of
+    the Gaussian PITs of the truth over the lines of ``paths`` (e.g. the shards)."""
+    rows = [json.loads(line) for path in paths for line in path.read_text().splitlines() if line.strip()]
+    out: dict = {"replicates": len(rows), "converged": sum(bool(r.get("converged")) for r in rows),
+                 "epochs_mean": round(float(np.mean([r["epochs"] for r in rows])), 2)}  # fmt: skip
+    contrast = np.array([1.0, -1.0])
+    for arm, theta_key, cov_key in (("physics", "physics_theta", "physics_covariance"), ("corrected", "theta", "covariance")):
+        theta = np.array([r[theta_key][:2] for r in rows])
+        cov = np.array([np.array(r[cov_key])[:2, :2] for r in rows])
+        truth = np.array([r["truth"] for r in rows])
+        entries = {}
+        for k, name in enumerate(("A", "B")):
+            entries[name] = (theta[:, k], np.sqrt(cov[:, k, k]), truth[:, k])
+        entries["A - B"] = (theta @ contrast, np.sqrt(np.einsum("i,rij,j->r", contrast, cov, contrast)), truth @ contrast)
+        out[arm] = {}
+        for name, (est, sigma, true) in entries.items():
+            pit = gaussian_pit(est, sigma, true)
+            error = est - true
+            out[arm][name] = {**calibration_summary(pit), "mean_error_eV": round(float(error.mean()), 4),
+                              "rms_z": round(float(np.sqrt(np.mean((error / sigma) ** 2))), 3),
+                              "mean_sigma_eV": round(float(sigma.mean()), 4), "pit": pit.tolist()}  # fmt: skip
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--replicates", type=int, default=100)
+    ap.add_argument("--n", type=int, default=3, help="stills per data set")
+    ap.add_argument("--spot-scale", type=float, default=4000.0)
+    ap.add_argument("--psf", type=float, default=1.5, help="injected PSF FWHM (px)")
+    ap.add_argument("--prior-sigma", type=float, default=1.0, help="truth ~ N(0, this) and the fit's prior (eV)")
+    ap.add_argument("--epochs", type=int, default=15, help="the most epochs (the fit stops once converged)")
+    ap.add_argument("--shards", type=int, default=1, help="split the replicates round-robin over this many processes")
+    ap.add_argument("--shard", type=int, default=0, help="which of them this process runs (its own output file)")
+    ap.add_argument("--seed", type=int, default=1)
+    ap.add_argument("--out", default="results")
+    ap.add_argument("--summarise", nargs="+", default=None, help="files of lines: print the summary and stop")
+    ap.add_argument("--plots", default=None, help="with --summarise: write the coverage and rank PNGs here")
+    args = ap.parse_args(argv)
+    if args.summarise:
+        summary = summarise([Path(p) for p in args.summarise])
+        if args.plots:
+            from spread_dials.plots.calibration import plot_coverage, plot_rank_histograms
+
+            pits = {f"{arm} {name}": np.array(v["pit"]) for arm in ("physics", "corrected") for name, v in summary[arm].items()}
+            title = f"dials.spread_correct, toy, PSF the physics lacks ({summary['replicates']} data sets)"
+            plot_coverage(pits, Path(args.plots) / "correct_calibration_coverage.png", title=title)
+            plot_rank_histograms(pits, Path(args.plots) / "correct_calibration_sbc.png", title=title)
+        for arm in ("physics", "corrected"):
+            for v in summary[arm].values():
+                v.pop("pit")
+        print(json.dumps(summary, indent=1))
+        return 0
+    torch.manual_seed(args.seed)
+    out = Path(args.out) / ("correct_calibration_toy.jsonl" if args.shards == 1 else f"correct_calibration_toy.shard{args.shard}of{args.shards}.jsonl")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    done = {json.loads(line)["replicate"] for line in out.read_text().splitlines() if line.strip()} if out.exists() else set()
+    work = [k for k in range(args.replicates) if k % args.shards == args.shard and k not in done]
+    t0 = time.perf_counter()
+    for count, replicate in enumerate(work, 1):
+        line = run_one(replicate, args)
+        with out.open("a") as f:  # one whole line per replicate: a rerun resumes after the last
+            f.write(json.dumps(line) + "\n")
+        rate = count / (time.perf_counter() - t0)
+        print(f"replicate {replicate}: truth {np.round(line['truth'], 3).tolist()} physics {np.round(line['physics_theta'][:2], 3).tolist()} "
+              f"corrected {np.round(line['theta'][:2], 3).tolist()} ({line['seconds']:.0f} s; {count}/{len(work)}, "
+              f"ETA {(len(work) - count) / rate:.0f} s)", flush=True)  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
