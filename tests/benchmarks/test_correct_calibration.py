@@ -1,0 +1,33 @@
+"""benchmarks/correct_calibration.py: a replicate line per data set with both arms, resumable,
+and its summary (coverage, KS, rank histogram per arm and quantity)."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(REPO / "benchmarks"))
+
+import correct_calibration  # noqa: E402
+
+
+def test_two_replicates_resume_and_summarise(tmp_path, capsys):
+    args = ["--replicates", "2", "--n", "2", "--spot-scale", "2000", "--epochs", "3", "--out", str(tmp_path)]
+    assert correct_calibration.main(args) == 0
+    path = tmp_path / "correct_calibration_toy.jsonl"
+    lines = [json.loads(x) for x in path.read_text().splitlines()]
+    assert [r["replicate"] for r in lines] == [0, 1] and lines[0]["truth"] != lines[1]["truth"]
+    for r in lines:
+        assert len(r["theta"]) >= 2 and len(r["covariance"]) == 2 and 1 <= r["epochs"] <= 3
+        assert r["covariance"][0][0] > 0 and r["physics_covariance"][0][0] > 0
+    assert correct_calibration.main(args) == 0  # a rerun adds no line
+    assert len(path.read_text().splitlines()) == 2
+    capsys.readouterr()
+    assert correct_calibration.main(["--summarise", str(path)]) == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["replicates"] == 2
+    for arm in ("physics", "corrected"):
+        assert set(summary[arm]) == {"A", "B", "A - B"}
+        assert all(len(v["coverage"]) == 4 and sum(v["rank_histogram"]) == 2 for v in summary[arm].values())
