@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+import spread_dials  # noqa: F401  (first, whichever test module is collected first: it loads torch's OpenMP runtime before dxtbx loads the system's; spread_dials/__init__.py)
 from tests.processed_stills import processed, simulated  # noqa: F401  (session fixtures: real DIALS runs)
 
 REPO = Path(__file__).resolve().parents[1]
