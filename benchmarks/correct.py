@@ -176,7 +176,7 @@ def run_one(case: dict, error: str, n: int, replicate: int, args, device: torch.
         "physics_seconds": t_physics, "correct_seconds": t_correct, "seconds_per_epoch": float(np.mean(epoch_s)),
         "gpu_seconds_per_still_per_epoch": float(np.mean(epoch_s)) / n,
         "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
-        "history": corrected.history, "settings": asdict(CorrectSettings(epochs=args.epochs)),
+        "history": corrected.history, "converged": corrected.converged, "settings": asdict(CorrectSettings(epochs=args.epochs)),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "date": time.strftime("%Y-%m-%d"),
     }  # fmt: skip
 
@@ -216,7 +216,7 @@ def main(argv=None) -> int:
     ap.add_argument("--replicates", type=int, default=1)
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--macrocycles", type=int, default=6)
-    ap.add_argument("--epochs", type=int, default=8)
+    ap.add_argument("--epochs", type=int, default=8, help="the most epochs (the fit stops once converged)")
     ap.add_argument("--per-weight", type=float, default=50.0, help="capacity guard: shoeboxes per weight")
     ap.add_argument("--parts", default="gain,redistribution", help="parts of the correction asked for (the guard may drop some; the head is off by default, as in the program)")
     ap.add_argument("--oracle", action="store_true", help="also the oracle arm: physics given the true error")
