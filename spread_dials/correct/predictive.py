@@ -22,7 +22,7 @@ from spread_dials.refine.model import pixel_rate
 from spread_dials.refine.residuals import standardized_residuals
 from spread_dials.refine.stage1 import refine_shots
 
-__all__ = ["held_out_stills", "shell_edges", "residual_sums", "summarise_sums", "z_moments"]
+__all__ = ["held_out_stills", "shell_edges", "residual_sums", "summarise_sums", "z_sums", "z_moments"]
 
 
 def held_out_stills(n_stills: int, fraction: float, seed: int) -> list[int]:
@@ -82,8 +82,15 @@ def residual_sums(refinement, local: list[int], inverse_d: list[Tensor], edges: 
         panel_group = (boxes.panel.cpu()[box] * n_panel_groups) // n_panels
         shell = torch.bucketize(inverse_d[i].cpu()[box], edges.cpu())
         for row, group in ((0, panel_group), (1, shell)):
-            sums[row].index_add_(0, group, torch.stack([torch.ones_like(z), z, z * z], -1))
+            sums[row] += z_sums(z, group, sums.shape[1])
     return sums
+
+
+def z_sums(z: Tensor, group: Tensor, n_groups: int) -> Tensor:
+    """(n_groups, 3) float64 sums (count, sum z, sum z^2) of the values ``z`` (N,) per group
+    ``group`` (N,) long, in [0, n_groups); :func:`z_moments` reads them."""
+    z = z.to(torch.float64)
+    return z.new_zeros((n_groups, 3)).index_add_(0, group.to(z.device), torch.stack([torch.ones_like(z), z, z * z], -1))
 
 
 def z_moments(count: float, total: float, square: float) -> dict:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from spread_dials.correct.predictive import z_moments
+from spread_dials.correct.predictive import z_moments, z_sums
 from spread_dials.refine.residuals import standardized_residuals
 
 __all__ = ["FRAME_RADIUS", "residual_map_sums", "model_residual_sums", "summarise_maps"]
@@ -39,15 +39,12 @@ def residual_map_sums(z: Tensor, panel: Tensor, local: Tensor, n_panels: int, ra
         (n_panels, 3) per panel and (2 radius + 1, 2 radius + 1, 3) per (slow, fast) offset,
         float64 on the CPU.
     """
-    z = z.detach().to(torch.float64).cpu()
-    terms = torch.stack([torch.ones_like(z), z, z * z], -1)
-    per_panel = torch.zeros((n_panels, 3), dtype=torch.float64).index_add_(0, panel.cpu(), terms)
+    z = z.detach().cpu()
     offset = torch.floor(local.detach().cpu().to(torch.float64) + 0.5).long()
     inside = (offset.abs() <= radius).all(-1)
     side = 2 * radius + 1
     cell = (offset[inside, 1] + radius) * side + offset[inside, 0] + radius
-    frame = torch.zeros((side * side, 3), dtype=torch.float64).index_add_(0, cell, terms[inside])
-    return per_panel, frame.view(side, side, 3)
+    return z_sums(z, panel.cpu(), n_panels), z_sums(z[inside], cell, side * side).view(side, side, 3)
 
 
 def model_residual_sums(model, physics: bool = False, radius: int = FRAME_RADIUS) -> tuple[Tensor, Tensor]:
