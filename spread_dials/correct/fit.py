@@ -53,6 +53,7 @@ from torch import Tensor
 from spread_dials.correct.context import PixelContext
 from spread_dials.correct.correction import PixelCorrection
 from spread_dials.correct.divergence import poisson_kl
+from spread_dials.refine.derivatives import value_and_jacobian
 from spread_dials.refine.engine import Refinement
 from spread_dials.refine.information import psd_pseudo_inverse, shot_information
 from spread_dials.refine.model import BraggTerms, ShotState, fisher_weights, negative_log_likelihood, rate_from_terms
@@ -288,7 +289,7 @@ class CorrectedModel:
         def bragg(x: Tensor) -> Tensor:
             return self._bragg(i, profile, weight, x)[0]
 
-        return scale * torch.func.jacfwd(bragg)(phi.to(profile))
+        return scale * value_and_jacobian(bragg, phi.to(profile))[1]
 
     def _anchor_curvature(self, i: int, phi: Tensor) -> Tensor:
         """(Q, Q) the Gauss-Newton curvature of local still i's weighted anchor in phi:
@@ -298,11 +299,7 @@ class CorrectedModel:
         curvature, H200 session 9)."""
         cache = self.refinement.caches[i]
 
-        def rate(y: Tensor) -> tuple[Tensor, Tensor]:
-            value = self.anchored_rate(i, y)[0]
-            return value, value
-
-        jacobian, lam_star = torch.func.jacfwd(rate, has_aux=True)(phi.to(cache.counts))
+        lam_star, jacobian = value_and_jacobian(lambda y: self.anchored_rate(i, y)[0], phi.to(cache.counts))
         w = fisher_weights(lam_star, cache.fitted) * cache.weight
         return ((w.unsqueeze(-1) * jacobian).T @ jacobian).detach()
 

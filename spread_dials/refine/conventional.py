@@ -28,6 +28,7 @@ import torch
 from torch import Tensor
 
 from spread_dials.physics.anomalous import TabulatedCurve
+from spread_dials.refine.derivatives import value_and_jacobian
 
 __all__ = ["Reflections", "summation_reflections", "BinnedFit", "energy_bins", "fit_binned", "edge_shifts_from_bins"]
 
@@ -147,14 +148,13 @@ def fit_binned(refl: Reflections, n_stills: int, bin_edges_eV: Tensor, start: tu
     def per_still(values: Tensor) -> Tensor:
         return torch.zeros(n_stills, dtype=torch.float64).index_add(0, refl.still, values)
 
-    def rate(v: Tensor) -> tuple[Tensor, Tensor]:  # (R,) per unit scale, twice: jacfwd's output and aux
-        m = _model(refl, bin_of, *split(v)) * refl.partiality
-        return m, m
+    def rate(v: Tensor) -> Tensor:  # (R,) per unit scale
+        return _model(refl, bin_of, *split(v)) * refl.partiality
 
-    m = rate(x)[0]
+    m = rate(x)
     scale = per_still(w * refl.intensity * m) / per_still(w * m**2)  # the scales that fit the starting curves
     for _ in range(iterations):
-        jac, m = torch.func.jacfwd(rate, has_aux=True)(x)  # (R, P) in P forward passes, and (R,)
+        m, jac = value_and_jacobian(rate, x)  # (R,), (R, P)
         k = scale[refl.still]
         r = refl.intensity - k * m
         # normal equations in (x, scales): J_x = k jac, J_k = m (per still)
@@ -193,15 +193,15 @@ def edge_shifts_from_bins(fit: BinnedFit, references: list[TabulatedCurve], iter
 
     delta = torch.zeros(n_sites, dtype=torch.float64)
     for _ in range(iterations):
-        j = torch.func.jacfwd(curves)(delta)  # (2KS, S)
-        r = observed - curves(delta)
+        value, j = value_and_jacobian(curves, delta)  # (2KS,), (2KS, S)
+        r = observed - value
         h = j.T @ precision @ j
         step = torch.linalg.solve(h, j.T @ precision @ r)
         step = step.clamp(-2.0, 2.0)
         delta = delta + step
         if float(step.abs().max()) < 1e-8:
             break
-    j = torch.func.jacfwd(curves)(delta)
+    j = value_and_jacobian(curves, delta)[1]
     return delta, torch.linalg.inv(j.T @ precision @ j)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from spread_dials.refine.derivatives import value_and_jacobian
 from spread_dials.refine.model import bragg_terms, fisher_weights, rate_from_terms, site_intensities
 
 __all__ = ["shot_information", "shot_columns", "refined_offsets", "psd_pseudo_inverse", "normal_blocks", "eliminate_planes"]
@@ -31,8 +32,7 @@ def shot_information(refinement, i: int, theta: Tensor, extra: Tensor | None = N
     def intensity_of(t: Tensor) -> Tensor:
         return site_intensities(sites, t, cache)
 
-    intensity = intensity_of(theta)
-    d_intensity = torch.func.jacfwd(intensity_of)(theta)  # (B, C, P)
+    intensity, d_intensity = value_and_jacobian(intensity_of, theta)  # (B, C), (B, C, P)
     terms = bragg_terms(cache, intensity)
     lam, bragg = rate_from_terms(cache, state, terms)
     u_theta = torch.exp(state.log_scale) * torch.einsum("nc,ncp->np", cache.profiles.profile, d_intensity[cache.pixel_shoebox])

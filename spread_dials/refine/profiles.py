@@ -4,8 +4,8 @@ A shoebox is a kernel window (:class:`~spread_dials.physics.sparse.BraggWindows`
 mosaic domain; ``window_channel_profiles`` gives each pixel's photons per unit |F(h, E_c)|^2
 for every channel, summed here over the domains.  f' and f'' only reweight the channels, so
 refinement caches these profiles (Sauter et al. 2020) at the current per-shot parameters,
-together with their derivatives with respect to the three small orientation angles (forward-mode
-autograd), and evaluates the pixel rate from the cache (:mod:`spread_dials.refine.model`).
+together with their derivatives with respect to the three small orientation angles (two
+reverse-mode passes, :mod:`spread_dials.refine.derivatives`), and evaluates the pixel rate from the cache (:mod:`spread_dials.refine.model`).
 
 Per-shot crystal offsets: a small rotation vector r (3,) (rad, lab frame) and, optionally, the
 log changes of the unit-cell lengths (k,), one per set of lengths that the lattice symmetry ties
@@ -17,7 +17,9 @@ fixed at 90 degrees).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
+from functools import partial
 
 import torch
 from torch import Tensor
@@ -28,6 +30,7 @@ from spread_dials.physics.crystal import Crystal, rotation_from_vector
 from spread_dials.physics.mosaic_quadrature import domain_rotations
 from spread_dials.physics.sparse import BraggWindows, window_channel_profiles
 from spread_dials.physics.structure_factors import constant_structure_factors
+from spread_dials.refine.derivatives import value_and_jacobian
 from spread_dials.refine.shots import Shot, ShotSet
 
 #: most bytes of (domains, pixels, channels) profiles and their tangents made in one kernel call on a GPU
@@ -156,8 +159,9 @@ def shot_profiles(shots: ShotSet, shot: Shot, model: CrystalModel, rotation: Ten
                   cell: Tensor | None = None) -> ShotProfiles:  # fmt: skip
     """The kernel's per-channel profiles of the shot's shoebox pixels at ``rotation`` (3,) (rad)
     and ``cell`` (k,) (log length changes; None: the given cell, not refined), and
-    (``jacobian``) their derivatives with respect to both by forward-mode autograd
-    (:func:`stills_profiles` of one still)."""
+    (``jacobian``) their derivatives with respect to both
+    (:func:`~spread_dials.refine.derivatives.value_and_jacobian`, one block of mosaic domains
+    at a time; :func:`stills_profiles` of one still)."""
     return stills_profiles(shots, [shot], model, [rotation], [cell], jacobian)[0]
 
 
@@ -201,13 +205,14 @@ def stills_profiles(shots: ShotSet, stills: list[Shot], model: CrystalModel, rot
             per_call = max(1, min(model.mosaic_domains, PROFILE_GROUP_BYTES * model.mosaic_domains // still_bytes[start]))
         else:
             per_call = 1
-        profile = _group_profile(shots, [stills[k] for k in group], model, x0, with_cell, per_call)
+        block, starts = _group_profile(shots, [stills[k] for k in group], model, x0, with_cell, per_call)
         zero = torch.zeros(n_offsets, dtype=x0.dtype, device=device)
-        if jacobian:
-            value, jac = _value_and_jacfwd(profile, zero)
+        if jacobian:  # block by block: each block's graph is freed before the next
+            parts = [value_and_jacobian(partial(block, d0=d0), zero) for d0 in starts]
+            value, jac = sum(v for v, _ in parts), sum(j for _, j in parts)
         else:
             with torch.no_grad():
-                value, jac = profile(zero), None
+                value, jac = sum(block(zero, d0) for d0 in starts), None
         sizes = [int(stills[k].shoeboxes.n_pixels) for k in group]
         jacs = torch.split(jac, sizes) if jac is not None else [None] * len(group)
         for k, v, j in zip(group, torch.split(value, sizes), jacs):
@@ -216,10 +221,12 @@ def stills_profiles(shots: ShotSet, stills: list[Shot], model: CrystalModel, rot
     return out
 
 
-def _group_profile(shots: ShotSet, stills: list[Shot], model: CrystalModel, x0: Tensor, with_cell: bool, per_call: int):
-    """delta (3 + k,) -> (the stills' pixels, C) profiles of ``stills`` (one channel grid) with
-    each still's crystal offsets at its row of ``x0`` (K, 3 + k) + delta, summed over the
-    domains, ``per_call`` domains of every still in one kernel call."""
+def _group_profile(shots: ShotSet, stills: list[Shot], model: CrystalModel, x0: Tensor, with_cell: bool,
+                   per_call: int) -> tuple[Callable[[Tensor, int], Tensor], list[int]]:  # fmt: skip
+    """(block, starts): block(delta (3 + k,), d0) -> (the stills' pixels, C) profiles of
+    ``stills`` (one channel grid) from their domains d0 .. d0 + ``per_call`` - 1 (one kernel
+    call), each still's crystal offsets at its row of ``x0`` (K, 3 + k) + delta; the profiles
+    are the sum of the blocks over ``starts``."""
     device, n_domains = x0.device, model.mosaic_domains
     # kernel chunks of 2^25 terms on a GPU hold float64 intermediates for every tangent at once
     chunk = (1 << 25) if device.type == "cuda" else None
@@ -231,34 +238,18 @@ def _group_profile(shots: ShotSet, stills: list[Shot], model: CrystalModel, x0: 
     scene = shot_scene(shots, unit, model, x0[0, :3], x0[0, 3:] if with_cell else None)
     domain_rotations = model.domain_rotations(dtype=x0.dtype).to(device)
 
-    def profile(delta: Tensor) -> Tensor:
-        totals = [None] * len(stills)
-        for d0 in range(0, n_domains, per_call):
-            size = min(per_call, n_domains - d0)
-            blocks, real = [], []
-            for k, still in enumerate(stills):
-                x = x0[k] + delta
-                a = crystal_real_space(still.real_space.to(x), x[:3], x[3:] if with_cell else None, model.cell_ties)
-                real.append(a @ domain_rotations[d0 : d0 + size].transpose(-1, -2))
-                block = windows[k].select(torch.arange(size * n_boxes[k], device=device))
-                blocks.append(replace(block, domain=block.domain + k * size))
-            merged = BraggWindows(**{f.name: torch.cat([getattr(b, f.name) for b in blocks]) for f in fields(BraggWindows)})
-            channel = window_channel_profiles(scene, merged, chunk, torch.cat(real))
-            for k, piece in enumerate(torch.split(channel, [size * n for n in n_pixels])):
-                part = piece.view(size, n_pixels[k], -1).sum(0)
-                totals[k] = part if totals[k] is None else totals[k] + part
-        return torch.cat([t * w for t, w in zip(totals, scales)])
+    def block(delta: Tensor, d0: int) -> Tensor:
+        size = min(per_call, n_domains - d0)
+        blocks, real = [], []
+        for k, still in enumerate(stills):
+            x = x0[k] + delta
+            a = crystal_real_space(still.real_space.to(x), x[:3], x[3:] if with_cell else None, model.cell_ties)
+            real.append(a @ domain_rotations[d0 : d0 + size].transpose(-1, -2))
+            selected = windows[k].select(torch.arange(size * n_boxes[k], device=device))
+            blocks.append(replace(selected, domain=selected.domain + k * size))
+        merged = BraggWindows(**{f.name: torch.cat([getattr(b, f.name) for b in blocks]) for f in fields(BraggWindows)})
+        channel = window_channel_profiles(scene, merged, chunk, torch.cat(real))
+        pieces = torch.split(channel, [size * n for n in n_pixels])
+        return torch.cat([piece.view(size, n_pixels[k], -1).sum(0) * w for k, (piece, w) in enumerate(zip(pieces, scales))])
 
-    return profile
-
-
-def _value_and_jacfwd(fn, x: Tensor) -> tuple[Tensor, Tensor]:
-    """fn(x) and its Jacobian (..., dim x) in one vectorised forward-mode pass (torch.func.jacfwd
-    batches the tangents of every component of x; 3-4x faster than one pass per component)."""
-
-    def with_value(v: Tensor) -> tuple[Tensor, Tensor]:
-        out = fn(v)
-        return out, out
-
-    jacobian, value = torch.func.jacfwd(with_value, has_aux=True)(x)
-    return value, jacobian
+    return block, list(range(0, n_domains, per_call))
