@@ -27,8 +27,8 @@ dials.spread_stills_process (median misorientation 0.037 deg rubredoxin, 0.072 d
 benchmarks/RESULTS.md).
 
 Timing: the engine's own Refinement.stage1 / stage2 driven macrocycle by macrocycle; the
-profile recomputation inside stage 1 (engine.stills_profiles, the kernel with 3 forward-mode
-tangents) is timed by wrapping that function with device synchronisation, and subtracted from
+profile recomputation inside stage 1 (engine.stills_profiles, the kernel and its Jacobian in the
+crystal offsets) is timed by wrapping that function with device synchronisation, and subtracted from
 stage 1.  GPU-seconds per shot per macrocycle = seconds / shots on one GPU.  A deadline ends a
 case early (after the current still): the JSON then says how far it got.
 """

@@ -171,8 +171,8 @@ class PixelCorrection(nn.Module):
     def log_gain(self, context: PixelContext) -> Tensor:
         """(N,) log gain of every pixel (0 when the gain is not learned): torch's bicubic
         interpolation (grid_sample, align_corners) of the panel's nodes, written as fixed
-        per-pixel weights of the nodes so that it is linear in them (and forward-mode
-        differentiable)."""
+        per-pixel weights of the nodes so that it is linear in them (and twice
+        differentiable, as the Jacobians of :mod:`spread_dials.refine.derivatives` need)."""
         if not self.settings.gain:
             return torch.zeros_like(context.panel_xy[:, 0])
         g = self.settings.gain_nodes

@@ -89,7 +89,7 @@ def test_stills_made_together_equal_each_made_alone(problem):
 
 
 def test_crystal_offset_jacobian_matches_finite_differences(problem):
-    """d profile / d (rotation, log cell lengths) by forward-mode autograd against central
+    """d profile / d (rotation, log cell lengths) by two reverse passes against central
     differences of the kernel, for all six offsets."""
     shots, _, _, model, _ = problem
     shot = shots.shots[1]

@@ -20,6 +20,7 @@ from spread_dials.physics.crystal import real_space_from_cell
 from spread_dials.physics.kramers_kronig import kramers_kronig
 from spread_dials.physics.sparse import miller_indices_within
 from spread_dials.physics.structure_factors import StructureFactors
+from spread_dials.refine.derivatives import value_and_jacobian
 from spread_dials.refine.engine import Refinement, RefineSettings, make_caches
 from spread_dials.refine.profiles import CrystalModel
 from spread_dials.refine.references import matched_edge_shifts
@@ -124,7 +125,8 @@ def test_kramers_kronig_pair_matches_principal_value_quadrature(node):
 
 def test_curves_gradcheck_and_forward_mode():
     """gradcheck of (f', f'') in theta (two groups, channels inside and outside the nodes), and
-    forward-mode (jacfwd, as the curvature uses) equals reverse-mode."""
+    forward-mode (jacfwd) equals reverse-mode and the two reverse passes the information uses
+    (refine.derivatives.value_and_jacobian)."""
     sites = SplineKKSites([_kk_reference(), _kk_reference(7121.0)], [0, 1], ["a", "b"], NODES)
     energy = torch.tensor([7090.0, 7101.3, 7119.9, 7120.0, 7135.2, 7160.0], dtype=f64)
     theta = torch.randn(sites.initial().numel(), generator=torch.Generator().manual_seed(1), dtype=f64).requires_grad_()
@@ -133,6 +135,7 @@ def test_curves_gradcheck_and_forward_mode():
     fwd = torch.func.jacfwd(lambda t: torch.cat(sites.curves(t, energy)))(theta.detach())
     rev = torch.func.jacrev(lambda t: torch.cat(sites.curves(t, energy)))(theta.detach())
     assert torch.allclose(fwd, rev, atol=1e-12)
+    assert torch.allclose(value_and_jacobian(lambda t: torch.cat(sites.curves(t, energy)), theta.detach())[1], rev, atol=1e-12)
 
 
 def test_negative_log_prior_closed_form():
