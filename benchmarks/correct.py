@@ -42,6 +42,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from records import append_record, read_records
 from refine import BACKGROUND_PHOTONS, load_case
 
 from spread_dials.correct.context import pixel_context
@@ -183,7 +184,7 @@ def run_one(case: dict, error: str, n: int, replicate: int, args, device: torch.
 
 def summarise(path: Path) -> dict:
     """Per (case, error, N): the bias of each arm in its own sigma units and in eV, mean sigmas."""
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    rows = read_records(path)
     out = {}
     for key in sorted({(r["case"], r["error"], r["n"]) for r in rows}):
         group = [r for r in rows if (r["case"], r["error"], r["n"]) == key]
@@ -241,15 +242,12 @@ def main(argv=None) -> int:
     case["truth"] = StructureFactors(table.miller_index, table.F0, table.G, torch.stack(fp), torch.stack(fdp))
     out = Path(args.out) / f"correct_{args.case}{args.tag}.jsonl"
     out.parent.mkdir(parents=True, exist_ok=True)
-    done = set()
-    if out.exists():
-        done = {(r["error"], r["n"], r["replicate"], r["seed"]) for r in map(json.loads, out.read_text().splitlines()) if r}
+    done = {(r["error"], r["n"], r["replicate"], r["seed"]) for r in read_records(out, repair=True)}
     work = [(e, r) for e in args.errors.split(",") for r in range(args.replicates) if (e, args.n, r, args.seed) not in done]
     t_start = time.perf_counter()
     for k, (error, replicate) in enumerate(work):
         record = run_one(case, error, args.n, replicate, args, device)
-        with out.open("a") as f:
-            f.write(json.dumps(record) + "\n")
+        append_record(out, record)
         rate = (k + 1) / (time.perf_counter() - t_start)
         print(f"{error} N={args.n} r{replicate}: physics {np.round(record['physics_theta'], 3).tolist()} +- "
               f"{np.round(record['physics_sigma'], 3).tolist()}, corrected {np.round(record['theta'], 3).tolist()} +- "

@@ -30,6 +30,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from records import append_record, read_records
 
 from spread_dials.correct.context import pixel_context
 from spread_dials.correct.correction import CorrectionSettings, PixelCorrection
@@ -66,7 +69,7 @@ def run_one(replicate: int, args) -> dict:
 def summarise(paths: list[Path]) -> dict:
     """Per arm (physics, corrected) and quantity (site A, site B, A - B): calibration_summary of
     the Gaussian PITs of the truth over the lines of ``paths`` (e.g. the shards)."""
-    rows = [json.loads(line) for path in paths for line in path.read_text().splitlines() if line.strip()]
+    rows = [r for path in paths for r in read_records(path)]
     out: dict = {"replicates": len(rows), "converged": sum(bool(r.get("converged")) for r in rows),
                  "epochs_mean": round(float(np.mean([r["epochs"] for r in rows])), 2)}  # fmt: skip
     contrast = np.array([1.0, -1.0])
@@ -120,13 +123,12 @@ def main(argv: list[str] | None = None) -> int:
     torch.manual_seed(args.seed)
     out = Path(args.out) / ("correct_calibration_toy.jsonl" if args.shards == 1 else f"correct_calibration_toy.shard{args.shard}of{args.shards}.jsonl")
     out.parent.mkdir(parents=True, exist_ok=True)
-    done = {json.loads(line)["replicate"] for line in out.read_text().splitlines() if line.strip()} if out.exists() else set()
+    done = {r["replicate"] for r in read_records(out, repair=True)}
     work = [k for k in range(args.replicates) if k % args.shards == args.shard and k not in done]
     t0 = time.perf_counter()
     for count, replicate in enumerate(work, 1):
         line = run_one(replicate, args)
-        with out.open("a") as f:  # one whole line per replicate: a rerun resumes after the last
-            f.write(json.dumps(line) + "\n")
+        append_record(out, line)
         rate = count / (time.perf_counter() - t0)
         print(f"replicate {replicate}: truth {np.round(line['truth'], 3).tolist()} physics {np.round(line['physics_theta'][:2], 3).tolist()} "
               f"corrected {np.round(line['theta'][:2], 3).tolist()} ({line['seconds']:.0f} s; {count}/{len(work)}, "

@@ -86,6 +86,9 @@ import numpy as np
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root (no install needed)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from records import append_record, read_records
 
 from spread_dials.util import phil_lite
 
@@ -596,7 +599,7 @@ def _stats(error: np.ndarray, fisher: np.ndarray) -> dict:
 
 def _records(paths: list[Path]) -> list[dict]:
     """Every line of the campaign files ``paths`` (e.g. the shards of one ladder)."""
-    return [json.loads(line) for path in paths for line in path.read_text().splitlines() if line.strip()]
+    return [r for path in paths for r in read_records(path)]
 
 
 def summarise(paths: list[Path], plan: dict | None = None) -> dict:
@@ -808,9 +811,7 @@ def run_campaign(flat: dict, plan_only: bool = False) -> int:
             print(json.dumps(plan(case, params, device), indent=1))
         return 0
     out = output_path(params)
-    done = set()
-    if out.exists():
-        done = {(r["n"], r["replicate"], r["seed"]) for r in map(json.loads, out.read_text().splitlines()) if r}
+    done = {(r["n"], r["replicate"], r["seed"]) for r in read_records(out, repair=comm.is_root)}
     if comm.is_root:
         out.parent.mkdir(parents=True, exist_ok=True)
     design = hashlib.sha1(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:10]
@@ -826,8 +827,7 @@ def run_campaign(flat: dict, plan_only: bool = False) -> int:
         record = run_replicate(case, n, replicate, params, comm, device)
         if record is not None:
             record["parameters"] = design
-            with out.open("a") as f:  # one whole line per write: a killed run leaves complete lines
-                f.write(json.dumps(record) + "\n")
+            append_record(out, record)
             rate = (k + 1) / (time.perf_counter() - t_start)
             print(f"N={n} replicate {replicate}: theta {np.round(record['theta'], 3).tolist()} truth "
                   f"{np.round(record['truth'], 3).tolist()} fisher {np.round(record['sigma_fisher'], 3).tolist()} "
