@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from scipy.stats import linregress
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -68,7 +69,10 @@ def run_one(replicate: int, args) -> dict:
 
 def summarise(paths: list[Path]) -> dict:
     """Per arm (physics, corrected) and quantity (site A, site B, A - B): calibration_summary of
-    the Gaussian PITs of the truth over the lines of ``paths`` (e.g. the shards)."""
+    the Gaussian PITs of the truth over the lines of ``paths`` (e.g. the shards), and the
+    injection-recovery slope of the estimates on the truths (scipy.stats.linregress) beside the
+    slope a calibrated posterior mean has under the prior's shrinkage, 1 - sigma^2 / tau^2 (tau^2
+    the prior variance of the quantity: the sites' prior_sigma_eV^2, twice that for A - B)."""
     rows = [r for path in paths for r in read_records(path)]
     out: dict = {"replicates": len(rows), "converged": sum(bool(r.get("converged")) for r in rows),
                  "epochs_mean": round(float(np.mean([r["epochs"] for r in rows])), 2)}  # fmt: skip
@@ -82,12 +86,18 @@ def summarise(paths: list[Path]) -> dict:
             entries[name] = (theta[:, k], np.sqrt(cov[:, k, k]), truth[:, k])
         entries["A - B"] = (theta @ contrast, np.sqrt(np.einsum("i,rij,j->r", contrast, cov, contrast)), truth @ contrast)
         out[arm] = {}
+        prior_var = float(np.mean([r["prior_sigma_eV"] for r in rows])) ** 2
         for name, (est, sigma, true) in entries.items():
             pit = gaussian_pit(est, sigma, true)
             error = est - true
+            fit = linregress(true, est)
+            tau2 = prior_var * (2.0 if name == "A - B" else 1.0)
             out[arm][name] = {**calibration_summary(pit), "mean_error_eV": round(float(error.mean()), 4),
                               "rms_z": round(float(np.sqrt(np.mean((error / sigma) ** 2))), 3),
-                              "mean_sigma_eV": round(float(sigma.mean()), 4), "pit": pit.tolist()}  # fmt: skip
+                              "mean_sigma_eV": round(float(sigma.mean()), 4),
+                              "recovery_slope": round(float(fit.slope), 4), "recovery_slope_se": round(float(fit.stderr), 4),
+                              "recovery_intercept_eV": round(float(fit.intercept), 4),
+                              "shrinkage_slope": round(1.0 - float(np.mean(sigma**2)) / tau2, 4), "pit": pit.tolist()}  # fmt: skip
     return out
 
 
