@@ -77,6 +77,7 @@ def summarise(paths: list[Path]) -> dict:
     out: dict = {"replicates": len(rows), "converged": sum(bool(r.get("converged")) for r in rows),
                  "epochs_mean": round(float(np.mean([r["epochs"] for r in rows])), 2)}  # fmt: skip
     contrast = np.array([1.0, -1.0])
+    prior_var = float(np.mean([r["prior_sigma_eV"] for r in rows])) ** 2
     for arm, theta_key, cov_key in (("physics", "physics_theta", "physics_covariance"), ("corrected", "theta", "covariance")):
         theta = np.array([r[theta_key][:2] for r in rows])
         cov = np.array([np.array(r[cov_key])[:2, :2] for r in rows])
@@ -86,7 +87,6 @@ def summarise(paths: list[Path]) -> dict:
             entries[name] = (theta[:, k], np.sqrt(cov[:, k, k]), truth[:, k])
         entries["A - B"] = (theta @ contrast, np.sqrt(np.einsum("i,rij,j->r", contrast, cov, contrast)), truth @ contrast)
         out[arm] = {}
-        prior_var = float(np.mean([r["prior_sigma_eV"] for r in rows])) ** 2
         for name, (est, sigma, true) in entries.items():
             pit = gaussian_pit(est, sigma, true)
             error = est - true

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from refine import BACKGROUND_PHOTONS, load_case
 
 from spread_dials.refine.derivatives import value_and_jacobian
-from spread_dials.refine.profiles import _group_profile, stills_profiles
+from spread_dials.refine.profiles import _domains_per_call, _group_profile, _still_bytes, stills_profiles
 from spread_dials.refine.synthetic import synthetic_shots
 
 
@@ -75,7 +75,7 @@ def main(argv=None) -> int:
         """Each still's Jacobian (pixels, C, 3 + k), its domains one kernel block at a time as stills_profiles makes them."""
         out = []
         for still in stills:
-            per_call = model.mosaic_domains if device.type == "cuda" else 1
+            per_call = _domains_per_call(model, device, 1, _still_bytes(still, model, 3 + n_cell))
             block, starts = _group_profile(shots, [still], model, zero.unsqueeze(0), True, per_call)
             out.append(sum(method(partial(block, d0=d0), zero)[1] for d0 in starts))
         return out

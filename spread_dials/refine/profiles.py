@@ -187,8 +187,7 @@ def stills_profiles(shots: ShotSet, stills: list[Shot], model: CrystalModel, rot
     with_cell = cells[0] is not None
     n_offsets = 3 + (int(cells[0].numel()) if with_cell else 0)
     tangents = n_offsets if jacobian else 0
-    still_bytes = [8 * int(s.shoeboxes.n_pixels) * int(s.energy_eV.numel()) * (1 + tangents) * model.mosaic_domains
-                   for s in stills]  # fmt: skip
+    still_bytes = [_still_bytes(s, model, tangents) for s in stills]
     out, start = [], 0
     while start < len(stills):
         end, used = start + 1, still_bytes[start]
@@ -199,17 +198,14 @@ def stills_profiles(shots: ShotSet, stills: list[Shot], model: CrystalModel, rot
         group = list(range(start, end))
         x0 = torch.stack([rotations[k].detach() if not with_cell else torch.cat([rotations[k].detach(), cells[k].detach().to(rotations[k])])
                           for k in group])  # fmt: skip
-        if end - start > 1:
-            per_call = model.mosaic_domains
-        elif device.type == "cuda":
-            per_call = max(1, min(model.mosaic_domains, PROFILE_GROUP_BYTES * model.mosaic_domains // still_bytes[start]))
-        else:
-            per_call = 1
+        per_call = _domains_per_call(model, device, len(group), still_bytes[start])
         block, starts = _group_profile(shots, [stills[k] for k in group], model, x0, with_cell, per_call)
         zero = torch.zeros(n_offsets, dtype=x0.dtype, device=device)
-        if jacobian:  # block by block: each block's graph is freed before the next
-            parts = [value_and_jacobian(partial(block, d0=d0), zero) for d0 in starts]
-            value, jac = sum(v for v, _ in parts), sum(j for _, j in parts)
+        if jacobian:  # block by block: each block's graph freed, its terms summed, before the next
+            value = jac = 0
+            for d0 in starts:
+                v, j = value_and_jacobian(partial(block, d0=d0), zero)
+                value, jac = value + v, jac + j
         else:
             with torch.no_grad():
                 value, jac = sum(block(zero, d0) for d0 in starts), None
@@ -219,6 +215,21 @@ def stills_profiles(shots: ShotSet, stills: list[Shot], model: CrystalModel, rot
             out.append(ShotProfiles(rotations[k].detach(), v, j, cells[k].detach().to(rotations[k]) if with_cell else None))
         start = end
     return out
+
+
+def _still_bytes(still: Shot, model: CrystalModel, tangents: int) -> int:
+    """Bytes of one still's (domains, pixels, channels) float64 profiles and their tangents."""
+    return 8 * int(still.shoeboxes.n_pixels) * int(still.energy_eV.numel()) * (1 + tangents) * model.mosaic_domains
+
+
+def _domains_per_call(model: CrystalModel, device: torch.device, n_stills: int, still_bytes: int) -> int:
+    """Mosaic domains of every still in one kernel call (:func:`stills_profiles`): all of them for
+    a group of stills, as many as ``PROFILE_GROUP_BYTES`` holds for one still on a GPU, one on the CPU."""
+    if n_stills > 1:
+        return model.mosaic_domains
+    if device.type == "cuda":
+        return max(1, min(model.mosaic_domains, PROFILE_GROUP_BYTES * model.mosaic_domains // still_bytes))
+    return 1
 
 
 def _group_profile(shots: ShotSet, stills: list[Shot], model: CrystalModel, x0: Tensor, with_cell: bool,
