@@ -50,14 +50,16 @@ control of ferredoxin), ``case.truth_shift`` makes every site's truth its refere
 exactly that many eV (one value, or one per site: ``2 0`` for ferredoxin's FE1, FE2); ``case.truth_prior_sigma_eV`` draws each replicate's shifts from N(0, s)
 (seeded by the replicate; the refinement's prior then has the same width: the calibration
 design, whose coverage and SBC ranks need the truth drawn from the prior).  ``control`` = spoil_hkl / shuffle_channels: the negative controls of
-make_caches (F0, G looked up at l + 1; the channel energies of f', f'' permuted per still).
+make_caches (F0, G looked up at l + 1; the channel energies of f', f'' permuted per still);
+mean_spectrum: the model given the data set's mean spectrum for every still (what a channel
+permutation leaves on average: the band-averaged f', f'', which still move with an edge shift).
 
 Each line: the estimates ``theta`` (eV), the ``truth`` (rigid shift of each site's true curve
 onto its reference over the band, as dials.spread_refine's truth= report), ``sigma_fisher`` (the
 profiled Fisher sigma at the optimum: the Cramer-Rao bound of these pixels when the model is
 right), ``sigma_sandwich``, ``sigma_bootstrap`` (with refine.bootstrap > 0), with two or more
 sites the pairwise ``differences`` (estimate, truth, Fisher and sandwich sigma from the
-covariance), shoeboxes, pixels, seconds, device and ``parameters`` (a hash of all the PHIL
+covariance), shoeboxes, pixels, seconds, peak GPU memory (``peak_gpu_bytes``), device and ``parameters`` (a hash of all the PHIL
 values).  Resumable: an (N, replicate, seed) already in the output file is skipped.  Shards
 (``ladder.shards``, ``ladder.shard``): independent processes that split the (N, replicate)
 pairs round-robin, one file each (several per GPU: a rubredoxin still is launch-bound, one
@@ -80,6 +82,7 @@ import json
 import math
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -207,9 +210,9 @@ refine {
     .type = int(value_min=1)
     .help = "Fewest reflections per energy bin (sparser bins are merged or dropped)"
 }
-control = *none spoil_hkl shuffle_channels
+control = *none spoil_hkl shuffle_channels mean_spectrum
   .type = choice
-  .help = "Negative controls: F0, G looked up at l + 1, or f', f'' at permuted channel energies"
+  .help = "Negative controls: F0, G looked up at l + 1, or f', f'' at permuted channel energies; mean_spectrum (what shuffle_channels leaves): every still's spectrum in the model replaced by the data set's mean spectrum (the stills keep their own), so only the band-averaged f', f'' inform the fit"
 plan {
   probe_stills = 5
     .type = int(value_min=1)
@@ -424,6 +427,16 @@ def pair_differences(theta: list[float], truth: list[float], covariances: dict, 
     return out
 
 
+def _peak_gpu_bytes(device: torch.device) -> int | None:
+    """Peak bytes torch allocated on ``device`` since the last reset (None off a GPU)."""
+    return int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
+
+
+def _reset_peak(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
 def truth_shifts(case: dict) -> list[float]:
     """Each site's true edge shift (eV): the rigid shift of its true curve onto its reference over
     the band inside the outer channels (as dials.spread_refine's truth= report)."""
@@ -444,6 +457,7 @@ def plan(case: dict, params, device: torch.device) -> dict:
     from spread_dials.refine.sites import EdgeShiftSites
 
     t0 = time.perf_counter()
+    _reset_peak(device)
     seed, k = params.ladder.seed, params.plan.probe_stills
     probe_n = params.plan.same_stills_as_n
     seeds = [_still_seed(seed, probe_n, 0, i) if probe_n else _still_seed(seed, 0, 0, i) for i in range(k)]  # (N = 0: never a ladder point)
@@ -468,7 +482,7 @@ def plan(case: dict, params, device: torch.device) -> dict:
     return {"case": case["name"], "sites": case["labels"], "truth": truth, "pseudo_true": limit.tolist(), "probe_stills": k,
             "probe_seeds_of_n": probe_n, "information_per_still_site0_eV-2": per_still,
             "mean_information_per_still": info.mean.tolist(), "predicted": rows,
-            "seconds": time.perf_counter() - t0}  # fmt: skip
+            "seconds": time.perf_counter() - t0, "peak_gpu_bytes": _peak_gpu_bytes(device)}  # fmt: skip
 
 
 def run_replicate(case: dict, n: int, replicate: int, params, comm, device: torch.device) -> dict | None:
@@ -481,6 +495,7 @@ def run_replicate(case: dict, n: int, replicate: int, params, comm, device: torc
     from spread_dials.validation.anomalous import figure9_report
 
     t0 = time.perf_counter()
+    _reset_peak(device)
     seed = params.ladder.seed
     cell_error = params.stills.cell_error
     prior_sigma = params.case.truth_prior_sigma_eV
@@ -503,9 +518,12 @@ def run_replicate(case: dict, n: int, replicate: int, params, comm, device: torc
         base = made
     if base is None:
         raise CampaignError(f"ladder.n = {n} gives rank {comm.rank} of {comm.size} no still: use n >= ranks")
+    control = params.control
+    if control == "mean_spectrum":  # the model sees the data set's mean spectrum, each still's data its own
+        mean = torch.as_tensor(comm.allreduce(sum(s.weight.cpu().numpy() for s in shots)) / n)
+        shots = [replace(s, weight=mean.to(s.weight)) for s in shots]
     shot_set = ShotSet(base.panels, base.beam_direction, base.e_vector, base.polarization_fraction, shots,
                        [f"still {i}" for i in mine]).to(device)  # fmt: skip
-    control = params.control
     try:
         caches = make_caches(shot_set, case["table"], model, refine_cell=cell_error > 0, spoil_hkl=control == "spoil_hkl",
                              shuffle_seed=_still_seed(seed, n, replicate, n) if control == "shuffle_channels" else None)  # fmt: skip
@@ -540,7 +558,7 @@ def run_replicate(case: dict, n: int, replicate: int, params, comm, device: torc
         "figure9": figure9, "conventional": conventional, "shoeboxes": int(counts[0]), "pixels": int(counts[1]),
         "macrocycles": len(refinement.history), "ranks": comm.size, "device": str(device),
         "cell_error": cell_error, "truth_shift": params.case.truth_shift, "truth_prior_sigma_eV": prior_sigma,
-        "seconds": time.perf_counter() - t0,
+        "seconds": time.perf_counter() - t0, "peak_gpu_bytes": _peak_gpu_bytes(device),
         "date": time.strftime("%Y-%m-%d"),
     }  # fmt: skip
 
@@ -550,8 +568,6 @@ def conventional_route(refinement, case: dict, params, comm) -> dict | None:
     summation intensities with partialities and energies from the profiles at the pixel route's
     refined crystals, gathered on the root rank; there its edge shifts, their sigma (counting
     noise only) and the bins, or the reason it could not fit (too few reflections per bin)."""
-    from dataclasses import replace
-
     from spread_dials.refine.conventional import (
         Reflections,
         edge_shifts_from_bins,

@@ -145,9 +145,9 @@ def test_the_conventional_route_rides_along(campaign, tmp_path):
     assert summary["tiny N=4"]["conventional"]["bias_eV"][0] == pytest.approx(conv["theta"][0] - TRUTH_SHIFT_EV, abs=1e-3)
 
 
-@pytest.mark.parametrize("control", ["spoil_hkl", "shuffle_channels"])
+@pytest.mark.parametrize("control", ["spoil_hkl", "shuffle_channels", "mean_spectrum"])
 def test_negative_controls_run_in_the_campaign(campaign, tmp_path, control):
-    """control=spoil_hkl / shuffle_channels run through the harness (two H200 runs at N = 300
+    """control=spoil_hkl / shuffle_channels / mean_spectrum run through the harness (two H200 runs at N = 300
     stopped on them: a negative seed, and l + 1 beyond a table made to the detector's reach) and
     the line says which control it was."""
     path, _, _ = campaign
