@@ -17,7 +17,8 @@ offset, eV), jitterE (per-still energy jitter rms, eV).
 Arms on the same stills: physics (the refine engine's defaults, to convergence), corrected
 (dials.spread_correct's model warm-started from it: CorrectSettings defaults, --parts of the
 correction kept by the capacity guard at 50 shoeboxes per weight, the spectrometer's offset and
-dispersion latents at --offset-sigma / --dispersion-sigma) and, with --oracle, the oracle
+dispersion latents at --offset-sigma / --dispersion-sigma, with --jitter-sigma each still's energy
+jitter under that prior) and, with --oracle, the oracle
 (physics told the error: synthetic.oracle_profile_map and the true energies, fitted as the
 physics arm).  Each line: estimates, Fisher sigma (physics, oracle), the corrected model's
 sigma with everything profiled, with the correction held and with the calibration held, the
@@ -152,7 +153,7 @@ def run_one(case: dict, error: str, n: int, replicate: int, args, device: torch.
     nominal = float(case["energy"].mean())
     corrected_sites = SpectrometerSites(sites, nominal, args.offset_sigma, args.dispersion_sigma)
     r = Refinement(shot_set, list(range(n)), n, caches, [], corrected_sites, corrected_sites.extend(physics.theta), model,
-                   Parallel(), settings)  # fmt: skip
+                   Parallel(), replace(settings, energy_jitter_sigma_eV=args.jitter_sigma))  # fmt: skip
     r.initialise_states()
     contexts = [pixel_context(shot_set, s, nominal, args.stencil_radius) for s in shot_set.shots]
     correction = PixelCorrection(shot_set.panels.n_panels, kept, feature_statistics(r, contexts)).to(device)
@@ -169,6 +170,9 @@ def run_one(case: dict, error: str, n: int, replicate: int, args, device: torch.
         "theta": r.theta.tolist(), "sigma_joint": joint.diag().sqrt().tolist(), "parameters": corrected_sites.parameter_names(),
         "sigma_conditional": conditional.diag().sqrt().tolist(), "sigma_given_calibration": calibrated.diag().sqrt().tolist(),
         "oracle_theta": oracle_theta, "oracle_sigma": oracle_sigma, "oracle_seconds": t_oracle,
+        "jitter_sigma": args.jitter_sigma,
+        "recorded_minus_true_eV": [float(s.energy_eV[0].cpu() - case["energy"][0]) for s in shot_set.shots],
+        "jitter_found_eV": None if args.jitter_sigma is None else [float(s.energy_offset) for s in r.states],
         "oracle_history": oracle_history, "physics_history": physics.history,
         "head_weights": correction.head_weights.detach().cpu().tolist(), "head_slope_bound": correction.head_slope_bound(), "parts_asked": sorted(parts),
         "parts": {"gain": kept.gain, "redistribution": kept.redistribution, "head": kept.head}, "capacity_notes": notes,
@@ -224,6 +228,7 @@ def main(argv=None) -> int:
     ap.add_argument("--tag", default="", help="suffix of the output file (e.g. one per process)")
     ap.add_argument("--offset-sigma", type=float, default=1.0, help="the correction's spectrometer offset prior sd (eV)")
     ap.add_argument("--dispersion-sigma", type=float, default=0.005, help="its dispersion error prior sd")
+    ap.add_argument("--jitter-sigma", type=float, default=None, help="the correction's per-still energy-jitter prior sd (eV; refinement.energy_jitter_sigma_eV; default: no jitter latent)")
     ap.add_argument("--stencil-radius", type=int, default=1, help="half-width (px) of the redistribution stencil")
     ap.add_argument("--stencil-symmetry", choices=("none", "d4"), default="none", help="a weight per offset, or per orbit of the square's symmetries")
     ap.add_argument("--truth-shift", type=float, default=2.0)

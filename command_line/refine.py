@@ -228,6 +228,14 @@ refinement {
             "exceeds this: they stay in the refinement, are counted in the"
             "log and the sites .json, and marked in the column spread.flagged of the output"
             "reflections (~1 where the model fits)"
+  energy_jitter_sigma_eV = None
+    .type = float
+    .help = "Refine each still's energy jitter delta (eV: its recorded spectrum's offset from the"
+            "true energies, an XFEL spectrometer's shot-to-shot calibration error) in stage 1"
+            "under the prior N(0, sigma^2) with this sigma (eV, > 0); f', f'' of the still are"
+            "then evaluated at the recorded energies minus delta, and delta is profiled out of"
+            "the uncertainty like the scale and orientation.  Written per still (log, sites"
+            ".json refined_stills, column spread.energy_jitter_eV).  None: not refined"
   reject_sigma_z = None
     .type = float(value_min=1)
     .help = "After each stage 1, shoeboxes whose sigma_Z (rms standardized residual over their"

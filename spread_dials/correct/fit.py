@@ -266,7 +266,8 @@ class CorrectedModel:
         r = self.refinement
         self.set_phi(phi)
         saved = r.states
-        fits = refine_shots(r.caches, r.states, [r.curves_intensity(i, theta).detach() for i in range(len(r.caches))], r.settings)
+        intensities, slopes = r.stage1_terms(list(range(len(r.caches))), r.states, theta)
+        fits = refine_shots(r.caches, r.states, intensities, r.settings, slopes)
         r.states = [state for state, _ in fits]
         try:
             with torch.no_grad():

@@ -68,13 +68,14 @@ def residual_sums(refinement, local: list[int], inverse_d: list[Tensor], edges: 
     if not local:
         return sums
     settings = refinement.settings
-    intensities = [refinement.curves_intensity(i).detach() for i in local]
-    fits = refine_shots([refinement.caches[i] for i in local], [refinement.states[i] for i in local], intensities, settings)
+    states = [refinement.states[i] for i in local]
+    intensities, slopes = refinement.stage1_terms(local, states)
+    fits = refine_shots([refinement.caches[i] for i in local], states, intensities, settings, slopes)
     n_panels = refinement.shots.panels.n_panels
-    for i, intensity, (state, _) in zip(local, intensities, fits):
+    for i, (state, _) in zip(local, fits):
         cache, boxes = refinement.caches[i], refinement.shots.shots[i].shoeboxes
         with torch.no_grad():
-            lam, _ = pixel_rate(cache, state, intensity)
+            lam, _ = pixel_rate(cache, state, refinement.curves_intensity(i, state=state))
         z = standardized_residuals(lam, cache.counts, settings.readout_sigma, settings.model_error_fraction)
         keep = cache.fitted
         z = z[keep].cpu()

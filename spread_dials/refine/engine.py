@@ -32,6 +32,7 @@ from spread_dials.refine.model import (
     ShotCache,
     ShotState,
     bragg_terms,
+    intensities_and_slope,
     negative_log_likelihood,
     pixel_rate,
     site_intensities,
@@ -40,7 +41,7 @@ from spread_dials.refine.profiles import CrystalModel, ShotProfiles, stills_prof
 from spread_dials.refine.residuals import shoebox_statistics
 from spread_dials.refine.shots import ShotSet
 from spread_dials.refine.sites import SiteModel
-from spread_dials.refine.stage1 import refine_shot, refine_shots, trust_radius
+from spread_dials.refine.stage1 import STAGE1_BATCH_PIXELS, refine_shot, refine_shots, trust_radius
 
 __all__ = ["RefineSettings", "Refinement", "initial_state", "refine_shot", "global_objective", "refine_globals", "inverse_resolution"]
 
@@ -79,6 +80,10 @@ class RefineSettings:
             quarter of its trust radius ends them.
         resolution_ramp: fractions of each still's shoeboxes, lowest resolution first, that the
             first macrocycle's stage 1 fits before all of them (one pass each; :meth:`Refinement.stage1`).
+        energy_jitter_sigma_eV: None, or refine each still's energy jitter delta (its recorded
+            spectrum's offset from the true energies, eV) in stage 1 under the prior
+            N(0, sigma^2) with this sigma (eV); profiled out of the information like the other
+            per-shot parameters.
     """
 
     macrocycles: int = 5
@@ -97,11 +102,13 @@ class RefineSettings:
     parameter_tolerance: float = 0.01
     reject_sigma_z: float | None = None
     resolution_ramp: tuple[float, ...] = (0.3, 0.5, 0.7, 0.85)
+    energy_jitter_sigma_eV: float | None = None
 
 
-def initial_state(cache: ShotCache, intensity: Tensor, n_shoeboxes: int, iterations: int = 50) -> ShotState:
+def initial_state(cache: ShotCache, intensity: Tensor, n_shoeboxes: int, iterations: int = 50, jitter: bool = False) -> ShotState:
     """Starting per-shot parameters: flat background levels and the scale G from the linear least
-    squares fit counts ~ level_b + G * bragg (alternating closed-form updates)."""
+    squares fit counts ~ level_b + G * bragg (alternating closed-form updates); with ``jitter``
+    an energy jitter of 0 eV (its prior mean)."""
     dtype = cache.counts.dtype
     bragg = bragg_terms(cache, intensity, jacobian=False).value
     valid = cache.fitted.to(dtype)
@@ -115,7 +122,13 @@ def initial_state(cache: ShotCache, intensity: Tensor, n_shoeboxes: int, iterati
     background = torch.zeros((n_shoeboxes, 3), dtype=dtype, device=device)
     background[:, 0] = level.clamp(min=1e-3)
     cell = None if cache.profiles.cell is None else cache.profiles.cell.clone()
-    return ShotState(torch.log(scale.clamp(min=1e-12)), cache.profiles.rotation.clone(), background, cell)
+    jitter_eV = torch.zeros((), dtype=dtype, device=device) if jitter else None
+    return ShotState(torch.log(scale.clamp(min=1e-12)), cache.profiles.rotation.clone(), background, cell, jitter_eV)
+
+
+def _jitter_of(state: ShotState) -> Tensor:
+    """() a still's energy jitter (eV; 0 when it has none)."""
+    return torch.zeros((), dtype=torch.float64) if state.energy_offset is None else state.energy_offset.detach()
 
 
 def global_objective(
@@ -125,7 +138,7 @@ def global_objective(
     """Each local still's weighted NLL as a function of the global parameters ``theta``."""
     values = []
     for cache, state in zip(caches, states):
-        lam, _ = pixel_rate(cache, state, site_intensities(sites, theta, cache))
+        lam, _ = pixel_rate(cache, state, site_intensities(sites, theta, cache, state.energy_offset))
         values.append(cache.weight * negative_log_likelihood(lam, cache.counts, cache.fitted, readout_sigma, model_error_fraction))
     return values
 
@@ -179,8 +192,21 @@ class Refinement:
                                [s.rotation for s in states], [s.cell for s in states])  # fmt: skip
         return made if self.profile_map is None else [self.profile_map(i, p) for i, p in zip(indices, made)]
 
-    def curves_intensity(self, i: int, theta: Tensor | None = None) -> Tensor:
-        return site_intensities(self.sites, self.theta if theta is None else theta, self.caches[i])
+    def curves_intensity(self, i: int, theta: Tensor | None = None, state: ShotState | None = None) -> Tensor:
+        """(B, C) |F_h(E_c - delta)|^2 of local still i at ``theta`` and the energy jitter delta
+        of ``state`` (defaults: the current ones)."""
+        state = self.states[i] if state is None else state
+        return site_intensities(self.sites, self.theta if theta is None else theta, self.caches[i], state.energy_offset)
+
+    def stage1_terms(self, indices: list[int], states: list[ShotState], theta: Tensor | None = None) -> tuple[list[Tensor], list[Tensor] | None]:
+        """(intensities, slopes): what stage 1 (:func:`refine_shots`) takes for the local stills
+        ``indices`` from ``states`` at ``theta`` (default the current): |F|^2 at each still's
+        energy jitter and, with the jitter prior, its slope in the jitter (else None); detached."""
+        theta = self.theta if theta is None else theta
+        if self.settings.energy_jitter_sigma_eV is None:
+            return [self.curves_intensity(i, theta, s).detach() for i, s in zip(indices, states)], None
+        pairs = [intensities_and_slope(self.sites, theta, self.caches[i], _jitter_of(s)) for i, s in zip(indices, states)]
+        return [v for v, _ in pairs], [d for _, d in pairs]
 
     def ordered_sum(self, local: list[Tensor]) -> Tensor:
         """Sum of per-still values over all ranks in global still order (rank-count independent)."""
@@ -251,30 +277,34 @@ class Refinement:
         moves_crystal = settings.refine_orientation or settings.refine_cell
         passes = settings.relinearisations if moves_crystal else 1
         n = len(self.caches)
-        intensities = [self.curves_intensity(i).detach() for i in range(n)]
         starts = [s.offsets.clone() for s in self.states]
         radii = [trust_radius(s.numel(), settings, s) for s in starts]
         fractions = list(settings.resolution_ramp) if ramp and moves_crystal else []
         orders = [inverse_resolution(shot) for shot in self.shots.shots] if fractions else None
         nlls, active, finished = [0.0] * n, list(range(n)), 0
         for fraction in [*fractions, *([None] * passes)]:
-            caches = [self.caches[i] for i in active]
-            if fraction is not None:  # the lowest-resolution shoeboxes only
-                lows = [orders[i] <= torch.quantile(orders[i], fraction) for i in active]
-                caches = [replace(c, rejected=~low if c.rejected is None else c.rejected | ~low) for c, low in zip(caches, lows)]
-            fits = refine_shots(caches, [self.states[i] for i in active], [intensities[i] for i in active], settings)
-            profiles = self.profiles_of(active, [state for state, _ in fits])
             still_moving = []
-            for i, (state, nll), made in zip(active, fits, profiles):
-                step = float(((state.offsets - self.caches[i].profiles.offsets) / radii[i]).abs().max())
-                self.states[i], nlls[i] = state, nll
-                self.caches[i] = self.caches[i].with_profiles(made)
-                if fraction is None and step < 0.25:
-                    finished += 1
-                    if progress is not None:
-                        progress(finished, n)
-                else:
-                    still_moving.append(i)
+            for chunk in self._pixel_chunks(active):  # one batch of stage 1 at a time: its old profiles freed as it goes
+                caches = [self.caches[i] for i in chunk]
+                if fraction is not None:  # the lowest-resolution shoeboxes only
+                    lows = [orders[i] <= torch.quantile(orders[i], fraction) for i in chunk]
+                    caches = [replace(c, rejected=~low if c.rejected is None else c.rejected | ~low) for c, low in zip(caches, lows)]
+                states = [self.states[i] for i in chunk]
+                intensities, slopes = self.stage1_terms(chunk, states)  # (at each pass's jitter)
+                fits = refine_shots(caches, states, intensities, settings, slopes)
+                profiles = self.profiles_of(chunk, [state for state, _ in fits])
+                for i, (state, nll), made, before in zip(chunk, fits, profiles, states):
+                    step = float(((state.offsets - self.caches[i].profiles.offsets) / radii[i]).abs().max())
+                    if settings.energy_jitter_sigma_eV is not None:
+                        step = max(step, abs(float(_jitter_of(state)) - float(_jitter_of(before))) / settings.energy_jitter_sigma_eV)
+                    self.states[i], nlls[i] = state, nll
+                    self.caches[i] = self.caches[i].with_profiles(made)
+                    if fraction is None and step < 0.25:
+                        finished += 1
+                        if progress is not None:
+                            progress(finished, n)
+                    else:
+                        still_moving.append(i)
             active = still_moving
         for _ in active:  # stills that used every pass
             finished += 1
@@ -283,9 +313,26 @@ class Refinement:
         largest = max((float(((self.states[i].offsets - starts[i]) / radii[i]).abs().max()) for i in range(n)), default=0.0)
         return self.ordered_total(nlls), float(self.comm.allreduce(largest, op="max"))
 
+    def _pixel_chunks(self, indices: list[int]) -> list[list[int]]:
+        """``indices`` of local stills in consecutive runs of at most ``STAGE1_BATCH_PIXELS``
+        pixels (one still at least): what stage 1 fits in one batch.  Stage 1 recomputes a
+        run's profiles before the next, so the old and new profiles of every still (each a
+        still's largest tensors) are never held at once: the peak is one set plus a run."""
+        chunks, pixels = [], 0
+        for i in indices:
+            size = int(self.caches[i].counts.numel())
+            if not chunks or pixels + size > STAGE1_BATCH_PIXELS:
+                chunks.append([])
+                pixels = 0
+            chunks[-1].append(i)
+            pixels += size
+        return chunks
+
     def initialise_states(self) -> None:
         """Starting per-shot parameters from the caches at the current theta."""
-        self.states = [initial_state(c, self.curves_intensity(i).detach(), int(self.shots.shots[i].shoeboxes.n_shoeboxes))
+        jitter = self.settings.energy_jitter_sigma_eV is not None
+        self.states = [initial_state(c, site_intensities(self.sites, self.theta, c).detach(),
+                                     int(self.shots.shots[i].shoeboxes.n_shoeboxes), jitter=jitter)
                        for i, c in enumerate(self.caches)]  # fmt: skip
 
     def run(self, start_macrocycle: int = 0, on_macrocycle: Callable[["Refinement"], None] | None = None,
@@ -390,8 +437,8 @@ class Refinement:
         parameters refitted by stage 1's Gauss-Newton from their current values, profiles kept;
         each still's NLL times its ``weight``, summed in still order) and the refitted per-shot
         parameters."""
-        fits = refine_shots(self.caches, self.states, [self.curves_intensity(i, theta).detach() for i in range(len(self.caches))],
-                            self.settings)  # fmt: skip
+        intensities, slopes = self.stage1_terms(list(range(len(self.caches))), self.states, theta)
+        fits = refine_shots(self.caches, self.states, intensities, self.settings, slopes)
         profile = self.ordered_total([cache.weight * nll for cache, (_, nll) in zip(self.caches, fits)])
         profile += float(self.sites.negative_log_prior(theta))
         return profile, [state for state, _ in fits]

@@ -3,8 +3,8 @@ profiled out (pure torch); used by stage 2's scoring step and by the uncertainty
 
 The Fisher information of the Poisson likelihood (its expected Hessian, sum_p J_p J_p^T /
 lambda_p with J = d lambda / d parameters; for the Gaussian likelihoods 1 / variance) over the
-global parameters theta AND the still's scale, refined crystal offsets (rotation, cell) and
-background planes.  The per-shot parameters are eliminated by the Schur complement (first each
+global parameters theta AND the still's scale, refined crystal offsets (rotation, cell), energy
+jitter (with its prior's information, when refined) and background planes.  The per-shot parameters are eliminated by the Schur complement (first each
 shoebox's plane, then scale and offsets).
 """
 
@@ -14,7 +14,13 @@ import torch
 from torch import Tensor
 
 from spread_dials.refine.derivatives import value_and_jacobian
-from spread_dials.refine.model import bragg_terms, fisher_weights, rate_from_terms, site_intensities
+from spread_dials.refine.model import (
+    bragg_terms,
+    fisher_weights,
+    intensities_and_slope,
+    rate_from_terms,
+    site_intensities,
+)
 
 __all__ = ["shot_information", "shot_columns", "refined_offsets", "psd_pseudo_inverse", "normal_blocks", "eliminate_planes"]
 
@@ -30,7 +36,7 @@ def shot_information(refinement, i: int, theta: Tensor, extra: Tensor | None = N
     readout = refinement.settings.readout_sigma
 
     def intensity_of(t: Tensor) -> Tensor:
-        return site_intensities(sites, t, cache)
+        return site_intensities(sites, t, cache, state.energy_offset)
 
     intensity, d_intensity = value_and_jacobian(intensity_of, theta)  # (B, C), (B, C, P)
     terms = bragg_terms(cache, intensity)
@@ -40,9 +46,17 @@ def shot_information(refinement, i: int, theta: Tensor, extra: Tensor | None = N
         u_theta = torch.cat([u_theta, extra.to(u_theta)], -1)
     refined = refined_offsets(terms.offsets.numel(), refinement.settings)
     u = torch.cat([u_theta, shot_columns(torch.exp(state.log_scale), bragg, terms.jacobian, refined)], -1)  # (N, P + n_s)
+    jitter_sigma = refinement.settings.energy_jitter_sigma_eV
+    if jitter_sigma is not None:  # the still's energy jitter, the last per-shot parameter
+        delta = state.energy_offset if state.energy_offset is not None else torch.zeros((), dtype=torch.float64)
+        _, slope = intensities_and_slope(sites, theta, cache, delta)
+        u_jitter = torch.exp(state.log_scale) * (cache.profiles.profile * slope[cache.pixel_shoebox]).sum(-1)
+        u = torch.cat([u, u_jitter.detach().unsqueeze(-1)], -1)
     w = fisher_weights(lam, cache.fitted, readout, refinement.settings.model_error_fraction)
     h_bb, h_bo, h_oo = normal_blocks(cache, w, u, int(state.background.shape[0]))
     reduced, _, _, _ = eliminate_planes(h_bb, h_bo, h_oo)
+    if jitter_sigma is not None:  # with its prior's information
+        reduced[-1, -1] += jitter_sigma**-2
     p = u_theta.shape[1]
     h_tt, h_ts, h_ss = reduced[:p, :p], reduced[:p, p:], reduced[p:, p:]
     profiled = h_tt - h_ts @ psd_pseudo_inverse(h_ss) @ h_ts.T

@@ -20,9 +20,10 @@ from dataclasses import dataclass, replace
 import torch
 from torch import Tensor
 
+from spread_dials.refine.derivatives import value_and_jacobian
 from spread_dials.refine.profiles import ShotProfiles
 
-__all__ = ["ShotState", "ShotCache", "BraggTerms", "bragg_terms", "rate_from_terms", "plane_rate", "intensities", "site_intensities", "pixel_rate", "pixel_variance", "fisher_weights", "negative_log_likelihood", "pixel_nll", "LAMBDA_FLOOR"]
+__all__ = ["ShotState", "ShotCache", "BraggTerms", "bragg_terms", "rate_from_terms", "plane_rate", "intensities", "site_intensities", "intensities_and_slope", "pixel_rate", "pixel_variance", "fisher_weights", "negative_log_likelihood", "pixel_nll", "LAMBDA_FLOOR"]
 
 #: smallest pixel rate (photons) the likelihood sees (a plane may dip below 0 at a corner)
 LAMBDA_FLOOR = 1e-6
@@ -39,12 +40,17 @@ class ShotState:
             fast, per pixel in slow.
         cell: (k,) log changes of the unit-cell lengths (profiles.CrystalModel.cell_ties), or
             None when the cell is not refined.
+        energy_offset: () the still's energy jitter delta (eV): its spectrum's recorded channel
+            energies are delta above the true ones, so f', f'' are evaluated at E_c - delta
+            (the spot positions do not move: a still's relative energy error is a cell scale,
+            which the cell refinement takes); None when not refined (0).
     """
 
     log_scale: Tensor
     rotation: Tensor
     background: Tensor
     cell: Tensor | None = None
+    energy_offset: Tensor | None = None
 
     @property
     def offsets(self) -> Tensor:
@@ -52,8 +58,9 @@ class ShotState:
         return self.rotation if self.cell is None else torch.cat([self.rotation, self.cell.to(self.rotation)])
 
     def detach(self) -> "ShotState":
+        detached = lambda t: None if t is None else t.detach()  # noqa: E731
         return ShotState(self.log_scale.detach(), self.rotation.detach(), self.background.detach(),
-                         None if self.cell is None else self.cell.detach())  # fmt: skip
+                         detached(self.cell), detached(self.energy_offset))  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -101,13 +108,26 @@ def intensities(F0: Tensor, G: Tensor, f_prime: Tensor, f_double_prime: Tensor) 
     return F.real * F.real + F.imag * F.imag
 
 
-def site_intensities(sites, theta: Tensor, cache: ShotCache) -> Tensor:
-    """(B, C) |F_h(E_c)|^2 of the still's reflections for global parameters ``theta`` (P,) of the
-    site model ``sites`` (:class:`~spread_dials.refine.sites.SiteModel`; theta on the CPU, like
-    the curves), on the device of the still's cache."""
-    fp, fdp = sites.curves(theta, cache.energy_eV)
+def site_intensities(sites, theta: Tensor, cache: ShotCache, energy_offset: Tensor | None = None) -> Tensor:
+    """(B, C) |F_h(E_c - delta)|^2 of the still's reflections for global parameters ``theta``
+    (P,) of the site model ``sites`` (:class:`~spread_dials.refine.sites.SiteModel`; theta on
+    the CPU, like the curves) and the still's energy jitter ``energy_offset`` delta (() eV, on
+    any device; None: 0), on the device of the still's cache."""
+    energy = cache.energy_eV
+    if energy_offset is not None:
+        energy = energy.to(torch.float64) - energy_offset.to(energy.device, torch.float64)
+    fp, fdp = sites.curves(theta, energy)
     device = cache.F0.device
     return intensities(cache.F0, cache.G, fp.to(device), fdp.to(device))
+
+
+def intensities_and_slope(sites, theta: Tensor, cache: ShotCache, energy_offset: Tensor) -> tuple[Tensor, Tensor]:
+    """(|F|^2, d|F|^2 / d delta) each (B, C) (electrons^2, electrons^2 / eV) of
+    :func:`site_intensities` at the still's energy jitter ``energy_offset`` delta (() eV),
+    detached (stage 1 linearises the Bragg terms in delta about it)."""
+    value, slope = value_and_jacobian(lambda d: site_intensities(sites, theta.detach(), cache, d[0]),
+                                      energy_offset.detach().to("cpu", torch.float64).reshape(1))  # fmt: skip
+    return value, slope[..., 0]
 
 
 @dataclass(frozen=True)

@@ -20,6 +20,8 @@ new list) and the columns
 - ``spread.sigma_z`` (double): rms of the standardized residuals over its valid pixels;
 - ``spread.mean_z`` (double), ``spread.n_valid`` (int): their mean and number;
 - ``spread.scale`` (double): the still's refined scale G;
+- ``spread.energy_jitter_eV`` (double, with refinement.energy_jitter_sigma_eV): the still's
+  refined energy jitter (its recorded spectrum's offset from the true energies);
 - ``spread.rejected`` (bool): left out of the fit (sigma_z > refinement.reject_sigma_z after a
   stage 1);
 - ``spread.bragg_photons_physics`` (double, dials.spread_correct only): the same photons under
@@ -211,6 +213,8 @@ def refined_stills(pairs, stills: list[dict]):
             piece["spread.mean_z"] = flex.double(still["mean_z"].astype(np.float64))
             piece["spread.n_valid"] = flex.int(still["n_valid"].astype(np.int32))
             piece["spread.scale"] = flex.double(n, float(still["scale"]))
+            if still.get("energy_jitter_eV") is not None:
+                piece["spread.energy_jitter_eV"] = flex.double(n, float(still["energy_jitter_eV"]))
             piece["spread.flagged"] = flex.bool(still["flagged"].astype(bool))
             piece["spread.rejected"] = flex.bool(still["rejected"])
             if "bragg_photons_physics" in still:  # dials.spread_correct: the physics model's photons beside the corrected

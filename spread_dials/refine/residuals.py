@@ -98,7 +98,7 @@ def gather_residuals(refinement, comm, readout_sigma: float | None, threshold: f
         "shoeboxes", "sigma_z_mean" (mean over shoeboxes), "sigma_z_median", "z_rms" (over all
         valid pixels), "valid_pixels"}.  stills (root; None elsewhere): per still in global
         still order {"identifier", "shot_index", "log_scale", "scale", "rotation_rad" (3,),
-        "cell_scale" (3,) (refined / given length of a, b, c),
+        "cell_scale" (3,) (refined / given length of a, b, c), "energy_jitter_eV" (None when not refined),
         "reflection", "panel" and the per-shoebox arrays of :func:`shoebox_statistics`,
         "flagged" (B,) bool}.  panels (root): {"n", "sum_z", "sum_z2" (P,), "histogram"
         (P, bins), "bin_edges", "mean_z", "rms_z"} over valid pixels per panel.
@@ -124,6 +124,7 @@ def gather_residuals(refinement, comm, readout_sigma: float | None, threshold: f
             "rotation_rad": state.rotation.detach().cpu().numpy().astype(np.float64),
             "cell_scale": (np.ones(3) if state.cell is None else
                            torch.exp(state.cell.detach().cpu()[list(refinement.crystal_model.cell_ties)]).numpy()),
+            "energy_jitter_eV": None if state.energy_offset is None else float(state.energy_offset),
             "reflection": sb.reflection.cpu().numpy().astype(np.int64), "panel": panel.astype(np.int64),
             "flagged": stats["sigma_z"] > threshold, **stats,
             "rejected": (np.zeros(sb.n_shoeboxes, dtype=bool) if cache.rejected is None

@@ -102,6 +102,12 @@ def load_setup(ctx, experiments, reflections) -> RefineSetup:
     pairs = _pairs(experiments, reflections)
     if params.likelihood == "gaussian_readout" and params.readout_sigma_photons is None:
         raise SpreadError("likelihood=gaussian_readout needs readout_sigma_photons (photons)")
+    jitter = params.refinement.energy_jitter_sigma_eV
+    if jitter is not None and not jitter > 0:
+        raise SpreadError(f"refinement.energy_jitter_sigma_eV must be > 0 eV (or None: not refined), not {jitter}")
+    if jitter is not None and not params.refinement.refine_cell:
+        logger.warning("refinement.energy_jitter_sigma_eV without refinement.refine_cell: a jitter also moves every "
+                       "spot's Bragg condition, which only a refined cell absorbs (docs/refine.md)")  # fmt: skip
     t0 = time.perf_counter()
     # ranks take whole file pairs in turn, or (fewer pairs than ranks) every rank reads every
     # pair and keeps every size-th experiment
@@ -184,7 +190,7 @@ def load_setup(ctx, experiments, reflections) -> RefineSetup:
         refine_cell=r.refine_cell, cell_step_permille=r.cell_step_permille,
         resolution_ramp=tuple(r.resolution_ramp or ()), stage2=r.stage2, max_global_step=r.max_global_step,
         parameter_tolerance=r.parameter_tolerance, model_error_fraction=params.model_error_fraction,
-        reject_sigma_z=r.reject_sigma_z,
+        reject_sigma_z=r.reject_sigma_z, energy_jitter_sigma_eV=r.energy_jitter_sigma_eV,
     )  # fmt: skip
     return RefineSetup(pairs, shots, shot_index, n_shots, n_sb, n_px, band, prepared, table, refs, sites, model, settings)
 
@@ -264,9 +270,10 @@ def refined_residuals(refinement: Refinement, comm, readout_sigma, threshold: fl
     if stills is not None:
         log = logger.info if len(stills) <= 20 else logger.debug
         for s in stills:
-            log("  still %s: scale %.6g, rotation (%+.4f, %+.4f, %+.4f) mrad, cell lengths x (%.5f, %.5f, %.5f), "
+            jitter = "" if s["energy_jitter_eV"] is None else f", energy jitter {s['energy_jitter_eV']:+.3f} eV"
+            log("  still %s: scale %.6g, rotation (%+.4f, %+.4f, %+.4f) mrad, cell lengths x (%.5f, %.5f, %.5f)%s, "
                 "%d shoeboxes (%d flagged)", s["identifier"], s["scale"], *(1e3 * s["rotation_rad"]), *s["cell_scale"],
-                s["sigma_z"].size, int(s["flagged"].sum()))  # fmt: skip
+                jitter, s["sigma_z"].size, int(s["flagged"].sum()))  # fmt: skip
     return summary, stills, panels
 
 
@@ -319,6 +326,7 @@ def checkpoint_states(refinement: Refinement, comm) -> dict[str, dict]:
     ranks (experiment identifier -> lists), as a checkpoint stores them."""
     states = {s.identifier: {"log_scale": float(st.log_scale), "rotation": st.rotation.tolist(),
                              "cell": None if st.cell is None else st.cell.tolist(),
+                             "energy_offset": None if st.energy_offset is None else float(st.energy_offset),
                              "background": st.background.tolist(),
                              "rejected": None if c.rejected is None else c.rejected.tolist(),
                              "cache_rotation": c.profiles.rotation.tolist(),
@@ -340,8 +348,13 @@ def saved_cache_points(saved: dict, shots, refine_cell: bool, device) -> tuple[l
 
 def saved_states(saved: dict, shots, refine_cell: bool, device) -> list[ShotState]:
     """The local stills' per-shot parameters in a checkpoint (:func:`checkpoint_states`)."""
+    def jitter(shot) -> Tensor | None:
+        value = saved["states"][shot.identifier].get("energy_offset")
+        return None if value is None else torch.tensor(value, dtype=torch.float64, device=device)
+
     return [ShotState(_saved(saved, s, "log_scale", device), _saved(saved, s, "rotation", device),
-                      _saved(saved, s, "background", device), _saved(saved, s, "cell", device) if refine_cell else None)
+                      _saved(saved, s, "background", device), _saved(saved, s, "cell", device) if refine_cell else None,
+                      jitter(s))
             for s in shots.shots]  # fmt: skip
 
 
@@ -438,7 +451,7 @@ def _report(ctx, refinement: Refinement, refs, prepared, band, n_shots, n_sb, n_
         results["residuals"] = summary
     if stills is not None:
         results["refined_stills"] = [{"identifier": s["identifier"], "scale": s["scale"], "rotation_rad": s["rotation_rad"].tolist(),
-                                      "cell_scale": s["cell_scale"].tolist(),
+                                      "cell_scale": s["cell_scale"].tolist(), "energy_jitter_eV": s["energy_jitter_eV"],
                                       "shoeboxes": int(s["sigma_z"].size), "flagged": int(s["flagged"].sum())}
                                      for s in stills]  # fmt: skip
     if comm.is_root:

@@ -17,6 +17,12 @@ in the box x0 +- t (the trust radius of the linearisation: ``rotation_step_mrad`
 (projected Gauss-Newton), the others are clipped to it.  Ends after ``stage1_iterations`` steps or when a step lowers the NLL
 by less than ``STAGE1_TOLERANCE``.
 
+With an energy-jitter prior (``settings.energy_jitter_sigma_eV``) each still's jitter delta
+(:class:`~spread_dials.refine.model.ShotState`) joins its offsets: the Bragg term is linear in
+delta about the value the intensities were made at (their slope d|F|^2 / d delta given,
+:func:`~spread_dials.refine.model.intensities_and_slope`), its trust radius one prior sd, and
+the still's NLL carries the prior delta^2 / (2 sigma^2) (its Fisher term 1 / sigma^2).
+
 Stills are fitted in batches (:func:`refine_shots`): their pixels concatenated, every step one
 set of tensor operations for all of them, each still with its own damping, acceptance and
 stopping (a still's fit is the one it gets alone).  A rubredoxin still is a few thousand
@@ -66,9 +72,10 @@ class _Batch:
         still: (N,) each pixel's still; box_still: (B,) each shoebox's.
         pixel_shoebox: (N,) each pixel's shoebox in the batch's numbering.
         fast, slow, counts: (N,); fitted: (N,) bool.
-        bragg: (N,) sum_c P_c |F_h(E_c)|^2 at the cache points; jacobian: (N, 3 + k) its
-            derivative in the crystal offsets, or None.
-        x0: (K, 3 + k) each still's cache point.
+        bragg: (N,) sum_c P_c |F_h(E_c)|^2 at the cache points; jacobian: (N, 3 + k [+ 1]) its
+            derivative in the crystal offsets [and the energy jitter], or None.
+        x0: (K, 3 + k [+ 1]) each still's cache point [and jitter].
+        jitter_sigma: the energy jitter's prior sd (eV) when it is the last column, else None.
     """
 
     still: Tensor
@@ -81,6 +88,7 @@ class _Batch:
     bragg: Tensor
     jacobian: Tensor | None
     x0: Tensor
+    jitter_sigma: float | None = None
 
     @property
     def n_stills(self) -> int:
@@ -91,11 +99,20 @@ class _Batch:
         return int(self.box_still.numel())
 
 
-def _batch(caches: list[ShotCache], states: list[ShotState], intensities: list[Tensor]) -> _Batch:
+def _batch(caches: list[ShotCache], states: list[ShotState], intensities: list[Tensor], slopes: list[Tensor] | None,
+           jitter_sigma: float | None) -> _Batch:  # fmt: skip
     terms = [bragg_terms(c, i) for c, i in zip(caches, intensities)]
     has_jacobian = {t.jacobian is not None for t in terms}
     if len(has_jacobian) > 1 or len({int(t.offsets.numel()) for t in terms}) > 1:
         raise ValueError("stage 1 batches stills with the same crystal offsets and profile derivatives")
+    jacobian = torch.cat([t.jacobian for t in terms]) if has_jacobian == {True} else None
+    x0 = torch.stack([t.offsets.to(s.rotation) for t, s in zip(terms, states)])
+    if jitter_sigma is not None:  # the energy jitter: one more column, linear about the slopes' delta
+        d_jitter = torch.cat([(c.profiles.profile * d[c.pixel_shoebox]).sum(-1) for c, d in zip(caches, slopes)])
+        if jacobian is None:
+            jacobian = d_jitter.new_zeros((d_jitter.numel(), x0.shape[1]))
+        jacobian = torch.cat([jacobian, d_jitter.unsqueeze(-1)], -1)
+        x0 = torch.cat([x0, torch.stack([_jitter(s, x0) for s in states]).unsqueeze(-1)], -1)
     device = caches[0].counts.device
     n_pixels = torch.tensor([c.counts.numel() for c in caches], device=device)
     n_boxes = torch.tensor([s.background.shape[0] for s in states], device=device)
@@ -108,10 +125,22 @@ def _batch(caches: list[ShotCache], states: list[ShotState], intensities: list[T
         pixel_shoebox=cat("pixel_shoebox") + first_box[still],
         fast=cat("fast"), slow=cat("slow"), counts=cat("counts"),
         fitted=torch.cat([c.fitted for c in caches]),
-        bragg=torch.cat([t.value for t in terms]),
-        jacobian=torch.cat([t.jacobian for t in terms]) if has_jacobian == {True} else None,
-        x0=torch.stack([t.offsets.to(s.rotation) for t, s in zip(terms, states)]),
+        bragg=torch.cat([t.value for t in terms]), jacobian=jacobian, x0=x0, jitter_sigma=jitter_sigma,
     )  # fmt: skip
+
+
+def _jitter(state: ShotState, like: Tensor) -> Tensor:
+    """() the still's energy jitter (eV; 0 when it has none yet) as ``like``'s dtype and device."""
+    if state.energy_offset is None:
+        return torch.zeros((), dtype=like.dtype, device=like.device)
+    return state.energy_offset.detach().to(like)
+
+
+def _jitter_prior(batch: _Batch, offsets: Tensor) -> Tensor | float:
+    """(K,) each still's -log prior of its energy jitter (the last offset), or 0 without one."""
+    if batch.jitter_sigma is None:
+        return 0.0
+    return 0.5 * (offsets[:, -1] / batch.jitter_sigma) ** 2
 
 
 def _rate(batch: _Batch, log_scale: Tensor, offsets: Tensor, background: Tensor) -> tuple[Tensor, Tensor]:
@@ -127,7 +156,7 @@ def _nll(batch: _Batch, log_scale: Tensor, offsets: Tensor, background: Tensor, 
     """(K,) each still's NLL."""
     lam, _ = _rate(batch, log_scale, offsets, background)
     terms = pixel_nll(lam, batch.counts, batch.fitted, settings.readout_sigma, settings.model_error_fraction)
-    return terms.new_zeros(batch.n_stills).index_add(0, batch.still, terms)
+    return terms.new_zeros(batch.n_stills).index_add(0, batch.still, terms) + _jitter_prior(batch, offsets)
 
 
 def _normal_equations(batch: _Batch, log_scale: Tensor, offsets: Tensor, background: Tensor, settings, refined: Tensor):
@@ -136,13 +165,15 @@ def _normal_equations(batch: _Batch, log_scale: Tensor, offsets: Tensor, backgro
     leaves = [t.detach().clone().requires_grad_(True) for t in (log_scale, offsets, background)]
     lam, bragg = _rate(batch, *leaves)
     terms = pixel_nll(lam, batch.counts, batch.fitted, settings.readout_sigma, settings.model_error_fraction)
-    nll = terms.new_zeros(batch.n_stills).index_add(0, batch.still, terms)
+    nll = terms.new_zeros(batch.n_stills).index_add(0, batch.still, terms) + _jitter_prior(batch, leaves[1])
     g_scale, g_offsets, g_b = torch.autograd.grad(nll.sum(), leaves, allow_unused=True)
     g_offsets = torch.zeros_like(offsets) if g_offsets is None else g_offsets
     scale = torch.exp(log_scale.detach())[batch.still]
     u = shot_columns(scale, bragg.detach(), batch.jacobian, refined)  # (N, S)
     w = fisher_weights(lam.detach(), batch.fitted, settings.readout_sigma, settings.model_error_fraction)
     h_bb, h_bs, h_ss = normal_blocks(batch, w, u, batch.n_shoeboxes, batch.still, batch.n_stills)
+    if batch.jitter_sigma is not None:  # the prior's information (the jitter is the last shared parameter)
+        h_ss[:, -1, -1] += batch.jitter_sigma**-2
     g_s = torch.cat([g_scale.unsqueeze(-1), g_offsets[:, refined.to(g_offsets.device)]], -1)
     return nll.detach(), g_s, g_b, h_ss, h_bs, h_bb
 
@@ -166,44 +197,57 @@ def _damped_step(batch: _Batch, g_s: Tensor, g_b: Tensor, h_ss: Tensor, h_bs: Te
 
 
 def refine_shots(caches: list[ShotCache], states: list[ShotState], intensities: list[Tensor],
-                 settings) -> list[tuple[ShotState, float]]:  # fmt: skip
-    """Stage 1 for a batch of stills (module docstring): each still's log G, refined offsets and
-    background planes with |F|^2 fixed, offsets within the trust box about its cache point; the
-    stills share nothing but the tensor operations.
+                 settings, slopes: list[Tensor] | None = None) -> list[tuple[ShotState, float]]:  # fmt: skip
+    """Stage 1 for a batch of stills (module docstring): each still's log G, refined offsets,
+    energy jitter (with ``settings.energy_jitter_sigma_eV``) and background planes with f', f''
+    fixed, offsets within the trust box about its cache point; the stills share nothing but the
+    tensor operations.
 
     Args:
         caches: the stills' caches (profiles and their offsets' Jacobian at x0), on one device,
             all with or all without the Jacobian and with the same crystal offsets.
         states: their starting per-shot parameters.
-        intensities: (B_i, C) |F_h(E_c)|^2 of each still's reflections.
+        intensities: (B_i, C) |F_h(E_c - delta_i)|^2 of each still's reflections at its jitter.
         settings: :class:`~spread_dials.refine.engine.RefineSettings`.
+        slopes: (B_i, C) d|F|^2 / d delta there, each still's (needed with the jitter prior).
 
     Returns:
         (state, NLL) of each still at the end of its fit.
 
     Raises:
-        ValueError: stills that differ in their crystal offsets or profile derivatives.
+        ValueError: stills that differ in their crystal offsets or profile derivatives; the
+            jitter prior without the slopes.
     """
+    sigma = getattr(settings, "energy_jitter_sigma_eV", None)
+    if sigma is not None and slopes is None:
+        raise ValueError("stage 1 with an energy-jitter prior needs the intensities' slopes in the jitter")
+    slopes = slopes if sigma is not None else [None] * len(caches)
     fits, start, pixels = [], 0, 0
     for k, cache in enumerate(caches):
         if k > start and pixels + cache.counts.numel() > STAGE1_BATCH_PIXELS:
-            fits += _refine_batch(caches[start:k], states[start:k], intensities[start:k], settings)
+            fits += _refine_batch(caches[start:k], states[start:k], intensities[start:k], slopes[start:k], settings)
             start, pixels = k, 0
         pixels += cache.counts.numel()
-    return fits + (_refine_batch(caches[start:], states[start:], intensities[start:], settings) if caches else [])
+    return fits + (_refine_batch(caches[start:], states[start:], intensities[start:], slopes[start:], settings) if caches else [])
 
 
-def _refine_batch(caches: list[ShotCache], states: list[ShotState], intensities: list[Tensor],
+def _refine_batch(caches: list[ShotCache], states: list[ShotState], intensities: list[Tensor], slopes: list,
                   settings) -> list[tuple[ShotState, float]]:  # fmt: skip
     """:func:`refine_shots` on one batch."""
-    batch = _batch(caches, states, intensities)
-    n_offsets = int(batch.x0.shape[1])
-    refined = refined_offsets(n_offsets, settings) & (batch.jacobian is not None)
-    refined_device = refined.to(batch.x0.device)
+    sigma = getattr(settings, "energy_jitter_sigma_eV", None)
+    batch = _batch(caches, states, intensities, slopes, sigma)
+    n_offsets = int(batch.x0.shape[1]) - (sigma is not None)
+    refined = refined_offsets(n_offsets, settings) & (caches[0].profiles.jacobian is not None)
     radius = trust_radius(n_offsets, settings, batch.x0)
+    if sigma is not None:  # the jitter: refined, one prior sd per pass
+        refined = torch.cat([refined, torch.ones(1, dtype=torch.bool)])
+        radius = torch.cat([radius, radius.new_full((1,), sigma)])
+    refined_device = refined.to(batch.x0.device)
     low, high = batch.x0 - radius, batch.x0 + radius
     log_scale = torch.stack([s.log_scale.detach() for s in states])
     offsets = torch.stack([s.offsets.detach() for s in states])
+    if sigma is not None:
+        offsets = torch.cat([offsets, torch.stack([_jitter(s, offsets) for s in states]).unsqueeze(-1)], -1)
     background = torch.cat([s.background.detach() for s in states])
     n = batch.n_stills
     mu = torch.full((n,), 1e-3, dtype=log_scale.dtype, device=log_scale.device)
@@ -245,20 +289,23 @@ def _refine_batch(caches: list[ShotCache], states: list[ShotState], intensities:
     values = nll.tolist()
     boxes = torch.split(background, [int(s.background.shape[0]) for s in states])
     cells = [s.cell is not None for s in states]
-    return [(ShotState(log_scale[k], offsets[k, :3], boxes[k], offsets[k, 3:] if cells[k] else None), values[k])
+    return [(ShotState(log_scale[k], offsets[k, :3], boxes[k], offsets[k, 3:n_offsets] if cells[k] else None,
+                       offsets[k, -1] if sigma is not None else states[k].energy_offset), values[k])
             for k in range(n)]  # fmt: skip
 
 
-def refine_shot(cache: ShotCache, state: ShotState, intensity: Tensor, settings) -> tuple[ShotState, float]:
+def refine_shot(cache: ShotCache, state: ShotState, intensity: Tensor, settings,
+                slope: Tensor | None = None) -> tuple[ShotState, float]:  # fmt: skip
     """Stage 1 for one still (:func:`refine_shots` with a batch of one).
 
     Args:
         cache: the still's cache (profiles and their offsets' Jacobian at x0).
         state: the starting per-shot parameters.
-        intensity: (B, C) |F_h(E_c)|^2.
+        intensity: (B, C) |F_h(E_c - delta)|^2.
         settings: :class:`~spread_dials.refine.engine.RefineSettings`.
+        slope: (B, C) d|F|^2 / d delta (with the jitter prior).
 
     Returns:
         (state, NLL) at the end.
     """
-    return refine_shots([cache], [state], [intensity], settings)[0]
+    return refine_shots([cache], [state], [intensity], settings, None if slope is None else [slope])[0]

@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import json
+import math
 import re
 import shutil
 import signal
@@ -250,6 +251,7 @@ def test_bad_input_gives_one_sorry_line(processed, tmp_path):
         "unpaired files": _inputs(processed)[:3],
         "no site": [*_inputs(processed), "structure.sites.element=Zn"],
         "missing reference file": [*_inputs(processed), "reference.builtin_fe=False", "reference.curve=/nonexistent.dat"],
+        "jitter prior of 0 eV": [*_inputs(processed), "refinement.energy_jitter_sigma_eV=0"],
     }
     for name, args in cases.items():
         result = run([exe, *args, *FAST], tmp_path, check=False)
@@ -258,6 +260,24 @@ def test_bad_input_gives_one_sorry_line(processed, tmp_path):
         assert "Traceback" not in text, (name, text[-2000:])
         assert text.splitlines()[-1].startswith("Sorry"), (name, text[-500:])
     assert not list(tmp_path.glob("spread_refine_sites.*"))
+
+
+def test_energy_jitter_is_refined_per_still(processed, tmp_path):
+    """refinement.energy_jitter_sigma_eV: each still's jitter in the log, the sites .json and the
+    column spread.energy_jitter_eV, the same numbers; the fixture's spectra are recorded at their
+    true energies, so every jitter found stays well inside its 1 eV prior (its recovery of
+    injected jitters: tests/refine/test_energy_jitter.py)."""
+    run([command("dials.spread_refine"), *_inputs(processed), *FAST, "uncertainty.bootstrap=0",
+         "refinement.refine_cell=True", "refinement.energy_jitter_sigma_eV=1.0"], tmp_path)  # fmt: skip
+    stills = {s["identifier"]: s["energy_jitter_eV"] for s in _record(tmp_path)["refined_stills"]}
+    assert all(math.isfinite(v) and abs(v) < 1.0 for v in stills.values()) and any(v != 0 for v in stills.values()), stills
+    experiments = ExperimentListFactory.from_json_file(str(tmp_path / "spread_refine.expt"), check_format=False)
+    table = flex.reflection_table.from_file(str(tmp_path / "spread_refine.refl"))
+    column, ids = table["spread.energy_jitter_eV"].as_numpy_array(), table["id"].as_numpy_array()
+    for i, experiment in enumerate(experiments):
+        assert np.allclose(column[ids == i], stills[experiment.identifier], rtol=1e-12)
+    log = (tmp_path / "dials.spread_refine.log").read_text()
+    assert len(re.findall(r"energy jitter [+-]\d+\.\d{3} eV", log)) == len(stills)
 
 
 #: the negative controls' settings

@@ -26,11 +26,13 @@ CELL = (34.1, 34.9, 43.7, 90.0, 90.0, 90.0)
 
 
 def toy_refinement(seed: int, shifts=(2.0, 0.0), n_stills: int = 3, spot_scale: float = 2000.0,
-                   errors: InjectedErrors | None = None, macrocycles: int = 2, prior_sigma_eV: float = 10.0) -> Refinement:  # fmt: skip
+                   errors: InjectedErrors | None = None, macrocycles: int = 2, prior_sigma_eV: float = 10.0,
+                   refine_cell: bool = False) -> Refinement:  # fmt: skip
     """A physics-only :class:`Refinement` of ``n_stills`` toy stills whose two sites' truths are
     the reference moved by ``shifts`` (eV); per-shot states initialised, nothing refined yet.
     The structure (F0, G) is the same for every seed; the stills, spectra and noise are drawn
-    from ``seed``; each edge shift's prior is N(0, ``prior_sigma_eV``^2)."""
+    from ``seed``; each edge shift's prior is N(0, ``prior_sigma_eV``^2); ``refine_cell``: each
+    still's cell lengths refined too."""
     ref = _reference()
     cell = real_space_from_cell(torch.tensor(CELL, dtype=torch.float64))
     hkl = miller_indices_within(cell, 2.0)
@@ -45,8 +47,8 @@ def toy_refinement(seed: int, shifts=(2.0, 0.0), n_stills: int = 3, spot_scale: 
     shots, _ = synthetic_shots(panels, truth, model, cell, ENERGY, n_shots=n_stills, seed=seed, spot_scale=spot_scale,
                                min_bragg_photons=10.0, orientation_error_deg=0.01, errors=errors)  # fmt: skip
     sites = EdgeShiftSites([ref, ref], [0, 1], ["A", "B"], prior_sigma_eV=prior_sigma_eV)
-    caches = make_caches(shots, StructureFactors(hkl, F0, G), model)
+    caches = make_caches(shots, StructureFactors(hkl, F0, G), model, refine_cell=refine_cell)
     r = Refinement(shots, list(range(n_stills)), n_stills, caches, [], sites, sites.initial(), model, Parallel(),
-                   RefineSettings(macrocycles=macrocycles, relinearisations=1))  # fmt: skip
+                   RefineSettings(macrocycles=macrocycles, relinearisations=1, refine_cell=refine_cell))  # fmt: skip
     r.initialise_states()
     return r
