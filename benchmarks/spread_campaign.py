@@ -65,7 +65,9 @@ values).  Resumable: an (N, replicate, seed) already in the output file is skipp
 pairs round-robin, one file each (several per GPU: a rubredoxin still is launch-bound, one
 process leaves the GPU mostly idle); a still's seed depends only on (seed, N, replicate, still),
 so the shards' lines are the unsharded run's.  --summarise
-gives per (case, N) the bias, spread and mean Fisher sigma of every site and site pair.  CI runs
+gives per (case, N) the bias, spread and mean Fisher sigma of every site and site pair, and the mean
+sandwich / Fisher sigma ratio (~1 where the model fits; a misfit such as a negative control
+raises it 20-1500x).  CI runs
 phil/campaign/ci_smoke.phil (tests/benchmarks/test_campaign_smoke.py).  Each line also holds
 the Figure 9 metric (CC, RMSD of f', f'' over the edge window) and, with refine.conventional,
 the conventional route's result on the same stills; with refine.bootstrap the refits.
@@ -619,7 +621,7 @@ def _records(paths: list[Path]) -> list[dict]:
 
 
 def summarise(paths: list[Path], plan: dict | None = None) -> dict:
-    """Per (case, N): replicates, bias and spread of each site's estimate, mean Fisher sigma,
+    """Per (case, N, control, truth): replicates, bias and spread of each site's estimate, mean Fisher sigma,
     the spread over the mean Fisher sigma, the fraction of |z| < 1, 2 and the Figure 9 metric's means; with two or more
     sites the same for every pairwise difference, plus its mean estimate and truth and
     ``z_mean`` = mean difference / mean Fisher sigma (how many sigma one data set separates them).
@@ -631,12 +633,20 @@ def summarise(paths: list[Path], plan: dict | None = None) -> dict:
 
     rows = _records(paths)
     out = {}
-    for key in sorted({(r["case"], r["n"]) for r in rows}):
-        group = [r for r in rows if (r["case"], r["n"]) == key]
+    design = lambda r: (r["case"], r["n"], r.get("control", "none"), json.dumps(r.get("truth_states")))  # noqa: E731
+    keys = sorted({design(r) for r in rows})
+    for key in keys:
+        group = [r for r in rows if design(r) == key]
+        label = f"{key[0]} N={key[1]}" + ("" if key[2] == "none" else f" {key[2]}")
+        if sum(k[:3] == key[:3] for k in keys) > 1:  # other truths beside in these files
+            label += f" truth_states={key[3]}"
         theta = np.array([r["theta"] for r in group])
         truth = np.array([r["truth"] for r in group])
         fisher = np.array([r["sigma_fisher"] for r in group], dtype=float)
         entry = {"replicates": len(group), "sites": group[0]["sites"], **_stats(theta - truth, fisher)}
+        sandwich = [r.get("sigma_sandwich") for r in group]
+        if all(s is not None for s in sandwich):  # ~1 where the model fits; the negative controls: 20-1500
+            entry["sandwich_over_fisher"] = (np.array(sandwich, dtype=float) / fisher).mean(0).round(2).tolist()
         limit = np.array(plan["pseudo_true"]) if plan and plan.get("pseudo_true") else None
         if limit is not None:
             bias = theta.mean(0) - limit
@@ -666,7 +676,7 @@ def summarise(paths: list[Path], plan: dict | None = None) -> dict:
                 entry["differences"]["bias_from_pseudo_true_sigma"] = (bias / sig.mean(0)).round(2).tolist()
         if all(r.get("truth_prior_sigma_eV") is not None for r in group):
             entry["calibration"] = {k: calibration_summary(pit) for k, pit in calibration_pits(group).items()}
-        out[f"{key[0]} N={key[1]}"] = entry
+        out[label] = entry
     return out
 
 
@@ -719,7 +729,8 @@ def plot_campaign(paths: list[Path], directory: Path, plan: dict | None = None) 
     if plan is not None:
         predicted = {int(n): entry for n, entry in plan["predicted"].items()}
     for case in sorted({r["case"] for r in rows}):
-        entries = {int(k.split("N=")[1]): v for k, v in summary.items() if k.startswith(f"{case} N=")}
+        entries = {int(k.split("N=")[1]): v for k, v in summary.items()  # (the ladder: no control, one truth)
+                   if k.startswith(f"{case} N=") and " " not in k.split("N=")[1]}  # fmt: skip
         entries = {n: e for n, e in entries.items() if e["replicates"] > 1}
         if len(entries) < 2:
             continue

@@ -198,12 +198,14 @@ class Refinement:
         state = self.states[i] if state is None else state
         return site_intensities(self.sites, self.theta if theta is None else theta, self.caches[i], state.energy_offset)
 
-    def stage1_terms(self, indices: list[int], states: list[ShotState], theta: Tensor | None = None) -> tuple[list[Tensor], list[Tensor] | None]:
+    def stage1_terms(self, indices: list[int], states: list[ShotState], theta: Tensor | None = None,
+                     jitter: bool | None = None) -> tuple[list[Tensor], list[Tensor] | None]:  # fmt: skip
         """(intensities, slopes): what stage 1 (:func:`refine_shots`) takes for the local stills
         ``indices`` from ``states`` at ``theta`` (default the current): |F|^2 at each still's
-        energy jitter and, with the jitter prior, its slope in the jitter (else None); detached."""
+        energy jitter and, when the jitter is fitted (``jitter``; default: with the jitter
+        prior), its slope in the jitter (else None); detached."""
         theta = self.theta if theta is None else theta
-        if self.settings.energy_jitter_sigma_eV is None:
+        if not (self.settings.energy_jitter_sigma_eV is not None if jitter is None else jitter):
             return [self.curves_intensity(i, theta, s).detach() for i, s in zip(indices, states)], None
         pairs = [intensities_and_slope(self.sites, theta, self.caches[i], _jitter_of(s)) for i, s in zip(indices, states)]
         return [v for v, _ in pairs], [d for _, d in pairs]
@@ -274,6 +276,11 @@ class Refinement:
             offsets in units of its trust radius, over all ranks).
         """
         settings = self.settings
+        if ramp and settings.energy_jitter_sigma_eV is not None:
+            # the first macrocycle's edge shifts are their starting values: a jitter fitted now
+            # would take up their error (the data fix only delta + Delta_E), so the jitters join
+            # from the second on
+            settings = replace(settings, energy_jitter_sigma_eV=None)
         moves_crystal = settings.refine_orientation or settings.refine_cell
         passes = settings.relinearisations if moves_crystal else 1
         n = len(self.caches)
@@ -290,7 +297,7 @@ class Refinement:
                     lows = [orders[i] <= torch.quantile(orders[i], fraction) for i in chunk]
                     caches = [replace(c, rejected=~low if c.rejected is None else c.rejected | ~low) for c, low in zip(caches, lows)]
                 states = [self.states[i] for i in chunk]
-                intensities, slopes = self.stage1_terms(chunk, states)  # (at each pass's jitter)
+                intensities, slopes = self.stage1_terms(chunk, states, jitter=settings.energy_jitter_sigma_eV is not None)
                 fits = refine_shots(caches, states, intensities, settings, slopes)
                 profiles = self.profiles_of(chunk, [state for state, _ in fits])
                 for i, (state, nll), made, before in zip(chunk, fits, profiles, states):

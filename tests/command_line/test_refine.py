@@ -264,13 +264,17 @@ def test_bad_input_gives_one_sorry_line(processed, tmp_path):
 
 def test_energy_jitter_is_refined_per_still(processed, tmp_path):
     """refinement.energy_jitter_sigma_eV: each still's jitter in the log, the sites .json and the
-    column spread.energy_jitter_eV, the same numbers; the fixture's spectra are recorded at their
-    true energies, so every jitter found stays well inside its 1 eV prior (its recovery of
-    injected jitters: tests/refine/test_energy_jitter.py)."""
+    column spread.energy_jitter_eV, the same numbers.  The fixture's spectra are recorded at their
+    true energies, but each of its stills fixes the edge only to ~0.7 eV (session 5's demo chain:
+    +-0.22 eV from 10 stills), about the 1 eV prior's width, so the jitters found scatter inside
+    the prior (measured -0.67 to +1.29 eV): asserted within 3 prior sd (their recovery of
+    injected jitters on bright stills: tests/refine/test_energy_jitter.py).  The jitters join in
+    the second macrocycle: fitted in the first, against the starting edge shift, they took up its
+    error (+0.7 to +2.6 eV on these stills after one macrocycle)."""
     run([command("dials.spread_refine"), *_inputs(processed), *FAST, "uncertainty.bootstrap=0",
-         "refinement.refine_cell=True", "refinement.energy_jitter_sigma_eV=1.0"], tmp_path)  # fmt: skip
+         "refinement.refine_cell=True", "refinement.energy_jitter_sigma_eV=1.0", "refinement.macrocycles=3"], tmp_path)  # fmt: skip
     stills = {s["identifier"]: s["energy_jitter_eV"] for s in _record(tmp_path)["refined_stills"]}
-    assert all(math.isfinite(v) and abs(v) < 1.0 for v in stills.values()) and any(v != 0 for v in stills.values()), stills
+    assert all(math.isfinite(v) and abs(v) < 3.0 for v in stills.values()) and any(v != 0 for v in stills.values()), stills
     experiments = ExperimentListFactory.from_json_file(str(tmp_path / "spread_refine.expt"), check_format=False)
     table = flex.reflection_table.from_file(str(tmp_path / "spread_refine.refl"))
     column, ids = table["spread.energy_jitter_eV"].as_numpy_array(), table["id"].as_numpy_array()
