@@ -10,7 +10,9 @@ Design: the toy of tests/correct/toy.py (two sites of random phase, a 2 x 2-pane
 with new stills, new noise and a new truth: each site's edge shift drawn from N(0, --prior-sigma
 eV) and the refinement's edge-shift prior set to the same N(0, --prior-sigma^2) (SBC needs the
 truth drawn from the fit's own prior).  A Gaussian PSF of --psf px FWHM the physics does not
-know is injected; the correction is dials.spread_correct's stencil (gain off: 4 panels), fitted
+know is injected (--jitter: a per-still energy jitter of that rms too, the cell then refined in
+both arms, and with --jitter-sigma the corrected arm refines each still's jitter under that
+prior); the correction is dials.spread_correct's stencil (gain off: 4 panels), fitted
 until converged (at most --epochs epochs) after the physics arm converged.  Each line: the truth, both arms'
 estimates and sigmas (the corrected one with the correction's weights profiled: the joint
 sigma), and seconds.  --summarise: per arm and site and for the difference A - B, the coverage
@@ -24,6 +26,7 @@ import argparse
 import json
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -49,11 +52,14 @@ def run_one(replicate: int, args) -> dict:
     rng = np.random.default_rng(np.random.SeedSequence([args.seed, replicate]))
     truth = rng.normal(0.0, args.prior_sigma, size=2)
     t0 = time.perf_counter()
+    errors = InjectedErrors(psf_fwhm_px=args.psf, energy_jitter_eV=args.jitter)
     r = toy_refinement(seed=int(rng.integers(2**31)), shifts=tuple(truth.tolist()), n_stills=args.n, spot_scale=args.spot_scale,
-                       errors=InjectedErrors(psf_fwhm_px=args.psf), macrocycles=4, prior_sigma_eV=args.prior_sigma)  # fmt: skip
+                       errors=errors, macrocycles=4, prior_sigma_eV=args.prior_sigma, refine_cell=args.jitter > 0)  # fmt: skip
     r.run()
     physics_cov = curvature(r, observed=False).profiled
     physics = r.theta.tolist()
+    if args.jitter_sigma is not None:  # the corrected arm refines each still's energy jitter
+        r.settings = replace(r.settings, energy_jitter_sigma_eV=args.jitter_sigma)
     contexts = [pixel_context(r.shots, s, NOMINAL_EV) for s in r.shots.shots]
     correction = PixelCorrection(r.shots.panels.n_panels, CorrectionSettings(gain=False), feature_statistics(r, contexts))
     model = CorrectedModel(r, correction, contexts, CorrectSettings(epochs=args.epochs))
@@ -61,6 +67,7 @@ def run_one(replicate: int, args) -> dict:
     joint, _, _ = model.covariance()
     return {
         "replicate": replicate, "seed": args.seed, "n": args.n, "psf_fwhm_px": args.psf, "prior_sigma_eV": args.prior_sigma,
+        "jitter_eV": args.jitter, "jitter_sigma_eV": args.jitter_sigma,
         "truth": truth.tolist(), "physics_theta": physics, "physics_covariance": physics_cov.tolist(),
         "theta": r.theta.tolist(), "covariance": joint[:2, :2].tolist(), "epochs": len(model.history), "converged": model.converged,
         "seconds": time.perf_counter() - t0,
@@ -108,6 +115,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--spot-scale", type=float, default=4000.0)
     ap.add_argument("--psf", type=float, default=1.5, help="injected PSF FWHM (px)")
     ap.add_argument("--prior-sigma", type=float, default=1.0, help="truth ~ N(0, this) and the fit's prior (eV)")
+    ap.add_argument("--jitter", type=float, default=0.0, help="injected per-still energy jitter rms (eV; > 0: the cell is refined)")
+    ap.add_argument("--jitter-sigma", type=float, default=None, help="the corrected arm refines each still's jitter under N(0, this^2) (eV)")
     ap.add_argument("--epochs", type=int, default=15, help="the most epochs (the fit stops once converged)")
     ap.add_argument("--shards", type=int, default=1, help="split the replicates round-robin over this many processes")
     ap.add_argument("--shard", type=int, default=0, help="which of them this process runs (its own output file)")
@@ -115,6 +124,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", default="results")
     ap.add_argument("--summarise", nargs="+", default=None, help="files of lines: print the summary and stop")
     ap.add_argument("--plots", default=None, help="with --summarise: write the coverage and rank PNGs here")
+    ap.add_argument("--plot-stem", default="correct_calibration", help="their names: <stem>_coverage.png, <stem>_sbc.png")
     args = ap.parse_args(argv)
     if args.summarise:
         summary = summarise([Path(p) for p in args.summarise])
@@ -122,9 +132,13 @@ def main(argv: list[str] | None = None) -> int:
             from spread_dials.plots.calibration import plot_coverage, plot_rank_histograms
 
             pits = {f"{arm} {name}": np.array(v["pit"]) for arm in ("physics", "corrected") for name, v in summary[arm].items()}
-            title = f"dials.spread_correct, toy, PSF the physics lacks ({summary['replicates']} data sets)"
-            plot_coverage(pits, Path(args.plots) / "correct_calibration_coverage.png", title=title)
-            plot_rank_histograms(pits, Path(args.plots) / "correct_calibration_sbc.png", title=title)
+            rows = [r for p in args.summarise for r in read_records(Path(p))]
+            errors = [f"a {rows[0]['psf_fwhm_px']:g} px PSF"] if rows[0]["psf_fwhm_px"] else []
+            if rows[0].get("jitter_eV"):
+                errors.append(f"a {rows[0]['jitter_eV']:g} eV jitter" + (" (refined)" if rows[0].get("jitter_sigma_eV") else ""))
+            title = f"dials.spread_correct, toy, {' and '.join(errors) or 'no error'} ({summary['replicates']} data sets)"
+            plot_coverage(pits, Path(args.plots) / f"{args.plot_stem}_coverage.png", title=title)
+            plot_rank_histograms(pits, Path(args.plots) / f"{args.plot_stem}_sbc.png", title=title)
         for arm in ("physics", "corrected"):
             for v in summary[arm].values():
                 v.pop("pit")

@@ -31,3 +31,23 @@ def test_two_replicates_resume_and_summarise(tmp_path, capsys):
     for arm in ("physics", "corrected"):
         assert set(summary[arm]) == {"A", "B", "A - B"}
         assert all(len(v["coverage"]) == 4 and sum(v["rank_histogram"]) == 2 for v in summary[arm].values())
+
+
+def test_the_jitter_design_widens_the_absolute_interval(tmp_path, capsys):
+    """--jitter with --jitter-sigma: the corrected arm refines each still's jitter, so each site's
+    sigma holds the mean jitter's ~jitter / sqrt(n) (0.58 eV here) while physics only's holds
+    the counting noise alone (0.21 eV on average over the 100-data-set study of
+    benchmarks/RESULTS.md, session 12; 0.49 eV with the jitter refined); the plots are named by
+    --plot-stem and titled by the design."""
+    args = ["--replicates", "1", "--n", "3", "--psf", "0", "--jitter", "1.0", "--jitter-sigma", "1.0", "--epochs", "3",
+            "--out", str(tmp_path)]  # fmt: skip
+    assert correct_calibration.main(args) == 0
+    path = tmp_path / "correct_calibration_toy.jsonl"
+    (line,) = [json.loads(x) for x in path.read_text().splitlines()]
+    assert line["jitter_eV"] == 1.0 and line["jitter_sigma_eV"] == 1.0
+    for k in (0, 1):
+        sigma, physics = line["covariance"][k][k] ** 0.5, line["physics_covariance"][k][k] ** 0.5
+        assert sigma > 0.8 / 3**0.5 and sigma > 1.5 * physics, (sigma, physics)
+    capsys.readouterr()
+    assert correct_calibration.main(["--summarise", str(path), "--plots", str(tmp_path), "--plot-stem", "jitter"]) == 0
+    assert (tmp_path / "jitter_coverage.png").stat().st_size > 0 and (tmp_path / "jitter_sbc.png").stat().st_size > 0
