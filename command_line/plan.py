@@ -70,6 +70,12 @@ plan
   refine_cell = True
     .type = bool
     .help = "Profile each still's cell lengths out too (dials.spread_refine refines them)"
+  energy_jitter_sigma_eV = None
+    .type = float
+    .help = "Profile each still's energy jitter out too, under the prior N(0, sigma^2) (eV):"
+            "what dials.spread_refine does with refinement.energy_jitter_sigma_eV.  A jitter"
+            "moves every site alike, so it widens each site's sigma (by about sigma / sqrt(N)"
+            "from N stills) and leaves the differences between sites alone (None: no jitter)"
   target
     .help = "Stills needed for"
   {
@@ -113,6 +119,9 @@ def check_plan(plan) -> None:
                         plan.target.difference_eV), ("plan.target.z", plan.target.z)):  # fmt: skip
         if value is None or not value > 0 or not math.isfinite(value):
             raise SpreadError(f"{name} must be a positive number, not {value}")
+    jitter = plan.energy_jitter_sigma_eV
+    if jitter is not None and not (jitter > 0 and math.isfinite(jitter)):
+        raise SpreadError(f"plan.energy_jitter_sigma_eV must be a positive number (or None), not {jitter}")
 
 
 def predict(setup, params, device) -> dict:
@@ -168,7 +177,8 @@ def predict(setup, params, device) -> dict:
                           "the crystal is too faint for this plan (plan.min_bragg_photons, crystal, beam.photons)")  # fmt: skip
     edge_sites = EdgeShiftSites(curves, list(range(len(curves))), labels)
     info = still_information(shots, table, model, edge_sites, torch.zeros(len(curves), dtype=torch.float64),
-                             setup.brightness.spot_scale, background, RefineSettings(refine_cell=plan.refine_cell))  # fmt: skip
+                             setup.brightness.spot_scale, background,
+                             RefineSettings(refine_cell=plan.refine_cell, energy_jitter_sigma_eV=plan.energy_jitter_sigma_eV))  # fmt: skip
     one = predicted_covariance(info, 1)
     diag = info.per_still.diagonal(dim1=-2, dim2=-1)  # (K, S)
     k = plan.probe_stills
@@ -197,7 +207,8 @@ def predict(setup, params, device) -> dict:
         "channels_eV": [float(channels[0]), float(channels[-1]), int(channels.numel())],
         "detector": setup.detector_description, "ncells_abc": list(setup.brightness.ncells_abc),
         "spot_scale": setup.brightness.spot_scale, "background_photons_per_pixel": background,
-        "refine_cell": plan.refine_cell, "structure": setup.structure_source,
+        "refine_cell": plan.refine_cell, "energy_jitter_sigma_eV": plan.energy_jitter_sigma_eV,
+        "structure": setup.structure_source,
     }  # fmt: skip
 
 

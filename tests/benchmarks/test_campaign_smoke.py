@@ -24,7 +24,7 @@ TRUTH_SHIFT_EV = 2.0  # ci_smoke.phil's case.truth_shift: the truth is the refer
 FIELDS = {
     "case", "n", "replicate", "seed", "sites", "truth_states", "control", "theta", "truth", "sigma_fisher",
     "sigma_sandwich", "sigma_bootstrap", "bootstrap_draws", "differences", "figure9", "conventional", "shoeboxes", "pixels", "macrocycles", "ranks", "device",
-    "cell_error", "truth_shift", "truth_prior_sigma_eV", "seconds", "date", "parameters",
+    "cell_error", "truth_shift", "truth_prior_sigma_eV", "seconds", "peak_gpu_bytes", "date", "parameters",
 }  # fmt: skip
 
 
@@ -58,6 +58,7 @@ def test_every_json_line_has_every_field(campaign):
     for r in rows:
         assert set(r) == FIELDS
         assert r["case"] == "tiny" and r["seed"] == 1 and r["control"] == "none" and r["ranks"] == 1
+        assert r["peak_gpu_bytes"] is None  # (on the CPU)
         assert r["device"] == "cpu" and r["cell_error"] == 0.001 and r["truth_shift"] == [TRUTH_SHIFT_EV]
         assert len(r["sites"]) == 1 and r["sites"][0].endswith("FE")  # the built-in rubredoxin's one Fe
         assert r["truth_states"] is None  # truth_shift replaces the states

@@ -70,12 +70,25 @@ def test_a_brighter_crystal_gains_between_two_and_four_times_the_information(pla
         assert 2.0 < b[0] / a[0] < 4.0
 
 
+def test_a_jitter_prior_adds_its_variance_to_every_still(planned, tmp_path):
+    """plan.energy_jitter_sigma_eV: a still's jitter moves the one site as its edge shift does,
+    so profiling it under the prior N(0, s^2) turns the still's information I into I' with
+    1 / I' = 1 / I + s^2 (same probe stills)."""
+    _, plain = planned
+    _plan(tmp_path, "crystal.spot_scale=1e4", "plan.energy_jitter_sigma_eV=0.05")
+    jitter = json.loads((tmp_path / "spread_plan.json").read_text())
+    assert jitter["energy_jitter_sigma_eV"] == 0.05 and jitter["shoeboxes_per_probe"] == plain["shoeboxes_per_probe"]
+    for a, b in zip(plain["information_per_probe_eV-2"], jitter["information_per_probe_eV-2"]):
+        assert 1 / b[0] == pytest.approx(1 / a[0] + 0.05**2, rel=1e-6)
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
         (["plan.target.sigma_eV=0"], "plan.target.sigma_eV must be a positive number"),
         (["structure.file=nowhere.pdb"], "nowhere.pdb"),
         (["plan.n_stills=0"], "n_stills"),
+        (["plan.energy_jitter_sigma_eV=-1"], "plan.energy_jitter_sigma_eV must be a positive number"),
     ],
 )
 def test_bad_input_is_one_sorry_line_and_no_output(args, message, tmp_path):

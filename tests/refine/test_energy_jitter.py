@@ -85,3 +85,26 @@ def test_the_absolute_shift_carries_the_jitter(arms):
     for arm, c in ((r, cov), (p, cov_physics)):
         difference_sigma = math.sqrt(float(c[0, 0] + c[1, 1] - 2 * c[0, 1]))
         assert abs(float(arm.theta[0] - arm.theta[1]) - (SHIFTS[0] - SHIFTS[1])) < 3 * difference_sigma
+
+
+def test_information_profiles_the_jitter_in_closed_form():
+    """A still's jitter moves both sites' curves as one common edge shift does, so its column is
+    the sum of the sites' and profiling it under its prior's information p = 1 / sigma^2 is a
+    rank-one update of the information H without it: H - (H 1)(H 1)^T / (1^T H 1 + p)."""
+    from spread_dials.refine.information import shot_information
+
+    r = toy_refinement(seed=3, n_stills=2, spot_scale=8000.0, refine_cell=True)
+    r.initialise_states()
+    theta = torch.tensor([1.2, -0.3], dtype=torch.float64)
+    sigma = 0.7
+    for i in range(2):
+        plain, _ = shot_information(r, i, theta)
+        r.settings = replace(r.settings, energy_jitter_sigma_eV=sigma)
+        r.states[i] = replace(r.states[i], energy_offset=torch.tensor(0.0, dtype=torch.float64))
+        jittered, _ = shot_information(r, i, theta)
+        r.settings = replace(r.settings, energy_jitter_sigma_eV=None)
+        r.states[i] = replace(r.states[i], energy_offset=None)
+        h1 = plain.sum(-1)
+        expected = plain - torch.outer(h1, h1) / (h1.sum() + sigma**-2)
+        assert torch.allclose(jittered, expected, rtol=1e-6, atol=1e-9 * float(plain.abs().max()))
+        assert float(torch.linalg.det(jittered)) < float(torch.linalg.det(plain))
