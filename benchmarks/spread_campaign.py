@@ -53,6 +53,9 @@ design, whose coverage and SBC ranks need the truth drawn from the prior).  ``co
 make_caches (F0, G looked up at l + 1; the channel energies of f', f'' permuted per still);
 mean_spectrum: the model given the data set's mean spectrum for every still (what a channel
 permutation leaves on average: the band-averaged f', f'', which still move with an edge shift).
+``stills.energy_jitter_eV`` offsets each still's recorded energies by a N(0, s^2) jitter the
+refinement is not told; ``refine.energy_jitter_sigma_eV`` refines each still's jitter under that
+prior (the line then holds ``energy_jitter_found_eV``, in still order).
 
 Each line: the estimates ``theta`` (eV), the ``truth`` (rigid shift of each site's true curve
 onto its reference over the band, as dials.spread_refine's truth= report), ``sigma_fisher`` (the
@@ -180,6 +183,9 @@ stills {
     .help = "rms fractional error of each given cell length (0: cell not refined)"
   min_bragg_photons = 20
     .type = float
+  energy_jitter_eV = 0.0
+    .type = float(value_min=0)
+    .help = "rms of each still's recorded-energy jitter (eV; synthetic.InjectedErrors: the refinement is not told)"
 }
 ladder {
   n = 30
@@ -199,6 +205,9 @@ ladder {
 refine {
   macrocycles = 6
     .type = int(value_min=1)
+  energy_jitter_sigma_eV = None
+    .type = float
+    .help = "Refine each still's energy jitter under N(0, sigma^2) (eV; the engine's energy_jitter_sigma_eV; needs stills.cell_error > 0: the cell refined)"
   bootstrap = 0
     .type = int(value_min=0)
     .help = "Bootstrap resamples (0: none)"
@@ -337,8 +346,15 @@ def build_case(params) -> dict:
     orientation_error_deg (per-axis sigma, deg).
 
     Raises:
-        CampaignError: a missing table, or truth states that do not fit the case.
+        CampaignError: a missing table, truth states that do not fit the case, or a jitter
+            prior that is not positive or comes without the cell refined.
     """
+    jitter = params.refine.energy_jitter_sigma_eV
+    if jitter is not None and not jitter > 0:
+        raise CampaignError(f"refine.energy_jitter_sigma_eV must be > 0 eV (or None), not {jitter}")
+    if jitter is not None and not params.stills.cell_error > 0:
+        raise CampaignError("refine.energy_jitter_sigma_eV needs the cell refined (stills.cell_error > 0): a jitter moves "
+                            "every spot's Bragg condition, which only a cell scale absorbs")  # fmt: skip
     from spread_dials.io.anomalous_tables import read_anomalous_table
     from spread_dials.io.builtin_references import builtin_fe_reference_paths
     from spread_dials.physics.crystal import real_space_from_cell
@@ -492,7 +508,7 @@ def run_replicate(case: dict, n: int, replicate: int, params, comm, device: torc
     from spread_dials.refine.engine import Refinement, RefineSettings, make_caches
     from spread_dials.refine.shots import ShotSet
     from spread_dials.refine.sites import EdgeShiftSites
-    from spread_dials.refine.synthetic import synthetic_shots
+    from spread_dials.refine.synthetic import InjectedErrors, synthetic_shots
     from spread_dials.refine.uncertainty import bootstrap, curvature
     from spread_dials.validation.anomalous import figure9_report
 
@@ -509,13 +525,15 @@ def run_replicate(case: dict, n: int, replicate: int, params, comm, device: torc
         case["truth"] = _with_curves(case["truth"], case["truth_curves"], case["energy"])
     mine = list(range(comm.rank, n, comm.size))
     model = case["model"]
+    jitter = params.stills.energy_jitter_eV
+    errors = InjectedErrors(energy_jitter_eV=jitter) if jitter > 0 else None
     shots, base = [], None
     for i in mine:
         made, _ = synthetic_shots(case["panels"], case["truth"], model, case["real_space"], case["energy"], 1,
                                   seed=_still_seed(seed, n, replicate, i), spot_scale=case["spot_scale"],
                                   background_photons=params.stills.background_photons,
                                   orientation_error_deg=case["orientation_error_deg"], cell_error_fraction=cell_error,
-                                  min_bragg_photons=params.stills.min_bragg_photons, device=device)  # fmt: skip
+                                  min_bragg_photons=params.stills.min_bragg_photons, device=device, errors=errors)  # fmt: skip
         shots.append(made.shots[0])
         base = made
     if base is None:
@@ -533,7 +551,8 @@ def run_replicate(case: dict, n: int, replicate: int, params, comm, device: torc
         raise CampaignError(f"{e} (make the table to the detector's reach)") from None
     sites = EdgeShiftSites(case["references"], list(range(len(case["references"]))), case["labels"],
                            prior_sigma_eV=10.0 if prior_sigma is None else prior_sigma)  # (10: the engine's default)
-    settings = RefineSettings(macrocycles=params.refine.macrocycles, refine_cell=cell_error > 0)
+    settings = RefineSettings(macrocycles=params.refine.macrocycles, refine_cell=cell_error > 0,
+                              energy_jitter_sigma_eV=params.refine.energy_jitter_sigma_eV)  # fmt: skip
     refinement = Refinement(shot_set, mine, n, caches, [], sites, sites.initial(), model, comm, settings)
     refinement.initialise_states()
     refinement.run()
@@ -541,6 +560,10 @@ def run_replicate(case: dict, n: int, replicate: int, params, comm, device: torc
     draws = bootstrap(refinement, params.refine.bootstrap, seed) if params.refine.bootstrap else None
     counts = comm.allreduce(np.array([sum(s.shoeboxes.n_shoeboxes for s in shots), sum(s.shoeboxes.n_pixels for s in shots)]))
     conventional = conventional_route(refinement, case, params, comm) if params.refine.conventional else None
+    found_jitter = None  # each still's refined jitter (eV), in still order
+    if params.refine.energy_jitter_sigma_eV is not None:
+        pairs = comm.allgather([(i, float(s.energy_offset)) for i, s in zip(mine, refinement.states)])
+        found_jitter = [value for _, value in sorted(pair for part in pairs for pair in part)]
     if not comm.is_root:
         return None
     elements = [PRESETS[case["name"]]["element"]] * len(case["labels"])
@@ -560,6 +583,8 @@ def run_replicate(case: dict, n: int, replicate: int, params, comm, device: torc
         "figure9": figure9, "conventional": conventional, "shoeboxes": int(counts[0]), "pixels": int(counts[1]),
         "macrocycles": len(refinement.history), "ranks": comm.size, "device": str(device),
         "cell_error": cell_error, "truth_shift": params.case.truth_shift, "truth_prior_sigma_eV": prior_sigma,
+        "energy_jitter_eV": jitter, "energy_jitter_sigma_eV": params.refine.energy_jitter_sigma_eV,
+        "energy_jitter_found_eV": found_jitter,
         "seconds": time.perf_counter() - t0, "peak_gpu_bytes": _peak_gpu_bytes(device),
         "date": time.strftime("%Y-%m-%d"),
     }  # fmt: skip

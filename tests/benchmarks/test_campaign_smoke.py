@@ -25,6 +25,7 @@ FIELDS = {
     "case", "n", "replicate", "seed", "sites", "truth_states", "control", "theta", "truth", "sigma_fisher",
     "sigma_sandwich", "sigma_bootstrap", "bootstrap_draws", "differences", "figure9", "conventional", "shoeboxes", "pixels", "macrocycles", "ranks", "device",
     "cell_error", "truth_shift", "truth_prior_sigma_eV", "seconds", "peak_gpu_bytes", "date", "parameters",
+    "energy_jitter_eV", "energy_jitter_sigma_eV", "energy_jitter_found_eV",
 }  # fmt: skip
 
 
@@ -161,6 +162,21 @@ def test_negative_controls_run_in_the_campaign(campaign, tmp_path, control):
     assert record["control"] == control and all(math.isfinite(x) for x in record["theta"])
 
 
+def test_a_jitter_is_injected_and_refined_per_still(campaign, tmp_path):
+    """stills.energy_jitter_eV injects a recorded-energy jitter per still and
+    refine.energy_jitter_sigma_eV refines it: the line holds each still's jitter found."""
+    path, _, _ = campaign
+    tables = path.parent.parent / "tables"
+    out = _run(str(HARNESS), str(SMOKE), f"case.data={tables}", "output.directory=out", "ladder.n=3",
+               "stills.energy_jitter_eV=1.0", "refine.energy_jitter_sigma_eV=1.0", "output.name=jitter", cwd=tmp_path)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    (line,) = (tmp_path / "out" / "jitter.jsonl").read_text().splitlines()
+    record = json.loads(line)
+    assert record["energy_jitter_eV"] == 1.0 and record["energy_jitter_sigma_eV"] == 1.0
+    found = record["energy_jitter_found_eV"]
+    assert len(found) == 3 and all(math.isfinite(x) for x in found) and any(x != 0 for x in found)
+
+
 def test_a_shift_per_site_must_match_the_sites(campaign, tmp_path):
     """case.truth_shift takes one value or one per site (the tiny case has one Fe)."""
     path, _, _ = campaign
@@ -257,6 +273,8 @@ def test_plots_draw_the_ladder_beside_the_plan(tmp_path):
         (["ladder.nn=3"], "nn"),
         (["control=sideways"], "sideways"),
         (["stills.cell_error=lots"], "lots"),
+        (["refine.energy_jitter_sigma_eV=0"], "refine.energy_jitter_sigma_eV must be > 0"),
+        (["refine.energy_jitter_sigma_eV=1", "stills.cell_error=0"], "needs the cell refined"),
     ],
 )
 def test_bad_input_is_one_sorry_line(args, message, tmp_path):
