@@ -63,7 +63,10 @@ profiled Fisher sigma at the optimum: the Cramer-Rao bound of these pixels when 
 right), ``sigma_sandwich``, ``sigma_bootstrap`` (with refine.bootstrap > 0), with two or more
 sites the pairwise ``differences`` (estimate, truth, Fisher and sandwich sigma from the
 covariance), shoeboxes, pixels, seconds, peak GPU memory (``peak_gpu_bytes``), device and ``parameters`` (a hash of all the PHIL
-values).  Resumable: an (N, replicate, seed) already in the output file is skipped.  Shards
+values).  Resumable: an (N, replicate, seed) already in the output file is skipped, and a replicate
+cut off mid-way resumes after its last finished macrocycle (a checkpoint beside the output,
+<stem>.<parameters>.N<n>.r<replicate>.checkpoint.pt, removed once its line is written; the
+line's ``resumed_from_macrocycle``): a replicate longer than one job spans several.  Shards
 (``ladder.shards``, ``ladder.shard``): independent processes that split the (N, replicate)
 pairs round-robin, one file each (several per GPU: a rubredoxin still is launch-bound, one
 process leaves the GPU mostly idle); a still's seed depends only on (seed, N, replicate, still),
@@ -503,13 +506,19 @@ def plan(case: dict, params, device: torch.device) -> dict:
             "seconds": time.perf_counter() - t0, "peak_gpu_bytes": _peak_gpu_bytes(device)}  # fmt: skip
 
 
-def run_replicate(case: dict, n: int, replicate: int, params, comm, device: torch.device) -> dict | None:
-    """Refine one replicate of ``n`` stills (this rank's share); the record on the root rank."""
+def run_replicate(case: dict, n: int, replicate: int, params, comm, device: torch.device,
+                  checkpoint: tuple[Path, str] | None = None) -> dict | None:  # fmt: skip
+    """Refine one replicate of ``n`` stills (this rank's share); the record on the root rank.
+    ``checkpoint`` (path, fingerprint): written after every macrocycle, and resumed from when it
+    is there (dials.spread_refine's checkpoint: spread_dials.refine.run), so a replicate longer
+    than one job goes on where the last stopped."""
     from spread_dials.refine.engine import Refinement, RefineSettings, make_caches
+    from spread_dials.refine.run import checkpoint_saver, load_checkpoint, restore_checkpoint, saved_cache_points
     from spread_dials.refine.shots import ShotSet
     from spread_dials.refine.sites import EdgeShiftSites
     from spread_dials.refine.synthetic import InjectedErrors, synthetic_shots
     from spread_dials.refine.uncertainty import bootstrap, curvature
+    from spread_dials.util.errors import SpreadError
     from spread_dials.validation.anomalous import figure9_report
 
     t0 = time.perf_counter()
@@ -544,8 +553,16 @@ def run_replicate(case: dict, n: int, replicate: int, params, comm, device: torc
         shots = [replace(s, weight=mean.to(s.weight)) for s in shots]
     shot_set = ShotSet(base.panels, base.beam_direction, base.e_vector, base.polarization_fraction, shots,
                        [f"still {i}" for i in mine]).to(device)  # fmt: skip
+    saved = None
+    if checkpoint is not None:
+        try:
+            saved = load_checkpoint(*checkpoint)
+        except SpreadError as e:
+            raise CampaignError(str(e)) from None
+    rotations, cells = saved_cache_points(saved, shot_set, cell_error > 0, device) if saved is not None else (None, None)
     try:
-        caches = make_caches(shot_set, case["table"], model, refine_cell=cell_error > 0, spoil_hkl=control == "spoil_hkl",
+        caches = make_caches(shot_set, case["table"], model, rotations, refine_cell=cell_error > 0, cells=cells,
+                             spoil_hkl=control == "spoil_hkl",
                              shuffle_seed=_still_seed(seed, n, replicate, n) if control == "shuffle_channels" else None)  # fmt: skip
     except ValueError as e:
         raise CampaignError(f"{e} (make the table to the detector's reach)") from None
@@ -554,8 +571,10 @@ def run_replicate(case: dict, n: int, replicate: int, params, comm, device: torc
     settings = RefineSettings(macrocycles=params.refine.macrocycles, refine_cell=cell_error > 0,
                               energy_jitter_sigma_eV=params.refine.energy_jitter_sigma_eV)  # fmt: skip
     refinement = Refinement(shot_set, mine, n, caches, [], sites, sites.initial(), model, comm, settings)
-    refinement.initialise_states()
-    refinement.run()
+    start = restore_checkpoint(refinement, saved, cell_error > 0, device) if saved is not None else 0
+    if saved is None:
+        refinement.initialise_states()
+    refinement.run(start, on_macrocycle=None if checkpoint is None else checkpoint_saver(*checkpoint, comm))
     cov = curvature(refinement, observed=False)
     draws = bootstrap(refinement, params.refine.bootstrap, seed) if params.refine.bootstrap else None
     counts = comm.allreduce(np.array([sum(s.shoeboxes.n_shoeboxes for s in shots), sum(s.shoeboxes.n_pixels for s in shots)]))
@@ -585,7 +604,7 @@ def run_replicate(case: dict, n: int, replicate: int, params, comm, device: torc
         "cell_error": cell_error, "truth_shift": params.case.truth_shift, "truth_prior_sigma_eV": prior_sigma,
         "energy_jitter_eV": jitter, "energy_jitter_sigma_eV": params.refine.energy_jitter_sigma_eV,
         "energy_jitter_found_eV": found_jitter,
-        "seconds": time.perf_counter() - t0, "peak_gpu_bytes": _peak_gpu_bytes(device),
+        "seconds": time.perf_counter() - t0, "peak_gpu_bytes": _peak_gpu_bytes(device), "resumed_from_macrocycle": start,
         "date": time.strftime("%Y-%m-%d"),
     }  # fmt: skip
 
@@ -876,10 +895,12 @@ def run_campaign(flat: dict, plan_only: bool = False) -> int:
         print(f"{out}: {len(work)} replicates to run ({len(done)} already there; parameters {design})", flush=True)
     t_start = time.perf_counter()
     for k, (n, replicate) in enumerate(work):
-        record = run_replicate(case, n, replicate, params, comm, device)
+        checkpoint = out.parent / f"{out.stem}.{design}.N{n}.r{replicate}.checkpoint.pt"
+        record = run_replicate(case, n, replicate, params, comm, device, (checkpoint, f"{design}:{n}:{replicate}:{seed}"))
         if record is not None:
             record["parameters"] = design
             append_record(out, record)
+            checkpoint.unlink(missing_ok=True)  # (the line holds the replicate now)
             rate = (k + 1) / (time.perf_counter() - t_start)
             print(f"N={n} replicate {replicate}: theta {np.round(record['theta'], 3).tolist()} truth "
                   f"{np.round(record['truth'], 3).tolist()} fisher {np.round(record['sigma_fisher'], 3).tolist()} "

@@ -10,6 +10,7 @@ import json
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -26,7 +27,8 @@ from spread_dials.refine.uncertainty import bootstrap, curvature, interval, stat
 from spread_dials.util.atomic import atomic_path
 from spread_dials.util.errors import SpreadError
 
-__all__ = ["RefineSetup", "checkpoint_states", "load_checkpoint", "load_setup", "make_refinement", "refined_residuals", "run_refinement",
+__all__ = ["RefineSetup", "checkpoint_saver", "checkpoint_states", "load_checkpoint", "load_setup", "make_refinement", "refined_residuals",
+           "restore_checkpoint", "run_refinement",
            "saved_cache_points", "saved_states", "truth_curves_from_record", "truth_edge_shifts"]
 
 logger = logging.getLogger("dials.spread.refine")
@@ -229,27 +231,12 @@ def run_refinement(ctx, experiments, reflections) -> dict:
     refinement = make_refinement(ctx, setup, rotations, cells)
     start_cycle = 0
     if saved is not None:
-        refinement.theta = torch.tensor(saved["theta"], dtype=torch.float64)
-        refinement.states = saved_states(saved, shots, r.refine_cell, ctx.device)
-        refinement.caches = [replace(c, rejected=None if saved["states"][s.identifier].get("rejected") is None else
-                                     torch.tensor(saved["states"][s.identifier]["rejected"], device=ctx.device))
-                             for c, s in zip(refinement.caches, shots.shots)]  # fmt: skip
-        refinement.history = saved["history"]
-        start_cycle = int(saved["macrocycle"])
+        start_cycle = restore_checkpoint(refinement, saved, r.refine_cell, ctx.device)
         logger.info("Resuming after macrocycle %d (%s)", start_cycle, checkpoint.name)
     else:
         refinement.initialise_states()
-
-    def save(r: Refinement) -> None:
-        merged = checkpoint_states(r, comm)
-        if comm.is_root:
-            with atomic_path(checkpoint) as tmp:
-                torch.save({"fingerprint": fingerprint, "macrocycle": r.history[-1]["macrocycle"], "theta": r.theta.tolist(),
-                            "states": merged, "history": r.history}, tmp)  # fmt: skip
-        comm.barrier()
-
     rate = _Progress(len(refinement.caches))
-    refinement.run(start_cycle, on_macrocycle=save, progress=rate)
+    refinement.run(start_cycle, on_macrocycle=checkpoint_saver(checkpoint, fingerprint, comm), progress=rate)
     residuals = refined_residuals(refinement, comm, setup.settings.readout_sigma, params.refinement.flag_sigma_z)
     results = _report(ctx, refinement, setup.refs, setup.prepared, setup.band, setup.n_shots, setup.n_shoeboxes,
                       setup.n_pixels, time.perf_counter() - t0, file_pairs=pairs, residuals=residuals)  # fmt: skip
@@ -319,6 +306,35 @@ def load_checkpoint(path: Path, fingerprint: str) -> dict | None:
     if saved.get("fingerprint") != fingerprint:
         raise SpreadError(f"{path} belongs to another run (other inputs or parameters): remove it or use another output.prefix")
     return saved
+
+
+def restore_checkpoint(refinement: Refinement, saved: dict, refine_cell: bool, device) -> int:
+    """Put a checkpoint's global parameters, per-shot parameters, left-out shoeboxes and history
+    into ``refinement`` (whose caches were made at the checkpoint's cache points:
+    :func:`saved_cache_points`); returns the macrocycle to resume from."""
+    shots = refinement.shots
+    refinement.theta = torch.tensor(saved["theta"], dtype=torch.float64)
+    refinement.states = saved_states(saved, shots, refine_cell, device)
+    rejected = [saved["states"][s.identifier].get("rejected") for s in shots.shots]
+    refinement.caches = [replace(c, rejected=None if left is None else torch.tensor(left, device=device))
+                         for c, left in zip(refinement.caches, rejected)]  # fmt: skip
+    refinement.history = saved["history"]
+    return int(saved["macrocycle"])
+
+
+def checkpoint_saver(path: Path, fingerprint: str, comm) -> Callable[[Refinement], None]:
+    """A Refinement.run ``on_macrocycle`` callback that writes the checkpoint (every rank's
+    stills, :func:`checkpoint_states`) to ``path`` on the root rank, whole or not at all."""
+
+    def save(r: Refinement) -> None:
+        merged = checkpoint_states(r, comm)
+        if comm.is_root:
+            with atomic_path(path) as tmp:
+                torch.save({"fingerprint": fingerprint, "macrocycle": r.history[-1]["macrocycle"], "theta": r.theta.tolist(),
+                            "states": merged, "history": r.history}, tmp)  # fmt: skip
+        comm.barrier()
+
+    return save
 
 
 def checkpoint_states(refinement: Refinement, comm) -> dict[str, dict]:

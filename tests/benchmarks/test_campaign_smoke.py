@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -25,7 +26,7 @@ FIELDS = {
     "case", "n", "replicate", "seed", "sites", "truth_states", "control", "theta", "truth", "sigma_fisher",
     "sigma_sandwich", "sigma_bootstrap", "bootstrap_draws", "differences", "figure9", "conventional", "shoeboxes", "pixels", "macrocycles", "ranks", "device",
     "cell_error", "truth_shift", "truth_prior_sigma_eV", "seconds", "peak_gpu_bytes", "date", "parameters",
-    "energy_jitter_eV", "energy_jitter_sigma_eV", "energy_jitter_found_eV",
+    "energy_jitter_eV", "energy_jitter_sigma_eV", "energy_jitter_found_eV", "resumed_from_macrocycle",
 }  # fmt: skip
 
 
@@ -160,6 +161,37 @@ def test_negative_controls_run_in_the_campaign(campaign, tmp_path, control):
     (line,) = (tmp_path / "out" / f"campaign_tiny_{control}.jsonl").read_text().splitlines()
     record = json.loads(line)
     assert record["control"] == control and all(math.isfinite(x) for x in record["theta"])
+
+
+def test_a_killed_replicate_resumes_to_the_uninterrupted_answer(campaign, tmp_path):
+    """SIGKILL once the N = 4 replicate's first checkpoint appears; the rerun resumes after it
+    (resumed_from_macrocycle) and ends where the fixture's uninterrupted run ended; the finished
+    replicate's checkpoint is removed."""
+    path, _, _ = campaign
+    tables = path.parent.parent / "tables"
+    args = [sys.executable, str(HARNESS), str(SMOKE), f"case.data={tables}", "output.directory=out", "ladder.n=4"]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(REPO), os.environ.get("PYTHONPATH", "")]), "OMP_NUM_THREADS": "2"}
+    with open(tmp_path / "killed.out", "w") as out:
+        process = subprocess.Popen(args, cwd=tmp_path, env=env, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + 600
+            while not list((tmp_path / "out").glob("*.checkpoint.pt")) and process.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+            process.send_signal(signal.SIGKILL)
+        finally:
+            process.wait(timeout=60)
+    assert process.returncode == -signal.SIGKILL, (tmp_path / "killed.out").read_text()[-2000:]
+    assert not (tmp_path / "out" / "campaign_tiny.jsonl").exists() or not (tmp_path / "out" / "campaign_tiny.jsonl").read_text()
+    rerun = subprocess.run(args, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=600)
+    assert rerun.returncode == 0, rerun.stderr[-3000:]
+    (line,) = (tmp_path / "out" / "campaign_tiny.jsonl").read_text().splitlines()
+    resumed = json.loads(line)
+    (whole,) = [json.loads(x) for x in path.read_text().splitlines() if json.loads(x)["n"] == 4]
+    assert resumed["resumed_from_macrocycle"] >= 1 and whole["resumed_from_macrocycle"] == 0
+    assert resumed["macrocycles"] == whole["macrocycles"]
+    assert resumed["theta"] == pytest.approx(whole["theta"], rel=1e-9, abs=1e-9)
+    assert resumed["sigma_fisher"] == pytest.approx(whole["sigma_fisher"], rel=1e-9)
+    assert not list((tmp_path / "out").glob("*.checkpoint.pt"))
 
 
 def test_a_jitter_is_injected_and_refined_per_still(campaign, tmp_path):
