@@ -126,11 +126,6 @@ def initial_state(cache: ShotCache, intensity: Tensor, n_shoeboxes: int, iterati
     return ShotState(torch.log(scale.clamp(min=1e-12)), cache.profiles.rotation.clone(), background, cell, jitter_eV)
 
 
-def _jitter_of(state: ShotState) -> Tensor:
-    """() a still's energy jitter (eV; 0 when it has none)."""
-    return torch.zeros((), dtype=torch.float64) if state.energy_offset is None else state.energy_offset.detach()
-
-
 def global_objective(
     theta: Tensor, caches: list[ShotCache], states: list[ShotState], sites: SiteModel, readout_sigma: float | None,
     model_error_fraction: float = 0.0,
@@ -207,7 +202,7 @@ class Refinement:
         theta = self.theta if theta is None else theta
         if not (self.settings.energy_jitter_sigma_eV is not None if jitter is None else jitter):
             return [self.curves_intensity(i, theta, s).detach() for i, s in zip(indices, states)], None
-        pairs = [intensities_and_slope(self.sites, theta, self.caches[i], _jitter_of(s)) for i, s in zip(indices, states)]
+        pairs = [intensities_and_slope(self.sites, theta, self.caches[i], s.energy_jitter()) for i, s in zip(indices, states)]
         return [v for v, _ in pairs], [d for _, d in pairs]
 
     def ordered_sum(self, local: list[Tensor]) -> Tensor:
@@ -303,7 +298,7 @@ class Refinement:
                 for i, (state, nll), made, before in zip(chunk, fits, profiles, states):
                     step = float(((state.offsets - self.caches[i].profiles.offsets) / radii[i]).abs().max())
                     if settings.energy_jitter_sigma_eV is not None:
-                        step = max(step, abs(float(_jitter_of(state)) - float(_jitter_of(before))) / settings.energy_jitter_sigma_eV)
+                        step = max(step, abs(float(state.energy_jitter() - before.energy_jitter())) / settings.energy_jitter_sigma_eV)
                     self.states[i], nlls[i] = state, nll
                     self.caches[i] = self.caches[i].with_profiles(made)
                     if fraction is None and step < 0.25:

@@ -17,7 +17,6 @@ from spread_dials.refine.derivatives import value_and_jacobian
 from spread_dials.refine.model import (
     bragg_terms,
     fisher_weights,
-    intensities_and_slope,
     rate_from_terms,
     site_intensities,
 )
@@ -34,24 +33,22 @@ def shot_information(refinement, i: int, theta: Tensor, extra: Tensor | None = N
     (theta, those), (P + Q) square."""
     cache, state, sites = refinement.caches[i], refinement.states[i], refinement.sites
     readout = refinement.settings.readout_sigma
-
-    def intensity_of(t: Tensor) -> Tensor:
-        return site_intensities(sites, t, cache, state.energy_offset)
-
-    intensity, d_intensity = value_and_jacobian(intensity_of, theta)  # (B, C), (B, C, P)
+    n_theta = theta.numel()
+    jitter_sigma = refinement.settings.energy_jitter_sigma_eV
+    if jitter_sigma is None:
+        x, intensity_of = theta, lambda t: site_intensities(sites, t, cache, state.energy_offset)
+    else:  # the still's energy jitter beside theta: one more column (a per-shot one, profiled below)
+        x = torch.cat([theta, state.energy_jitter().reshape(1)])
+        intensity_of = lambda t: site_intensities(sites, t[:n_theta], cache, t[n_theta])  # noqa: E731
+    intensity, d_intensity = value_and_jacobian(intensity_of, x)  # (B, C), (B, C, P [+ 1])
     terms = bragg_terms(cache, intensity)
     lam, bragg = rate_from_terms(cache, state, terms)
-    u_theta = torch.exp(state.log_scale) * torch.einsum("nc,ncp->np", cache.profiles.profile, d_intensity[cache.pixel_shoebox])
+    u_x = torch.exp(state.log_scale) * torch.einsum("nc,ncp->np", cache.profiles.profile, d_intensity[cache.pixel_shoebox])
+    u_theta, u_jitter = u_x[:, :n_theta], u_x[:, n_theta:]
     if extra is not None:
         u_theta = torch.cat([u_theta, extra.to(u_theta)], -1)
     refined = refined_offsets(terms.offsets.numel(), refinement.settings)
-    u = torch.cat([u_theta, shot_columns(torch.exp(state.log_scale), bragg, terms.jacobian, refined)], -1)  # (N, P + n_s)
-    jitter_sigma = refinement.settings.energy_jitter_sigma_eV
-    if jitter_sigma is not None:  # the still's energy jitter, the last per-shot parameter
-        delta = state.energy_offset if state.energy_offset is not None else torch.zeros((), dtype=torch.float64)
-        _, slope = intensities_and_slope(sites, theta, cache, delta)
-        u_jitter = torch.exp(state.log_scale) * (cache.profiles.profile * slope[cache.pixel_shoebox]).sum(-1)
-        u = torch.cat([u, u_jitter.detach().unsqueeze(-1)], -1)
+    u = torch.cat([u_theta, shot_columns(torch.exp(state.log_scale), bragg, terms.jacobian, refined), u_jitter], -1)  # (N, P + n_s)
     w = fisher_weights(lam, cache.fitted, readout, refinement.settings.model_error_fraction)
     h_bb, h_bo, h_oo = normal_blocks(cache, w, u, int(state.background.shape[0]))
     reduced, _, _, _ = eliminate_planes(h_bb, h_bo, h_oo)

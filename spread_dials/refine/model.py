@@ -57,6 +57,12 @@ class ShotState:
         """(3 + k,) crystal offsets: rotation then cell (as ShotProfiles.offsets)."""
         return self.rotation if self.cell is None else torch.cat([self.rotation, self.cell.to(self.rotation)])
 
+    def energy_jitter(self, like: Tensor | None = None) -> Tensor:
+        """() the energy jitter (eV; 0 when not refined), detached, with ``like``'s dtype and
+        device (default float64 on the CPU)."""
+        like = torch.zeros((), dtype=torch.float64) if like is None else like
+        return like.new_zeros(()) if self.energy_offset is None else self.energy_offset.detach().to(like)
+
     def detach(self) -> "ShotState":
         detached = lambda t: None if t is None else t.detach()  # noqa: E731
         return ShotState(self.log_scale.detach(), self.rotation.detach(), self.background.detach(),

@@ -112,7 +112,7 @@ def _batch(caches: list[ShotCache], states: list[ShotState], intensities: list[T
         if jacobian is None:
             jacobian = d_jitter.new_zeros((d_jitter.numel(), x0.shape[1]))
         jacobian = torch.cat([jacobian, d_jitter.unsqueeze(-1)], -1)
-        x0 = torch.cat([x0, torch.stack([_jitter(s, x0) for s in states]).unsqueeze(-1)], -1)
+        x0 = torch.cat([x0, torch.stack([s.energy_jitter(x0) for s in states]).unsqueeze(-1)], -1)
     device = caches[0].counts.device
     n_pixels = torch.tensor([c.counts.numel() for c in caches], device=device)
     n_boxes = torch.tensor([s.background.shape[0] for s in states], device=device)
@@ -127,13 +127,6 @@ def _batch(caches: list[ShotCache], states: list[ShotState], intensities: list[T
         fitted=torch.cat([c.fitted for c in caches]),
         bragg=torch.cat([t.value for t in terms]), jacobian=jacobian, x0=x0, jitter_sigma=jitter_sigma,
     )  # fmt: skip
-
-
-def _jitter(state: ShotState, like: Tensor) -> Tensor:
-    """() the still's energy jitter (eV; 0 when it has none yet) as ``like``'s dtype and device."""
-    if state.energy_offset is None:
-        return torch.zeros((), dtype=like.dtype, device=like.device)
-    return state.energy_offset.detach().to(like)
 
 
 def _jitter_prior(batch: _Batch, offsets: Tensor) -> Tensor | float:
@@ -218,7 +211,7 @@ def refine_shots(caches: list[ShotCache], states: list[ShotState], intensities: 
         ValueError: stills that differ in their crystal offsets or profile derivatives; the
             jitter prior without the slopes.
     """
-    sigma = getattr(settings, "energy_jitter_sigma_eV", None)
+    sigma = settings.energy_jitter_sigma_eV
     if sigma is not None and slopes is None:
         raise ValueError("stage 1 with an energy-jitter prior needs the intensities' slopes in the jitter")
     slopes = slopes if sigma is not None else [None] * len(caches)
@@ -234,7 +227,7 @@ def refine_shots(caches: list[ShotCache], states: list[ShotState], intensities: 
 def _refine_batch(caches: list[ShotCache], states: list[ShotState], intensities: list[Tensor], slopes: list,
                   settings) -> list[tuple[ShotState, float]]:  # fmt: skip
     """:func:`refine_shots` on one batch."""
-    sigma = getattr(settings, "energy_jitter_sigma_eV", None)
+    sigma = settings.energy_jitter_sigma_eV
     batch = _batch(caches, states, intensities, slopes, sigma)
     n_offsets = int(batch.x0.shape[1]) - (sigma is not None)
     refined = refined_offsets(n_offsets, settings) & (caches[0].profiles.jacobian is not None)
@@ -246,8 +239,8 @@ def _refine_batch(caches: list[ShotCache], states: list[ShotState], intensities:
     low, high = batch.x0 - radius, batch.x0 + radius
     log_scale = torch.stack([s.log_scale.detach() for s in states])
     offsets = torch.stack([s.offsets.detach() for s in states])
-    if sigma is not None:
-        offsets = torch.cat([offsets, torch.stack([_jitter(s, offsets) for s in states]).unsqueeze(-1)], -1)
+    if sigma is not None:  # the jitter starts where its linearisation point is
+        offsets = torch.cat([offsets, batch.x0[:, -1:]], -1)
     background = torch.cat([s.background.detach() for s in states])
     n = batch.n_stills
     mu = torch.full((n,), 1e-3, dtype=log_scale.dtype, device=log_scale.device)
