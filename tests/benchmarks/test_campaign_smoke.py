@@ -161,6 +161,10 @@ def test_negative_controls_run_in_the_campaign(campaign, tmp_path, control):
     (line,) = (tmp_path / "out" / f"campaign_tiny_{control}.jsonl").read_text().splitlines()
     record = json.loads(line)
     assert record["control"] == control and all(math.isfinite(x) for x in record["theta"])
+    # summarised beside the normal ladder, the control is a group of its own
+    summary = json.loads(_run(str(HARNESS), "--summarise", str(path), f"out/campaign_tiny_{control}.jsonl", cwd=tmp_path).stdout)
+    assert sorted(summary) == sorted(["tiny N=2", "tiny N=4", f"tiny N=3 {control}"])
+    assert summary[f"tiny N=3 {control}"]["replicates"] == 1 and len(summary[f"tiny N=3 {control}"]["sandwich_over_fisher"]) == 1
 
 
 def test_a_killed_replicate_resumes_to_the_uninterrupted_answer(campaign, tmp_path):
