@@ -113,6 +113,9 @@ def run_correction(ctx, experiments, reflections, warm_start) -> dict:
     warm_path = Path(warm_start)
     warm = read_warm_start(warm_path)
     setup = load_setup(ctx, experiments, reflections)
+    if setup.settings.sum_channels:
+        logger.info("refinement.sum_channels ignored: the correction works on the per-channel profiles")
+        setup = replace(setup, settings=replace(setup.settings, sum_channels=False))
     if warm["names"] != setup.sites.parameter_names():
         raise SpreadError(f"{warm_path} refined {warm['names']} but these inputs and parameters give "
                           f"{setup.sites.parameter_names()}: give the .phil of the dials.spread_refine run")  # fmt: skip

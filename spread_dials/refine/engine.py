@@ -36,6 +36,7 @@ from spread_dials.refine.model import (
     negative_log_likelihood,
     pixel_rate,
     site_intensities,
+    sum_channels,
 )
 from spread_dials.refine.profiles import CrystalModel, ShotProfiles, stills_profiles
 from spread_dials.refine.residuals import shoebox_statistics
@@ -43,7 +44,7 @@ from spread_dials.refine.shots import ShotSet
 from spread_dials.refine.sites import SiteModel
 from spread_dials.refine.stage1 import STAGE1_BATCH_PIXELS, refine_shot, refine_shots, trust_radius
 
-__all__ = ["RefineSettings", "Refinement", "initial_state", "refine_shot", "global_objective", "refine_globals", "inverse_resolution"]
+__all__ = ["RefineSettings", "Refinement", "initial_state", "channel_summer", "make_caches", "refine_shot", "global_objective", "refine_globals", "inverse_resolution"]
 
 logger = logging.getLogger("dials.spread.refine")
 
@@ -84,6 +85,12 @@ class RefineSettings:
             spectrum's offset from the true energies, eV) in stage 1 under the prior
             N(0, sigma^2) with this sigma (eV); profiled out of the information like the other
             per-shot parameters.
+        sum_channels: hold each still's profiles summed over the channels
+            (:func:`~spread_dials.refine.model.sum_channels`, 30-60x less memory) at the current
+            theta and jitter, summed again wherever the kernel recomputes them; stage 2's line
+            search and the first stage-1 pass after it then see the Bragg terms to first order
+            in theta (the per-channel profiles give them exactly).  The caches must be made
+            summed too (:func:`make_caches` with :func:`channel_summer`).
     """
 
     macrocycles: int = 5
@@ -103,6 +110,24 @@ class RefineSettings:
     reject_sigma_z: float | None = None
     resolution_ramp: tuple[float, ...] = (0.3, 0.5, 0.7, 0.85)
     energy_jitter_sigma_eV: float | None = None
+    sum_channels: bool = False
+
+
+def channel_summer(sites: SiteModel, theta: Tensor, settings: RefineSettings,
+                   points: list[tuple[Tensor, Tensor | None]] | None = None) -> Callable[[int, ShotCache], ShotCache] | None:  # fmt: skip
+    """:func:`make_caches`' ``reduce`` for ``settings``: with ``sum_channels`` each still's cache
+    summed over the channels at ``theta`` (and, with an energy-jitter prior, at a jitter of
+    0 eV, its prior mean), or still i at ``points[i]`` (theta0, jitter0) (a checkpoint's, so a
+    resumed refinement goes on from the same caches); else None (per-channel caches)."""
+    if not settings.sum_channels:
+        return None
+    jitter = None if settings.energy_jitter_sigma_eV is None else torch.zeros((), dtype=torch.float64)
+
+    def reduce(i: int, cache: ShotCache) -> ShotCache:
+        at, delta = (theta, jitter) if points is None else points[i]
+        return cache.with_profiles(sum_channels(cache, sites, at, delta))
+
+    return reduce
 
 
 def initial_state(cache: ShotCache, intensity: Tensor, n_shoeboxes: int, iterations: int = 50, jitter: bool = False) -> ShotState:
@@ -185,7 +210,13 @@ class Refinement:
         GPU: :func:`~spread_dials.refine.profiles.stills_profiles`)."""
         made = stills_profiles(self.shots, [self.shots.shots[i] for i in indices], self.crystal_model,
                                [s.rotation for s in states], [s.cell for s in states])  # fmt: skip
-        return made if self.profile_map is None else [self.profile_map(i, p) for i, p in zip(indices, made)]
+        if self.profile_map is not None:
+            made = [self.profile_map(i, p) for i, p in zip(indices, made)]
+        if self.settings.sum_channels:  # at the current theta and each still's jitter
+            jitter = self.settings.energy_jitter_sigma_eV is not None
+            made = [sum_channels(self.caches[i].with_profiles(p), self.sites, self.theta, s.energy_jitter() if jitter else None)
+                    for i, p, s in zip(indices, made, states)]  # fmt: skip
+        return made
 
     def curves_intensity(self, i: int, theta: Tensor | None = None, state: ShotState | None = None) -> Tensor:
         """(B, C) |F_h(E_c - delta)|^2 of local still i at ``theta`` and the energy jitter delta
@@ -465,10 +496,12 @@ def table_rows(table: StructureFactors, miller_index: Tensor, spoil_hkl: bool = 
 
 def make_caches(shots: ShotSet, table: StructureFactors, model: CrystalModel, rotations: list[Tensor] | None = None,
                 spoil_hkl: bool = False, shuffle_seed: int | None = None, cells: list[Tensor] | None = None,
-                refine_cell: bool = False) -> list[ShotCache]:  # fmt: skip
+                refine_cell: bool = False, reduce: Callable[[int, ShotCache], ShotCache] | None = None) -> list[ShotCache]:  # fmt: skip
     """Each still's cache: pixels, F0 and G of its reflections (from ``table``) and profiles at
     ``rotations`` (default zero) and, with ``refine_cell``, at log cell-length changes ``cells``
-    (default zero; ``model.n_cell_parameters`` each).
+    (default zero; ``model.n_cell_parameters`` each), made ``STAGE1_BATCH_PIXELS`` pixels of
+    stills at a time, each still's cache passed through ``reduce`` (index, cache) -> cache
+    (e.g. :func:`channel_summer`'s) before the next run's are made.
 
     Negative controls (refinement must then fail to find the truth): ``spoil_hkl`` looks F0 and
     G up at (h, k, l + 1), or at (h, k, l - 1) where l + 1 lies beyond the table (a table made
@@ -490,18 +523,29 @@ def make_caches(shots: ShotSet, table: StructureFactors, model: CrystalModel, ro
         if refine_cell:
             cell = (torch.zeros(model.n_cell_parameters, dtype=torch.float64) if cells is None else cells[i]).to(device)
         offsets.append((rotation.to(device), cell))
-    profiles = stills_profiles(shots, shots.shots, model, [r for r, _ in offsets], [c for _, c in offsets])
+    runs, pixels = [], 0
     for i, shot in enumerate(shots.shots):
-        sb = shot.shoeboxes
-        device = sb.counts.device
-        fast, slow = sb.pixel_coordinates()
-        energy = shot.energy_eV.cpu()
-        if shuffle_seed is not None:
-            energy = energy[torch.randperm(energy.numel(), generator=torch.Generator().manual_seed(shuffle_seed + i))]
-        caches.append(ShotCache(
-            pixel_shoebox=sb.pixel_shoebox(), fast=fast, slow=slow, counts=sb.counts, valid=sb.valid,
-            F0=table.F0[rows_of[i]].to(device), G=table.G[rows_of[i]].to(device), energy_eV=energy, profiles=profiles[i],
-        ))  # fmt: skip
+        size = int(shot.shoeboxes.n_pixels)
+        if not runs or pixels + size > STAGE1_BATCH_PIXELS:
+            runs.append([])
+            pixels = 0
+        runs[-1].append(i)
+        pixels += size
+    for run in runs:
+        profiles = stills_profiles(shots, [shots.shots[i] for i in run], model, [offsets[i][0] for i in run],
+                                   [offsets[i][1] for i in run])  # fmt: skip
+        for i, made in zip(run, profiles):
+            sb = shots.shots[i].shoeboxes
+            device = sb.counts.device
+            fast, slow = sb.pixel_coordinates()
+            energy = shots.shots[i].energy_eV.cpu()
+            if shuffle_seed is not None:
+                energy = energy[torch.randperm(energy.numel(), generator=torch.Generator().manual_seed(shuffle_seed + i))]
+            cache = ShotCache(
+                pixel_shoebox=sb.pixel_shoebox(), fast=fast, slow=slow, counts=sb.counts, valid=sb.valid,
+                F0=table.F0[rows_of[i]].to(device), G=table.G[rows_of[i]].to(device), energy_eV=energy, profiles=made,
+            )  # fmt: skip
+            caches.append(cache if reduce is None else reduce(i, cache))
     return caches
 
 

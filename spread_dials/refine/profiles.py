@@ -142,12 +142,21 @@ class ShotProfiles:
         jacobian: (N, C, 3 + k) d profile / d (rotation (per rad), cell (per unit log length)),
             or None.
         cell: (k,) log cell-length changes at which the cache was made (None: cell not refined).
+        summed_at: None for per-channel profiles; for profiles summed over the channels
+            (:func:`~spread_dials.refine.model.sum_channels`) the global parameters theta0 (P,)
+            they were summed at: ``profile`` is then (N, 1 + P [+ 1]) "virtual channels" (the
+            Bragg term per unit scale, its derivatives in theta [and in the energy jitter]) and
+            ``jacobian`` (N, 1, 3 + k) the first one's derivative in the crystal offsets.
+        summed_jitter: () the energy jitter delta0 (eV) they were summed at, when they carry its
+            column, else None.
     """
 
     rotation: Tensor
     profile: Tensor
     jacobian: Tensor | None
     cell: Tensor | None = None
+    summed_at: Tensor | None = None
+    summed_jitter: Tensor | None = None
 
     @property
     def offsets(self) -> Tensor:

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from spread_dials.refine.engine import Refinement, RefineSettings, make_caches
+from spread_dials.refine.engine import Refinement, RefineSettings, channel_summer, make_caches
 from spread_dials.refine.model import ShotState
 from spread_dials.refine.profiles import CrystalModel
 from spread_dials.refine.references import matched_edge_shifts
@@ -29,7 +29,7 @@ from spread_dials.util.errors import SpreadError
 
 __all__ = ["RefineSetup", "checkpoint_saver", "checkpoint_states", "load_checkpoint", "load_setup", "make_refinement", "refined_residuals",
            "restore_checkpoint", "run_refinement",
-           "saved_cache_points", "saved_states", "truth_curves_from_record", "truth_edge_shifts"]
+           "saved_cache_points", "saved_states", "saved_summed_points", "truth_curves_from_record", "truth_edge_shifts"]
 
 logger = logging.getLogger("dials.spread.refine")
 
@@ -192,26 +192,30 @@ def load_setup(ctx, experiments, reflections) -> RefineSetup:
         refine_cell=r.refine_cell, cell_step_permille=r.cell_step_permille,
         resolution_ramp=tuple(r.resolution_ramp or ()), stage2=r.stage2, max_global_step=r.max_global_step,
         parameter_tolerance=r.parameter_tolerance, model_error_fraction=params.model_error_fraction,
-        reject_sigma_z=r.reject_sigma_z, energy_jitter_sigma_eV=r.energy_jitter_sigma_eV,
+        reject_sigma_z=r.reject_sigma_z, energy_jitter_sigma_eV=r.energy_jitter_sigma_eV, sum_channels=r.sum_channels,
     )  # fmt: skip
     return RefineSetup(pairs, shots, shot_index, n_shots, n_sb, n_px, band, prepared, table, refs, sites, model, settings)
 
 
-def make_refinement(ctx, setup: RefineSetup, rotations: list[Tensor] | None = None,
-                    cells: list[Tensor] | None = None) -> Refinement:  # fmt: skip
+def make_refinement(ctx, setup: RefineSetup, rotations: list[Tensor] | None = None, cells: list[Tensor] | None = None,
+                    summed: list[tuple[Tensor, Tensor | None]] | None = None) -> Refinement:  # fmt: skip
     """The engine over ``setup``'s stills: profiles at the given cache points (default the
-    stills' own crystals), theta at the sites' start, no per-shot states yet."""
+    stills' own crystals; with ``settings.sum_channels`` summed over the channels at the
+    sites' start or at ``summed``, a checkpoint's :func:`saved_summed_points`), theta at the
+    sites' start, no per-shot states yet."""
     params, r = ctx.params, ctx.params.refinement
     if params.controls.shuffle_channels:
         logger.info("NEGATIVE CONTROL: channel energies shuffled for f'/f'' (the kernel keeps the true ones)")
     if params.controls.spoil_hkl:
         logger.info("NEGATIVE CONTROL: structure factors looked up at h, k, l+1")
     t1 = time.perf_counter()
+    sites = setup.sites
     caches = make_caches(setup.shots, setup.table, setup.model, rotations, spoil_hkl=params.controls.spoil_hkl,
                          shuffle_seed=params.random.seed if params.controls.shuffle_channels else None,
-                         cells=cells, refine_cell=r.refine_cell)  # fmt: skip
-    logger.info("Profiles of %d local stills in %.1f s", len(caches), time.perf_counter() - t1)
-    sites = setup.sites
+                         cells=cells, refine_cell=r.refine_cell,
+                         reduce=channel_summer(sites, sites.initial(), setup.settings, summed))  # fmt: skip
+    logger.info("Profiles of %d local stills in %.1f s%s", len(caches), time.perf_counter() - t1,
+                " (summed over the channels)" if setup.settings.sum_channels else "")  # fmt: skip
     return Refinement(setup.shots, setup.shot_index, setup.n_shots, caches, [], sites, sites.initial(), setup.model, ctx.mpi,
                       setup.settings)  # fmt: skip
 
@@ -228,7 +232,7 @@ def run_refinement(ctx, experiments, reflections) -> dict:
     ctx.accept_inputs()  # the inputs are checked: from here on the log and outputs stay
     # the caches at the saved cache points (stage 2 may move the states off them)
     rotations, cells = saved_cache_points(saved, shots, r.refine_cell, ctx.device) if saved is not None else (None, None)
-    refinement = make_refinement(ctx, setup, rotations, cells)
+    refinement = make_refinement(ctx, setup, rotations, cells, saved_summed_points(saved, shots) if saved is not None else None)
     start_cycle = 0
     if saved is not None:
         start_cycle = restore_checkpoint(refinement, saved, r.refine_cell, ctx.device)
@@ -346,7 +350,9 @@ def checkpoint_states(refinement: Refinement, comm) -> dict[str, dict]:
                              "background": st.background.tolist(),
                              "rejected": None if c.rejected is None else c.rejected.tolist(),
                              "cache_rotation": c.profiles.rotation.tolist(),
-                             "cache_cell": None if c.profiles.cell is None else c.profiles.cell.tolist()}
+                             "cache_cell": None if c.profiles.cell is None else c.profiles.cell.tolist(),
+                             "cache_theta": None if c.profiles.summed_at is None else c.profiles.summed_at.tolist(),
+                             "cache_jitter": None if c.profiles.summed_jitter is None else float(c.profiles.summed_jitter)}
               for s, st, c in zip(refinement.shots.shots, refinement.states, refinement.caches)}  # fmt: skip
     return {k: v for part in comm.allgather(states) for k, v in part.items()}
 
@@ -360,6 +366,22 @@ def saved_cache_points(saved: dict, shots, refine_cell: bool, device) -> tuple[l
     (:func:`checkpoint_states`)."""
     rotations = [_saved(saved, s, "cache_rotation", device) for s in shots.shots]
     return rotations, [_saved(saved, s, "cache_cell", device) for s in shots.shots] if refine_cell else None
+
+
+def saved_summed_points(saved: dict, shots) -> list[tuple[Tensor, Tensor | None]] | None:
+    """Each local still's (theta0, jitter0) at which its profiles were summed over the channels
+    in a checkpoint (:func:`~spread_dials.refine.engine.channel_summer`'s ``points``), or None
+    when they were not summed."""
+    def point(shot) -> tuple[Tensor, Tensor | None] | None:
+        entry = saved["states"][shot.identifier]
+        if entry.get("cache_theta") is None:
+            return None
+        jitter = entry.get("cache_jitter")
+        return (torch.tensor(entry["cache_theta"], dtype=torch.float64),
+                None if jitter is None else torch.tensor(jitter, dtype=torch.float64))  # fmt: skip
+
+    points = [point(s) for s in shots.shots]
+    return None if any(p is None for p in points) else points
 
 
 def saved_states(saved: dict, shots, refine_cell: bool, device) -> list[ShotState]:
