@@ -26,7 +26,7 @@ FIELDS = {
     "case", "n", "replicate", "seed", "sites", "truth_states", "control", "theta", "truth", "sigma_fisher",
     "sigma_sandwich", "sigma_bootstrap", "bootstrap_draws", "differences", "figure9", "conventional", "shoeboxes", "pixels", "macrocycles", "ranks", "device",
     "cell_error", "truth_shift", "truth_prior_sigma_eV", "seconds", "peak_gpu_bytes", "date", "parameters",
-    "energy_jitter_eV", "energy_jitter_sigma_eV", "energy_jitter_found_eV", "resumed_from_macrocycle",
+    "energy_jitter_eV", "energy_jitter_sigma_eV", "energy_jitter_found_eV", "resumed_from_macrocycle", "sum_channels",
 }  # fmt: skip
 
 
@@ -211,6 +211,21 @@ def test_a_jitter_is_injected_and_refined_per_still(campaign, tmp_path):
     assert record["energy_jitter_eV"] == 1.0 and record["energy_jitter_sigma_eV"] == 1.0
     found = record["energy_jitter_found_eV"]
     assert len(found) == 3 and all(math.isfinite(x) for x in found) and any(x != 0 for x in found)
+
+
+def test_summed_channels_reach_the_per_channel_estimate(campaign, tmp_path):
+    """refine.sum_channels=True (each still's profiles held summed over the channels) ends
+    where the per-channel run of the same stills ended (well inside its sigma)."""
+    path, _, _ = campaign
+    tables = path.parent.parent / "tables"
+    out = _run(str(HARNESS), str(SMOKE), f"case.data={tables}", "output.directory=out", "ladder.n=4",
+               "refine.sum_channels=True", "output.name=summed", cwd=tmp_path)  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    (summed,) = [json.loads(line) for line in (tmp_path / "out" / "summed.jsonl").read_text().splitlines()]
+    (full,) = [json.loads(line) for line in path.read_text().splitlines() if json.loads(line)["n"] == 4]
+    assert summed["sum_channels"] is True and full["sum_channels"] is False
+    assert abs(summed["theta"][0] - full["theta"][0]) < 0.05 * full["sigma_fisher"][0], (summed["theta"], full["theta"])
+    assert abs(summed["sigma_fisher"][0] / full["sigma_fisher"][0] - 1) < 0.02
 
 
 def test_a_shift_per_site_must_match_the_sites(campaign, tmp_path):
