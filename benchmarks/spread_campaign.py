@@ -87,6 +87,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import logging
 import math
 import sys
 import time
@@ -893,6 +894,8 @@ def run_campaign(flat: dict, plan_only: bool = False) -> int:
         if comm.is_root:
             print(json.dumps(plan(case, params, device), indent=1))
         return 0
+    if comm.is_root:  # the engine's macrocycle lines (NLL, edge shifts, seconds) as progress
+        logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
     out = output_path(params)
     done = {(r["n"], r["replicate"], r["seed"]) for r in read_records(out, repair=comm.is_root)}
     if comm.is_root:
