@@ -13,12 +13,11 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from spread_dials.refine.derivatives import value_and_jacobian
 from spread_dials.refine.model import (
     bragg_terms,
     fisher_weights,
+    intensities_and_jacobian,
     rate_from_terms,
-    site_intensities,
 )
 
 __all__ = ["shot_information", "shot_columns", "refined_offsets", "psd_pseudo_inverse", "normal_blocks", "eliminate_planes"]
@@ -35,12 +34,8 @@ def shot_information(refinement, i: int, theta: Tensor, extra: Tensor | None = N
     readout = refinement.settings.readout_sigma
     n_theta = theta.numel()
     jitter_sigma = refinement.settings.energy_jitter_sigma_eV
-    if jitter_sigma is None:
-        x, intensity_of = theta, lambda t: site_intensities(sites, t, cache, state.energy_offset)
-    else:  # the still's energy jitter beside theta: one more column (a per-shot one, profiled below)
-        x = torch.cat([theta, state.energy_jitter().reshape(1)])
-        intensity_of = lambda t: site_intensities(sites, t[:n_theta], cache, t[n_theta])  # noqa: E731
-    intensity, d_intensity = value_and_jacobian(intensity_of, x)  # (B, C), (B, C, P [+ 1])
+    # with a jitter prior the still's energy jitter beside theta: one more column (a per-shot one, profiled below)
+    intensity, d_intensity = intensities_and_jacobian(sites, theta, cache, None if jitter_sigma is None else state.energy_jitter())
     terms = bragg_terms(cache, intensity)
     lam, bragg = rate_from_terms(cache, state, terms)
     u_x = torch.exp(state.log_scale) * torch.einsum("nc,ncp->np", cache.profiles.profile, d_intensity[cache.pixel_shoebox])

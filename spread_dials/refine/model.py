@@ -23,7 +23,7 @@ from torch import Tensor
 from spread_dials.refine.derivatives import value_and_jacobian
 from spread_dials.refine.profiles import ShotProfiles
 
-__all__ = ["ShotState", "ShotCache", "BraggTerms", "bragg_terms", "rate_from_terms", "plane_rate", "intensities", "site_intensities", "intensities_and_slope", "sum_channels", "pixel_rate", "pixel_variance", "fisher_weights", "negative_log_likelihood", "pixel_nll", "LAMBDA_FLOOR"]
+__all__ = ["ShotState", "ShotCache", "BraggTerms", "bragg_terms", "rate_from_terms", "plane_rate", "intensities", "site_intensities", "intensities_and_slope", "intensities_and_jacobian", "sum_channels", "pixel_rate", "pixel_variance", "fisher_weights", "negative_log_likelihood", "pixel_nll", "LAMBDA_FLOOR"]
 
 #: smallest pixel rate (photons) the likelihood sees (a plane may dip below 0 at a corner)
 LAMBDA_FLOOR = 1e-6
@@ -170,29 +170,56 @@ def sum_channels(cache: ShotCache, sites, theta: Tensor, energy_offset: Tensor |
     p = cache.profiles
     if p.summed_at is not None:
         raise ValueError("these profiles are already summed over the channels")
-    n_theta = theta.numel()
-    theta = theta.detach().to(torch.float64)
-    if energy_offset is None:
-        x, of = theta, lambda t: site_intensities(sites, t, cache)
-    else:
-        x = torch.cat([theta, energy_offset.detach().to("cpu", torch.float64).reshape(1)])
-        of = lambda t: site_intensities(sites, t[:n_theta], cache, t[n_theta])  # noqa: E731
-    intensity, d_intensity = value_and_jacobian(of, x)  # (B, C), (B, C, P [+ 1])
-    weights = [intensity, *d_intensity.unbind(-1)]
+    intensity, d_intensity = intensities_and_jacobian(sites, theta, cache, energy_offset)  # (B, C), (B, C, P [+ 1])
     sb = cache.pixel_shoebox
-    profile = torch.stack([(p.profile * w[sb]).sum(-1) for w in weights], -1)
+    profile = torch.stack([(p.profile * w[sb]).sum(-1) for w in [intensity, *d_intensity.unbind(-1)]], -1)
     jacobian = None if p.jacobian is None else torch.einsum("nck,nc->nk", p.jacobian, intensity[sb]).unsqueeze(1)
-    jitter = None if energy_offset is None else x[n_theta].clone()
-    return ShotProfiles(p.rotation, profile, jacobian, p.cell, theta.clone(), jitter)
+    jitter = None if energy_offset is None else energy_offset.detach().to("cpu", torch.float64).clone()
+    return ShotProfiles(p.rotation, profile, jacobian, p.cell, theta.detach().to("cpu", torch.float64).clone(), jitter)
+
+
+def intensities_and_jacobian(sites, theta: Tensor, cache: ShotCache, energy_offset: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """(|F|^2 (B, C), its derivatives (B, C, P [+ 1]) in theta [and, when ``energy_offset``
+    delta (() eV) is given, in the jitter]) of :func:`site_intensities`, detached.  The
+    curves' Jacobian (S, C) by autograd on the CPU, the structure factors' in closed form,
+    d|F|^2 = 2 Re(conj(F) G da), on the cache's device (a handful of operations a still, where
+    autograd through the (B, C) intensities took ~100).  For summed profiles the virtual
+    channels' weights and their (constant) derivatives."""
+    n = theta.numel()
+    x = theta.detach().to("cpu", torch.float64)
+    if energy_offset is not None:
+        x = torch.cat([x, energy_offset.detach().to("cpu", torch.float64).reshape(1)])
+    jitter = lambda t: None if energy_offset is None else t[n]  # noqa: E731
+    device = cache.F0.device
+    if cache.profiles.summed_at is not None:  # rows (1, theta - theta0 [, delta - delta0])
+        value = site_intensities(sites, x[:n], cache, jitter(x))
+        d = torch.zeros((value.shape[1], x.numel()), dtype=torch.float64)
+        d[1 : 1 + n, :n] = torch.eye(n, dtype=torch.float64)
+        if energy_offset is not None and cache.profiles.summed_jitter is not None:
+            d[1 + n, n] = 1.0
+        return value, d.to(device).expand(value.shape[0], -1, -1)
+
+    def curves(t: Tensor) -> Tensor:
+        energy = cache.energy_eV.to(torch.float64)
+        if energy_offset is not None:
+            energy = energy - t[n]
+        return torch.stack(sites.curves(t[:n], energy))  # (2, S, C)
+
+    a, da = value_and_jacobian(curves, x)  # (2, S, C), (2, S, C, Q)
+    anomalous = torch.complex(a[0], a[1]).to(device, cache.G.dtype)
+    d_anomalous = torch.complex(da[0], da[1]).to(device, cache.G.dtype)
+    F = cache.F0.unsqueeze(-1) + cache.G @ anomalous  # (B, C)
+    dF = torch.einsum("bs,scq->bcq", cache.G, d_anomalous)
+    value = F.real * F.real + F.imag * F.imag
+    return value, 2 * (F.real.unsqueeze(-1) * dF.real + F.imag.unsqueeze(-1) * dF.imag)
 
 
 def intensities_and_slope(sites, theta: Tensor, cache: ShotCache, energy_offset: Tensor) -> tuple[Tensor, Tensor]:
     """(|F|^2, d|F|^2 / d delta) each (B, C) (electrons^2, electrons^2 / eV) of
     :func:`site_intensities` at the still's energy jitter ``energy_offset`` delta (() eV),
     detached (stage 1 linearises the Bragg terms in delta about it)."""
-    value, slope = value_and_jacobian(lambda d: site_intensities(sites, theta.detach(), cache, d[0]),
-                                      energy_offset.detach().to("cpu", torch.float64).reshape(1))  # fmt: skip
-    return value, slope[..., 0]
+    value, d = intensities_and_jacobian(sites, theta, cache, energy_offset)
+    return value, d[..., -1]
 
 
 @dataclass(frozen=True)

@@ -18,7 +18,7 @@ import torch
 
 from spread_dials.refine.engine import channel_summer, make_caches
 from spread_dials.refine.information import shot_information
-from spread_dials.refine.model import bragg_terms, site_intensities, sum_channels
+from spread_dials.refine.model import bragg_terms, intensities_and_jacobian, site_intensities, sum_channels
 from spread_dials.refine.run import saved_summed_points
 from spread_dials.refine.synthetic import InjectedErrors
 from spread_dials.refine.uncertainty import curvature
@@ -60,6 +60,24 @@ def test_summed_terms_are_exact_at_their_point_and_second_order_off_it():
     full = shot_information(r, 0, theta0)[0]
     r.caches = [summed]
     assert torch.allclose(shot_information(r, 0, theta0)[0], full, rtol=1e-9)
+
+
+def test_the_closed_form_intensity_jacobian_is_the_finite_difference():
+    """intensities_and_jacobian's d|F|^2 / d(theta, delta) (closed form on the structure
+    factors) against central differences of site_intensities."""
+    r = toy_refinement(seed=3, n_stills=1)
+    cache, sites = r.caches[0], r.sites
+    x, h = torch.tensor([1.3, -0.4, 0.37], dtype=torch.float64), 1e-4
+    value, d = intensities_and_jacobian(sites, x[:2], cache, x[2])
+    assert d.shape == (*value.shape, 3)
+    at = lambda y: site_intensities(sites, y[:2], cache, y[2])  # noqa: E731
+    assert torch.allclose(value, at(x), rtol=1e-12)
+    for k in range(3):
+        step = torch.zeros(3, dtype=torch.float64)
+        step[k] = h
+        fd = (at(x + step) - at(x - step)) / (2 * h)
+        assert torch.allclose(d[..., k], fd, rtol=1e-5, atol=1e-6 * float(value.abs().max()))
+        assert float(d[..., k].abs().max()) > 0
 
 
 @pytest.fixture(scope="module")
