@@ -622,6 +622,10 @@ def run_replicate(case: dict, n: int, replicate: int, params, comm, device: torc
     }  # fmt: skip
 
 
+#: stills whose per-channel profiles the conventional route holds at once (~37 MB each for rubredoxin)
+CONVENTIONAL_STILLS = 256
+
+
 def conventional_route(refinement, case: dict, params, comm) -> dict | None:
     """The conventional route (spread_dials.refine.conventional) on this replicate's stills:
     summation intensities with partialities and energies from the profiles at the pixel route's
@@ -636,15 +640,18 @@ def conventional_route(refinement, case: dict, params, comm) -> dict | None:
     )
     from spread_dials.refine.engine import make_caches
 
-    shots = refinement.shots
-    caches = make_caches(shots, case["table"], case["model"], [s.rotation for s in refinement.states],
-                         refine_cell=params.stills.cell_error > 0, cells=[s.cell for s in refinement.states])  # fmt: skip
-    mine = summation_reflections(caches, [s.shoeboxes for s in shots.shots])
-    mine = replace(mine, still=torch.as_tensor(refinement.shot_index)[mine.still])  # the global still index
-    parts = comm.gather(mine)
+    shots, states, pieces = refinement.shots, refinement.states, []
+    for start in range(0, len(shots.shots), CONVENTIONAL_STILLS):  # per-channel profiles of a few hundred stills at a time
+        part = range(start, min(start + CONVENTIONAL_STILLS, len(shots.shots)))
+        sub = replace(shots, shots=[shots.shots[i] for i in part], sources=[shots.sources[i] for i in part])
+        caches = make_caches(sub, case["table"], case["model"], [states[i].rotation for i in part],
+                             refine_cell=params.stills.cell_error > 0, cells=[states[i].cell for i in part])  # fmt: skip
+        piece = summation_reflections(caches, [s.shoeboxes for s in sub.shots])
+        pieces.append(replace(piece, still=torch.as_tensor(refinement.shot_index)[piece.still + start]))  # the global still index
+    parts = comm.gather(Reflections.concatenate(pieces))
     if not comm.is_root:
         return None
-    refl = Reflections(*(torch.cat([getattr(p, f) for p in parts]) for f in Reflections.__dataclass_fields__))
+    refl = Reflections.concatenate(parts)
     references = case["references"]
     try:
         edges = energy_bins(refl.energy_eV, params.refine.conventional_bin_eV, params.refine.conventional_min_reflections)

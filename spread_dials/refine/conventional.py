@@ -54,6 +54,11 @@ class Reflections:
     F0: Tensor
     G: Tensor
 
+    @classmethod
+    def concatenate(cls, parts: list["Reflections"]) -> "Reflections":
+        """One set of the reflections of ``parts`` (their still indices kept)."""
+        return cls(**{f: torch.cat([getattr(p, f) for p in parts]) for f in cls.__dataclass_fields__})
+
 
 def summation_reflections(caches: list, shoeboxes: list) -> Reflections:
     """Summation integration of every shoebox of ``caches`` (one per still; their profiles at
