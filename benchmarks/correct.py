@@ -43,7 +43,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from records import append_record, read_records
+from records import append_record, gpu_peak_bytes, read_records, reset_gpu_peak
 from refine import BACKGROUND_PHOTONS, load_case
 
 from spread_dials.correct.context import pixel_context
@@ -134,8 +134,7 @@ def run_one(case: dict, error: str, n: int, replicate: int, args, device: torch.
                          f"(--per-weight {args.per_weight:g}: {'; '.join(notes)}): give more stills")  # fmt: skip
     sites = EdgeShiftSites(case["references"], list(range(len(case["references"]))), case["labels"])
     settings = RefineSettings(macrocycles=args.macrocycles, refine_cell=True)
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
+    reset_gpu_peak(device)
     t0 = time.perf_counter()
     physics, physics_sigma = fit_physics(shot_set, case, model, sites, settings)
     _sync(device)
@@ -180,7 +179,7 @@ def run_one(case: dict, error: str, n: int, replicate: int, args, device: torch.
         "stencil": correction.coefficients().detach().cpu().tolist(), "shoeboxes": n_sb, "weights": corrected.phi.numel(),
         "physics_seconds": t_physics, "correct_seconds": t_correct, "seconds_per_epoch": float(np.mean(epoch_s)),
         "gpu_seconds_per_still_per_epoch": float(np.mean(epoch_s)) / n,
-        "peak_memory_gb": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None,
+        "peak_memory_gb": None if gpu_peak_bytes(device) is None else gpu_peak_bytes(device) / 2**30,
         "history": corrected.history, "converged": corrected.converged, "settings": asdict(CorrectSettings(epochs=args.epochs)),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "date": time.strftime("%Y-%m-%d"),
     }  # fmt: skip

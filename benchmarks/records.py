@@ -14,7 +14,7 @@ import os
 import sys
 from pathlib import Path
 
-__all__ = ["append_record", "read_records"]
+__all__ = ["append_record", "read_records", "reset_gpu_peak", "gpu_peak_bytes"]
 
 
 def read_records(path: Path, repair: bool = False) -> list[dict]:
@@ -54,3 +54,20 @@ def append_record(path: Path, record: dict) -> None:
         f.write(json.dumps(record) + "\n")
         f.flush()
         os.fsync(f.fileno())
+
+
+def reset_gpu_peak(device) -> None:
+    """Start a new peak of torch's GPU memory on ``device`` (a torch.device; nothing off a GPU)."""
+    if device.type == "cuda":
+        import torch
+
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def gpu_peak_bytes(device) -> int | None:
+    """Peak bytes torch allocated on ``device`` since the last :func:`reset_gpu_peak` (None off a GPU)."""
+    if device.type != "cuda":
+        return None
+    import torch
+
+    return int(torch.cuda.max_memory_allocated(device))

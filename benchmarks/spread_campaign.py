@@ -100,7 +100,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))  # the repository root (no install needed)
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from records import append_record, read_records
+from records import append_record, gpu_peak_bytes, read_records, reset_gpu_peak
 
 from spread_dials.util import phil_lite
 
@@ -452,16 +452,6 @@ def pair_differences(theta: list[float], truth: list[float], covariances: dict, 
     return out
 
 
-def _peak_gpu_bytes(device: torch.device) -> int | None:
-    """Peak bytes torch allocated on ``device`` since the last reset (None off a GPU)."""
-    return int(torch.cuda.max_memory_allocated(device)) if device.type == "cuda" else None
-
-
-def _reset_peak(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-
-
 def truth_shifts(case: dict) -> list[float]:
     """Each site's true edge shift (eV): the rigid shift of its true curve onto its reference over
     the band inside the outer channels (as dials.spread_refine's truth= report)."""
@@ -482,7 +472,7 @@ def plan(case: dict, params, device: torch.device) -> dict:
     from spread_dials.refine.sites import EdgeShiftSites
 
     t0 = time.perf_counter()
-    _reset_peak(device)
+    reset_gpu_peak(device)
     seed, k = params.ladder.seed, params.plan.probe_stills
     probe_n = params.plan.same_stills_as_n
     seeds = [_still_seed(seed, probe_n, 0, i) if probe_n else _still_seed(seed, 0, 0, i) for i in range(k)]  # (N = 0: never a ladder point)
@@ -507,7 +497,7 @@ def plan(case: dict, params, device: torch.device) -> dict:
     return {"case": case["name"], "sites": case["labels"], "truth": truth, "pseudo_true": limit.tolist(), "probe_stills": k,
             "probe_seeds_of_n": probe_n, "information_per_still_site0_eV-2": per_still,
             "mean_information_per_still": info.mean.tolist(), "predicted": rows,
-            "seconds": time.perf_counter() - t0, "peak_gpu_bytes": _peak_gpu_bytes(device)}  # fmt: skip
+            "seconds": time.perf_counter() - t0, "peak_gpu_bytes": gpu_peak_bytes(device)}  # fmt: skip
 
 
 def run_replicate(case: dict, n: int, replicate: int, params, comm, device: torch.device,
@@ -532,7 +522,7 @@ def run_replicate(case: dict, n: int, replicate: int, params, comm, device: torc
     from spread_dials.validation.anomalous import figure9_report
 
     t0 = time.perf_counter()
-    _reset_peak(device)
+    reset_gpu_peak(device)
     seed = params.ladder.seed
     cell_error = params.stills.cell_error
     prior_sigma = params.case.truth_prior_sigma_eV
@@ -617,7 +607,7 @@ def run_replicate(case: dict, n: int, replicate: int, params, comm, device: torc
         "cell_error": cell_error, "truth_shift": params.case.truth_shift, "truth_prior_sigma_eV": prior_sigma,
         "energy_jitter_eV": jitter, "energy_jitter_sigma_eV": params.refine.energy_jitter_sigma_eV, "sum_channels": params.refine.sum_channels,
         "energy_jitter_found_eV": found_jitter,
-        "seconds": time.perf_counter() - t0, "peak_gpu_bytes": _peak_gpu_bytes(device), "resumed_from_macrocycle": start,
+        "seconds": time.perf_counter() - t0, "peak_gpu_bytes": gpu_peak_bytes(device), "resumed_from_macrocycle": start,
         "date": time.strftime("%Y-%m-%d"),
     }  # fmt: skip
 
