@@ -130,6 +130,19 @@ def channel_summer(sites: SiteModel, theta: Tensor, settings: RefineSettings,
     return reduce
 
 
+def pixel_runs(sizes: list[int], limit: int = STAGE1_BATCH_PIXELS) -> list[list[int]]:
+    """Positions 0 .. len(``sizes``) - 1 in consecutive runs of at most ``limit`` pixels in all
+    (one still at least): the stills whose profiles are made, or fitted by stage 1, at once."""
+    runs, pixels = [], 0
+    for k, size in enumerate(sizes):
+        if not runs or pixels + size > limit:
+            runs.append([])
+            pixels = 0
+        runs[-1].append(k)
+        pixels += size
+    return runs
+
+
 def initial_state(cache: ShotCache, intensity: Tensor, n_shoeboxes: int, iterations: int = 50, jitter: bool = False) -> ShotState:
     """Starting per-shot parameters: flat background levels and the scale G from the linear least
     squares fit counts ~ level_b + G * bragg (alternating closed-form updates); with ``jitter``
@@ -347,19 +360,12 @@ class Refinement:
         return self.ordered_total(nlls), float(self.comm.allreduce(largest, op="max"))
 
     def _pixel_chunks(self, indices: list[int]) -> list[list[int]]:
-        """``indices`` of local stills in consecutive runs of at most ``STAGE1_BATCH_PIXELS``
-        pixels (one still at least): what stage 1 fits in one batch.  Stage 1 recomputes a
-        run's profiles before the next, so the old and new profiles of every still (each a
-        still's largest tensors) are never held at once: the peak is one set plus a run."""
-        chunks, pixels = [], 0
-        for i in indices:
-            size = int(self.caches[i].counts.numel())
-            if not chunks or pixels + size > STAGE1_BATCH_PIXELS:
-                chunks.append([])
-                pixels = 0
-            chunks[-1].append(i)
-            pixels += size
-        return chunks
+        """``indices`` of local stills in :func:`pixel_runs`: what stage 1 fits in one batch.
+        Stage 1 recomputes a run's profiles before the next, so the old and new profiles of
+        every still (each a still's largest tensors) are never held at once: the peak is one
+        set plus a run."""
+        runs = pixel_runs([int(self.caches[i].counts.numel()) for i in indices])
+        return [[indices[k] for k in run] for run in runs]
 
     def initialise_states(self) -> None:
         """Starting per-shot parameters from the caches at the current theta."""
@@ -523,15 +529,7 @@ def make_caches(shots: ShotSet, table: StructureFactors, model: CrystalModel, ro
         if refine_cell:
             cell = (torch.zeros(model.n_cell_parameters, dtype=torch.float64) if cells is None else cells[i]).to(device)
         offsets.append((rotation.to(device), cell))
-    runs, pixels = [], 0
-    for i, shot in enumerate(shots.shots):
-        size = int(shot.shoeboxes.n_pixels)
-        if not runs or pixels + size > STAGE1_BATCH_PIXELS:
-            runs.append([])
-            pixels = 0
-        runs[-1].append(i)
-        pixels += size
-    for run in runs:
+    for run in pixel_runs([int(shot.shoeboxes.n_pixels) for shot in shots.shots]):
         profiles = stills_profiles(shots, [shots.shots[i] for i in run], model, [offsets[i][0] for i in run],
                                    [offsets[i][1] for i in run])  # fmt: skip
         for i, made in zip(run, profiles):
