@@ -1,15 +1,16 @@
-"""Speed of the profiles' Jacobian in the crystal offsets: two reverse passes
-(spread_dials.refine.derivatives.value_and_jacobian, what stills_profiles uses) against the
-baseline torch.func.jacfwd (forward mode, what it used before session 11), on the same kernel
-blocks of the same stills, in one run; one JSON object.
+"""Speed of the profiles' Jacobian in the crystal offsets: closed form in the kernel's own pass
+(spread_dials.refine.profiles.stills_profiles, fused by torch.compile on a GPU; session 14)
+against the baseline of sessions 11-13, two reverse passes of autograd through the eager kernel
+(spread_dials.refine.derivatives.value_and_jacobian), on the same stills, in one run; one JSON object.
 
 Usage (repository root; on the GPU machines with PYTHONPATH=$PWD and bench_data carried):
     python benchmarks/profile_jacobian.py --case rubredoxin --stills 4 --repeats 3 [--device cuda] [--out DIR]
 
 Stills: benchmarks/refine.py's case (synthetic_shots, the Jungfrau 16M, the preset brightness);
 profiles at zero offsets with the cell refined (3 + k tangents).  Each method: the mean wall
-time of --repeats calls after one warm-up, per still; the largest difference of the Jacobians
-relative to their largest entry; peak GPU memory of each.
+time of --repeats calls after one warm-up (which holds torch.compile's compilation), per still;
+the largest difference of the profiles and of the Jacobians relative to their largest entry;
+peak GPU memory of each.  Also the profiles alone (no Jacobian) and all stills made together.
 """
 
 from __future__ import annotations
@@ -18,7 +19,7 @@ import argparse
 import json
 import sys
 import time
-from functools import partial
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -28,20 +29,49 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from refine import BACKGROUND_PHOTONS, load_case
 
+from spread_dials.physics.sparse import window_channel_profiles
 from spread_dials.refine.derivatives import value_and_jacobian
-from spread_dials.refine.profiles import _domains_per_call, _group_profile, _still_bytes, stills_profiles
+from spread_dials.refine.profiles import (
+    _domains_per_call,
+    _still_bytes,
+    crystal_real_space,
+    shoebox_windows,
+    shot_scene,
+    stills_profiles,
+)
 from spread_dials.refine.synthetic import synthetic_shots
 
 
-def forward_mode(fn, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The baseline: value and Jacobian in one vectorised forward-mode pass."""
+def reverse_passes(shots, still, model, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The baseline: one still's (pixels, C) profiles and (pixels, C, 3 + k) Jacobian by two
+    reverse passes through the eager kernel, one block of mosaic domains at a time (the code of
+    sessions 11-13)."""
+    device = x0.device
+    per_call = _domains_per_call(model, device, 1, _still_bytes(still, model, x0.numel()))
+    n_boxes, n_pixels = int(still.shoeboxes.n_shoeboxes), int(still.shoeboxes.n_pixels)
+    windows = shoebox_windows(still, per_call)
+    scale = still.weight.to(x0) * (still.weight.numel() / still.weight.to(x0).sum())
+    scene = shot_scene(shots, replace(still, weight=torch.ones_like(still.weight)), model, x0[:3], x0[3:])
+    rotations = model.domain_rotations(dtype=x0.dtype).to(device)
+    chunk = (1 << 25) if device.type == "cuda" else None
+    value = jacobian = 0
+    for d0 in range(0, model.mosaic_domains, per_call):
+        size = min(per_call, model.mosaic_domains - d0)
+        selected = windows.select(torch.arange(size * n_boxes, device=device))
 
-    def with_value(v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        out = fn(v)
-        return out, out
+        def block(x: torch.Tensor, d0: int = d0, size: int = size, selected=selected) -> torch.Tensor:
+            real = crystal_real_space(still.real_space.to(x), x[:3], x[3:], model.cell_ties) @ rotations[d0 : d0 + size].transpose(-1, -2)
+            return window_channel_profiles(scene, selected, chunk, real)[0].view(size, n_pixels, -1).sum(0) * scale
 
-    jacobian, value = torch.func.jacfwd(with_value, has_aux=True)(x)
+        v, j = value_and_jacobian(block, x0)
+        value, jacobian = value + v, jacobian + j
     return value, jacobian
+
+
+def closed_form(shots, still, model, x0: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The product path: stills_profiles of one still."""
+    made = stills_profiles(shots, [still], model, [x0[:3]], [x0[3:]])[0]
+    return made.profile, made.jacobian
 
 
 def main(argv=None) -> int:
@@ -71,40 +101,34 @@ def main(argv=None) -> int:
         if device.type == "cuda":
             torch.cuda.synchronize(device)
 
-    def by(method) -> list[torch.Tensor]:
-        """Each still's Jacobian (pixels, C, 3 + k), its domains one kernel block at a time as stills_profiles makes them."""
-        out = []
-        for still in stills:
-            per_call = _domains_per_call(model, device, 1, _still_bytes(still, model, 3 + n_cell))
-            block, starts = _group_profile(shots, [still], model, zero.unsqueeze(0), True, per_call)
-            out.append(sum(method(partial(block, d0=d0), zero)[1] for d0 in starts))
-        return out
-
-    result = {"case": args.case, "stills": args.stills, "tangents": 3 + n_cell, "channels": int(case["energy"].numel()),
-              "domains": model.mosaic_domains, "pixels_per_still": [int(s.shoeboxes.n_pixels) for s in stills],
-              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
-              "date": time.strftime("%Y-%m-%d")}  # fmt: skip
-    jacobians = {}
-    for name, method in (("forward_mode_baseline", forward_mode), ("two_reverse_passes", value_and_jacobian)):
-        jacobians[name] = by(method)  # warm-up
+    def timed(name: str, run) -> object:
+        """run() once to warm up, then --repeats times timed; seconds per still and peak memory into result."""
+        out = run()
         sync()
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         t0 = time.perf_counter()
         for _ in range(args.repeats):
-            by(method)
+            run()
         sync()
         result[f"{name}_seconds_per_still"] = (time.perf_counter() - t0) / (args.repeats * args.stills)
         result[f"{name}_peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
-    scale = max(float(j.abs().max()) for j in jacobians["forward_mode_baseline"])
-    result["largest_relative_difference"] = max(float((a - b).abs().max()) for a, b in
-                                                zip(jacobians["forward_mode_baseline"], jacobians["two_reverse_passes"])) / scale  # fmt: skip
-    result["speedup"] = result["forward_mode_baseline_seconds_per_still"] / result["two_reverse_passes_seconds_per_still"]
-    sync()
-    t0 = time.perf_counter()
-    stills_profiles(shots, stills, model, [zero[:3]] * len(stills), [zero[3:]] * len(stills))
-    sync()
-    result["stills_profiles_seconds_per_still"] = (time.perf_counter() - t0) / args.stills
+        return out
+
+    result = {"case": args.case, "stills": args.stills, "tangents": 3 + n_cell, "channels": int(case["energy"].numel()),
+              "domains": model.mosaic_domains, "pixels_per_still": [int(s.shoeboxes.n_pixels) for s in stills],
+              "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+              "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv)}  # fmt: skip
+    made = {name: timed(name, lambda method=method: [method(shots, still, model, zero) for still in stills])
+            for name, method in (("closed_form", closed_form), ("two_reverse_passes_baseline", reverse_passes))}  # fmt: skip
+    for i, what in enumerate(("profile", "jacobian")):
+        scale = max(float(m[i].abs().max()) for m in made["two_reverse_passes_baseline"])
+        result[f"largest_relative_difference_{what}"] = max(
+            float((a[i] - b[i]).abs().max()) for a, b in zip(made["closed_form"], made["two_reverse_passes_baseline"])) / scale
+    result["speedup"] = result["two_reverse_passes_baseline_seconds_per_still"] / result["closed_form_seconds_per_still"]
+    offsets = ([zero[:3]] * len(stills), [zero[3:]] * len(stills))
+    timed("profiles_only", lambda: stills_profiles(shots, stills, model, *offsets, jacobian=False, together=False))
+    timed("closed_form_together", lambda: stills_profiles(shots, stills, model, *offsets))
     text = json.dumps(result, indent=1)
     print(text)
     if args.out:

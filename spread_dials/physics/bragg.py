@@ -25,7 +25,7 @@ from spread_dials.physics.geometry import (
     pixel_surface_position_mm,
     solid_angle,
 )
-from spread_dials.physics.lattice import lattice_factor_components
+from spread_dials.physics.lattice import lattice_factor_and_gradient, lattice_factor_components
 from spread_dials.physics.structure_factors import StructureFactors
 from spread_dials.physics.tensors import TensorFields
 
@@ -36,6 +36,7 @@ __all__ = [
     "photon_scale",
     "sensor_points",
     "subpixel_offsets",
+    "window_term_and_gradient",
 ]
 
 
@@ -143,28 +144,73 @@ def bragg_term(
     """
     direction = sources.direction_of(source)
     h = _fractional_components(points.diffracted, direction, sources.wavenumber[source], real_space)
-    if miller_index is None:
-        h0 = [torch.round(x) for x in h]
-    else:
-        h0 = [miller_index[..., i].to(h[0].dtype) for i in range(3)]
+    if miller_index is not None:
+        dh, keep = _window_offsets(h, miller_index)
+        f_latt = lattice_factor_components(dh, crystal.ncells_abc, crystal.shape)
+        return torch.where(keep, f_latt * f_latt, torch.zeros_like(f_latt)) * _term_weight(points, sources, source, direction)
+    h0 = [torch.round(x) for x in h]
     dh = [x - x0 for x, x0 in zip(h, h0)]
     f_latt = lattice_factor_components(dh, crystal.ncells_abc, crystal.shape)
     # h = 000 is the unscattered beam, not a Bragg reflection: both kernels leave it out, whatever
     # the structure-factor table holds
     origin = (h0[0] == 0) & (h0[1] == 0) & (h0[2] == 0)
     f_latt = torch.where(origin, torch.zeros_like(f_latt), f_latt)
-    if miller_index is None:
-        row = structure_factors.index_of(torch.stack(h0, -1).long())
-        f_sq = structure_factors.intensity(row, sources.channel[source])
-    else:
-        # the term is this reflection's when it is the nearest index: -1/2 <= dh < 1/2 (a
-        # compare instead of rounding; exact half-integers, which torch.round sends to the
-        # even index, go up here)
-        own = (dh[0] >= -0.5) & (dh[0] < 0.5) & (dh[1] >= -0.5) & (dh[1] < 0.5) & (dh[2] >= -0.5) & (dh[2] < 0.5)
-        f_latt = torch.where(own, f_latt, torch.zeros_like(f_latt))
-        f_sq = 1.0
+    row = structure_factors.index_of(torch.stack(h0, -1).long())
+    f_sq = structure_factors.intensity(row, sources.channel[source])
+    return f_sq * f_latt * f_latt * _term_weight(points, sources, source, direction)
+
+
+def window_term_and_gradient(
+    points: SensorPoints,
+    sources: Sources,
+    source: Tensor | slice,
+    real_space: Tensor,
+    crystal: Crystal,
+    miller_index: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """:func:`bragg_term` of a window's reflection (|F|^2 left to the caller) and its derivatives
+    in the domain's real-space matrix, in closed form (one pass, no autograd).
+
+    h_i = k a_i . u with u = d - s_in, and the term is F_latt(h - h0)^2 w (w: weight,
+    polarization, omega, capture; independent of the crystal), so
+    d term / d a_ij = 2 F_latt w (dF_latt / d dh_i) k u_j
+    (:func:`~spread_dials.physics.lattice.lattice_factor_and_gradient`).  Any parameter x that
+    moves the crystal then moves the term by sum_ij (d term / d a_ij) (d a_ij / d x).
+
+    Args:
+        points, sources, source, real_space, crystal, miller_index: as :func:`bragg_term`.
+    Returns:
+        (terms (broadcast shape), their derivatives (broadcast shape + (3, 3)), per A of the
+        rows a, b, c).
+    """
+    direction = sources.direction_of(source)
+    wavenumber = sources.wavenumber[source]
+    h = _fractional_components(points.diffracted, direction, wavenumber, real_space)
+    dh, keep = _window_offsets(h, miller_index)
+    f_latt, gradient = lattice_factor_and_gradient(dh, crystal.ncells_abc, crystal.shape)
+    weight = torch.where(keep, _term_weight(points, sources, source, direction), torch.zeros_like(f_latt))
+    common = 2.0 * f_latt * weight * wavenumber
+    u = [points.diffracted[..., j] - direction[..., j] for j in range(3)]
+    rows = [torch.stack([common * gradient[i] * u[j] for j in range(3)], -1) for i in range(3)]
+    return f_latt * f_latt * weight, torch.stack(rows, -2)
+
+
+def _window_offsets(h: list[Tensor], miller_index: Tensor) -> tuple[list[Tensor], Tensor]:
+    """Offsets dh = h - h0 from a window's reflection h0 = ``miller_index`` (..., 3), and where
+    the term is that reflection's: its nearest index, -1/2 <= dh < 1/2 (a compare instead of
+    rounding; exact half-integers, which torch.round sends to the even index, go up here), and
+    h0 is not 000 (the unscattered beam, never simulated)."""
+    h0 = [miller_index[..., i].to(h[0].dtype) for i in range(3)]
+    dh = [x - x0 for x, x0 in zip(h, h0)]
+    own = (dh[0] >= -0.5) & (dh[0] < 0.5) & (dh[1] >= -0.5) & (dh[1] < 0.5) & (dh[2] >= -0.5) & (dh[2] < 0.5)
+    origin = (h0[0] == 0) & (h0[1] == 0) & (h0[2] == 0)
+    return dh, own & ~origin
+
+
+def _term_weight(points: SensorPoints, sources: Sources, source: Tensor | slice, direction: Tensor) -> Tensor:
+    """The crystal-independent factors of a term: source weight * polarization * omega * capture."""
     polar = kahn_polarization(direction, points.diffracted, sources.e_vector, sources.polarization_fraction)
-    return f_sq * f_latt * f_latt * sources.weight[source] * polar * points.omega_capture
+    return sources.weight[source] * polar * points.omega_capture
 
 
 def photon_scale(scene: Scene) -> Tensor | float:

@@ -11,7 +11,7 @@ import math
 import torch
 from torch import Tensor
 
-__all__ = ["LATTICE_SHAPES", "cutoff_radius", "lattice_factor", "lattice_factor_components"]
+__all__ = ["LATTICE_SHAPES", "cutoff_radius", "lattice_factor", "lattice_factor_and_gradient", "lattice_factor_components"]
 
 LATTICE_SHAPES = ("gauss", "square", "round", "tophat")
 _ROUND_NORM = 0.723601254558268  # nanoBragg's normalisation of the round (sphere) transform
@@ -62,6 +62,55 @@ def lattice_factor_components(dh: list[Tensor], ncells_abc: Tensor, shape: str) 
         return n_total * _ROUND_NORM * _sinc3(math.pi * radius)
     if shape == "tophat":
         return torch.where(hrad < _TOPHAT_HRAD, n_total * torch.ones_like(hrad), torch.zeros_like(hrad))
+    raise ValueError(f"unknown lattice shape {shape!r}; choose one of {', '.join(LATTICE_SHAPES)}")
+
+
+def _sincg_slope(x: Tensor, n: Tensor) -> Tensor:
+    """d/dx sin(n x) / sin(x), with its series -n (n^2 - 1) x / 3 near sin(x) = 0."""
+    tiny = x.abs() < 1e-6
+    x_safe = torch.where(tiny, torch.ones_like(x), x)
+    sin_x = torch.sin(x_safe)
+    slope = (n * torch.cos(n * x_safe) * sin_x - torch.sin(n * x_safe) * torch.cos(x_safe)) / (sin_x * sin_x)
+    return torch.where(tiny, -n * (n * n - 1.0) * x / 3.0, slope)
+
+
+def _sinc3_slope_over_x(x: Tensor) -> Tensor:
+    """(d/dx 3 (sin x - x cos x) / x^3) / x = 3 (x^2 sin x - 3 (sin x - x cos x)) / x^5, with its
+    series -1/5 + x^2/70 - x^4/2520 for |x| < 0.1 (where the difference loses digits)."""
+    tiny = x.abs() < 0.1
+    x_safe = torch.where(tiny, torch.ones_like(x), x)
+    x2 = x * x
+    direct = 3.0 * (x_safe * x_safe * torch.sin(x_safe) - 3.0 * (torch.sin(x_safe) - x_safe * torch.cos(x_safe))) / x_safe**5
+    return torch.where(tiny, -0.2 + x2 / 70.0 - x2 * x2 / 2520.0, direct)
+
+
+def lattice_factor_and_gradient(dh: list[Tensor], ncells_abc: Tensor, shape: str) -> tuple[Tensor, list[Tensor]]:
+    """F_latt of :func:`lattice_factor_components` and its three derivatives dF_latt / d dh_i
+    in closed form (per Miller-index unit), for a kernel's Jacobian without autograd.
+
+    Args and shapes as :func:`lattice_factor_components`; ``tophat`` is piecewise constant
+    (derivatives 0), ``gauss`` is 0 with derivative 0 beyond its cut-off (Gauss_argchk).
+    Returns:
+        (F_latt, [dF/d dh_0, dF/d dh_1, dF/d dh_2]), each broadcast like the offsets.
+    """
+    n = [ncells_abc[i] for i in range(3)]
+    f = lattice_factor_components(dh, ncells_abc, shape)
+    if shape == "square":
+        s = [_sincg(math.pi * dh[i], n[i]) for i in range(3)]
+        slope = [math.pi * _sincg_slope(math.pi * dh[i], n[i]) for i in range(3)]
+        return f, [slope[0] * s[1] * s[2], s[0] * slope[1] * s[2], s[0] * s[1] * slope[2]]
+    if shape == "gauss":
+        return f, [f * (-2.0 / 0.63) * n[i] * n[i] * dh[i] for i in range(3)]
+    if shape == "round":
+        hrad = (dh[0] * n[0]) ** 2 + (dh[1] * n[1]) ** 2 + (dh[2] * n[2]) ** 2
+        hrad_safe = torch.where(hrad > 0, hrad, torch.ones_like(hrad))
+        radius = torch.where(hrad > 0, hrad_safe.sqrt(), torch.zeros_like(hrad))
+        # dF/d dh_i = Nabc norm sinc3'(pi r) pi N_i^2 dh_i / r
+        common = n[0] * n[1] * n[2] * _ROUND_NORM * math.pi**2 * _sinc3_slope_over_x(math.pi * radius)
+        return f, [common * n[i] * n[i] * dh[i] for i in range(3)]
+    if shape == "tophat":
+        zero = torch.zeros_like(f)
+        return f, [zero, zero, zero]
     raise ValueError(f"unknown lattice shape {shape!r}; choose one of {', '.join(LATTICE_SHAPES)}")
 
 

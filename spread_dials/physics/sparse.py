@@ -36,7 +36,15 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from spread_dials.physics.bragg import Scene, SensorPoints, bragg_term, photon_scale, sensor_points, subpixel_offsets
+from spread_dials.physics.bragg import (
+    Scene,
+    SensorPoints,
+    bragg_term,
+    photon_scale,
+    sensor_points,
+    subpixel_offsets,
+    window_term_and_gradient,
+)
 from spread_dials.physics.crystal import max_rotation_angle_rad
 from spread_dials.physics.fusion import fused
 from spread_dials.physics.geometry import PanelArray, dot3, layer_mean_depth_mm
@@ -496,14 +504,12 @@ def window_photon_chunks(
         yield flat[:n], photons[:n], window[:n]
 
 
-def _pixel_terms(
-    scene: Scene, windows: BraggWindows, window: Tensor, local: Tensor, pad: Tensor, domain_real_space: Tensor | None = None
-) -> tuple[Tensor, Tensor, Tensor]:
-    """Terms of the ``local``-th pixel of each ``window`` (flat arrays of equal length): the
-    (n, o2, T, n_sources) Bragg terms without |F|^2, each pixel's flat index and validity.
-    ``domain_real_space``: (D, 3, 3) rows a, b, c (A) that ``windows.domain`` indexes instead of
-    the scene crystal's domains (several crystals in one call)."""
-    panels, sources, crystal = scene.panels, scene.sources, scene.crystal
+def _pixel_points(
+    scene: Scene, windows: BraggWindows, window: Tensor, local: Tensor, pad: Tensor
+) -> tuple[SensorPoints, Tensor, Tensor]:
+    """Sensor points of the ``local``-th pixel of each ``window`` (flat arrays of equal length),
+    shaped (n, o2, T, 1) for a trailing source axis, each pixel's flat index and validity."""
+    panels = scene.panels
     dtype = panels.origin_mm.dtype
     n_fast = windows.n_fast[window]
     fast_pix = windows.fast0[window] + local % n_fast
@@ -515,16 +521,27 @@ def _pixel_terms(
     slow = slow_pix.to(dtype).unsqueeze(-1) + offsets[:, 1]
     pts = sensor_points(panels, panel.unsqueeze(-1).expand_as(fast), fast, slow)  # (n, o2, T)
     pts = SensorPoints(diffracted=pts.diffracted.unsqueeze(-2), omega_capture=pts.omega_capture.unsqueeze(-1))
+    flat = (panel * panels.n_slow + slow_pix) * panels.n_fast + fast_pix
+    return pts, torch.where(valid, flat, torch.zeros_like(flat)), valid
+
+
+def _pixel_terms(
+    scene: Scene, windows: BraggWindows, window: Tensor, local: Tensor, pad: Tensor, domain_real_space: Tensor | None = None
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Terms of the ``local``-th pixel of each ``window`` (flat arrays of equal length): the
+    (n, o2, T, n_sources) Bragg terms without |F|^2, each pixel's flat index and validity.
+    ``domain_real_space``: (D, 3, 3) rows a, b, c (A) that ``windows.domain`` indexes instead of
+    the scene crystal's domains (several crystals in one call)."""
+    pts, flat, valid = _pixel_points(scene, windows, window, local, pad)
     if domain_real_space is None:
-        domain_real_space = crystal.domain_real_space()
+        domain_real_space = scene.crystal.domain_real_space()
     real_space = domain_real_space[windows.domain[window]].view(-1, 1, 1, 1, 3, 3)
-    source = torch.arange(sources.n_sources, device=fast_pix.device)
+    source = torch.arange(scene.sources.n_sources, device=flat.device)
     terms = bragg_term(
-        pts, sources, source, real_space, crystal, scene.structure_factors,
+        pts, scene.sources, source, real_space, scene.crystal, scene.structure_factors,
         miller_index=windows.miller_index[window].view(-1, 1, 1, 1, 3),
     )  # fmt: skip  (n, o2, T, C)
-    flat = (panel * panels.n_slow + slow_pix) * panels.n_fast + fast_pix
-    return terms, torch.where(valid, flat, torch.zeros_like(flat)), valid
+    return terms, flat, valid
 
 
 def _pixel_photons(
@@ -539,19 +556,42 @@ def _pixel_photons(
 
 def _pixel_source_photons(
     scene: Scene, windows: BraggWindows, window: Tensor, local: Tensor, pad: Tensor, domain_real_space: Tensor | None = None
-) -> tuple[Tensor, Tensor]:
+) -> Tensor:
     """Photons per unit |F|^2 of the ``local``-th pixel of each ``window`` for every source,
     (n, n_sources), summed over sub-pixels and sensor layers (``domain_real_space``: as
     :func:`_pixel_terms`)."""
-    terms, flat, valid = _pixel_terms(scene, windows, window, local, pad, domain_real_space)
+    terms, _, valid = _pixel_terms(scene, windows, window, local, pad, domain_real_space)
     photons = terms.sum(dim=(1, 2)) * photon_scale(scene)
-    return flat, torch.where(valid.unsqueeze(-1), photons, torch.zeros_like(photons))
+    return torch.where(valid.unsqueeze(-1), photons, torch.zeros_like(photons))
+
+
+def _pixel_source_tangents(
+    scene: Scene, windows: BraggWindows, window: Tensor, local: Tensor, pad: Tensor, domain_real_space: Tensor,
+    domain_tangents: Tensor,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """:func:`_pixel_source_photons` (n, n_sources) and its derivatives (n, n_sources, K) in K
+    parameters with d domain_real_space / d x_k = ``domain_tangents`` (D, K, 3, 3), in closed
+    form: the terms' derivatives in the real space
+    (:func:`~spread_dials.physics.bragg.window_term_and_gradient`), summed over sub-pixels and
+    layers, then contracted with the domain's tangents."""
+    pts, _, valid = _pixel_points(scene, windows, window, local, pad)
+    domain = windows.domain[window]
+    terms, gradient = window_term_and_gradient(
+        pts, scene.sources, torch.arange(scene.sources.n_sources, device=domain.device),
+        domain_real_space[domain].view(-1, 1, 1, 1, 3, 3), scene.crystal, windows.miller_index[window].view(-1, 1, 1, 1, 3),
+    )  # fmt: skip  (n, o2, T, C), (n, o2, T, C, 3, 3)
+    scale = photon_scale(scene)
+    photons = terms.sum(dim=(1, 2)) * scale
+    moved = torch.einsum("nsij,nkij->nsk", gradient.sum(dim=(1, 2)), domain_tangents[domain]) * scale
+    return torch.where(valid.unsqueeze(-1), photons, torch.zeros_like(photons)), torch.where(valid.view(-1, 1, 1), moved, torch.zeros_like(moved))
 
 
 def window_channel_profiles(
-    scene: Scene, windows: BraggWindows, max_terms_per_chunk: int | None = None, domain_real_space: Tensor | None = None
-) -> Tensor:
-    """Each window pixel's photons per unit |F(h, channel)|^2, per spectral channel: (N, n_channels).
+    scene: Scene, windows: BraggWindows, max_terms_per_chunk: int | None = None, domain_real_space: Tensor | None = None,
+    domain_tangents: Tensor | None = None, compiled: bool = False,
+) -> tuple[Tensor, Tensor | None]:  # fmt: skip
+    """Each window pixel's photons per unit |F(h, channel)|^2, per spectral channel: (N, n_channels),
+    and (``domain_tangents``) their derivatives (N, n_channels, K).
 
     N runs over the window pixels in ``window_photons``' order (pixels off their panel are 0);
     sources of one channel (divergence) are summed.  ``window_photons`` equals
@@ -562,14 +602,34 @@ def window_channel_profiles(
     ``domain_real_space``: (D, 3, 3) rows a, b, c (A) per value of ``windows.domain``, in place of
     the scene crystal's domains: several crystals (stills) of the same lattice shape, Ncells and
     domain count in one call (the photon scale stays the scene crystal's, per domain).
+    ``domain_tangents``: (D, K, 3, 3) d domain_real_space / d x_k for K parameters that move
+    the crystals (orientation, cell): the derivatives come in closed form in the same pass
+    (not differentiable further); requires ``domain_real_space``.  ``compiled``: the per-pixel
+    evaluation fused by torch.compile (a GPU's path; the eager one on the CPU).
+
+    Raises:
+        ValueError: ``domain_tangents`` without ``domain_real_space``.
     """
+    if domain_tangents is not None and domain_real_space is None:
+        raise ValueError("domain_tangents need the domain_real_space they move")
     sources = scene.sources
+    dtype, device = scene.panels.origin_mm.dtype, scene.panels.origin_mm.device
     n_channels = int(sources.channel.max()) + 1 if sources.n_sources else 0
-    pieces = [torch.zeros((0, n_channels), dtype=scene.panels.origin_mm.dtype, device=scene.panels.origin_mm.device)]
+    k = 0 if domain_tangents is None else domain_tangents.shape[1]
+    values = [torch.zeros((0, n_channels), dtype=dtype, device=device)]
+    moved = [torch.zeros((0, n_channels, k), dtype=dtype, device=device)]
+    if domain_tangents is None:
+        evaluate = fused(_pixel_source_photons) if compiled else _pixel_source_photons
+    else:
+        evaluate = fused(_pixel_source_tangents) if compiled else _pixel_source_tangents
     for window, local, pad, n in _pixel_chunks(scene, windows, max_terms_per_chunk):
-        _, photons = _pixel_source_photons(scene, windows, window, local, pad, domain_real_space)
-        pieces.append(photons.new_zeros((photons.shape[0], n_channels)).index_add(1, sources.channel, photons)[:n])
-    return torch.cat(pieces)
+        if domain_tangents is None:
+            photons = evaluate(scene, windows, window, local, pad, domain_real_space)
+        else:
+            photons, tangents = evaluate(scene, windows, window, local, pad, domain_real_space, domain_tangents)
+            moved.append(tangents.new_zeros((tangents.shape[0], n_channels, k)).index_add(1, sources.channel, tangents)[:n])
+        values.append(photons.new_zeros((photons.shape[0], n_channels)).index_add(1, sources.channel, photons)[:n])
+    return torch.cat(values), (None if domain_tangents is None else torch.cat(moved))
 
 
 def simulate_sparse(

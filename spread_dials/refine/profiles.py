@@ -4,8 +4,9 @@ A shoebox is a kernel window (:class:`~spread_dials.physics.sparse.BraggWindows`
 mosaic domain; ``window_channel_profiles`` gives each pixel's photons per unit |F(h, E_c)|^2
 for every channel, summed here over the domains.  f' and f'' only reweight the channels, so
 refinement caches these profiles (Sauter et al. 2020) at the current per-shot parameters,
-together with their derivatives with respect to the three small orientation angles (two
-reverse-mode passes, :mod:`spread_dials.refine.derivatives`), and evaluates the pixel rate from the cache (:mod:`spread_dials.refine.model`).
+together with their derivatives with respect to the crystal offsets (in closed form, in the
+kernel's own pass: :func:`~spread_dials.physics.bragg.window_term_and_tangents`), and evaluates
+the pixel rate from the cache (:mod:`spread_dials.refine.model`).
 
 Per-shot crystal offsets: a small rotation vector r (3,) (rad, lab frame) and, optionally, the
 log changes of the unit-cell lengths (k,), one per set of lengths that the lattice symmetry ties
@@ -19,7 +20,6 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, fields, replace
-from functools import partial
 
 import torch
 from torch import Tensor
@@ -168,9 +168,8 @@ def shot_profiles(shots: ShotSet, shot: Shot, model: CrystalModel, rotation: Ten
                   cell: Tensor | None = None) -> ShotProfiles:  # fmt: skip
     """The kernel's per-channel profiles of the shot's shoebox pixels at ``rotation`` (3,) (rad)
     and ``cell`` (k,) (log length changes; None: the given cell, not refined), and
-    (``jacobian``) their derivatives with respect to both
-    (:func:`~spread_dials.refine.derivatives.value_and_jacobian`, one block of mosaic domains
-    at a time; :func:`stills_profiles` of one still)."""
+    (``jacobian``) their derivatives with respect to both (closed form, one block of mosaic
+    domains at a time; :func:`stills_profiles` of one still)."""
     return stills_profiles(shots, [shot], model, [rotation], [cell], jacobian)[0]
 
 
@@ -183,9 +182,9 @@ def stills_profiles(shots: ShotSet, stills: list[Shot], model: CrystalModel, rot
     call (each still's crystal its own block of domains: ``domain_real_space`` of
     :func:`~spread_dials.physics.sparse.window_channel_profiles`), up to ``PROFILE_GROUP_BYTES``
     of profiles and tangents a call.  The channel weights enter linearly, so a group is made
-    at unit weights and each still's columns scaled after.  The derivatives: one set of
-    tangents moves every still's offsets alike, and each pixel depends on its own still's
-    offsets only.  Otherwise one still a call, its domains ``PROFILE_GROUP_BYTES`` at a time on
+    at unit weights and each still's columns scaled after.  The derivatives: each still's
+    domains carry the derivatives of their own real space in their own still's offsets, and
+    each pixel depends on its own still's offsets only.  Otherwise one still a call, its domains ``PROFILE_GROUP_BYTES`` at a time on
     a GPU (PSII: one) and one at a time on the CPU (larger blocks only missed its caches: 3x
     slower).
     """
@@ -209,15 +208,11 @@ def stills_profiles(shots: ShotSet, stills: list[Shot], model: CrystalModel, rot
                           for k in group])  # fmt: skip
         per_call = _domains_per_call(model, device, len(group), still_bytes[start])
         block, starts = _group_profile(shots, [stills[k] for k in group], model, x0, with_cell, per_call)
-        zero = torch.zeros(n_offsets, dtype=x0.dtype, device=device)
-        if jacobian:  # block by block: each block's graph freed, its terms summed, before the next
-            value = jac = 0
-            for d0 in starts:
-                v, j = value_and_jacobian(partial(block, d0=d0), zero)
-                value, jac = value + v, jac + j
-        else:
-            with torch.no_grad():
-                value, jac = sum(block(zero, d0) for d0 in starts), None
+        value, jac = 0, (0 if jacobian else None)
+        for d0 in starts:  # block by block, each block's terms summed before the next
+            v, j = block(d0, jacobian)
+            value = value + v
+            jac = None if j is None else jac + j
         sizes = [int(stills[k].shoeboxes.n_pixels) for k in group]
         jacs = torch.split(jac, sizes) if jac is not None else [None] * len(group)
         for k, v, j in zip(group, torch.split(value, sizes), jacs):
@@ -242,13 +237,15 @@ def _domains_per_call(model: CrystalModel, device: torch.device, n_stills: int, 
 
 
 def _group_profile(shots: ShotSet, stills: list[Shot], model: CrystalModel, x0: Tensor, with_cell: bool,
-                   per_call: int) -> tuple[Callable[[Tensor, int], Tensor], list[int]]:  # fmt: skip
-    """(block, starts): block(delta (3 + k,), d0) -> (the stills' pixels, C) profiles of
-    ``stills`` (one channel grid) from their domains d0 .. d0 + ``per_call`` - 1 (one kernel
-    call), each still's crystal offsets at its row of ``x0`` (K, 3 + k) + delta; the profiles
-    are the sum of the blocks over ``starts``."""
+                   per_call: int) -> tuple[Callable[[int, bool], tuple[Tensor, Tensor | None]], list[int]]:  # fmt: skip
+    """(block, starts): block(d0, jacobian) -> the (the stills' pixels, C) profiles of ``stills``
+    (one channel grid) from their domains d0 .. d0 + ``per_call`` - 1 (one kernel call), each
+    still's crystal offsets at its row of ``x0`` (K, 3 + k), and (``jacobian``) their
+    derivatives (pixels, C, 3 + k) in the offsets, in closed form in the same kernel pass
+    (d real space / d offsets by autograd on the (domains, 3, 3) matrices only); the profiles
+    are the sum of the blocks over ``starts``.  On a GPU the kernel is fused (torch.compile)."""
     device, n_domains = x0.device, model.mosaic_domains
-    # kernel chunks of 2^25 terms on a GPU hold float64 intermediates for every tangent at once
+    # kernel chunks of 2^25 terms on a GPU: (pixels, C, 1 + 3 + k) float64 outputs of ~2 GB at most
     chunk = (1 << 25) if device.type == "cuda" else None
     n_boxes = [int(s.shoeboxes.n_shoeboxes) for s in stills]
     n_pixels = [int(s.shoeboxes.n_pixels) for s in stills]
@@ -258,18 +255,34 @@ def _group_profile(shots: ShotSet, stills: list[Shot], model: CrystalModel, x0: 
     scene = shot_scene(shots, unit, model, x0[0, :3], x0[0, 3:] if with_cell else None)
     domain_rotations = model.domain_rotations(dtype=x0.dtype).to(device)
 
-    def block(delta: Tensor, d0: int) -> Tensor:
+    def block(d0: int, jacobian: bool) -> tuple[Tensor, Tensor | None]:
         size = min(per_call, n_domains - d0)
-        blocks, real = [], []
+        turned = domain_rotations[d0 : d0 + size].transpose(-1, -2)
+        blocks, real, moved = [], [], []
         for k, still in enumerate(stills):
-            x = x0[k] + delta
-            a = crystal_real_space(still.real_space.to(x), x[:3], x[3:] if with_cell else None, model.cell_ties)
-            real.append(a @ domain_rotations[d0 : d0 + size].transpose(-1, -2))
+            a0 = still.real_space.to(x0)
+
+            def domains(x: Tensor, a0: Tensor = a0) -> Tensor:
+                return crystal_real_space(a0, x[:3], x[3:] if with_cell else None, model.cell_ties) @ turned
+
+            if jacobian:
+                a, da = value_and_jacobian(domains, x0[k])  # (size, 3, 3), (size, 3, 3, 3 + k)
+                moved.append(da.permute(0, 3, 1, 2))
+            else:
+                a = domains(x0[k])
+            real.append(a)
             selected = windows[k].select(torch.arange(size * n_boxes[k], device=device))
             blocks.append(replace(selected, domain=selected.domain + k * size))
         merged = BraggWindows(**{f.name: torch.cat([getattr(b, f.name) for b in blocks]) for f in fields(BraggWindows)})
-        channel = window_channel_profiles(scene, merged, chunk, torch.cat(real))
-        pieces = torch.split(channel, [size * n for n in n_pixels])
-        return torch.cat([piece.view(size, n_pixels[k], -1).sum(0) * w for k, (piece, w) in enumerate(zip(pieces, scales))])
+        with torch.no_grad():
+            channel, tangents = window_channel_profiles(scene, merged, chunk, torch.cat(real), torch.cat(moved) if jacobian else None,
+                                                        compiled=device.type == "cuda")  # fmt: skip
+
+        def per_still(values: Tensor) -> Tensor:
+            pieces = torch.split(values, [size * n for n in n_pixels])
+            return torch.cat([p.view(size, n_pixels[k], *p.shape[1:]).sum(0) * w.view(-1, *([1] * (p.dim() - 2)))
+                              for k, (p, w) in enumerate(zip(pieces, scales))])  # fmt: skip
+
+        return per_still(channel), (per_still(tangents) if jacobian else None)
 
     return block, list(range(0, n_domains, per_call))
