@@ -129,7 +129,8 @@ def shot_scene(shots: ShotSet, shot: Shot, model: CrystalModel, rotation: Tensor
         polarization_fraction=shots.polarization_fraction,
     )  # fmt: skip
     sf = constant_structure_factors(1.0, dtype=dtype.to_complex())
-    return Scene(shots.panels, sources.to(device=rotation.device), crystal, sf.to(device=rotation.device), model.oversample)
+    # every tensor on the rotation's device: a fused (torch.compile) kernel takes no CPU scalars
+    return Scene(shots.panels, sources, crystal, sf, model.oversample).to(device=rotation.device)
 
 
 @dataclass(frozen=True)
