@@ -103,8 +103,11 @@ def main(argv=None) -> int:
 
     def timed(name: str, run) -> object:
         """run() once to warm up, then --repeats times timed; seconds per still and peak memory into result."""
+        t0 = time.perf_counter()
         out = run()
         sync()
+        result[f"{name}_first_call_seconds"] = time.perf_counter() - t0  # holds torch.compile's compilation
+        print(f"{name}: first call {result[f'{name}_first_call_seconds']:.1f} s", file=sys.stderr, flush=True)
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats(device)
         t0 = time.perf_counter()
@@ -113,6 +116,7 @@ def main(argv=None) -> int:
         sync()
         result[f"{name}_seconds_per_still"] = (time.perf_counter() - t0) / (args.repeats * args.stills)
         result[f"{name}_peak_memory_gb"] = torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None
+        print(f"{name}: {result[f'{name}_seconds_per_still']:.4f} s per still", file=sys.stderr, flush=True)
         return out
 
     result = {"case": args.case, "stills": args.stills, "tangents": 3 + n_cell, "channels": int(case["energy"].numel()),

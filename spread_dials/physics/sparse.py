@@ -605,7 +605,7 @@ def window_channel_profiles(
     ``domain_tangents``: (D, K, 3, 3) d domain_real_space / d x_k for K parameters that move
     the crystals (orientation, cell): the derivatives come in closed form in the same pass
     (not differentiable further); requires ``domain_real_space``.  ``compiled``: the per-pixel
-    evaluation fused by torch.compile (a GPU's path; the eager one on the CPU).
+    evaluation fused by torch.compile with dynamic shapes (a GPU's path; the eager one on the CPU).
 
     Raises:
         ValueError: ``domain_tangents`` without ``domain_real_space``.
@@ -618,10 +618,11 @@ def window_channel_profiles(
     k = 0 if domain_tangents is None else domain_tangents.shape[1]
     values = [torch.zeros((0, n_channels), dtype=dtype, device=device)]
     moved = [torch.zeros((0, n_channels, k), dtype=dtype, device=device)]
+    # compiled once for all sizes (every still's windows differ), without inductor's tuning
     if domain_tangents is None:
-        evaluate = fused(_pixel_source_photons) if compiled else _pixel_source_photons
+        evaluate = fused(_pixel_source_photons, dynamic=True) if compiled else _pixel_source_photons
     else:
-        evaluate = fused(_pixel_source_tangents) if compiled else _pixel_source_tangents
+        evaluate = fused(_pixel_source_tangents, dynamic=True) if compiled else _pixel_source_tangents
     for window, local, pad, n in _pixel_chunks(scene, windows, max_terms_per_chunk):
         if domain_tangents is None:
             photons = evaluate(scene, windows, window, local, pad, domain_real_space)
