@@ -567,15 +567,13 @@ def _pixel_source_photons(
 
 def _pixel_source_tangents(
     scene: Scene, windows: BraggWindows, window: Tensor, local: Tensor, pad: Tensor, domain_real_space: Tensor,
-    domain_tangents: Tensor, pointwise: bool = False,
+    domain_tangents: Tensor,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
     """:func:`_pixel_source_photons` (n, n_sources) and its derivatives (n, n_sources, K) in K
     parameters with d domain_real_space / d x_k = ``domain_tangents`` (D, K, 3, 3), in closed
     form: the terms' derivatives in the real space
     (:func:`~spread_dials.physics.bragg.window_term_and_gradient`), summed over sub-pixels and
-    layers, then contracted with the domain's tangents: as a product and sum that torch.compile
-    fuses into the kernel (``pointwise``, so only (n, n_sources, K) reaches memory), or as one
-    einsum (eager: no (n, n_sources, K, 3, 3) temporary)."""
+    layers, then contracted with the domain's tangents."""
     pts, _, valid = _pixel_points(scene, windows, window, local, pad)
     domain = windows.domain[window]
     terms, gradient = window_term_and_gradient(
@@ -584,11 +582,7 @@ def _pixel_source_tangents(
     )  # fmt: skip  (n, o2, T, C), (n, o2, T, C, 3, 3)
     scale = photon_scale(scene)
     photons = terms.sum(dim=(1, 2)) * scale
-    summed, tangents = gradient.sum(dim=(1, 2)), domain_tangents[domain]
-    if pointwise:
-        moved = (summed.unsqueeze(-3) * tangents.unsqueeze(1)).sum(dim=(-2, -1)) * scale
-    else:
-        moved = torch.einsum("nsij,nkij->nsk", summed, tangents) * scale
+    moved = torch.einsum("nsij,nkij->nsk", gradient.sum(dim=(1, 2)), domain_tangents[domain]) * scale
     return torch.where(valid.unsqueeze(-1), photons, torch.zeros_like(photons)), torch.where(valid.view(-1, 1, 1), moved, torch.zeros_like(moved))
 
 
@@ -633,7 +627,7 @@ def window_channel_profiles(
         if domain_tangents is None:
             photons = evaluate(scene, windows, window, local, pad, domain_real_space)
         else:
-            photons, tangents = evaluate(scene, windows, window, local, pad, domain_real_space, domain_tangents, compiled)
+            photons, tangents = evaluate(scene, windows, window, local, pad, domain_real_space, domain_tangents)
             moved.append(tangents.new_zeros((tangents.shape[0], n_channels, k)).index_add(1, sources.channel, tangents)[:n])
         values.append(photons.new_zeros((photons.shape[0], n_channels)).index_add(1, sources.channel, photons)[:n])
     return torch.cat(values), (None if domain_tangents is None else torch.cat(moved))
