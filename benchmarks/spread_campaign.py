@@ -506,7 +506,13 @@ def run_replicate(case: dict, n: int, replicate: int, params, comm, device: torc
     ``checkpoint`` (path, fingerprint): written after every macrocycle, and resumed from when it
     is there (dials.spread_refine's checkpoint: spread_dials.refine.run), so a replicate longer
     than one job goes on where the last stopped."""
-    from spread_dials.refine.engine import Refinement, RefineSettings, channel_summer, make_caches
+    from spread_dials.refine.engine import (
+        MissingReflectionsError,
+        Refinement,
+        RefineSettings,
+        channel_summer,
+        make_caches,
+    )
     from spread_dials.refine.run import (
         checkpoint_saver,
         load_checkpoint,
@@ -571,7 +577,7 @@ def run_replicate(case: dict, n: int, replicate: int, params, comm, device: torc
                              spoil_hkl=control == "spoil_hkl",
                              shuffle_seed=_still_seed(seed, n, replicate, n) if control == "shuffle_channels" else None,
                              reduce=channel_summer(sites, sites.initial(), settings, summed))  # fmt: skip
-    except ValueError as e:
+    except MissingReflectionsError as e:
         raise CampaignError(f"{e} (make the table to the detector's reach)") from None
     refinement = Refinement(shot_set, mine, n, caches, [], sites, sites.initial(), model, comm, settings)
     start = restore_checkpoint(refinement, saved, cell_error > 0, device) if saved is not None else 0

@@ -1,7 +1,8 @@
 """A function's value and its Jacobian in a few inputs by two reverse-mode passes (pure torch).
 
-For y = f(x) with many outputs and few inputs (a still's pixel profiles in its 3-6 crystal
-offsets) the Jacobian's columns are Jacobian-vector products.  torch's forward mode computes
+For y = f(x) with many outputs and few inputs (the f'/f'' curves in the site parameters, a
+still's rate in the correction's parameters, the conventional route's model; the profiles'
+derivatives in the crystal offsets come in closed form from the kernel) the Jacobian's columns are Jacobian-vector products.  torch's forward mode computes
 them in one pass, but in torch 2.13 every operation between a dual tensor and a constant there
 runs the undefined tangent through an efficient zero tensor whose output shape comes from a
 Python meta kernel (torch._meta_registrations): ~0.5 ms of Python per operation, 170x the

@@ -44,7 +44,7 @@ from spread_dials.refine.shots import ShotSet
 from spread_dials.refine.sites import SiteModel
 from spread_dials.refine.stage1 import STAGE1_BATCH_PIXELS, refine_shot, refine_shots, trust_radius
 
-__all__ = ["RefineSettings", "Refinement", "initial_state", "channel_summer", "make_caches", "refine_shot", "global_objective", "refine_globals", "inverse_resolution"]
+__all__ = ["RefineSettings", "Refinement", "initial_state", "channel_summer", "make_caches", "MissingReflectionsError", "refine_shot", "global_objective", "refine_globals", "inverse_resolution"]
 
 logger = logging.getLogger("dials.spread.refine")
 
@@ -500,6 +500,10 @@ def table_rows(table: StructureFactors, miller_index: Tensor, spoil_hkl: bool = 
     return torch.where(up < table.n_reflections, up, down)
 
 
+class MissingReflectionsError(ValueError):
+    """A still's reflections are missing from the structure-factor table (:func:`make_caches`)."""
+
+
 def make_caches(shots: ShotSet, table: StructureFactors, model: CrystalModel, rotations: list[Tensor] | None = None,
                 spoil_hkl: bool = False, shuffle_seed: int | None = None, cells: list[Tensor] | None = None,
                 refine_cell: bool = False, reduce: Callable[[int, ShotCache], ShotCache] | None = None) -> list[ShotCache]:  # fmt: skip
@@ -515,13 +519,13 @@ def make_caches(shots: ShotSet, table: StructureFactors, model: CrystalModel, ro
     evaluated (the kernel keeps the true ones), one seeded permutation per still.
 
     Raises:
-        ValueError: a reflection missing from the structure-factor table.
+        MissingReflectionsError: a reflection missing from the structure-factor table.
     """
     caches, rows_of, offsets = [], [], []
     for i, shot in enumerate(shots.shots):
         rows = table_rows(table, shot.shoeboxes.miller_index.cpu(), spoil_hkl)
         if bool((rows >= table.n_reflections).any()):
-            raise ValueError(f"still {shot.identifier}: reflections missing from the structure-factor table")
+            raise MissingReflectionsError(f"still {shot.identifier}: reflections missing from the structure-factor table")
         rows_of.append(rows)
         device = shot.shoeboxes.counts.device
         rotation = torch.zeros(3, dtype=torch.float64) if rotations is None else rotations[i]
