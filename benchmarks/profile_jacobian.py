@@ -74,6 +74,19 @@ def closed_form(shots, still, model, x0: torch.Tensor) -> tuple[torch.Tensor, to
     return made.profile, made.jacobian
 
 
+def trace(run, device: torch.device) -> list[dict]:
+    """The 25 operations of ``run()`` with the most device time (CPU time on the CPU), by
+    torch.profiler: name, calls, total milliseconds."""
+    activities = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with torch.profiler.profile(activities=activities) as prof:
+        run()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    key = "device_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    events = sorted(prof.key_averages(), key=lambda e: getattr(e, key), reverse=True)[:25]
+    return [{"name": e.key, "calls": e.count, "ms": getattr(e, key) / 1e3} for e in events]
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--case", default="rubredoxin", choices=("rubredoxin", "psii"))
@@ -83,6 +96,8 @@ def main(argv=None) -> int:
     ap.add_argument("--seed", type=int, default=1)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default=None, help="directory for profile_jacobian_<case>.json (else stdout only)")
+    ap.add_argument("--trace", action="store_true",
+                    help="also run torch.profiler over one closed-form call (after the timings) and record its 25 costliest operations")  # fmt: skip
     args = ap.parse_args(argv)
     device = torch.device(args.device)
     case = load_case(args.case, Path(args.data))
@@ -133,6 +148,8 @@ def main(argv=None) -> int:
     offsets = ([zero[:3]] * len(stills), [zero[3:]] * len(stills))
     timed("profiles_only", lambda: stills_profiles(shots, stills, model, *offsets, jacobian=False, together=False))
     timed("closed_form_together", lambda: stills_profiles(shots, stills, model, *offsets))
+    if args.trace:
+        result["trace"] = trace(lambda: closed_form(shots, stills[0], model, zero), device)
     text = json.dumps(result, indent=1)
     print(text)
     if args.out:
