@@ -167,32 +167,38 @@ def window_term_and_gradient(
     real_space: Tensor,
     crystal: Crystal,
     miller_index: Tensor,
+    domain_rotation: Tensor,
 ) -> tuple[Tensor, Tensor]:
     """:func:`bragg_term` of a window's reflection (|F|^2 left to the caller) and its derivatives
-    in the domain's real-space matrix, in closed form (one pass, no autograd).
+    in the crystal's real-space matrix, in closed form (one pass, no autograd).
 
-    h_i = k a_i . u with u = d - s_in, and the term is F_latt(h - h0)^2 w (w: weight,
+    The domain's real space is A R^T (A the crystal's rows a, b, c; R the domain's rotation);
+    h_i = k (A R^T)_i . u with u = d - s_in, and the term is F_latt(h - h0)^2 w (w: weight,
     polarization, omega, capture; independent of the crystal), so
-    d term / d a_ij = 2 F_latt w (dF_latt / d dh_i) k u_j
-    (:func:`~spread_dials.physics.lattice.lattice_factor_and_gradient`).  Any parameter x that
-    moves the crystal then moves the term by sum_ij (d term / d a_ij) (d a_ij / d x).
+    d term / d A_ij = 2 F_latt w (dF_latt / d dh_i) k (R^T u)_j
+    (:func:`~spread_dials.physics.lattice.lattice_factor_and_gradient`).  A parameter x that
+    moves the crystal then moves the term by sum_ij (d term / d A_ij) (d A_ij / d x): the same
+    d A / d x for every domain, so callers sum over domains first.
 
     Args:
-        points, sources, source, real_space, crystal, miller_index: as :func:`bragg_term`.
+        points, sources, source, real_space, crystal, miller_index: as :func:`bragg_term`
+            (``real_space`` the domain's, A R^T).
+        domain_rotation: (..., 3, 3) the domain's rotation R, broadcast like ``real_space``.
     Returns:
-        (terms (broadcast shape), their derivatives (broadcast shape + (3, 3)), per A of the
-        rows a, b, c).
+        (terms (broadcast shape), their derivatives in A (broadcast shape + (3, 3)), per A).
     """
     direction = sources.direction_of(source)
     wavenumber = sources.wavenumber[source]
     h = _fractional_components(points.diffracted, direction, wavenumber, real_space)
     dh, keep = _window_offsets(h, miller_index)
     f_latt, gradient = lattice_factor_and_gradient(dh, crystal.ncells_abc, crystal.shape)
-    weight = torch.where(keep, _term_weight(points, sources, source, direction), torch.zeros_like(f_latt))
+    weight = _term_weight(points, sources, source, direction).expand_as(f_latt).masked_fill(~keep, 0.0)
     common = 2.0 * f_latt * weight * wavenumber
-    u = [points.diffracted[..., j] - direction[..., j] for j in range(3)]
-    rows = [torch.stack([common * gradient[i] * u[j] for j in range(3)], -1) for i in range(3)]
-    return f_latt * f_latt * weight, torch.stack(rows, -2)
+    # R^T u = R^T d - R^T s_in, each half made at its own (smaller) broadcast shape
+    turned = [sum(domain_rotation[..., i, j] * points.diffracted[..., i] for i in range(3))
+              - sum(domain_rotation[..., i, j] * direction[..., i] for i in range(3)) for j in range(3)]  # fmt: skip
+    outer = (common.unsqueeze(-1) * torch.stack(gradient, -1)).unsqueeze(-1) * torch.stack(turned, -1).unsqueeze(-2)
+    return f_latt * f_latt * weight, outer
 
 
 def _window_offsets(h: list[Tensor], miller_index: Tensor) -> tuple[list[Tensor], Tensor]:

@@ -565,33 +565,34 @@ def _pixel_source_photons(
     return torch.where(valid.unsqueeze(-1), photons, torch.zeros_like(photons))
 
 
-def _pixel_source_tangents(
+def _pixel_source_gradient(
     scene: Scene, windows: BraggWindows, window: Tensor, local: Tensor, pad: Tensor, domain_real_space: Tensor,
-    domain_tangents: Tensor,
+    domain_rotations: Tensor,
 ) -> tuple[Tensor, Tensor]:  # fmt: skip
-    """:func:`_pixel_source_photons` (n, n_sources) and its derivatives (n, n_sources, K) in K
-    parameters with d domain_real_space / d x_k = ``domain_tangents`` (D, K, 3, 3), in closed
-    form: the terms' derivatives in the real space
+    """:func:`_pixel_source_photons` (n, n_sources) and its derivatives (n, n_sources, 3, 3) in
+    the real space A of the crystal whose domain d has real space ``domain_real_space``[d] =
+    A ``domain_rotations``[d]^T, in closed form
     (:func:`~spread_dials.physics.bragg.window_term_and_gradient`), summed over sub-pixels and
-    layers, then contracted with the domain's tangents."""
+    layers."""
     pts, _, valid = _pixel_points(scene, windows, window, local, pad)
     domain = windows.domain[window]
     terms, gradient = window_term_and_gradient(
         pts, scene.sources, torch.arange(scene.sources.n_sources, device=domain.device),
         domain_real_space[domain].view(-1, 1, 1, 1, 3, 3), scene.crystal, windows.miller_index[window].view(-1, 1, 1, 1, 3),
+        domain_rotations[domain].view(-1, 1, 1, 1, 3, 3),
     )  # fmt: skip  (n, o2, T, C), (n, o2, T, C, 3, 3)
     scale = photon_scale(scene)
     photons = terms.sum(dim=(1, 2)) * scale
-    moved = torch.einsum("nsij,nkij->nsk", gradient.sum(dim=(1, 2)), domain_tangents[domain]) * scale
-    return torch.where(valid.unsqueeze(-1), photons, torch.zeros_like(photons)), torch.where(valid.view(-1, 1, 1), moved, torch.zeros_like(moved))
+    moved = gradient.sum(dim=(1, 2)) * scale
+    return photons.masked_fill(~valid.unsqueeze(-1), 0.0), moved.masked_fill(~valid.view(-1, 1, 1, 1), 0.0)
 
 
 def window_channel_profiles(
     scene: Scene, windows: BraggWindows, max_terms_per_chunk: int | None = None, domain_real_space: Tensor | None = None,
-    domain_tangents: Tensor | None = None, compiled: bool = False,
+    domain_rotations: Tensor | None = None, compiled: bool = False,
 ) -> tuple[Tensor, Tensor | None]:  # fmt: skip
     """Each window pixel's photons per unit |F(h, channel)|^2, per spectral channel: (N, n_channels),
-    and (``domain_tangents``) their derivatives (N, n_channels, K).
+    and (``domain_rotations``) their derivatives (N, n_channels, 3, 3) in the crystal's real space.
 
     N runs over the window pixels in ``window_photons``' order (pixels off their panel are 0);
     sources of one channel (divergence) are summed.  ``window_photons`` equals
@@ -602,35 +603,44 @@ def window_channel_profiles(
     ``domain_real_space``: (D, 3, 3) rows a, b, c (A) per value of ``windows.domain``, in place of
     the scene crystal's domains: several crystals (stills) of the same lattice shape, Ncells and
     domain count in one call (the photon scale stays the scene crystal's, per domain).
-    ``domain_tangents``: (D, K, 3, 3) d domain_real_space / d x_k for K parameters that move
-    the crystals (orientation, cell): the derivatives come in closed form in the same pass
-    (not differentiable further); requires ``domain_real_space``.  ``compiled``: the per-pixel
-    evaluation fused by torch.compile with dynamic shapes (a GPU's path; the eager one on the CPU).
+    ``domain_rotations``: (D, 3, 3) the rotation R_d with ``domain_real_space``[d] = A R_d^T
+    (A the real space of domain d's crystal): the derivatives d profile / d A_ij then come in
+    closed form in the same pass (not differentiable further; a parameter x that moves a
+    crystal moves its pixels by sum_ij (d profile / d A_ij) (d A_ij / d x)); requires
+    ``domain_real_space``.  ``compiled``: the per-pixel evaluation fused by torch.compile with
+    dynamic shapes (a GPU's path; the eager one on the CPU).
 
     Raises:
-        ValueError: ``domain_tangents`` without ``domain_real_space``.
+        ValueError: ``domain_rotations`` without ``domain_real_space``.
     """
-    if domain_tangents is not None and domain_real_space is None:
-        raise ValueError("domain_tangents need the domain_real_space they move")
+    if domain_rotations is not None and domain_real_space is None:
+        raise ValueError("domain_rotations need the domain_real_space they turn")
     sources = scene.sources
     dtype, device = scene.panels.origin_mm.dtype, scene.panels.origin_mm.device
     n_channels = int(sources.channel.max()) + 1 if sources.n_sources else 0
-    k = 0 if domain_tangents is None else domain_tangents.shape[1]
+    # one source per channel, in order (no divergence): the channel sum is the identity
+    identity = sources.n_sources == n_channels and torch.equal(sources.channel.cpu(), torch.arange(n_channels))
     values = [torch.zeros((0, n_channels), dtype=dtype, device=device)]
-    moved = [torch.zeros((0, n_channels, k), dtype=dtype, device=device)]
+    moved = [torch.zeros((0, n_channels, 3, 3), dtype=dtype, device=device)]
+
+    def by_channel(x: Tensor, n: int) -> Tensor:
+        if identity:
+            return x[:n]
+        return x.new_zeros((x.shape[0], n_channels, *x.shape[2:])).index_add(1, sources.channel, x)[:n]
+
     # compiled once for all sizes (every still's windows differ), without inductor's tuning
-    if domain_tangents is None:
+    if domain_rotations is None:
         evaluate = fused(_pixel_source_photons, dynamic=True) if compiled else _pixel_source_photons
     else:
-        evaluate = fused(_pixel_source_tangents, dynamic=True) if compiled else _pixel_source_tangents
+        evaluate = fused(_pixel_source_gradient, dynamic=True) if compiled else _pixel_source_gradient
     for window, local, pad, n in _pixel_chunks(scene, windows, max_terms_per_chunk):
-        if domain_tangents is None:
+        if domain_rotations is None:
             photons = evaluate(scene, windows, window, local, pad, domain_real_space)
         else:
-            photons, tangents = evaluate(scene, windows, window, local, pad, domain_real_space, domain_tangents)
-            moved.append(tangents.new_zeros((tangents.shape[0], n_channels, k)).index_add(1, sources.channel, tangents)[:n])
-        values.append(photons.new_zeros((photons.shape[0], n_channels)).index_add(1, sources.channel, photons)[:n])
-    return torch.cat(values), (None if domain_tangents is None else torch.cat(moved))
+            photons, gradient = evaluate(scene, windows, window, local, pad, domain_real_space, domain_rotations)
+            moved.append(by_channel(gradient, n))
+        values.append(by_channel(photons, n))
+    return torch.cat(values), (None if domain_rotations is None else torch.cat(moved))
 
 
 def simulate_sparse(

@@ -194,8 +194,7 @@ def stills_profiles(shots: ShotSet, stills: list[Shot], model: CrystalModel, rot
     device = rotations[0].device
     together = device.type == "cuda" if together is None else together
     with_cell = cells[0] is not None
-    n_offsets = 3 + (int(cells[0].numel()) if with_cell else 0)
-    tangents = n_offsets if jacobian else 0
+    tangents = 9 if jacobian else 0  # a block's derivatives in the real space A (3 x 3)
     still_bytes = [_still_bytes(s, model, tangents) for s in stills]
     out, start = [], 0
     while start < len(stills):
@@ -242,11 +241,12 @@ def _group_profile(shots: ShotSet, stills: list[Shot], model: CrystalModel, x0: 
     """(block, starts): block(d0, jacobian) -> the (the stills' pixels, C) profiles of ``stills``
     (one channel grid) from their domains d0 .. d0 + ``per_call`` - 1 (one kernel call), each
     still's crystal offsets at its row of ``x0`` (K, 3 + k), and (``jacobian``) their
-    derivatives (pixels, C, 3 + k) in the offsets, in closed form in the same kernel pass
-    (d real space / d offsets by autograd on the (domains, 3, 3) matrices only); the profiles
+    derivatives (pixels, C, 3 + k) in the offsets: the kernel's closed-form derivatives in the
+    crystal's real space A, in the same pass, summed over the domains, then times d A / d
+    offsets (autograd on the (3, 3) matrix alone); the profiles
     are the sum of the blocks over ``starts``.  On a GPU the kernel is fused (torch.compile)."""
     device, n_domains = x0.device, model.mosaic_domains
-    # kernel chunks of 2^25 terms on a GPU: (pixels, C, 1 + 3 + k) float64 outputs of ~2 GB at most
+    # kernel chunks of 2^25 terms on a GPU: (pixels, C, 1 + 9) float64 outputs of ~2.7 GB at most
     chunk = (1 << 25) if device.type == "cuda" else None
     n_boxes = [int(s.shoeboxes.n_shoeboxes) for s in stills]
     n_pixels = [int(s.shoeboxes.n_pixels) for s in stills]
@@ -258,32 +258,37 @@ def _group_profile(shots: ShotSet, stills: list[Shot], model: CrystalModel, x0: 
 
     def block(d0: int, jacobian: bool) -> tuple[Tensor, Tensor | None]:
         size = min(per_call, n_domains - d0)
-        turned = domain_rotations[d0 : d0 + size].transpose(-1, -2)
-        blocks, real, moved = [], [], []
+        rotations = domain_rotations[d0 : d0 + size]
+        blocks, real, moves = [], [], []
         for k, still in enumerate(stills):
             a0 = still.real_space.to(x0)
 
-            def domains(x: Tensor, a0: Tensor = a0) -> Tensor:
-                return crystal_real_space(a0, x[:3], x[3:] if with_cell else None, model.cell_ties) @ turned
+            def crystal(x: Tensor, a0: Tensor = a0) -> Tensor:
+                return crystal_real_space(a0, x[:3], x[3:] if with_cell else None, model.cell_ties)
 
             if jacobian:
-                a, da = value_and_jacobian(domains, x0[k])  # (size, 3, 3), (size, 3, 3, 3 + k)
-                moved.append(da.permute(0, 3, 1, 2))
+                a, da = value_and_jacobian(crystal, x0[k])  # (3, 3), (3, 3, 3 + k)
+                moves.append(da.reshape(9, -1))
             else:
-                a = domains(x0[k])
-            real.append(a)
+                a = crystal(x0[k])
+            real.append(a @ rotations.transpose(-1, -2))
             selected = windows[k].select(torch.arange(size * n_boxes[k], device=device))
             blocks.append(replace(selected, domain=selected.domain + k * size))
         merged = BraggWindows(**{f.name: torch.cat([getattr(b, f.name) for b in blocks]) for f in fields(BraggWindows)})
         with torch.no_grad():
-            channel, tangents = window_channel_profiles(scene, merged, chunk, torch.cat(real), torch.cat(moved) if jacobian else None,
+            channel, gradient = window_channel_profiles(scene, merged, chunk, torch.cat(real), rotations.repeat(len(stills), 1, 1) if jacobian else None,
                                                         compiled=device.type == "cuda")  # fmt: skip
 
-        def per_still(values: Tensor) -> Tensor:
+        def per_still(values: Tensor) -> list[Tensor]:
+            """Each still's (pixels, C, ...) sum over this block's domains, its channels weighted."""
             pieces = torch.split(values, [size * n for n in n_pixels])
-            return torch.cat([p.view(size, n_pixels[k], *p.shape[1:]).sum(0) * w.view(-1, *([1] * (p.dim() - 2)))
-                              for k, (p, w) in enumerate(zip(pieces, scales))])  # fmt: skip
+            return [p.view(size, n_pixels[k], *p.shape[1:]).sum(0) * w.view(-1, *([1] * (p.dim() - 2)))
+                    for k, (p, w) in enumerate(zip(pieces, scales))]  # fmt: skip
 
-        return per_still(channel), (per_still(tangents) if jacobian else None)
+        profile = torch.cat(per_still(channel))
+        if not jacobian:
+            return profile, None
+        # d profile / d A summed over the domains, then through d A / d offsets (the same for every domain)
+        return profile, torch.cat([g.flatten(-2) @ m for g, m in zip(per_still(gradient), moves)])
 
     return block, list(range(0, n_domains, per_call))

@@ -1,5 +1,5 @@
 """The kernel's closed-form derivatives in the crystal (lattice_factor_and_gradient,
-window_term_and_tangents via window_channel_profiles) against autograd through the kernel and
+window_term_and_gradient via window_channel_profiles) against autograd through the kernel and
 central differences."""
 
 from __future__ import annotations
@@ -43,32 +43,37 @@ def test_lattice_gradient_matches_autograd(shape):
         assert float((quotient[:20] - closed[:20]).abs().max()) <= 1e-6 * peak, shape
 
 
-def _offset_real_space(scene, x):
-    """(D, 3, 3) domain real space of the scene's crystal turned by x[:3] (rad) with its lengths
-    scaled by exp(x[3:])."""
-    turned = scene.crystal.real_space @ rotation_from_vector(x[:3]).transpose(-1, -2)
-    return (torch.exp(x[3:]).unsqueeze(-1) * turned) @ scene.crystal.domain_rotations.transpose(-1, -2)
+def _crystal_real_space(scene, x):
+    """(3, 3) the scene crystal's real space turned by x[:3] (rad), its lengths scaled by exp(x[3:])."""
+    return torch.exp(x[3:]).unsqueeze(-1) * (scene.crystal.real_space @ rotation_from_vector(x[:3]).transpose(-1, -2))
+
+
+def _domains(scene, a):
+    """(D, 3, 3) the domains' real space A R_d^T."""
+    return a @ scene.crystal.domain_rotations.transpose(-1, -2)
 
 
 @pytest.mark.parametrize("shape", LATTICE_SHAPES)
-def test_profile_tangents_match_autograd_and_differences(shape):
-    """window_channel_profiles' closed-form derivatives in 3 angles + 3 cell lengths equal
-    autograd through the same kernel (two reverse passes) and central differences; the profiles
-    themselves are those made without tangents.  Sub-pixels, two sensor layers, divergence."""
-    scene = small_scene(shape=shape, n_channels=2, n_domains=2, n_layers=2, divergence_mrad=0.5, divergence_steps=2)
+def test_profile_gradient_matches_autograd_and_differences(shape):
+    """window_channel_profiles' closed-form derivatives in the crystal's real space, through
+    d A / d (3 angles, 3 cell lengths), equal autograd through the same kernel (two reverse
+    passes) and central differences; the profiles themselves are those made without them.
+    Sub-pixels, two sensor layers, divergence (two sources per channel), three domains."""
+    scene = small_scene(shape=shape, n_channels=2, n_domains=3, n_layers=2, divergence_mrad=0.5, divergence_steps=2)
     windows = predict_windows(scene, 1e-3)
     # 24 windows spread over the list: square's and round's slow tails make many large windows
     windows = windows.select(torch.linspace(0, windows.n_windows - 1, min(windows.n_windows, 24)).long())
     x0 = torch.tensor([1e-3, -2e-3, 5e-4, 1e-3, -1e-3, 2e-3], dtype=torch.float64)
-    real, tangents = value_and_jacobian(lambda x: _offset_real_space(scene, x), x0)
-    profiles, moved = window_channel_profiles(scene, windows, None, real, tangents.permute(0, 3, 1, 2))
-    plain, none = window_channel_profiles(scene, windows, None, real)
+    a, da = value_and_jacobian(lambda x: _crystal_real_space(scene, x), x0)  # (3, 3), (3, 3, 6)
+    profiles, gradient = window_channel_profiles(scene, windows, None, _domains(scene, a), scene.crystal.domain_rotations)
+    plain, none = window_channel_profiles(scene, windows, None, _domains(scene, a))
     assert none is None and torch.equal(profiles, plain) and profiles.abs().max() > 0
-    assert moved.shape == (*profiles.shape, 6)
+    assert gradient.shape == (*profiles.shape, 3, 3)
+    moved = gradient.flatten(-2) @ da.reshape(9, 6)
     if shape == "tophat":  # piecewise constant in the crystal
         assert not moved.any()
         return
-    auto = value_and_jacobian(lambda x: window_channel_profiles(scene, windows, None, _offset_real_space(scene, x))[0], x0)[1]
+    auto = value_and_jacobian(lambda x: window_channel_profiles(scene, windows, None, _domains(scene, _crystal_real_space(scene, x)))[0], x0)[1]
     scale = float(auto.abs().max())
     assert scale > 0
     # 1e-8: near a lattice point square's sincg is a constant to autograd, a series here
@@ -79,12 +84,12 @@ def test_profile_tangents_match_autograd_and_differences(shape):
     for k in range(6):
         e = torch.zeros(6, dtype=torch.float64)
         e[k] = step
-        plus = window_channel_profiles(scene, windows, None, _offset_real_space(scene, x0 + e))[0]
-        minus = window_channel_profiles(scene, windows, None, _offset_real_space(scene, x0 - e))[0]
+        plus = window_channel_profiles(scene, windows, None, _domains(scene, _crystal_real_space(scene, x0 + e)))[0]
+        minus = window_channel_profiles(scene, windows, None, _domains(scene, _crystal_real_space(scene, x0 - e)))[0]
         assert float(((plus - minus) / (2 * step) - moved[..., k]).abs().max()) <= 2e-4 * scale, (shape, k)
 
 
-def test_tangents_need_real_space():
+def test_gradient_needs_real_space():
     scene = small_scene(n_channels=2, n_domains=1)
     with pytest.raises(ValueError, match="domain_real_space"):
-        window_channel_profiles(scene, predict_windows(scene, 1e-4), None, None, torch.zeros(1, 3, 3, 3, dtype=torch.float64))
+        window_channel_profiles(scene, predict_windows(scene, 1e-4), None, None, scene.crystal.domain_rotations)
