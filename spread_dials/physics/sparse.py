@@ -628,19 +628,18 @@ def window_channel_profiles(
             return x[:n]
         return x.new_zeros((x.shape[0], n_channels, *x.shape[2:])).index_add(1, sources.channel, x)[:n]
 
-    # compiled once for all sizes (every still's windows differ), without inductor's tuning
-    if domain_rotations is None:
-        evaluate = fused(_pixel_source_photons, dynamic=True) if compiled else _pixel_source_photons
-    else:
-        evaluate = fused(_pixel_source_gradient, dynamic=True) if compiled else _pixel_source_gradient
+    with_gradient = domain_rotations is not None
+    evaluate = _pixel_source_gradient if with_gradient else _pixel_source_photons
+    if compiled:  # compiled once for all sizes (every still's windows differ), without inductor's tuning
+        evaluate = fused(evaluate, dynamic=True)
+    extra = (domain_rotations,) if with_gradient else ()
     for window, local, pad, n in _pixel_chunks(scene, windows, max_terms_per_chunk):
-        if domain_rotations is None:
-            photons = evaluate(scene, windows, window, local, pad, domain_real_space)
-        else:
-            photons, gradient = evaluate(scene, windows, window, local, pad, domain_real_space, domain_rotations)
-            moved.append(by_channel(gradient, n))
+        made = evaluate(scene, windows, window, local, pad, domain_real_space, *extra)
+        photons, gradient = made if with_gradient else (made, None)
         values.append(by_channel(photons, n))
-    return torch.cat(values), (None if domain_rotations is None else torch.cat(moved))
+        if with_gradient:
+            moved.append(by_channel(gradient, n))
+    return torch.cat(values), (torch.cat(moved) if with_gradient else None)
 
 
 def simulate_sparse(

@@ -5,7 +5,7 @@ mosaic domain; ``window_channel_profiles`` gives each pixel's photons per unit |
 for every channel, summed here over the domains.  f' and f'' only reweight the channels, so
 refinement caches these profiles (Sauter et al. 2020) at the current per-shot parameters,
 together with their derivatives with respect to the crystal offsets (in closed form, in the
-kernel's own pass: :func:`~spread_dials.physics.bragg.window_term_and_tangents`), and evaluates
+kernel's own pass: :func:`~spread_dials.physics.bragg.window_term_and_gradient`), and evaluates
 the pixel rate from the cache (:mod:`spread_dials.refine.model`).
 
 Per-shot crystal offsets: a small rotation vector r (3,) (rad, lab frame) and, optionally, the
@@ -183,11 +183,11 @@ def stills_profiles(shots: ShotSet, stills: list[Shot], model: CrystalModel, rot
     call (each still's crystal its own block of domains: ``domain_real_space`` of
     :func:`~spread_dials.physics.sparse.window_channel_profiles`), up to ``PROFILE_GROUP_BYTES``
     of profiles and tangents a call.  The channel weights enter linearly, so a group is made
-    at unit weights and each still's columns scaled after.  The derivatives: each still's
-    domains carry the derivatives of their own real space in their own still's offsets, and
-    each pixel depends on its own still's offsets only.  Otherwise one still a call, its domains ``PROFILE_GROUP_BYTES`` at a time on
-    a GPU (PSII: one) and one at a time on the CPU (larger blocks only missed its caches: 3x
-    slower).
+    at unit weights and each still's columns scaled after.  The derivatives: the kernel gives
+    each pixel's derivatives in its own still's real space A (3 x 3), summed over the domains
+    and then multiplied by that still's d A / d offsets.  Otherwise one still a call, its
+    domains ``PROFILE_GROUP_BYTES`` at a time on a GPU (PSII: one) and one at a time on the CPU
+    (larger blocks only missed its caches: 3x slower).
     """
     if not stills:
         return []
@@ -243,8 +243,8 @@ def _group_profile(shots: ShotSet, stills: list[Shot], model: CrystalModel, x0: 
     still's crystal offsets at its row of ``x0`` (K, 3 + k), and (``jacobian``) their
     derivatives (pixels, C, 3 + k) in the offsets: the kernel's closed-form derivatives in the
     crystal's real space A, in the same pass, summed over the domains, then times d A / d
-    offsets (autograd on the (3, 3) matrix alone); the profiles
-    are the sum of the blocks over ``starts``.  On a GPU the kernel is fused (torch.compile)."""
+    offsets (autograd on the (3, 3) matrix alone); the profiles are the sum of the blocks over
+    ``starts``.  On a GPU the kernel is fused (torch.compile)."""
     device, n_domains = x0.device, model.mosaic_domains
     # kernel chunks of 2^25 terms on a GPU: (pixels, C, 1 + 9) float64 outputs of ~2.7 GB at most
     chunk = (1 << 25) if device.type == "cuda" else None
