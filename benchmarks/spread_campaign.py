@@ -62,11 +62,12 @@ onto its reference over the band, as dials.spread_refine's truth= report), ``sig
 profiled Fisher sigma at the optimum: the Cramer-Rao bound of these pixels when the model is
 right), ``sigma_sandwich``, ``sigma_bootstrap`` (with refine.bootstrap > 0), with two or more
 sites the pairwise ``differences`` (estimate, truth, Fisher and sandwich sigma from the
-covariance), shoeboxes, pixels, seconds, peak GPU memory (``peak_gpu_bytes``), device and ``parameters`` (a hash of all the PHIL
-values).  Resumable: an (N, replicate, seed) already in the output file is skipped, and a replicate
-cut off mid-way resumes after its last finished macrocycle (a checkpoint beside the output,
-<stem>.<parameters>.N<n>.r<replicate>.checkpoint.pt, removed once its line is written; the
-line's ``resumed_from_macrocycle``): a replicate longer than one job spans several.  Shards
+covariance), shoeboxes, pixels, seconds, peak GPU memory (``peak_gpu_bytes``), device and ``parameters`` (a hash of the PHIL
+values that decide a replicate's answer: :func:`design_fingerprint`).  Resumable: an (N, replicate, seed)
+already in the output file is skipped, and a replicate cut off mid-way resumes after its last
+finished macrocycle (a checkpoint beside the output, <output.name>.<parameters>.N<n>.r<replicate>.checkpoint.pt,
+removed once its line is written; the line's ``resumed_from_macrocycle``), whatever the shards,
+ranks or device of the rerun: a replicate longer than one job spans several.  Shards
 (``ladder.shards``, ``ladder.shard``): independent processes that split the (N, replicate)
 pairs round-robin, one file each (several per GPU: a rubredoxin still is launch-bound, one
 process leaves the GPU mostly idle); a still's seed depends only on (seed, N, replicate, still),
@@ -826,10 +827,33 @@ FLAG_TO_PHIL = {
 }  # fmt: skip
 
 
+def _output_stem(params) -> str:
+    return params.output.name or f"campaign_{params.case.name}" + ("" if params.control == "none" else f"_{params.control}")
+
+
 def output_path(params) -> Path:
-    stem = params.output.name or f"campaign_{params.case.name}" + ("" if params.control == "none" else f"_{params.control}")
-    shards = params.ladder.shards
+    stem, shards = _output_stem(params), params.ladder.shards
     return Path(params.output.directory) / (f"{stem}.jsonl" if shards == 1 else f"{stem}.shard{params.ladder.shard}of{shards}.jsonl")
+
+
+def checkpoint_path(params, design: str, n: int, replicate: int) -> Path:
+    """The mid-replicate checkpoint of (N, replicate) beside the output, named without the shard
+    so that a rerun with other shards finds it."""
+    return Path(params.output.directory) / f"{_output_stem(params)}.{design}.N{n}.r{replicate}.checkpoint.pt"
+
+
+#: PHIL values that do not change a replicate's answer: where it is written, how the ladder is
+#: split into jobs, and where it runs (ranks sum in still order, so any number gives the serial answer)
+NOT_IN_FINGERPRINT = ("output.", "ladder.n", "ladder.replicates", "ladder.shard", "ladder.shards", "mpi", "device")
+
+
+def design_fingerprint(flat: dict) -> str:
+    """10 hex digits of a hash of the PHIL values ``flat`` (name -> value) that decide a
+    replicate's answer (all but :data:`NOT_IN_FINGERPRINT`): the records' ``parameters`` and the
+    checkpoints' key.  (Until session 15 every value was hashed, so a checkpoint moved to
+    another output.directory was not resumed.)"""
+    kept = {k: v for k, v in flat.items() if not any(k == x or (x.endswith(".") and k.startswith(x)) for x in NOT_IN_FINGERPRINT)}
+    return hashlib.sha1(json.dumps(kept, sort_keys=True, default=str).encode()).hexdigest()[:10]
 
 
 def main(argv=None) -> int:
@@ -903,7 +927,7 @@ def run_campaign(flat: dict, plan_only: bool = False) -> int:
     done = {(r["n"], r["replicate"], r["seed"]) for r in read_records(out, repair=comm.is_root)}
     if comm.is_root:
         out.parent.mkdir(parents=True, exist_ok=True)
-    design = hashlib.sha1(json.dumps(flat, sort_keys=True, default=str).encode()).hexdigest()[:10]
+    design = design_fingerprint(flat)
     seed = params.ladder.seed
     if not 0 <= params.ladder.shard < params.ladder.shards:
         raise CampaignError(f"ladder.shard = {params.ladder.shard} is not one of the {params.ladder.shards} shards (0 .. shards - 1)")
@@ -913,7 +937,7 @@ def run_campaign(flat: dict, plan_only: bool = False) -> int:
         print(f"{out}: {len(work)} replicates to run ({len(done)} already there; parameters {design})", flush=True)
     t_start = time.perf_counter()
     for k, (n, replicate) in enumerate(work):
-        checkpoint = out.parent / f"{out.stem}.{design}.N{n}.r{replicate}.checkpoint.pt"
+        checkpoint = checkpoint_path(params, design, n, replicate)
         record = run_replicate(case, n, replicate, params, comm, device, (checkpoint, f"{design}:{n}:{replicate}:{seed}"))
         if record is not None:
             record["parameters"] = design
