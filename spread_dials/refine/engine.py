@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from spread_dials.physics.structure_factors import StructureFactors
-from spread_dials.refine.information import psd_pseudo_inverse, shot_information
+from spread_dials.refine.information import follow_step, psd_pseudo_inverse, shot_information
 from spread_dials.refine.model import (
     ShotCache,
     ShotState,
@@ -271,10 +271,17 @@ class Refinement:
     def information(self, theta: Tensor) -> tuple[Tensor, Tensor]:
         """(profiled, conditional) Fisher information of theta over all stills (summed in still
         order; :func:`~spread_dials.refine.information.shot_information`) plus the prior's Hessian."""
+        profiled, conditional, _ = self.information_and_responses(theta)
+        return profiled, conditional
+
+    def information_and_responses(self, theta: Tensor) -> tuple[Tensor, Tensor, list[Tensor]]:
+        """:meth:`information` and each local still's per-shot response (S_i, P) to theta
+        (:attr:`~spread_dials.refine.information.ShotInformation.response`)."""
         parts = [shot_information(self, i, theta) for i in range(len(self.caches))]
         prior = self.prior_hessian(theta)
         sums = [self.ordered_sum([part[k] for part in parts]) for k in (0, 1)]
-        return tuple(prior if total is None else total + prior for total in sums)
+        profiled, conditional = (prior if total is None else total + prior for total in sums)
+        return profiled, conditional, [part.response for part in parts]
 
     def still_nlls(self, theta: Tensor) -> list[Tensor]:
         """Each local still's weighted NLL as a function of ``theta`` (this refinement's likelihood)."""
@@ -454,30 +461,34 @@ class Refinement:
         Gauss-Newton, without recomputing profiles); the refitted per-shot parameters are kept.
         Under misfit the Fisher information can misjudge the curvature either way (too small a
         step on bright stills, too large along a poorly determined direction): the line search
-        keeps every step downhill.  No step when none of the three lowers it."""
+        keeps every step downhill.  No step when none of the three lowers it.  Each trial's
+        refits start from the per-shot parameters moved by their linear response to the step
+        (:func:`~spread_dials.refine.information.follow_step`)."""
         # the per-shot parameters refitted on the current caches (stage 1 recomputed the profiles
         # after its last fit): the profile NLL at theta that a trial must beat
         value, self.states = self._profile_nll(self.theta)
         _, grad = self.global_value_and_grad(self.theta)
-        information, _ = self.information(self.theta)
+        information, _, responses = self.information_and_responses(self.theta)
         step = -psd_pseudo_inverse(0.5 * (information + information.T)) @ grad
         largest = float(step.abs().max()) if step.numel() else 0.0
         if largest > self.settings.max_global_step:
             step = step * (self.settings.max_global_step / largest)
         for t in (1.0, 0.25, 0.0625):
             trial = self.theta + t * step
-            profile, states = self._profile_nll(trial)
+            starts = [follow_step(s, r, t * step, self.settings) for s, r in zip(self.states, responses)]
+            profile, states = self._profile_nll(trial, starts)
             if profile < value:
                 self.theta, self.states = trial, states
                 return
 
-    def _profile_nll(self, theta: Tensor) -> tuple[float, list[ShotState]]:
+    def _profile_nll(self, theta: Tensor, starts: list[ShotState] | None = None) -> tuple[float, list[ShotState]]:
         """Profile NLL + prior at ``theta`` on the current caches (every still's per-shot
-        parameters refitted by stage 1's Gauss-Newton from their current values, profiles kept;
-        each still's NLL times its ``weight``, summed in still order) and the refitted per-shot
-        parameters."""
-        intensities, slopes = self.stage1_terms(list(range(len(self.caches))), self.states, theta)
-        fits = refine_shots(self.caches, self.states, intensities, self.settings, slopes)
+        parameters refitted by stage 1's Gauss-Newton from ``starts``, default their current
+        values, profiles kept; each still's NLL times its ``weight``, summed in still order) and
+        the refitted per-shot parameters."""
+        starts = self.states if starts is None else starts
+        intensities, slopes = self.stage1_terms(list(range(len(self.caches))), starts, theta)
+        fits = refine_shots(self.caches, starts, intensities, self.settings, slopes)
         profile = self.ordered_total([cache.weight * nll for cache, (_, nll) in zip(self.caches, fits)])
         profile += float(self.sites.negative_log_prior(theta))
         return profile, [state for state, _ in fits]

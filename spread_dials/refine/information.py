@@ -6,26 +6,54 @@ lambda_p with J = d lambda / d parameters; for the Gaussian likelihoods 1 / vari
 global parameters theta AND the still's scale, refined crystal offsets (rotation, cell), energy
 jitter (with its prior's information, when refined) and background planes.  The per-shot parameters are eliminated by the Schur complement (first each
 shoebox's plane, then scale and offsets).
+
+The same blocks give the per-shot parameters' linear response to a global step, ds/dtheta =
+-H_ss^-1 H_s,theta (the implicit-function derivative of the still's optimum): a line search that
+moves them with theta starts each still's refit where the quadratic model puts it, which is what
+lets a step along a ridge (an edge shift traded against the stills' energy jitters) be taken
+whole instead of a fraction per epoch (:func:`follow_step`).
 """
 
 from __future__ import annotations
+
+from dataclasses import replace
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
 
 from spread_dials.refine.model import (
+    ShotState,
     bragg_terms,
     fisher_weights,
     intensities_and_jacobian,
     rate_from_terms,
 )
 
-__all__ = ["shot_information", "shot_columns", "refined_offsets", "psd_pseudo_inverse", "normal_blocks", "eliminate_planes"]
+__all__ = ["ShotInformation", "shot_information", "follow_step", "shot_columns", "refined_offsets", "psd_pseudo_inverse",
+           "normal_blocks", "eliminate_planes"]  # fmt: skip
 
 
-def shot_information(refinement, i: int, theta: Tensor, extra: Tensor | None = None) -> tuple[Tensor, Tensor]:
-    """(profiled, conditional) Fisher information of theta from still i (the crystal offsets
-    that stage 1 refines, rotation and cell, are profiled with the scale and backgrounds).
+class ShotInformation(NamedTuple):
+    """One still's information about the global parameters (P of them; P + Q with ``extra``).
+
+    Attributes:
+        profiled: (P, P) with the per-shot parameters profiled out (Schur complement), CPU.
+        conditional: (P, P) with them held, CPU.
+        response: (S, P) d s / d theta of the still's shared per-shot parameters s = (log G,
+            the refined crystal offsets in order, the energy jitter when refined) at their
+            optimum (-H_ss^-1 H_s,theta, the planes eliminated), CPU.
+    """
+
+    profiled: Tensor
+    conditional: Tensor
+    response: Tensor
+
+
+def shot_information(refinement, i: int, theta: Tensor, extra: Tensor | None = None) -> ShotInformation:
+    """The Fisher information of theta from still i, profiled and conditional (the crystal
+    offsets that stage 1 refines, rotation and cell, are profiled with the scale and
+    backgrounds), and the per-shot parameters' response to theta (:class:`ShotInformation`).
 
     ``extra``: (N, Q) derivatives of the still's pixel rates in Q more global parameters (a
     learned correction's weights, :mod:`spread_dials.correct`); the information is then over
@@ -51,9 +79,35 @@ def shot_information(refinement, i: int, theta: Tensor, extra: Tensor | None = N
         reduced[-1, -1] += jitter_sigma**-2
     p = u_theta.shape[1]
     h_tt, h_ts, h_ss = reduced[:p, :p], reduced[:p, p:], reduced[p:, p:]
-    profiled = h_tt - h_ts @ psd_pseudo_inverse(h_ss) @ h_ts.T
+    solved = psd_pseudo_inverse(h_ss) @ h_ts.T  # (S, P)
+    profiled = h_tt - h_ts @ solved
     conditional = h_oo[:p, :p]
-    return cache.weight * profiled.detach().cpu(), cache.weight * conditional.detach().cpu()
+    return ShotInformation(cache.weight * profiled.detach().cpu(), cache.weight * conditional.detach().cpu(),
+                           -solved.detach().cpu())  # fmt: skip
+
+
+def follow_step(state: ShotState, response: Tensor, step: Tensor, settings) -> ShotState:
+    """``state`` moved by its linear response to a global step: s + response @ step for the
+    scale, the refined crystal offsets and the energy jitter (when refined); the planes stay
+    (stage 1 refits them in closed form).
+
+    Args:
+        state: the still's per-shot parameters.
+        response: (S, P) :attr:`ShotInformation.response` (CPU).
+        step: (P,) the step in the global parameters (eV for edge shifts).
+        settings: :class:`~spread_dials.refine.engine.RefineSettings` (which offsets are refined,
+            whether the jitter is).
+    """
+    move = (response @ step.to(response)).to(state.log_scale)
+    refined = refined_offsets(state.offsets.numel(), settings).to(move.device)
+    offsets = state.offsets.detach().clone()
+    offsets[refined] += move[1 : 1 + int(refined.sum())]
+    n_rot = state.rotation.numel()
+    jitter = state.energy_offset
+    if settings.energy_jitter_sigma_eV is not None and jitter is not None:
+        jitter = jitter.detach() + move[-1]
+    return replace(state, log_scale=state.log_scale.detach() + move[0], rotation=offsets[:n_rot],
+                   cell=None if state.cell is None else offsets[n_rot:], energy_offset=jitter)  # fmt: skip
 
 
 def shot_columns(scale: Tensor, bragg: Tensor, jacobian: Tensor | None, refined: Tensor) -> Tensor:
