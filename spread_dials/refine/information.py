@@ -100,12 +100,13 @@ def follow_step(state: ShotState, response: Tensor, step: Tensor, settings) -> S
     """
     move = (response @ step.to(response)).to(state.log_scale)
     refined = refined_offsets(state.offsets.numel(), settings).to(move.device)
+    has_jitter = settings.energy_jitter_sigma_eV is not None  # (its row is there: shot_information)
+    n_offsets = move.numel() - 1 - has_jitter  # (0 when the profiles carry no offset derivatives)
     offsets = state.offsets.detach().clone()
-    offsets[refined] += move[1 : 1 + int(refined.sum())]
+    if n_offsets:
+        offsets[refined] += move[1 : 1 + n_offsets]
     n_rot = state.rotation.numel()
-    jitter = state.energy_offset
-    if settings.energy_jitter_sigma_eV is not None and jitter is not None:
-        jitter = jitter.detach() + move[-1]
+    jitter = state.energy_jitter(move) + move[-1] if has_jitter else state.energy_offset
     return replace(state, log_scale=state.log_scale.detach() + move[0], rotation=offsets[:n_rot],
                    cell=None if state.cell is None else offsets[n_rot:], energy_offset=jitter)  # fmt: skip
 

@@ -135,3 +135,28 @@ def test_the_per_shot_response_is_the_refits_finite_difference(arms):
     assert float((predicted - found).abs().max()) < 0.07
     assert float((predicted - found).norm() / found.norm()) < 0.1
     assert float(found.max()) < -0.05
+
+
+def test_follow_step_moves_each_row_onto_its_parameter():
+    """follow_step reads the response's rows as (log G, the refined offsets when the profiles
+    carry their derivatives, the jitter when refined): with offset rows, without them (profiles
+    without derivatives), and without a jitter; the planes stay."""
+    from spread_dials.refine.engine import RefineSettings
+    from spread_dials.refine.information import follow_step
+    from spread_dials.refine.model import ShotState
+
+    f64 = torch.float64
+    state = ShotState(torch.tensor(0.5, dtype=f64), torch.zeros(3, dtype=f64), torch.ones(2, 3, dtype=f64),
+                      torch.zeros(2, dtype=f64), torch.tensor(0.1, dtype=f64))  # fmt: skip
+    step = torch.tensor([2.0], dtype=f64)
+    jitter_on = RefineSettings(refine_cell=True, energy_jitter_sigma_eV=1.0)
+    rows = torch.arange(1.0, 8.0, dtype=f64).unsqueeze(-1)  # log G, 3 angles, 2 cell lengths, jitter
+    moved = follow_step(state, rows, step, jitter_on)
+    assert float(moved.log_scale) == pytest.approx(2.5)
+    assert moved.rotation.tolist() == [4.0, 6.0, 8.0] and moved.cell.tolist() == [10.0, 12.0]
+    assert float(moved.energy_offset) == pytest.approx(14.1)
+    assert torch.equal(moved.background, state.background)
+    bare = follow_step(state, torch.tensor([[1.0], [-0.5]], dtype=f64), step, jitter_on)  # no offset rows
+    assert bare.rotation.tolist() == [0.0] * 3 and float(bare.energy_offset) == pytest.approx(-0.9)
+    no_jitter = follow_step(replace(state, energy_offset=None), rows[:6], step, replace(jitter_on, energy_jitter_sigma_eV=None))
+    assert no_jitter.energy_offset is None and no_jitter.cell.tolist() == [10.0, 12.0]
