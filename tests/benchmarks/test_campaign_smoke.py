@@ -148,6 +148,26 @@ def test_the_conventional_route_rides_along(campaign, tmp_path):
     assert summary["tiny N=4"]["conventional"]["bias_eV"][0] == pytest.approx(conv["theta"][0] - TRUTH_SHIFT_EV, abs=1e-3)
 
 
+def test_the_conventional_route_is_the_same_across_still_chunks(campaign, tmp_path, monkeypatch):
+    """The conventional route makes per-channel profiles CONVENTIONAL_STILLS stills at a time
+    (each chunk's stills renumbered to the refinement's): with chunks of 3 of the 4 stills (a
+    boundary inside the data set) its reflections and result are the one-chunk run's."""
+    sys.path.insert(0, str(REPO / "benchmarks"))
+    import spread_campaign
+
+    tables = campaign[0].parent.parent / "tables"
+    args = [str(SMOKE), f"case.data={tables}", "ladder.n=4", "refine.conventional=True", "refine.conventional_bin_eV=3"]
+    results = {}
+    for chunk in (256, 3):
+        monkeypatch.setattr(spread_campaign, "CONVENTIONAL_STILLS", chunk)
+        assert spread_campaign.main([*args, f"output.directory={tmp_path / str(chunk)}"]) == 0
+        (line,) = (tmp_path / str(chunk) / "campaign_tiny.jsonl").read_text().splitlines()
+        results[chunk] = json.loads(line)["conventional"]
+    assert results[3]["reflections"] == results[256]["reflections"] > 0
+    assert results[3]["reflections_per_bin"] == results[256]["reflections_per_bin"]
+    assert results[3]["theta"] == pytest.approx(results[256]["theta"], rel=1e-9, abs=1e-9)
+
+
 @pytest.mark.parametrize("control", ["spoil_hkl", "shuffle_channels", "mean_spectrum"])
 def test_negative_controls_run_in_the_campaign(campaign, tmp_path, control):
     """control=spoil_hkl / shuffle_channels / mean_spectrum run through the harness (two H200 runs at N = 300
