@@ -58,7 +58,6 @@ from spread_dials.refine.engine import Refinement
 from spread_dials.refine.information import follow_step, psd_pseudo_inverse, shot_information
 from spread_dials.refine.model import BraggTerms, ShotState, fisher_weights, negative_log_likelihood, rate_from_terms
 from spread_dials.refine.profiles import ShotProfiles
-from spread_dials.refine.stage1 import refine_shots
 
 __all__ = ["CorrectSettings", "CorrectedModel", "feature_statistics"]
 
@@ -266,10 +265,7 @@ class CorrectedModel:
         r = self.refinement
         self.set_phi(phi)
         saved = r.states
-        starts = r.states if starts is None else starts
-        intensities, slopes = r.stage1_terms(list(range(len(r.caches))), starts, theta)
-        fits = refine_shots(r.caches, starts, intensities, r.settings, slopes)
-        r.states = [state for state, _ in fits]
+        r.states = [state for state, _ in r.refit_shots(theta, starts)]
         try:
             with torch.no_grad():
                 parts = [torch.stack(self.still_terms(i, theta)).cpu() for i in range(len(r.caches))]

@@ -481,14 +481,19 @@ class Refinement:
                 self.theta, self.states = trial, states
                 return
 
+    def refit_shots(self, theta: Tensor, starts: list[ShotState] | None = None) -> list[tuple[ShotState, float]]:
+        """(state, NLL) of every local still refitted by stage 1's Gauss-Newton at ``theta`` from
+        ``starts`` (default the current per-shot parameters) on the current caches' profiles."""
+        starts = self.states if starts is None else starts
+        intensities, slopes = self.stage1_terms(list(range(len(self.caches))), starts, theta)
+        return refine_shots(self.caches, starts, intensities, self.settings, slopes)
+
     def _profile_nll(self, theta: Tensor, starts: list[ShotState] | None = None) -> tuple[float, list[ShotState]]:
         """Profile NLL + prior at ``theta`` on the current caches (every still's per-shot
         parameters refitted by stage 1's Gauss-Newton from ``starts``, default their current
         values, profiles kept; each still's NLL times its ``weight``, summed in still order) and
         the refitted per-shot parameters."""
-        starts = self.states if starts is None else starts
-        intensities, slopes = self.stage1_terms(list(range(len(self.caches))), starts, theta)
-        fits = refine_shots(self.caches, starts, intensities, self.settings, slopes)
+        fits = self.refit_shots(theta, starts)
         profile = self.ordered_total([cache.weight * nll for cache, (_, nll) in zip(self.caches, fits)])
         profile += float(self.sites.negative_log_prior(theta))
         return profile, [state for state, _ in fits]
