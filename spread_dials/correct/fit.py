@@ -56,7 +56,14 @@ from spread_dials.correct.divergence import poisson_kl
 from spread_dials.refine.derivatives import value_and_jacobian
 from spread_dials.refine.engine import Refinement
 from spread_dials.refine.information import follow_step, psd_pseudo_inverse, shot_information
-from spread_dials.refine.model import BraggTerms, ShotState, fisher_weights, negative_log_likelihood, rate_from_terms
+from spread_dials.refine.model import (
+    BraggTerms,
+    ShotState,
+    fisher_weights,
+    jitter_negative_log_prior,
+    negative_log_likelihood,
+    rate_from_terms,
+)
 from spread_dials.refine.profiles import ShotProfiles
 
 __all__ = ["CorrectSettings", "CorrectedModel", "feature_statistics"]
@@ -260,21 +267,27 @@ class CorrectedModel:
     def objective(self, theta: Tensor, phi: Tensor, starts: list[ShotState] | None = None) -> tuple[float, list[ShotState]]:
         """F(theta, phi) (module docstring) on the current caches' profiles: every still's
         per-shot parameters refitted by stage 1's Gauss-Newton at (theta, phi) from ``starts``
-        (default their current values), then the NLL and beta KL at them plus the priors; and
-        the refitted per-shot parameters.  Leaves the correction's weights at ``phi``."""
+        (default their current values), then the NLL and beta KL at them plus the priors (the
+        sites', the correction's and each still's energy-jitter prior, weighted as its NLL: the
+        minimum over the per-shot parameters is of their NLL plus their prior, as in stage 1; left
+        out, a common jitter traded against the edge shifts at no cost, H200 session 16); and the
+        refitted per-shot parameters.  Leaves the correction's weights at ``phi``."""
         r = self.refinement
         self.set_phi(phi)
         saved = r.states
         r.states = [state for state, _ in r.refit_shots(theta, starts)]
+        sigma = r.settings.energy_jitter_sigma_eV
         try:
             with torch.no_grad():
-                parts = [torch.stack(self.still_terms(i, theta)).cpu() for i in range(len(r.caches))]
+                parts = [torch.stack([*self.still_terms(i, theta), r.caches[i].weight * torch.as_tensor(
+                    jitter_negative_log_prior(r.states[i].energy_jitter(), sigma), dtype=torch.float64)]).cpu()
+                    for i in range(len(r.caches))]  # fmt: skip
         finally:
             states, r.states = r.states, saved
         total = r.ordered_sum(parts)
-        nll, kl = (0.0, 0.0) if total is None else (float(total[0]), float(total[1]))
+        nll, kl, shot_prior = (0.0, 0.0, 0.0) if total is None else (float(total[0]), float(total[1]), float(total[2]))
         with torch.no_grad():
-            prior = float(r.sites.negative_log_prior(theta)) + float(self.correction.negative_log_prior())
+            prior = float(r.sites.negative_log_prior(theta)) + float(self.correction.negative_log_prior()) + shot_prior
         self._terms = {"nll": nll, "kl": kl, "prior": prior}
         return nll + self.settings.anchor_beta * kl + prior, states
 

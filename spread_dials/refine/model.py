@@ -307,6 +307,14 @@ def negative_log_likelihood(lam: Tensor, counts: Tensor, valid: Tensor, readout_
     return pixel_nll(lam, counts, valid, readout_sigma, model_error_fraction).sum()
 
 
+def jitter_negative_log_prior(jitter: Tensor, sigma: float | None) -> Tensor | float:
+    """-log of the energy-jitter prior N(0, ``sigma``^2) (up to a constant) of jitters (eV, any
+    shape), or 0 without a prior (``sigma`` None: the jitter is not refined)."""
+    if sigma is None:
+        return 0.0
+    return 0.5 * (jitter / sigma) ** 2
+
+
 def pixel_nll(lam: Tensor, counts: Tensor, valid: Tensor, readout_sigma: float | None = None,
               model_error_fraction: float = 0.0) -> Tensor:  # fmt: skip
     """(N,) each pixel's term of :func:`negative_log_likelihood` (0 where not ``valid``)."""

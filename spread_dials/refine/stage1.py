@@ -42,7 +42,15 @@ import torch
 from torch import Tensor
 
 from spread_dials.refine.information import eliminate_planes, normal_blocks, refined_offsets, shot_columns
-from spread_dials.refine.model import ShotCache, ShotState, bragg_terms, fisher_weights, pixel_nll, plane_rate
+from spread_dials.refine.model import (
+    ShotCache,
+    ShotState,
+    bragg_terms,
+    fisher_weights,
+    jitter_negative_log_prior,
+    pixel_nll,
+    plane_rate,
+)
 
 __all__ = ["refine_shot", "refine_shots", "trust_radius", "STAGE1_TOLERANCE", "STAGE1_BATCH_PIXELS", "OFFSET_UNIT"]
 
@@ -131,9 +139,7 @@ def _batch(caches: list[ShotCache], states: list[ShotState], intensities: list[T
 
 def _jitter_prior(batch: _Batch, offsets: Tensor) -> Tensor | float:
     """(K,) each still's -log prior of its energy jitter (the last offset), or 0 without one."""
-    if batch.jitter_sigma is None:
-        return 0.0
-    return 0.5 * (offsets[:, -1] / batch.jitter_sigma) ** 2
+    return 0.0 if batch.jitter_sigma is None else jitter_negative_log_prior(offsets[:, -1], batch.jitter_sigma)
 
 
 def _rate(batch: _Batch, log_scale: Tensor, offsets: Tensor, background: Tensor) -> tuple[Tensor, Tensor]:
