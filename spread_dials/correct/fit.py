@@ -279,8 +279,8 @@ class CorrectedModel:
         sigma = r.settings.energy_jitter_sigma_eV
         try:
             with torch.no_grad():
-                parts = [torch.stack([*self.still_terms(i, theta), r.caches[i].weight * torch.as_tensor(
-                    jitter_negative_log_prior(r.states[i].energy_jitter(), sigma), dtype=torch.float64)]).cpu()
+                parts = [torch.cat([torch.stack(self.still_terms(i, theta)).cpu(), torch.tensor(
+                    [float(r.caches[i].weight * jitter_negative_log_prior(r.states[i].energy_jitter(), sigma))], dtype=torch.float64)])
                     for i in range(len(r.caches))]  # fmt: skip
         finally:
             states, r.states = r.states, saved
