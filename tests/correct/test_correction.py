@@ -321,3 +321,20 @@ def test_objective_is_the_engines_profile_objective_with_the_jitter_prior():
         assert model._terms["kl"] == 0.0 and abs(corrected - engine) < 1e-2, (move, corrected, engine)
         values.append(corrected)
     assert values[1] - values[0] > 1.0  # the jitter prior holds the direction (1.37 measured)
+
+
+def test_the_warm_up_holds_the_stills_energy_jitters():
+    """Epochs inside warmup_epochs leave every still's energy jitter where it was (and restore
+    the jitter prior after); the first epoch past them moves the jitters."""
+    r = toy_refinement(seed=3, n_stills=2, spot_scale=4000.0, errors=InjectedErrors(psf_fwhm_px=1.5, energy_jitter_eV=1.0),
+                       refine_cell=True, energy_jitter_sigma_eV=1.0)  # fmt: skip
+    r.run()
+    start = [float(s.energy_jitter()) for s in r.states]
+    contexts = [pixel_context(r.shots, s, NOMINAL_EV) for s in r.shots.shots]
+    model = CorrectedModel(r, _correction(r, contexts, gain=False, head=False), contexts,
+                           CorrectSettings(epochs=1, warmup_epochs=1))  # fmt: skip
+    model.run()
+    assert [float(s.energy_jitter()) for s in r.states] == start and r.settings.energy_jitter_sigma_eV == 1.0
+    model.settings = replace(model.settings, epochs=2)
+    model.run()
+    assert max(abs(float(s.energy_jitter()) - j) for s, j in zip(r.states, start)) > 1e-3
