@@ -11,7 +11,8 @@ Jungfrau 16M), drawn from the model's own domain set (so that without an injecte
 physics model is exact), each site's truth its reference moved by exactly --truth-shift eV (no
 rigid-fit definition of the truth), the orientation errors stills_process leaves and 0.1 %
 cell errors.  Injected (spread_dials.refine.synthetic.InjectedErrors; the refinement is not
-told): psfF (Gaussian PSF of FWHM F px), gainR (per-panel gain, rms R), offsetE (spectrometer
+told): psfF (Gaussian PSF of FWHM F px), gainR (per-panel gain, rms R), pixgainR (per-pixel
+flat-field gain, rms R, one map for every still and replicate), offsetE (spectrometer
 offset, eV), jitterE (per-still energy jitter rms, eV).
 
 Arms on the same stills: physics (the refine engine's defaults, to convergence), corrected
@@ -51,6 +52,8 @@ from spread_dials.correct.correction import CorrectionSettings, PixelCorrection,
 from spread_dials.correct.fit import CorrectedModel, CorrectSettings, feature_statistics
 from spread_dials.correct.spectrometer import SpectrometerSites
 from spread_dials.parallel import Parallel
+from spread_dials.physics.detector_response import calibration_gain_map
+from spread_dials.physics.geometry import PanelArray
 from spread_dials.physics.structure_factors import StructureFactors
 from spread_dials.refine.engine import Refinement, RefineSettings, make_caches
 from spread_dials.refine.profiles import ShotProfiles
@@ -60,24 +63,31 @@ from spread_dials.refine.synthetic import InjectedErrors, oracle_profile_map, sy
 from spread_dials.refine.uncertainty import curvature
 
 
-def parse_error(text: str, n_panels: int, seed: int) -> InjectedErrors:
-    """``none``, ``psfF``, ``gainR``, ``offsetE``, ``jitterE`` (joined by ``+``) as InjectedErrors."""
+def parse_error(text: str, panels: PanelArray, seed: int) -> InjectedErrors:
+    """``none``, ``psfF``, ``gainR``, ``pixgainR``, ``offsetE``, ``jitterE`` (joined by ``+``)
+    as InjectedErrors on ``panels``."""
     fields = {}
     for part in text.split("+"):
         if part == "none":
             continue
-        for key, name in (("psf", "psf_fwhm_px"), ("gain", "panel_gain"), ("offset", "spectrometer_offset_eV"),
-                          ("jitter", "energy_jitter_eV")):  # fmt: skip
+        for key, name in (("psf", "psf_fwhm_px"), ("gain", "panel_gain"), ("pixgain", "pixel_gain"),
+                          ("offset", "spectrometer_offset_eV"), ("jitter", "energy_jitter_eV")):  # fmt: skip
             if part.startswith(key):
-                value = float(part[len(key) :])
+                try:
+                    value = float(part[len(key) :])
+                except ValueError:
+                    raise SystemExit(f"Sorry: {part!r} needs a number after {key!r}") from None
                 if key == "gain":
                     rng = np.random.default_rng(np.random.SeedSequence([seed, 0x9A1E]))
-                    fields[name] = torch.as_tensor(1.0 + value * rng.normal(size=n_panels))
+                    fields[name] = torch.as_tensor(1.0 + value * rng.normal(size=panels.n_panels))
+                elif key == "pixgain":  # the flat-field error is the detector's: one map per run
+                    shape = (panels.n_panels, panels.n_slow, panels.n_fast)
+                    fields[name] = calibration_gain_map(shape, value, seed=0x91C5, dtype=torch.float64)
                 else:
                     fields[name] = value
                 break
         else:
-            raise SystemExit(f"Sorry: unknown error {part!r} (none, psfF, gainR, offsetE, jitterE)")
+            raise SystemExit(f"Sorry: unknown error {part!r} (none, psfF, gainR, pixgainR, offsetE, jitterE)")
     return InjectedErrors(**fields)
 
 
@@ -112,7 +122,7 @@ def _sync(device: torch.device) -> None:
 
 def run_one(case: dict, error: str, n: int, replicate: int, args, device: torch.device) -> dict:
     seed = int(np.random.SeedSequence([args.seed, n, replicate]).generate_state(1)[0])
-    errors = parse_error(error, case["panels"].n_panels, seed)
+    errors = parse_error(error, case["panels"], seed)
     model = case["model"]
     shots = []
     for i in range(n):

@@ -60,16 +60,25 @@ class Shoeboxes(TensorFields):
         area = self.n_fast * self.n_slow
         return torch.repeat_interleave(torch.arange(self.n_shoeboxes, device=area.device), area)
 
-    def pixel_coordinates(self) -> tuple[Tensor, Tensor]:
-        """(N,) fast and slow offsets (pixels) of every pixel from its shoebox centre."""
+    def _pixel_in_box(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(N,) long shoebox, fast and slow index inside it (row-major) of every pixel."""
         area = self.n_fast * self.n_slow
         sb = self.pixel_shoebox()
         start = torch.cumsum(area, 0) - area
         local = torch.arange(self.n_pixels, device=area.device) - start[sb]
         nf = self.n_fast[sb]
-        fast = (local % nf).to(self.counts.dtype) - (nf.to(self.counts.dtype) - 1) / 2
-        slow = (local // nf).to(self.counts.dtype) - (self.n_slow[sb].to(self.counts.dtype) - 1) / 2
-        return fast, slow
+        return sb, local % nf, local // nf
+
+    def pixel_coordinates(self) -> tuple[Tensor, Tensor]:
+        """(N,) fast and slow offsets (pixels) of every pixel from its shoebox centre."""
+        sb, fast, slow = self._pixel_in_box()
+        dtype = self.counts.dtype
+        return fast.to(dtype) - (self.n_fast[sb].to(dtype) - 1) / 2, slow.to(dtype) - (self.n_slow[sb].to(dtype) - 1) / 2
+
+    def pixel_positions(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(N,) long panel, slow and fast pixel index (on the panel) of every pixel."""
+        sb, fast, slow = self._pixel_in_box()
+        return self.panel[sb], self.slow0[sb] + slow, self.fast0[sb] + fast
 
 
 @dataclass(frozen=True)

@@ -47,12 +47,29 @@ class InjectedErrors:
         panel_gain: (P,) factors on each panel's expected photons, or None.
         spectrometer_offset_eV: recorded channel energies = true + this + the still's jitter.
         energy_jitter_eV: rms of a per-still N(0, 1) jitter of the recorded energies.
+        pixel_gain: (P, n_slow, n_fast) factors on every pixel's expected photons, Bragg and
+            background (a flat-field calibration error: dials.spread_simulate's
+            noise.gain_error_rms, :func:`~spread_dials.physics.detector_response.calibration_gain_map`),
+            or None.
     """
 
     psf_fwhm_px: float = 0.0
     panel_gain: Tensor | None = None
     spectrometer_offset_eV: float = 0.0
     energy_jitter_eV: float = 0.0
+    pixel_gain: Tensor | None = None
+
+    def pixel_factors(self, boxes: Shoeboxes) -> Tensor | None:
+        """(N,) the panel and pixel gain on every pixel of ``boxes``, or None without either."""
+        if self.panel_gain is None and self.pixel_gain is None:
+            return None
+        panel, slow, fast = boxes.pixel_positions()
+        factors = torch.ones(boxes.n_pixels, dtype=boxes.counts.dtype, device=boxes.counts.device)
+        if self.panel_gain is not None:
+            factors = factors * self.panel_gain.to(factors)[panel]
+        if self.pixel_gain is not None:
+            factors = factors * self.pixel_gain.to(factors)[panel, slow, fast]
+        return factors
 
 
 def blur_boxes(values: Tensor, nx: Tensor, ny: Tensor, fwhm_px: float) -> Tensor:
@@ -72,15 +89,17 @@ def oracle_profile_map(shots: ShotSet, errors: InjectedErrors) -> Callable[[int,
     """The physics model told the injected pixel-level errors (dials.spread_correct's oracle
     arm), as a ``Refinement.profile_map``: every channel's profile of still i (and its
     Jacobian) blurred inside its box by the PSF exactly as the stills were made
-    (:func:`blur_boxes`), times the panel gain (the background's gain is the shoebox background
-    plane's).  None when ``errors`` has no PSF and no gain.  (A spectrometer offset or jitter
-    is told by giving the stills their true energies.)"""
-    if errors.psf_fwhm_px <= 0 and errors.panel_gain is None:
+    (:func:`blur_boxes`), times the panel and pixel gain (the background's gain is the shoebox
+    background plane's: exact for a panel's gain, to first order in the box for a pixel's).
+    None when ``errors`` has no PSF and no gain.  (A spectrometer offset or jitter is told by
+    giving the stills their true energies.)"""
+    if errors.psf_fwhm_px <= 0 and errors.panel_gain is None and errors.pixel_gain is None:
         return None
 
     def exact(i: int, p: ShotProfiles) -> ShotProfiles:
         sb = shots.shots[i].shoeboxes
-        gain = None if errors.panel_gain is None else errors.panel_gain.to(p.profile)[sb.panel[sb.pixel_shoebox()]]
+        gain = errors.pixel_factors(sb)
+        gain = None if gain is None else gain.to(p.profile)
 
         def apply(x: Tensor) -> Tensor:
             if errors.psf_fwhm_px > 0:
@@ -202,8 +221,9 @@ def synthetic_shots(
         if errors is not None:
             if errors.psf_fwhm_px > 0:
                 expected = blur_boxes(bragg, nx, ny, errors.psf_fwhm_px) + background_photons
-            if errors.panel_gain is not None:
-                expected = expected * errors.panel_gain.to(dtype)[torch.repeat_interleave(panel, nx * ny)]
+            factors = errors.pixel_factors(dummy)
+            if factors is not None:
+                expected = expected * factors
         counts = torch.poisson(expected, generator=gen) if poisson else expected.clone()
         strong = per_box >= min_bragg_photons
         pixel_keep = strong[sb_of_pixel]
