@@ -12,7 +12,8 @@ physics model is exact), each site's truth its reference moved by exactly --trut
 rigid-fit definition of the truth), the orientation errors stills_process leaves and 0.1 %
 cell errors.  Injected (spread_dials.refine.synthetic.InjectedErrors; the refinement is not
 told): psfF (Gaussian PSF of FWHM F px), gainR (per-panel gain, rms R), pixgainR (per-pixel
-flat-field gain, rms R, one map for every still and replicate), offsetE (spectrometer
+flat-field gain, rms R, one map for every still and replicate), anisoF (the stills' mosaic
+spread about a, b, c F, 1 and 1/F times the model's), offsetE (spectrometer
 offset, eV), jitterE (per-still energy jitter rms, eV).
 
 Arms on the same stills: physics (the refine engine's defaults, to convergence), corrected
@@ -21,7 +22,8 @@ correction kept by the capacity guard at 50 shoeboxes per weight, the spectromet
 dispersion latents at --offset-sigma / --dispersion-sigma, with --jitter-sigma each still's energy
 jitter under that prior) and, with --oracle, the oracle
 (physics told the error: synthetic.oracle_profile_map and the true energies, fitted as the
-physics arm).  Each line: estimates, Fisher sigma (physics, oracle), the corrected model's
+physics arm; none for anisoF, whose domains depend on each crystal's axes, which the profiles'
+kernel does not take: its lines have oracle null).  Each line: estimates, Fisher sigma (physics, oracle), the corrected model's
 sigma with everything profiled, with the correction held and with the calibration held, the
 parts kept, the learned stencil and head,
 seconds (physics, correction), seconds per epoch, GPU-seconds per still per epoch and the peak
@@ -63,15 +65,16 @@ from spread_dials.refine.synthetic import InjectedErrors, oracle_profile_map, sy
 from spread_dials.refine.uncertainty import curvature
 
 
-def parse_error(text: str, panels: PanelArray, seed: int) -> InjectedErrors:
-    """``none``, ``psfF``, ``gainR``, ``pixgainR``, ``offsetE``, ``jitterE`` (joined by ``+``)
-    as InjectedErrors on ``panels``."""
+def parse_error(text: str, panels: PanelArray, seed: int, spread_deg: float) -> InjectedErrors:
+    """``none``, ``psfF``, ``gainR``, ``pixgainR``, ``offsetE``, ``jitterE``, ``anisoF`` (joined
+    by ``+``) as InjectedErrors on ``panels`` for a model of mosaic spread ``spread_deg``."""
     fields = {}
     for part in text.split("+"):
         if part == "none":
             continue
         for key, name in (("psf", "psf_fwhm_px"), ("gain", "panel_gain"), ("pixgain", "pixel_gain"),
-                          ("offset", "spectrometer_offset_eV"), ("jitter", "energy_jitter_eV")):  # fmt: skip
+                          ("offset", "spectrometer_offset_eV"), ("jitter", "energy_jitter_eV"),
+                          ("aniso", "mosaic_spread_abc_deg")):  # fmt: skip
             if part.startswith(key):
                 try:
                     value = float(part[len(key) :])
@@ -83,11 +86,15 @@ def parse_error(text: str, panels: PanelArray, seed: int) -> InjectedErrors:
                 elif key == "pixgain":  # the flat-field error is the detector's: one map per run
                     shape = (panels.n_panels, panels.n_slow, panels.n_fast)
                     fields[name] = calibration_gain_map(shape, value, seed=0x91C5, dtype=torch.float64)
+                elif key == "aniso":
+                    if value <= 0:
+                        raise SystemExit(f"Sorry: {part!r}: the anisotropy factor must be > 0")
+                    fields[name] = (spread_deg * value, spread_deg, spread_deg / value)
                 else:
                     fields[name] = value
                 break
         else:
-            raise SystemExit(f"Sorry: unknown error {part!r} (none, psfF, gainR, pixgainR, offsetE, jitterE)")
+            raise SystemExit(f"Sorry: unknown error {part!r} (none, psfF, gainR, pixgainR, offsetE, jitterE, anisoF)")
     return InjectedErrors(**fields)
 
 
@@ -122,7 +129,7 @@ def _sync(device: torch.device) -> None:
 
 def run_one(case: dict, error: str, n: int, replicate: int, args, device: torch.device) -> dict:
     seed = int(np.random.SeedSequence([args.seed, n, replicate]).generate_state(1)[0])
-    errors = parse_error(error, case["panels"], seed)
+    errors = parse_error(error, case["panels"], seed, case["model"].mosaic_spread_deg)
     model = case["model"]
     shots = []
     for i in range(n):
@@ -151,7 +158,7 @@ def run_one(case: dict, error: str, n: int, replicate: int, args, device: torch.
     t_physics = time.perf_counter() - t0
     oracle_theta = oracle_sigma = oracle_history = None
     t0 = time.perf_counter()
-    if args.oracle:
+    if args.oracle and errors.mosaic_spread_abc_deg is None:  # (no oracle for it: see the docstring)
         oracle, oracle_sigma = oracle_arm(shot_set, case, errors, model, sites, settings)
         oracle_theta, oracle_history = oracle.theta.tolist(), oracle.history
     t_oracle = time.perf_counter() - t0

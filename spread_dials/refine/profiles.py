@@ -57,6 +57,10 @@ class CrystalModel:
         cell_ties: (3,) the cell parameter that scales each of a, b, c: (0, 1, 2) three free
             lengths (orthorhombic and lower), (0, 0, 1) a = b (tetragonal, trigonal, hexagonal),
             (0, 0, 0) cubic.
+        anisotropic_spread_deg: None, or rms mosaic angles about the crystal's a, b, c axes
+            (degrees) instead of ``mosaic_spread_deg``: the domains then depend on each
+            crystal's axes, so only stills are made with it (refine.synthetic); the profiles'
+            kernel, which turns every still's crystal by one domain set, refuses it.
     """
 
     ncells_abc: tuple[float, float, float]
@@ -68,18 +72,26 @@ class CrystalModel:
     oversample: int = 1
     domain_set: str = "quadrature"
     cell_ties: tuple[int, int, int] = (0, 1, 2)
+    anisotropic_spread_deg: tuple[float, float, float] | None = None
 
     @property
     def n_cell_parameters(self) -> int:
         """Free unit-cell length parameters under the lattice symmetry."""
         return max(self.cell_ties) + 1
 
-    def domain_rotations(self, seed: int | None = None, dtype: torch.dtype = torch.float64) -> Tensor:
+    def domain_rotations(self, seed: int | None = None, dtype: torch.dtype = torch.float64,
+                         real_space: Tensor | None = None) -> Tensor:  # fmt: skip
         """(mosaic_domains, 3, 3) domain rotations: the deterministic quadrature of the mosaic
         distribution (:mod:`spread_dials.physics.mosaic_quadrature`; ``domain_set = quadrature``)
-        or a random draw from ``seed`` (default this model's)."""
+        or a random draw from ``seed`` (default this model's); with ``anisotropic_spread_deg``
+        about the axes of the crystal ``real_space`` (3, 3) (rows a, b, c; A).
+
+        Raises:
+            ValueError: an anisotropic spread without ``real_space``.
+        """
+        aniso = None if self.anisotropic_spread_deg is None else torch.tensor(self.anisotropic_spread_deg, dtype=dtype)
         return domain_rotations(self.domain_set, self.mosaic_spread_deg, self.mosaic_domains,
-                                self.seed if seed is None else seed, dtype=dtype)  # fmt: skip
+                                self.seed if seed is None else seed, real_space, aniso, dtype=dtype)  # fmt: skip
 
 
 def shoebox_windows(shot: Shot, n_domains: int) -> BraggWindows:

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 import torch
@@ -51,6 +51,9 @@ class InjectedErrors:
             background (a flat-field calibration error: dials.spread_simulate's
             noise.gain_error_rms, :func:`~spread_dials.physics.detector_response.calibration_gain_map`),
             or None.
+        mosaic_spread_abc_deg: None, or the crystals' rms mosaic angles about their a, b, c
+            axes (degrees) in place of the model's isotropic spread (dials.spread_simulate's
+            crystal.anisotropic_spread_deg).
     """
 
     psf_fwhm_px: float = 0.0
@@ -58,6 +61,7 @@ class InjectedErrors:
     spectrometer_offset_eV: float = 0.0
     energy_jitter_eV: float = 0.0
     pixel_gain: Tensor | None = None
+    mosaic_spread_abc_deg: tuple[float, float, float] | None = None
 
     def pixel_factors(self, boxes: Shoeboxes) -> Tensor | None:
         """(N,) the panel and pixel gain on every pixel of ``boxes``, or None without either."""
@@ -182,6 +186,8 @@ def synthetic_shots(
     on the CPU.  Returns the stills and what made them.
     """
     truth_model = model if truth_model is None else truth_model
+    if errors is not None and errors.mosaic_spread_abc_deg is not None:
+        truth_model = replace(truth_model, anisotropic_spread_deg=tuple(errors.mosaic_spread_abc_deg))
     panels_device = panels.to(device)
     sf_device = structure_factors.to(device)
     rng = np.random.default_rng(seed)
@@ -193,7 +199,7 @@ def synthetic_shots(
         real_space = unit_cell_real_space.to(dtype) @ torch.as_tensor(uniform_rotation(rng), dtype=dtype).T
         weight = torch.as_tensor(rng.gamma(2.0, size=energy_eV.numel()), dtype=dtype)
         domain_seed = int(rng.integers(2**62)) if domains_per_still else truth_model.seed
-        rotations = truth_model.domain_rotations(domain_seed, dtype)
+        rotations = truth_model.domain_rotations(domain_seed, dtype, real_space)
         sources = make_sources(energy_eV.to(dtype), weight, truth_model.fluence_photons_per_m2, beam_direction=beam, e_vector=e_vector)
         crystal = Crystal(real_space, torch.tensor(truth_model.ncells_abc, dtype=dtype), rotations, truth_model.shape, spot_scale)
         scene = Scene(panels_device, sources.to(device=device), crystal.to(device=device), sf_device, truth_model.oversample)

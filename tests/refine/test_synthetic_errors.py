@@ -5,6 +5,7 @@ map multiplies the profiles by the same factors (pure torch, CPU)."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from spread_dials.physics.crystal import real_space_from_cell
@@ -62,3 +63,23 @@ def test_the_oracle_multiplies_the_profiles_by_the_panel_and_pixel_gain():
     profile = torch.rand(boxes.n_pixels, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
     mapped = oracle(0, ShotProfiles(torch.zeros(3, dtype=torch.float64), profile, None, None))
     assert torch.allclose(mapped.profile, profile * factors.unsqueeze(-1), rtol=1e-12, atol=0)
+
+
+def test_an_anisotropic_mosaic_spread_about_orthogonal_axes_reduces_to_the_isotropic_one():
+    """Spreads (s, s, s) about an orthorhombic crystal's a, b, c are the isotropic spread s (the
+    axes are orthonormal): the same stills to 1e-12; (2s, s, s/2) makes other stills."""
+    _, plain = _stills(None)
+    _, same = _stills(InjectedErrors(mosaic_spread_abc_deg=(0.1, 0.1, 0.1)))
+    _, other = _stills(InjectedErrors(mosaic_spread_abc_deg=(0.2, 0.1, 0.05)))
+    for a, b, c in zip(plain.shots, same.shots, other.shots):
+        assert torch.equal(a.shoeboxes.miller_index, b.shoeboxes.miller_index)
+        assert torch.allclose(b.shoeboxes.counts, a.shoeboxes.counts, rtol=1e-12, atol=1e-12)
+        assert c.shoeboxes.n_pixels != a.shoeboxes.n_pixels or not torch.allclose(c.shoeboxes.counts, a.shoeboxes.counts, rtol=1e-2)
+
+
+def test_the_profiles_kernel_refuses_an_anisotropic_model():
+    """One domain set turns every still's crystal in the profiles' kernel, so a model whose
+    domains depend on the crystal's axes is refused, not silently made isotropic."""
+    model = CrystalModel((20.0,) * 3, 0.1, 6, anisotropic_spread_deg=(0.2, 0.1, 0.05))
+    with pytest.raises(ValueError, match="anisotropic"):
+        model.domain_rotations()
