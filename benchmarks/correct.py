@@ -22,8 +22,7 @@ correction kept by the capacity guard at 50 shoeboxes per weight, the spectromet
 dispersion latents at --offset-sigma / --dispersion-sigma, with --jitter-sigma each still's energy
 jitter under that prior) and, with --oracle, the oracle
 (physics told the error: synthetic.oracle_profile_map and the true energies, fitted as the
-physics arm; none for anisoF, whose domains depend on each crystal's axes, which the profiles'
-kernel does not take: its lines have oracle null).  Each line: estimates, Fisher sigma (physics, oracle), the corrected model's
+physics arm; for anisoF the model's mosaic spread made anisotropic as the stills').  Each line: estimates, Fisher sigma (physics, oracle), the corrected model's
 sigma with everything profiled, with the correction held and with the calibration held, the
 parts kept, the learned stencil and head,
 seconds (physics, correction), seconds per epoch, GPU-seconds per still per epoch and the peak
@@ -117,8 +116,11 @@ def oracle_arm(shot_set: ShotSet, case: dict, errors: InjectedErrors, model, sit
                settings: RefineSettings) -> tuple[Refinement, list[float]]:  # fmt: skip
     """Physics given the true error family and its values, run as the physics arm: the recorded
     spectra's true energies, every channel's profile (and its Jacobian) blurred inside its box
-    by the true PSF as the stills were (``synthetic.blur_boxes``), times the true panel gain."""
+    by the true PSF as the stills were (``synthetic.blur_boxes``), times the true panel and
+    pixel gain, with the stills' anisotropic mosaic spread."""
     shots = replace(shot_set, shots=[replace(s, energy_eV=case["energy"].to(s.energy_eV)) for s in shot_set.shots])
+    if errors.mosaic_spread_abc_deg is not None:
+        model = replace(model, anisotropic_spread_deg=errors.mosaic_spread_abc_deg)
     return fit_physics(shots, case, model, sites, settings, oracle_profile_map(shots, errors))
 
 
@@ -158,7 +160,7 @@ def run_one(case: dict, error: str, n: int, replicate: int, args, device: torch.
     t_physics = time.perf_counter() - t0
     oracle_theta = oracle_sigma = oracle_history = None
     t0 = time.perf_counter()
-    if args.oracle and errors.mosaic_spread_abc_deg is None:  # (no oracle for it: see the docstring)
+    if args.oracle:
         oracle, oracle_sigma = oracle_arm(shot_set, case, errors, model, sites, settings)
         oracle_theta, oracle_history = oracle.theta.tolist(), oracle.history
     t_oracle = time.perf_counter() - t0

@@ -12,7 +12,8 @@ eV) and the refinement's edge-shift prior set to the same N(0, --prior-sigma^2) 
 truth drawn from the fit's own prior).  A Gaussian PSF of --psf px FWHM the physics does not
 know is injected (--jitter: a per-still energy jitter of that rms too, the cell then refined in
 both arms, and with --jitter-sigma the corrected arm refines each still's jitter under that
-prior); the correction is dials.spread_correct's stencil (gain off: 4 panels), fitted
+prior; --pixgain: a per-pixel flat-field gain error; --aniso: an anisotropic mosaic spread);
+the correction is dials.spread_correct's stencil (gain off: 4 panels; --head: its head too), fitted
 until converged (at most --epochs epochs) after the physics arm converged.  Each line: the truth, both arms'
 estimates and sigmas (the corrected one with the correction's weights profiled: the joint
 sigma), and seconds.  --summarise: per arm and site and for the difference A - B, the coverage
@@ -41,10 +42,16 @@ from records import append_record, read_records
 from spread_dials.correct.context import pixel_context
 from spread_dials.correct.correction import CorrectionSettings, PixelCorrection
 from spread_dials.correct.fit import CorrectedModel, CorrectSettings, feature_statistics
+from spread_dials.physics.detector_response import calibration_gain_map
 from spread_dials.refine.synthetic import InjectedErrors
 from spread_dials.refine.uncertainty import curvature
 from spread_dials.validation.calibration import calibration_summary, gaussian_pit
-from tests.correct.toy import NOMINAL_EV, toy_refinement  # the toy design lives with its tests
+from tests.correct.toy import (  # the toy design lives with its tests
+    DETECTOR_SHAPE,
+    MOSAIC_SPREAD_DEG,
+    NOMINAL_EV,
+    toy_refinement,
+)
 
 
 def run_one(replicate: int, args) -> dict:
@@ -52,7 +59,9 @@ def run_one(replicate: int, args) -> dict:
     rng = np.random.default_rng(np.random.SeedSequence([args.seed, replicate]))
     truth = rng.normal(0.0, args.prior_sigma, size=2)
     t0 = time.perf_counter()
-    errors = InjectedErrors(psf_fwhm_px=args.psf, energy_jitter_eV=args.jitter)
+    pixel_gain = None if args.pixgain <= 0 else calibration_gain_map(DETECTOR_SHAPE, args.pixgain, seed=0x91C5, dtype=torch.float64)
+    aniso = None if args.aniso == 1 else (MOSAIC_SPREAD_DEG * args.aniso, MOSAIC_SPREAD_DEG, MOSAIC_SPREAD_DEG / args.aniso)
+    errors = InjectedErrors(psf_fwhm_px=args.psf, energy_jitter_eV=args.jitter, pixel_gain=pixel_gain, mosaic_spread_abc_deg=aniso)
     r = toy_refinement(seed=int(rng.integers(2**31)), shifts=tuple(truth.tolist()), n_stills=args.n, spot_scale=args.spot_scale,
                        errors=errors, macrocycles=4, prior_sigma_eV=args.prior_sigma, refine_cell=args.jitter > 0)  # fmt: skip
     r.run()
@@ -61,13 +70,14 @@ def run_one(replicate: int, args) -> dict:
     if args.jitter_sigma is not None:  # the corrected arm refines each still's energy jitter
         r.settings = replace(r.settings, energy_jitter_sigma_eV=args.jitter_sigma)
     contexts = [pixel_context(r.shots, s, NOMINAL_EV) for s in r.shots.shots]
-    correction = PixelCorrection(r.shots.panels.n_panels, CorrectionSettings(gain=False), feature_statistics(r, contexts))
+    correction = PixelCorrection(r.shots.panels.n_panels, CorrectionSettings(gain=False, head=args.head), feature_statistics(r, contexts))
     model = CorrectedModel(r, correction, contexts, CorrectSettings(epochs=args.epochs))
     model.run()
     joint, _, _ = model.covariance()
     return {
         "replicate": replicate, "seed": args.seed, "n": args.n, "psf_fwhm_px": args.psf, "prior_sigma_eV": args.prior_sigma,
-        "jitter_eV": args.jitter, "jitter_sigma_eV": args.jitter_sigma,
+        "jitter_eV": args.jitter, "jitter_sigma_eV": args.jitter_sigma, "pixel_gain_rms": args.pixgain, "aniso": args.aniso,
+        "head": args.head,
         "truth": truth.tolist(), "physics_theta": physics, "physics_covariance": physics_cov.tolist(),
         "theta": r.theta.tolist(), "covariance": joint[:2, :2].tolist(), "epochs": len(model.history), "converged": model.converged,
         "seconds": time.perf_counter() - t0,
@@ -116,6 +126,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--psf", type=float, default=1.5, help="injected PSF FWHM (px)")
     ap.add_argument("--prior-sigma", type=float, default=1.0, help="truth ~ N(0, this) and the fit's prior (eV)")
     ap.add_argument("--jitter", type=float, default=0.0, help="injected per-still energy jitter rms (eV; > 0: the cell is refined)")
+    ap.add_argument("--pixgain", type=float, default=0.0, help="injected per-pixel flat-field gain error rms (fraction; one map)")
+    ap.add_argument("--aniso", type=float, default=1.0, help="injected anisotropic mosaic: spreads about a, b, c F, 1, 1/F times the model's (1: off)")
+    ap.add_argument("--head", action="store_true", help="the correction's head on too (off by default, as in the program)")
     ap.add_argument("--jitter-sigma", type=float, default=None, help="the corrected arm refines each still's jitter under N(0, this^2) (eV)")
     ap.add_argument("--epochs", type=int, default=15, help="the most epochs (the fit stops once converged)")
     ap.add_argument("--shards", type=int, default=1, help="split the replicates round-robin over this many processes")

@@ -58,9 +58,8 @@ class CrystalModel:
             lengths (orthorhombic and lower), (0, 0, 1) a = b (tetragonal, trigonal, hexagonal),
             (0, 0, 0) cubic.
         anisotropic_spread_deg: None, or rms mosaic angles about the crystal's a, b, c axes
-            (degrees) instead of ``mosaic_spread_deg``: the domains then depend on each
-            crystal's axes, so only stills are made with it (refine.synthetic); the profiles'
-            kernel, which turns every still's crystal by one domain set, refuses it.
+            (degrees) instead of ``mosaic_spread_deg``: each still's domains then turn about
+            the axes of its given (.expt) crystal, which the refined offsets do not move.
     """
 
     ncells_abc: tuple[float, float, float]
@@ -128,7 +127,7 @@ def shot_scene(shots: ShotSet, shot: Shot, model: CrystalModel, rotation: Tensor
     |F| = 1 everywhere (profiles are per unit |F|^2)."""
     dtype = shots.panels.origin_mm.dtype
     real_space = crystal_real_space(shot.real_space, rotation, cell, model.cell_ties)
-    rotations = model.domain_rotations(dtype=dtype)
+    rotations = model.domain_rotations(dtype=dtype, real_space=shot.real_space.to(dtype))
     crystal = Crystal(
         real_space=real_space,
         ncells_abc=torch.tensor(model.ncells_abc, dtype=dtype),
@@ -266,13 +265,13 @@ def _group_profile(shots: ShotSet, stills: list[Shot], model: CrystalModel, x0: 
     scales = [s.weight.to(x0) * (s.weight.numel() / s.weight.to(x0).sum()) for s in stills]  # unit weights are 1 / C
     unit = replace(stills[0], weight=torch.ones_like(stills[0].weight))
     scene = shot_scene(shots, unit, model, x0[0, :3], x0[0, 3:] if with_cell else None)
-    domain_rotations = model.domain_rotations(dtype=x0.dtype).to(device)
+    domain_sets = [model.domain_rotations(dtype=x0.dtype, real_space=s.real_space.to(x0)).to(device) for s in stills]
 
     def block(d0: int, jacobian: bool) -> tuple[Tensor, Tensor | None]:
         size = min(per_call, n_domains - d0)
-        rotations = domain_rotations[d0 : d0 + size]
+        turns = [domains[d0 : d0 + size] for domains in domain_sets]
         blocks, real, moves = [], [], []
-        for k, still in enumerate(stills):
+        for k, (still, rotations) in enumerate(zip(stills, turns)):
             a0 = still.real_space.to(x0)
 
             def crystal(x: Tensor, a0: Tensor = a0) -> Tensor:
@@ -288,7 +287,7 @@ def _group_profile(shots: ShotSet, stills: list[Shot], model: CrystalModel, x0: 
             blocks.append(replace(selected, domain=selected.domain + k * size))
         merged = BraggWindows(**{f.name: torch.cat([getattr(b, f.name) for b in blocks]) for f in fields(BraggWindows)})
         with torch.no_grad():
-            channel, gradient = window_channel_profiles(scene, merged, chunk, torch.cat(real), rotations.repeat(len(stills), 1, 1) if jacobian else None,
+            channel, gradient = window_channel_profiles(scene, merged, chunk, torch.cat(real), torch.cat(turns) if jacobian else None,
                                                         compiled=device.type == "cuda")  # fmt: skip
 
         def per_still(values: Tensor) -> list[Tensor]:

@@ -23,6 +23,8 @@ from ..refine.test_engine import _reference
 ENERGY = torch.arange(7106.0, 7136.0, 4.0, dtype=torch.float64)
 NOMINAL_EV = 7120.0
 CELL = (34.1, 34.9, 43.7, 90.0, 90.0, 90.0)
+MOSAIC_SPREAD_DEG = 0.1
+DETECTOR_SHAPE = (4, 160, 160)  # panels, slow, fast of the 2 x 2 grid
 
 
 def toy_table() -> StructureFactors:
@@ -52,7 +54,7 @@ def toy_refinement(seed: int, shifts=(2.0, 0.0), n_stills: int = 3, spot_scale: 
     curves = [ref.at(ENERGY, s) for s in shifts]
     truth = StructureFactors(hkl, F0, G, torch.stack([c[0] for c in curves]), torch.stack([c[1] for c in curves]))
     panels = grid_panels(n_fast=160, n_slow=160, pixel_mm=0.1, distance_mm=40.0, grid=(2, 2), gap_mm=0.5, tilt_deg=0.0)
-    model = CrystalModel((20.0,) * 3, 0.1, 6)
+    model = CrystalModel((20.0,) * 3, MOSAIC_SPREAD_DEG, 6)
     shots, _ = synthetic_shots(panels, truth, model, cell, ENERGY, n_shots=n_stills, seed=seed, spot_scale=spot_scale,
                                min_bragg_photons=10.0, orientation_error_deg=0.01, errors=errors)  # fmt: skip
     sites = EdgeShiftSites([ref, ref], [0, 1], ["A", "B"], prior_sigma_eV=prior_sigma_eV)

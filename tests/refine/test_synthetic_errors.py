@@ -5,13 +5,14 @@ map multiplies the profiles by the same factors (pure torch, CPU)."""
 
 from __future__ import annotations
 
-import pytest
+from dataclasses import replace
+
 import torch
 
 from spread_dials.physics.crystal import real_space_from_cell
 from spread_dials.physics.detector_response import calibration_gain_map
 from spread_dials.physics.structure_factors import StructureFactors
-from spread_dials.refine.profiles import CrystalModel, ShotProfiles
+from spread_dials.refine.profiles import CrystalModel, ShotProfiles, stills_profiles
 from spread_dials.refine.synthetic import InjectedErrors, oracle_profile_map, synthetic_shots
 
 from ..correct.toy import CELL, ENERGY, toy_table
@@ -77,9 +78,31 @@ def test_an_anisotropic_mosaic_spread_about_orthogonal_axes_reduces_to_the_isotr
         assert c.shoeboxes.n_pixels != a.shoeboxes.n_pixels or not torch.allclose(c.shoeboxes.counts, a.shoeboxes.counts, rtol=1e-2)
 
 
-def test_the_profiles_kernel_refuses_an_anisotropic_model():
-    """One domain set turns every still's crystal in the profiles' kernel, so a model whose
-    domains depend on the crystal's axes is refused, not silently made isotropic."""
-    model = CrystalModel((20.0,) * 3, 0.1, 6, anisotropic_spread_deg=(0.2, 0.1, 0.05))
-    with pytest.raises(ValueError, match="anisotropic"):
-        model.domain_rotations()
+def test_profiles_of_an_anisotropic_model_against_the_isotropic_limit_and_finite_differences():
+    """The profiles' kernel turns each still's crystal by its own domain set about its axes:
+    spreads (s, s, s) give the isotropic profiles (orthorhombic toy); for (2s, s, s/2) stills
+    made together (one kernel call, each still its own block of domains) equal stills made one
+    by one, and the closed-form derivatives in the orientation match central differences."""
+    _, shots = _stills(None)
+    iso = CrystalModel((20.0,) * 3, 0.1, 6)
+    zero = [torch.zeros(3, dtype=torch.float64)] * 2
+
+    def profiles(model, rotations=zero, together=False, jacobian=True):
+        return stills_profiles(shots, shots.shots, model, rotations, [None, None], jacobian, together)
+
+    for a, b in zip(profiles(iso), profiles(replace(iso, anisotropic_spread_deg=(0.1, 0.1, 0.1)))):
+        assert torch.allclose(b.profile, a.profile, rtol=1e-12, atol=1e-15) and torch.allclose(b.jacobian, a.jacobian, rtol=1e-10, atol=1e-12)
+    aniso = replace(iso, anisotropic_spread_deg=(0.2, 0.1, 0.05))
+    alone, together = profiles(aniso), profiles(aniso, together=True)
+    for a, b, c in zip(alone, together, profiles(iso)):
+        assert torch.allclose(b.profile, a.profile, rtol=1e-12, atol=1e-15) and torch.allclose(b.jacobian, a.jacobian, rtol=1e-10, atol=1e-12)
+        assert not torch.allclose(a.profile, c.profile, rtol=1e-2)  # the anisotropy shows
+    h = 1e-6
+    for axis in range(3):
+        step = torch.zeros(3, dtype=torch.float64)
+        step[axis] = h
+        up, down = profiles(aniso, [step] * 2, jacobian=False), profiles(aniso, [-step] * 2, jacobian=False)
+        for a, u, d in zip(alone, up, down):
+            difference = (u.profile - d.profile) / (2 * h)
+            scale = float(difference.abs().max())
+            assert scale > 0 and torch.allclose(a.jacobian[..., axis], difference, rtol=1e-4, atol=1e-5 * scale)
