@@ -43,7 +43,7 @@ from spread_dials.correct.context import pixel_context
 from spread_dials.correct.correction import CorrectionSettings, PixelCorrection
 from spread_dials.correct.fit import CorrectedModel, CorrectSettings, feature_statistics
 from spread_dials.physics.detector_response import calibration_gain_map
-from spread_dials.refine.synthetic import InjectedErrors
+from spread_dials.refine.synthetic import InjectedErrors, oracle_profile_map
 from spread_dials.refine.uncertainty import curvature
 from spread_dials.validation.calibration import calibration_summary, gaussian_pit
 from tests.correct.toy import (  # the toy design lives with its tests
@@ -62,8 +62,18 @@ def run_one(replicate: int, args) -> dict:
     pixel_gain = None if args.pixgain <= 0 else calibration_gain_map(DETECTOR_SHAPE, args.pixgain, seed=0x91C5, dtype=torch.float64)
     aniso = None if args.aniso == 1 else (MOSAIC_SPREAD_DEG * args.aniso, MOSAIC_SPREAD_DEG, MOSAIC_SPREAD_DEG / args.aniso)
     errors = InjectedErrors(psf_fwhm_px=args.psf, energy_jitter_eV=args.jitter, pixel_gain=pixel_gain, mosaic_spread_abc_deg=aniso)
-    r = toy_refinement(seed=int(rng.integers(2**31)), shifts=tuple(truth.tolist()), n_stills=args.n, spot_scale=args.spot_scale,
-                       errors=errors, macrocycles=4, prior_sigma_eV=args.prior_sigma, refine_cell=args.jitter > 0)  # fmt: skip
+    design = dict(seed=int(rng.integers(2**31)), shifts=tuple(truth.tolist()), n_stills=args.n, spot_scale=args.spot_scale,
+                  errors=errors, macrocycles=4, prior_sigma_eV=args.prior_sigma, refine_cell=args.jitter > 0)  # fmt: skip
+    oracle = {}
+    if args.oracle:  # physics told the error: the stills' mosaic, the PSF and gains on the profiles
+        o = toy_refinement(**design, anisotropic_spread_deg=aniso)
+        profile_map = oracle_profile_map(o.shots, errors)
+        if profile_map is not None:
+            o.map_profiles(profile_map)
+            o.initialise_states()
+        o.run()
+        oracle = {"oracle_theta": o.theta.tolist(), "oracle_covariance": curvature(o, observed=False).profiled.tolist()}
+    r = toy_refinement(**design)
     r.run()
     physics_cov = curvature(r, observed=False).profiled
     physics = r.theta.tolist()
@@ -80,7 +90,7 @@ def run_one(replicate: int, args) -> dict:
         "head": args.head,
         "truth": truth.tolist(), "physics_theta": physics, "physics_covariance": physics_cov.tolist(),
         "theta": r.theta.tolist(), "covariance": joint[:2, :2].tolist(), "epochs": len(model.history), "converged": model.converged,
-        "seconds": time.perf_counter() - t0,
+        **oracle, "seconds": time.perf_counter() - t0,
     }  # fmt: skip
 
 
@@ -95,7 +105,10 @@ def summarise(paths: list[Path]) -> dict:
                  "epochs_mean": round(float(np.mean([r["epochs"] for r in rows])), 2)}  # fmt: skip
     contrast = np.array([1.0, -1.0])
     prior_var = float(np.mean([r["prior_sigma_eV"] for r in rows])) ** 2
-    for arm, theta_key, cov_key in (("physics", "physics_theta", "physics_covariance"), ("corrected", "theta", "covariance")):
+    arms = [("physics", "physics_theta", "physics_covariance"), ("corrected", "theta", "covariance")]
+    if all("oracle_theta" in r for r in rows):
+        arms.append(("oracle", "oracle_theta", "oracle_covariance"))
+    for arm, theta_key, cov_key in arms:
         theta = np.array([r[theta_key][:2] for r in rows])
         cov = np.array([np.array(r[cov_key])[:2, :2] for r in rows])
         truth = np.array([r["truth"] for r in rows])
@@ -128,6 +141,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jitter", type=float, default=0.0, help="injected per-still energy jitter rms (eV; > 0: the cell is refined)")
     ap.add_argument("--pixgain", type=float, default=0.0, help="injected per-pixel flat-field gain error rms (fraction; one map)")
     ap.add_argument("--aniso", type=float, default=1.0, help="injected anisotropic mosaic: spreads about a, b, c F, 1, 1/F times the model's (1: off)")
+    ap.add_argument("--oracle", action="store_true", help="also the oracle arm: physics told the injected mosaic, PSF and gains (not the jitter)")
     ap.add_argument("--head", action="store_true", help="the correction's head on too (off by default, as in the program)")
     ap.add_argument("--jitter-sigma", type=float, default=None, help="the corrected arm refines each still's jitter under N(0, this^2) (eV)")
     ap.add_argument("--epochs", type=int, default=15, help="the most epochs (the fit stops once converged)")
@@ -139,6 +153,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plots", default=None, help="with --summarise: write the coverage and rank PNGs here")
     ap.add_argument("--plot-stem", default="correct_calibration", help="their names: <stem>_coverage.png, <stem>_sbc.png")
     args = ap.parse_args(argv)
+    if args.oracle and args.jitter > 0:
+        raise SystemExit("Sorry: --oracle is not told the stills' energy jitter: leave out --jitter or --oracle")
     if args.summarise:
         summary = summarise([Path(p) for p in args.summarise])
         if args.plots:

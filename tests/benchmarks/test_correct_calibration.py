@@ -7,6 +7,8 @@ import json
 import sys
 from pathlib import Path
 
+import pytest
+
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
@@ -51,3 +53,24 @@ def test_the_jitter_design_widens_the_absolute_interval(tmp_path, capsys):
     capsys.readouterr()
     assert correct_calibration.main(["--summarise", str(path), "--plots", str(tmp_path), "--plot-stem", "jitter"]) == 0
     assert (tmp_path / "jitter_coverage.png").stat().st_size > 0 and (tmp_path / "jitter_sbc.png").stat().st_size > 0
+
+
+def test_the_oracle_is_physics_told_the_error(tmp_path, capsys):
+    """--oracle: with nothing injected the oracle arm is the physics arm exactly; with an
+    anisotropic mosaic (--aniso) it is physics with the stills' anisotropy, another fit; the
+    summary gains an oracle arm; --oracle with --jitter is one Sorry line."""
+    lines = {}
+    for aniso in ("1", "2"):
+        out = tmp_path / aniso
+        args = ["--replicates", "1", "--n", "2", "--psf", "0", "--aniso", aniso, "--oracle", "--epochs", "2", "--out", str(out)]
+        assert correct_calibration.main(args) == 0
+        (lines[aniso],) = [json.loads(x) for x in (out / "correct_calibration_toy.jsonl").read_text().splitlines()]
+    assert lines["1"]["oracle_theta"] == lines["1"]["physics_theta"]
+    assert lines["1"]["oracle_covariance"] == lines["1"]["physics_covariance"]
+    assert max(abs(a - b) for a, b in zip(lines["2"]["oracle_theta"], lines["2"]["physics_theta"])) > 1e-3
+    capsys.readouterr()
+    assert correct_calibration.main(["--summarise", str(tmp_path / "2" / "correct_calibration_toy.jsonl")]) == 0
+    assert set(json.loads(capsys.readouterr().out)["oracle"]) == {"A", "B", "A - B"}
+    with pytest.raises(SystemExit, match="^Sorry: --oracle is not told") as raised:
+        correct_calibration.main(["--oracle", "--jitter", "1", "--out", str(tmp_path)])
+    assert "\n" not in str(raised.value)

@@ -40,13 +40,15 @@ def toy_table() -> StructureFactors:
 def toy_refinement(seed: int, shifts=(2.0, 0.0), n_stills: int = 3, spot_scale: float = 2000.0,
                    errors: InjectedErrors | None = None, macrocycles: int = 2, prior_sigma_eV: float = 10.0,
                    refine_cell: bool = False, energy_jitter_sigma_eV: float | None = None,
-                   sum_channels: bool = False) -> Refinement:  # fmt: skip
+                   sum_channels: bool = False, anisotropic_spread_deg: tuple[float, float, float] | None = None) -> Refinement:  # fmt: skip
     """A physics-only :class:`Refinement` of ``n_stills`` toy stills whose two sites' truths are
     the reference moved by ``shifts`` (eV); per-shot states initialised, nothing refined yet.
     The structure (F0, G) is the same for every seed; the stills, spectra and noise are drawn
     from ``seed``; each edge shift's prior is N(0, ``prior_sigma_eV``^2); ``refine_cell``: each
     still's cell lengths refined too; ``energy_jitter_sigma_eV``, ``sum_channels``: the engine's
-    settings (the caches summed over the channels with the latter)."""
+    settings (the caches summed over the channels with the latter); ``anisotropic_spread_deg``:
+    the model's mosaic spreads about a, b, c (the stills are made with the model unless
+    ``errors`` say otherwise)."""
     ref = _reference()
     cell = real_space_from_cell(torch.tensor(CELL, dtype=torch.float64))
     table = toy_table()
@@ -54,7 +56,7 @@ def toy_refinement(seed: int, shifts=(2.0, 0.0), n_stills: int = 3, spot_scale: 
     curves = [ref.at(ENERGY, s) for s in shifts]
     truth = StructureFactors(hkl, F0, G, torch.stack([c[0] for c in curves]), torch.stack([c[1] for c in curves]))
     panels = grid_panels(n_fast=160, n_slow=160, pixel_mm=0.1, distance_mm=40.0, grid=(2, 2), gap_mm=0.5, tilt_deg=0.0)
-    model = CrystalModel((20.0,) * 3, MOSAIC_SPREAD_DEG, 6)
+    model = CrystalModel((20.0,) * 3, MOSAIC_SPREAD_DEG, 6, anisotropic_spread_deg=anisotropic_spread_deg)
     shots, _ = synthetic_shots(panels, truth, model, cell, ENERGY, n_shots=n_stills, seed=seed, spot_scale=spot_scale,
                                min_bragg_photons=10.0, orientation_error_deg=0.01, errors=errors)  # fmt: skip
     sites = EdgeShiftSites([ref, ref], [0, 1], ["A", "B"], prior_sigma_eV=prior_sigma_eV)
