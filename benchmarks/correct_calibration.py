@@ -65,15 +65,21 @@ def run_one(replicate: int, args) -> dict:
     design = dict(seed=int(rng.integers(2**31)), shifts=tuple(truth.tolist()), n_stills=args.n, spot_scale=args.spot_scale,
                   errors=errors, macrocycles=4, prior_sigma_eV=args.prior_sigma, refine_cell=args.jitter > 0)  # fmt: skip
     oracle = {}
+
+    def refinement(**extra):
+        made = toy_refinement(**design, **extra)
+        made.settings = replace(made.settings, model_error_fraction=args.model_error)
+        return made
+
     if args.oracle:  # physics told the error: the stills' mosaic, the PSF and gains on the profiles
-        o = toy_refinement(**design, anisotropic_spread_deg=aniso)
+        o = refinement(anisotropic_spread_deg=aniso)
         profile_map = oracle_profile_map(o.shots, errors)
         if profile_map is not None:
             o.map_profiles(profile_map)
             o.initialise_states()
         o.run()
         oracle = {"oracle_theta": o.theta.tolist(), "oracle_covariance": curvature(o, observed=False).profiled.tolist()}
-    r = toy_refinement(**design)
+    r = refinement()
     r.run()
     physics_cov = curvature(r, observed=False).profiled
     physics = r.theta.tolist()
@@ -87,7 +93,7 @@ def run_one(replicate: int, args) -> dict:
     return {
         "replicate": replicate, "seed": args.seed, "n": args.n, "psf_fwhm_px": args.psf, "prior_sigma_eV": args.prior_sigma,
         "jitter_eV": args.jitter, "jitter_sigma_eV": args.jitter_sigma, "pixel_gain_rms": args.pixgain, "aniso": args.aniso,
-        "head": args.head,
+        "head": args.head, "model_error_fraction": args.model_error,
         "truth": truth.tolist(), "physics_theta": physics, "physics_covariance": physics_cov.tolist(),
         "theta": r.theta.tolist(), "covariance": joint[:2, :2].tolist(), "epochs": len(model.history), "converged": model.converged,
         **oracle, "seconds": time.perf_counter() - t0,
@@ -141,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--jitter", type=float, default=0.0, help="injected per-still energy jitter rms (eV; > 0: the cell is refined)")
     ap.add_argument("--pixgain", type=float, default=0.0, help="injected per-pixel flat-field gain error rms (fraction; one map)")
     ap.add_argument("--aniso", type=float, default=1.0, help="injected anisotropic mosaic: spreads about a, b, c F, 1, 1/F times the model's (1: off)")
+    ap.add_argument("--model-error", type=float, default=0.0, help="every arm's refinement.model_error_fraction (Gaussian pixel variance lambda + (f lambda)^2)")
     ap.add_argument("--oracle", action="store_true", help="also the oracle arm: physics told the injected mosaic, PSF and gains (not the jitter)")
     ap.add_argument("--head", action="store_true", help="the correction's head on too (off by default, as in the program)")
     ap.add_argument("--jitter-sigma", type=float, default=None, help="the corrected arm refines each still's jitter under N(0, this^2) (eV)")
