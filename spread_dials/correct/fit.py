@@ -23,8 +23,8 @@ from the truth.
 An epoch: stage 1 of the engine (each still's scale, crystal offsets and backgrounds on the
 corrected profiles, profiles recomputed), then one Fisher-scoring step of F in phi and (after
 the first ``warmup_epochs``, which also hold the stills' energy jitters) one in (theta, phi)
-jointly, or in theta alone where the joint step finds no descent, with the per-shot parameters profiled out of the information exactly as the
-engine's scoring step does for theta (:func:`~spread_dials.refine.information.shot_information`
+jointly, or in theta alone where the joint step finds no descent, with the per-shot parameters
+profiled out of the information exactly as the engine's scoring step does for theta (:func:`~spread_dials.refine.information.shot_information`
 with the correction's columns d lambda* / d phi), and a backtracking line search on F (every
 still refitted at the trial point).  The anchor's curvature in phi is beta times its
 Gauss-Newton Hessian at the frozen reference.  Per-still values are summed in still order over
@@ -295,12 +295,9 @@ class CorrectedModel:
         self.set_phi(phi)
         saved = r.states
         r.states = [state for state, _ in r.refit_shots(theta, starts)]
-        sigma = r.settings.energy_jitter_sigma_eV
         try:
             with torch.no_grad():
-                parts = [torch.cat([torch.stack(self.still_terms(i, theta)).cpu(), torch.tensor(
-                    [float(r.caches[i].weight * jitter_negative_log_prior(r.states[i].energy_jitter(), sigma))], dtype=torch.float64)])
-                    for i in range(len(r.caches))]  # fmt: skip
+                parts = [self._still_parts(i, theta) for i in range(len(r.caches))]
         finally:
             states, r.states = r.states, saved
         total = r.ordered_sum(parts)
@@ -309,6 +306,14 @@ class CorrectedModel:
             prior = float(r.sites.negative_log_prior(theta)) + float(self.correction.negative_log_prior()) + shot_prior
         self._terms = {"nll": nll, "kl": kl, "prior": prior}
         return nll + self.settings.anchor_beta * kl + prior, states
+
+    def _still_parts(self, i: int, theta: Tensor) -> Tensor:
+        """(3,) float64 on the CPU: local still i's weighted NLL at ``theta``, its weighted
+        anchor and its weighted energy-jitter prior, at its current per-shot parameters."""
+        r = self.refinement
+        prior = jitter_negative_log_prior(r.states[i].energy_jitter(), r.settings.energy_jitter_sigma_eV)
+        shot_prior = torch.tensor([float(r.caches[i].weight * prior)], dtype=torch.float64)
+        return torch.cat([torch.stack(self.still_terms(i, theta)).cpu(), shot_prior])
 
     def _columns(self, i: int, phi: Tensor) -> Tensor:
         """(N, Q) d lambda* / d phi of local still i at its current per-shot parameters."""

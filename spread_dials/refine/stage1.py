@@ -139,7 +139,7 @@ def _batch(caches: list[ShotCache], states: list[ShotState], intensities: list[T
 
 def _jitter_prior(batch: _Batch, offsets: Tensor) -> Tensor | float:
     """(K,) each still's -log prior of its energy jitter (the last offset), or 0 without one."""
-    return 0.0 if batch.jitter_sigma is None else jitter_negative_log_prior(offsets[:, -1], batch.jitter_sigma)
+    return jitter_negative_log_prior(offsets[:, -1], batch.jitter_sigma)
 
 
 def _rate(batch: _Batch, log_scale: Tensor, offsets: Tensor, background: Tensor) -> tuple[Tensor, Tensor]:
