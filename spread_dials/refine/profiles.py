@@ -88,7 +88,8 @@ class CrystalModel:
         Raises:
             ValueError: an anisotropic spread without ``real_space``.
         """
-        aniso = None if self.anisotropic_spread_deg is None else torch.tensor(self.anisotropic_spread_deg, dtype=dtype)
+        device = None if real_space is None else real_space.device  # the spreads beside the axes (a GPU's crystal)
+        aniso = None if self.anisotropic_spread_deg is None else torch.tensor(self.anisotropic_spread_deg, dtype=dtype, device=device)
         return domain_rotations(self.domain_set, self.mosaic_spread_deg, self.mosaic_domains,
                                 self.seed if seed is None else seed, real_space, aniso, dtype=dtype)  # fmt: skip
 
