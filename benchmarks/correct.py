@@ -22,8 +22,8 @@ correction kept by the capacity guard at 50 shoeboxes per weight, the spectromet
 dispersion latents at --offset-sigma / --dispersion-sigma, with --jitter-sigma each still's energy
 jitter under that prior) and, with --oracle, the oracle
 (physics told the error: synthetic.oracle_profile_map and the true energies, fitted as the
-physics arm; for anisoF the model's mosaic spread made anisotropic as the stills').  Each line: estimates, Fisher sigma (physics, oracle), the corrected model's
-sigma with everything profiled, with the correction held and with the calibration held, the
+physics arm; for anisoF the model's mosaic spread made anisotropic as the stills').  Each
+line: estimates, Fisher sigma (physics, oracle), the corrected model's sigma with everything profiled, with the correction held and with the calibration held, the
 parts kept, the learned stencil and head,
 seconds (physics, correction), seconds per epoch, GPU-seconds per still per epoch and the peak
 GPU memory.  Resumable: a (case, error, N, replicate, seed) already in the file is skipped.
@@ -53,14 +53,19 @@ from spread_dials.correct.correction import CorrectionSettings, PixelCorrection,
 from spread_dials.correct.fit import CorrectedModel, CorrectSettings, feature_statistics
 from spread_dials.correct.spectrometer import SpectrometerSites
 from spread_dials.parallel import Parallel
-from spread_dials.physics.detector_response import calibration_gain_map
 from spread_dials.physics.geometry import PanelArray
 from spread_dials.physics.structure_factors import StructureFactors
 from spread_dials.refine.engine import Refinement, RefineSettings, make_caches
 from spread_dials.refine.profiles import ShotProfiles
 from spread_dials.refine.shots import ShotSet
 from spread_dials.refine.sites import EdgeShiftSites
-from spread_dials.refine.synthetic import InjectedErrors, oracle_profile_map, synthetic_shots
+from spread_dials.refine.synthetic import (
+    InjectedErrors,
+    anisotropic_spreads,
+    flat_field_error,
+    oracle_profile_map,
+    synthetic_shots,
+)
 from spread_dials.refine.uncertainty import curvature
 
 
@@ -84,11 +89,11 @@ def parse_error(text: str, panels: PanelArray, seed: int, spread_deg: float) -> 
                     fields[name] = torch.as_tensor(1.0 + value * rng.normal(size=panels.n_panels))
                 elif key == "pixgain":  # the flat-field error is the detector's: one map per run
                     shape = (panels.n_panels, panels.n_slow, panels.n_fast)
-                    fields[name] = calibration_gain_map(shape, value, seed=0x91C5, dtype=torch.float64)
+                    fields[name] = flat_field_error(shape, value)
                 elif key == "aniso":
                     if value <= 0:
                         raise SystemExit(f"Sorry: {part!r}: the anisotropy factor must be > 0")
-                    fields[name] = (spread_deg * value, spread_deg, spread_deg / value)
+                    fields[name] = anisotropic_spreads(spread_deg, value)
                 else:
                     fields[name] = value
                 break

@@ -42,8 +42,7 @@ from records import append_record, read_records
 from spread_dials.correct.context import pixel_context
 from spread_dials.correct.correction import CorrectionSettings, PixelCorrection
 from spread_dials.correct.fit import CorrectedModel, CorrectSettings, feature_statistics
-from spread_dials.physics.detector_response import calibration_gain_map
-from spread_dials.refine.synthetic import InjectedErrors, oracle_profile_map
+from spread_dials.refine.synthetic import InjectedErrors, anisotropic_spreads, flat_field_error, oracle_profile_map
 from spread_dials.refine.uncertainty import curvature
 from spread_dials.validation.calibration import calibration_summary, gaussian_pit
 from tests.correct.toy import (  # the toy design lives with its tests
@@ -59,8 +58,8 @@ def run_one(replicate: int, args) -> dict:
     rng = np.random.default_rng(np.random.SeedSequence([args.seed, replicate]))
     truth = rng.normal(0.0, args.prior_sigma, size=2)
     t0 = time.perf_counter()
-    pixel_gain = None if args.pixgain <= 0 else calibration_gain_map(DETECTOR_SHAPE, args.pixgain, seed=0x91C5, dtype=torch.float64)
-    aniso = None if args.aniso == 1 else (MOSAIC_SPREAD_DEG * args.aniso, MOSAIC_SPREAD_DEG, MOSAIC_SPREAD_DEG / args.aniso)
+    pixel_gain = None if args.pixgain <= 0 else flat_field_error(DETECTOR_SHAPE, args.pixgain)
+    aniso = None if args.aniso == 1 else anisotropic_spreads(MOSAIC_SPREAD_DEG, args.aniso)
     errors = InjectedErrors(psf_fwhm_px=args.psf, energy_jitter_eV=args.jitter, pixel_gain=pixel_gain, mosaic_spread_abc_deg=aniso)
     design = dict(seed=int(rng.integers(2**31)), shifts=tuple(truth.tolist()), n_stills=args.n, spot_scale=args.spot_scale,
                   errors=errors, macrocycles=4, prior_sigma_eV=args.prior_sigma, refine_cell=args.jitter > 0)  # fmt: skip

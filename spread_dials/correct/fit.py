@@ -24,8 +24,9 @@ An epoch: stage 1 of the engine (each still's scale, crystal offsets and backgro
 corrected profiles, profiles recomputed), then one Fisher-scoring step of F in phi and (after
 the first ``warmup_epochs``, which also hold the stills' energy jitters) one in (theta, phi)
 jointly, or in theta alone where the joint step finds no descent, with the per-shot parameters
-profiled out of the information exactly as the engine's scoring step does for theta (:func:`~spread_dials.refine.information.shot_information`
-with the correction's columns d lambda* / d phi), and a backtracking line search on F (every
+profiled out of the information exactly as the engine's scoring step does for theta
+(:func:`~spread_dials.refine.information.shot_information` with the correction's columns
+d lambda* / d phi), and a backtracking line search on F (every
 still refitted at the trial point).  The anchor's curvature in phi is beta times its
 Gauss-Newton Hessian at the frozen reference.  Per-still values are summed in still order over
 the ranks, so any number of ranks gives the serial answer.  (A resumed fit rebuilds the frozen

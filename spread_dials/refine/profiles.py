@@ -266,7 +266,12 @@ def _group_profile(shots: ShotSet, stills: list[Shot], model: CrystalModel, x0: 
     scales = [s.weight.to(x0) * (s.weight.numel() / s.weight.to(x0).sum()) for s in stills]  # unit weights are 1 / C
     unit = replace(stills[0], weight=torch.ones_like(stills[0].weight))
     scene = shot_scene(shots, unit, model, x0[0, :3], x0[0, 3:] if with_cell else None)
-    domain_sets = [model.domain_rotations(dtype=x0.dtype, real_space=s.real_space.to(x0)).to(device) for s in stills]
+    def still_domains(still: Shot) -> Tensor:
+        return model.domain_rotations(dtype=x0.dtype, real_space=still.real_space.to(x0)).to(device)
+
+    # each still's own set only where it depends on the crystal's axes
+    domain_sets = ([still_domains(s) for s in stills] if model.anisotropic_spread_deg is not None
+                   else [still_domains(stills[0])] * len(stills))  # fmt: skip
 
     def block(d0: int, jacobian: bool) -> tuple[Tensor, Tensor | None]:
         size = min(per_call, n_domains - d0)

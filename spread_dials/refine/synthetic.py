@@ -26,7 +26,7 @@ from torch import Tensor
 from spread_dials.physics.beam import make_sources
 from spread_dials.physics.bragg import Scene
 from spread_dials.physics.crystal import Crystal, rotation_from_vector
-from spread_dials.physics.detector_response import gaussian_psf
+from spread_dials.physics.detector_response import calibration_gain_map, gaussian_psf
 from spread_dials.physics.geometry import PanelArray
 from spread_dials.physics.sparse import BraggWindows, predict_windows, window_photons
 from spread_dials.physics.structure_factors import StructureFactors
@@ -74,6 +74,22 @@ class InjectedErrors:
         if self.pixel_gain is not None:
             factors = factors * self.pixel_gain.to(factors)[panel, slow, fast]
         return factors
+
+
+FLAT_FIELD_SEED = 0x91C5
+
+
+def flat_field_error(shape: tuple[int, int, int], rms: float) -> Tensor:
+    """(P, n_slow, n_fast) float64 per-pixel gain factors 1 + ``rms`` N(0, 1): one detector's
+    flat-field error (the same map for every still and replicate, from :data:`FLAT_FIELD_SEED`),
+    for :attr:`InjectedErrors.pixel_gain`."""
+    return calibration_gain_map(shape, rms, seed=FLAT_FIELD_SEED, dtype=torch.float64)
+
+
+def anisotropic_spreads(spread_deg: float, factor: float) -> tuple[float, float, float]:
+    """Mosaic spreads (degrees) about a, b, c of ``factor``, 1 and 1 / ``factor`` times an
+    isotropic ``spread_deg``, for :attr:`InjectedErrors.mosaic_spread_abc_deg`."""
+    return (spread_deg * factor, spread_deg, spread_deg / factor)
 
 
 def blur_boxes(values: Tensor, nx: Tensor, ny: Tensor, fwhm_px: float) -> Tensor:
