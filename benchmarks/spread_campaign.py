@@ -515,6 +515,7 @@ def run_replicate(case: dict, n: int, replicate: int, params, comm, device: torc
         make_caches,
     )
     from spread_dials.refine.run import (
+        StillsProgress,
         checkpoint_saver,
         load_checkpoint,
         restore_checkpoint,
@@ -544,7 +545,8 @@ def run_replicate(case: dict, n: int, replicate: int, params, comm, device: torc
     jitter = params.stills.energy_jitter_eV
     errors = InjectedErrors(energy_jitter_eV=jitter) if jitter > 0 else None
     shots, base = [], None
-    for i in mine:
+    simulated = StillsProgress(len(mine), "simulated")
+    for k, i in enumerate(mine):
         made, _ = synthetic_shots(case["panels"], case["truth"], model, case["real_space"], case["energy"], 1,
                                   seed=_still_seed(seed, n, replicate, i), spot_scale=case["spot_scale"],
                                   background_photons=params.stills.background_photons,
@@ -552,6 +554,7 @@ def run_replicate(case: dict, n: int, replicate: int, params, comm, device: torc
                                   min_bragg_photons=params.stills.min_bragg_photons, device=device, errors=errors)  # fmt: skip
         shots.append(made.shots[0])
         base = made
+        simulated(k + 1, len(mine))
     if base is None:
         raise CampaignError(f"ladder.n = {n} gives rank {comm.rank} of {comm.size} no still: use n >= ranks")
     control = params.control
@@ -580,11 +583,14 @@ def run_replicate(case: dict, n: int, replicate: int, params, comm, device: torc
                              reduce=channel_summer(sites, sites.initial(), settings, summed))  # fmt: skip
     except MissingReflectionsError as e:
         raise CampaignError(f"{e} (make the table to the detector's reach)") from None
+    if comm.is_root:
+        print(f"N={n} replicate {replicate}: {len(mine)} stills' caches made, {time.perf_counter() - t0:.0f} s", flush=True)
     refinement = Refinement(shot_set, mine, n, caches, [], sites, sites.initial(), model, comm, settings)
     start = restore_checkpoint(refinement, saved, cell_error > 0, device) if saved is not None else 0
     if saved is None:
         refinement.initialise_states()
-    refinement.run(start, on_macrocycle=None if checkpoint is None else checkpoint_saver(*checkpoint, comm))
+    refinement.run(start, on_macrocycle=None if checkpoint is None else checkpoint_saver(*checkpoint, comm),
+                   progress=StillsProgress(len(mine)))
     cov = curvature(refinement, observed=False)
     draws = bootstrap(refinement, params.refine.bootstrap, seed) if params.refine.bootstrap else None
     counts = comm.allreduce(np.array([sum(s.shoeboxes.n_shoeboxes for s in shots), sum(s.shoeboxes.n_pixels for s in shots)]))

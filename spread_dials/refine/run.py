@@ -239,7 +239,7 @@ def run_refinement(ctx, experiments, reflections) -> dict:
         logger.info("Resuming after macrocycle %d (%s)", start_cycle, checkpoint.name)
     else:
         refinement.initialise_states()
-    rate = _Progress(len(refinement.caches))
+    rate = StillsProgress(len(refinement.caches))
     refinement.run(start_cycle, on_macrocycle=checkpoint_saver(checkpoint, fingerprint, comm), progress=rate)
     residuals = refined_residuals(refinement, comm, setup.settings.readout_sigma, params.refinement.flag_sigma_z)
     results = _report(ctx, refinement, setup.refs, setup.prepared, setup.band, setup.n_shots, setup.n_shoeboxes,
@@ -281,11 +281,12 @@ def _common_sensor(shots, comm):
     return replace(shots, panels=with_mean_sensor_mu(shots.panels, [mu for _, mu in everyone]))
 
 
-class _Progress:
-    """Stage-1 progress in the log: stills done, rate and ETA (every ~10 %)."""
+class StillsProgress:
+    """Progress in the log (``dials.spread.refine``): stills done of ``total``, rate and ETA
+    (every ~10 %), each line headed by ``label`` (e.g. "stage 1")."""
 
-    def __init__(self, total: int) -> None:
-        self.total, self.t0, self.step = total, None, max(1, total // 10)
+    def __init__(self, total: int, label: str = "stage 1") -> None:
+        self.total, self.t0, self.step, self.label = total, None, max(1, total // 10), label
 
     def __call__(self, done: int, total: int) -> None:
         """After still ``done`` of ``total``; the clock starts at the first still's end (the rate
@@ -295,7 +296,7 @@ class _Progress:
             return
         if done % self.step == 0 or done == total:
             rate = (done - 1) / max(time.perf_counter() - self.t0, 1e-9)
-            logger.info("  stage 1: %d/%d stills, %.2f stills/s, ETA %.0f s", done, total, rate, (total - done) / rate)
+            logger.info("  %s: %d/%d stills, %.2f stills/s, ETA %.0f s", self.label, done, total, rate, (total - done) / rate)
 
 
 def load_checkpoint(path: Path, fingerprint: str) -> dict | None:

@@ -53,6 +53,13 @@ def test_smoke_ladder_runs_under_two_minutes(campaign):
     assert seconds < 120, f"the smoke ladder took {seconds:.0f} s"
 
 
+def test_a_replicate_shows_its_progress(campaign):
+    """Long replicates (a 3k rung runs minutes before its first macrocycle) show each phase."""
+    _, _, stdout = campaign
+    for phase in ("simulated: 4/4 stills", "stills' caches made", "stage 1: 4/4 stills", "macrocycle 1:"):
+        assert phase in stdout, phase
+
+
 def test_every_json_line_has_every_field(campaign):
     path, _, _ = campaign
     rows = [json.loads(line) for line in path.read_text().splitlines()]
