@@ -524,8 +524,9 @@ def make_caches(shots: ShotSet, table: StructureFactors, model: CrystalModel, ro
                 spoil_hkl: bool = False, shuffle_seed: int | None = None, cells: list[Tensor] | None = None,
                 refine_cell: bool = False, reduce: Callable[[int, ShotCache], ShotCache] | None = None) -> list[ShotCache]:  # fmt: skip
     """Each still's cache: pixels, F0 and G of its reflections (from ``table``) and profiles at
-    ``rotations`` (default zero) and, with ``refine_cell``, at log cell-length changes ``cells``
-    (default zero; ``model.n_cell_parameters`` each), made ``STAGE1_BATCH_PIXELS`` pixels of
+    ``rotations`` (default zero) and, with ``refine_cell`` or ``model.mosaic_latent``, at log
+    cell-length changes [and mosaic log factors] ``cells`` (default zero;
+    ``model.n_cell_parameters`` [+ 3] each), made ``STAGE1_BATCH_PIXELS`` pixels of
     stills at a time, each still's cache passed through ``reduce`` (index, cache) -> cache
     (e.g. :func:`channel_summer`'s) before the next run's are made.
 
@@ -546,8 +547,9 @@ def make_caches(shots: ShotSet, table: StructureFactors, model: CrystalModel, ro
         device = shot.shoeboxes.counts.device
         rotation = torch.zeros(3, dtype=torch.float64) if rotations is None else rotations[i]
         cell = None
-        if refine_cell:
-            cell = (torch.zeros(model.n_cell_parameters, dtype=torch.float64) if cells is None else cells[i]).to(device)
+        if refine_cell or model.mosaic_latent:
+            n_cell = model.n_cell_parameters + model.n_mosaic_parameters
+            cell = (torch.zeros(n_cell, dtype=torch.float64) if cells is None else cells[i]).to(device)
         offsets.append((rotation.to(device), cell))
     for run in pixel_runs([int(shot.shoeboxes.n_pixels) for shot in shots.shots]):
         profiles = stills_profiles(shots, [shots.shots[i] for i in run], model, [offsets[i][0] for i in run],

@@ -13,7 +13,10 @@ log changes of the unit-cell lengths (k,), one per set of lengths that the latti
 (``CrystalModel.cell_ties``): the still's rows a, b, c become
 diag(exp(cell[ties])) A0 R(r)^T.  Cell angles are kept (stills_process refines them only as far
 as the lattice symmetry allows; for the orthorhombic to cubic lattices of the use cases they are
-fixed at 90 degrees).
+fixed at 90 degrees).  With ``CrystalModel.mosaic_latent`` three more offsets follow the cell
+lengths: m (3,), log factors of the still's rms mosaic spread about its crystal's a, b, c axes
+(its domains are the anisotropic set of spreads s exp(m), s the model's); their derivatives come
+from the kernel's per-domain derivatives in A before the domain sum (:func:`_group_profile`).
 """
 
 from __future__ import annotations
@@ -60,6 +63,10 @@ class CrystalModel:
         anisotropic_spread_deg: None, or rms mosaic angles about the crystal's a, b, c axes
             (degrees) instead of ``mosaic_spread_deg``: each still's domains then turn about
             the axes of its given (.expt) crystal, which the refined offsets do not move.
+        mosaic_latent: each still's crystal offsets end with 3 log factors m of its mosaic
+            spreads about a, b, c (``anisotropic_spread_deg``, else ``mosaic_spread_deg``
+            thrice, times exp(m)); the caches then carry a cell vector (k + 3,) even when the
+            cell lengths are held.
     """
 
     ncells_abc: tuple[float, float, float]
@@ -72,24 +79,34 @@ class CrystalModel:
     domain_set: str = "quadrature"
     cell_ties: tuple[int, int, int] = (0, 1, 2)
     anisotropic_spread_deg: tuple[float, float, float] | None = None
+    mosaic_latent: bool = False
 
     @property
     def n_cell_parameters(self) -> int:
         """Free unit-cell length parameters under the lattice symmetry."""
         return max(self.cell_ties) + 1
 
+    @property
+    def n_mosaic_parameters(self) -> int:
+        """Mosaic-spread log factors among each still's crystal offsets (3 with ``mosaic_latent``)."""
+        return 3 if self.mosaic_latent else 0
+
     def domain_rotations(self, seed: int | None = None, dtype: torch.dtype = torch.float64,
-                         real_space: Tensor | None = None) -> Tensor:  # fmt: skip
+                         real_space: Tensor | None = None, mosaic: Tensor | None = None) -> Tensor:  # fmt: skip
         """(mosaic_domains, 3, 3) domain rotations: the deterministic quadrature of the mosaic
         distribution (:mod:`spread_dials.physics.mosaic_quadrature`; ``domain_set = quadrature``)
         or a random draw from ``seed`` (default this model's); with ``anisotropic_spread_deg``
-        about the axes of the crystal ``real_space`` (3, 3) (rows a, b, c; A).
+        or ``mosaic`` (3,) (log factors of the spreads about a, b, c; differentiable) about the
+        axes of the crystal ``real_space`` (3, 3) (rows a, b, c; A).
 
         Raises:
             ValueError: an anisotropic spread without ``real_space``.
         """
         device = None if real_space is None else real_space.device  # the spreads beside the axes (a GPU's crystal)
         aniso = None if self.anisotropic_spread_deg is None else torch.tensor(self.anisotropic_spread_deg, dtype=dtype, device=device)
+        if mosaic is not None:
+            base = aniso if aniso is not None else torch.full((3,), self.mosaic_spread_deg, dtype=dtype, device=device)
+            aniso = base.to(mosaic) * torch.exp(mosaic)
         return domain_rotations(self.domain_set, self.mosaic_spread_deg, self.mosaic_domains,
                                 self.seed if seed is None else seed, real_space, aniso, dtype=dtype)  # fmt: skip
 
@@ -152,9 +169,10 @@ class ShotProfiles:
     Attributes:
         rotation: (3,) rotation vector (rad) at which the cache was made.
         profile: (N, C) photons per unit |F|^2 of every shoebox pixel and channel (all domains).
-        jacobian: (N, C, 3 + k) d profile / d (rotation (per rad), cell (per unit log length)),
-            or None.
-        cell: (k,) log cell-length changes at which the cache was made (None: cell not refined).
+        jacobian: (N, C, 3 + k [+ 3]) d profile / d (rotation (per rad), cell (per unit log
+            length) [, mosaic log factors]), or None.
+        cell: (k [+ 3],) log cell-length changes [and mosaic log factors,
+            ``CrystalModel.mosaic_latent``] at which the cache was made (None: neither refined).
         summed_at: None for per-channel profiles; for profiles summed over the channels
             (:func:`~spread_dials.refine.model.sum_channels`) the global parameters theta0 (P,)
             they were summed at: ``profile`` is then (N, 1 + P [+ 1]) "virtual channels" (the
@@ -256,8 +274,15 @@ def _group_profile(shots: ShotSet, stills: list[Shot], model: CrystalModel, x0: 
     derivatives (pixels, C, 3 + k) in the offsets: the kernel's closed-form derivatives in the
     crystal's real space A, in the same pass, summed over the domains, then times d A / d
     offsets (autograd on the (3, 3) matrix alone); the profiles are the sum of the blocks over
-    ``starts``.  On a GPU the kernel is fused (torch.compile)."""
+    ``starts``.  With ``model.mosaic_latent`` the last 3 offsets m turn the domains: domain d's
+    crystal is A R_d(m)^T, so d profile / d m_j = sum_d (d profile / d A)_d : (A (d R_d / d m_j)^T R_d),
+    each domain's kernel derivative contracted before the domain sum (d R_d / d m by autograd on
+    the (domains, 3, 3) rotations alone).  On a GPU the kernel is fused (torch.compile)."""
     device, n_domains = x0.device, model.mosaic_domains
+    n_cell = model.n_cell_parameters if with_cell else 0
+    n_mosaic = model.n_mosaic_parameters
+    if n_mosaic and not with_cell:
+        raise ValueError("a mosaic latent needs each still's cell vector (cell lengths, then mosaic factors)")
     # kernel chunks of 2^25 terms on a GPU: (pixels, C, 1 + 9) float64 outputs of ~2.7 GB at most
     chunk = (1 << 25) if device.type == "cuda" else None
     n_boxes = [int(s.shoeboxes.n_shoeboxes) for s in stills]
@@ -266,12 +291,21 @@ def _group_profile(shots: ShotSet, stills: list[Shot], model: CrystalModel, x0: 
     scales = [s.weight.to(x0) * (s.weight.numel() / s.weight.to(x0).sum()) for s in stills]  # unit weights are 1 / C
     unit = replace(stills[0], weight=torch.ones_like(stills[0].weight))
     scene = shot_scene(shots, unit, model, x0[0, :3], x0[0, 3:] if with_cell else None)
-    def still_domains(still: Shot) -> Tensor:
-        return model.domain_rotations(dtype=x0.dtype, real_space=still.real_space.to(x0)).to(device)
+    def still_domains(still: Shot, mosaic: Tensor | None = None) -> Tensor:
+        return model.domain_rotations(dtype=x0.dtype, real_space=still.real_space.to(x0), mosaic=mosaic).to(device)
 
-    # each still's own set only where it depends on the crystal's axes
-    domain_sets = ([still_domains(s) for s in stills] if model.anisotropic_spread_deg is not None
-                   else [still_domains(stills[0])] * len(stills))  # fmt: skip
+    turned = [None] * len(stills)  # with the latent: each still's (domains, 9, 3) A (d R_d / d m)^T R_d
+    if n_mosaic:
+        domain_sets = []
+        for k, still in enumerate(stills):
+            x_mosaic = x0[k, 3 + n_cell :]
+            rotations, d_rotations = value_and_jacobian(lambda m, still=still: still_domains(still, m), x_mosaic)
+            a = crystal_real_space(still.real_space.to(x0), x0[k, :3], x0[k, 3 : 3 + n_cell], model.cell_ties)
+            turned[k] = torch.einsum("ab,dcbm,dce->daem", a, d_rotations, rotations).reshape(-1, 9, n_mosaic)
+            domain_sets.append(rotations)
+    else:  # each still's own set only where it depends on the crystal's axes
+        domain_sets = ([still_domains(s) for s in stills] if model.anisotropic_spread_deg is not None
+                       else [still_domains(stills[0])] * len(stills))  # fmt: skip
 
     def block(d0: int, jacobian: bool) -> tuple[Tensor, Tensor | None]:
         size = min(per_call, n_domains - d0)
@@ -281,7 +315,7 @@ def _group_profile(shots: ShotSet, stills: list[Shot], model: CrystalModel, x0: 
             a0 = still.real_space.to(x0)
 
             def crystal(x: Tensor, a0: Tensor = a0) -> Tensor:
-                return crystal_real_space(a0, x[:3], x[3:] if with_cell else None, model.cell_ties)
+                return crystal_real_space(a0, x[:3], x[3 : 3 + n_cell] if with_cell else None, model.cell_ties)
 
             if jacobian:
                 a, da = value_and_jacobian(crystal, x0[k])  # (3, 3), (3, 3, 3 + k)
@@ -306,6 +340,12 @@ def _group_profile(shots: ShotSet, stills: list[Shot], model: CrystalModel, x0: 
         if not jacobian:
             return profile, None
         # d profile / d A summed over the domains, then through d A / d offsets (the same for every domain)
-        return profile, torch.cat([g.flatten(-2) @ m for g, m in zip(per_still(gradient), moves)])
+        jac = [g.flatten(-2) @ m for g, m in zip(per_still(gradient), moves)]
+        if n_mosaic:  # each domain's d profile / d A through its own d real_d / d m, then the domain sum
+            pieces = torch.split(gradient, [size * n for n in n_pixels])
+            for k, (p, w) in enumerate(zip(pieces, scales)):
+                by_domain = p.view(size, n_pixels[k], p.shape[1], 9)
+                jac[k][..., 3 + n_cell :] = torch.einsum("dncq,dqm->ncm", by_domain, turned[k][d0 : d0 + size]) * w.view(-1, 1)
+        return profile, torch.cat(jac)
 
     return block, list(range(0, n_domains, per_call))
