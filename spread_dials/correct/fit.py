@@ -62,9 +62,9 @@ from spread_dials.refine.model import (
     BraggTerms,
     ShotState,
     fisher_weights,
-    jitter_negative_log_prior,
     negative_log_likelihood,
     rate_from_terms,
+    shot_negative_log_prior,
 )
 from spread_dials.refine.profiles import ShotProfiles
 
@@ -80,7 +80,7 @@ class CorrectSettings:
     Attributes:
         epochs: the most epochs (stage 1, then one joint scoring step).
         warmup_epochs: the first epochs step the correction only (edge shifts and the stills'
-            energy jitters held: :func:`jitters_held`).
+            energy jitters and mosaic factors held: :func:`latents_held`).
         theta_tolerance, phi_tolerance: the fit has converged after an epoch past the warm-up
             that moved no global parameter by more than these (eV for edge shifts; the
             correction's weights); it stops there.  A fixed number of epochs stopped toy fits
@@ -103,16 +103,18 @@ class CorrectSettings:
 
 
 @contextmanager
-def jitters_held(refinement: Refinement, held: bool) -> Iterator[None]:
-    """While ``held``, the stills' energy jitters stay where they are: the refinement's settings
-    without the jitter prior (stage 1, the information and the objective then leave them out).
+def latents_held(refinement: Refinement, held: bool) -> Iterator[None]:
+    """While ``held``, the stills' energy jitters and mosaic factors stay where they are: the
+    refinement's settings without the jitter prior (stage 1, the information and the objective
+    then leave the jitters out) and with a zero trust radius for the mosaic factors (they stay
+    at the cache points, where stage 1 made the profiles: their current values).
     The warm-up's epochs hold them, as the engine's first macrocycle does: fitted against the
     uncorrected model they take up its error (H200 session 16, rubredoxin with a 1.5 px PSF: rms
     5-13 eV after the first epoch under a 1 eV prior, and one fit of four ended with its jitters
     uncorrelated with the injected ones)."""
     saved = refinement.settings
     if held:
-        refinement.settings = replace(saved, energy_jitter_sigma_eV=None)
+        refinement.settings = replace(saved, energy_jitter_sigma_eV=None, mosaic_step_percent=0.0)
     try:
         yield
     finally:
@@ -310,9 +312,9 @@ class CorrectedModel:
 
     def _still_parts(self, i: int, theta: Tensor) -> Tensor:
         """(3,) float64 on the CPU: local still i's weighted NLL at ``theta``, its weighted
-        anchor and its weighted energy-jitter prior, at its current per-shot parameters."""
+        anchor and its weighted per-shot prior (energy jitter, mosaic factors), at its current per-shot parameters."""
         r = self.refinement
-        prior = jitter_negative_log_prior(r.states[i].energy_jitter(), r.settings.energy_jitter_sigma_eV)
+        prior = shot_negative_log_prior(r.states[i], r.settings)
         shot_prior = torch.tensor([float(r.caches[i].weight * prior)], dtype=torch.float64)
         return torch.cat([torch.stack(self.still_terms(i, theta)).cpu(), shot_prior])
 
@@ -446,7 +448,7 @@ class CorrectedModel:
                 break
             t0 = time.perf_counter()
             theta_0, phi_0 = r.theta.detach().clone(), self.phi
-            with jitters_held(r, epoch < self.settings.warmup_epochs):
+            with latents_held(r, epoch < self.settings.warmup_epochs):
                 r.stage1()
                 terms, steps = self.scoring_step("phi")
             steps = {"phi": steps}

@@ -76,6 +76,13 @@ class RefineSettings:
         rotation_step_mrad: trust radius of one stage-1 pass: each rotation angle moves at most
             this far (mrad) from the point where the profiles were linearised.
         cell_step_permille: the same for each cell length (parts per thousand).
+        refine_mosaic: refine each still's mosaic spreads about its a, b, c axes in stage 1
+            (3 log factors after the cell lengths; the model must have
+            ``CrystalModel.mosaic_latent``) under the prior N(0, ``mosaic_sigma``^2) each.
+        mosaic_step_percent: trust radius of one stage-1 pass for each mosaic log factor
+            (per cent: 20 lets a spread change by ~20 % a pass).
+        mosaic_sigma: the prior sd of each mosaic log factor (0.5: a spread within a factor
+            exp(0.5) = 1.65 of the model's at one sd).
         relinearisations: most stage-1 passes per still and macrocycle; after each the profiles
             are recomputed at the new orientation and cell; a pass whose largest step is under a
             quarter of its trust radius ends them.
@@ -105,12 +112,20 @@ class RefineSettings:
     rotation_step_mrad: float = 1.0
     refine_cell: bool = False
     cell_step_permille: float = 1.0
+    refine_mosaic: bool = False
+    mosaic_step_percent: float = 20.0
+    mosaic_sigma: float = 0.5
     relinearisations: int = 3
     parameter_tolerance: float = 0.01
     reject_sigma_z: float | None = None
     resolution_ramp: tuple[float, ...] = (0.3, 0.5, 0.7, 0.85)
     energy_jitter_sigma_eV: float | None = None
     sum_channels: bool = False
+
+
+def _radii_moved(move: Tensor, radius: Tensor) -> float:
+    """The largest |move| in units of its trust radius; offsets held by a zero radius count 0."""
+    return float(torch.where(radius > 0, move / radius.clamp(min=torch.finfo(radius.dtype).tiny), 0.0).abs().max())
 
 
 def channel_summer(sites: SiteModel, theta: Tensor, settings: RefineSettings,
@@ -206,6 +221,13 @@ class Refinement:
     settings: RefineSettings
     history: list[dict] = field(default_factory=list)
     profile_map: Callable[[int, ShotProfiles], ShotProfiles] | None = None
+
+    def __post_init__(self) -> None:
+        """Raises ValueError: ``settings.refine_mosaic`` and the model's mosaic latent differ (the
+        one says which offsets stage 1 refines, the other which the caches carry)."""
+        if self.settings.refine_mosaic != self.crystal_model.mosaic_latent:
+            raise ValueError("settings.refine_mosaic and the CrystalModel's mosaic_latent must agree "
+                             "(the stills' offsets carry the mosaic factors exactly when they are refined)")  # fmt: skip
 
     def map_profiles(self, profile_map: Callable[[int, ShotProfiles], ShotProfiles]) -> None:
         """Route every still's profiles through ``profile_map`` (:attr:`profile_map`): the
@@ -327,7 +349,7 @@ class Refinement:
             # would take up their error (the data fix only delta + Delta_E), so the jitters join
             # from the second on
             settings = replace(settings, energy_jitter_sigma_eV=None)
-        moves_crystal = settings.refine_orientation or settings.refine_cell
+        moves_crystal = settings.refine_orientation or settings.refine_cell or settings.refine_mosaic
         passes = settings.relinearisations if moves_crystal else 1
         n = len(self.caches)
         starts = [s.offsets.clone() for s in self.states]
@@ -347,7 +369,7 @@ class Refinement:
                 fits = refine_shots(caches, states, intensities, settings, slopes)
                 profiles = self.profiles_of(chunk, [state for state, _ in fits])
                 for i, (state, nll), made, before in zip(chunk, fits, profiles, states):
-                    step = float(((state.offsets - self.caches[i].profiles.offsets) / radii[i]).abs().max())
+                    step = _radii_moved(state.offsets - self.caches[i].profiles.offsets, radii[i])
                     if settings.energy_jitter_sigma_eV is not None:
                         step = max(step, abs(float(state.energy_jitter() - before.energy_jitter())) / settings.energy_jitter_sigma_eV)
                     self.states[i], nlls[i] = state, nll
@@ -363,7 +385,7 @@ class Refinement:
             finished += 1
             if progress is not None:
                 progress(finished, n)
-        largest = max((float(((self.states[i].offsets - starts[i]) / radii[i]).abs().max()) for i in range(n)), default=0.0)
+        largest = max((_radii_moved(self.states[i].offsets - starts[i], radii[i]) for i in range(n)), default=0.0)
         return self.ordered_total(nlls), float(self.comm.allreduce(largest, op="max"))
 
     def _pixel_chunks(self, indices: list[int]) -> list[list[int]]:

@@ -52,8 +52,8 @@ class ShotInformation(NamedTuple):
 
 def shot_information(refinement, i: int, theta: Tensor, extra: Tensor | None = None) -> ShotInformation:
     """The Fisher information of theta from still i, profiled and conditional (the crystal
-    offsets that stage 1 refines, rotation and cell, are profiled with the scale and
-    backgrounds), and the per-shot parameters' response to theta (:class:`ShotInformation`).
+    offsets that stage 1 refines, rotation, cell and mosaic factors, are profiled with the scale,
+    backgrounds and energy jitter, each prior's information included), and the per-shot parameters' response to theta (:class:`ShotInformation`).
 
     ``extra``: (N, Q) derivatives of the still's pixel rates in Q more global parameters (a
     learned correction's weights, :mod:`spread_dials.correct`); the information is then over
@@ -77,6 +77,9 @@ def shot_information(refinement, i: int, theta: Tensor, extra: Tensor | None = N
     reduced, _, _, _ = eliminate_planes(h_bb, h_bo, h_oo)
     if jitter_sigma is not None:  # with its prior's information
         reduced[-1, -1] += jitter_sigma**-2
+    if refinement.settings.refine_mosaic and terms.jacobian is not None:  # the mosaic factors' prior: the last 3 offset columns
+        end = reduced.shape[0] - (jitter_sigma is not None)
+        reduced[range(end - 3, end), range(end - 3, end)] += refinement.settings.mosaic_sigma**-2
     p = u_theta.shape[1]
     h_tt, h_ts, h_ss = reduced[:p, :p], reduced[:p, p:], reduced[p:, p:]
     solved = psd_pseudo_inverse(h_ss) @ h_ts.T  # (S, P)
@@ -131,9 +134,11 @@ def shot_columns(scale: Tensor, bragg: Tensor, jacobian: Tensor | None, refined:
 
 
 def refined_offsets(n_offsets: int, settings) -> Tensor:
-    """(n_offsets,) bool: which crystal offsets (3 rotation angles, then the cell lengths)
-    stage 1 refines under ``settings`` (:class:`~spread_dials.refine.engine.RefineSettings`)."""
-    return torch.tensor([settings.refine_orientation] * 3 + [settings.refine_cell] * (n_offsets - 3))
+    """(n_offsets,) bool: which crystal offsets (3 rotation angles, the cell lengths, then with
+    ``refine_mosaic`` the 3 mosaic log factors) stage 1 refines under ``settings``
+    (:class:`~spread_dials.refine.engine.RefineSettings`)."""
+    n_mosaic = 3 if settings.refine_mosaic else 0
+    return torch.tensor([settings.refine_orientation] * 3 + [settings.refine_cell] * (n_offsets - 3 - n_mosaic) + [True] * n_mosaic)
 
 
 def normal_blocks(cache, w: Tensor, u: Tensor, n_shoeboxes: int, still: Tensor | None = None,

@@ -315,6 +315,25 @@ def jitter_negative_log_prior(jitter: Tensor, sigma: float | None) -> Tensor | f
     return 0.5 * (jitter / sigma) ** 2
 
 
+def mosaic_negative_log_prior(mosaic: Tensor, sigma: float | None) -> Tensor | float:
+    """-log of the prior N(0, ``sigma``^2) on each mosaic log factor (up to a constant), summed
+    over the last axis of ``mosaic`` (..., 3), or 0 without a prior (``sigma`` None: the
+    mosaic spreads are not refined)."""
+    if sigma is None:
+        return 0.0
+    return 0.5 * ((mosaic / sigma) ** 2).sum(-1)
+
+
+def shot_negative_log_prior(state: ShotState, settings) -> Tensor | float:
+    """() -log prior of a still's refined per-shot parameters that have one under ``settings``
+    (:class:`~spread_dials.refine.engine.RefineSettings`): its energy jitter and its mosaic log
+    factors (the last 3 of ``state.cell``); stage 1 minimises it with the still's NLL."""
+    prior = jitter_negative_log_prior(state.energy_jitter(), settings.energy_jitter_sigma_eV)
+    if settings.refine_mosaic:
+        prior = prior + mosaic_negative_log_prior(state.cell.detach()[-3:], settings.mosaic_sigma)
+    return prior
+
+
 def pixel_nll(lam: Tensor, counts: Tensor, valid: Tensor, readout_sigma: float | None = None,
               model_error_fraction: float = 0.0) -> Tensor:  # fmt: skip
     """(N,) each pixel's term of :func:`negative_log_likelihood` (0 where not ``valid``)."""

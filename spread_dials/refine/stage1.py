@@ -48,6 +48,7 @@ from spread_dials.refine.model import (
     bragg_terms,
     fisher_weights,
     jitter_negative_log_prior,
+    mosaic_negative_log_prior,
     pixel_nll,
     plane_rate,
 )
@@ -66,9 +67,12 @@ OFFSET_UNIT = 1e-3
 
 def trust_radius(n_offsets: int, settings, like: Tensor) -> Tensor:
     """(n_offsets,) trust radius of each crystal offset (rad for the 3 rotation angles, log length
-    for the cell lengths): ``rotation_step_mrad`` and ``cell_step_permille`` of ``settings``
-    times :data:`OFFSET_UNIT`, with the dtype and device of ``like``."""
-    radius = [settings.rotation_step_mrad] * 3 + [settings.cell_step_permille] * (n_offsets - 3)
+    for the cell lengths, log factor for the mosaic spreads): ``rotation_step_mrad``,
+    ``cell_step_permille`` and ``mosaic_step_percent`` of ``settings`` in units of
+    :data:`OFFSET_UNIT`, with the dtype and device of ``like``."""
+    n_mosaic = 3 if settings.refine_mosaic else 0
+    radius = ([settings.rotation_step_mrad] * 3 + [settings.cell_step_permille] * (n_offsets - 3 - n_mosaic)
+              + [10.0 * settings.mosaic_step_percent] * n_mosaic)  # fmt: skip
     return torch.tensor(radius, dtype=like.dtype, device=like.device) * OFFSET_UNIT
 
 
@@ -82,8 +86,10 @@ class _Batch:
         fast, slow, counts: (N,); fitted: (N,) bool.
         bragg: (N,) sum_c P_c |F_h(E_c)|^2 at the cache points; jacobian: (N, 3 + k [+ 1]) its
             derivative in the crystal offsets [and the energy jitter], or None.
-        x0: (K, 3 + k [+ 1]) each still's cache point [and jitter].
+        x0: (K, 3 + k [+ 3] [+ 1]) each still's cache point [, mosaic factors] [and jitter].
         jitter_sigma: the energy jitter's prior sd (eV) when it is the last column, else None.
+        mosaic_sigma: the mosaic log factors' prior sd when they are refined (the 3 columns
+            before the jitter's), else None.
     """
 
     still: Tensor
@@ -97,6 +103,7 @@ class _Batch:
     jacobian: Tensor | None
     x0: Tensor
     jitter_sigma: float | None = None
+    mosaic_sigma: float | None = None
 
     @property
     def n_stills(self) -> int:
@@ -108,7 +115,7 @@ class _Batch:
 
 
 def _batch(caches: list[ShotCache], states: list[ShotState], intensities: list[Tensor], slopes: list[Tensor] | None,
-           jitter_sigma: float | None) -> _Batch:  # fmt: skip
+           jitter_sigma: float | None, mosaic_sigma: float | None = None) -> _Batch:  # fmt: skip
     terms = [bragg_terms(c, i) for c, i in zip(caches, intensities)]
     has_jacobian = {t.jacobian is not None for t in terms}
     if len(has_jacobian) > 1 or len({int(t.offsets.numel()) for t in terms}) > 1:
@@ -134,12 +141,16 @@ def _batch(caches: list[ShotCache], states: list[ShotState], intensities: list[T
         fast=cat("fast"), slow=cat("slow"), counts=cat("counts"),
         fitted=torch.cat([c.fitted for c in caches]),
         bragg=torch.cat([t.value for t in terms]), jacobian=jacobian, x0=x0, jitter_sigma=jitter_sigma,
+        mosaic_sigma=mosaic_sigma,
     )  # fmt: skip
 
 
-def _jitter_prior(batch: _Batch, offsets: Tensor) -> Tensor | float:
-    """(K,) each still's -log prior of its energy jitter (the last offset), or 0 without one."""
-    return jitter_negative_log_prior(offsets[:, -1], batch.jitter_sigma)
+def _shot_prior(batch: _Batch, offsets: Tensor) -> Tensor | float:
+    """(K,) each still's -log prior of its energy jitter (the last offset) and mosaic log
+    factors (the 3 before it), or 0 without either."""
+    end = offsets.shape[1] - (batch.jitter_sigma is not None)
+    return (jitter_negative_log_prior(offsets[:, -1], batch.jitter_sigma)
+            + mosaic_negative_log_prior(offsets[:, end - 3 : end], batch.mosaic_sigma))  # fmt: skip
 
 
 def _rate(batch: _Batch, log_scale: Tensor, offsets: Tensor, background: Tensor) -> tuple[Tensor, Tensor]:
@@ -155,7 +166,7 @@ def _nll(batch: _Batch, log_scale: Tensor, offsets: Tensor, background: Tensor, 
     """(K,) each still's NLL."""
     lam, _ = _rate(batch, log_scale, offsets, background)
     terms = pixel_nll(lam, batch.counts, batch.fitted, settings.readout_sigma, settings.model_error_fraction)
-    return terms.new_zeros(batch.n_stills).index_add(0, batch.still, terms) + _jitter_prior(batch, offsets)
+    return terms.new_zeros(batch.n_stills).index_add(0, batch.still, terms) + _shot_prior(batch, offsets)
 
 
 def _normal_equations(batch: _Batch, log_scale: Tensor, offsets: Tensor, background: Tensor, settings, refined: Tensor):
@@ -164,7 +175,7 @@ def _normal_equations(batch: _Batch, log_scale: Tensor, offsets: Tensor, backgro
     leaves = [t.detach().clone().requires_grad_(True) for t in (log_scale, offsets, background)]
     lam, bragg = _rate(batch, *leaves)
     terms = pixel_nll(lam, batch.counts, batch.fitted, settings.readout_sigma, settings.model_error_fraction)
-    nll = terms.new_zeros(batch.n_stills).index_add(0, batch.still, terms) + _jitter_prior(batch, leaves[1])
+    nll = terms.new_zeros(batch.n_stills).index_add(0, batch.still, terms) + _shot_prior(batch, leaves[1])
     g_scale, g_offsets, g_b = torch.autograd.grad(nll.sum(), leaves, allow_unused=True)
     g_offsets = torch.zeros_like(offsets) if g_offsets is None else g_offsets
     scale = torch.exp(log_scale.detach())[batch.still]
@@ -234,7 +245,7 @@ def _refine_batch(caches: list[ShotCache], states: list[ShotState], intensities:
                   settings) -> list[tuple[ShotState, float]]:  # fmt: skip
     """:func:`refine_shots` on one batch."""
     sigma = settings.energy_jitter_sigma_eV
-    batch = _batch(caches, states, intensities, slopes, sigma)
+    batch = _batch(caches, states, intensities, slopes, sigma, settings.mosaic_sigma if settings.refine_mosaic else None)
     n_offsets = int(batch.x0.shape[1]) - (sigma is not None)
     refined = refined_offsets(n_offsets, settings) & (caches[0].profiles.jacobian is not None)
     radius = trust_radius(n_offsets, settings, batch.x0)

@@ -5,6 +5,7 @@ detector, optional injected model errors."""
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import torch
 
@@ -40,7 +41,8 @@ def toy_table() -> StructureFactors:
 def toy_refinement(seed: int, shifts=(2.0, 0.0), n_stills: int = 3, spot_scale: float = 2000.0,
                    errors: InjectedErrors | None = None, macrocycles: int = 2, prior_sigma_eV: float = 10.0,
                    refine_cell: bool = False, energy_jitter_sigma_eV: float | None = None,
-                   sum_channels: bool = False, anisotropic_spread_deg: tuple[float, float, float] | None = None) -> Refinement:  # fmt: skip
+                   sum_channels: bool = False, anisotropic_spread_deg: tuple[float, float, float] | None = None,
+                   refine_mosaic: bool = False) -> Refinement:  # fmt: skip
     """A physics-only :class:`Refinement` of ``n_stills`` toy stills whose two sites' truths are
     the reference moved by ``shifts`` (eV); per-shot states initialised, nothing refined yet.
     The structure (F0, G) is the same for every seed; the stills, spectra and noise are drawn
@@ -48,7 +50,8 @@ def toy_refinement(seed: int, shifts=(2.0, 0.0), n_stills: int = 3, spot_scale: 
     still's cell lengths refined too; ``energy_jitter_sigma_eV``, ``sum_channels``: the engine's
     settings (the caches summed over the channels with the latter); ``anisotropic_spread_deg``:
     the model's mosaic spreads about a, b, c (the stills are made with the model unless
-    ``errors`` say otherwise)."""
+    ``errors`` say otherwise); ``refine_mosaic``: each still's mosaic spreads refined too
+    (the model's mosaic latent)."""
     ref = _reference()
     cell = real_space_from_cell(torch.tensor(CELL, dtype=torch.float64))
     table = toy_table()
@@ -61,7 +64,9 @@ def toy_refinement(seed: int, shifts=(2.0, 0.0), n_stills: int = 3, spot_scale: 
                                min_bragg_photons=10.0, orientation_error_deg=0.01, errors=errors)  # fmt: skip
     sites = EdgeShiftSites([ref, ref], [0, 1], ["A", "B"], prior_sigma_eV=prior_sigma_eV)
     settings = RefineSettings(macrocycles=macrocycles, relinearisations=1, refine_cell=refine_cell,
-                              energy_jitter_sigma_eV=energy_jitter_sigma_eV, sum_channels=sum_channels)  # fmt: skip
+                              energy_jitter_sigma_eV=energy_jitter_sigma_eV, sum_channels=sum_channels,
+                              refine_mosaic=refine_mosaic)  # fmt: skip
+    model = replace(model, mosaic_latent=refine_mosaic)  # (the stills above are made without it)
     caches = make_caches(shots, StructureFactors(hkl, F0, G), model, refine_cell=refine_cell,
                          reduce=channel_summer(sites, sites.initial(), settings))  # fmt: skip
     r = Refinement(shots, list(range(n_stills)), n_stills, caches, [], sites, sites.initial(), model, Parallel(), settings)
