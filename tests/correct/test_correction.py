@@ -14,10 +14,10 @@ from spread_dials.correct.context import pixel_context
 from spread_dials.correct.correction import CorrectionSettings, LeakyCorrection, PixelCorrection, redistribute
 from spread_dials.correct.divergence import poisson_kl
 from spread_dials.correct.fit import CorrectedModel, CorrectSettings, feature_statistics
-from spread_dials.refine.model import pixel_rate
-from spread_dials.refine.synthetic import InjectedErrors
+from spread_dials.refine.model import mosaic_negative_log_prior, pixel_rate
+from spread_dials.refine.synthetic import InjectedErrors, anisotropic_spreads
 
-from .toy import NOMINAL_EV, toy_refinement
+from .toy import MOSAIC_SPREAD_DEG, NOMINAL_EV, toy_refinement
 
 
 @pytest.fixture(scope="module")
@@ -321,6 +321,38 @@ def test_objective_is_the_engines_profile_objective_with_the_jitter_prior():
         assert model._terms["kl"] == 0.0 and abs(corrected - engine) < 1e-2, (move, corrected, engine)
         values.append(corrected)
     assert values[1] - values[0] > 1.0  # the jitter prior holds the direction (1.37 measured)
+
+
+def test_objective_is_the_engines_profile_objective_with_the_mosaic_prior():
+    """With each still's mosaic factors refined, F at initialisation is the engine's profiled
+    NLL plus every prior, the factors' N(0, mosaic_sigma^2) included (they sit ~0.7 from 0 on
+    these 2:1 stills: ~12 in F, so the test fails without it)."""
+    errors = InjectedErrors(mosaic_spread_abc_deg=anisotropic_spreads(MOSAIC_SPREAD_DEG, 2.0))
+    r = toy_refinement(seed=1, n_stills=3, errors=errors, macrocycles=6, refine_mosaic=True)
+    r.run()
+    contexts = [pixel_context(r.shots, s, NOMINAL_EV) for s in r.shots.shots]
+    model = CorrectedModel(r, _correction(r, contexts, gain=False, head=False), contexts, CorrectSettings())
+    corrected, _ = model.objective(r.theta, model.phi, r.states)
+    engine, _ = r._profile_nll(r.theta, r.states)
+    assert model._terms["kl"] == 0.0 and abs(corrected - engine) < 1e-2, (corrected, engine)
+    assert sum(float(mosaic_negative_log_prior(s.cell[-3:], r.settings.mosaic_sigma)) for s in r.states) > 5.0
+
+
+def test_the_warm_up_holds_the_stills_mosaic_factors():
+    """Epochs inside warmup_epochs leave every still's mosaic factors where they were; the
+    first epoch past them moves them (stills with a PSF the factors could take up)."""
+    errors = InjectedErrors(psf_fwhm_px=1.5, mosaic_spread_abc_deg=anisotropic_spreads(MOSAIC_SPREAD_DEG, 1.5))
+    r = toy_refinement(seed=3, n_stills=2, spot_scale=4000.0, errors=errors, refine_mosaic=True)
+    r.run()
+    start = [s.cell[-3:].clone() for s in r.states]
+    contexts = [pixel_context(r.shots, s, NOMINAL_EV) for s in r.shots.shots]
+    model = CorrectedModel(r, _correction(r, contexts, gain=False, head=False), contexts,
+                           CorrectSettings(epochs=1, warmup_epochs=1))  # fmt: skip
+    model.run()
+    assert all(torch.equal(s.cell[-3:], m) for s, m in zip(r.states, start)) and r.settings.mosaic_step_percent > 0
+    model.settings = replace(model.settings, epochs=2)
+    model.run()
+    assert max(float((s.cell[-3:] - m).abs().max()) for s, m in zip(r.states, start)) > 1e-3
 
 
 def test_the_warm_up_holds_the_stills_energy_jitters():
