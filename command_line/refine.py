@@ -211,6 +211,19 @@ refinement {
   cell_step_permille = 1.0
     .type = float(value_min=0.01)
     .help = "Trust radius of one stage-1 pass for each cell length (parts per thousand)"
+  refine_mosaic = False
+    .type = bool
+    .help = "Refine each still's mosaic spreads about its crystal's a, b, c axes in stage 1:"
+            "three log factors of crystal.mosaic_spread_deg (an anisotropic mosaic the"
+            "isotropic model would turn into edge-shift bias), under the prior"
+            "N(0, mosaic_sigma^2) each"
+  mosaic_step_percent = 20.0
+    .type = float(value_min=0.1)
+    .help = "Trust radius of one stage-1 pass for each mosaic log factor (per cent)"
+  mosaic_sigma = 0.5
+    .type = float(value_min=0.01)
+    .help = "Prior sd of each mosaic log factor (0.5: a spread within a factor 1.65 of"
+            "crystal.mosaic_spread_deg at one sd)"
   resolution_ramp = 0.3 0.5 0.7 0.85
     .type = floats(value_min=0.01, value_max=1)
     .help = "Fractions of each still's shoeboxes, lowest resolution first, that the first"

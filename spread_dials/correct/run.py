@@ -29,6 +29,7 @@ from spread_dials.correct.spectrometer import SpectrometerSites
 from spread_dials.refine.engine import inverse_resolution
 from spread_dials.refine.run import (
     checkpoint_states,
+    has_cell_vector,
     load_checkpoint,
     load_setup,
     make_refinement,
@@ -141,8 +142,8 @@ def run_correction(ctx, experiments, reflections, warm_start) -> dict:
     saved = load_checkpoint(checkpoint, fingerprint) if params.correct.resume else None
     ctx.accept_inputs()
     shots = setup.shots
-    refine_cell = params.refinement.refine_cell
-    rotations, cells = saved_cache_points(saved, shots, refine_cell, ctx.device) if saved is not None else (None, None)
+    with_cell = has_cell_vector(params)
+    rotations, cells = saved_cache_points(saved, shots, with_cell, ctx.device) if saved is not None else (None, None)
     refinement = make_refinement(ctx, replace(setup, sites=sites), rotations, cells)
     refinement.theta = sites.extend(warm["theta"])
     refinement.initialise_states()
@@ -160,7 +161,7 @@ def run_correction(ctx, experiments, reflections, warm_start) -> dict:
     if saved is not None:
         refinement.theta = torch.tensor(saved["theta"], dtype=torch.float64)
         model.set_phi(torch.tensor(saved["phi"], dtype=torch.float64))
-        refinement.states = saved_states(saved, shots, refine_cell, ctx.device)
+        refinement.states = saved_states(saved, shots, with_cell, ctx.device)
         model.history = saved["history"]
         logger.info("Resuming after epoch %d (%s)", len(model.history), checkpoint.name)
     if sites.latents:

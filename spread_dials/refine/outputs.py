@@ -215,6 +215,8 @@ def refined_stills(pairs, stills: list[dict]):
             piece["spread.scale"] = flex.double(n, float(still["scale"]))
             if still.get("energy_jitter_eV") is not None:
                 piece["spread.energy_jitter_eV"] = flex.double(n, float(still["energy_jitter_eV"]))
+            if still.get("mosaic_spread_abc_deg") is not None:
+                piece["spread.mosaic_spread_abc_deg"] = flex.vec3_double(n, tuple(float(x) for x in still["mosaic_spread_abc_deg"]))
             piece["spread.flagged"] = flex.bool(still["flagged"].astype(bool))
             piece["spread.rejected"] = flex.bool(still["rejected"])
             if "bragg_photons_physics" in still:  # dials.spread_correct: the physics model's photons beside the corrected

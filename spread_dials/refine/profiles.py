@@ -91,6 +91,12 @@ class CrystalModel:
         """Mosaic-spread log factors among each still's crystal offsets (3 with ``mosaic_latent``)."""
         return 3 if self.mosaic_latent else 0
 
+    def mosaic_spreads_deg(self, mosaic: Tensor) -> Tensor:
+        """(3,) rms mosaic angles (degrees) about a, b, c at log factors ``mosaic`` (3,):
+        ``anisotropic_spread_deg`` (else ``mosaic_spread_deg`` thrice) times exp(mosaic)."""
+        base = self.anisotropic_spread_deg or (self.mosaic_spread_deg,) * 3
+        return torch.tensor(base, dtype=mosaic.dtype, device=mosaic.device) * torch.exp(mosaic)
+
     def domain_rotations(self, seed: int | None = None, dtype: torch.dtype = torch.float64,
                          real_space: Tensor | None = None, mosaic: Tensor | None = None) -> Tensor:  # fmt: skip
         """(mosaic_domains, 3, 3) domain rotations: the deterministic quadrature of the mosaic
@@ -105,8 +111,7 @@ class CrystalModel:
         device = None if real_space is None else real_space.device  # the spreads beside the axes (a GPU's crystal)
         aniso = None if self.anisotropic_spread_deg is None else torch.tensor(self.anisotropic_spread_deg, dtype=dtype, device=device)
         if mosaic is not None:
-            base = aniso if aniso is not None else torch.full((3,), self.mosaic_spread_deg, dtype=dtype, device=device)
-            aniso = base.to(mosaic) * torch.exp(mosaic)
+            aniso = self.mosaic_spreads_deg(mosaic)
         return domain_rotations(self.domain_set, self.mosaic_spread_deg, self.mosaic_domains,
                                 self.seed if seed is None else seed, real_space, aniso, dtype=dtype)  # fmt: skip
 

@@ -125,6 +125,8 @@ def gather_residuals(refinement, comm, readout_sigma: float | None, threshold: f
             "cell_scale": (np.ones(3) if state.cell is None else
                            torch.exp(state.cell.detach().cpu()[list(refinement.crystal_model.cell_ties)]).numpy()),
             "energy_jitter_eV": None if state.energy_offset is None else float(state.energy_offset),
+            "mosaic_spread_abc_deg": (refinement.crystal_model.mosaic_spreads_deg(state.cell.detach().cpu()[-3:]).numpy()
+                                      if refinement.crystal_model.mosaic_latent else None),
             "reflection": sb.reflection.cpu().numpy().astype(np.int64), "panel": panel.astype(np.int64),
             "flagged": stats["sigma_z"] > threshold, **stats,
             "rejected": (np.zeros(sb.n_shoeboxes, dtype=bool) if cache.rejected is None

@@ -27,7 +27,7 @@ from spread_dials.refine.uncertainty import bootstrap, curvature, interval, stat
 from spread_dials.util.atomic import atomic_path
 from spread_dials.util.errors import SpreadError
 
-__all__ = ["RefineSetup", "checkpoint_saver", "checkpoint_states", "load_checkpoint", "load_setup", "make_refinement", "refined_residuals",
+__all__ = ["RefineSetup", "checkpoint_saver", "checkpoint_states", "has_cell_vector", "load_checkpoint", "load_setup", "make_refinement", "refined_residuals",
            "restore_checkpoint", "run_refinement",
            "saved_cache_points", "saved_states", "saved_summed_points", "truth_curves_from_record", "truth_edge_shifts"]
 
@@ -47,7 +47,13 @@ def _crystal_model(params, cell_ties: tuple[int, int, int]) -> CrystalModel:
     c = params.crystal
     fluence = params.beam.photons / (math.pi * (0.5e-6 * params.beam.diameter_um) ** 2)
     return CrystalModel(tuple(float(x) for x in c.ncells_abc), float(c.mosaic_spread_deg), int(c.mosaic_domains),
-                        c.shape, int(params.random.seed), fluence, int(c.oversample), c.domain_set, cell_ties)  # fmt: skip
+                        c.shape, int(params.random.seed), fluence, int(c.oversample), c.domain_set, cell_ties,
+                        mosaic_latent=bool(params.refinement.refine_mosaic))  # fmt: skip
+
+
+def has_cell_vector(params) -> bool:
+    """Whether each still's state and cache carry a cell vector (cell lengths [, mosaic factors])."""
+    return bool(params.refinement.refine_cell or params.refinement.refine_mosaic)
 
 
 #: the scopes whose values change the refinement (a checkpoint of other values is refused)
@@ -189,7 +195,8 @@ def load_setup(ctx, experiments, reflections) -> RefineSetup:
         stage2_iterations=r.stage2_iterations,
         readout_sigma=params.readout_sigma_photons if params.likelihood == "gaussian_readout" else None,
         refine_orientation=r.refine_orientation, rotation_step_mrad=r.rotation_step_mrad, relinearisations=r.relinearisations,
-        refine_cell=r.refine_cell, cell_step_permille=r.cell_step_permille,
+        refine_cell=r.refine_cell, cell_step_permille=r.cell_step_permille, refine_mosaic=r.refine_mosaic,
+        mosaic_step_percent=r.mosaic_step_percent, mosaic_sigma=r.mosaic_sigma,
         resolution_ramp=tuple(r.resolution_ramp or ()), stage2=r.stage2, max_global_step=r.max_global_step,
         parameter_tolerance=r.parameter_tolerance, model_error_fraction=params.model_error_fraction,
         reject_sigma_z=r.reject_sigma_z, energy_jitter_sigma_eV=r.energy_jitter_sigma_eV, sum_channels=r.sum_channels,
@@ -225,17 +232,18 @@ def run_refinement(ctx, experiments, reflections) -> dict:
     params, comm = ctx.params, ctx.mpi
     t0 = time.perf_counter()
     setup = load_setup(ctx, experiments, reflections)
-    shots, pairs, r = setup.shots, setup.pairs, params.refinement
+    shots, pairs = setup.shots, setup.pairs
     checkpoint = ctx.output_path(f"{params.output.prefix}.checkpoint.pt")
     fingerprint = _fingerprint(params, pairs)
     saved = load_checkpoint(checkpoint, fingerprint) if params.refinement.resume else None
     ctx.accept_inputs()  # the inputs are checked: from here on the log and outputs stay
     # the caches at the saved cache points (stage 2 may move the states off them)
-    rotations, cells = saved_cache_points(saved, shots, r.refine_cell, ctx.device) if saved is not None else (None, None)
+    with_cell = has_cell_vector(params)
+    rotations, cells = saved_cache_points(saved, shots, with_cell, ctx.device) if saved is not None else (None, None)
     refinement = make_refinement(ctx, setup, rotations, cells, saved_summed_points(saved, shots) if saved is not None else None)
     start_cycle = 0
     if saved is not None:
-        start_cycle = restore_checkpoint(refinement, saved, r.refine_cell, ctx.device)
+        start_cycle = restore_checkpoint(refinement, saved, with_cell, ctx.device)
         logger.info("Resuming after macrocycle %d (%s)", start_cycle, checkpoint.name)
     else:
         refinement.initialise_states()
@@ -262,6 +270,8 @@ def refined_residuals(refinement: Refinement, comm, readout_sigma, threshold: fl
         log = logger.info if len(stills) <= 20 else logger.debug
         for s in stills:
             jitter = "" if s["energy_jitter_eV"] is None else f", energy jitter {s['energy_jitter_eV']:+.3f} eV"
+            if s["mosaic_spread_abc_deg"] is not None:
+                jitter += ", mosaic spread about a, b, c ({:.4f}, {:.4f}, {:.4f}) deg".format(*s["mosaic_spread_abc_deg"])
             log("  still %s: scale %.6g, rotation (%+.4f, %+.4f, %+.4f) mrad, cell lengths x (%.5f, %.5f, %.5f)%s, "
                 "%d shoeboxes (%d flagged)", s["identifier"], s["scale"], *(1e3 * s["rotation_rad"]), *s["cell_scale"],
                 jitter, s["sigma_z"].size, int(s["flagged"].sum()))  # fmt: skip
@@ -491,6 +501,8 @@ def _report(ctx, refinement: Refinement, refs, prepared, band, n_shots, n_sb, n_
     if stills is not None:
         results["refined_stills"] = [{"identifier": s["identifier"], "scale": s["scale"], "rotation_rad": s["rotation_rad"].tolist(),
                                       "cell_scale": s["cell_scale"].tolist(), "energy_jitter_eV": s["energy_jitter_eV"],
+                                      "mosaic_spread_abc_deg": (None if s["mosaic_spread_abc_deg"] is None
+                                                                else s["mosaic_spread_abc_deg"].tolist()),
                                       "shoeboxes": int(s["sigma_z"].size), "flagged": int(s["flagged"].sum())}
                                      for s in stills]  # fmt: skip
     if comm.is_root:

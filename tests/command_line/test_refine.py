@@ -262,9 +262,12 @@ def test_bad_input_gives_one_sorry_line(processed, tmp_path):
     assert not list(tmp_path.glob("spread_refine_sites.*"))
 
 
-def test_energy_jitter_is_refined_per_still(processed, tmp_path):
-    """refinement.energy_jitter_sigma_eV: each still's jitter in the log, the sites .json and the
-    column spread.energy_jitter_eV, the same numbers.  The fixture's spectra are recorded at their
+def test_energy_jitter_and_mosaic_spreads_are_refined_per_still(processed, tmp_path):
+    """refinement.energy_jitter_sigma_eV and refine_mosaic (one run, both per-shot latents): each
+    still's jitter and mosaic spreads in the log, the sites .json and the columns
+    spread.energy_jitter_eV and spread.mosaic_spread_abc_deg, the same numbers; the stills were
+    simulated with the isotropic spread, so the spreads found stay inside the prior (within a
+    factor exp(3 x 0.5) of crystal.mosaic_spread_deg).  The fixture's spectra are recorded at their
     true energies, but each of its stills fixes the edge only to ~0.7 eV (session 5's demo chain:
     +-0.22 eV from 10 stills), about the 1 eV prior's width, so the jitters found scatter inside
     the prior (measured -0.67 to +1.29 eV): asserted within 3 prior sd (their recovery of
@@ -272,16 +275,25 @@ def test_energy_jitter_is_refined_per_still(processed, tmp_path):
     the second macrocycle: fitted in the first, against the starting edge shift, they took up its
     error (+0.7 to +2.6 eV on these stills after one macrocycle)."""
     run([command("dials.spread_refine"), *_inputs(processed), *FAST, "uncertainty.bootstrap=0",
-         "refinement.refine_cell=True", "refinement.energy_jitter_sigma_eV=1.0", "refinement.macrocycles=3"], tmp_path)  # fmt: skip
-    stills = {s["identifier"]: s["energy_jitter_eV"] for s in _record(tmp_path)["refined_stills"]}
+         "refinement.refine_cell=True", "refinement.energy_jitter_sigma_eV=1.0", "refinement.macrocycles=3",
+         "refinement.refine_mosaic=True"], tmp_path)  # fmt: skip
+    refined_stills = _record(tmp_path)["refined_stills"]
+    stills = {s["identifier"]: s["energy_jitter_eV"] for s in refined_stills}
+    spreads = {s["identifier"]: s["mosaic_spread_abc_deg"] for s in refined_stills}
     assert all(math.isfinite(v) and abs(v) < 3.0 for v in stills.values()) and any(v != 0 for v in stills.values()), stills
     experiments = ExperimentListFactory.from_json_file(str(tmp_path / "spread_refine.expt"), check_format=False)
     table = flex.reflection_table.from_file(str(tmp_path / "spread_refine.refl"))
     column, ids = table["spread.energy_jitter_eV"].as_numpy_array(), table["id"].as_numpy_array()
+    mosaic = table["spread.mosaic_spread_abc_deg"].as_numpy_array()
     for i, experiment in enumerate(experiments):
         assert np.allclose(column[ids == i], stills[experiment.identifier], rtol=1e-12)
+        assert np.allclose(mosaic[ids == i], spreads[experiment.identifier], rtol=1e-12)
+    found = np.array(list(spreads.values()))
+    assert found.shape == (len(stills), 3) and np.all(np.isfinite(found)) and np.ptp(found) > 0, found
+    assert np.all(np.abs(np.log(found / 0.05)) < 1.5), found  # (crystal.mosaic_spread_deg's default, 0.05)
     log = (tmp_path / "dials.spread_refine.log").read_text()
     assert len(re.findall(r"energy jitter [+-]\d+\.\d{3} eV", log)) == len(stills)
+    assert len(re.findall(r"mosaic spread about a, b, c \(\d\.\d{4}, \d\.\d{4}, \d\.\d{4}\) deg", log)) == len(stills)
 
 
 def test_summed_channels_reach_the_per_channel_answer(refined, processed, simulated, tmp_path):
