@@ -26,7 +26,8 @@ physics arm; for anisoF the model's mosaic spread made anisotropic as the stills
 line: estimates, Fisher sigma (physics, oracle), the corrected model's sigma with everything profiled, with the correction held and with the calibration held, the
 parts kept, the learned stencil and head,
 seconds (physics, correction), seconds per epoch, GPU-seconds per still per epoch and the peak
-GPU memory.  --model-error F gives every arm the engine's Gaussian likelihood with a fractional
+GPU memory.  --mosaic-latent: the physics and corrected arms refine each still's mosaic
+spreads (the oracle is told them instead).  --model-error F gives every arm the engine's Gaussian likelihood with a fractional
 model error F (refinement.model_error_fraction).  Resumable: a (case, error, N, replicate, seed) already in the file is skipped.
 """
 
@@ -159,6 +160,9 @@ def run_one(case: dict, error: str, n: int, replicate: int, args, device: torch.
                          f"(--per-weight {args.per_weight:g}: {'; '.join(notes)}): give more stills")  # fmt: skip
     sites = EdgeShiftSites(case["references"], list(range(len(case["references"]))), case["labels"])
     settings = RefineSettings(macrocycles=args.macrocycles, refine_cell=True, model_error_fraction=args.model_error)
+    oracle_model, oracle_settings = model, settings  # (the oracle is told the spreads: no latent)
+    if args.mosaic_latent:
+        model, settings = replace(model, mosaic_latent=True), replace(settings, refine_mosaic=True)
     reset_gpu_peak(device)
     t0 = time.perf_counter()
     physics, physics_sigma = fit_physics(shot_set, case, model, sites, settings)
@@ -167,7 +171,7 @@ def run_one(case: dict, error: str, n: int, replicate: int, args, device: torch.
     oracle_theta = oracle_sigma = oracle_history = None
     t0 = time.perf_counter()
     if args.oracle:
-        oracle, oracle_sigma = oracle_arm(shot_set, case, errors, model, sites, settings)
+        oracle, oracle_sigma = oracle_arm(shot_set, case, errors, oracle_model, sites, oracle_settings)
         oracle_theta, oracle_history = oracle.theta.tolist(), oracle.history
     t_oracle = time.perf_counter() - t0
     # the corrected arm: caches at the physics fit's crystals, theta from it
@@ -194,7 +198,9 @@ def run_one(case: dict, error: str, n: int, replicate: int, args, device: torch.
         "theta": r.theta.tolist(), "sigma_joint": joint.diag().sqrt().tolist(), "parameters": corrected_sites.parameter_names(),
         "sigma_conditional": conditional.diag().sqrt().tolist(), "sigma_given_calibration": calibrated.diag().sqrt().tolist(),
         "oracle_theta": oracle_theta, "oracle_sigma": oracle_sigma, "oracle_seconds": t_oracle,
-        "jitter_sigma": args.jitter_sigma, "model_error_fraction": args.model_error,
+        "jitter_sigma": args.jitter_sigma, "model_error_fraction": args.model_error, "mosaic_latent": args.mosaic_latent,
+        "mosaic_spread_abc_deg": ([model.mosaic_spreads_deg(s.cell.detach().cpu()[-3:]).tolist() for s in r.states]
+                                  if args.mosaic_latent else None),
         "recorded_minus_true_eV": [float(s.energy_eV[0].cpu() - case["energy"][0]) for s in shot_set.shots],
         "jitter_found_eV": None if args.jitter_sigma is None else [float(s.energy_offset) for s in r.states],
         "oracle_history": oracle_history, "physics_history": physics.history,
@@ -253,6 +259,8 @@ def main(argv=None) -> int:
     ap.add_argument("--offset-sigma", type=float, default=1.0, help="the correction's spectrometer offset prior sd (eV)")
     ap.add_argument("--dispersion-sigma", type=float, default=0.005, help="its dispersion error prior sd")
     ap.add_argument("--jitter-sigma", type=float, default=None, help="the correction's per-still energy-jitter prior sd (eV; refinement.energy_jitter_sigma_eV; default: no jitter latent)")
+    ap.add_argument("--mosaic-latent", action="store_true",
+                    help="the physics and corrected arms refine each still's mosaic spreads about a, b, c (refinement.refine_mosaic)")
     ap.add_argument("--model-error", type=float, default=0.0,
                     help="every arm's refinement.model_error_fraction (Gaussian pixel variance lambda + (f lambda)^2)")
     ap.add_argument("--stencil-radius", type=int, default=1, help="half-width (px) of the redistribution stencil")

@@ -12,7 +12,8 @@ eV) and the refinement's edge-shift prior set to the same N(0, --prior-sigma^2) 
 truth drawn from the fit's own prior).  A Gaussian PSF of --psf px FWHM the physics does not
 know is injected (--jitter: a per-still energy jitter of that rms too, the cell then refined in
 both arms, and with --jitter-sigma the corrected arm refines each still's jitter under that
-prior; --pixgain: a per-pixel flat-field gain error; --aniso: an anisotropic mosaic spread);
+prior; --pixgain: a per-pixel flat-field gain error; --aniso: an anisotropic mosaic spread;
+--mosaic-latent: the physics and corrected arms refine each still's mosaic spreads about a, b, c);
 the correction is dials.spread_correct's stencil (gain off: 4 panels; --head: its head too), fitted
 until converged (at most --epochs epochs) after the physics arm converged.  Each line: the truth, both arms'
 estimates and sigmas (the corrected one with the correction's weights profiled: the joint
@@ -62,16 +63,17 @@ def run_one(replicate: int, args) -> dict:
     aniso = None if args.aniso == 1 else anisotropic_spreads(MOSAIC_SPREAD_DEG, args.aniso)
     errors = InjectedErrors(psf_fwhm_px=args.psf, energy_jitter_eV=args.jitter, pixel_gain=pixel_gain, mosaic_spread_abc_deg=aniso)
     design = dict(seed=int(rng.integers(2**31)), shifts=tuple(truth.tolist()), n_stills=args.n, spot_scale=args.spot_scale,
-                  errors=errors, macrocycles=4, prior_sigma_eV=args.prior_sigma, refine_cell=args.jitter > 0)  # fmt: skip
+                  errors=errors, macrocycles=4, prior_sigma_eV=args.prior_sigma, refine_cell=args.jitter > 0,
+                  refine_mosaic=args.mosaic_latent)  # fmt: skip
     oracle = {}
 
     def refinement(**extra):
-        made = toy_refinement(**design, **extra)
+        made = toy_refinement(**{**design, **extra})
         made.settings = replace(made.settings, model_error_fraction=args.model_error)
         return made
 
     if args.oracle:  # physics told the error: the stills' mosaic, the PSF and gains on the profiles
-        o = refinement(anisotropic_spread_deg=aniso)
+        o = refinement(anisotropic_spread_deg=aniso, refine_mosaic=False)
         profile_map = oracle_profile_map(o.shots, errors)
         if profile_map is not None:
             o.map_profiles(profile_map)
@@ -92,7 +94,7 @@ def run_one(replicate: int, args) -> dict:
     return {
         "replicate": replicate, "seed": args.seed, "n": args.n, "psf_fwhm_px": args.psf, "prior_sigma_eV": args.prior_sigma,
         "jitter_eV": args.jitter, "jitter_sigma_eV": args.jitter_sigma, "pixel_gain_rms": args.pixgain, "aniso": args.aniso,
-        "head": args.head, "model_error_fraction": args.model_error,
+        "head": args.head, "model_error_fraction": args.model_error, "mosaic_latent": args.mosaic_latent,
         "truth": truth.tolist(), "physics_theta": physics, "physics_covariance": physics_cov.tolist(),
         "theta": r.theta.tolist(), "covariance": joint[:2, :2].tolist(), "epochs": len(model.history), "converged": model.converged,
         **oracle, "seconds": time.perf_counter() - t0,
@@ -147,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--pixgain", type=float, default=0.0, help="injected per-pixel flat-field gain error rms (fraction; one map)")
     ap.add_argument("--aniso", type=float, default=1.0, help="injected anisotropic mosaic: spreads about a, b, c F, 1, 1/F times the model's (1: off)")
     ap.add_argument("--model-error", type=float, default=0.0, help="every arm's refinement.model_error_fraction (Gaussian pixel variance lambda + (f lambda)^2)")
+    ap.add_argument("--mosaic-latent", action="store_true", help="the physics and corrected arms refine each still's mosaic spreads (refinement.refine_mosaic)")
     ap.add_argument("--oracle", action="store_true", help="also the oracle arm: physics told the injected mosaic, PSF and gains (not the jitter)")
     ap.add_argument("--head", action="store_true", help="the correction's head on too (off by default, as in the program)")
     ap.add_argument("--jitter-sigma", type=float, default=None, help="the corrected arm refines each still's jitter under N(0, this^2) (eV)")
