@@ -89,18 +89,23 @@ def test_stills_made_together_equal_each_made_alone(problem):
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("anisotropic", [False, True])
-def test_profiles_on_the_gpu_equal_the_cpu(problem, anisotropic):
+@pytest.mark.parametrize("mosaic", ["isotropic", "anisotropic", "latent"])
+def test_profiles_on_the_gpu_equal_the_cpu(problem, mosaic):
     """stills_profiles on a GPU (the fused kernel; the stills made together) equal the CPU's
     eager profiles and offset derivatives to 1e-9 relative (ShotSet moved with .to, as the
     engine does, so CPU scalars left in the scene would fail the fused kernel), also with an
-    anisotropic mosaic spread (each still's own domain set, made beside its crystal)."""
+    anisotropic mosaic spread (each still's own domain set, made beside its crystal) and with
+    the mosaic latent (each still's spreads among its offsets, their derivatives per domain)."""
     shots, _, _, model, _ = problem
-    if anisotropic:
+    if mosaic == "anisotropic":
         spread = model.mosaic_spread_deg
         model = replace(model, anisotropic_spread_deg=(2 * spread, spread, spread / 2))
     rotations = [torch.tensor([1e-4, -2e-4, 5e-5], dtype=torch.float64), torch.tensor([-3e-4, 1e-4, 2e-4], dtype=torch.float64)]
     cells = [torch.tensor([1e-3, -5e-4, 2e-4], dtype=torch.float64), torch.tensor([0.0, 2e-4, -1e-4], dtype=torch.float64)]
+    if mosaic == "latent":
+        model = replace(model, mosaic_latent=True)
+        factors = [torch.tensor([0.3, 0.0, -0.4], dtype=torch.float64), torch.tensor([-0.2, 0.1, 0.2], dtype=torch.float64)]
+        cells = [torch.cat([c, m]) for c, m in zip(cells, factors)]
     cpu = stills_profiles(shots, shots.shots, model, rotations, cells)
     gpu_shots = shots.to("cuda")
     gpu = stills_profiles(gpu_shots, gpu_shots.shots, model, [r.cuda() for r in rotations], [c.cuda() for c in cells])
