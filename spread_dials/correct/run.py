@@ -147,6 +147,11 @@ def run_correction(ctx, experiments, reflections, warm_start) -> dict:
     refinement = make_refinement(ctx, replace(setup, sites=sites), rotations, cells)
     refinement.theta = sites.extend(warm["theta"])
     refinement.initialise_states()
+    if saved is None and (refinement.settings.energy_jitter_sigma_eV is not None or refinement.settings.refine_mosaic):
+        # the warm start's .expt carries each still's refined crystal but not its energy jitter or mosaic
+        # factors: one stage 1 at the warm theta fits them as dials.spread_refine had (the warm-up holds them there)
+        nll, _ = refinement.stage1()
+        logger.info("Per-shot latents fitted at the warm start (stage 1 NLL %.3f)", nll)
     check = _PredictiveCheck(refinement, params.correct.predictive, int(params.random.seed))
     radius = params.correct.correction.stencil_radius
     contexts = [pixel_context(shots, s, nominal, radius) for s in shots.shots]

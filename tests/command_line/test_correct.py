@@ -18,7 +18,7 @@ from .test_refine import FAST, _inputs
 
 #: the refine run the correction starts from, and the correction's own settings (small: 2 epochs;
 #: the fixture's 209 shoeboxes are below the default capacity guard of 50 per weight)
-REFINE = [*FAST, "uncertainty.bootstrap=0"]
+REFINE = [*FAST, "uncertainty.bootstrap=0", "refinement.refine_mosaic=True"]  # (each still's mosaic spreads: a per-shot latent end to end)
 CORRECT = [*REFINE, "correct.epochs=2", "correct.warmup_epochs=1", "correct.posterior_draws=200",
            "correct.min_shoeboxes_per_weight=2", "correct.theta_tolerance_eV=0", "correct.phi_tolerance=0"]  # fmt: skip
 #: (tolerances 0: every epoch runs, so the checkpoint test knows how many there are)
@@ -96,6 +96,10 @@ def test_correct_writes_every_output(corrected, refined_for_correct):
         assert h["correction_weights"].shape == (h["correction_weight_names"].shape[0],)
     table = flex.reflection_table.from_file(str(corrected / "spread_correct.refl"))
     assert "spread.bragg_photons_physics" in table and "spread.bragg_photons" in table
+    # each still's mosaic spreads: fitted at the warm start (the .expt does not carry them), refined, written
+    spreads = table["spread.mosaic_spread_abc_deg"].as_numpy_array()
+    assert np.all(np.isfinite(spreads)) and np.all(spreads > 0) and np.ptp(spreads) > 0
+    assert "Per-shot latents fitted at the warm start" in (corrected / "dials.spread_correct.log").read_text()
     log = (corrected / "dials.spread_correct.log").read_text()
     assert "ETA" in log and "Inter-site differences are the headline" in log
     assert "correction.gain off" not in log  # min_shoeboxes_per_weight=2: every part on
