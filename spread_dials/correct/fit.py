@@ -394,8 +394,7 @@ class CorrectedModel:
         per epoch, 20 epochs leaving it 1.2 eV off on the H200, session 15)."""
         r = self.refinement
         theta, phi = r.theta.detach().clone(), self.phi
-        value, r.states = self.objective(theta, phi)
-        terms = dict(self._terms)
+        _, r.states = self.objective(theta, phi)  # (the point where the information is taken)
         grad, curvature, _, responses = self.gradient_and_information()
         p = theta.numel()
         keep = torch.zeros(grad.numel(), dtype=torch.bool)
