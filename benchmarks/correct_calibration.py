@@ -86,15 +86,17 @@ def run_one(replicate: int, args) -> dict:
     physics = r.theta.tolist()
     if args.jitter_sigma is not None:  # the corrected arm refines each still's energy jitter
         r.settings = replace(r.settings, energy_jitter_sigma_eV=args.jitter_sigma)
-    contexts = [pixel_context(r.shots, s, NOMINAL_EV) for s in r.shots.shots]
-    correction = PixelCorrection(r.shots.panels.n_panels, CorrectionSettings(gain=False, head=args.head), feature_statistics(r, contexts))
+    contexts = [pixel_context(r.shots, s, NOMINAL_EV, args.stencil_radius) for s in r.shots.shots]
+    wanted = CorrectionSettings(gain=False, head=args.head, stencil_radius=args.stencil_radius, stencil_symmetry=args.stencil_symmetry)
+    correction = PixelCorrection(r.shots.panels.n_panels, wanted, feature_statistics(r, contexts))
     model = CorrectedModel(r, correction, contexts, CorrectSettings(epochs=args.epochs))
     model.run()
     joint, _, _ = model.covariance()
     return {
         "replicate": replicate, "seed": args.seed, "n": args.n, "psf_fwhm_px": args.psf, "prior_sigma_eV": args.prior_sigma,
         "jitter_eV": args.jitter, "jitter_sigma_eV": args.jitter_sigma, "pixel_gain_rms": args.pixgain, "aniso": args.aniso,
-        "head": args.head, "model_error_fraction": args.model_error, "mosaic_latent": args.mosaic_latent,
+        "head": args.head, "stencil_radius": args.stencil_radius, "stencil_symmetry": args.stencil_symmetry,
+        "model_error_fraction": args.model_error, "mosaic_latent": args.mosaic_latent,
         "truth": truth.tolist(), "physics_theta": physics, "physics_covariance": physics_cov.tolist(),
         "theta": r.theta.tolist(), "covariance": joint[:2, :2].tolist(), "epochs": len(model.history), "converged": model.converged,
         **oracle, "seconds": time.perf_counter() - t0,
@@ -152,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mosaic-latent", action="store_true", help="the physics and corrected arms refine each still's mosaic spreads (refinement.refine_mosaic)")
     ap.add_argument("--oracle", action="store_true", help="also the oracle arm: physics told the injected mosaic, PSF and gains (not the jitter)")
     ap.add_argument("--head", action="store_true", help="the correction's head on too (off by default, as in the program)")
+    ap.add_argument("--stencil-radius", type=int, default=1, help="half-width (px) of the correction's redistribution stencil")
+    ap.add_argument("--stencil-symmetry", choices=("none", "d4"), default="none", help="a weight per offset, or per orbit of the square's symmetries")
     ap.add_argument("--jitter-sigma", type=float, default=None, help="the corrected arm refines each still's jitter under N(0, this^2) (eV)")
     ap.add_argument("--epochs", type=int, default=15, help="the most epochs (the fit stops once converged)")
     ap.add_argument("--shards", type=int, default=1, help="split the replicates round-robin over this many processes")

@@ -23,10 +23,12 @@ import torch
 from torch import Tensor
 
 from spread_dials.refine.model import (
+    N_MOSAIC_FACTORS,
     ShotState,
     bragg_terms,
     fisher_weights,
     intensities_and_jacobian,
+    offset_kinds,
     rate_from_terms,
 )
 
@@ -79,7 +81,8 @@ def shot_information(refinement, i: int, theta: Tensor, extra: Tensor | None = N
         reduced[-1, -1] += jitter_sigma**-2
     if refinement.settings.refine_mosaic and terms.jacobian is not None:  # the mosaic factors' prior: the last 3 offset columns
         end = reduced.shape[0] - (jitter_sigma is not None)
-        reduced[range(end - 3, end), range(end - 3, end)] += refinement.settings.mosaic_sigma**-2
+        mosaic = range(end - N_MOSAIC_FACTORS, end)
+        reduced[mosaic, mosaic] += refinement.settings.mosaic_sigma**-2
     p = u_theta.shape[1]
     h_tt, h_ts, h_ss = reduced[:p, :p], reduced[:p, p:], reduced[p:, p:]
     solved = psd_pseudo_inverse(h_ss) @ h_ts.T  # (S, P)
@@ -137,8 +140,8 @@ def refined_offsets(n_offsets: int, settings) -> Tensor:
     """(n_offsets,) bool: which crystal offsets (3 rotation angles, the cell lengths, then with
     ``refine_mosaic`` the 3 mosaic log factors) stage 1 refines under ``settings``
     (:class:`~spread_dials.refine.engine.RefineSettings`)."""
-    n_mosaic = 3 if settings.refine_mosaic else 0
-    return torch.tensor([settings.refine_orientation] * 3 + [settings.refine_cell] * (n_offsets - 3 - n_mosaic) + [True] * n_mosaic)
+    per_kind = {"rotation": settings.refine_orientation, "cell": settings.refine_cell, "mosaic": True}
+    return torch.tensor([per_kind[kind] for kind in offset_kinds(n_offsets, settings.refine_mosaic)])
 
 
 def normal_blocks(cache, w: Tensor, u: Tensor, n_shoeboxes: int, still: Tensor | None = None,

@@ -23,7 +23,7 @@ from torch import Tensor
 from spread_dials.refine.derivatives import value_and_jacobian
 from spread_dials.refine.profiles import ShotProfiles
 
-__all__ = ["ShotState", "ShotCache", "BraggTerms", "bragg_terms", "rate_from_terms", "plane_rate", "intensities", "site_intensities", "intensities_and_slope", "intensities_and_jacobian", "sum_channels", "pixel_rate", "pixel_variance", "fisher_weights", "negative_log_likelihood", "pixel_nll", "LAMBDA_FLOOR"]
+__all__ = ["ShotState", "ShotCache", "BraggTerms", "bragg_terms", "rate_from_terms", "plane_rate", "intensities", "site_intensities", "intensities_and_slope", "intensities_and_jacobian", "sum_channels", "pixel_rate", "pixel_variance", "fisher_weights", "negative_log_likelihood", "pixel_nll", "LAMBDA_FLOOR", "N_MOSAIC_FACTORS", "offset_kinds", "mosaic_factors"]
 
 #: smallest pixel rate (photons) the likelihood sees (a plane may dip below 0 at a corner)
 LAMBDA_FLOOR = 1e-6
@@ -315,6 +315,23 @@ def jitter_negative_log_prior(jitter: Tensor, sigma: float | None) -> Tensor | f
     return 0.5 * (jitter / sigma) ** 2
 
 
+#: mosaic log factors at the end of a still's cell vector with ``CrystalModel.mosaic_latent``
+N_MOSAIC_FACTORS = 3
+
+
+def offset_kinds(n_offsets: int, refine_mosaic: bool) -> list[str]:
+    """Each of a still's ``n_offsets`` crystal offsets (:attr:`ShotState.offsets`) by kind:
+    ``rotation`` (3, rad), ``cell`` (log cell lengths), then with ``refine_mosaic`` ``mosaic``
+    (:data:`N_MOSAIC_FACTORS` log factors of the spreads about a, b, c)."""
+    n_mosaic = N_MOSAIC_FACTORS if refine_mosaic else 0
+    return ["rotation"] * 3 + ["cell"] * (n_offsets - 3 - n_mosaic) + ["mosaic"] * n_mosaic
+
+
+def mosaic_factors(cell: Tensor) -> Tensor:
+    """(..., 3) the mosaic log factors of cell vectors (..., k + 3) that carry them (their end)."""
+    return cell[..., -N_MOSAIC_FACTORS:]
+
+
 def mosaic_negative_log_prior(mosaic: Tensor, sigma: float | None) -> Tensor | float:
     """-log of the prior N(0, ``sigma``^2) on each mosaic log factor (up to a constant), summed
     over the last axis of ``mosaic`` (..., 3), or 0 without a prior (``sigma`` None: the
@@ -330,7 +347,7 @@ def shot_negative_log_prior(state: ShotState, settings) -> Tensor | float:
     factors (the last 3 of ``state.cell``); stage 1 minimises it with the still's NLL."""
     prior = jitter_negative_log_prior(state.energy_jitter(), settings.energy_jitter_sigma_eV)
     if settings.refine_mosaic:
-        prior = prior + mosaic_negative_log_prior(state.cell.detach()[-3:], settings.mosaic_sigma)
+        prior = prior + mosaic_negative_log_prior(mosaic_factors(state.cell.detach()), settings.mosaic_sigma)
     return prior
 
 

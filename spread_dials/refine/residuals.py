@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from spread_dials.refine.model import LAMBDA_FLOOR, pixel_rate, pixel_variance
+from spread_dials.refine.model import LAMBDA_FLOOR, mosaic_factors, pixel_rate, pixel_variance
 
 __all__ = ["Z_BIN_EDGES", "standardized_residuals", "shoebox_statistics", "gather_residuals"]
 
@@ -125,7 +125,7 @@ def gather_residuals(refinement, comm, readout_sigma: float | None, threshold: f
             "cell_scale": (np.ones(3) if state.cell is None else
                            torch.exp(state.cell.detach().cpu()[list(refinement.crystal_model.cell_ties)]).numpy()),
             "energy_jitter_eV": None if state.energy_offset is None else float(state.energy_offset),
-            "mosaic_spread_abc_deg": (refinement.crystal_model.mosaic_spreads_deg(state.cell.detach().cpu()[-3:]).numpy()
+            "mosaic_spread_abc_deg": (refinement.crystal_model.mosaic_spreads_deg(mosaic_factors(state.cell.detach().cpu())).numpy()
                                       if refinement.crystal_model.mosaic_latent else None),
             "reflection": sb.reflection.cpu().numpy().astype(np.int64), "panel": panel.astype(np.int64),
             "flagged": stats["sigma_z"] > threshold, **stats,

@@ -48,7 +48,9 @@ from spread_dials.refine.model import (
     bragg_terms,
     fisher_weights,
     jitter_negative_log_prior,
+    mosaic_factors,
     mosaic_negative_log_prior,
+    offset_kinds,
     pixel_nll,
     plane_rate,
 )
@@ -70,9 +72,9 @@ def trust_radius(n_offsets: int, settings, like: Tensor) -> Tensor:
     for the cell lengths, log factor for the mosaic spreads): ``rotation_step_mrad``,
     ``cell_step_permille`` and ``mosaic_step_percent`` of ``settings`` in units of
     :data:`OFFSET_UNIT`, with the dtype and device of ``like``."""
-    n_mosaic = 3 if settings.refine_mosaic else 0
-    radius = ([settings.rotation_step_mrad] * 3 + [settings.cell_step_permille] * (n_offsets - 3 - n_mosaic)
-              + [10.0 * settings.mosaic_step_percent] * n_mosaic)  # fmt: skip
+    per_kind = {"rotation": settings.rotation_step_mrad, "cell": settings.cell_step_permille,
+                "mosaic": 10.0 * settings.mosaic_step_percent}  # fmt: skip
+    radius = [per_kind[kind] for kind in offset_kinds(n_offsets, settings.refine_mosaic)]
     return torch.tensor(radius, dtype=like.dtype, device=like.device) * OFFSET_UNIT
 
 
@@ -150,7 +152,7 @@ def _shot_prior(batch: _Batch, offsets: Tensor) -> Tensor | float:
     factors (the 3 before it), or 0 without either."""
     end = offsets.shape[1] - (batch.jitter_sigma is not None)
     return (jitter_negative_log_prior(offsets[:, -1], batch.jitter_sigma)
-            + mosaic_negative_log_prior(offsets[:, end - 3 : end], batch.mosaic_sigma))  # fmt: skip
+            + mosaic_negative_log_prior(mosaic_factors(offsets[:, :end]), batch.mosaic_sigma))  # fmt: skip
 
 
 def _rate(batch: _Batch, log_scale: Tensor, offsets: Tensor, background: Tensor) -> tuple[Tensor, Tensor]:
