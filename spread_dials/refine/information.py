@@ -32,7 +32,7 @@ from spread_dials.refine.model import (
     rate_from_terms,
 )
 
-__all__ = ["ShotInformation", "shot_information", "follow_step", "shot_columns", "refined_offsets", "psd_pseudo_inverse",
+__all__ = ["ShotInformation", "shot_information", "follow_step", "shot_columns", "refined_offsets", "mosaic_refined", "psd_pseudo_inverse",
            "normal_blocks", "eliminate_planes"]  # fmt: skip
 
 
@@ -79,7 +79,7 @@ def shot_information(refinement, i: int, theta: Tensor, extra: Tensor | None = N
     reduced, _, _, _ = eliminate_planes(h_bb, h_bo, h_oo)
     if jitter_sigma is not None:  # with its prior's information
         reduced[-1, -1] += jitter_sigma**-2
-    if refinement.settings.refine_mosaic and terms.jacobian is not None:  # the mosaic factors' prior: the last 3 offset columns
+    if mosaic_refined(refinement.settings) and terms.jacobian is not None:  # the mosaic factors' prior: the last 3 offset columns
         end = reduced.shape[0] - (jitter_sigma is not None)
         mosaic = range(end - N_MOSAIC_FACTORS, end)
         reduced[mosaic, mosaic] += refinement.settings.mosaic_sigma**-2
@@ -136,11 +136,19 @@ def shot_columns(scale: Tensor, bragg: Tensor, jacobian: Tensor | None, refined:
     return torch.cat(columns, -1)
 
 
+def mosaic_refined(settings) -> bool:
+    """Whether stage 1 moves the stills' mosaic factors under ``settings``: with
+    ``refine_mosaic`` and a trust radius (``mosaic_step_percent`` 0 holds them where they are,
+    dials.spread_correct's warm-up, and leaves them out of the information and of
+    :func:`follow_step`)."""
+    return settings.refine_mosaic and settings.mosaic_step_percent > 0
+
+
 def refined_offsets(n_offsets: int, settings) -> Tensor:
     """(n_offsets,) bool: which crystal offsets (3 rotation angles, the cell lengths, then with
-    ``refine_mosaic`` the 3 mosaic log factors) stage 1 refines under ``settings``
-    (:class:`~spread_dials.refine.engine.RefineSettings`)."""
-    per_kind = {"rotation": settings.refine_orientation, "cell": settings.refine_cell, "mosaic": True}
+    ``refine_mosaic`` the 3 mosaic log factors, refined where :func:`mosaic_refined`) stage 1
+    refines under ``settings`` (:class:`~spread_dials.refine.engine.RefineSettings`)."""
+    per_kind = {"rotation": settings.refine_orientation, "cell": settings.refine_cell, "mosaic": mosaic_refined(settings)}
     return torch.tensor([per_kind[kind] for kind in offset_kinds(n_offsets, settings.refine_mosaic)])
 
 

@@ -260,6 +260,14 @@ def _refine_batch(caches: list[ShotCache], states: list[ShotState], intensities:
     offsets = torch.stack([s.offsets.detach() for s in states])
     if sigma is not None:  # the jitter starts where its linearisation point is
         offsets = torch.cat([offsets, batch.x0[:, -1:]], -1)
+    # the refined offsets stay in the box about the cache point, where the linear profiles are
+    # trusted, a start off it (moved by its linear response to a global step: follow_step)
+    # starting on its edge (a toy still's mosaic factor followed a stencil step 8.7 off its cache
+    # point and stayed there); the others stay where they are
+    def in_box(x: Tensor) -> Tensor:
+        return torch.where(refined_device, torch.minimum(torch.maximum(x, low), high), x)
+
+    offsets = in_box(offsets)
     background = torch.cat([s.background.detach() for s in states])
     n = batch.n_stills
     mu = torch.full((n,), 1e-3, dtype=log_scale.dtype, device=log_scale.device)
@@ -276,7 +284,7 @@ def _refine_batch(caches: list[ShotCache], states: list[ShotState], intensities:
             step_s, step_b = _damped_step(batch, g_s, g_b, h_ss, h_bs, h_bb, mu, keep)
             trial_offsets = offsets.clone()
             trial_offsets[:, refined_device] += step_s[:, 1:]
-            trial_offsets = torch.minimum(torch.maximum(trial_offsets, low), high)
+            trial_offsets = in_box(trial_offsets)
             trial = (log_scale + step_s[:, 0], trial_offsets, background + step_b)
             with torch.no_grad():
                 value = _nll(batch, *trial, settings)

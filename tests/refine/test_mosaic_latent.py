@@ -88,3 +88,32 @@ def test_the_refinement_refuses_a_latent_the_settings_do_not_refine():
     for model, settings in ((LATENT, r.settings), (r.crystal_model, replace(r.settings, refine_mosaic=True))):
         with pytest.raises(ValueError, match="mosaic_latent must agree"):
             replace(r, crystal_model=model, settings=settings)
+
+
+def test_a_start_off_the_trust_box_starts_on_its_edge_and_a_held_factor_is_not_followed():
+    """Stage 1's refined offsets stay in the box about their cache point (the profiles are linear
+    about it): a start 5 log units off (as a still followed a global step, follow_step) comes back
+    on the box's edge even when no step is taken.  With mosaic_step_percent 0 (the correction's
+    warm-up) the factors are not refined: a start off the box stays, and follow_step leaves them."""
+    from spread_dials.refine.information import follow_step, refined_offsets
+    from spread_dials.refine.stage1 import OFFSET_UNIT
+
+    r = toy_refinement(seed=2, n_stills=2, macrocycles=1, refine_mosaic=True)
+    r.run()
+    radius = 10.0 * r.settings.mosaic_step_percent * OFFSET_UNIT
+    starts = []
+    for s in r.states:
+        cell = s.cell.clone()
+        cell[-1] += 5.0
+        starts.append(replace(s, cell=cell))
+    r.settings = replace(r.settings, stage1_iterations=0)
+    for cache, (state, _) in zip(r.caches, r.refit_shots(r.theta, starts)):
+        off = state.cell[-3:] - cache.profiles.offsets[-3:]
+        assert float(off.abs().max()) <= radius + 1e-12 and abs(float(off[-1]) - radius) < 1e-12, off
+    r.settings = replace(r.settings, mosaic_step_percent=0.0)
+    for start, (state, _) in zip(starts, r.refit_shots(r.theta, starts)):
+        assert torch.equal(state.cell[-3:], start.cell[-3:])
+    n_shot = 1 + int(refined_offsets(r.states[0].offsets.numel(), r.settings).sum())  # the scale's row, the refined offsets'
+    assert n_shot == 4  # (rotations only)
+    moved = follow_step(r.states[0], torch.ones((n_shot, 1), dtype=torch.float64), torch.ones(1), r.settings)
+    assert torch.equal(moved.cell[-3:], r.states[0].cell[-3:]) and not torch.equal(moved.rotation, r.states[0].rotation)
