@@ -118,7 +118,11 @@ def _neighbours(shot: Shot, offsets: tuple[tuple[int, int], ...]) -> Tensor:
     return torch.stack(out) if out else torch.zeros((0, sb.n_pixels), dtype=torch.long, device=area.device)
 
 
-def pixel_context(shots: ShotSet, shot: Shot, nominal_energy_eV: float, stencil_radius: int = 1) -> PixelContext:
+#: the redistribution stencil's default half-width (pixels; CorrectionSettings.stencil_radius)
+DEFAULT_STENCIL_RADIUS = 2
+
+
+def pixel_context(shots: ShotSet, shot: Shot, nominal_energy_eV: float, stencil_radius: int = DEFAULT_STENCIL_RADIUS) -> PixelContext:
     """The :class:`PixelContext` of ``shot``'s shoebox pixels.
 
     Args:

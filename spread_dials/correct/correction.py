@@ -51,7 +51,13 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-from spread_dials.correct.context import HEAD_FEATURES, PixelContext, stencil_offsets, stencil_orbits
+from spread_dials.correct.context import (
+    DEFAULT_STENCIL_RADIUS,
+    HEAD_FEATURES,
+    PixelContext,
+    stencil_offsets,
+    stencil_orbits,
+)
 
 __all__ = ["CorrectionSettings", "PixelCorrection", "LeakyCorrection", "redistribute", "within_capacity"]
 
@@ -67,6 +73,9 @@ class CorrectionSettings:
             stencil_prior_sigma: prior sd of each coefficient (fraction of a pixel's photons moved);
             stencil_symmetry: ``none`` (a weight per offset) or ``d4`` (a weight per orbit of the
             square's symmetries: 2 for radius 1, 5 for radius 2; a symmetric point spread).
+            Radius 2 with d4 by default: with radius 1 a 1.5 px PSF left a common +0.18 eV
+            (7 sigma) on 20 rubredoxin stills, radius 2 + d4 +0.045; the same calibration on
+            the toy (benchmarks/RESULTS.md session 18).
         shoebox_boundary: ``open`` (photons moved off a shoebox leave it) or ``closed`` (they
             stay; each shoebox's total kept).
         head: learn the intensity head (off by default: on the toy with a PSF it moved site A
@@ -78,9 +87,9 @@ class CorrectionSettings:
     gain_nodes: int = 4
     gain_prior_sigma: float = 0.05
     redistribution: bool = True
-    stencil_radius: int = 1
+    stencil_radius: int = DEFAULT_STENCIL_RADIUS
     stencil_prior_sigma: float = 0.1
-    stencil_symmetry: str = "none"
+    stencil_symmetry: str = "d4"
     shoebox_boundary: str = "open"
     head: bool = False
     head_prior_sigma: float = 0.05

@@ -12,7 +12,7 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(REPO / "benchmarks"))
 
-from correct import parse_error  # noqa: E402
+from correct import main, parse_error  # noqa: E402
 
 from ..physics.scene_factory import grid_panels  # noqa: E402
 
@@ -37,3 +37,10 @@ def test_a_bad_family_is_one_sorry_line(text, says):
     with pytest.raises(SystemExit, match=says) as raised:
         parse_error(text, PANELS, seed=3, spread_deg=0.05)
     assert str(raised.value).startswith("Sorry:") and "\n" not in str(raised.value)
+
+
+@pytest.mark.parametrize("flag", ["--n", "--replicates", "--epochs"])
+def test_a_count_below_one_is_one_sorry_line(flag, tmp_path):
+    with pytest.raises(SystemExit, match="must be >= 1") as raised:
+        main([flag, "0", "--out", str(tmp_path)])
+    assert str(raised.value).startswith("Sorry:") and not any(tmp_path.iterdir())
