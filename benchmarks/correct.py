@@ -263,8 +263,8 @@ def main(argv=None) -> int:
                     help="the physics and corrected arms refine each still's mosaic spreads about a, b, c (refinement.refine_mosaic)")
     ap.add_argument("--model-error", type=float, default=0.0,
                     help="every arm's refinement.model_error_fraction (Gaussian pixel variance lambda + (f lambda)^2)")
-    ap.add_argument("--stencil-radius", type=int, default=2, help="half-width (px) of the redistribution stencil")
-    ap.add_argument("--stencil-symmetry", choices=("none", "d4"), default="d4", help="a weight per offset, or per orbit of the square's symmetries")
+    ap.add_argument("--stencil-radius", type=int, default=CorrectionSettings.stencil_radius, help="half-width (px) of the redistribution stencil")
+    ap.add_argument("--stencil-symmetry", choices=("none", "d4"), default=CorrectionSettings.stencil_symmetry, help="a weight per offset, or per orbit of the square's symmetries")
     ap.add_argument("--truth-shift", type=float, default=2.0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default="results")

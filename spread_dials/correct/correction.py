@@ -84,7 +84,7 @@ class CorrectionSettings:
     """
 
     gain: bool = True
-    gain_nodes: int = 4
+    gain_nodes: int = 2
     gain_prior_sigma: float = 0.05
     redistribution: bool = True
     stencil_radius: int = DEFAULT_STENCIL_RADIUS

@@ -261,9 +261,9 @@ def _refine_batch(caches: list[ShotCache], states: list[ShotState], intensities:
     if sigma is not None:  # the jitter starts where its linearisation point is
         offsets = torch.cat([offsets, batch.x0[:, -1:]], -1)
     # the refined offsets stay in the box about the cache point, where the linear profiles are
-    # trusted, a start off it (moved by its linear response to a global step: follow_step)
-    # starting on its edge (a toy still's mosaic factor followed a stencil step 8.7 off its cache
-    # point and stayed there); the others stay where they are
+    # trusted; a start off it (moved by its linear response to a global step: follow_step)
+    # starts on its edge (a toy still's mosaic factor that followed a stencil step 8.7 off its
+    # cache point stayed there); offsets not refined stay where they are
     def in_box(x: Tensor) -> Tensor:
         return torch.where(refined_device, torch.minimum(torch.maximum(x, low), high), x)
 

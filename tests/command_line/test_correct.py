@@ -138,3 +138,15 @@ def test_bad_input_gives_one_sorry_line(refined_for_correct, tmp_path):
         assert "Traceback" not in text, (name, text[-2000:])
         assert text.splitlines()[-1].startswith("Sorry"), (name, text[-500:])
     assert not list(tmp_path.glob("spread_posterior.*")) and not list(tmp_path.glob("spread_correct*"))
+
+
+def test_the_phil_defaults_are_the_correction_settings_defaults():
+    """dials.spread_correct's correct.correction defaults make CorrectionSettings' own defaults
+    (the program and the library agree, e.g. the radius-2 d4 stencil)."""
+    from dataclasses import asdict
+
+    from spread_dials.command_line.correct import phil_scope
+    from spread_dials.correct.correction import CorrectionSettings
+    from spread_dials.correct.run import _correction_settings
+
+    assert asdict(_correction_settings(phil_scope.extract())) == asdict(CorrectionSettings())
