@@ -106,8 +106,9 @@ class CorrectSettings:
 def latents_held(refinement: Refinement, held: bool) -> Iterator[None]:
     """While ``held``, the stills' energy jitters and mosaic factors stay where they are: the
     refinement's settings without the jitter prior (stage 1, the information and the objective
-    then leave the jitters out) and with a zero trust radius for the mosaic factors (they stay
-    at the cache points, where stage 1 made the profiles: their current values).
+    then leave the jitters out) and with a zero trust radius for the mosaic factors (then not
+    refined: out of stage 1's steps, the information and follow_step,
+    :func:`~spread_dials.refine.information.mosaic_refined`).
     The warm-up's epochs hold them, as the engine's first macrocycle does: fitted against the
     uncorrected model they take up its error (H200 session 16, rubredoxin with a 1.5 px PSF: rms
     5-13 eV after the first epoch under a 1 eV prior, and one fit of four ended with its jitters

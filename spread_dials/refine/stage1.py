@@ -11,10 +11,11 @@ the Fisher information of the Poisson or Gaussian-readout likelihood) is arrow-s
 block per shoebox and a small dense block for (log G, offsets); the planes are eliminated per
 shoebox (Schur complement), the small system solved, the planes back-substituted: O(pixels)
 per step.  The gradient is autograd's, of the likelihood itself.  Steps are damped
-(Levenberg-Marquardt: diagonal x (1 + mu)) and accepted only when the NLL falls; each offset stays
-in the box x0 +- t (the trust radius of the linearisation: ``rotation_step_mrad``,
-``cell_step_permille``): an offset on the box whose gradient points outward is held for the step
-(projected Gauss-Newton), the others are clipped to it.  Ends after ``stage1_iterations`` steps or when a step lowers the NLL
+(Levenberg-Marquardt: diagonal x (1 + mu)) and accepted only when the NLL falls; each refined
+offset stays in the box x0 +- t (the trust radius of the linearisation: ``rotation_step_mrad``,
+``cell_step_permille``, ``mosaic_step_percent``; a start off it starts on its edge): an offset on
+the box whose gradient points outward is held for the step (projected Gauss-Newton), the others
+are clipped to it.  Ends after ``stage1_iterations`` steps or when a step lowers the NLL
 by less than ``STAGE1_TOLERANCE``.
 
 With an energy-jitter prior (``settings.energy_jitter_sigma_eV``) each still's jitter delta
