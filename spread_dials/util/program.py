@@ -257,7 +257,9 @@ class Program:
         mp = getattr(params, "mp", None)
         mpi = mpi_context(mp.method) if mp is not None else Parallel()
         output_dir = _output_dir(params)
-        created = tuple(d for d in (output_dir, *output_dir.parents) if not d.exists())  # deepest first
+        # deepest first; rank 0's view, taken before any rank makes them, so that whichever rank
+        # discards its log last after a Sorry finds them empty and removes them
+        created = mpi.bcast(tuple(d for d in (output_dir, *output_dir.parents) if not d.exists()))
         try:
             output_dir.mkdir(parents=True, exist_ok=True)
         except OSError as e:
