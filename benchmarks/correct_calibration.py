@@ -13,7 +13,11 @@ truth drawn from the fit's own prior).  A Gaussian PSF of --psf px FWHM the phys
 know is injected (--jitter: a per-still energy jitter of that rms too, the cell then refined in
 both arms, and with --jitter-sigma the corrected arm refines each still's jitter under that
 prior; --pixgain: a per-pixel flat-field gain error; --aniso: an anisotropic mosaic spread;
---mosaic-latent: the physics and corrected arms refine each still's mosaic spreads about a, b, c);
+--mosaic-latent: the physics and corrected arms refine each still's mosaic spreads about a, b, c;
+--charge-rms and --readout: a charge-integrating detector, each photon's charge spread by that
+fraction and a Gaussian readout of that many photons added, every arm told the readout
+(likelihood gaussian_readout) but not the charge spread; --noise-flow: the corrected arm learns
+the pixel noise, spread_dials.correct.noise_flow);
 the correction is dials.spread_correct's stencil (gain off: 4 panels; --head: its head too), fitted
 until converged (at most --epochs epochs) after the physics arm converged.  Each line: the truth, both arms'
 estimates and sigmas (the corrected one with the correction's weights profiled: the joint
@@ -61,7 +65,8 @@ def run_one(replicate: int, args) -> dict:
     t0 = time.perf_counter()
     pixel_gain = None if args.pixgain <= 0 else flat_field_error(DETECTOR_SHAPE, args.pixgain)
     aniso = None if args.aniso == 1 else anisotropic_spreads(MOSAIC_SPREAD_DEG, args.aniso)
-    errors = InjectedErrors(psf_fwhm_px=args.psf, energy_jitter_eV=args.jitter, pixel_gain=pixel_gain, mosaic_spread_abc_deg=aniso)
+    errors = InjectedErrors(psf_fwhm_px=args.psf, energy_jitter_eV=args.jitter, pixel_gain=pixel_gain, mosaic_spread_abc_deg=aniso,
+                            photon_charge_rms=args.charge_rms, readout_sigma_photons=args.readout)  # fmt: skip
     design = dict(seed=int(rng.integers(2**31)), shifts=tuple(truth.tolist()), n_stills=args.n, spot_scale=args.spot_scale,
                   errors=errors, macrocycles=4, prior_sigma_eV=args.prior_sigma, refine_cell=args.jitter > 0,
                   refine_mosaic=args.mosaic_latent)  # fmt: skip
@@ -69,7 +74,7 @@ def run_one(replicate: int, args) -> dict:
 
     def refinement(**extra):
         made = toy_refinement(**{**design, **extra})
-        made.settings = replace(made.settings, model_error_fraction=args.model_error)
+        made.settings = replace(made.settings, model_error_fraction=args.model_error, readout_sigma=args.readout or None)
         return made
 
     if args.oracle:  # physics told the error: the stills' mosaic, the PSF and gains on the profiles
@@ -89,14 +94,15 @@ def run_one(replicate: int, args) -> dict:
     contexts = [pixel_context(r.shots, s, NOMINAL_EV, args.stencil_radius) for s in r.shots.shots]
     wanted = CorrectionSettings(gain=False, head=args.head, stencil_radius=args.stencil_radius, stencil_symmetry=args.stencil_symmetry)
     correction = PixelCorrection(r.shots.panels.n_panels, wanted, feature_statistics(r, contexts))
-    model = CorrectedModel(r, correction, contexts, CorrectSettings(epochs=args.epochs))
+    model = CorrectedModel(r, correction, contexts, CorrectSettings(epochs=args.epochs, noise_flow=args.noise_flow))
     model.run()
     joint, _, _ = model.covariance()
     return {
         "replicate": replicate, "seed": args.seed, "n": args.n, "psf_fwhm_px": args.psf, "prior_sigma_eV": args.prior_sigma,
         "jitter_eV": args.jitter, "jitter_sigma_eV": args.jitter_sigma, "pixel_gain_rms": args.pixgain, "aniso": args.aniso,
         "head": args.head, "stencil_radius": args.stencil_radius, "stencil_symmetry": args.stencil_symmetry,
-        "model_error_fraction": args.model_error, "mosaic_latent": args.mosaic_latent,
+        "model_error_fraction": args.model_error, "mosaic_latent": args.mosaic_latent, "charge_rms": args.charge_rms,
+        "readout_photons": args.readout, "noise_flow": args.noise_flow,
         "truth": truth.tolist(), "physics_theta": physics, "physics_covariance": physics_cov.tolist(),
         "theta": r.theta.tolist(), "covariance": joint[:2, :2].tolist(), "epochs": len(model.history), "converged": model.converged,
         **oracle, "seconds": time.perf_counter() - t0,
@@ -152,6 +158,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--aniso", type=float, default=1.0, help="injected anisotropic mosaic: spreads about a, b, c F, 1, 1/F times the model's (1: off)")
     ap.add_argument("--model-error", type=float, default=0.0, help="every arm's refinement.model_error_fraction (Gaussian pixel variance lambda + (f lambda)^2)")
     ap.add_argument("--mosaic-latent", action="store_true", help="the physics and corrected arms refine each still's mosaic spreads (refinement.refine_mosaic)")
+    ap.add_argument("--charge-rms", type=float, default=0.0, help="injected charge spread per photon (fraction; a charge-integrating detector)")
+    ap.add_argument("--readout", type=float, default=0.0, help="injected Gaussian readout (photons), told to every arm (likelihood gaussian_readout)")
+    ap.add_argument("--noise-flow", action="store_true", help="the corrected arm learns the pixel noise (correct.noise_flow)")
     ap.add_argument("--oracle", action="store_true", help="also the oracle arm: physics told the injected mosaic, PSF and gains (not the jitter)")
     ap.add_argument("--head", action="store_true", help="the correction's head on too (off by default, as in the program)")
     ap.add_argument("--stencil-radius", type=int, default=CorrectionSettings.stencil_radius, help="half-width (px) of the correction's redistribution stencil")
@@ -166,6 +175,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--plots", default=None, help="with --summarise: write the coverage and rank PNGs here")
     ap.add_argument("--plot-stem", default="correct_calibration", help="their names: <stem>_coverage.png, <stem>_sbc.png")
     args = ap.parse_args(argv)
+    if args.noise_flow and not (args.readout > 0 or args.model_error > 0):
+        raise SystemExit("Sorry: --noise-flow needs a Gaussian likelihood: give --readout or --model-error")
     if args.oracle and args.jitter > 0:
         raise SystemExit("Sorry: --oracle is not told the stills' energy jitter: leave out --jitter or --oracle")
     if args.summarise:

@@ -109,6 +109,29 @@ correct
       .type = int(value_min=1)
       .help = "Resolution shells of equal numbers of held-out shoeboxes"
   }
+  noise_flow
+    .help = "The pixel noise of a charge-integrating detector (JUNGFRAU, ePix, a CCD) learned: a"
+            "normalizing flow (zuko) on the standardized residuals of the Gaussian likelihood,"
+            "conditioned on the pixel's rate only, starting as N(0, 1) and refitted after every"
+            "epoch's stage 1; every NLL and Fisher weight goes through it. Needs"
+            "likelihood=gaussian_readout or likelihood.model_error_fraction > 0 (photon-counting"
+            "pixels are Poisson)"
+  {
+    enable = False
+      .type = bool
+      .help = "Learn the pixel noise (docs/correct.md: a 100 % charge spread per photon, 40 toy"
+              "data sets)"
+    beta = 1.0
+      .type = float(value_min=0)
+      .help = "Weight of the flow's anchor: its KL to N(0, 1) summed over 16 rates spanning the data"
+    steps = 200
+      .type = int(value_min=1)
+      .help = "Adam steps of each refit"
+    pixels = 20000
+      .type = int(value_min=100)
+      .help = "Fitted pixels the flow is fitted to (every k-th over the stills; the same on every"
+              "MPI rank)"
+  }
   correction {
     gain = True
       .type = bool

@@ -55,14 +55,17 @@ from torch import Tensor
 from spread_dials.correct.context import PixelContext
 from spread_dials.correct.correction import PixelCorrection
 from spread_dials.correct.divergence import poisson_kl
+from spread_dials.correct.noise_flow import ResidualFlow, fit_residual_flow
 from spread_dials.refine.derivatives import value_and_jacobian
 from spread_dials.refine.engine import Refinement
 from spread_dials.refine.information import follow_step, psd_pseudo_inverse, shot_information
 from spread_dials.refine.model import (
+    LAMBDA_FLOOR,
     BraggTerms,
     ShotState,
     fisher_weights,
     negative_log_likelihood,
+    pixel_variance,
     rate_from_terms,
     shot_negative_log_prior,
 )
@@ -92,6 +95,15 @@ class CorrectSettings:
             (0.154 to each edge neighbour for a PSF's 0.114) and every later step of the
             correction was refused (its KL the same to 10 digits for five epochs), leaving the
             edge shift 4.9 sigma from the oracle's.
+        noise_flow: learn the pixel noise (charge-integrating detectors; the Gaussian
+            likelihoods only): a :class:`~spread_dials.correct.noise_flow.ResidualFlow` on the
+            standardized residuals, refitted after every epoch's stage 1 at the corrected rates
+            and used by every NLL and Fisher weight from then on.
+        flow_beta: the flow's anchor weight (its KL to N(0, 1) summed over 16 rate contexts).
+        flow_steps: Adam steps of each refit.
+        flow_pixels: the fitted pixels it is fitted to (a fixed, evenly strided sample over
+            the stills; every rank fits the same sample and so the same flow).
+        flow_seed: seeds the flow's hidden layers (the last layers start at 0: the identity).
     """
 
     epochs: int = 8
@@ -100,6 +112,11 @@ class CorrectSettings:
     theta_tolerance: float = 1e-3
     phi_tolerance: float = 1e-4
     line_search: tuple[float, ...] = (1.0, 0.25, 0.0625, 0.015625, 0.00390625)
+    noise_flow: bool = False
+    flow_beta: float = 1.0
+    flow_steps: int = 200
+    flow_pixels: int = 20000
+    flow_seed: int = 0
 
 
 @contextmanager
@@ -159,6 +176,51 @@ class CorrectedModel:
         self._anchor = [self._anchor_reference(i) for i in range(len(refinement.caches))]
         self._names = correction.learned()
         refinement.map_profiles(self._map)
+        if settings.noise_flow:
+            if refinement.settings.readout_sigma is None and refinement.settings.model_error_fraction == 0:
+                raise ValueError("the noise flow needs a Gaussian likelihood (likelihood=gaussian_readout, or "
+                                 "model_error_fraction > 0): photon-counting pixels are Poisson")  # fmt: skip
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(settings.flow_seed)
+                flow = ResidualFlow()
+            dtype = refinement.caches[0].counts.dtype if refinement.caches else torch.float64
+            device = refinement.caches[0].counts.device if refinement.caches else "cpu"
+            refinement.settings = replace(refinement.settings, noise_flow=flow.to(device=device, dtype=dtype))
+
+    @property
+    def noise_flow(self) -> ResidualFlow | None:
+        """The learned pixel noise, or None."""
+        return self.refinement.settings.noise_flow
+
+    def residual_sample(self) -> tuple[Tensor, Tensor]:
+        """(z, lambda*) (M,) of about ``settings.flow_pixels`` fitted pixels over all ranks' stills
+        (every k-th pixel of each rank's, k from the total; in still and rank order, on every
+        rank): the standardized residuals at the corrected rates and the rates (photons)."""
+        r = self.refinement
+        z, lam = [], []
+        with torch.no_grad():
+            for i, cache in enumerate(r.caches):
+                rate = self.rates(i)[0].clamp(min=LAMBDA_FLOOR)
+                v = pixel_variance(rate, r.settings.readout_sigma, r.settings.model_error_fraction)
+                keep = cache.fitted & (cache.weight > 0)
+                z.append(((cache.counts - rate) / v.sqrt())[keep].cpu())
+                lam.append(rate[keep].cpu())
+        z_local = torch.cat(z) if z else torch.zeros(0, dtype=torch.float64)
+        lam_local = torch.cat(lam) if lam else torch.zeros(0, dtype=torch.float64)
+        total = int(r.comm.allreduce(z_local.numel()))
+        stride = max(1, total // max(self.settings.flow_pixels, 1))
+        parts = r.comm.allgather((z_local[::stride], lam_local[::stride]))
+        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+
+    def fit_noise(self) -> dict:
+        """Refit the noise flow to :meth:`residual_sample` (the same on every rank); its final
+        loss per pixel and mean precision factor over the sample."""
+        flow = self.noise_flow
+        z, lam = self.residual_sample()
+        weight = flow.flow.transform.transforms[0].hyper[0].weight
+        z, lam = z.to(weight.device), lam.to(weight.device)
+        losses = fit_residual_flow(flow, z, lam, self.settings.flow_beta, self.settings.flow_steps)
+        return {"loss": losses[-1], "precision": float(flow.precision_factor(lam).mean()), "pixels": z.numel()}
 
     # -- the correction's weights as one vector ---------------------------------------------------
 
@@ -282,7 +344,7 @@ class CorrectedModel:
         cache = r.caches[i]
         lam_star = self._rate(i, self.bragg(i, theta, phi)[0])
         nll = negative_log_likelihood(lam_star, cache.counts, cache.fitted, r.settings.readout_sigma,
-                                      r.settings.model_error_fraction)  # fmt: skip
+                                      r.settings.model_error_fraction, r.settings.noise_flow)  # fmt: skip
         return cache.weight * nll, self.anchor(i, phi)
 
     # -- the objective F and its scoring step ---------------------------------------------------
@@ -457,6 +519,7 @@ class CorrectedModel:
             theta_0, phi_0 = r.theta.detach().clone(), self.phi
             with latents_held(r, epoch < self.settings.warmup_epochs):
                 r.stage1()
+                noise = self.fit_noise() if self.noise_flow is not None else None
                 terms, steps = self.scoring_step("phi")
             steps = {"phi": steps}
             if epoch >= self.settings.warmup_epochs:
@@ -471,6 +534,10 @@ class CorrectedModel:
                          and moved["phi"] <= self.settings.phi_tolerance)  # fmt: skip
             self.history.append({"epoch": epoch + 1, **terms, "theta": r.theta.tolist(), "steps_taken": steps,
                                  "moved": moved, "converged": converged, "seconds": time.perf_counter() - t0})  # fmt: skip
+            if noise is not None:
+                self.history[-1]["noise_flow"] = noise
+                logger.info("  noise flow: %.4f per pixel on %d pixels, mean precision factor %.3f",
+                            noise["loss"], noise["pixels"], noise["precision"])  # fmt: skip
             logger.info("epoch %d: NLL %.2f, KL %.3f, prior %.3f; %s (%.1f s)", epoch + 1, terms["nll"], terms["kl"],
                         terms["prior"], ", ".join(f"{n} {v:.3f}" for n, v in zip(r.sites.parameter_names(), r.theta.tolist())),
                         time.perf_counter() - t0)  # fmt: skip

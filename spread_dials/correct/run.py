@@ -137,6 +137,11 @@ def run_correction(ctx, experiments, reflections, warm_start) -> dict:
     if not (correction_settings.gain or correction_settings.redistribution or correction_settings.head):
         raise SpreadError(f"{setup.n_shoeboxes} shoeboxes cannot pin down any part of the correction "
                           f"(correct.min_shoeboxes_per_weight = {params.correct.min_shoeboxes_per_weight:g}): give more stills")  # fmt: skip
+    flow = params.correct.noise_flow
+    if flow.enable and setup.settings.readout_sigma is None and setup.settings.model_error_fraction == 0:
+        raise SpreadError("correct.noise_flow.enable=True needs a Gaussian likelihood: likelihood=gaussian_readout "
+                          "(with readout_sigma_photons) or likelihood.model_error_fraction > 0; photon-counting "
+                          "pixels are Poisson")  # fmt: skip
     checkpoint = ctx.output_path(f"{params.output.prefix}.checkpoint.pt")
     fingerprint = _fingerprint(params, setup.pairs, warm_path)
     saved = load_checkpoint(checkpoint, fingerprint) if params.correct.resume else None
@@ -159,7 +164,8 @@ def run_correction(ctx, experiments, reflections, warm_start) -> dict:
     correction = correction.to(ctx.device)
     settings = CorrectSettings(epochs=params.correct.epochs, warmup_epochs=params.correct.warmup_epochs,
                                anchor_beta=params.correct.anchor_beta, theta_tolerance=params.correct.theta_tolerance_eV,
-                               phi_tolerance=params.correct.phi_tolerance)  # fmt: skip
+                               phi_tolerance=params.correct.phi_tolerance, noise_flow=flow.enable, flow_beta=flow.beta,
+                               flow_steps=flow.steps, flow_pixels=flow.pixels, flow_seed=int(params.random.seed))  # fmt: skip
     model = CorrectedModel(refinement, correction, contexts, settings)
     check.measure("before")  # the physics at the warm start (the correction is 0)
     maps = {"before": _residual_maps(model, comm, physics=True)}
@@ -168,6 +174,8 @@ def run_correction(ctx, experiments, reflections, warm_start) -> dict:
         model.set_phi(torch.tensor(saved["phi"], dtype=torch.float64))
         refinement.states = saved_states(saved, shots, with_cell, ctx.device)
         model.history = saved["history"]
+        if model.noise_flow is not None:
+            model.noise_flow.load_state_dict(saved["noise_flow"])
         logger.info("Resuming after epoch %d (%s)", len(model.history), checkpoint.name)
     if sites.latents:
         logger.info("Spectrometer latents: %s (calibration prior sd)", ", ".join(f"{n} {s:g}" for n, s in sites.latents))
@@ -187,7 +195,8 @@ def run_correction(ctx, experiments, reflections, warm_start) -> dict:
         if comm.is_root:
             with atomic_path(checkpoint) as tmp:
                 torch.save({"fingerprint": fingerprint, "theta": r.theta.tolist(), "phi": m.phi.tolist(),
-                            "states": merged, "history": m.history}, tmp)  # fmt: skip
+                            "states": merged, "history": m.history,
+                            "noise_flow": None if m.noise_flow is None else m.noise_flow.state_dict()}, tmp)  # fmt: skip
         comm.barrier()
 
     model.run(on_epoch=save)
@@ -412,6 +421,9 @@ def _write(ctx, model: CorrectedModel, setup, results: dict, joint: Tensor, resi
             h["correction_weight_names"] = np.array([f"{n}[{k}]" for n, p in zip(model._names, model._parameters())
                                                      for k in range(p.numel())], dtype="S")  # fmt: skip
             h["history"] = json.dumps(model.history)
+            if model.noise_flow is not None:
+                h["noise_flow_precision"] = model.noise_flow.information_table.cpu().numpy()
+                h["noise_flow_context_range"] = model.noise_flow.information_range.cpu().numpy()
     summary, stills, _ = residuals
     if stills is not None:
         for still in stills:
@@ -422,6 +434,7 @@ def _write(ctx, model: CorrectedModel, setup, results: dict, joint: Tensor, resi
             plot_correction,
             plot_edge_shift_arms,
             plot_loss,
+            plot_noise_flow,
             plot_predictive,
             plot_residual_maps,
         )
@@ -430,6 +443,8 @@ def _write(ctx, model: CorrectedModel, setup, results: dict, joint: Tensor, resi
         plot_edge_shift_arms(results["sites"], results["pairs"], ctx.output_path(f"{prefix}_edge_shifts.png"))
         plot_loss(model.history, ctx.output_path(f"{prefix}_loss.png"))
         plot_correction(model.correction, ctx.output_path(f"{prefix}_correction.png"))
+        if model.noise_flow is not None:
+            plot_noise_flow(model.noise_flow, ctx.output_path(f"{prefix}_noise_flow.png"))
         if results.get("posterior_predictive"):
             plot_predictive(results["posterior_predictive"], ctx.output_path(f"{prefix}_predictive.png"))
         plot_residual_maps(results["residual_maps"], ctx.output_path(f"{prefix}_residual_maps.png"))

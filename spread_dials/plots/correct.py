@@ -78,6 +78,35 @@ def plot_correction(correction, path: str | Path) -> Path:
     return save_figure(fig, path, dpi=110)
 
 
+def plot_noise_flow(flow, path: str | Path) -> Path:
+    """The learned pixel noise (:class:`~spread_dials.correct.noise_flow.ResidualFlow`): its
+    precision factor 1 / Var(z) over the tabulated rates (1: the Gaussian readout's), and its
+    density of z at three rates beside N(0, 1)."""
+    import torch
+
+    from spread_dials.correct.noise_flow import CONTEXT_SCALE
+
+    plt = pyplot()
+    fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
+    low, high = flow.information_range.tolist()
+    rates = np.expm1(np.linspace(low, high, len(flow.information_table)) * CONTEXT_SCALE)
+    axes[0].semilogx(np.maximum(rates, 1e-3), flow.information_table.cpu().numpy(), "o-")
+    axes[0].axhline(1.0, color="grey", lw=0.8)
+    axes[0].set_xlabel("pixel rate (photons)")
+    axes[0].set_ylabel("precision factor 1 / Var(z)")
+    z = torch.linspace(-6, 6, 241, dtype=torch.float64)
+    with torch.no_grad():
+        for rate in (rates[0], rates[len(rates) // 2], rates[-1]):
+            density = flow.log_density(z, torch.full_like(z, float(rate))).exp()
+            axes[1].plot(z.numpy(), density.numpy(), label=f"rate {rate:.3g}")
+    axes[1].plot(z.numpy(), np.exp(-0.5 * z.numpy() ** 2) / np.sqrt(2 * np.pi), "k--", lw=0.8, label="N(0, 1)")
+    axes[1].set_xlabel("standardized residual z")
+    axes[1].set_ylabel("q(z | rate)")
+    axes[1].legend(fontsize=8)
+    fig.tight_layout()
+    return save_figure(fig, path, dpi=110)
+
+
 def plot_predictive(check: dict, path: str | Path) -> Path:
     """Held-out stills' standardized residuals (mean and sd of z) per panel group and resolution
     shell, before (physics) and after the correction, with the ideal mean 0 and sd 1 marked."""

@@ -22,6 +22,7 @@ import logging
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -99,6 +100,10 @@ class RefineSettings:
             search and the first stage-1 pass after it then see the Bragg terms to first order
             in theta (the per-channel profiles give them exactly).  The caches must be made
             summed too (:func:`make_caches` with :func:`channel_summer`).
+        noise_flow: None, or a learned density of the standardized residuals under the
+            Gaussian likelihood (:class:`~spread_dials.correct.noise_flow.ResidualFlow`,
+            dials.spread_correct's for charge-integrating detectors): every NLL and Fisher
+            weight goes through it (:func:`~spread_dials.refine.model.pixel_nll`).
     """
 
     macrocycles: int = 5
@@ -122,6 +127,7 @@ class RefineSettings:
     resolution_ramp: tuple[float, ...] = (0.3, 0.5, 0.7, 0.85)
     energy_jitter_sigma_eV: float | None = None
     sum_channels: bool = False
+    noise_flow: Any = None
 
 
 def _radii_moved(move: Tensor, radius: Tensor) -> float:
@@ -182,13 +188,14 @@ def initial_state(cache: ShotCache, intensity: Tensor, n_shoeboxes: int, iterati
 
 def global_objective(
     theta: Tensor, caches: list[ShotCache], states: list[ShotState], sites: SiteModel, readout_sigma: float | None,
-    model_error_fraction: float = 0.0,
+    model_error_fraction: float = 0.0, noise_flow: Any = None,
 ) -> list[Tensor]:
     """Each local still's weighted NLL as a function of the global parameters ``theta``."""
     values = []
     for cache, state in zip(caches, states):
         lam, _ = pixel_rate(cache, state, site_intensities(sites, theta, cache, state.energy_offset))
-        values.append(cache.weight * negative_log_likelihood(lam, cache.counts, cache.fitted, readout_sigma, model_error_fraction))
+        values.append(cache.weight * negative_log_likelihood(lam, cache.counts, cache.fitted, readout_sigma, model_error_fraction,
+                                                                noise_flow))  # fmt: skip
     return values
 
 
@@ -309,7 +316,7 @@ class Refinement:
     def still_nlls(self, theta: Tensor) -> list[Tensor]:
         """Each local still's weighted NLL as a function of ``theta`` (this refinement's likelihood)."""
         return global_objective(theta, self.caches, self.states, self.sites, self.settings.readout_sigma,
-                                self.settings.model_error_fraction)  # fmt: skip
+                                self.settings.model_error_fraction, self.settings.noise_flow)  # fmt: skip
 
     def still_values_and_grads(self, theta: Tensor) -> list[Tensor]:
         """(1 + P,) per local still: its NLL and its gradient in ``theta`` (its score)."""

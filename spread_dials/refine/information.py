@@ -74,7 +74,7 @@ def shot_information(refinement, i: int, theta: Tensor, extra: Tensor | None = N
         u_theta = torch.cat([u_theta, extra.to(u_theta)], -1)
     refined = refined_offsets(terms.offsets.numel(), refinement.settings)
     u = torch.cat([u_theta, shot_columns(torch.exp(state.log_scale), bragg, terms.jacobian, refined), u_jitter], -1)  # (N, P + n_s)
-    w = fisher_weights(lam, cache.fitted, readout, refinement.settings.model_error_fraction)
+    w = fisher_weights(lam, cache.fitted, readout, refinement.settings.model_error_fraction, refinement.settings.noise_flow)
     h_bb, h_bo, h_oo = normal_blocks(cache, w, u, int(state.background.shape[0]))
     reduced, _, _, _ = eliminate_planes(h_bb, h_bo, h_oo)
     if jitter_sigma is not None:  # with its prior's information

@@ -291,20 +291,26 @@ def pixel_variance(lam: Tensor, readout_sigma: float | None = None, model_error_
     return lam + (readout_sigma or 0.0) ** 2 + (model_error_fraction * lam) ** 2
 
 
-def fisher_weights(lam: Tensor, fitted: Tensor, readout_sigma: float | None = None, model_error_fraction: float = 0.0) -> Tensor:
+def fisher_weights(lam: Tensor, fitted: Tensor, readout_sigma: float | None = None, model_error_fraction: float = 0.0,
+                   noise_flow=None) -> Tensor:  # fmt: skip
     """(N,) weights 1 / variance of the Fisher information sum_p w_p (d lambda_p)(d lambda_p)^T:
     0 for pixels out of the fit and for pixels whose rate is at or below the floor (the clamped
-    rate does not move with the parameters; 1 / floor would swamp the information)."""
+    rate does not move with the parameters; 1 / floor would swamp the information).  With a
+    ``noise_flow`` (:class:`~spread_dials.correct.noise_flow.ResidualFlow`) each weight is
+    multiplied by the flow's precision factor 1 / Var_q(z) at the pixel's rate."""
     w = fitted.to(lam.dtype) / pixel_variance(lam, readout_sigma, model_error_fraction)
+    if noise_flow is not None:
+        w = w * noise_flow.precision_factor(lam.detach())
     return torch.where(lam > LAMBDA_FLOOR, w, torch.zeros_like(w))
 
 
 def negative_log_likelihood(lam: Tensor, counts: Tensor, valid: Tensor, readout_sigma: float | None = None,
-                            model_error_fraction: float = 0.0) -> Tensor:  # fmt: skip
+                            model_error_fraction: float = 0.0, noise_flow=None) -> Tensor:  # fmt: skip
     """Sum over valid pixels of the NLL (up to a constant): Poisson lambda - k log lambda, or
     (``readout_sigma`` (photons) or ``model_error_fraction`` given) Gaussian
-    0.5 ((k - lambda)^2 / v + log v) with v = :func:`pixel_variance`."""
-    return pixel_nll(lam, counts, valid, readout_sigma, model_error_fraction).sum()
+    0.5 ((k - lambda)^2 / v + log v) with v = :func:`pixel_variance`, or with a ``noise_flow``
+    -log q(z | lambda) + 0.5 log v, z = (k - lambda) / sqrt(v) (:func:`pixel_nll`)."""
+    return pixel_nll(lam, counts, valid, readout_sigma, model_error_fraction, noise_flow).sum()
 
 
 def jitter_negative_log_prior(jitter: Tensor, sigma: float | None) -> Tensor | float:
@@ -352,12 +358,20 @@ def shot_negative_log_prior(state: ShotState, settings) -> Tensor | float:
 
 
 def pixel_nll(lam: Tensor, counts: Tensor, valid: Tensor, readout_sigma: float | None = None,
-              model_error_fraction: float = 0.0) -> Tensor:  # fmt: skip
-    """(N,) each pixel's term of :func:`negative_log_likelihood` (0 where not ``valid``)."""
+              model_error_fraction: float = 0.0, noise_flow=None) -> Tensor:  # fmt: skip
+    """(N,) each pixel's term of :func:`negative_log_likelihood` (0 where not ``valid``).
+
+    ``noise_flow``: None, or a learned density q(z | c) of the standardized residual
+    (:class:`~spread_dials.correct.noise_flow.ResidualFlow`, Gaussian likelihoods only): the
+    term is -log q(z | lambda) + 0.5 log v, which at the flow's identity is the
+    Gaussian term plus 0.5 log(2 pi)."""
     lam = lam.clamp(min=LAMBDA_FLOOR)
     if readout_sigma is None and model_error_fraction == 0:
         terms = lam - counts * torch.log(lam)
     else:
         v = pixel_variance(lam, readout_sigma, model_error_fraction)
-        terms = 0.5 * ((counts - lam) ** 2 / v + torch.log(v))
+        if noise_flow is None:
+            terms = 0.5 * ((counts - lam) ** 2 / v + torch.log(v))
+        else:
+            terms = 0.5 * torch.log(v) - noise_flow.log_density((counts - lam) / v.sqrt(), lam)
     return torch.where(valid, terms, torch.zeros_like(terms))

@@ -165,10 +165,15 @@ def _rate(batch: _Batch, log_scale: Tensor, offsets: Tensor, background: Tensor)
     return plane_rate(batch, background) + torch.exp(log_scale)[batch.still] * bragg, bragg
 
 
+def _noise(settings) -> tuple:
+    """The likelihood's noise arguments of :func:`pixel_nll` and :func:`fisher_weights`."""
+    return settings.readout_sigma, settings.model_error_fraction, settings.noise_flow
+
+
 def _nll(batch: _Batch, log_scale: Tensor, offsets: Tensor, background: Tensor, settings) -> Tensor:
     """(K,) each still's NLL."""
     lam, _ = _rate(batch, log_scale, offsets, background)
-    terms = pixel_nll(lam, batch.counts, batch.fitted, settings.readout_sigma, settings.model_error_fraction)
+    terms = pixel_nll(lam, batch.counts, batch.fitted, *_noise(settings))
     return terms.new_zeros(batch.n_stills).index_add(0, batch.still, terms) + _shot_prior(batch, offsets)
 
 
@@ -177,13 +182,13 @@ def _normal_equations(batch: _Batch, log_scale: Tensor, offsets: Tensor, backgro
     H_bs (B, 3, S), H_bb (B, 3, 3)) with s = (log G, refined offsets) of each still."""
     leaves = [t.detach().clone().requires_grad_(True) for t in (log_scale, offsets, background)]
     lam, bragg = _rate(batch, *leaves)
-    terms = pixel_nll(lam, batch.counts, batch.fitted, settings.readout_sigma, settings.model_error_fraction)
+    terms = pixel_nll(lam, batch.counts, batch.fitted, *_noise(settings))
     nll = terms.new_zeros(batch.n_stills).index_add(0, batch.still, terms) + _shot_prior(batch, leaves[1])
     g_scale, g_offsets, g_b = torch.autograd.grad(nll.sum(), leaves, allow_unused=True)
     g_offsets = torch.zeros_like(offsets) if g_offsets is None else g_offsets
     scale = torch.exp(log_scale.detach())[batch.still]
     u = shot_columns(scale, bragg.detach(), batch.jacobian, refined)  # (N, S)
-    w = fisher_weights(lam.detach(), batch.fitted, settings.readout_sigma, settings.model_error_fraction)
+    w = fisher_weights(lam.detach(), batch.fitted, *_noise(settings))
     h_bb, h_bs, h_ss = normal_blocks(batch, w, u, batch.n_shoeboxes, batch.still, batch.n_stills)
     if batch.jitter_sigma is not None:  # the prior's information (the jitter is the last shared parameter)
         h_ss[:, -1, -1] += batch.jitter_sigma**-2

@@ -54,6 +54,11 @@ class InjectedErrors:
         mosaic_spread_abc_deg: None, or the crystals' rms mosaic angles about their a, b, c
             axes (degrees) in place of the model's isotropic spread (dials.spread_simulate's
             crystal.anisotropic_spread_deg).
+        photon_charge_rms: a charge-integrating pixel's spread of the charge one photon leaves
+            (fraction of a photon's; charge sharing, gain): n photons read as
+            n + rms sqrt(n) N(0, 1).  The Gaussian-readout likelihood takes the variance as
+            lambda + sigma^2; the true one is lambda (1 + rms^2) + sigma^2.
+        readout_sigma_photons: Gaussian readout noise added to every pixel (photons).
     """
 
     psf_fwhm_px: float = 0.0
@@ -62,6 +67,8 @@ class InjectedErrors:
     energy_jitter_eV: float = 0.0
     pixel_gain: Tensor | None = None
     mosaic_spread_abc_deg: tuple[float, float, float] | None = None
+    photon_charge_rms: float = 0.0
+    readout_sigma_photons: float = 0.0
 
     def pixel_factors(self, boxes: Shoeboxes) -> Tensor | None:
         """(N,) the panel and pixel gain on every pixel of ``boxes``, or None without either."""
@@ -247,6 +254,10 @@ def synthetic_shots(
             if factors is not None:
                 expected = expected * factors
         counts = torch.poisson(expected, generator=gen) if poisson else expected.clone()
+        if errors is not None and (errors.photon_charge_rms > 0 or errors.readout_sigma_photons > 0):
+            spread = torch.randn(counts.shape, generator=gen, dtype=counts.dtype) * counts.sqrt()
+            readout = torch.randn(counts.shape, generator=gen, dtype=counts.dtype)
+            counts = counts + errors.photon_charge_rms * spread + errors.readout_sigma_photons * readout
         strong = per_box >= min_bragg_photons
         pixel_keep = strong[sb_of_pixel]
         error = torch.as_tensor(rng.normal(size=3), dtype=dtype) * math.radians(orientation_error_deg)

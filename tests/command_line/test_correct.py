@@ -116,6 +116,31 @@ def test_correct_resumes_from_its_checkpoint(corrected, refined_for_correct, tmp
     assert len(json.loads((tmp_path / "spread_correct.json").read_text())["history"]) == 3
 
 
+def test_the_learned_pixel_noise_is_written_and_resumed(refined_for_correct, tmp_path):
+    """With the Gaussian-readout likelihood and correct.noise_flow.enable: each epoch's history has
+    the flow's fit, spread_posterior.h5 its precision table, a PNG shows it; a rerun with one
+    more epoch takes the flow from the checkpoint (its first refit starts where the saved one
+    ended: a loss no higher than the saved epoch's)."""
+    flow = ["likelihood=gaussian_readout", "readout_sigma_photons=0.5", "correct.noise_flow.enable=True",
+            "correct.noise_flow.steps=50", "correct.predictive.held_out_fraction=0"]  # fmt: skip
+    run([command("dials.spread_correct"), *_warm(refined_for_correct), *CORRECT, *flow, "correct.epochs=1", "plots=True"],
+        tmp_path)  # fmt: skip
+    record = json.loads((tmp_path / "spread_correct.json").read_text())
+    (epoch,) = record["history"]
+    assert epoch["noise_flow"]["pixels"] > 1000 and 0 < epoch["noise_flow"]["precision"] < 10
+    with h5py.File(tmp_path / "spread_posterior.h5", "r") as h:
+        table = h["noise_flow_precision"][()]
+        assert table.shape == (33,) and np.all(np.isfinite(table)) and np.all(table > 0)
+        assert not np.allclose(table, 1.0)  # fitted: no longer the identity's
+    assert (tmp_path / "spread_correct_noise_flow.png").is_file()
+    assert "noise flow:" in (tmp_path / "dials.spread_correct.log").read_text()
+    run([command("dials.spread_correct"), *_warm(refined_for_correct), *CORRECT, *flow, "correct.epochs=2"], tmp_path)
+    log = (tmp_path / "dials.spread_correct.log").read_text()
+    assert "Resuming after epoch 1" in log
+    again = json.loads((tmp_path / "spread_correct.json").read_text())["history"]
+    assert len(again) == 2 and again[1]["noise_flow"]["loss"] <= epoch["noise_flow"]["loss"] + 1e-3
+
+
 def test_bad_input_gives_one_sorry_line(refined_for_correct, tmp_path):
     exe = command("dials.spread_correct")
     expt, refl, h5 = _warm(refined_for_correct)
@@ -130,6 +155,7 @@ def test_bad_input_gives_one_sorry_line(refined_for_correct, tmp_path):
         "other sites": [expt, refl, h5, "structure.sites.element=Zn"],
         "too few shoeboxes for any part": [expt, refl, h5, "correct.min_shoeboxes_per_weight=1000"],
         "a calibration prior of zero": [expt, refl, h5, "correct.spectrometer.offset_sigma_eV=0"],
+        "the noise flow on photon-counting pixels": [expt, refl, h5, "correct.noise_flow.enable=True"],
     }
     for name, args in cases.items():
         result = run([exe, *CORRECT, *args], tmp_path, check=False)
