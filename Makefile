@@ -21,7 +21,8 @@ $(STAMP): pyproject.toml Makefile
 	@if [ ! -x /usr/bin/dials.stills_process ] || ! $(SYSPY) -c "import h5py, mpi4py, dials" 2>/dev/null; then \
 	  $(SUDO) apt-get update && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y --no-install-recommends $(APT_PACKAGES); fi
 	$(SYSPY) -m venv --system-site-packages $(VENV)
-	$(VENV)/bin/pip install -q "$(TORCH_SPEC)" isal pytest "$(RUFF_SPEC)"
+	@# zuko: the normalizing flow of correct.noise_flow (a maintained spline transform and its inverse)
+	$(VENV)/bin/pip install -q "$(TORCH_SPEC)" isal zuko pytest "$(RUFF_SPEC)"
 	@# libtbx looks for its build dir under the venv prefix: link Debian's
 	@v=$$($(SYSPY) -c 'import sys; print("python%d.%d" % sys.version_info[:2])'); \
 	  mkdir -p $(VENV)/lib/cctbx && ln -sfn /usr/lib/cctbx/$$v $(VENV)/lib/cctbx/$$v

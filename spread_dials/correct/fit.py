@@ -48,6 +48,7 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
@@ -55,7 +56,6 @@ from torch import Tensor
 from spread_dials.correct.context import PixelContext
 from spread_dials.correct.correction import PixelCorrection
 from spread_dials.correct.divergence import poisson_kl
-from spread_dials.correct.noise_flow import ResidualFlow, fit_residual_flow
 from spread_dials.refine.derivatives import value_and_jacobian
 from spread_dials.refine.engine import Refinement
 from spread_dials.refine.information import follow_step, psd_pseudo_inverse, shot_information
@@ -72,6 +72,9 @@ from spread_dials.refine.model import (
 from spread_dials.refine.profiles import ShotProfiles
 
 __all__ = ["CorrectSettings", "CorrectedModel", "feature_statistics"]
+
+if TYPE_CHECKING:
+    from spread_dials.correct.noise_flow import ResidualFlow
 
 logger = logging.getLogger("dials.spread.correct")
 
@@ -180,6 +183,8 @@ class CorrectedModel:
             if refinement.settings.readout_sigma is None and refinement.settings.model_error_fraction == 0:
                 raise ValueError("the noise flow needs a Gaussian likelihood (likelihood=gaussian_readout, or "
                                  "model_error_fraction > 0): photon-counting pixels are Poisson")  # fmt: skip
+            from spread_dials.correct.noise_flow import ResidualFlow  # zuko only when asked for
+
             with torch.random.fork_rng(devices=[]):
                 torch.manual_seed(settings.flow_seed)
                 flow = ResidualFlow()
@@ -215,6 +220,8 @@ class CorrectedModel:
     def fit_noise(self) -> dict:
         """Refit the noise flow to :meth:`residual_sample` (the same on every rank); its final
         loss per pixel and mean precision factor over the sample."""
+        from spread_dials.correct.noise_flow import fit_residual_flow
+
         flow = self.noise_flow
         z, lam = self.residual_sample()
         weight = flow.flow.transform.transforms[0].hyper[0].weight
