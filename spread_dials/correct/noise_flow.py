@@ -25,7 +25,7 @@ over a grid of contexts spanning the data (weak: it decides only where pixels ar
 
 The Fisher weight of a pixel is P(c) / v with P(c) = 1 / Var_q(z | c) the precision factor
 (:meth:`ResidualFlow.precision_factor`, by quadrature over the base's quantiles, tabulated on
-:data:`INFORMATION_NODES` contexts): the quasi-likelihood information of the rate.  It is not the
+:data:`PRECISION_NODES` contexts): the quasi-likelihood information of the rate.  It is not the
 location information E_q[(d log q / dz)^2] of the flow (equal for a normal q, larger otherwise):
 that is a functional of q's derivative, which a flow fitted to a few hundred bright pixels makes
 wiggle (measured on the toy: 0.75-2.7 where the truth was 0.51), whereas the variance is a
@@ -48,12 +48,12 @@ from zuko.flows.autoregressive import MaskedAutoregressiveTransform
 from zuko.lazy import UnconditionalDistribution
 from zuko.transforms import MonotonicAffineTransform, MonotonicRQSTransform
 
-__all__ = ["CONTEXT_SCALE", "INFORMATION_NODES", "ResidualFlow", "rate_context", "fit_residual_flow"]
+__all__ = ["CONTEXT_SCALE", "PRECISION_NODES", "ResidualFlow", "rate_context", "fit_residual_flow"]
 
 #: c = log(1 + lambda) / CONTEXT_SCALE keeps c within ~[0, 3] for rates up to ~1e6 photons
 CONTEXT_SCALE = 4.0
 #: contexts on which the precision factor is tabulated (linear interpolation between them)
-INFORMATION_NODES = 33
+PRECISION_NODES = 33
 #: base quantiles of the quadrature over q (KL and precision factor)
 QUADRATURE_POINTS = 64
 
@@ -88,8 +88,8 @@ class ResidualFlow(nn.Module):
             nn.init.zeros_(last.bias)
         quantiles = (torch.arange(QUADRATURE_POINTS, dtype=torch.float64) + 0.5) / QUADRATURE_POINTS
         self.register_buffer("base_points", math.sqrt(2.0) * torch.erfinv(2 * quantiles - 1))
-        self.register_buffer("information_table", torch.ones(INFORMATION_NODES, dtype=torch.float64))
-        self.register_buffer("information_range", torch.tensor([0.0, 1.0], dtype=torch.float64))
+        self.register_buffer("precision_table", torch.ones(PRECISION_NODES, dtype=torch.float64))
+        self.register_buffer("context_range", torch.tensor([0.0, 1.0], dtype=torch.float64))
 
     def _cast(self, x: Tensor) -> Tensor:
         """``x`` in the dtype and on the device of the flow's weights."""
@@ -98,10 +98,7 @@ class ResidualFlow(nn.Module):
 
     def log_density(self, z: Tensor, lam: Tensor) -> Tensor:
         """(N,) log q(z | c) of residuals ``z`` (N,) of pixels with rates ``lam`` (N,) (photons), in z's dtype."""
-        return self._log_density(z, rate_context(lam))
-
-    def _log_density(self, z: Tensor, context: Tensor) -> Tensor:
-        return self.flow(self._cast(context)).log_prob(self._cast(z).unsqueeze(-1)).to(z.dtype)
+        return self.flow(self._cast(rate_context(lam))).log_prob(self._cast(z).unsqueeze(-1)).to(z.dtype)
 
     def _quadrature(self, context: Tensor) -> tuple[Tensor, Tensor]:
         """(z (G, M), log q(z) (G, M)) at the M base quantiles mapped back through the flow at each
@@ -111,9 +108,8 @@ class ResidualFlow(nn.Module):
         u = self._cast(self.base_points).expand(g, m).reshape(-1, 1)
         transform = self.flow(context.repeat_interleave(m, 0)).transform
         z = transform.inv(u)
-        log_q = DiagNormal(torch.zeros_like(u[0]), torch.ones_like(u[0])).log_prob(u) + transform.log_abs_det_jacobian(
-            z, u
-        ).reshape(-1)
+        normal = DiagNormal(torch.zeros_like(u[0]), torch.ones_like(u[0]))
+        log_q = normal.log_prob(u) + transform.log_abs_det_jacobian(z, u).reshape(-1)
         return z.view(g, m), log_q.view(g, m)
 
     def divergence(self, context: Tensor) -> Tensor:
@@ -130,28 +126,26 @@ class ResidualFlow(nn.Module):
 
     @torch.no_grad()
     def tabulate(self, lam: Tensor) -> None:
-        """Tabulate the precision factor on :data:`INFORMATION_NODES` contexts spanning
+        """Tabulate the precision factor on :data:`PRECISION_NODES` contexts spanning
         the rates ``lam`` (N,) (photons); call after every change of the weights."""
         contexts = rate_context(lam)
         low, high = float(contexts.min()), float(contexts.max())
         high = max(high, low + 1e-6)
-        nodes = torch.linspace(low, high, INFORMATION_NODES, dtype=torch.float64).unsqueeze(-1)
+        nodes = torch.linspace(low, high, PRECISION_NODES, dtype=torch.float64).unsqueeze(-1)
         table = self._precision(nodes)
-        self.information_table.copy_(table)
-        self.information_range.copy_(torch.tensor([low, high], dtype=torch.float64))
+        self.precision_table.copy_(table)
+        self.context_range.copy_(torch.tensor([low, high], dtype=torch.float64))
 
     def precision_factor(self, lam: Tensor) -> Tensor:
         """(N,) the precision factor 1 / Var_q(z | c) of pixels with rates ``lam`` (N,) (photons),
         interpolated from the table (:meth:`tabulate`; 1 everywhere before it, as for the
         identity).  Rates outside the tabulated range take the nearest end."""
         context = rate_context(lam)
-        low, high = self.information_range.tolist()
-        position = ((context[:, 0].double() - low) / (high - low) * (INFORMATION_NODES - 1)).clamp(
-            0, INFORMATION_NODES - 1
-        )
-        left = position.floor().long().clamp(max=INFORMATION_NODES - 2)
+        low, high = self.context_range.tolist()
+        position = ((context[:, 0].double() - low) / (high - low) * (PRECISION_NODES - 1)).clamp(0, PRECISION_NODES - 1)
+        left = position.floor().long().clamp(max=PRECISION_NODES - 2)
         frac = position - left
-        table = self.information_table.to(position.device)
+        table = self.precision_table.to(position.device)
         return ((1 - frac) * table[left] + frac * table[left + 1]).to(context.dtype)
 
 
@@ -171,7 +165,7 @@ def fit_residual_flow(flow: ResidualFlow, z: Tensor, lam: Tensor, beta: float = 
     losses = []
     for _ in range(steps):
         optimizer.zero_grad()
-        loss = -flow._log_density(z, context).sum() + beta * flow.divergence(grid).sum()
+        loss = -flow.log_density(z, lam).sum() + beta * flow.divergence(grid).sum()
         loss.backward()
         optimizer.step()
         losses.append(float(loss.detach()) / n)

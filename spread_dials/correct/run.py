@@ -176,6 +176,8 @@ def run_correction(ctx, experiments, reflections, warm_start) -> dict:
         model.history = saved["history"]
         if model.noise_flow is not None:
             model.noise_flow.load_state_dict(saved["noise_flow"])
+            logger.info("Noise flow from the checkpoint: precision factor %.4f-%.4f over the rates",
+                        float(model.noise_flow.precision_table.min()), float(model.noise_flow.precision_table.max()))  # fmt: skip
         logger.info("Resuming after epoch %d (%s)", len(model.history), checkpoint.name)
     if sites.latents:
         logger.info("Spectrometer latents: %s (calibration prior sd)", ", ".join(f"{n} {s:g}" for n, s in sites.latents))
@@ -422,8 +424,8 @@ def _write(ctx, model: CorrectedModel, setup, results: dict, joint: Tensor, resi
                                                      for k in range(p.numel())], dtype="S")  # fmt: skip
             h["history"] = json.dumps(model.history)
             if model.noise_flow is not None:
-                h["noise_flow_precision"] = model.noise_flow.information_table.cpu().numpy()
-                h["noise_flow_context_range"] = model.noise_flow.information_range.cpu().numpy()
+                h["noise_flow_precision"] = model.noise_flow.precision_table.cpu().numpy()
+                h["noise_flow_context_range"] = model.noise_flow.context_range.cpu().numpy()
     summary, stills, _ = residuals
     if stills is not None:
         for still in stills:

@@ -88,9 +88,9 @@ def plot_noise_flow(flow, path: str | Path) -> Path:
 
     plt = pyplot()
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.6))
-    low, high = flow.information_range.tolist()
-    rates = np.expm1(np.linspace(low, high, len(flow.information_table)) * CONTEXT_SCALE)
-    axes[0].semilogx(np.maximum(rates, 1e-3), flow.information_table.cpu().numpy(), "o-")
+    low, high = flow.context_range.tolist()
+    rates = np.expm1(np.linspace(low, high, len(flow.precision_table)) * CONTEXT_SCALE)
+    axes[0].semilogx(np.maximum(rates, 1e-3), flow.precision_table.cpu().numpy(), "o-")
     axes[0].axhline(1.0, color="grey", lw=0.8)
     axes[0].set_xlabel("pixel rate (photons)")
     axes[0].set_ylabel("precision factor 1 / Var(z)")
