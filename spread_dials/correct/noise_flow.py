@@ -100,6 +100,11 @@ class ResidualFlow(nn.Module):
         """(N,) log q(z | c) of residuals ``z`` (N,) of pixels with rates ``lam`` (N,) (photons), in z's dtype."""
         return self.flow(self._cast(rate_context(lam))).log_prob(self._cast(z).unsqueeze(-1)).to(z.dtype)
 
+    def normalize(self, z: Tensor, lam: Tensor) -> Tensor:
+        """(N,) u = T_c(z), the base variable of residuals ``z`` (N,) of pixels with rates ``lam``
+        (N,): N(0, 1) where the learned noise is right (z itself at the identity), in z's dtype."""
+        return self.flow(self._cast(rate_context(lam))).transform(self._cast(z).unsqueeze(-1))[:, 0].to(z.dtype)
+
     def _quadrature(self, context: Tensor) -> tuple[Tensor, Tensor]:
         """(z (G, M), log q(z) (G, M)) at the M base quantiles mapped back through the flow at each
         of the G contexts (differentiable in the flow's weights)."""

@@ -5,7 +5,8 @@ correction's weights: their weight in every sum over stills is 0); their own sca
 offsets and background planes are still fitted, as for any still whose globals are given.
 Before the correction (the physics model at the warm start) and after it, each held-out pixel's
 standardized residual z = (k - lambda) / sqrt(variance(lambda)) (lambda clamped at the likelihood's
-floor, :func:`~spread_dials.refine.residuals.standardized_residuals`) is summarised per panel group
+floor, :func:`~spread_dials.refine.residuals.standardized_residuals`; through the learned pixel
+noise when dials.spread_correct has one, correct.noise_flow) is summarised per panel group
 and resolution shell: a model that predicts the held-out photons has mean 0 and sd 1 in every
 group; a missing point spread, say, shows as sd > 1 at low resolution where spots are bright.
 """
@@ -76,7 +77,9 @@ def residual_sums(refinement, local: list[int], inverse_d: list[Tensor], edges: 
         cache, boxes = refinement.caches[i], refinement.shots.shots[i].shoeboxes
         with torch.no_grad():
             lam, _ = pixel_rate(cache, state, refinement.curves_intensity(i, state=state))
-        z = standardized_residuals(lam, cache.counts, settings.readout_sigma, settings.model_error_fraction)
+        with torch.no_grad():
+            z = standardized_residuals(lam, cache.counts, settings.readout_sigma, settings.model_error_fraction,
+                                       settings.noise_flow)  # fmt: skip
         keep = cache.fitted
         z = z[keep].cpu()
         box = cache.pixel_shoebox[keep].cpu()

@@ -50,7 +50,8 @@ def residual_map_sums(z: Tensor, panel: Tensor, local: Tensor, n_panels: int, ra
 def model_residual_sums(model, physics: bool = False, radius: int = FRAME_RADIUS) -> tuple[Tensor, Tensor]:
     """:func:`residual_map_sums` over the fitted pixels of every local still in the fit (weight
     > 0) of a :class:`~spread_dials.correct.fit.CorrectedModel` at its current per-shot
-    parameters: of the corrected rate lambda*, or with ``physics`` of the physics rate."""
+    parameters: of the corrected rate lambda* (through the learned pixel noise, when there is one), or with
+    ``physics`` of the physics rate."""
     r = model.refinement
     n_panels = r.shots.panels.n_panels
     per_panel = torch.zeros((n_panels, 3), dtype=torch.float64)
@@ -60,7 +61,8 @@ def model_residual_sums(model, physics: bool = False, radius: int = FRAME_RADIUS
             continue
         with torch.no_grad():
             lam = model.rates(i)[1 if physics else 0]
-        z = standardized_residuals(lam, cache.counts, r.settings.readout_sigma, r.settings.model_error_fraction)
+            z = standardized_residuals(lam, cache.counts, r.settings.readout_sigma, r.settings.model_error_fraction,
+                                       None if physics else r.settings.noise_flow)  # fmt: skip
         ctx, keep = model.contexts[i], cache.fitted
         p, f = residual_map_sums(z[keep], ctx.panel[keep], ctx.local[keep], n_panels, radius)
         per_panel += p

@@ -34,11 +34,14 @@ Z_BIN_EDGES = np.linspace(-6.0, 6.0, 49)
 
 
 def standardized_residuals(lam: Tensor, counts: Tensor, readout_sigma: float | None = None,
-                           model_error_fraction: float = 0.0) -> Tensor:  # fmt: skip
+                           model_error_fraction: float = 0.0, noise_flow=None) -> Tensor:  # fmt: skip
     """(N,) z = (k - lambda) / sqrt(v), v the likelihood's variance
-    (:func:`~spread_dials.refine.model.pixel_variance`: lambda, + sigma^2, + (f lambda)^2)."""
+    (:func:`~spread_dials.refine.model.pixel_variance`: lambda, + sigma^2, + (f lambda)^2); with
+    a learned ``noise_flow`` (:class:`~spread_dials.correct.noise_flow.ResidualFlow`) z through
+    it (its base variable: N(0, 1) where the learned noise is right)."""
     lam = lam.clamp(min=LAMBDA_FLOOR)
-    return (counts - lam) / pixel_variance(lam, readout_sigma, model_error_fraction).sqrt()
+    z = (counts - lam) / pixel_variance(lam, readout_sigma, model_error_fraction).sqrt()
+    return z if noise_flow is None else noise_flow.normalize(z, lam)
 
 
 def shoebox_statistics(cache, state, intensity: Tensor, n_shoeboxes: int, readout_sigma: float | None = None,

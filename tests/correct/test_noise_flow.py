@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -11,6 +12,8 @@ from spread_dials.correct.context import pixel_context
 from spread_dials.correct.correction import CorrectionSettings, PixelCorrection
 from spread_dials.correct.fit import CorrectedModel, CorrectSettings, feature_statistics
 from spread_dials.correct.noise_flow import ResidualFlow, fit_residual_flow
+from spread_dials.correct.predictive import residual_sums, shell_edges, z_moments
+from spread_dials.refine.engine import inverse_resolution
 from spread_dials.refine.model import fisher_weights, pixel_nll
 from spread_dials.refine.synthetic import InjectedErrors
 from tests.correct.toy import NOMINAL_EV, toy_refinement
@@ -80,8 +83,6 @@ def test_the_pixel_likelihood_through_the_flow(fitted):
 
 
 def _corrected(errors: InjectedErrors, readout: float | None, noise_flow: bool) -> CorrectedModel:
-    from dataclasses import replace
-
     r = toy_refinement(seed=11, n_stills=2, spot_scale=4000.0, errors=errors)
     r.settings = replace(r.settings, readout_sigma=readout)
     r.run()
@@ -95,7 +96,9 @@ def test_the_corrected_fit_learns_a_charge_integrating_pixels_noise():
     a 1-photon Gaussian readout; the likelihood told the readout only): after one epoch the
     flow's precision factor in each band of rates is the measured 1 / Var(z) of the residuals
     there within 12 %, and for bright pixels within 15 % of the closed form
-    (lambda + 1) / (2 lambda + 1), where the Gaussian readout's is 1."""
+    (lambda + 1) / (2 lambda + 1), where the Gaussian readout's is 1.  The posterior
+    predictive check's residuals through the flow have sd 1 within 5 % (the Gaussian readout's:
+    > 1.1)."""
     model = _corrected(InjectedErrors(photon_charge_rms=1.0, readout_sigma_photons=1.0), 1.0, noise_flow=True)
     model.run()
     assert model.history[-1]["noise_flow"]["pixels"] > 5000
@@ -109,6 +112,15 @@ def test_the_corrected_fit_learns_a_charge_integrating_pixels_noise():
     truth = (lam[bright] + 1) / (2 * lam[bright] + 1)
     assert abs(float(learned[bright].mean() / truth.mean()) - 1) < 0.15
     assert float(learned[bright].mean()) < 0.65
+    r = model.refinement
+    inverse_d = [inverse_resolution(shot) for shot in r.shots.shots]
+    edges = shell_edges(torch.cat(inverse_d), 1)
+    through = residual_sums(r, [0, 1], inverse_d, edges, 1)[0, 0]
+    flow, r.settings = r.settings.noise_flow, replace(r.settings, noise_flow=None)
+    gaussian = residual_sums(r, [0, 1], inverse_d, edges, 1)[0, 0]
+    r.settings = replace(r.settings, noise_flow=flow)
+    assert abs(z_moments(*through.tolist())["sd"] - 1) < 0.05
+    assert z_moments(*gaussian.tolist())["sd"] > 1.1
 
 
 def test_the_noise_flow_is_refused_for_photon_counting_pixels():
