@@ -198,24 +198,24 @@ class CorrectedModel:
         return self.refinement.settings.noise_flow
 
     def residual_sample(self) -> tuple[Tensor, Tensor]:
-        """(z, lambda*) (M,) of about ``settings.flow_pixels`` fitted pixels over all ranks' stills
-        (every k-th pixel of each rank's, k from the total; in still and rank order, on every
-        rank): the standardized residuals at the corrected rates and the rates (photons)."""
+        """(z, lambda*) (M,) of about ``settings.flow_pixels`` fitted pixels of the stills in the
+        fit, on every rank: every k-th of each still's (k from the total over all ranks), in
+        global still order, so that any number of ranks gives the serial sample; the
+        standardized residuals at the corrected rates and the rates (photons)."""
         r = self.refinement
-        z, lam = [], []
+        parts = []
         with torch.no_grad():
             for i, cache in enumerate(r.caches):
                 rate = self.rates(i)[0].clamp(min=LAMBDA_FLOOR)
                 v = pixel_variance(rate, r.settings.readout_sigma, r.settings.model_error_fraction)
                 keep = cache.fitted & (cache.weight > 0)
-                z.append(((cache.counts - rate) / v.sqrt())[keep].cpu())
-                lam.append(rate[keep].cpu())
-        z_local = torch.cat(z) if z else torch.zeros(0, dtype=torch.float64)
-        lam_local = torch.cat(lam) if lam else torch.zeros(0, dtype=torch.float64)
-        total = int(r.comm.allreduce(z_local.numel()))
+                parts.append((r.shot_index[i], ((cache.counts - rate) / v.sqrt())[keep].cpu(), rate[keep].cpu()))
+        total = int(r.comm.allreduce(sum(z.numel() for _, z, _ in parts)))
         stride = max(1, total // max(self.settings.flow_pixels, 1))
-        parts = r.comm.allgather((z_local[::stride], lam_local[::stride]))
-        return torch.cat([p[0] for p in parts]), torch.cat([p[1] for p in parts])
+        gathered = sorted((g, z[::stride], lam[::stride]) for part in r.comm.allgather(parts) for g, z, lam in part)
+        if not gathered:
+            return torch.zeros(0, dtype=torch.float64), torch.zeros(0, dtype=torch.float64)
+        return torch.cat([z for _, z, _ in gathered]), torch.cat([lam for _, _, lam in gathered])
 
     def fit_noise(self) -> dict:
         """Refit the noise flow to :meth:`residual_sample` (the same on every rank); its final

@@ -145,6 +145,27 @@ def test_the_learned_pixel_noise_is_written_and_resumed(refined_for_correct, tmp
     assert len(json.loads((tmp_path / "spread_correct.json").read_text())["history"]) == 2
 
 
+@pytest.mark.mpi
+def test_two_mpi_ranks_give_the_serial_result(refined_for_correct, mpirun, tmp_path):
+    """mpirun -n 2 dials.spread_correct ... mp.method=mpi: every sum over stills runs in still
+    order and the noise flow is fitted to the same sample on every rank, so the edge shift,
+    its sigma and the learned noise are the serial ones."""
+    serial, mpi = tmp_path / "serial", tmp_path / "mpi"
+    serial.mkdir()
+    mpi.mkdir()
+    args = [command("dials.spread_correct"), *_warm(refined_for_correct), *CORRECT, "likelihood=gaussian_readout",
+            "readout_sigma_photons=0.5", "correct.noise_flow.enable=True", "correct.noise_flow.steps=30"]  # fmt: skip
+    run(args, serial)
+    run([*mpirun, *args, "mp.method=mpi"], mpi)
+    assert "MPI: rank 0 of 2" in (mpi / "dials.spread_correct.log").read_text()
+    a, b = (json.loads((d / "spread_correct.json").read_text()) for d in (serial, mpi))
+    assert b["sites"][0]["edge_shift_eV"] == pytest.approx(a["sites"][0]["edge_shift_eV"], rel=1e-9, abs=1e-9)
+    assert b["sites"][0]["sigma_eV"] == pytest.approx(a["sites"][0]["sigma_eV"], rel=1e-7)
+    assert [h["noise_flow"]["pixels"] for h in b["history"]] == [h["noise_flow"]["pixels"] for h in a["history"]]
+    with h5py.File(serial / "spread_posterior.h5", "r") as h, h5py.File(mpi / "spread_posterior.h5", "r") as g:
+        assert np.allclose(g["noise_flow_precision"][()], h["noise_flow_precision"][()], rtol=1e-9, atol=0)
+
+
 def test_bad_input_gives_one_sorry_line(refined_for_correct, tmp_path):
     exe = command("dials.spread_correct")
     expt, refl, h5 = _warm(refined_for_correct)
