@@ -224,8 +224,8 @@ class CorrectedModel:
 
         flow = self.noise_flow
         z, lam = self.residual_sample()
-        weight = flow.flow.transform.transforms[0].hyper[0].weight
-        z, lam = z.to(weight.device), lam.to(weight.device)
+        device = next(flow.parameters()).device
+        z, lam = z.to(device), lam.to(device)
         losses = fit_residual_flow(flow, z, lam, self.settings.flow_beta, self.settings.flow_steps)
         return {"loss": losses[-1], "precision": float(flow.precision_factor(lam).mean()), "pixels": z.numel()}
 

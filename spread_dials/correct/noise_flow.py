@@ -93,7 +93,7 @@ class ResidualFlow(nn.Module):
 
     def _cast(self, x: Tensor) -> Tensor:
         """``x`` in the dtype and on the device of the flow's weights."""
-        weight = self.flow.transform.transforms[0].hyper[0].weight
+        weight = next(self.parameters())
         return x.to(dtype=weight.dtype, device=weight.device)
 
     def log_density(self, z: Tensor, lam: Tensor) -> Tensor:
