@@ -100,8 +100,12 @@ class CorrectSettings:
             edge shift 4.9 sigma from the oracle's.
         noise_flow: learn the pixel noise (charge-integrating detectors; the Gaussian
             likelihoods only): a :class:`~spread_dials.correct.noise_flow.ResidualFlow` on the
-            standardized residuals, refitted after every epoch's stage 1 at the corrected rates
-            and used by every NLL and Fisher weight from then on.
+            standardized residuals, refitted after the first ``flow_epochs`` epochs' stage 1 at
+            the corrected rates and used by every NLL and Fisher weight from then on.
+        flow_epochs: the flow is refitted after each of the first this many epochs' stage 1,
+            then held: its optimum is flat (successive refits of the same pixels moved the
+            precision factor by up to 5 %), so refitting it every epoch kept moving the edge
+            shifts and 2 of the first 6 toy fits ran to their 15-epoch limit.
         flow_beta: the flow's anchor weight (its KL to N(0, 1) summed over 16 rate contexts).
         flow_steps: Adam steps of each refit.
         flow_pixels: the fitted pixels it is fitted to (a fixed, evenly strided sample over
@@ -116,6 +120,7 @@ class CorrectSettings:
     phi_tolerance: float = 1e-4
     line_search: tuple[float, ...] = (1.0, 0.25, 0.0625, 0.015625, 0.00390625)
     noise_flow: bool = False
+    flow_epochs: int = 3
     flow_beta: float = 1.0
     flow_steps: int = 200
     flow_pixels: int = 20000
@@ -526,7 +531,7 @@ class CorrectedModel:
             theta_0, phi_0 = r.theta.detach().clone(), self.phi
             with latents_held(r, epoch < self.settings.warmup_epochs):
                 r.stage1()
-                noise = self.fit_noise() if self.noise_flow is not None else None
+                noise = self.fit_noise() if self.noise_flow is not None and epoch < self.settings.flow_epochs else None
                 terms, steps = self.scoring_step("phi")
             steps = {"phi": steps}
             if epoch >= self.settings.warmup_epochs:

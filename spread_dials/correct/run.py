@@ -164,7 +164,7 @@ def run_correction(ctx, experiments, reflections, warm_start) -> dict:
     correction = correction.to(ctx.device)
     settings = CorrectSettings(epochs=params.correct.epochs, warmup_epochs=params.correct.warmup_epochs,
                                anchor_beta=params.correct.anchor_beta, theta_tolerance=params.correct.theta_tolerance_eV,
-                               phi_tolerance=params.correct.phi_tolerance, noise_flow=flow.enable, flow_beta=flow.beta,
+                               phi_tolerance=params.correct.phi_tolerance, noise_flow=flow.enable, flow_epochs=flow.epochs, flow_beta=flow.beta,
                                flow_steps=flow.steps, flow_pixels=flow.pixels, flow_seed=int(params.random.seed))  # fmt: skip
     model = CorrectedModel(refinement, correction, contexts, settings)
     check.measure("before")  # the physics at the warm start (the correction is 0)
