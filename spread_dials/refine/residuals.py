@@ -25,9 +25,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from spread_dials.refine.information import normal_blocks
 from spread_dials.refine.model import LAMBDA_FLOOR, mosaic_factors, pixel_rate, pixel_variance
 
-__all__ = ["Z_BIN_EDGES", "standardized_residuals", "shoebox_statistics", "gather_residuals"]
+__all__ = ["Z_BIN_EDGES", "standardized_residuals", "plane_leverage", "shoebox_statistics", "gather_residuals"]
 
 #: edges of the per-panel histogram of z (values beyond the ends go to the end bins)
 Z_BIN_EDGES = np.linspace(-6.0, 6.0, 49)
@@ -42,6 +43,19 @@ def standardized_residuals(lam: Tensor, counts: Tensor, readout_sigma: float | N
     lam = lam.clamp(min=LAMBDA_FLOOR)
     z = (counts - lam) / pixel_variance(lam, readout_sigma, model_error_fraction).sqrt()
     return z if noise_flow is None else noise_flow.normalize(z, lam)
+
+
+def plane_leverage(cache, w: Tensor, n_shoeboxes: int) -> Tensor:
+    """(N,) each pixel's leverage on its shoebox's fitted background plane,
+    h_p = w_p x_p^T (sum_q w_q x_q x_q^T)^-1 x_p with x = (1, fast, slow) and the likelihood's
+    weights ``w`` (N,) (1 / variance, 0 out of the fit): a fitted pixel's residual has variance
+    (1 - h_p) v_p, so residuals at the fitted planes are too narrow by ~3 / (pixels per box) unless
+    divided by sqrt(1 - h_p) (studentized).  Sums to 3 over each shoebox with 3 or more fitted
+    pixels (its planes' degrees of freedom)."""
+    h_bb, _, _ = normal_blocks(cache, w, w.new_zeros((w.shape[0], 0)), n_shoeboxes)
+    x = torch.stack([torch.ones_like(cache.fast), cache.fast, cache.slow], -1)
+    inverse = torch.linalg.pinv(h_bb)[cache.pixel_shoebox]  # (N, 3, 3)
+    return w * torch.einsum("ni,nij,nj->n", x, inverse, x)
 
 
 def shoebox_statistics(cache, state, intensity: Tensor, n_shoeboxes: int, readout_sigma: float | None = None,
