@@ -69,7 +69,7 @@ from spread_dials.refine.model import (
     shot_negative_log_prior,
 )
 from spread_dials.refine.profiles import ShotProfiles
-from spread_dials.refine.residuals import plane_leverage, standardized_residuals
+from spread_dials.refine.residuals import standardized_residuals, still_leverage
 
 __all__ = ["CorrectSettings", "CorrectedModel", "feature_statistics"]
 
@@ -206,7 +206,7 @@ class CorrectedModel:
         """(z, lambda*) (M,) of about ``settings.flow_pixels`` fitted pixels of the stills in the
         fit, on every rank: every k-th of each still's (k from the total over all ranks), in
         global still order, so that any number of ranks gives the serial sample; the
-        studentized residuals at the corrected rates (:func:`~spread_dials.refine.residuals.plane_leverage`)
+        studentized residuals at the corrected rates (:func:`~spread_dials.refine.residuals.still_leverage`)
         and the rates (photons)."""
         r = self.refinement
         parts = []
@@ -214,10 +214,9 @@ class CorrectedModel:
             for i, cache in enumerate(r.caches):
                 rate = self.rates(i)[0].clamp(min=LAMBDA_FLOOR)
                 z = standardized_residuals(rate, cache.counts, r.settings.readout_sigma, r.settings.model_error_fraction)
-                # studentized: each shoebox's fitted background plane takes 3 degrees of freedom from its
-                # residuals (it did not explain the flow's 5 % narrower intervals on Gaussian toy data)
-                w = fisher_weights(rate, cache.fitted, r.settings.readout_sigma, r.settings.model_error_fraction)
-                z = z / (1 - plane_leverage(cache, w, int(r.states[i].background.shape[0]))).clamp(min=0.05).sqrt()
+                # studentized: the shoebox's plane and the still's scale and crystal offsets take their
+                # degrees of freedom from the residuals, most from the bright pixels that pin them
+                z = z / (1 - still_leverage(r, i)).clamp(min=0.05).sqrt()
                 keep = cache.fitted & (cache.weight > 0)
                 parts.append((r.shot_index[i], z[keep].cpu(), rate[keep].cpu()))
         total = int(r.comm.allreduce(sum(z.numel() for _, z, _ in parts)))

@@ -12,7 +12,7 @@ pixel's rate only, c = log(1 + lambda) / :data:`CONTEXT_SCALE`:
 
 an affine map then a monotonic rational-quadratic spline on [-``bound``, ``bound``] (identity
 outside it), both from small MLPs of c (zuko's ``MaskedAutoregressiveTransform`` with one
-feature).  The pixel's likelihood is q(z | c) / sqrt(v).  The flow sees neither the Miller
+feature).  The refinement uses q through its variance only (below).  The flow sees neither the Miller
 index, F0, G, |F|^2, the spectrum nor a derivative in the edge shifts, and c only through the
 predicted rate (the design's allowed "predicted total"): it can widen, narrow, skew or shift the
 noise as a function of brightness, never follow the sign of an anomalous difference from one
@@ -23,9 +23,17 @@ exactly the Gaussian readout's.  Fitted by :func:`fit_residual_flow` (torch.opti
 fitted pixels' residuals at fixed rates, with an anchor beta_f sum_g KL(q(. | c_g) || N(0, 1))
 over a grid of contexts spanning the data (weak: it decides only where pixels are few).
 
-The Fisher weight of a pixel is P(c) / v with P(c) = 1 / Var_q(z | c) the precision factor
-(:meth:`ResidualFlow.precision_factor`, by quadrature over the base's quantiles, tabulated on
-:data:`PRECISION_NODES` contexts): the quasi-likelihood information of the rate.  It is not the
+The pixel's likelihood term is 0.5 (P(c) z^2 + log v) and its Fisher weight P(c) / v, with
+P(c) = 1 / Var_q(z | c) the precision factor (:meth:`ResidualFlow.precision_factor`, by
+quadrature over the base's quantiles, tabulated on :data:`PRECISION_NODES` contexts) held as a
+weight at the current rate: a quasi-likelihood with the variance v / P that the flow learned
+(:func:`~spread_dials.refine.model.pixel_nll`).  The flow's full density -log q(z | c) was the
+first likelihood: on data with nothing to learn it moved the edge shifts by 0.4 sigma rms,
+following the shape of a flow fitted to a few hundred bright pixels (benchmarks/RESULTS.md,
+sessions 19-20).  The residuals it is fitted to are studentized by each pixel's leverage on its
+still's own parameters (:func:`~spread_dials.refine.residuals.still_leverage`): the bright pixels
+that pin a still's scale and orientation are narrower at the fit than the noise, and a flow
+fitted to them unstudentized narrowed the intervals by 5 %.  The weight is not the
 location information E_q[(d log q / dz)^2] of the flow (equal for a normal q, larger otherwise):
 that is a functional of q's derivative, which a flow fitted to a few hundred bright pixels makes
 wiggle (measured on the toy: 0.75-2.7 where the truth was 0.51), whereas the variance is a

@@ -32,7 +32,7 @@ from spread_dials.refine.model import (
     rate_from_terms,
 )
 
-__all__ = ["ShotInformation", "shot_information", "follow_step", "shot_columns", "refined_offsets", "mosaic_refined", "psd_pseudo_inverse",
+__all__ = ["ShotInformation", "StillSystem", "still_system", "shot_information", "follow_step", "shot_columns", "refined_offsets", "mosaic_refined", "psd_pseudo_inverse",
            "normal_blocks", "eliminate_planes"]  # fmt: skip
 
 
@@ -52,14 +52,30 @@ class ShotInformation(NamedTuple):
     response: Tensor
 
 
-def shot_information(refinement, i: int, theta: Tensor, extra: Tensor | None = None) -> ShotInformation:
-    """The Fisher information of theta from still i, profiled and conditional (the crystal
-    offsets that stage 1 refines, rotation, cell and mosaic factors, are profiled with the scale,
-    backgrounds and energy jitter, each prior's information included), and the per-shot parameters' response to theta (:class:`ShotInformation`).
+class StillSystem(NamedTuple):
+    """One still's Fisher normal system with its background planes eliminated.
 
-    ``extra``: (N, Q) derivatives of the still's pixel rates in Q more global parameters (a
-    learned correction's weights, :mod:`spread_dials.correct`); the information is then over
-    (theta, those), (P + Q) square."""
+    Attributes:
+        weights: (N,) the pixels' Fisher weights (0 out of the fit).
+        columns: (N, P + S) d lambda / d (theta [+ extra], s) with s the still's shared per-shot
+            parameters (log G, the refined crystal offsets, the energy jitter when refined).
+        reduced: (P + S, P + S) the normal matrix after the planes' Schur complement, with the
+            per-shot priors' information (energy jitter, mosaic factors).
+        back: (B, 3, P + S) H_bb^-1 H_bs (the planes' regression on the columns).
+        conditional: (P, P) the theta block with every per-shot parameter held.
+        n_global: P.
+    """
+
+    weights: Tensor
+    columns: Tensor
+    reduced: Tensor
+    back: Tensor
+    conditional: Tensor
+    n_global: int
+
+
+def still_system(refinement, i: int, theta: Tensor, extra: Tensor | None = None) -> StillSystem:
+    """Still i's :class:`StillSystem` at ``theta`` (``extra``: as :func:`shot_information`)."""
     cache, state, sites = refinement.caches[i], refinement.states[i], refinement.sites
     readout = refinement.settings.readout_sigma
     n_theta = theta.numel()
@@ -76,7 +92,7 @@ def shot_information(refinement, i: int, theta: Tensor, extra: Tensor | None = N
     u = torch.cat([u_theta, shot_columns(torch.exp(state.log_scale), bragg, terms.jacobian, refined), u_jitter], -1)  # (N, P + n_s)
     w = fisher_weights(lam, cache.fitted, readout, refinement.settings.model_error_fraction, refinement.settings.noise_flow)
     h_bb, h_bo, h_oo = normal_blocks(cache, w, u, int(state.background.shape[0]))
-    reduced, _, _, _ = eliminate_planes(h_bb, h_bo, h_oo)
+    reduced, _, back, _ = eliminate_planes(h_bb, h_bo, h_oo)
     if jitter_sigma is not None:  # with its prior's information
         reduced[-1, -1] += jitter_sigma**-2
     if mosaic_refined(refinement.settings) and terms.jacobian is not None:  # the mosaic factors' prior: the last 3 offset columns
@@ -84,11 +100,23 @@ def shot_information(refinement, i: int, theta: Tensor, extra: Tensor | None = N
         mosaic = range(end - N_MOSAIC_FACTORS, end)
         reduced[mosaic, mosaic] += refinement.settings.mosaic_sigma**-2
     p = u_theta.shape[1]
+    return StillSystem(w, u, reduced, back, h_oo[:p, :p], p)
+
+
+def shot_information(refinement, i: int, theta: Tensor, extra: Tensor | None = None) -> ShotInformation:
+    """The Fisher information of theta from still i, profiled and conditional (the crystal
+    offsets that stage 1 refines, rotation, cell and mosaic factors, are profiled with the scale,
+    backgrounds and energy jitter, each prior's information included), and the per-shot parameters' response to theta (:class:`ShotInformation`).
+
+    ``extra``: (N, Q) derivatives of the still's pixel rates in Q more global parameters (a
+    learned correction's weights, :mod:`spread_dials.correct`); the information is then over
+    (theta, those), (P + Q) square."""
+    system = still_system(refinement, i, theta, extra)
+    p, reduced, weight = system.n_global, system.reduced, refinement.caches[i].weight
     h_tt, h_ts, h_ss = reduced[:p, :p], reduced[:p, p:], reduced[p:, p:]
     solved = psd_pseudo_inverse(h_ss) @ h_ts.T  # (S, P)
     profiled = h_tt - h_ts @ solved
-    conditional = h_oo[:p, :p]
-    return ShotInformation(cache.weight * profiled.detach().cpu(), cache.weight * conditional.detach().cpu(),
+    return ShotInformation(weight * profiled.detach().cpu(), weight * system.conditional.detach().cpu(),
                            -solved.detach().cpu())  # fmt: skip
 
 

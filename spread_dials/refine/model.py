@@ -308,8 +308,8 @@ def negative_log_likelihood(lam: Tensor, counts: Tensor, valid: Tensor, readout_
                             model_error_fraction: float = 0.0, noise_flow=None) -> Tensor:  # fmt: skip
     """Sum over valid pixels of the NLL (up to a constant): Poisson lambda - k log lambda, or
     (``readout_sigma`` (photons) or ``model_error_fraction`` given) Gaussian
-    0.5 ((k - lambda)^2 / v + log v) with v = :func:`pixel_variance`, or with a ``noise_flow``
-    -log q(z | lambda) + 0.5 log v, z = (k - lambda) / sqrt(v) (:func:`pixel_nll`)."""
+    0.5 ((k - lambda)^2 / v + log v) with v = :func:`pixel_variance`, with a ``noise_flow``
+    v divided by its precision factor (:func:`pixel_nll`)."""
     return pixel_nll(lam, counts, valid, readout_sigma, model_error_fraction, noise_flow).sum()
 
 
@@ -363,8 +363,14 @@ def pixel_nll(lam: Tensor, counts: Tensor, valid: Tensor, readout_sigma: float |
 
     ``noise_flow``: None, or a learned density q(z | c) of the standardized residual
     (:class:`~spread_dials.correct.noise_flow.ResidualFlow`, Gaussian likelihoods only): the
-    term is -log q(z | lambda) + 0.5 log v, which at the flow's identity is the
-    Gaussian term plus 0.5 log(2 pi)."""
+    term is 0.5 (P (k - lambda)^2 / v + log v), P = 1 / Var_q(z | lambda) the flow's precision
+    factor held as a weight at the current rate (its derivative in lambda is not followed, as
+    in iteratively reweighted least squares): the pixel's variance is v / P.  The Gaussian term
+    itself at the flow's identity.  Only q's variance enters, not its shape: the full density
+    -log q(z) moved the edge shifts by 0.4 sigma rms on data with nothing to learn, following a
+    flow fitted to a few hundred bright pixels, and a P that moves with lambda (with its
+    -log P) bent the background planes of dim pixels where P falls from 1 to 0.6
+    (benchmarks/RESULTS.md, session 20)."""
     lam = lam.clamp(min=LAMBDA_FLOOR)
     if readout_sigma is None and model_error_fraction == 0:
         terms = lam - counts * torch.log(lam)
@@ -373,5 +379,6 @@ def pixel_nll(lam: Tensor, counts: Tensor, valid: Tensor, readout_sigma: float |
         if noise_flow is None:
             terms = 0.5 * ((counts - lam) ** 2 / v + torch.log(v))
         else:
-            terms = 0.5 * torch.log(v) - noise_flow.log_density((counts - lam) / v.sqrt(), lam)
+            precision = noise_flow.precision_factor(lam.detach())
+            terms = 0.5 * ((counts - lam) ** 2 / v * precision + torch.log(v))
     return torch.where(valid, terms, torch.zeros_like(terms))

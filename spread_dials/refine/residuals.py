@@ -25,10 +25,10 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from spread_dials.refine.information import normal_blocks
+from spread_dials.refine.information import normal_blocks, psd_pseudo_inverse, still_system
 from spread_dials.refine.model import LAMBDA_FLOOR, mosaic_factors, pixel_rate, pixel_variance
 
-__all__ = ["Z_BIN_EDGES", "standardized_residuals", "plane_leverage", "shoebox_statistics", "gather_residuals"]
+__all__ = ["Z_BIN_EDGES", "standardized_residuals", "plane_leverage", "still_leverage", "shoebox_statistics", "gather_residuals"]
 
 #: edges of the per-panel histogram of z (values beyond the ends go to the end bins)
 Z_BIN_EDGES = np.linspace(-6.0, 6.0, 49)
@@ -56,6 +56,26 @@ def plane_leverage(cache, w: Tensor, n_shoeboxes: int) -> Tensor:
     x = torch.stack([torch.ones_like(cache.fast), cache.fast, cache.slow], -1)
     inverse = torch.linalg.pinv(h_bb)[cache.pixel_shoebox]  # (N, 3, 3)
     return w * torch.einsum("ni,nij,nj->n", x, inverse, x)
+
+
+def still_leverage(refinement, i: int) -> Tensor:
+    """(N,) each pixel's leverage on still i's own fitted parameters at the current theta: its
+    shoebox's background plane (:func:`plane_leverage`) plus the still's shared per-shot
+    parameters s (log G, the refined crystal offsets, the energy jitter when refined; their
+    priors' information included), w_p u~_p^T R^-1 u~_p with u~ the columns d lambda / d s
+    less their regression on the planes and R the planes' Schur complement
+    (:func:`~spread_dials.refine.information.still_system`).  Without priors it sums to 3 per
+    shoebox plus the number of per-shot parameters (the hat matrix's trace).  The bright pixels
+    that pin a still's scale and orientation carry most of it: their residuals at the fit are
+    narrower by (1 - h_p) in variance than the noise."""
+    cache = refinement.caches[i]
+    system = still_system(refinement, i, refinement.theta.detach())
+    p = system.n_global
+    x = torch.stack([torch.ones_like(cache.fast), cache.fast, cache.slow], -1)
+    u = system.columns[:, p:] - torch.einsum("ni,nis->ns", x, system.back[cache.pixel_shoebox][..., p:])
+    inverse = psd_pseudo_inverse(system.reduced[p:, p:])
+    plane = plane_leverage(cache, system.weights, int(refinement.states[i].background.shape[0]))
+    return plane + system.weights * torch.einsum("ns,st,nt->n", u, inverse, u)
 
 
 def shoebox_statistics(cache, state, intensity: Tensor, n_shoeboxes: int, readout_sigma: float | None = None,

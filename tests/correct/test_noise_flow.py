@@ -61,9 +61,10 @@ def test_the_fitted_flow_has_the_precision_factor_of_the_true_noise(fitted):
 
 
 def test_the_pixel_likelihood_through_the_flow(fitted):
-    """pixel_nll with the identity flow is the Gaussian readout's term + 0.5 log(2 pi), and the
-    Fisher weights are the same; with a fitted flow the NLL's autograd derivative in lambda
-    matches central finite differences (the flow's context moves with lambda too)."""
+    """pixel_nll with the identity flow is the Gaussian readout's term and the Fisher weights are
+    the same; with a fitted flow the term is 0.5 (P z^2 + log v), P the flow's precision factor
+    at lambda, whose autograd derivative in lambda is the closed form with P held (a weight, as
+    in iteratively reweighted least squares), and the Fisher weight is P / v."""
     g = torch.Generator().manual_seed(2)
     lam = torch.exp(torch.rand(50, generator=g, dtype=torch.float64) * 5)
     counts = lam + torch.randn(50, generator=g, dtype=torch.float64) * (lam + 4).sqrt()
@@ -71,15 +72,17 @@ def test_the_pixel_likelihood_through_the_flow(fitted):
     torch.manual_seed(0)
     identity = ResidualFlow().double()
     gaussian = pixel_nll(lam, counts, valid, 2.0)
-    assert torch.allclose(pixel_nll(lam, counts, valid, 2.0, noise_flow=identity), gaussian + 0.5 * math.log(2 * math.pi), atol=1e-9)
+    assert torch.allclose(pixel_nll(lam, counts, valid, 2.0, noise_flow=identity), gaussian, atol=1e-12)
     assert torch.equal(fisher_weights(lam, valid, 2.0, noise_flow=identity), fisher_weights(lam, valid, 2.0))
     flow = fitted.double()
+    p, v, r = flow.precision_factor(lam), lam + 4, counts - lam
+    assert bool((p < 0.9).any())  # (fitted to a wider noise: the test has power)
+    assert torch.allclose(pixel_nll(lam, counts, valid, 2.0, noise_flow=flow), 0.5 * (p * r**2 / v + torch.log(v)), atol=1e-12)
     leaf = lam.clone().requires_grad_(True)
     (grad,) = torch.autograd.grad(pixel_nll(leaf, counts, valid, 2.0, noise_flow=flow).sum(), leaf)
-    h = 1e-5 * lam
-    numeric = (pixel_nll(lam + h, counts, valid, 2.0, noise_flow=flow) - pixel_nll(lam - h, counts, valid, 2.0, noise_flow=flow)) / (2 * h)
-    assert torch.allclose(grad, numeric, rtol=1e-4, atol=1e-7)
-    assert not torch.allclose(grad, torch.autograd.grad(pixel_nll(leaf, counts, valid, 2.0).sum(), leaf)[0], rtol=1e-2)
+    closed = 0.5 * (p * (-2 * r / v - r**2 / v**2) + 1 / v)
+    assert torch.allclose(grad, closed, rtol=1e-10, atol=1e-12)
+    assert torch.allclose(fisher_weights(lam, valid, 2.0, noise_flow=flow), p / v, rtol=1e-12)
 
 
 def _corrected(errors: InjectedErrors, readout: float | None, noise_flow: bool) -> CorrectedModel:

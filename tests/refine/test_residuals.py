@@ -37,3 +37,34 @@ def test_plane_leverage_is_the_variance_a_fitted_plane_takes_from_each_residual(
     fitted = w > 0
     assert torch.allclose(measured[fitted], (1 - h)[fitted], atol=0.08)
     assert float((measured[fitted] - (1 - h)[fitted]).abs().mean()) < 0.02
+
+
+def test_still_leverage_is_the_dense_hat_matrix_diagonal():
+    """On a refined toy still (scale, orientation and cell refined, no per-shot prior): the
+    leverages equal the diagonal of the dense weighted hat matrix W^1/2 D (D^T W D)^+ D^T W^1/2
+    built from the planes' columns (one (1, fast, slow) block per shoebox) and the per-shot
+    columns, and sum to 3 per shoebox plus the per-shot parameter count (its trace)."""
+    from spread_dials.refine.information import still_system
+    from spread_dials.refine.residuals import still_leverage
+    from tests.correct.toy import toy_refinement
+
+    r = toy_refinement(seed=4, n_stills=1, refine_cell=True, macrocycles=2)
+    r.run()
+    h = still_leverage(r, 0)
+    cache, system = r.caches[0], still_system(r, 0, r.theta.detach())
+    n_boxes = int(r.states[0].background.shape[0])
+    x = torch.stack([torch.ones_like(cache.fast), cache.fast, cache.slow], -1)
+    planes = torch.zeros((x.shape[0], 3 * n_boxes), dtype=x.dtype)
+    rows = torch.arange(x.shape[0])
+    for k in range(3):
+        planes[rows, 3 * cache.pixel_shoebox + k] = x[:, k]
+    design = torch.cat([planes, system.columns[:, system.n_global :]], -1)
+    fitted = system.weights > 0
+    root = system.weights.sqrt().unsqueeze(-1)
+    dense = torch.linalg.pinv(root * design, rtol=1e-10)  # (D^T W D)^+ D^T W^1/2
+    expected = ((root * design) * dense.T).sum(-1)
+    assert torch.allclose(h[fitted], expected[fitted], atol=1e-8), float((h - expected)[fitted].abs().max())
+    boxes_fitted = int(torch.unique(cache.pixel_shoebox[fitted]).numel())
+    per_shot = design.shape[1] - 3 * n_boxes
+    assert per_shot >= 7  # log G, 3 angles, 3 cell lengths
+    assert abs(float(h[fitted].sum()) - (3 * boxes_fitted + per_shot)) < 1e-6
