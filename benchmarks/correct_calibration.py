@@ -105,6 +105,7 @@ def run_one(replicate: int, args) -> dict:
         "readout_photons": args.readout, "noise_flow": args.noise_flow,
         "truth": truth.tolist(), "physics_theta": physics, "physics_covariance": physics_cov.tolist(),
         "theta": r.theta.tolist(), "covariance": joint[:2, :2].tolist(), "epochs": len(model.history), "converged": model.converged,
+        "noise_flow_fits": [h["noise_flow"] for h in model.history if "noise_flow" in h],
         **oracle, "seconds": time.perf_counter() - t0,
     }  # fmt: skip
 

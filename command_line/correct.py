@@ -113,7 +113,8 @@ correct
     .help = "The pixel noise of a charge-integrating detector (JUNGFRAU, ePix, a CCD) learned: a"
             "normalizing flow (zuko) on the standardized residuals of the Gaussian likelihood,"
             "conditioned on the pixel's rate only, starting as N(0, 1) and refitted after the"
-            "first epochs' stage 1; every NLL and Fisher weight goes through it. Needs"
+            "first epochs' stage 1 where it predicts held-out pixels better; every NLL and Fisher"
+            "weight then uses its variance. Needs"
             "likelihood=gaussian_readout or likelihood.model_error_fraction > 0 (photon-counting"
             "pixels are Poisson)"
   {
@@ -136,6 +137,13 @@ correct
       .type = int(value_min=100)
       .help = "Fitted pixels the flow is fitted to (every k-th over the stills; the same on every"
               "MPI rank)"
+    significance = 3.0
+      .type = float(value_min=0)
+      .help = "Each refit learns from every other pixel of the sample and is kept only if its"
+              "variance predicts the other half better than the Gaussian readout's by this many"
+              "standard errors of the mean log-likelihood gain; otherwise the flow is reset to"
+              "N(0, 1) (on data with nothing to learn an unchecked flow moved edge shifts by up"
+              "to 0.9 sigma)"
   }
   correction {
     gain = True

@@ -56,7 +56,7 @@ from zuko.flows.autoregressive import MaskedAutoregressiveTransform
 from zuko.lazy import UnconditionalDistribution
 from zuko.transforms import MonotonicAffineTransform, MonotonicRQSTransform
 
-__all__ = ["CONTEXT_SCALE", "PRECISION_NODES", "ResidualFlow", "rate_context", "fit_residual_flow"]
+__all__ = ["CONTEXT_SCALE", "PRECISION_NODES", "ResidualFlow", "rate_context", "held_out_gain", "fit_residual_flow"]
 
 #: c = log(1 + lambda) / CONTEXT_SCALE keeps c within ~[0, 3] for rates up to ~1e6 photons
 CONTEXT_SCALE = 4.0
@@ -90,14 +90,21 @@ class ResidualFlow(nn.Module):
                                                shapes=[(bins,), (bins,), (bins - 1,)])  # fmt: skip
         base = UnconditionalDistribution(DiagNormal, loc=torch.zeros(1), scale=torch.ones(1), buffer=True)
         self.flow = Flow([affine, spline], base)
-        for transform in self.flow.transform.transforms:
-            last = transform.hyper[-1]
-            nn.init.zeros_(last.weight)
-            nn.init.zeros_(last.bias)
         quantiles = (torch.arange(QUADRATURE_POINTS, dtype=torch.float64) + 0.5) / QUADRATURE_POINTS
         self.register_buffer("base_points", math.sqrt(2.0) * torch.erfinv(2 * quantiles - 1))
         self.register_buffer("precision_table", torch.ones(PRECISION_NODES, dtype=torch.float64))
         self.register_buffer("context_range", torch.tensor([0.0, 1.0], dtype=torch.float64))
+        self.reset()
+
+    @torch.no_grad()
+    def reset(self) -> None:
+        """Back to the identity q = N(0, 1): every MLP's last layer zero, the precision table 1."""
+        for transform in self.flow.transform.transforms:
+            last = transform.hyper[-1]
+            nn.init.zeros_(last.weight)
+            nn.init.zeros_(last.bias)
+        self.precision_table.fill_(1.0)
+        self.context_range.copy_(torch.tensor([0.0, 1.0], dtype=torch.float64))
 
     def _cast(self, x: Tensor) -> Tensor:
         """``x`` in the dtype and on the device of the flow's weights."""
@@ -160,6 +167,21 @@ class ResidualFlow(nn.Module):
         frac = position - left
         table = self.precision_table.to(position.device)
         return ((1 - frac) * table[left] + frac * table[left + 1]).to(context.dtype)
+
+
+def held_out_gain(flow: ResidualFlow, z: Tensor, lam: Tensor) -> tuple[float, float]:
+    """How much better the flow's variance predicts held-out residuals ``z`` (N,) of pixels with
+    rates ``lam`` (N,) than N(0, 1): the mean over the pixels of the Gaussian log-likelihood
+    gain d = 0.5 (log P - (P - 1) z^2), P the flow's precision factor, and its standard error
+    (sd(d) / sqrt(N)); (0, 0) for fewer than 2 pixels.  It compares variances only (the likelihood
+    uses nothing else of q, :func:`~spread_dials.refine.model.pixel_nll`), so a skew the flow
+    learned does not count."""
+    if z.numel() < 2:
+        return 0.0, 0.0
+    with torch.no_grad():
+        p = flow.precision_factor(lam).to(z.dtype)
+        d = 0.5 * (torch.log(p) - (p - 1) * z**2)
+    return float(d.mean()), float(d.std() / math.sqrt(d.numel()))
 
 
 def fit_residual_flow(flow: ResidualFlow, z: Tensor, lam: Tensor, beta: float = 1.0, steps: int = 300,

@@ -165,7 +165,8 @@ def run_correction(ctx, experiments, reflections, warm_start) -> dict:
     settings = CorrectSettings(epochs=params.correct.epochs, warmup_epochs=params.correct.warmup_epochs,
                                anchor_beta=params.correct.anchor_beta, theta_tolerance=params.correct.theta_tolerance_eV,
                                phi_tolerance=params.correct.phi_tolerance, noise_flow=flow.enable, flow_epochs=flow.epochs, flow_beta=flow.beta,
-                               flow_steps=flow.steps, flow_pixels=flow.pixels, flow_seed=int(params.random.seed))  # fmt: skip
+                               flow_steps=flow.steps, flow_pixels=flow.pixels, flow_seed=int(params.random.seed),
+                               flow_significance=flow.significance)  # fmt: skip
     model = CorrectedModel(refinement, correction, contexts, settings)
     check.measure("before")  # the physics at the warm start (the correction is 0)
     maps = {"before": _residual_maps(model, comm, physics=True)}

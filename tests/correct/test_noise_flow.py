@@ -105,6 +105,7 @@ def test_the_corrected_fit_learns_a_charge_integrating_pixels_noise():
     model = _corrected(InjectedErrors(photon_charge_rms=1.0, readout_sigma_photons=1.0), 1.0, noise_flow=True)
     model.run()
     assert model.history[-1]["noise_flow"]["pixels"] > 5000
+    assert model.history[-1]["noise_flow"]["kept"]
     z, lam = model.residual_sample()
     learned = model.noise_flow.precision_factor(lam)
     for low, high in ((0, 0.5), (0.5, 1), (1, 2), (2, 20), (20, 1e9)):
@@ -124,6 +125,21 @@ def test_the_corrected_fit_learns_a_charge_integrating_pixels_noise():
     r.settings = replace(r.settings, noise_flow=flow)
     assert abs(z_moments(*through.tolist())["sd"] - 1) < 0.05
     assert z_moments(*gaussian.tolist())["sd"] > 1.1
+
+
+def test_the_noise_flow_is_not_kept_where_the_gaussian_readout_is_right():
+    """Poisson photons and the 1-photon readout the likelihood is told (its variance lambda + 1
+    exact): the refit does not predict the held-out half better (gain within 3 standard errors),
+    so the flow is reset to N(0, 1) and the fit equals the one without a flow."""
+    errors = InjectedErrors(readout_sigma_photons=1.0)
+    model = _corrected(errors, 1.0, noise_flow=True)
+    model.run()
+    fit = model.history[0]["noise_flow"]
+    assert not fit["kept"] and fit["held_out_gain"] < 3 * fit["held_out_error"], fit
+    assert torch.equal(model.noise_flow.precision_table, torch.ones_like(model.noise_flow.precision_table))
+    plain = _corrected(errors, 1.0, noise_flow=False)
+    plain.run()
+    assert torch.allclose(model.refinement.theta, plain.refinement.theta, rtol=0, atol=1e-12)
 
 
 def test_the_noise_flow_is_refused_for_photon_counting_pixels():
