@@ -101,7 +101,8 @@ class CorrectSettings:
         noise_flow: learn the pixel noise (charge-integrating detectors; the Gaussian
             likelihoods only): a :class:`~spread_dials.correct.noise_flow.ResidualFlow` on the
             standardized residuals, refitted after the first ``flow_epochs`` epochs' stage 1 at
-            the corrected rates and used by every NLL and Fisher weight from then on.
+            the corrected rates; where kept (``flow_significance``) every NLL and Fisher weight
+            uses its variance from then on (:func:`~spread_dials.refine.model.pixel_nll`).
         flow_epochs: the flow is refitted after each of the first this many epochs' stage 1,
             then held: its optimum is flat (successive refits of the same pixels moved the
             precision factor by up to 5 %), so refitting it every epoch kept moving the edge
