@@ -32,8 +32,10 @@ first likelihood: on data with nothing to learn it moved the edge shifts by 0.4 
 following the shape of a flow fitted to a few hundred bright pixels (benchmarks/RESULTS.md,
 sessions 19-20).  The residuals it is fitted to are studentized by each pixel's leverage on its
 still's own parameters (:func:`~spread_dials.refine.residuals.still_leverage`): the bright pixels
-that pin a still's scale and orientation are narrower at the fit than the noise, and a flow
-fitted to them unstudentized narrowed the intervals by 5 %.  The weight is not the
+that pin a still's scale and orientation are narrower at the fit than the noise (studentized by
+the plane only, the flow learned a precision above 1 there).  A refit is kept only if its
+variance predicts held-out pixels better than N(0, 1) (:func:`held_out_gain`,
+``CorrectSettings.flow_significance``).  The weight is not the
 location information E_q[(d log q / dz)^2] of the flow (equal for a normal q, larger otherwise):
 that is a functional of q's derivative, which a flow fitted to a few hundred bright pixels makes
 wiggle (measured on the toy: 0.75-2.7 where the truth was 0.51), whereas the variance is a
