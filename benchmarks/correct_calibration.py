@@ -14,11 +14,12 @@ know is injected (--jitter: a per-still energy jitter of that rms too, the cell 
 both arms, and with --jitter-sigma the corrected arm refines each still's jitter under that
 prior; --pixgain: a per-pixel flat-field gain error; --aniso: an anisotropic mosaic spread;
 --mosaic-latent: the physics and corrected arms refine each still's mosaic spreads about a, b, c;
+--panel-gain: a per-panel gain error drawn per data set, and --gain the correction's gain on;
 --charge-rms and --readout: a charge-integrating detector, each photon's charge spread by that
 fraction and a Gaussian readout of that many photons added, every arm told the readout
 (likelihood gaussian_readout) but not the charge spread; --noise-flow: the corrected arm learns
 the pixel noise, spread_dials.correct.noise_flow);
-the correction is dials.spread_correct's stencil (gain off: 4 panels; --head: its head too), fitted
+the correction is dials.spread_correct's stencil (gain off unless --gain; --head: its head too), fitted
 until converged (at most --epochs epochs) after the physics arm converged.  Each line: the truth, both arms'
 estimates and sigmas (the corrected one with the correction's weights profiled: the joint
 sigma), and seconds.  --summarise: per arm and site and for the difference A - B, the coverage
@@ -64,8 +65,10 @@ def run_one(replicate: int, args) -> dict:
     truth = rng.normal(0.0, args.prior_sigma, size=2)
     t0 = time.perf_counter()
     pixel_gain = None if args.pixgain <= 0 else flat_field_error(DETECTOR_SHAPE, args.pixgain)
+    gain_rng = np.random.default_rng(np.random.SeedSequence([args.seed, replicate, 0x9A1E]))  # (the stills stay those of --seed)
+    panel_gain = None if args.panel_gain <= 0 else torch.as_tensor(1.0 + args.panel_gain * gain_rng.normal(size=DETECTOR_SHAPE[0]))
     aniso = None if args.aniso == 1 else anisotropic_spreads(MOSAIC_SPREAD_DEG, args.aniso)
-    errors = InjectedErrors(psf_fwhm_px=args.psf, energy_jitter_eV=args.jitter, pixel_gain=pixel_gain, mosaic_spread_abc_deg=aniso,
+    errors = InjectedErrors(psf_fwhm_px=args.psf, energy_jitter_eV=args.jitter, pixel_gain=pixel_gain, panel_gain=panel_gain, mosaic_spread_abc_deg=aniso,
                             photon_charge_rms=args.charge_rms, readout_sigma_photons=args.readout)  # fmt: skip
     design = dict(seed=int(rng.integers(2**31)), shifts=tuple(truth.tolist()), n_stills=args.n, spot_scale=args.spot_scale,
                   errors=errors, macrocycles=4, prior_sigma_eV=args.prior_sigma, refine_cell=args.jitter > 0,
@@ -92,7 +95,7 @@ def run_one(replicate: int, args) -> dict:
     if args.jitter_sigma is not None:  # the corrected arm refines each still's energy jitter
         r.settings = replace(r.settings, energy_jitter_sigma_eV=args.jitter_sigma)
     contexts = [pixel_context(r.shots, s, NOMINAL_EV, args.stencil_radius) for s in r.shots.shots]
-    wanted = CorrectionSettings(gain=False, head=args.head, stencil_radius=args.stencil_radius, stencil_symmetry=args.stencil_symmetry)
+    wanted = CorrectionSettings(gain=args.gain, head=args.head, stencil_radius=args.stencil_radius, stencil_symmetry=args.stencil_symmetry)
     correction = PixelCorrection(r.shots.panels.n_panels, wanted, feature_statistics(r, contexts))
     model = CorrectedModel(r, correction, contexts, CorrectSettings(epochs=args.epochs, noise_flow=args.noise_flow))
     model.run()
@@ -102,7 +105,9 @@ def run_one(replicate: int, args) -> dict:
         "jitter_eV": args.jitter, "jitter_sigma_eV": args.jitter_sigma, "pixel_gain_rms": args.pixgain, "aniso": args.aniso,
         "head": args.head, "stencil_radius": args.stencil_radius, "stencil_symmetry": args.stencil_symmetry,
         "model_error_fraction": args.model_error, "mosaic_latent": args.mosaic_latent, "charge_rms": args.charge_rms,
-        "readout_photons": args.readout, "noise_flow": args.noise_flow,
+        "readout_photons": args.readout, "noise_flow": args.noise_flow, "panel_gain_rms": args.panel_gain, "gain": args.gain,
+        "panel_gain": None if panel_gain is None else panel_gain.tolist(),
+        "shoeboxes_per_panel": sum(s.shoeboxes.n_shoeboxes for s in r.shots.shots) / DETECTOR_SHAPE[0],
         "truth": truth.tolist(), "physics_theta": physics, "physics_covariance": physics_cov.tolist(),
         "theta": r.theta.tolist(), "covariance": joint[:2, :2].tolist(), "epochs": len(model.history), "converged": model.converged,
         "noise_flow_fits": [h["noise_flow"] for h in model.history if "noise_flow" in h],
@@ -156,6 +161,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--prior-sigma", type=float, default=1.0, help="truth ~ N(0, this) and the fit's prior (eV)")
     ap.add_argument("--jitter", type=float, default=0.0, help="injected per-still energy jitter rms (eV; > 0: the cell is refined)")
     ap.add_argument("--pixgain", type=float, default=0.0, help="injected per-pixel flat-field gain error rms (fraction; one map)")
+    ap.add_argument("--panel-gain", type=float, default=0.0, help="injected per-panel gain error rms (fraction; drawn per data set)")
+    ap.add_argument("--gain", action="store_true", help="the correction's smooth gain per panel on (off by default here: 3 stills give ~25 shoeboxes per panel)")
     ap.add_argument("--aniso", type=float, default=1.0, help="injected anisotropic mosaic: spreads about a, b, c F, 1, 1/F times the model's (1: off)")
     ap.add_argument("--model-error", type=float, default=0.0, help="every arm's refinement.model_error_fraction (Gaussian pixel variance lambda + (f lambda)^2)")
     ap.add_argument("--mosaic-latent", action="store_true", help="the physics and corrected arms refine each still's mosaic spreads (refinement.refine_mosaic)")
