@@ -33,7 +33,7 @@ from spread_dials.refine.model import (
 )
 
 __all__ = ["ShotInformation", "StillSystem", "still_system", "shot_information", "follow_step", "shot_columns", "refined_offsets", "mosaic_refined", "psd_pseudo_inverse",
-           "normal_blocks", "eliminate_planes"]  # fmt: skip
+           "plane_columns", "normal_blocks", "eliminate_planes"]  # fmt: skip
 
 
 class ShotInformation(NamedTuple):
@@ -180,6 +180,11 @@ def refined_offsets(n_offsets: int, settings) -> Tensor:
     return torch.tensor([per_kind[kind] for kind in offset_kinds(n_offsets, settings.refine_mosaic)])
 
 
+def plane_columns(cache) -> Tensor:
+    """(N, 3) x_p = (1, fast_p, slow_p): each pixel's row of its shoebox's background plane."""
+    return torch.stack([torch.ones_like(cache.fast), cache.fast, cache.slow], -1)
+
+
 def normal_blocks(cache, w: Tensor, u: Tensor, n_shoeboxes: int, still: Tensor | None = None,
                   n_stills: int = 1) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
     """Blocks of sum_p w_p d_p d_p^T with d_p = (x_p (the plane's 3 columns), u_p (S,)):
@@ -187,7 +192,7 @@ def normal_blocks(cache, w: Tensor, u: Tensor, n_shoeboxes: int, still: Tensor |
     shoebox (``cache.pixel_shoebox``), w (N,) the weights (0 for pixels out of the fit).  With
     ``still`` (N,) (a batch of ``n_stills`` stills, each pixel's still) H_ss is (n_stills, S, S),
     each still's own."""
-    x = torch.stack([torch.ones_like(cache.fast), cache.fast, cache.slow], -1)
+    x = plane_columns(cache)
     sb = cache.pixel_shoebox
     wx = w.unsqueeze(-1) * x
     zeros = torch.zeros((n_shoeboxes, 3, 3 + u.shape[1]), dtype=w.dtype, device=w.device)

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from spread_dials.refine.information import normal_blocks, psd_pseudo_inverse, still_system
+from spread_dials.refine.information import normal_blocks, plane_columns, psd_pseudo_inverse, still_system
 from spread_dials.refine.model import LAMBDA_FLOOR, mosaic_factors, pixel_rate, pixel_variance
 
 __all__ = ["Z_BIN_EDGES", "standardized_residuals", "plane_leverage", "still_leverage", "shoebox_statistics", "gather_residuals"]
@@ -53,7 +53,7 @@ def plane_leverage(cache, w: Tensor, n_shoeboxes: int) -> Tensor:
     divided by sqrt(1 - h_p) (studentized).  Sums to 3 over each shoebox with 3 or more fitted
     pixels (its planes' degrees of freedom)."""
     h_bb, _, _ = normal_blocks(cache, w, w.new_zeros((w.shape[0], 0)), n_shoeboxes)
-    x = torch.stack([torch.ones_like(cache.fast), cache.fast, cache.slow], -1)
+    x = plane_columns(cache)
     inverse = torch.linalg.pinv(h_bb)[cache.pixel_shoebox]  # (N, 3, 3)
     return w * torch.einsum("ni,nij,nj->n", x, inverse, x)
 
@@ -71,7 +71,7 @@ def still_leverage(refinement, i: int) -> Tensor:
     cache = refinement.caches[i]
     system = still_system(refinement, i, refinement.theta.detach())
     p = system.n_global
-    x = torch.stack([torch.ones_like(cache.fast), cache.fast, cache.slow], -1)
+    x = plane_columns(cache)
     u = system.columns[:, p:] - torch.einsum("ni,nis->ns", x, system.back[cache.pixel_shoebox][..., p:])
     inverse = psd_pseudo_inverse(system.reduced[p:, p:])
     plane = plane_leverage(cache, system.weights, int(refinement.states[i].background.shape[0]))
