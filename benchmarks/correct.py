@@ -152,7 +152,8 @@ def run_one(case: dict, error: str, n: int, replicate: int, args, device: torch.
     n_sb = sum(s.shoeboxes.n_shoeboxes for s in shot_set.shots)
     hit = int(torch.unique(torch.cat([s.shoeboxes.panel.cpu() for s in shot_set.shots])).numel())
     parts = set(args.parts.split(","))
-    wanted = CorrectionSettings(stencil_radius=args.stencil_radius, stencil_symmetry=args.stencil_symmetry, gain="gain" in parts,
+    wanted = CorrectionSettings(stencil_radius=args.stencil_radius, stencil_symmetry=args.stencil_symmetry,
+                                gain="gain" in parts, gain_nodes=args.gain_nodes,
                                 redistribution="redistribution" in parts, head="head" in parts)  # fmt: skip
     kept, notes = within_capacity(wanted, n_sb, hit, args.per_weight)
     if not (kept.gain or kept.redistribution or kept.head):  # as dials.spread_correct: nothing to learn
@@ -168,12 +169,17 @@ def run_one(case: dict, error: str, n: int, replicate: int, args, device: torch.
     physics, physics_sigma = fit_physics(shot_set, case, model, sites, settings)
     _sync(device)
     t_physics = time.perf_counter() - t0
+    print(f"{error} N={n} r{replicate}: physics {np.round(physics.theta.tolist(), 4).tolist()} +- "
+          f"{np.round(physics_sigma, 4).tolist()} ({t_physics:.0f} s; {n_sb} shoeboxes on {hit} panels)", flush=True)  # fmt: skip
     oracle_theta = oracle_sigma = oracle_history = None
     t0 = time.perf_counter()
     if args.oracle:
         oracle, oracle_sigma = oracle_arm(shot_set, case, errors, oracle_model, sites, oracle_settings)
         oracle_theta, oracle_history = oracle.theta.tolist(), oracle.history
     t_oracle = time.perf_counter() - t0
+    if args.oracle:
+        print(f"{error} N={n} r{replicate}: oracle {np.round(oracle_theta, 4).tolist()} +- {np.round(oracle_sigma, 4).tolist()} "
+              f"({t_oracle:.0f} s)", flush=True)  # fmt: skip
     # the corrected arm: caches at the physics fit's crystals, theta from it
     t0 = time.perf_counter()
     caches = make_caches(shot_set, case["table"], model, [s.rotation for s in physics.states], refine_cell=True,
@@ -263,6 +269,8 @@ def main(argv=None) -> int:
                     help="the physics and corrected arms refine each still's mosaic spreads about a, b, c (refinement.refine_mosaic)")
     ap.add_argument("--model-error", type=float, default=0.0,
                     help="every arm's refinement.model_error_fraction (Gaussian pixel variance lambda + (f lambda)^2)")
+    ap.add_argument("--gain-nodes", type=int, default=CorrectionSettings.gain_nodes,
+                    help="the gain field's nodes per panel edge (1: one gain per panel; the guard then needs 50 shoeboxes per panel)")
     ap.add_argument("--stencil-radius", type=int, default=CorrectionSettings.stencil_radius, help="half-width (px) of the redistribution stencil")
     ap.add_argument("--stencil-symmetry", choices=("none", "d4"), default=CorrectionSettings.stencil_symmetry, help="a weight per offset, or per orbit of the square's symmetries")
     ap.add_argument("--truth-shift", type=float, default=2.0)

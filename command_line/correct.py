@@ -150,8 +150,9 @@ correct
       .type = bool
       .help = "A smooth gain field per panel (bicubic over gain_nodes x gain_nodes nodes)"
     gain_nodes = 2
-      .type = int(value_min=2)
-      .help = "Nodes per panel edge of the gain field"
+      .type = int(value_min=1)
+      .help = "Nodes per panel edge of the gain field (1: one gain per panel, e.g. a module's gain"
+              "calibration error; needs gain_nodes^2 x min_shoeboxes_per_weight shoeboxes per panel)"
     gain_prior_sigma = 0.05
       .type = float(value_min=0)
       .help = "Prior sd of the log gain at a node (0.05: 5 %)"

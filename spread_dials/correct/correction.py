@@ -67,8 +67,8 @@ class CorrectionSettings:
     """Shape of the correction and its priors.
 
     Attributes:
-        gain: learn the gain field; gain_nodes: nodes per panel edge; gain_prior_sigma: prior
-            sd of the log gain at each node (0.05: 5 %).
+        gain: learn the gain field; gain_nodes: nodes per panel edge (1: one gain per panel);
+            gain_prior_sigma: prior sd of the log gain at each node (0.05: 5 %).
         redistribution: learn the stencil; stencil_radius: its half-width (pixels);
             stencil_prior_sigma: prior sd of each coefficient (fraction of a pixel's photons moved);
             stencil_symmetry: ``none`` (a weight per offset) or ``d4`` (a weight per orbit of the

@@ -237,6 +237,19 @@ def test_gain_field_interpolates_its_nodes(toy):
     assert torch.allclose(correction.log_gain(ctx), torch.zeros_like(ctx.two_theta), atol=1e-12)
 
 
+def test_one_gain_node_is_a_gain_per_panel(toy):
+    """gain_nodes = 1: every pixel of a panel carries that panel's node, less the mean over the
+    panels, wherever it lies on the panel."""
+    contexts = [pixel_context(toy.shots, s, NOMINAL_EV) for s in toy.shots.shots]
+    correction = _correction(toy, contexts, gain_nodes=1)
+    with torch.no_grad():
+        correction.log_gain_nodes.copy_(torch.tensor([0.03, -0.01, 0.05, 0.0], dtype=torch.float64).view(4, 1, 1, 1))
+    for c in contexts:
+        expected = torch.tensor([0.03, -0.01, 0.05, 0.0], dtype=torch.float64)[c.panel] - 0.0175
+        assert c.panel_xy.abs().max() > 0.5  # pixels away from the panel's centre
+        assert torch.allclose(correction.log_gain(c), expected, atol=1e-12)
+
+
 def test_leaky_correction_reads_the_miller_index(toy):
     """The leaky arm's output moves with the Miller index (it is given h and the channels): the
     guard tests above would fail for it."""
