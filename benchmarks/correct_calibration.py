@@ -199,6 +199,8 @@ def main(argv: list[str] | None = None) -> int:
                 errors.append(f"a {rows[0]['jitter_eV']:g} eV jitter" + (" (refined)" if rows[0].get("jitter_sigma_eV") else ""))
             if rows[0].get("charge_rms"):
                 errors.append(f"a {rows[0]['charge_rms']:.0%} charge spread per photon" + (" (noise flow)" if rows[0].get("noise_flow") else ""))
+            if rows[0].get("panel_gain_rms"):
+                errors.append(f"a {rows[0]['panel_gain_rms']:.0%} gain error per panel" + (" (gain learned)" if rows[0].get("gain") else ""))
             title = f"dials.spread_correct, toy, {' and '.join(errors) or 'no error'} ({summary['replicates']} data sets)"
             plot_coverage(pits, Path(args.plots) / f"{args.plot_stem}_coverage.png", title=title)
             plot_rank_histograms(pits, Path(args.plots) / f"{args.plot_stem}_sbc.png", title=title)
