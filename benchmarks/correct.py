@@ -14,7 +14,9 @@ cell errors.  Injected (spread_dials.refine.synthetic.InjectedErrors; the refine
 told): psfF (Gaussian PSF of FWHM F px), gainR (per-panel gain, rms R), pixgainR (per-pixel
 flat-field gain, rms R, one map for every still and replicate), anisoF (the stills' mosaic
 spread about a, b, c F, 1 and 1/F times the model's), offsetE (spectrometer
-offset, eV), jitterE (per-still energy jitter rms, eV).
+offset, eV), jitterE (per-still energy jitter rms, eV), chargeR (a charge-integrating detector:
+each photon's charge spread by the fraction R; with --readout R a Gaussian readout of R photons
+on every pixel, which every arm is told: likelihood gaussian_readout).
 
 Arms on the same stills: physics (the refine engine's defaults, to convergence), corrected
 (dials.spread_correct's model warm-started from it: CorrectSettings defaults, --parts of the
@@ -27,7 +29,8 @@ line: estimates, Fisher sigma (physics, oracle), the corrected model's sigma wit
 parts kept, the learned stencil and head,
 seconds (physics, correction), seconds per epoch, GPU-seconds per still per epoch and the peak
 GPU memory.  --mosaic-latent: the physics and corrected arms refine each still's mosaic
-spreads (the oracle is told them instead).  --model-error F gives every arm the engine's Gaussian likelihood with a fractional
+spreads (the oracle is told them instead).  --noise-flow: the corrected arm learns the pixel
+noise (correct.noise_flow; the oracle is not told the charge spread).  --model-error F gives every arm the engine's Gaussian likelihood with a fractional
 model error F (refinement.model_error_fraction).  Resumable: a (case, error, N, replicate, seed) already in the file is skipped.
 """
 
@@ -72,7 +75,7 @@ from spread_dials.refine.uncertainty import curvature
 
 
 def parse_error(text: str, panels: PanelArray, seed: int, spread_deg: float) -> InjectedErrors:
-    """``none``, ``psfF``, ``gainR``, ``pixgainR``, ``offsetE``, ``jitterE``, ``anisoF`` (joined
+    """``none``, ``psfF``, ``gainR``, ``pixgainR``, ``offsetE``, ``jitterE``, ``anisoF``, ``chargeR`` (joined
     by ``+``) as InjectedErrors on ``panels`` for a model of mosaic spread ``spread_deg``."""
     fields = {}
     for part in text.split("+"):
@@ -80,7 +83,7 @@ def parse_error(text: str, panels: PanelArray, seed: int, spread_deg: float) -> 
             continue
         for key, name in (("psf", "psf_fwhm_px"), ("gain", "panel_gain"), ("pixgain", "pixel_gain"),
                           ("offset", "spectrometer_offset_eV"), ("jitter", "energy_jitter_eV"),
-                          ("aniso", "mosaic_spread_abc_deg")):  # fmt: skip
+                          ("aniso", "mosaic_spread_abc_deg"), ("charge", "photon_charge_rms")):  # fmt: skip
             if part.startswith(key):
                 try:
                     value = float(part[len(key) :])
@@ -100,7 +103,7 @@ def parse_error(text: str, panels: PanelArray, seed: int, spread_deg: float) -> 
                     fields[name] = value
                 break
         else:
-            raise SystemExit(f"Sorry: unknown error {part!r} (none, psfF, gainR, pixgainR, offsetE, jitterE, anisoF)")
+            raise SystemExit(f"Sorry: unknown error {part!r} (none, psfF, gainR, pixgainR, offsetE, jitterE, anisoF, chargeR)")
     return InjectedErrors(**fields)
 
 
@@ -138,7 +141,7 @@ def _sync(device: torch.device) -> None:
 
 def run_one(case: dict, error: str, n: int, replicate: int, args, device: torch.device) -> dict:
     seed = int(np.random.SeedSequence([args.seed, n, replicate]).generate_state(1)[0])
-    errors = parse_error(error, case["panels"], seed, case["model"].mosaic_spread_deg)
+    errors = replace(parse_error(error, case["panels"], seed, case["model"].mosaic_spread_deg), readout_sigma_photons=args.readout)
     model = case["model"]
     shots = []
     for i in range(n):
@@ -160,7 +163,8 @@ def run_one(case: dict, error: str, n: int, replicate: int, args, device: torch.
         raise SystemExit(f"Sorry: {n_sb} shoeboxes of {n} stills cannot pin down any part of the correction "
                          f"(--per-weight {args.per_weight:g}: {'; '.join(notes)}): give more stills")  # fmt: skip
     sites = EdgeShiftSites(case["references"], list(range(len(case["references"]))), case["labels"])
-    settings = RefineSettings(macrocycles=args.macrocycles, refine_cell=True, model_error_fraction=args.model_error)
+    settings = RefineSettings(macrocycles=args.macrocycles, refine_cell=True, model_error_fraction=args.model_error,
+                              readout_sigma=args.readout or None)  # fmt: skip
     oracle_model, oracle_settings = model, settings  # (the oracle is told the spreads: no latent)
     if args.mosaic_latent:
         model, settings = replace(model, mosaic_latent=True), replace(settings, refine_mosaic=True)
@@ -191,7 +195,7 @@ def run_one(case: dict, error: str, n: int, replicate: int, args, device: torch.
     r.initialise_states()
     contexts = [pixel_context(shot_set, s, nominal, args.stencil_radius) for s in shot_set.shots]
     correction = PixelCorrection(shot_set.panels.n_panels, kept, feature_statistics(r, contexts)).to(device)
-    corrected = CorrectedModel(r, correction, contexts, CorrectSettings(epochs=args.epochs))
+    corrected = CorrectedModel(r, correction, contexts, CorrectSettings(epochs=args.epochs, noise_flow=args.noise_flow))
     corrected.run()
     joint, conditional, calibrated = corrected.covariance(held=corrected_sites.latent_indices)
     _sync(device)
@@ -205,6 +209,8 @@ def run_one(case: dict, error: str, n: int, replicate: int, args, device: torch.
         "sigma_conditional": conditional.diag().sqrt().tolist(), "sigma_given_calibration": calibrated.diag().sqrt().tolist(),
         "oracle_theta": oracle_theta, "oracle_sigma": oracle_sigma, "oracle_seconds": t_oracle,
         "jitter_sigma": args.jitter_sigma, "model_error_fraction": args.model_error, "mosaic_latent": args.mosaic_latent,
+        "readout_photons": args.readout, "noise_flow": args.noise_flow,
+        "noise_flow_fits": [h["noise_flow"] for h in corrected.history if "noise_flow" in h],
         "mosaic_spread_abc_deg": ([model.mosaic_spreads_deg(s.cell.detach().cpu()[-3:]).tolist() for s in r.states]
                                   if args.mosaic_latent else None),
         "recorded_minus_true_eV": [float(s.energy_eV[0].cpu() - case["energy"][0]) for s in shot_set.shots],
@@ -221,7 +227,7 @@ def run_one(case: dict, error: str, n: int, replicate: int, args, device: torch.
         "physics_seconds": t_physics, "correct_seconds": t_correct, "seconds_per_epoch": float(np.mean(epoch_s)),
         "gpu_seconds_per_still_per_epoch": float(np.mean(epoch_s)) / n,
         "peak_memory_gb": None if gpu_peak_bytes(device) is None else gpu_peak_bytes(device) / 2**30,
-        "history": corrected.history, "converged": corrected.converged, "settings": asdict(CorrectSettings(epochs=args.epochs)),
+        "history": corrected.history, "converged": corrected.converged, "settings": asdict(corrected.settings),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "date": time.strftime("%Y-%m-%d"),
     }  # fmt: skip
 
@@ -277,6 +283,9 @@ def main(argv=None) -> int:
                     help="the gain field's nodes per panel edge (1: one gain per panel; the guard then needs 50 shoeboxes per panel)")
     ap.add_argument("--stencil-radius", type=int, default=CorrectionSettings.stencil_radius, help="half-width (px) of the redistribution stencil")
     ap.add_argument("--stencil-symmetry", choices=("none", "d4"), default=CorrectionSettings.stencil_symmetry, help="a weight per offset, or per orbit of the square's symmetries")
+    ap.add_argument("--readout", type=float, default=0.0,
+                    help="injected Gaussian readout (photons) on every pixel, told to every arm (likelihood gaussian_readout)")
+    ap.add_argument("--noise-flow", action="store_true", help="the corrected arm learns the pixel noise (correct.noise_flow)")
     ap.add_argument("--truth-shift", type=float, default=2.0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default="results")
@@ -284,6 +293,8 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.n < 1 or args.replicates < 1 or args.epochs < 1:
         raise SystemExit("Sorry: --n, --replicates and --epochs must be >= 1")
+    if args.noise_flow and not (args.readout > 0 or args.model_error > 0):
+        raise SystemExit("Sorry: --noise-flow needs a Gaussian likelihood: give --readout or --model-error")
     if args.summarise:
         print(json.dumps(summarise(Path(args.summarise)), indent=1))
         return 0

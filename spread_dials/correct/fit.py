@@ -194,6 +194,8 @@ class CorrectedModel:
         self._anchor = [self._anchor_reference(i) for i in range(len(refinement.caches))]
         self._names = correction.learned()
         refinement.map_profiles(self._map)
+        self._profiles_phi = self.phi  # the weights every cache's profiles were corrected with
+        self._seconds = {"stage1": 0.0, "refits": 0.0, "information": 0.0}  # wall time spent in each, in all
         if settings.noise_flow:
             if refinement.settings.readout_sigma is None and refinement.settings.model_error_fraction == 0:
                 raise ValueError("the noise flow needs a Gaussian likelihood (likelihood=gaussian_readout, or "
@@ -206,6 +208,15 @@ class CorrectedModel:
             dtype = refinement.caches[0].counts.dtype if refinement.caches else torch.float64
             device = refinement.caches[0].counts.device if refinement.caches else "cpu"
             refinement.settings = replace(refinement.settings, noise_flow=flow.to(device=device, dtype=dtype))
+
+    @contextmanager
+    def _timed(self, part: str) -> Iterator[None]:
+        """Add the wall time of the block to ``part``'s total (each epoch records its share)."""
+        t0 = time.perf_counter()
+        try:
+            yield
+        finally:
+            self._seconds[part] += time.perf_counter() - t0
 
     @property
     def noise_flow(self) -> ResidualFlow | None:
@@ -268,7 +279,13 @@ class CorrectedModel:
         return [named[n] for n in self._names]
 
     def set_phi(self, phi: Tensor) -> None:
-        """Set the correction's weights to ``phi`` (Q,) and every still's profiles with them."""
+        """Set the correction's weights to ``phi`` (Q,) and every still's profiles with them (the
+        profiles are left as they are when they were made with these weights: correcting every
+        still's per-channel profiles and Jacobian was 43 % of a fit's time on the CPU, most of
+        it for an unchanged phi at the start and baseline of each scoring step)."""
+        current = self.phi
+        if torch.equal(phi.to(current), self._profiles_phi) and torch.equal(current, self._profiles_phi):
+            return
         params = self._parameters()
         torch.nn.utils.vector_to_parameters(phi.to(params[0]), params)
         self.refresh()
@@ -305,6 +322,7 @@ class CorrectedModel:
         """Every still's cache to its physics profiles through the current correction."""
         r = self.refinement
         r.caches = [c.with_profiles(self.corrected_profiles(i, p)) for i, (c, p) in enumerate(zip(r.caches, self.physics))]
+        self._profiles_phi = self.phi
 
     # -- rates ----------------------------------------------------------------------------------
 
@@ -391,6 +409,10 @@ class CorrectedModel:
         minimum over the per-shot parameters is of their NLL plus their prior, as in stage 1; left
         out, a common jitter traded against the edge shifts at no cost, H200 session 16); and the
         refitted per-shot parameters.  Leaves the correction's weights at ``phi``."""
+        with self._timed("refits"):
+            return self._objective(theta, phi, starts)
+
+    def _objective(self, theta: Tensor, phi: Tensor, starts: list[ShotState] | None) -> tuple[float, list[ShotState]]:
         r = self.refinement
         self.set_phi(phi)
         saved = r.states
@@ -415,26 +437,33 @@ class CorrectedModel:
         shot_prior = torch.tensor([float(r.caches[i].weight * prior)], dtype=torch.float64)
         return torch.cat([torch.stack(self.still_terms(i, theta)).cpu(), shot_prior])
 
-    def _columns(self, i: int, phi: Tensor) -> Tensor:
-        """(N, Q) d lambda* / d phi of local still i at its current per-shot parameters."""
+    def _bragg_jacobian(self, i: int, profile: Tensor, weight: Tensor) -> Tensor:
+        """(N, Q) d (corrected Bragg term) / d phi of local still i at the current phi, for
+        physics ``profile`` and ``weight`` (N, C): in closed form
+        (:meth:`~spread_dials.correct.correction.PixelCorrection.jacobian`) or, for a correction
+        acting per channel (the leaky arm), by autograd."""
+        if getattr(self.correction, "per_channel", False):
+            return value_and_jacobian(lambda x: self._bragg(i, profile, weight, x)[0], self.phi.to(profile))[1]
+        with torch.no_grad():
+            return self.correction.jacobian((profile * weight).sum(-1), self.contexts[i])[1]
+
+    def _columns(self, i: int) -> Tensor:
+        """(N, Q) d lambda* / d phi of local still i at its current per-shot parameters and phi."""
         r = self.refinement
         profile, weight = self._physics_terms(i, r.theta.detach())
-        scale = torch.exp(r.states[i].log_scale.detach())
+        return torch.exp(r.states[i].log_scale.detach()) * self._bragg_jacobian(i, profile, weight)
 
-        def bragg(x: Tensor) -> Tensor:
-            return self._bragg(i, profile, weight, x)[0]
-
-        return scale * value_and_jacobian(bragg, phi.to(profile))[1]
-
-    def _anchor_curvature(self, i: int, phi: Tensor) -> Tensor:
-        """(Q, Q) the Gauss-Newton curvature of local still i's weighted anchor in phi:
-        J^T diag(1 / lambda*_0) J with J = d lambda*_0 / d phi (the KL's second derivative in
-        lambda* is 1 / lambda*; 0 at or below the KL's floor, where the clamped rate does not
-        move: a background plane below zero at a box corner gave 1 / 1e-300 and an infinite
-        curvature, H200 session 9)."""
+    def _anchor_curvature(self, i: int) -> Tensor:
+        """(Q, Q) the Gauss-Newton curvature of local still i's weighted anchor in phi at the
+        current phi: J^T diag(1 / lambda*_0) J with J = d lambda*_0 / d phi = s_0 d C_phi(B_0) / d phi
+        (the KL's second derivative in lambda* is 1 / lambda*; 0 at or below the KL's floor,
+        where the clamped rate does not move: a background plane below zero at a box corner gave
+        1 / 1e-300 and an infinite curvature, H200 session 9)."""
         cache = self.refinement.caches[i]
-
-        lam_star, jacobian = value_and_jacobian(lambda y: self.anchored_rate(i, y)[0], phi.to(cache.counts))
+        profile, weight, scale, _ = self._anchor[i]
+        jacobian = scale * self._bragg_jacobian(i, profile, weight)
+        with torch.no_grad():
+            lam_star = self.anchored_rate(i)[0]
         w = fisher_weights(lam_star, cache.fitted) * cache.weight
         return ((w.unsqueeze(-1) * jacobian).T @ jacobian).detach()
 
@@ -445,6 +474,10 @@ class CorrectedModel:
         anchor's and the priors' curvature, the same without the anchor (the likelihood's and
         priors' only: the posterior precision), and each local still's per-shot response
         (S_i, P + Q) to (theta, phi) (:func:`~spread_dials.refine.information.follow_step`)."""
+        with self._timed("information"):
+            return self._gradient_and_information()
+
+    def _gradient_and_information(self) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
         r = self.refinement
         theta, phi = r.theta.detach(), self.phi
         beta = self.settings.anchor_beta
@@ -455,10 +488,10 @@ class CorrectedModel:
             x = phi.clone().to(r.caches[i].counts).requires_grad_(True)
             nll, kl = self.still_terms(i, t, x)
             g_t, g_x = torch.autograd.grad(nll + beta * kl, [t, x])
-            columns = self._columns(i, phi)
+            columns = self._columns(i)
             information = shot_information(r, i, theta, extra=columns)
             responses.append(information.response)
-            anchor = self._anchor_curvature(i, phi)
+            anchor = self._anchor_curvature(i)
             parts.append(torch.cat([g_t.cpu(), g_x.cpu(), information.profiled.reshape(-1), anchor.detach().cpu().reshape(-1)]))
         total = r.ordered_sum(parts)
         q = phi.numel()
@@ -551,8 +584,10 @@ class CorrectedModel:
                 break
             t0 = time.perf_counter()
             theta_0, phi_0 = r.theta.detach().clone(), self.phi
+            seconds_0 = dict(self._seconds)
             with latents_held(r, epoch < self.settings.warmup_epochs):
-                r.stage1()
+                with self._timed("stage1"):
+                    r.stage1()
                 noise = self.fit_noise() if self.noise_flow is not None and epoch < self.settings.flow_epochs else None
                 terms, steps = self.scoring_step("phi")
             steps = {"phi": steps}
@@ -567,14 +602,16 @@ class CorrectedModel:
             converged = (epoch >= self.settings.warmup_epochs and moved["theta"] <= self.settings.theta_tolerance
                          and moved["phi"] <= self.settings.phi_tolerance)  # fmt: skip
             self.history.append({"epoch": epoch + 1, **terms, "theta": r.theta.tolist(), "steps_taken": steps,
-                                 "moved": moved, "converged": converged, "seconds": time.perf_counter() - t0})  # fmt: skip
+                                 "moved": moved, "converged": converged, "seconds": time.perf_counter() - t0,
+                                 "seconds_in": {k: v - seconds_0[k] for k, v in self._seconds.items()}})  # fmt: skip
             if noise is not None:
                 self.history[-1]["noise_flow"] = noise
                 logger.info("  noise flow: %s (held-out gain %.2g +- %.2g per pixel on %d pixels), mean precision factor %.3f",
                             "kept" if noise["kept"] else "reset to N(0, 1)", noise["held_out_gain"],
                             noise["held_out_error"], noise["pixels"] // 2, noise["precision"])  # fmt: skip
-            logger.info("epoch %d: NLL %.2f, KL %.3f, prior %.3f; %s (%.1f s)", epoch + 1, terms["nll"], terms["kl"],
+            logger.info("epoch %d: NLL %.2f, KL %.3f, prior %.3f; %s (%.1f s: %s)", epoch + 1, terms["nll"], terms["kl"],
                         terms["prior"], ", ".join(f"{n} {v:.3f}" for n, v in zip(r.sites.parameter_names(), r.theta.tolist())),
-                        time.perf_counter() - t0)  # fmt: skip
+                        time.perf_counter() - t0,
+                        ", ".join(f"{k} {v:.1f}" for k, v in self.history[-1]["seconds_in"].items()))  # fmt: skip
             if on_epoch is not None:
                 on_epoch(self)
