@@ -136,16 +136,20 @@ def redistribute(x: Tensor, coefficients: Tensor, neighbours: Tensor, open_bound
     off it (``open_boundary``: K x is the convolution with the stencil, zero outside the box) or
     is not made (each shoebox's sum kept exactly).  Linear in x.  Written with gathers only (the
     photons arriving at p from offset o come from the pixel at p - o): no scatter-add, so the
-    result does not depend on the order of floating-point additions."""
+    result does not depend on the order of floating-point additions.  As
+    (1 - sum_o c_o m_o(p)) x_p + sum_o c_o x_(p - o), m_o(p) = 1 where the move is made, with x
+    padded by a zero row for the sources outside the box: one gather and one multiply-add of x's
+    size per offset (five before: 1.9x slower on this 2-core CPU for a rubredoxin still's (N, 40, 7)
+    profiles and Jacobian)."""
     shape = (-1, *([1] * (x.dim() - 1)))
     k = len(coefficients)
-    out = x
+    n = x.shape[0]
+    padded = torch.cat([x, x.new_zeros((1, *x.shape[1:]))])
+    sources = torch.where(neighbours >= 0, neighbours, n).flip(0)  # (K, N): the pixel at p - o_j, or the zero row
+    made = torch.ones_like(neighbours, dtype=x.dtype) if open_boundary else (neighbours >= 0).to(x.dtype)
+    out = (1 - (coefficients.to(x.dtype).unsqueeze(-1) * made).sum(0)).view(shape) * x
     for j in range(k):
-        c = coefficients[j]
-        source = neighbours[k - 1 - j]  # the pixel at p - o_j, whose photons move to p
-        arriving = torch.where((source >= 0).view(shape), x[source.clamp(min=0)], torch.zeros_like(x))
-        leaving = x if open_boundary else torch.where((neighbours[j] >= 0).view(shape), x, torch.zeros_like(x))
-        out = out + c * (arriving - leaving)
+        out = out + coefficients[j] * padded[sources[j]]
     return out
 
 
