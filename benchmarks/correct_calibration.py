@@ -199,6 +199,9 @@ def main(argv: list[str] | None = None) -> int:
                 errors.append(f"a {rows[0]['jitter_eV']:g} eV jitter" + (" (refined)" if rows[0].get("jitter_sigma_eV") else ""))
             if rows[0].get("charge_rms"):
                 errors.append(f"a {rows[0]['charge_rms']:.0%} charge spread per photon" + (" (noise flow)" if rows[0].get("noise_flow") else ""))
+            if rows[0].get("aniso", 1.0) != 1.0:
+                errors.append(f"a {rows[0]['aniso']:g}:1:{1 / rows[0]['aniso']:g} mosaic spread"
+                              + (" (latent)" if rows[0].get("mosaic_latent") else ""))  # fmt: skip
             if rows[0].get("panel_gain_rms"):
                 errors.append(f"a {rows[0]['panel_gain_rms']:.0%} gain error per panel" + (" (gain learned)" if rows[0].get("gain") else ""))
             title = f"dials.spread_correct, toy, {' and '.join(errors) or 'no error'} ({summary['replicates']} data sets)"

@@ -59,7 +59,7 @@ from spread_dials.correct.context import (
     stencil_orbits,
 )
 
-__all__ = ["CorrectionSettings", "PixelCorrection", "LeakyCorrection", "redistribute", "within_capacity"]
+__all__ = ["CorrectionSettings", "PixelCorrection", "LeakyCorrection", "redistribute", "stencil_moves", "within_capacity"]
 
 
 @dataclass(frozen=True)
@@ -142,15 +142,29 @@ def redistribute(x: Tensor, coefficients: Tensor, neighbours: Tensor, open_bound
     size per offset (five before: 1.9x slower on this 2-core CPU for a rubredoxin still's (N, 40, 7)
     profiles and Jacobian)."""
     shape = (-1, *([1] * (x.dim() - 1)))
-    k = len(coefficients)
-    n = x.shape[0]
-    padded = torch.cat([x, x.new_zeros((1, *x.shape[1:]))])
-    sources = torch.where(neighbours >= 0, neighbours, n).flip(0)  # (K, N): the pixel at p - o_j, or the zero row
-    made = torch.ones_like(neighbours, dtype=x.dtype) if open_boundary else (neighbours >= 0).to(x.dtype)
+    padded, sources, made = _stencil_moves(x, neighbours, open_boundary)
     out = (1 - (coefficients.to(x.dtype).unsqueeze(-1) * made).sum(0)).view(shape) * x
-    for j in range(k):
+    for j in range(len(coefficients)):
         out = out + coefficients[j] * padded[sources[j]]
     return out
+
+
+def stencil_moves(x: Tensor, neighbours: Tensor, open_boundary: bool = True) -> Tensor:
+    """(N, K) d (K x) / d c_o for per-pixel values ``x`` (N,): the value arriving at each pixel
+    from offset o less the value leaving it (:func:`redistribute` is linear in its
+    coefficients, K x = x + sum_o c_o moves_o), in one gather."""
+    padded, sources, made = _stencil_moves(x, neighbours, open_boundary)
+    return (padded[sources] - made * x).T
+
+
+def _stencil_moves(x: Tensor, neighbours: Tensor, open_boundary: bool) -> tuple[Tensor, Tensor, Tensor]:
+    """(x with a zero row appended, (K, N) the source pixel p - o_k of each offset's photons
+    arriving at p (the zero row outside the box), (K, N) 1 where the photons leaving p for p + o_k
+    are moved)."""
+    padded = torch.cat([x, x.new_zeros((1, *x.shape[1:]))])
+    sources = torch.where(neighbours >= 0, neighbours, x.shape[0]).flip(0)
+    made = torch.ones_like(neighbours, dtype=x.dtype) if open_boundary else (neighbours >= 0).to(x.dtype)
+    return padded, sources, made
 
 
 class PixelCorrection(nn.Module):
@@ -258,9 +272,7 @@ class PixelCorrection(nn.Module):
             d_log = d_log.view(values.shape[0], -1) - (weights.sum(-1, keepdim=True) / self.log_gain_nodes.numel())
             columns.append(corrected.unsqueeze(-1) * d_log)
         if self.settings.redistribution:
-            unit = torch.eye(len(coefficients), dtype=values.dtype, device=values.device)
-            per_offset = torch.stack([redistribute(values, unit[j], context.neighbours, open_boundary) - values
-                                      for j in range(len(coefficients))], -1)  # fmt: skip
+            per_offset = stencil_moves(values, context.neighbours, open_boundary)  # (N, K)
             orbits = nn.functional.one_hot(self.stencil_orbit, self.stencil.numel()).to(values.dtype)  # (K, weights)
             columns.append(factor.unsqueeze(-1) * (per_offset @ orbits))
         if self.settings.head:
