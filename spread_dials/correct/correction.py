@@ -219,8 +219,13 @@ class PixelCorrection(nn.Module):
         """(N,) log intensity factor of every pixel (0 when the head is not learned)."""
         if not self.settings.head:
             return torch.zeros_like(context.panel_xy[:, 0])
+        return self._head_monomials(context) @ self.head_weights
+
+    def _head_monomials(self, context: PixelContext) -> Tensor:
+        """(N, F + F (F + 1) / 2) the head's basis at each pixel: the monomials of the
+        standardized features squashed by tanh."""
         z = torch.tanh((context.head_features.to(self.feature_scale.dtype) - self.feature_mean) / self.feature_scale)
-        return _monomials(z) @ self.head_weights
+        return _monomials(z)
 
     def head_slope_bound(self) -> float:
         """2 ||w||_1: a bound on |d head / d feature| (log intensity per unit of a standardized
@@ -258,11 +263,7 @@ class PixelCorrection(nn.Module):
         nodes, the centring); d C / d stencil weight = f sum over the weight's offsets o of
         (x arriving from p - o, less x leaving p), K being linear in the coefficients; d C / d
         head weight = C times the monomial.  Tested against autograd (tests/correct)."""
-        open_boundary = self.settings.shoebox_boundary == "open"
-        coefficients = self.coefficients()
-        moved = redistribute(values, coefficients, context.neighbours, open_boundary) if self.settings.redistribution else values
-        factor = self.factor(context)
-        corrected = factor * moved
+        corrected, factor = self.apply(values, context), self.factor(context)
         columns = []
         if self.settings.gain:
             g2 = self.settings.gain_nodes**2
@@ -272,12 +273,11 @@ class PixelCorrection(nn.Module):
             d_log = d_log.view(values.shape[0], -1) - (weights.sum(-1, keepdim=True) / self.log_gain_nodes.numel())
             columns.append(corrected.unsqueeze(-1) * d_log)
         if self.settings.redistribution:
-            per_offset = stencil_moves(values, context.neighbours, open_boundary)  # (N, K)
+            per_offset = stencil_moves(values, context.neighbours, self.settings.shoebox_boundary == "open")  # (N, K)
             orbits = nn.functional.one_hot(self.stencil_orbit, self.stencil.numel()).to(values.dtype)  # (K, weights)
             columns.append(factor.unsqueeze(-1) * (per_offset @ orbits))
         if self.settings.head:
-            z = torch.tanh((context.head_features.to(self.feature_scale.dtype) - self.feature_mean) / self.feature_scale)
-            columns.append(corrected.unsqueeze(-1) * _monomials(z))
+            columns.append(corrected.unsqueeze(-1) * self._head_monomials(context))
         jacobian = torch.cat(columns, -1) if columns else values.new_zeros((values.shape[0], 0))
         return corrected, jacobian
 
