@@ -153,7 +153,8 @@ def run_one(case: dict, error: str, n: int, replicate: int, args, device: torch.
     shot_set = ShotSet(made.panels, made.beam_direction, made.e_vector, made.polarization_fraction, shots,
                        [f"still {i}" for i in range(n)]).to(device)  # fmt: skip
     n_sb = sum(s.shoeboxes.n_shoeboxes for s in shot_set.shots)
-    hit = int(torch.unique(torch.cat([s.shoeboxes.panel.cpu() for s in shot_set.shots])).numel())
+    panel_shoeboxes = torch.bincount(torch.cat([s.shoeboxes.panel.cpu() for s in shot_set.shots]), minlength=shot_set.panels.n_panels)
+    hit = int((panel_shoeboxes > 0).sum())
     parts = set(args.parts.split(","))
     wanted = CorrectionSettings(stencil_radius=args.stencil_radius, stencil_symmetry=args.stencil_symmetry,
                                 gain="gain" in parts, gain_nodes=args.gain_nodes,
@@ -220,10 +221,9 @@ def run_one(case: dict, error: str, n: int, replicate: int, args, device: torch.
         "parts": {"gain": kept.gain, "redistribution": kept.redistribution, "head": kept.head}, "capacity_notes": notes,
         "correction_settings": asdict(kept),
         "stencil": correction.coefficients().detach().cpu().tolist(),
-        "log_gain_nodes": (correction.log_gain_nodes - correction.log_gain_nodes.mean()).detach().cpu().flatten().tolist(),
+        "log_gain_nodes": correction.node_log_gains().detach().cpu().flatten().tolist(),
         "true_panel_gain": None if errors.panel_gain is None else errors.panel_gain.tolist(),
-        "panel_shoeboxes": torch.bincount(torch.cat([s.shoeboxes.panel.cpu() for s in shot_set.shots]),
-                                          minlength=shot_set.panels.n_panels).tolist(), "shoeboxes": n_sb, "weights": corrected.phi.numel(),
+        "panel_shoeboxes": panel_shoeboxes.tolist(), "shoeboxes": n_sb, "weights": corrected.phi.numel(),
         "physics_seconds": t_physics, "correct_seconds": t_correct, "seconds_per_epoch": float(np.mean(epoch_s)),
         "gpu_seconds_per_still_per_epoch": float(np.mean(epoch_s)) / n,
         "peak_memory_gb": None if gpu_peak_bytes(device) is None else gpu_peak_bytes(device) / 2**30,

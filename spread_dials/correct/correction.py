@@ -202,9 +202,12 @@ class PixelCorrection(nn.Module):
         differentiable, as the Jacobians of :mod:`spread_dials.refine.derivatives` need)."""
         if not self.settings.gain:
             return torch.zeros_like(context.panel_xy[:, 0])
-        g = self.settings.gain_nodes
-        nodes = (self.log_gain_nodes - self.log_gain_nodes.mean()).reshape(-1, g * g)[context.panel]  # (N, g^2)
-        return (self._node_weights(context) * nodes).sum(-1)
+        return (self._node_weights(context) * self.node_log_gains()[context.panel]).sum(-1)
+
+    def node_log_gains(self) -> Tensor:
+        """(panels, g^2) the log gain at each panel's nodes: the nodes' weights less their mean
+        over the detector (the field's values at its nodes)."""
+        return (self.log_gain_nodes - self.log_gain_nodes.mean()).reshape(self.log_gain_nodes.shape[0], -1)
 
     def _node_weights(self, context: PixelContext) -> Tensor:
         """(N, g^2) each pixel's bicubic weights of its panel's gain nodes."""

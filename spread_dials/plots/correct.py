@@ -66,7 +66,7 @@ def plot_correction(correction, path: str | Path) -> Path:
     image = axes[0].imshow(stencil, cmap="RdBu_r", vmin=-abs(stencil).max() or -1, vmax=abs(stencil).max() or 1)
     fig.colorbar(image, ax=axes[0])
     axes[0].set_title("redistribution (centre: fraction that leaves)")
-    nodes = (correction.log_gain_nodes - correction.log_gain_nodes.mean()).detach().cpu().numpy().reshape(len(correction.log_gain_nodes), -1)
+    nodes = correction.node_log_gains().detach().cpu().numpy()
     image = axes[1].imshow(nodes.T, aspect="auto", cmap="RdBu_r")
     fig.colorbar(image, ax=axes[1])
     axes[1].set_xlabel("panel")
