@@ -4,7 +4,7 @@ with injected model errors (issue 13), one JSON line per (case, error, N, replic
 Usage (repository root; on the GPU machines with PYTHONPATH=$PWD and bench_data carried):
     python benchmarks/correct.py --case rubredoxin --n 20 --errors none,psf1.5,gain0.05,offset1,jitter0.5 \\
         --replicates 1 --out results
-    python benchmarks/correct.py --summarise results/correct_rubredoxin.jsonl
+    python benchmarks/correct.py --summarise results/correct_rubredoxin*.jsonl [--plots docs/images]
 
 Stills: benchmarks/refine.py's case (cctbx F0/G from bench_data, the preset's brightness, the
 Jungfrau 16M), drawn from the model's own domain set (so that without an injected error the
@@ -72,6 +72,7 @@ from spread_dials.refine.synthetic import (
     synthetic_shots,
 )
 from spread_dials.refine.uncertainty import curvature
+from spread_dials.validation.calibration import calibration_summary, gaussian_pit
 
 
 def parse_error(text: str, panels: PanelArray, seed: int, spread_deg: float) -> InjectedErrors:
@@ -232,30 +233,77 @@ def run_one(case: dict, error: str, n: int, replicate: int, args, device: torch.
     }  # fmt: skip
 
 
-def summarise(path: Path) -> dict:
-    """Per (case, error, N): the bias of each arm in its own sigma units and in eV, mean sigmas."""
-    rows = read_records(path)
+def common_shift(record: dict) -> tuple[np.ndarray, np.ndarray]:
+    """The corrected arm's per-site common shift, edge shift + spectrometer offset (eV), and its
+    sigma given the spectrometer (eV), both (sites,): what the data measure, the offset and a shift
+    common to every site being indistinguishable (the offset takes its prior's share of it)."""
+    k = len(record["sites"])
+    offset = record["theta"][record["parameters"].index("spectrometer_offset_eV")]
+    return np.array(record["theta"][:k]) + offset, np.array(record["sigma_given_calibration"][:k])
+
+
+def arm_estimates(group: list[dict]) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """Per arm (physics, corrected: the common shift, oracle where every record has one): the
+    (R, sites) estimates, sigmas and truths of the records of ``group`` (eV)."""
+    truth = np.array([r["truth"] for r in group])
+    shifts = [common_shift(r) for r in group]
+    arms = {"physics": (np.array([r["physics_theta"] for r in group]), np.array([r["physics_sigma"] for r in group]), truth),
+            "corrected": (np.array([c for c, _ in shifts]), np.array([s for _, s in shifts]), truth)}  # fmt: skip
+    if all(r.get("oracle_theta") for r in group):
+        arms["oracle"] = (np.array([r["oracle_theta"] for r in group]), np.array([r["oracle_sigma"] for r in group]), truth)
+    return arms
+
+
+def site_summary(estimate: np.ndarray, sigma: np.ndarray, truth: np.ndarray) -> dict:
+    """One arm's one site over R data sets, all (R,) in eV: bias in eV and in sigmas, rms z, mean
+    sigma, calibration_summary of the Gaussian PITs and the PITs themselves ("pit")."""
+    z = (estimate - truth) / sigma
+    pit = gaussian_pit(estimate, sigma, truth)
+    return {"bias_eV": round(float((estimate - truth).mean()), 4), "bias_sigma": round(float(z.mean()), 3),
+            "rms_z": round(float(np.sqrt(np.mean(z**2))), 3), "mean_sigma_eV": round(float(sigma.mean()), 4),
+            **calibration_summary(pit), "pit": pit.tolist()}  # fmt: skip
+
+
+def summarise(paths: list[Path]) -> dict[str, dict]:
+    """Per (case, error, N) over the records of ``paths`` (e.g. one file per process): per arm
+    (arm_estimates; the corrected arm's common shift) and site the bias in eV and in its own
+    sigmas, the rms z, the mean sigma and the interval calibration (calibration_summary of the
+    Gaussian PITs, with the PITs under "pit"); the corrected arm's joint sigma (the spectrometer
+    profiled: prior-dominated for an absolute shift) and the seconds per epoch."""
+    rows = []
+    for path in paths:
+        rows += read_records(path)
+        if any("parameters" not in r for r in rows):
+            raise SystemExit(f"Sorry: {path} holds records from before the spectrometer latents (no 'parameters'); "
+                             "summarise them with the code of their session")  # fmt: skip
     out = {}
     for key in sorted({(r["case"], r["error"], r["n"]) for r in rows}):
         group = [r for r in rows if (r["case"], r["error"], r["n"]) == key]
-        truth = np.array([r["truth"] for r in group])
-        p_err = np.array([r["physics_theta"] for r in group]) - truth
-        c_err = np.array([r["theta"][: len(r["sites"])] for r in group]) - truth
-        ps, cs = np.array([r["physics_sigma"] for r in group]), np.array([r["sigma_joint"][: len(r["sites"])] for r in group])
-        out[f"{key[0]} {key[1]} N={key[2]}"] = {
-            "replicates": len(group), "physics_bias_eV": p_err.mean(0).round(4).tolist(),
-            "physics_bias_sigma": (p_err / ps).mean(0).round(2).tolist(), "corrected_bias_eV": c_err.mean(0).round(4).tolist(),
-            "corrected_bias_sigma": (c_err / cs).mean(0).round(2).tolist(), "physics_sigma": ps.mean(0).round(4).tolist(),
-            "corrected_sigma_joint": cs.mean(0).round(4).tolist(),
-            "seconds_per_epoch": round(float(np.mean([r["seconds_per_epoch"] for r in group])), 2),
-        }  # fmt: skip
-        told = [r for r in group if r.get("oracle_theta")]
-        if told:
-            o_err = np.array([r["oracle_theta"] for r in told]) - np.array([r["truth"] for r in told])
-            out[f"{key[0]} {key[1]} N={key[2]}"].update(
-                oracle_replicates=len(told), oracle_bias_eV=o_err.mean(0).round(4).tolist(),
-                oracle_bias_sigma=(o_err / np.array([r["oracle_sigma"] for r in told])).mean(0).round(2).tolist())
+        entry: dict = {"case": key[0], "error": key[1], "n": key[2], "replicates": len(group), "seeds": sorted({r["seed"] for r in group}),
+                       "corrected_sigma_joint": np.mean([r["sigma_joint"][: len(r["sites"])] for r in group], 0).round(4).tolist(),
+                       "seconds_per_epoch": round(float(np.mean([r["seconds_per_epoch"] for r in group])), 2)}  # fmt: skip
+        for arm, (estimate, sigma, truth) in arm_estimates(group).items():
+            entry[arm] = {label: site_summary(estimate[:, k], sigma[:, k], truth[:, k]) for k, label in enumerate(group[0]["sites"])}
+        out[f"{key[0]} {key[1]} N={key[2]}"] = entry
     return out
+
+
+def plot_summary(summary: dict[str, dict], directory: Path, stem: str) -> list[Path]:
+    """Per group and site of ``summary``: the coverage curve and the SBC rank histograms of every
+    arm (spread_dials.plots.calibration), as <stem>_<error>_<site>_{coverage,sbc}.png."""
+    from spread_dials.plots.calibration import plot_coverage, plot_rank_histograms
+
+    directory.mkdir(parents=True, exist_ok=True)
+    written = []
+    for entry in summary.values():
+        for site in entry["physics"]:
+            labels = {"physics": "physics", "corrected": "corrected (edge shift + offset)", "oracle": "oracle"}
+            pits = {labels[arm]: np.array(entry[arm][site]["pit"]) for arm in labels if arm in entry}
+            title = f"{entry['case']} N={entry['n']}, {entry['error']}, {site}: {entry['replicates']} data sets"
+            name = f"{stem}_{entry['error']}_{site.replace('/', '_')}".replace("+", "_")
+            written += [plot_coverage(pits, directory / f"{name}_coverage.png", title=title),
+                        plot_rank_histograms(pits, directory / f"{name}_sbc.png", title=title)]  # fmt: skip
+    return written
 
 
 def main(argv=None) -> int:
@@ -289,14 +337,23 @@ def main(argv=None) -> int:
     ap.add_argument("--truth-shift", type=float, default=2.0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default="results")
-    ap.add_argument("--summarise", default=None)
+    ap.add_argument("--summarise", nargs="+", default=None, help="files of records: print the summary per (case, error, N) and stop")
+    ap.add_argument("--plots", default=None, help="with --summarise: write each group's coverage and rank PNGs here")
+    ap.add_argument("--plot-stem", default="correct_scale", help="their names: <stem>_<error>_<site>_{coverage,sbc}.png")
     args = ap.parse_args(argv)
     if args.n < 1 or args.replicates < 1 or args.epochs < 1:
         raise SystemExit("Sorry: --n, --replicates and --epochs must be >= 1")
     if args.noise_flow and not (args.readout > 0 or args.model_error > 0):
         raise SystemExit("Sorry: --noise-flow needs a Gaussian likelihood: give --readout or --model-error")
     if args.summarise:
-        print(json.dumps(summarise(Path(args.summarise)), indent=1))
+        summary = summarise([Path(p) for p in args.summarise])
+        if args.plots:
+            plot_summary(summary, Path(args.plots), args.plot_stem)
+        for entry in summary.values():
+            for arm in ("physics", "corrected", "oracle"):
+                for site in entry.get(arm, {}).values():
+                    site.pop("pit")
+        print(json.dumps(summary, indent=1))
         return 0
     device = torch.device(args.device)
     case = load_case(args.case, Path(args.data))

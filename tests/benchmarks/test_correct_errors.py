@@ -1,5 +1,5 @@
-"""benchmarks/correct.py's error families (--errors): each name gives the InjectedErrors it says,
-and a bad one one Sorry line."""
+"""benchmarks/correct.py: its error families (--errors), each name giving the InjectedErrors it
+says and a bad one one Sorry line; its summary over data sets (--summarise)."""
 
 from __future__ import annotations
 
@@ -51,3 +51,42 @@ def test_the_noise_flow_without_a_gaussian_likelihood_is_one_sorry_line(tmp_path
     with pytest.raises(SystemExit, match="needs a Gaussian likelihood") as raised:
         main(["--errors", "charge1", "--noise-flow", "--out", str(tmp_path)])
     assert str(raised.value).startswith("Sorry:") and not any(tmp_path.iterdir())
+
+
+def _record(seed: int, z: float, offset: float) -> dict:
+    """A corrected-arm record whose common shift (edge + offset) is z sigmas off a +2 eV truth."""
+    sigma = 0.025
+    return {"case": "rubredoxin", "error": "psf1.5", "n": 20, "seed": seed, "sites": ["A/FE54/FE"], "truth": [2.0],
+            "parameters": ["edge_shift_eV[A/FE54/FE]", "spectrometer_offset_eV", "spectrometer_dispersion"],
+            "theta": [2.0 + z * sigma - offset, offset, 0.0], "sigma_given_calibration": [sigma, 0.0, 0.0],
+            "sigma_joint": [0.995, 0.995, 0.001], "physics_theta": [2.5], "physics_sigma": [0.02],
+            "oracle_theta": None, "seconds_per_epoch": 1.0}  # fmt: skip
+
+
+def test_the_summary_scores_the_common_shift(tmp_path):
+    """--summarise over two files: the corrected arm's edge shift + offset over its sigma given the
+    spectrometer; coverage counted by hand from the z's (|z| below the normal quantiles 0.674,
+    0.994, 1.645, 1.960); the PNGs written; a record without the spectrometer latents one Sorry line."""
+    from records import append_record
+
+    zs = [0.1, -0.5, 0.9, -1.5, 2.5]
+    for k, z in enumerate(zs):
+        append_record(tmp_path / f"part{k % 2}.jsonl", _record(60 + k, z, offset=0.02 * k))
+    summary = main(["--summarise", str(tmp_path / "part0.jsonl"), str(tmp_path / "part1.jsonl"), "--plots", str(tmp_path / "png")])
+    assert summary == 0
+    from correct import summarise
+
+    entry = summarise([tmp_path / "part0.jsonl", tmp_path / "part1.jsonl"])["rubredoxin psf1.5 N=20"]
+    corrected = entry["corrected"]["A/FE54/FE"]
+    assert entry["replicates"] == 5 and corrected["coverage"] == [0.4, 0.6, 0.8, 0.8]
+    assert corrected["bias_eV"] == pytest.approx(0.025 * sum(zs) / 5, abs=1e-4)
+    assert entry["physics"]["A/FE54/FE"]["bias_sigma"] == pytest.approx(25.0)
+    assert "oracle" not in entry
+    assert sorted(p.name for p in (tmp_path / "png").iterdir()) == [
+        "correct_scale_psf1.5_A_FE54_FE_coverage.png", "correct_scale_psf1.5_A_FE54_FE_sbc.png"]
+    old = _record(70, 0.0, 0.0)
+    del old["parameters"]
+    append_record(tmp_path / "old.jsonl", old)
+    with pytest.raises(SystemExit, match="before the spectrometer latents") as raised:
+        main(["--summarise", str(tmp_path / "old.jsonl")])
+    assert str(raised.value).startswith("Sorry:")
