@@ -13,17 +13,23 @@ group; a missing point spread, say, shows as sd > 1 at low resolution where spot
 
 from __future__ import annotations
 
+import logging
 import math
+from dataclasses import replace
 
 import numpy as np
 import torch
 from torch import Tensor
 
+from spread_dials.refine.engine import inverse_resolution
 from spread_dials.refine.model import pixel_rate
 from spread_dials.refine.residuals import standardized_residuals
 from spread_dials.refine.stage1 import refine_shots
 
-__all__ = ["held_out_stills", "shell_edges", "residual_sums", "summarise_sums", "z_sums", "z_moments"]
+__all__ = ["PredictiveCheck", "held_out_stills", "shell_edges", "residual_sums", "summarise_sums", "z_sums", "z_moments"]
+
+
+logger = logging.getLogger("dials.spread.correct")
 
 
 def held_out_stills(n_stills: int, fraction: float, seed: int) -> list[int]:
@@ -116,3 +122,56 @@ def summarise_sums(sums: Tensor, n_panel_groups: int, n_panels: int, edges: Tens
     shells = [{"d_max_A": (1 / bounds[s]) if bounds[s] > 0 else None, "d_min_A": (1 / bounds[s + 1]) if math.isfinite(bounds[s + 1]) else None,
                **z_moments(*sums[1, s].tolist())} for s in range(len(bounds) - 1)]  # fmt: skip
     return {"panel_groups": panels, "resolution_shells": shells}
+
+
+class PredictiveCheck:
+    """The posterior predictive check of a fit over all ranks: holds round(``held_out_fraction``
+    x stills) stills (:func:`held_out_stills` from ``seed``) out of the fit of the globals (their
+    caches' weight set to 0), then measures their residuals when asked (:meth:`measure`: e.g.
+    before and after the correction) per ``panel_groups`` contiguous panel groups and
+    ``resolution_shells`` shells of equal shoebox counts, and reports them (:meth:`report`)."""
+
+    def __init__(self, refinement, held_out_fraction: float, panel_groups: int, resolution_shells: int, seed: int) -> None:
+        self.refinement, self.groups, self.fraction = refinement, panel_groups, held_out_fraction
+        comm = refinement.comm
+        held = set(held_out_stills(refinement.n_shots, held_out_fraction, seed))
+        self.local = [k for k, g in enumerate(refinement.shot_index) if g in held]
+        for k in self.local:
+            refinement.caches[k] = replace(refinement.caches[k], weight=0.0)
+        self.inverse_d = [inverse_resolution(shot) for shot in refinement.shots.shots]
+        mine = [self.inverse_d[k].cpu() for k in self.local]
+        everyone = [d for part in comm.allgather(mine) for d in part]
+        self.edges = shell_edges(torch.cat(everyone) if everyone else torch.zeros(0, dtype=torch.float64), resolution_shells)
+        names = [refinement.shots.shots[k].identifier for k in self.local]
+        self.identifiers = [n for part in comm.allgather(names) for n in part]
+        self.sums: dict[str, Tensor] = {}
+        if held:
+            logger.info("Posterior predictive check: %d of %d stills held out of the fit (correct.predictive.held_out_fraction = %g)",
+                        len(held), refinement.n_shots, held_out_fraction)  # fmt: skip
+
+    def measure(self, when: str) -> None:
+        """Residual sums of the held-out stills at the refinement's current globals, over all ranks."""
+        if not self.identifiers:
+            return
+        local = residual_sums(self.refinement, self.local, self.inverse_d, self.edges, self.groups)
+        self.sums[when] = sum(self.refinement.comm.allgather(local))
+
+    def report(self) -> dict | None:
+        """Per panel group and resolution shell, before and after: pixels, mean and sd of z; logged.
+        None before an "after" measurement."""
+        if "after" not in self.sums:
+            return None
+        n_panels = self.refinement.shots.panels.n_panels
+        parts = {w: summarise_sums(s, self.groups, n_panels, self.edges) for w, s in self.sums.items()}
+        out = {"held_out_fraction": self.fraction, "held_out_stills": self.identifiers, **parts}
+        for key, label in (("panel_groups", "panels {panels[0]}-{panels[1]}"), ("resolution_shells", "shell {k}")):
+            for k, after in enumerate(parts["after"][key]):
+                before = parts["before"][key][k] if "before" in parts else {}
+                logger.info("  held-out z, %s (%d px): mean %s -> %s, sd %s -> %s", label.format(k=k + 1, **after),
+                            after["pixels"], _fmt(before.get("mean")), _fmt(after["mean"]), _fmt(before.get("sd")),
+                            _fmt(after["sd"]))  # fmt: skip
+        return out
+
+
+def _fmt(value: float | None) -> str:
+    return "-" if value is None else f"{value:.3f}"

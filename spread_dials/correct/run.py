@@ -23,10 +23,9 @@ from torch import Tensor
 from spread_dials.correct.context import pixel_context
 from spread_dials.correct.correction import CorrectionSettings, PixelCorrection, within_capacity
 from spread_dials.correct.fit import CorrectedModel, CorrectSettings, feature_statistics
-from spread_dials.correct.predictive import held_out_stills, residual_sums, shell_edges, summarise_sums
+from spread_dials.correct.predictive import PredictiveCheck
 from spread_dials.correct.residual_maps import model_residual_sums, summarise_maps
 from spread_dials.correct.spectrometer import SpectrometerSites
-from spread_dials.refine.engine import inverse_resolution
 from spread_dials.refine.run import (
     checkpoint_states,
     has_cell_vector,
@@ -157,7 +156,9 @@ def run_correction(ctx, experiments, reflections, warm_start) -> dict:
         # factors: one stage 1 at the warm theta fits them as dials.spread_refine had (the warm-up holds them there)
         nll, _ = refinement.stage1()
         logger.info("Per-shot latents fitted at the warm start (stage 1 NLL %.3f)", nll)
-    check = _PredictiveCheck(refinement, params.correct.predictive, int(params.random.seed))
+    predictive = params.correct.predictive
+    check = PredictiveCheck(refinement, predictive.held_out_fraction, predictive.panel_groups, predictive.resolution_shells,
+                            int(params.random.seed))  # fmt: skip
     radius = params.correct.correction.stencil_radius
     contexts = [pixel_context(shots, s, nominal, radius) for s in shots.shots]
     correction = PixelCorrection(shots.panels.n_panels, correction_settings, feature_statistics(refinement, contexts))
@@ -248,56 +249,6 @@ def _log_maps(maps: dict) -> None:
     logger.info("Residual maps of the fitted stills (z, physics at the warm start -> corrected): spot centre mean %.3f -> %.3f, "
                 "rms of the shoebox frame's means %.3f -> %.3f, panel mean farthest from 0 %.3f -> %.3f",
                 before[0], after[0], before[1], after[1], before[2], after[2])  # fmt: skip
-
-
-class _PredictiveCheck:
-    """The posterior predictive check (:mod:`spread_dials.correct.predictive`): holds the chosen
-    stills out of the fit (weight 0) and measures their residuals before and after."""
-
-    def __init__(self, refinement, params, seed: int) -> None:
-        self.refinement, self.groups = refinement, params.panel_groups
-        comm = refinement.comm
-        held = set(held_out_stills(refinement.n_shots, params.held_out_fraction, seed))
-        self.fraction = params.held_out_fraction
-        self.local = [k for k, g in enumerate(refinement.shot_index) if g in held]
-        for k in self.local:
-            refinement.caches[k] = replace(refinement.caches[k], weight=0.0)
-        self.inverse_d = [inverse_resolution(shot) for shot in refinement.shots.shots]
-        mine = [self.inverse_d[k].cpu() for k in self.local]
-        everyone = [d for part in comm.allgather(mine) for d in part]
-        self.edges = shell_edges(torch.cat(everyone) if everyone else torch.zeros(0, dtype=torch.float64), params.resolution_shells)
-        names = [refinement.shots.shots[k].identifier for k in self.local]
-        self.identifiers = [n for part in comm.allgather(names) for n in part]
-        self.sums: dict[str, Tensor] = {}
-        if held:
-            logger.info("Posterior predictive check: %d of %d stills held out of the fit (correct.predictive.held_out_fraction = %g)",
-                        len(held), refinement.n_shots, self.fraction)  # fmt: skip
-
-    def measure(self, when: str) -> None:
-        """Residual sums of the held-out stills at the refinement's current globals, over all ranks."""
-        if not self.identifiers:
-            return
-        local = residual_sums(self.refinement, self.local, self.inverse_d, self.edges, self.groups)
-        self.sums[when] = sum(self.refinement.comm.allgather(local))
-
-    def report(self) -> dict | None:
-        """Per panel group and resolution shell, before and after: pixels, mean and sd of z; logged."""
-        if "after" not in self.sums:
-            return None
-        n_panels = self.refinement.shots.panels.n_panels
-        parts = {w: summarise_sums(s, self.groups, n_panels, self.edges) for w, s in self.sums.items()}
-        out = {"held_out_fraction": self.fraction, "held_out_stills": self.identifiers, **parts}
-        for key, label in (("panel_groups", "panels {panels[0]}-{panels[1]}"), ("resolution_shells", "shell {k}")):
-            for k, after in enumerate(parts["after"][key]):
-                before = parts["before"][key][k] if "before" in parts else {}
-                logger.info("  held-out z, %s (%d px): mean %s -> %s, sd %s -> %s", label.format(k=k + 1, **after),
-                            after["pixels"], _fmt(before.get("mean")), _fmt(after["mean"]), _fmt(before.get("sd")),
-                            _fmt(after["sd"]))  # fmt: skip
-        return out
-
-
-def _fmt(value: float | None) -> str:
-    return "-" if value is None else f"{value:.3f}"
 
 
 def _physics_photons(model: CorrectedModel) -> dict[str, np.ndarray]:
