@@ -31,7 +31,10 @@ seconds (physics, correction), seconds per epoch, GPU-seconds per still per epoc
 GPU memory.  --mosaic-latent: the physics and corrected arms refine each still's mosaic
 spreads (the oracle is told them instead).  --noise-flow: the corrected arm learns the pixel
 noise (correct.noise_flow; the oracle is not told the charge spread).  --model-error F gives every arm the engine's Gaussian likelihood with a fractional
-model error F (refinement.model_error_fraction).  Resumable: a (case, error, N, replicate, seed) already in the file is skipped.
+model error F (refinement.model_error_fraction).  --held-out-fraction F: the posterior
+predictive check (correct.predictive) on that fraction of the stills, out of the corrected arm's
+fit, before and after it (the physics arm, its warm start, fits every still, as dials.spread_refine
+before dials.spread_correct).  Resumable: a (case, error, N, replicate, seed) already in the file is skipped.
 """
 
 from __future__ import annotations
@@ -56,6 +59,7 @@ from refine import BACKGROUND_PHOTONS, load_case
 from spread_dials.correct.context import pixel_context
 from spread_dials.correct.correction import CorrectionSettings, PixelCorrection, within_capacity
 from spread_dials.correct.fit import CorrectedModel, CorrectSettings, feature_statistics
+from spread_dials.correct.predictive import PredictiveCheck, pool_reports
 from spread_dials.correct.spectrometer import SpectrometerSites
 from spread_dials.parallel import Parallel
 from spread_dials.physics.geometry import PanelArray
@@ -195,13 +199,21 @@ def run_one(case: dict, error: str, n: int, replicate: int, args, device: torch.
     r = Refinement(shot_set, list(range(n)), n, caches, [], corrected_sites, corrected_sites.extend(physics.theta), model,
                    Parallel(), replace(settings, energy_jitter_sigma_eV=args.jitter_sigma))  # fmt: skip
     r.initialise_states()
+    check = PredictiveCheck(r, args.held_out_fraction, args.panel_groups, args.resolution_shells, args.seed)
     contexts = [pixel_context(shot_set, s, nominal, args.stencil_radius) for s in shot_set.shots]
     correction = PixelCorrection(shot_set.panels.n_panels, kept, feature_statistics(r, contexts)).to(device)
     corrected = CorrectedModel(r, correction, contexts, CorrectSettings(epochs=args.epochs, noise_flow=args.noise_flow))
+    check.measure("before")
     corrected.run()
+    check.measure("after")
     joint, conditional, calibrated = corrected.covariance(held=corrected_sites.latent_indices)
     _sync(device)
     t_correct = time.perf_counter() - t0
+    predictive = check.report()
+    if predictive is not None:
+        print(f"{error} N={n} r{replicate}: held-out z sd per resolution shell, physics -> corrected: " + ", ".join(
+            f"{b['sd']:.3f} -> {a['sd']:.3f}" for b, a in zip(predictive["before"]["resolution_shells"], predictive["after"]["resolution_shells"])
+            if a["sd"] is not None), flush=True)  # fmt: skip
     epoch_s = [h["seconds"] for h in corrected.history]
     return {
         "case": case["name"], "error": error, "n": n, "replicate": replicate, "seed": args.seed, "sites": case["labels"],
@@ -229,6 +241,7 @@ def run_one(case: dict, error: str, n: int, replicate: int, args, device: torch.
         "gpu_seconds_per_still_per_epoch": float(np.mean(epoch_s)) / n,
         "peak_memory_gb": None if gpu_peak_bytes(device) is None else gpu_peak_bytes(device) / 2**30,
         "history": corrected.history, "converged": corrected.converged, "settings": asdict(corrected.settings),
+        "posterior_predictive": predictive,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "date": time.strftime("%Y-%m-%d"),
     }  # fmt: skip
 
@@ -269,7 +282,9 @@ def summarise(paths: list[Path]) -> dict[str, dict]:
     (arm_estimates; the corrected arm's common shift) and site the bias in eV and in its own
     sigmas, the rms z, the mean sigma and the interval calibration (calibration_summary of the
     Gaussian PITs, with the PITs under "pit"); the corrected arm's joint sigma (the spectrometer
-    profiled: prior-dominated for an absolute shift) and the seconds per epoch."""
+    profiled: prior-dominated for an absolute shift), the seconds per epoch and, where the records
+    have a posterior predictive check (--held-out-fraction), the held-out z pooled over the data
+    sets (pool_reports)."""
     rows = []
     for path in paths:
         rows += read_records(path)
@@ -284,14 +299,19 @@ def summarise(paths: list[Path]) -> dict[str, dict]:
                        "seconds_per_epoch": round(float(np.mean([r["seconds_per_epoch"] for r in group])), 2)}  # fmt: skip
         for arm, (estimate, sigma, truth) in arm_estimates(group).items():
             entry[arm] = {label: site_summary(estimate[:, k], sigma[:, k], truth[:, k]) for k, label in enumerate(group[0]["sites"])}
+        checks = [r["posterior_predictive"] for r in group if r.get("posterior_predictive")]
+        if checks:
+            entry["predictive"] = pool_reports(checks)
         out[f"{key[0]} {key[1]} N={key[2]}"] = entry
     return out
 
 
 def plot_summary(summary: dict[str, dict], directory: Path, stem: str) -> list[Path]:
     """Per group and site of ``summary``: the coverage curve and the SBC rank histograms of every
-    arm (spread_dials.plots.calibration), as <stem>_<error>_<site>_{coverage,sbc}.png."""
+    arm (spread_dials.plots.calibration), as <stem>_<error>_<site>_{coverage,sbc}.png, and per group
+    with a pooled posterior predictive check its picture, <stem>_<error>_predictive.png."""
     from spread_dials.plots.calibration import plot_coverage, plot_rank_histograms
+    from spread_dials.plots.correct import plot_predictive
 
     directory.mkdir(parents=True, exist_ok=True)
     written = []
@@ -303,6 +323,8 @@ def plot_summary(summary: dict[str, dict], directory: Path, stem: str) -> list[P
             name = f"{stem}_{entry['error']}_{site.replace('/', '_')}".replace("+", "_")
             written += [plot_coverage(pits, directory / f"{name}_coverage.png", title=title),
                         plot_rank_histograms(pits, directory / f"{name}_sbc.png", title=title)]  # fmt: skip
+        if "predictive" in entry:
+            written.append(plot_predictive(entry["predictive"], directory / f"{stem}_{entry['error'].replace('+', '_')}_predictive.png"))
     return written
 
 
@@ -334,6 +356,11 @@ def main(argv=None) -> int:
     ap.add_argument("--readout", type=float, default=0.0,
                     help="injected Gaussian readout (photons) on every pixel, told to every arm (likelihood gaussian_readout)")
     ap.add_argument("--noise-flow", action="store_true", help="the corrected arm learns the pixel noise (correct.noise_flow)")
+    ap.add_argument("--held-out-fraction", type=float, default=0.0,
+                    help="the posterior predictive check: this fraction of the stills (drawn from --seed) out of the corrected arm's fit, "
+                         "their residuals before and after (correct.predictive; the physics arm, the warm start, fits every still)")
+    ap.add_argument("--panel-groups", type=int, default=4, help="the check's contiguous panel groups")
+    ap.add_argument("--resolution-shells", type=int, default=4, help="the check's resolution shells of equal shoebox counts")
     ap.add_argument("--truth-shift", type=float, default=2.0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default="results")
@@ -345,6 +372,8 @@ def main(argv=None) -> int:
         raise SystemExit("Sorry: --n, --replicates and --epochs must be >= 1")
     if args.noise_flow and not (args.readout > 0 or args.model_error > 0):
         raise SystemExit("Sorry: --noise-flow needs a Gaussian likelihood: give --readout or --model-error")
+    if not 0.0 <= args.held_out_fraction < 1.0 or args.panel_groups < 1 or args.resolution_shells < 1:
+        raise SystemExit("Sorry: --held-out-fraction must be in [0, 1), --panel-groups and --resolution-shells >= 1")
     if args.summarise:
         summary = summarise([Path(p) for p in args.summarise])
         if args.plots:

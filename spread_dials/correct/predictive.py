@@ -26,7 +26,7 @@ from spread_dials.refine.model import pixel_rate
 from spread_dials.refine.residuals import standardized_residuals
 from spread_dials.refine.stage1 import refine_shots
 
-__all__ = ["PredictiveCheck", "held_out_stills", "shell_edges", "residual_sums", "summarise_sums", "z_sums", "z_moments"]
+__all__ = ["PredictiveCheck", "pool_reports", "held_out_stills", "shell_edges", "residual_sums", "summarise_sums", "z_sums", "z_moments"]
 
 
 logger = logging.getLogger("dials.spread.correct")
@@ -122,6 +122,39 @@ def summarise_sums(sums: Tensor, n_panel_groups: int, n_panels: int, edges: Tens
     shells = [{"d_max_A": (1 / bounds[s]) if bounds[s] > 0 else None, "d_min_A": (1 / bounds[s + 1]) if math.isfinite(bounds[s + 1]) else None,
                **z_moments(*sums[1, s].tolist())} for s in range(len(bounds) - 1)]  # fmt: skip
     return {"panel_groups": panels, "resolution_shells": shells}
+
+
+def pool_reports(reports: list[dict]) -> dict:
+    """The held-out z of several data sets' checks (:meth:`PredictiveCheck.report`, same panel
+    groups and shell count) pooled per group and shell, before and after: pixels, mean and sd
+    (ddof 1) from the summed moments.  The k-th shell pools each data set's k-th equal-count
+    shell; its d range is the mean of theirs.
+
+    Raises:
+        ValueError: no reports, or reports of different group or shell counts.
+    """
+    if not reports:
+        raise ValueError("no posterior predictive reports to pool")
+    out: dict = {"data_sets": len(reports), "held_out_stills": [name for r in reports for name in r["held_out_stills"]]}
+    for when in ("before", "after"):
+        out[when] = {}
+        for key in ("panel_groups", "resolution_shells"):
+            groups = [r[when][key] for r in reports]
+            if len({len(g) for g in groups}) != 1:
+                raise ValueError(f"the reports have different numbers of {key.replace('_', ' ')}")
+            pooled = []
+            for parts in zip(*groups):
+                count = sum(g["pixels"] for g in parts if g["mean"] is not None)
+                total = sum(g["pixels"] * g["mean"] for g in parts if g["mean"] is not None)
+                square = sum(g["sd"] ** 2 * (g["pixels"] - 1) + g["pixels"] * g["mean"] ** 2 for g in parts if g["mean"] is not None)
+                labels = {k: parts[0][k] for k in ("panels",) if k in parts[0]}
+                for k in ("d_max_A", "d_min_A"):
+                    if k in parts[0]:
+                        known = [g[k] for g in parts if g[k] is not None]
+                        labels[k] = float(np.mean(known)) if known else None
+                pooled.append({**labels, **z_moments(count, total, square)})
+            out[when][key] = pooled
+    return out
 
 
 class PredictiveCheck:

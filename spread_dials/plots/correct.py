@@ -132,10 +132,13 @@ def plot_predictive(check: dict, path: str | Path) -> Path:
 
 
 def _group_label(group: dict) -> str:
-    """'first-last' panels, or the shell's 'd_max-d_min' (A; open ends as '>' / '<')."""
+    """'first-last' panels, or the shell's 'd_max-d_min' (A; open ends as '>' / '<'; 'all' for
+    the one shell of correct.predictive.resolution_shells = 1)."""
     if "panels" in group:
         return "{}-{}".format(*group["panels"])
     high, low = group["d_max_A"], group["d_min_A"]
+    if high is None and low is None:
+        return "all"
     if high is None:
         return f"> {low:.2f}"
     return f"< {high:.2f}" if low is None else f"{high:.2f}-{low:.2f}"

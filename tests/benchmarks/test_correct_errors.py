@@ -60,7 +60,15 @@ def _record(seed: int, z: float, offset: float) -> dict:
             "parameters": ["edge_shift_eV[A/FE54/FE]", "spectrometer_offset_eV", "spectrometer_dispersion"],
             "theta": [2.0 + z * sigma - offset, offset, 0.0], "sigma_given_calibration": [sigma, 0.0, 0.0],
             "sigma_joint": [0.995, 0.995, 0.001], "physics_theta": [2.5], "physics_sigma": [0.02],
-            "oracle_theta": None, "seconds_per_epoch": 1.0}  # fmt: skip
+            "oracle_theta": None, "seconds_per_epoch": 1.0, "posterior_predictive": _check(1.0 + abs(z))}  # fmt: skip
+
+
+def _check(sd: float) -> dict:
+    """A held-out check of one panel group and one shell whose z has mean 0 and ``sd`` before, 1 after."""
+    def groups(sd: float) -> dict:
+        return {"panel_groups": [{"panels": [0, 255], "pixels": 100, "mean": 0.0, "sd": sd}],
+                "resolution_shells": [{"d_max_A": None, "d_min_A": None, "pixels": 100, "mean": 0.0, "sd": sd}]}
+    return {"held_out_stills": ["still 3"], "before": groups(sd), "after": groups(1.0)}
 
 
 def test_the_summary_scores_the_common_shift(tmp_path):
@@ -82,8 +90,12 @@ def test_the_summary_scores_the_common_shift(tmp_path):
     assert corrected["bias_eV"] == pytest.approx(0.025 * sum(zs) / 5, abs=1e-4)
     assert entry["physics"]["A/FE54/FE"]["bias_sigma"] == pytest.approx(25.0)
     assert "oracle" not in entry
+    # the held-out checks pooled: 5 x 100 pixels of mean 0, each sd 1 (ddof 1): sd sqrt(5 x 99 / 499)
+    assert entry["predictive"]["data_sets"] == 5 and entry["predictive"]["after"]["panel_groups"][0]["pixels"] == 500
+    assert entry["predictive"]["after"]["panel_groups"][0]["sd"] == pytest.approx((5 * 99 / 499) ** 0.5, rel=1e-12)
+    assert entry["predictive"]["before"]["resolution_shells"][0]["sd"] > 1.5
     assert sorted(p.name for p in (tmp_path / "png").iterdir()) == [
-        "correct_scale_psf1.5_A_FE54_FE_coverage.png", "correct_scale_psf1.5_A_FE54_FE_sbc.png"]
+        "correct_scale_psf1.5_A_FE54_FE_coverage.png", "correct_scale_psf1.5_A_FE54_FE_sbc.png", "correct_scale_psf1.5_predictive.png"]
     old = _record(70, 0.0, 0.0)
     del old["parameters"]
     append_record(tmp_path / "old.jsonl", old)

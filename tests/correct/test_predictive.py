@@ -7,13 +7,21 @@ from __future__ import annotations
 
 from dataclasses import replace
 
+import numpy as np
 import pytest
 import torch
 
 from spread_dials.correct.context import pixel_context
 from spread_dials.correct.correction import CorrectionSettings, PixelCorrection
 from spread_dials.correct.fit import CorrectedModel, CorrectSettings, feature_statistics
-from spread_dials.correct.predictive import held_out_stills, residual_sums, shell_edges, summarise_sums
+from spread_dials.correct.predictive import (
+    held_out_stills,
+    pool_reports,
+    residual_sums,
+    shell_edges,
+    summarise_sums,
+    z_moments,
+)
 from spread_dials.refine.engine import inverse_resolution
 from spread_dials.refine.synthetic import InjectedErrors
 
@@ -72,3 +80,31 @@ def test_a_held_out_still_does_not_move_the_fit():
     base, doubled = _fitted_theta(True, 1.0), _fitted_theta(True, 2.0)
     assert torch.allclose(base, doubled, rtol=0, atol=1e-10), (base, doubled)
     assert not torch.allclose(_fitted_theta(False, 1.0), _fitted_theta(False, 2.0), rtol=0, atol=1e-3)
+
+
+def test_pooled_reports_are_the_moments_of_all_pixels():
+    """Two data sets' reports pooled per group equal numpy's mean and sd (ddof 1) of their
+    pixels' z together; a group with one pixel (no moments) adds nothing; unequal shell counts
+    are refused."""
+    rng = np.random.default_rng(7)
+    zs = [[rng.normal(0.3, 1.4, 50), rng.normal(-0.1, 0.8, 30)], [rng.normal(0.2, 1.2, 20), rng.normal(0.0, 1.0, 1)]]
+
+    def report(z: list[np.ndarray], d: float) -> dict:
+        parts = [z_moments(len(x), float(x.sum()), float((x**2).sum())) for x in z]
+        groups = {"panel_groups": [{"panels": [0, 1], **parts[0]}, {"panels": [2, 3], **parts[1]}],
+                  "resolution_shells": [{"d_max_A": None, "d_min_A": d, **parts[0]}, {"d_max_A": d, "d_min_A": None, **parts[1]}]}  # fmt: skip
+        return {"held_out_stills": ["a"], "before": groups, "after": groups}
+
+    pooled = pool_reports([report(zs[0], 2.0), report(zs[1], 3.0)])
+    assert pooled["data_sets"] == 2 and pooled["held_out_stills"] == ["a", "a"]
+    for g, together in enumerate([np.concatenate([zs[0][0], zs[1][0]]), zs[0][1]]):
+        got = pooled["after"]["panel_groups"][g]
+        assert got["pixels"] == together.size
+        assert got["mean"] == pytest.approx(together.mean(), rel=1e-12)
+        assert got["sd"] == pytest.approx(together.std(ddof=1), rel=1e-12)
+    assert pooled["before"]["resolution_shells"][0]["d_min_A"] == pytest.approx(2.5)
+    assert pooled["before"]["resolution_shells"][0]["d_max_A"] is None
+    short = report(zs[0], 2.0)
+    short["after"]["resolution_shells"] = short["after"]["resolution_shells"][:1]
+    with pytest.raises(ValueError, match="different numbers of resolution shells"):
+        pool_reports([report(zs[1], 3.0), short])
