@@ -109,16 +109,23 @@ def plot_noise_flow(flow, path: str | Path) -> Path:
 
 def plot_predictive(check: dict, path: str | Path) -> Path:
     """Held-out stills' standardized residuals (mean and sd of z) per panel group and resolution
-    shell, before (physics) and after the correction, with the ideal mean 0 and sd 1 marked."""
+    shell, before (physics) and after the correction, with the ideal mean 0 and sd 1 marked and
+    each bar's value written on it; an axis goes logarithmic (symlog for the mean) when a bar is
+    more than 10 from its ideal."""
     plt = pyplot()
     fig, axes = plt.subplots(2, 2, figsize=(10, 6), sharex="col")
     for col, (key, name) in enumerate((("panel_groups", "panels"), ("resolution_shells", "resolution shell (d, A)"))):
         for row, (stat, ideal) in enumerate((("mean", 0.0), ("sd", 1.0))):
             ax = axes[row, col]
+            spread = []
             for offset, when, colour in ((-0.15, "before", "C7"), (0.15, "after", "C0")):
-                values = [np.nan if g[stat] is None else g[stat] for g in check.get(when, {}).get(key, [])]
-                ax.bar(np.arange(len(values)) + offset, np.array(values) - ideal, width=0.3, bottom=ideal, color=colour,
-                       label={"before": "physics", "after": "corrected"}[when])  # fmt: skip
+                values = np.array([np.nan if g[stat] is None else g[stat] for g in check.get(when, {}).get(key, [])])
+                bars = ax.bar(np.arange(len(values)) + offset, values - ideal, width=0.3, bottom=ideal, color=colour,
+                              label={"before": "physics", "after": "corrected"}[when])  # fmt: skip
+                ax.bar_label(bars, labels=["" if np.isnan(v) else f"{v:.3g}" for v in values], fontsize=6)
+                spread += [abs(v - ideal) for v in values if np.isfinite(v)]
+            if spread and max(spread) > 10:  # a missing PSF gives sd ~1e3 against the corrected 1.0: keep both readable
+                ax.set_yscale("symlog", linthresh=1.0) if stat == "mean" else ax.set_yscale("log")
             ax.axhline(ideal, color="k", lw=0.8)
             ax.set_ylabel(f"{stat} of z")
             groups = check.get("after", check.get("before", {})).get(key, [])
