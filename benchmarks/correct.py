@@ -282,7 +282,9 @@ def summarise(paths: list[Path]) -> dict[str, dict]:
     (arm_estimates; the corrected arm's common shift) and site the bias in eV and in its own
     sigmas, the rms z, the mean sigma and the interval calibration (calibration_summary of the
     Gaussian PITs, with the PITs under "pit"); the corrected arm's joint sigma (the spectrometer
-    profiled: prior-dominated for an absolute shift), the seconds per epoch and, where the records
+    profiled: prior-dominated for an absolute shift), how far the corrected common shift is from
+    the physics estimate in physics sigmas (largest and rms: the no-harm target), the seconds per
+    epoch and, where the records
     have a posterior predictive check (--held-out-fraction), the held-out z pooled over the data
     sets (pool_reports)."""
     rows = []
@@ -297,8 +299,14 @@ def summarise(paths: list[Path]) -> dict[str, dict]:
         entry: dict = {"case": key[0], "error": key[1], "n": key[2], "replicates": len(group), "seeds": sorted({r["seed"] for r in group}),
                        "corrected_sigma_joint": np.mean([r["sigma_joint"][: len(r["sites"])] for r in group], 0).round(4).tolist(),
                        "seconds_per_epoch": round(float(np.mean([r["seconds_per_epoch"] for r in group])), 2)}  # fmt: skip
-        for arm, (estimate, sigma, truth) in arm_estimates(group).items():
+        arms = arm_estimates(group)
+        for arm, (estimate, sigma, truth) in arms.items():
             entry[arm] = {label: site_summary(estimate[:, k], sigma[:, k], truth[:, k]) for k, label in enumerate(group[0]["sites"])}
+        # issue 13's no-harm target (no injected error): the correction moves no site by more than 0.25 sigma
+        moved = (arms["corrected"][0] - arms["physics"][0]) / arms["physics"][1]
+        entry["corrected_minus_physics_sigma"] = {label: {"max_abs": round(float(np.abs(moved[:, k]).max()), 3),
+                                                          "rms": round(float(np.sqrt(np.mean(moved[:, k] ** 2))), 3)}
+                                                  for k, label in enumerate(group[0]["sites"])}  # fmt: skip
         checks = [r["posterior_predictive"] for r in group if r.get("posterior_predictive")]
         if checks:
             entry["predictive"] = pool_reports(checks)

@@ -89,6 +89,8 @@ def test_the_summary_scores_the_common_shift(tmp_path):
     assert entry["replicates"] == 5 and corrected["coverage"] == [0.4, 0.6, 0.8, 0.8]
     assert corrected["bias_eV"] == pytest.approx(0.025 * sum(zs) / 5, abs=1e-4)
     assert entry["physics"]["A/FE54/FE"]["bias_sigma"] == pytest.approx(25.0)
+    # physics 2.5 +- 0.02: the corrected common shifts 2 + 0.025 z are (0.025 z - 0.5) / 0.02 physics sigmas from it
+    assert entry["corrected_minus_physics_sigma"]["A/FE54/FE"]["max_abs"] == pytest.approx((0.5 + 0.025 * 1.5) / 0.02, abs=1e-3)
     assert "oracle" not in entry
     # the held-out checks pooled: 5 x 100 pixels of mean 0, each sd 1 (ddof 1): sd sqrt(5 x 99 / 499)
     assert entry["predictive"]["data_sets"] == 5 and entry["predictive"]["after"]["panel_groups"][0]["pixels"] == 500
