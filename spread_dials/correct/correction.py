@@ -59,7 +59,7 @@ from spread_dials.correct.context import (
     stencil_orbits,
 )
 
-__all__ = ["CorrectionSettings", "PixelCorrection", "LeakyCorrection", "redistribute", "stencil_moves", "within_capacity"]
+__all__ = ["CorrectionSettings", "PixelCorrection", "LeakyCorrection", "channel_polynomials", "redistribute", "stencil_moves", "within_capacity"]
 
 
 @dataclass(frozen=True)
@@ -248,6 +248,10 @@ class PixelCorrection(nn.Module):
     def apply(self, profile: Tensor, context: PixelContext, **_) -> Tensor:
         """Corrected profiles: exp(log_gain + head) K ``profile`` for (N, ...) per-pixel values
         (profiles (N, C), their offsets' Jacobian (N, C, k)); linear in ``profile``."""
+        return self._pixel_apply(profile, context)
+
+    def _pixel_apply(self, profile: Tensor, context: PixelContext) -> Tensor:
+        """exp(log_gain + head) K ``profile``: the part of every correction that sees no Miller index."""
         if tuple(context.offsets) != tuple(self.offsets):
             raise ValueError(f"context made for stencil offsets {context.offsets}, correction has {self.offsets}")
         open_boundary = self.settings.shoebox_boundary == "open"
@@ -266,7 +270,7 @@ class PixelCorrection(nn.Module):
         nodes, the centring); d C / d stencil weight = f sum over the weight's offsets o of
         (x arriving from p - o, less x leaving p), K being linear in the coefficients; d C / d
         head weight = C times the monomial.  Tested against autograd (tests/correct)."""
-        corrected, factor = self.apply(values, context), self.factor(context)
+        corrected, factor = self._pixel_apply(values, context), self.factor(context)
         columns = []
         if self.settings.gain:
             g2 = self.settings.gain_nodes**2
@@ -283,6 +287,13 @@ class PixelCorrection(nn.Module):
             columns.append(corrected.unsqueeze(-1) * self._head_monomials(context))
         jacobian = torch.cat(columns, -1) if columns else values.new_zeros((values.shape[0], 0))
         return corrected, jacobian
+
+    def bragg_jacobian(self, profile: Tensor, weight: Tensor, context: PixelContext, miller_index: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """(corrected Bragg term (N,), its derivative in the weights (N, Q)) of per-channel
+        ``profile`` and ``weight`` (N, C) (|F_h(E_c)|^2 of each pixel's reflection): this
+        correction acts on the channel sum (it is linear and the same for every channel), so
+        :meth:`jacobian` of sum_c P_c w_c.  ``miller_index`` is for the leaky arm."""
+        return self.jacobian((profile * weight).sum(-1), context)
 
     def learned(self) -> list[str]:
         """Names of the weights of the parts switched on (those the fit moves)."""
@@ -310,34 +321,77 @@ class PixelCorrection(nn.Module):
 
 
 class LeakyCorrection(PixelCorrection):
-    """The leaky arm: :class:`PixelCorrection` times a free factor exp(a_hc) per Miller index h
-    and spectrum channel c (it is given h and the spectrum, so it can mimic |F_h(E_c)|^2 of any
-    f', f'' and absorb the edge shifts); no prior on a.  Acts on per-channel profiles only
-    (:attr:`per_channel`); the stills must share their channel count."""
+    """The leaky arm: :class:`PixelCorrection` times a free factor per Miller index h and
+    spectrum channel c, exp(sum_k a_hk B_kc) (it is given h and the spectrum, so it can mimic
+    |F_h(E_c)|^2 of any f', f'' and absorb the edge shifts); no prior on a.  ``energy_basis``
+    B (K, C): None for the identity (a free factor per h and channel: K = C weights per
+    reflection, the toy's arm), or a few smooth functions of the channel
+    (:func:`channel_polynomials`: K = degree + 1 weights per reflection, which keeps the
+    information matrix small enough for data sets of thousands of reflections).  Acts on
+    per-channel profiles only (:attr:`per_channel`); the stills must share their channel count."""
 
     per_channel = True
 
     def learned(self) -> list[str]:
         return [*super().learned(), "per_reflection"]
 
-    def jacobian(self, values: Tensor, context: PixelContext) -> tuple[Tensor, Tensor]:
-        """Not for the leaky arm: its correction acts per channel (differentiate the channel
-        sum by autograd, as :class:`~spread_dials.correct.fit.CorrectedModel` does)."""
-        raise NotImplementedError("the leaky correction acts per channel: no closed-form Jacobian of a channel sum")
-
     def __init__(self, n_panels: int, settings: CorrectionSettings, features: Tensor, miller_index: Tensor,
-                 n_channels: int, dtype: torch.dtype = torch.float64):  # fmt: skip
+                 n_channels: int, dtype: torch.dtype = torch.float64, energy_basis: Tensor | None = None):  # fmt: skip
         super().__init__(n_panels, settings, features, dtype)
         self.register_buffer("miller_index", torch.unique(miller_index, dim=0))
-        self.per_reflection = nn.Parameter(torch.zeros((self.miller_index.shape[0], n_channels), dtype=dtype))
+        basis = torch.eye(n_channels, dtype=dtype) if energy_basis is None else energy_basis.to(dtype)
+        if basis.dim() != 2 or basis.shape[1] != n_channels:
+            raise ValueError(f"energy_basis must be (K, {n_channels}), not {tuple(basis.shape)}")
+        self.register_buffer("energy_basis", basis)
+        self.per_reflection = nn.Parameter(torch.zeros((self.miller_index.shape[0], basis.shape[0]), dtype=dtype))
+
+    def jacobian(self, values: Tensor, context: PixelContext) -> tuple[Tensor, Tensor]:
+        """Not for the leaky arm, whose factor depends on the channel: see :meth:`bragg_jacobian`."""
+        raise NotImplementedError("the leaky correction acts per channel: use bragg_jacobian")
+
+    def _rows(self, miller_index: Tensor) -> Tensor:
+        """(B,) each shoebox's row of :attr:`per_reflection`."""
+        return torch.searchsorted(_keys(self.miller_index), _keys(miller_index))
+
+    def channel_factor(self, context: PixelContext, miller_index: Tensor) -> Tensor:
+        """(N, C) exp(sum_k a_hk B_kc) of every pixel's reflection h and channel c."""
+        return torch.exp(self.per_reflection[self._rows(miller_index)] @ self.energy_basis)[context.shoebox]
 
     def apply(self, profile: Tensor, context: PixelContext, miller_index: Tensor | None = None, **_) -> Tensor:
         """As :meth:`PixelCorrection.apply` for per-channel ``profile`` (N, C, ...), times each
         pixel's reflection and channel factor (``miller_index`` (B, 3) of the still's shoeboxes)."""
-        out = super().apply(profile, context)
-        rows = torch.searchsorted(_keys(self.miller_index), _keys(miller_index))
-        f = torch.exp(self.per_reflection[rows][context.shoebox])  # (N, C)
+        out = self._pixel_apply(profile, context)
+        f = self.channel_factor(context, miller_index)
         return f.view(*f.shape, *([1] * (profile.dim() - 2))) * out
+
+    def bragg_jacobian(self, profile: Tensor, weight: Tensor, context: PixelContext, miller_index: Tensor | None = None) -> tuple[Tensor, Tensor]:
+        """As :meth:`PixelCorrection.bragg_jacobian`, in closed form.  The factor is constant
+        over a shoebox and the rest of the correction C is linear in the profile and mixes pixels
+        of one shoebox only, so sum_c w_c f_c C(P_c) = C(sum_c w_c f_c P_c): the base weights'
+        columns are :meth:`PixelCorrection.jacobian` of that sum, and a_hk's column is
+        C(sum_c w_c f_c B_kc P_c) on the pixels of reflection h (0 elsewhere)."""
+        fw = self.channel_factor(context, miller_index) * weight  # (N, C)
+        corrected, base = super().jacobian((profile * fw).sum(-1), context)
+        moments = self._pixel_apply(torch.einsum("nc,nc,kc->nk", profile, fw, self.energy_basis), context)  # (N, K)
+        k = self.energy_basis.shape[0]
+        rows = self._rows(miller_index)[context.shoebox]
+        leaky = moments.new_zeros((moments.shape[0], self.per_reflection.numel()))
+        leaky.scatter_(1, rows.unsqueeze(-1) * k + torch.arange(k, device=rows.device), moments)
+        return corrected, torch.cat([base, leaky], -1)
+
+
+def channel_polynomials(n_channels: int, degree: int, dtype: torch.dtype = torch.float64) -> Tensor:
+    """(degree + 1, n_channels) the Legendre polynomials P_0..P_degree of the channel index
+    mapped onto [-1, 1]: smooth functions of the energy across a spectrum of equally spaced
+    channels, for :class:`LeakyCorrection`'s ``energy_basis``.
+
+    Raises:
+        ValueError: a negative degree.
+    """
+    if degree < 0:
+        raise ValueError(f"the degree must be >= 0, not {degree}")
+    x = torch.linspace(-1.0, 1.0, n_channels, dtype=dtype) if n_channels > 1 else torch.zeros(1, dtype=dtype)
+    return torch.stack([torch.special.legendre_polynomial_p(x, k) for k in range(degree + 1)])
 
 
 def _keys(hkl: Tensor) -> Tensor:

@@ -56,7 +56,6 @@ from torch import Tensor
 from spread_dials.correct.context import PixelContext
 from spread_dials.correct.correction import PixelCorrection
 from spread_dials.correct.divergence import poisson_kl
-from spread_dials.refine.derivatives import value_and_jacobian
 from spread_dials.refine.engine import Refinement
 from spread_dials.refine.information import follow_step, psd_pseudo_inverse, shot_information
 from spread_dials.refine.model import (
@@ -439,13 +438,11 @@ class CorrectedModel:
 
     def _bragg_jacobian(self, i: int, profile: Tensor, weight: Tensor) -> Tensor:
         """(N, Q) d (corrected Bragg term) / d phi of local still i at the current phi, for
-        physics ``profile`` and ``weight`` (N, C): in closed form
-        (:meth:`~spread_dials.correct.correction.PixelCorrection.jacobian`) or, for a correction
-        acting per channel (the leaky arm), by autograd."""
-        if getattr(self.correction, "per_channel", False):
-            return value_and_jacobian(lambda x: self._bragg(i, profile, weight, x)[0], self.phi.to(profile))[1]
+        physics ``profile`` and ``weight`` (N, C), in closed form
+        (:meth:`~spread_dials.correct.correction.PixelCorrection.bragg_jacobian`)."""
         with torch.no_grad():
-            return self.correction.jacobian((profile * weight).sum(-1), self.contexts[i])[1]
+            miller_index = self.refinement.shots.shots[i].shoeboxes.miller_index
+            return self.correction.bragg_jacobian(profile, weight, self.contexts[i], miller_index)[1]
 
     def _columns(self, i: int) -> Tensor:
         """(N, Q) d lambda* / d phi of local still i at its current per-shot parameters and phi."""

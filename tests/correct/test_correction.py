@@ -11,7 +11,13 @@ import pytest
 import torch
 
 from spread_dials.correct.context import pixel_context
-from spread_dials.correct.correction import CorrectionSettings, LeakyCorrection, PixelCorrection, redistribute
+from spread_dials.correct.correction import (
+    CorrectionSettings,
+    LeakyCorrection,
+    PixelCorrection,
+    channel_polynomials,
+    redistribute,
+)
 from spread_dials.correct.divergence import poisson_kl
 from spread_dials.correct.fit import CorrectedModel, CorrectSettings, feature_statistics
 from spread_dials.refine.derivatives import value_and_jacobian
@@ -280,6 +286,54 @@ def test_closed_form_jacobian_matches_autograd(toy, settings):
     assert float(expected.abs().max()) > 0.1
     assert torch.allclose(value, expected_value, rtol=1e-12, atol=1e-14)
     assert torch.allclose(jacobian, expected, rtol=1e-10, atol=1e-13)
+
+
+@pytest.mark.parametrize("degree", [None, 0, 2])
+def test_leaky_closed_form_jacobian_matches_autograd(toy, degree):
+    """LeakyCorrection.bragg_jacobian (the leaky arm's d lambda* / d phi, per channel) against
+    autograd's Jacobian of sum_c w_c (corrected P)_c in the flat weights, at random weights, for
+    a free factor per channel (None) and the smooth energy bases of degree 0 and 2; the shoeboxes
+    of one Miller index share their columns, the others' are 0."""
+    contexts = [pixel_context(toy.shots, s, NOMINAL_EV) for s in toy.shots.shots]
+    hkl = torch.cat([s.shoeboxes.miller_index for s in toy.shots.shots])
+    shot = toy.shots.shots[0]
+    n_channels = shot.energy_eV.numel()
+    basis = None if degree is None else channel_polynomials(n_channels, degree)
+    leaky = LeakyCorrection(toy.shots.panels.n_panels, CorrectionSettings(gain_nodes=2, head=True), feature_statistics(toy, contexts),
+                            hkl, n_channels, energy_basis=basis)  # fmt: skip
+    _randomise(leaky, 5, size=0.1)
+    params = [dict(leaky.named_parameters())[n] for n in leaky.learned()]
+    phi = torch.nn.utils.parameters_to_vector(params).detach()
+    gen = torch.Generator().manual_seed(6)
+    n = contexts[0].panel.shape[0]
+    profile = torch.rand((n, n_channels), generator=gen, dtype=torch.float64)
+    weight = torch.rand((shot.shoeboxes.n_shoeboxes, n_channels), generator=gen, dtype=torch.float64)[contexts[0].shoebox]
+
+    def bragg(x):
+        flat, start = {}, 0
+        for name, p in zip(leaky.learned(), params):
+            flat[name] = x[start : start + p.numel()].view_as(p)
+            start += p.numel()
+        corrected = torch.func.functional_call(leaky, flat, (profile, contexts[0]), {"miller_index": shot.shoeboxes.miller_index})
+        return (corrected * weight).sum(-1)
+
+    expected_value, expected = value_and_jacobian(bragg, phi)
+    value, jacobian = leaky.bragg_jacobian(profile, weight, contexts[0], shot.shoeboxes.miller_index)
+    assert jacobian.shape == expected.shape == (n, phi.numel())
+    assert float(expected[:, -leaky.per_reflection.numel():].abs().max()) > 0.1
+    assert torch.allclose(value, expected_value, rtol=1e-12, atol=1e-14)
+    assert torch.allclose(jacobian, expected, rtol=1e-10, atol=1e-13)
+    with pytest.raises(NotImplementedError):
+        leaky.jacobian(profile.sum(-1), contexts[0])
+
+
+def test_channel_polynomials_are_legendre():
+    """channel_polynomials: P0 = 1, P1 = x, P2 = (3 x^2 - 1) / 2 on the channels mapped to [-1, 1]."""
+    basis = channel_polynomials(5, 2)
+    x = torch.tensor([-1.0, -0.5, 0.0, 0.5, 1.0], dtype=torch.float64)
+    assert torch.allclose(basis, torch.stack([torch.ones_like(x), x, (3 * x**2 - 1) / 2]))
+    with pytest.raises(ValueError):
+        channel_polynomials(5, -1)
 
 
 def test_leaky_correction_reads_the_miller_index(toy):
