@@ -34,7 +34,9 @@ noise (correct.noise_flow; the oracle is not told the charge spread).  --model-e
 model error F (refinement.model_error_fraction).  --held-out-fraction F: the posterior
 predictive check (correct.predictive) on that fraction of the stills, out of the corrected arm's
 fit, before and after it (the physics arm, its warm start, fits every still, as dials.spread_refine
-before dials.spread_correct).  Resumable: a (case, error, N, replicate, seed) already in the file is skipped.
+before dials.spread_correct).  --leaky-degree D: also the leaky arm (issue 13's proof that the
+guards have power): the corrected arm's parts times a free factor per Miller index, a degree-D
+Legendre polynomial in the channel (correction.LeakyCorrection), no anchor, no prior on it.  Resumable: a (case, error, N, replicate, seed) already in the file is skipped.
 """
 
 from __future__ import annotations
@@ -57,7 +59,13 @@ from records import append_record, gpu_peak_bytes, read_records, reset_gpu_peak
 from refine import BACKGROUND_PHOTONS, load_case
 
 from spread_dials.correct.context import pixel_context
-from spread_dials.correct.correction import CorrectionSettings, PixelCorrection, within_capacity
+from spread_dials.correct.correction import (
+    CorrectionSettings,
+    LeakyCorrection,
+    PixelCorrection,
+    channel_polynomials,
+    within_capacity,
+)
 from spread_dials.correct.fit import CorrectedModel, CorrectSettings, feature_statistics
 from spread_dials.correct.predictive import PredictiveCheck, pool_reports
 from spread_dials.correct.spectrometer import SpectrometerSites
@@ -144,6 +152,44 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
+def warm_refinement(shot_set: ShotSet, case: dict, model, settings: RefineSettings, physics: Refinement, sites,
+                    args) -> tuple[Refinement, SpectrometerSites]:  # fmt: skip
+    """A refinement for a corrected (or leaky) arm: caches at the physics fit's crystals, its
+    per-shot parameters initialised, theta the physics fit's edge shifts extended by the
+    spectrometer's offset and dispersion latents (priors --offset-sigma, --dispersion-sigma)."""
+    n = len(shot_set.shots)
+    caches = make_caches(shot_set, case["table"], model, [s.rotation for s in physics.states], refine_cell=True,
+                         cells=[s.cell for s in physics.states])  # fmt: skip
+    spectrometer = SpectrometerSites(sites, float(case["energy"].mean()), args.offset_sigma, args.dispersion_sigma)
+    r = Refinement(shot_set, list(range(n)), n, caches, [], spectrometer, spectrometer.extend(physics.theta), model,
+                   Parallel(), replace(settings, energy_jitter_sigma_eV=args.jitter_sigma))  # fmt: skip
+    r.initialise_states()
+    return r, spectrometer
+
+
+def leaky_arm(shot_set: ShotSet, case: dict, model, settings: RefineSettings, physics: Refinement, sites,
+              kept: CorrectionSettings, args, device: torch.device) -> dict:  # fmt: skip
+    """The leaky arm on the same stills (issue 13's proof that the guards have power): the
+    corrected arm's parts times a free factor per Miller index, smooth in the channel (Legendre
+    polynomials of degree --leaky-degree: LeakyCorrection), no anchor, no prior on the factors.
+    Its estimates, the sigmas given the spectrometer and with everything profiled, weights, seconds."""
+    t0 = time.perf_counter()
+    r, spectrometer = warm_refinement(shot_set, case, model, settings, physics, sites, args)
+    nominal = float(case["energy"].mean())
+    contexts = [pixel_context(shot_set, s, nominal, args.stencil_radius) for s in shot_set.shots]
+    hkl = torch.cat([s.shoeboxes.miller_index for s in shot_set.shots])
+    n_channels = shot_set.shots[0].energy_eV.numel()
+    correction = LeakyCorrection(shot_set.panels.n_panels, kept, feature_statistics(r, contexts), hkl, n_channels,
+                                 energy_basis=channel_polynomials(n_channels, args.leaky_degree)).to(device)  # fmt: skip
+    fit = CorrectedModel(r, correction, contexts, CorrectSettings(epochs=args.epochs, anchor_beta=0.0))
+    fit.run()
+    joint, _, calibrated = fit.covariance(held=spectrometer.latent_indices)
+    _sync(device)
+    return {"theta": r.theta.tolist(), "sigma_joint": joint.diag().sqrt().tolist(), "sigma_given_calibration": calibrated.diag().sqrt().tolist(),
+            "degree": args.leaky_degree, "weights": fit.phi.numel(), "reflections": correction.miller_index.shape[0],
+            "epochs": len(fit.history), "converged": fit.converged, "seconds": time.perf_counter() - t0}  # fmt: skip
+
+
 def run_one(case: dict, error: str, n: int, replicate: int, args, device: torch.device) -> dict:
     seed = int(np.random.SeedSequence([args.seed, n, replicate]).generate_state(1)[0])
     errors = replace(parse_error(error, case["panels"], seed, case["model"].mosaic_spread_deg), readout_sigma_photons=args.readout)
@@ -192,13 +238,8 @@ def run_one(case: dict, error: str, n: int, replicate: int, args, device: torch.
               f"({t_oracle:.0f} s)", flush=True)  # fmt: skip
     # the corrected arm: caches at the physics fit's crystals, theta from it
     t0 = time.perf_counter()
-    caches = make_caches(shot_set, case["table"], model, [s.rotation for s in physics.states], refine_cell=True,
-                         cells=[s.cell for s in physics.states])  # fmt: skip
     nominal = float(case["energy"].mean())
-    corrected_sites = SpectrometerSites(sites, nominal, args.offset_sigma, args.dispersion_sigma)
-    r = Refinement(shot_set, list(range(n)), n, caches, [], corrected_sites, corrected_sites.extend(physics.theta), model,
-                   Parallel(), replace(settings, energy_jitter_sigma_eV=args.jitter_sigma))  # fmt: skip
-    r.initialise_states()
+    r, corrected_sites = warm_refinement(shot_set, case, model, settings, physics, sites, args)
     check = PredictiveCheck(r, args.held_out_fraction, args.panel_groups, args.resolution_shells, args.seed)
     contexts = [pixel_context(shot_set, s, nominal, args.stencil_radius) for s in shot_set.shots]
     correction = PixelCorrection(shot_set.panels.n_panels, kept, feature_statistics(r, contexts)).to(device)
@@ -209,6 +250,10 @@ def run_one(case: dict, error: str, n: int, replicate: int, args, device: torch.
     joint, conditional, calibrated = corrected.covariance(held=corrected_sites.latent_indices)
     _sync(device)
     t_correct = time.perf_counter() - t0
+    leaky = leaky_arm(shot_set, case, model, settings, physics, sites, kept, args, device) if args.leaky_degree is not None else None
+    if leaky is not None:
+        print(f"{error} N={n} r{replicate}: leaky {np.round(leaky['theta'], 3).tolist()} +- {np.round(leaky['sigma_given_calibration'], 3).tolist()} "
+              f"given the spectrometer ({leaky['weights']} weights, {leaky['seconds']:.0f} s)", flush=True)  # fmt: skip
     predictive = check.report()
     if predictive is not None:
         print(f"{error} N={n} r{replicate}: held-out z sd per resolution shell, physics -> corrected: " + ", ".join(
@@ -241,22 +286,24 @@ def run_one(case: dict, error: str, n: int, replicate: int, args, device: torch.
         "gpu_seconds_per_still_per_epoch": float(np.mean(epoch_s)) / n,
         "peak_memory_gb": None if gpu_peak_bytes(device) is None else gpu_peak_bytes(device) / 2**30,
         "history": corrected.history, "converged": corrected.converged, "settings": asdict(corrected.settings),
-        "posterior_predictive": predictive,
+        "posterior_predictive": predictive, "leaky": leaky,
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "date": time.strftime("%Y-%m-%d"),
     }  # fmt: skip
 
 
-def common_shift(record: dict) -> tuple[np.ndarray, np.ndarray]:
-    """The corrected arm's per-site common shift, edge shift + spectrometer offset (eV), and its
-    sigma given the spectrometer (eV), both (sites,): what the data measure, the offset and a shift
-    common to every site being indistinguishable (the offset takes its prior's share of it)."""
+def common_shift(record: dict, arm: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """The corrected arm's (or with ``arm`` "leaky" that arm's) per-site common shift, edge shift +
+    spectrometer offset (eV), and its sigma given the spectrometer (eV), both (sites,): what the
+    data measure, the offset and a shift common to every site being indistinguishable (the
+    offset takes its prior's share of it)."""
     k = len(record["sites"])
-    offset = record["theta"][record["parameters"].index("spectrometer_offset_eV")]
-    return np.array(record["theta"][:k]) + offset, np.array(record["sigma_given_calibration"][:k])
+    fit = record if arm is None else record[arm]
+    offset = fit["theta"][record["parameters"].index("spectrometer_offset_eV")]
+    return np.array(fit["theta"][:k]) + offset, np.array(fit["sigma_given_calibration"][:k])
 
 
 def arm_estimates(group: list[dict]) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Per arm (physics, corrected: the common shift, oracle where every record has one): the
+    """Per arm (physics, corrected: the common shift, oracle and leaky where every record has one): the
     (R, sites) estimates, sigmas and truths of the records of ``group`` (eV)."""
     truth = np.array([r["truth"] for r in group])
     shifts = [common_shift(r) for r in group]
@@ -264,6 +311,9 @@ def arm_estimates(group: list[dict]) -> dict[str, tuple[np.ndarray, np.ndarray, 
             "corrected": (np.array([c for c, _ in shifts]), np.array([s for _, s in shifts]), truth)}  # fmt: skip
     if all(r.get("oracle_theta") for r in group):
         arms["oracle"] = (np.array([r["oracle_theta"] for r in group]), np.array([r["oracle_sigma"] for r in group]), truth)
+    if all(r.get("leaky") for r in group):
+        leaky = [common_shift(r, "leaky") for r in group]
+        arms["leaky"] = (np.array([c for c, _ in leaky]), np.array([s for _, s in leaky]), truth)
     return arms
 
 
@@ -325,7 +375,7 @@ def plot_summary(summary: dict[str, dict], directory: Path, stem: str) -> list[P
     written = []
     for entry in summary.values():
         for site in entry["physics"]:
-            labels = {"physics": "physics", "corrected": "corrected (edge shift + offset)", "oracle": "oracle"}
+            labels = {"physics": "physics", "corrected": "corrected (edge shift + offset)", "oracle": "oracle", "leaky": "leaky (edge shift + offset)"}
             pits = {labels[arm]: np.array(entry[arm][site]["pit"]) for arm in labels if arm in entry}
             title = f"{entry['case']} N={entry['n']}, {entry['error']}, {site}: {entry['replicates']} data sets"
             name = f"{stem}_{entry['error']}_{site.replace('/', '_')}".replace("+", "_")
@@ -369,6 +419,8 @@ def main(argv=None) -> int:
                          "their residuals before and after (correct.predictive; the physics arm, the warm start, fits every still)")
     ap.add_argument("--panel-groups", type=int, default=4, help="the check's contiguous panel groups")
     ap.add_argument("--resolution-shells", type=int, default=4, help="the check's resolution shells of equal shoebox counts")
+    ap.add_argument("--leaky-degree", type=int, default=None,
+                    help="also the leaky arm: the correction times a free factor per Miller index, a polynomial of this degree in the channel, no anchor")
     ap.add_argument("--truth-shift", type=float, default=2.0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default="results")
@@ -380,6 +432,8 @@ def main(argv=None) -> int:
         raise SystemExit("Sorry: --n, --replicates and --epochs must be >= 1")
     if args.noise_flow and not (args.readout > 0 or args.model_error > 0):
         raise SystemExit("Sorry: --noise-flow needs a Gaussian likelihood: give --readout or --model-error")
+    if args.leaky_degree is not None and args.leaky_degree < 0:
+        raise SystemExit("Sorry: --leaky-degree must be >= 0")
     if not 0.0 <= args.held_out_fraction < 1.0 or args.panel_groups < 1 or args.resolution_shells < 1:
         raise SystemExit("Sorry: --held-out-fraction must be in [0, 1), --panel-groups and --resolution-shells >= 1")
     if args.summarise:
@@ -387,7 +441,7 @@ def main(argv=None) -> int:
         if args.plots:
             plot_summary(summary, Path(args.plots), args.plot_stem)
         for entry in summary.values():
-            for arm in ("physics", "corrected", "oracle"):
+            for arm in ("physics", "corrected", "oracle", "leaky"):
                 for site in entry.get(arm, {}).values():
                     site.pop("pit")
         print(json.dumps(summary, indent=1))

@@ -60,7 +60,8 @@ def _record(seed: int, z: float, offset: float) -> dict:
             "parameters": ["edge_shift_eV[A/FE54/FE]", "spectrometer_offset_eV", "spectrometer_dispersion"],
             "theta": [2.0 + z * sigma - offset, offset, 0.0], "sigma_given_calibration": [sigma, 0.0, 0.0],
             "sigma_joint": [0.995, 0.995, 0.001], "physics_theta": [2.5], "physics_sigma": [0.02],
-            "oracle_theta": None, "seconds_per_epoch": 1.0, "posterior_predictive": _check(1.0 + abs(z))}  # fmt: skip
+            "oracle_theta": None, "seconds_per_epoch": 1.0, "posterior_predictive": _check(1.0 + abs(z)),
+            "leaky": {"theta": [1.0 - offset, offset, 0.0], "sigma_given_calibration": [0.5, 0.0, 0.0]}}  # fmt: skip
 
 
 def _check(sd: float) -> dict:
@@ -92,6 +93,8 @@ def test_the_summary_scores_the_common_shift(tmp_path):
     # physics 2.5 +- 0.02: the corrected common shifts 2 + 0.025 z are (0.025 z - 0.5) / 0.02 physics sigmas from it
     assert entry["corrected_minus_physics_sigma"]["A/FE54/FE"]["max_abs"] == pytest.approx((0.5 + 0.025 * 1.5) / 0.02, abs=1e-3)
     assert "oracle" not in entry
+    # the leaky arm's common shift, 1 eV for a +2 eV truth over its sigma 0.5: bias -1 eV, -2 sigma
+    assert entry["leaky"]["A/FE54/FE"]["bias_eV"] == pytest.approx(-1.0) and entry["leaky"]["A/FE54/FE"]["bias_sigma"] == pytest.approx(-2.0)
     # the held-out checks pooled: 5 x 100 pixels of mean 0, each sd 1 (ddof 1): sd sqrt(5 x 99 / 499)
     assert entry["predictive"]["data_sets"] == 5 and entry["predictive"]["after"]["panel_groups"][0]["pixels"] == 500
     assert entry["predictive"]["after"]["panel_groups"][0]["sd"] == pytest.approx((5 * 99 / 499) ** 0.5, rel=1e-12)
