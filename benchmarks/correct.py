@@ -371,7 +371,6 @@ def plot_summary(summary: dict[str, dict], directory: Path, stem: str) -> list[P
     from spread_dials.plots.calibration import plot_coverage, plot_rank_histograms
     from spread_dials.plots.correct import plot_predictive
 
-    directory.mkdir(parents=True, exist_ok=True)
     written = []
     for entry in summary.values():
         for site in entry["physics"]:

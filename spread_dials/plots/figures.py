@@ -20,9 +20,11 @@ def pyplot():
 
 
 def save_figure(fig, path: str | Path, **savefig_kwargs) -> Path:
-    """Write ``fig`` to ``path`` (PNG) atomically (never half a file), close it, and return the path."""
+    """Write ``fig`` to ``path`` (PNG) atomically (never half a file; its folder made if missing),
+    close it, and return the path."""
     path = Path(path)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp:
             fig.savefig(tmp, **savefig_kwargs)
     finally:
