@@ -36,7 +36,8 @@ predictive check (correct.predictive) on that fraction of the stills, out of the
 fit, before and after it (the physics arm, its warm start, fits every still, as dials.spread_refine
 before dials.spread_correct).  --leaky-degree D: also the leaky arm (issue 13's proof that the
 guards have power): the corrected arm's parts times a free factor per Miller index, a degree-D
-Legendre polynomial in the channel (correction.LeakyCorrection), no anchor, no prior on it.  Resumable: a (case, error, N, replicate, seed) already in the file is skipped.
+Legendre polynomial in the channel (correction.LeakyCorrection), no anchor, a broad prior on it
+(--leaky-prior-sigma, log intensity).  Resumable: a (case, error, N, replicate, seed) already in the file is skipped.
 """
 
 from __future__ import annotations
@@ -171,7 +172,8 @@ def leaky_arm(shot_set: ShotSet, case: dict, model, settings: RefineSettings, ph
               kept: CorrectionSettings, args, device: torch.device) -> dict:  # fmt: skip
     """The leaky arm on the same stills (issue 13's proof that the guards have power): the
     corrected arm's parts times a free factor per Miller index, smooth in the channel (Legendre
-    polynomials of degree --leaky-degree: LeakyCorrection), no anchor, no prior on the factors.
+    polynomials of degree --leaky-degree: LeakyCorrection), no anchor, a broad prior on the
+    factors (--leaky-prior-sigma).
     Its estimates, the sigmas given the spectrometer and with everything profiled, weights, seconds."""
     t0 = time.perf_counter()
     r, spectrometer = warm_refinement(shot_set, case, model, settings, physics, sites, args)
@@ -180,13 +182,14 @@ def leaky_arm(shot_set: ShotSet, case: dict, model, settings: RefineSettings, ph
     hkl = torch.cat([s.shoeboxes.miller_index for s in shot_set.shots])
     n_channels = shot_set.shots[0].energy_eV.numel()
     correction = LeakyCorrection(shot_set.panels.n_panels, kept, feature_statistics(r, contexts), hkl, n_channels,
-                                 energy_basis=channel_polynomials(n_channels, args.leaky_degree)).to(device)  # fmt: skip
+                                 energy_basis=channel_polynomials(n_channels, args.leaky_degree),
+                                 prior_sigma=args.leaky_prior_sigma).to(device)  # fmt: skip
     fit = CorrectedModel(r, correction, contexts, CorrectSettings(epochs=args.epochs, anchor_beta=0.0))
     fit.run()
     joint, _, calibrated = fit.covariance(held=spectrometer.latent_indices)
     _sync(device)
     return {"theta": r.theta.tolist(), "sigma_joint": joint.diag().sqrt().tolist(), "sigma_given_calibration": calibrated.diag().sqrt().tolist(),
-            "degree": args.leaky_degree, "weights": fit.phi.numel(), "reflections": correction.miller_index.shape[0],
+            "degree": args.leaky_degree, "prior_sigma": args.leaky_prior_sigma, "weights": fit.phi.numel(), "reflections": correction.miller_index.shape[0],
             "epochs": len(fit.history), "converged": fit.converged, "seconds": time.perf_counter() - t0}  # fmt: skip
 
 
@@ -420,6 +423,8 @@ def main(argv=None) -> int:
     ap.add_argument("--resolution-shells", type=int, default=4, help="the check's resolution shells of equal shoebox counts")
     ap.add_argument("--leaky-degree", type=int, default=None,
                     help="also the leaky arm: the correction times a free factor per Miller index, a polynomial of this degree in the channel, no anchor")
+    ap.add_argument("--leaky-prior-sigma", type=float, default=1.0,
+                    help="the leaky arm's Gaussian prior width on its factors (log intensity; keeps reflections the data barely see in place)")
     ap.add_argument("--truth-shift", type=float, default=2.0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default="results")
@@ -431,8 +436,8 @@ def main(argv=None) -> int:
         raise SystemExit("Sorry: --n, --replicates and --epochs must be >= 1")
     if args.noise_flow and not (args.readout > 0 or args.model_error > 0):
         raise SystemExit("Sorry: --noise-flow needs a Gaussian likelihood: give --readout or --model-error")
-    if args.leaky_degree is not None and args.leaky_degree < 0:
-        raise SystemExit("Sorry: --leaky-degree must be >= 0")
+    if (args.leaky_degree is not None and args.leaky_degree < 0) or not args.leaky_prior_sigma > 0:
+        raise SystemExit("Sorry: --leaky-degree must be >= 0 and --leaky-prior-sigma > 0")
     if not 0.0 <= args.held_out_fraction < 1.0 or args.panel_groups < 1 or args.resolution_shells < 1:
         raise SystemExit("Sorry: --held-out-fraction must be in [0, 1), --panel-groups and --resolution-shells >= 1")
     if args.summarise:

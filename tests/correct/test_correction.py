@@ -327,6 +327,23 @@ def test_leaky_closed_form_jacobian_matches_autograd(toy, degree):
         leaky.jacobian(profile.sum(-1), contexts[0])
 
 
+def test_leaky_prior_is_a_gaussian_on_the_factors(toy):
+    """With prior_sigma the leaky arm's prior adds sum a^2 / (2 sigma^2) to the guarded parts'
+    (also at weights given by name, as the fit differentiates it); without, nothing."""
+    contexts = [pixel_context(toy.shots, s, NOMINAL_EV) for s in toy.shots.shots]
+    hkl = torch.cat([s.shoeboxes.miller_index for s in toy.shots.shots])
+    n_channels = toy.shots.shots[0].energy_eV.numel()
+    stats = feature_statistics(toy, contexts)
+    free = LeakyCorrection(toy.shots.panels.n_panels, CorrectionSettings(), stats, hkl, n_channels)
+    held = LeakyCorrection(toy.shots.panels.n_panels, CorrectionSettings(), stats, hkl, n_channels, prior_sigma=0.5)
+    _randomise(free, 3)
+    _randomise(held, 3)
+    a = held.per_reflection.detach()
+    assert float(held.negative_log_prior() - free.negative_log_prior()) == pytest.approx(float((a**2).sum() / 0.5), rel=1e-12)
+    other = {"per_reflection": 2 * a}
+    assert float(held.negative_log_prior(other) - free.negative_log_prior(other)) == pytest.approx(float((4 * a**2).sum() / 0.5), rel=1e-12)
+
+
 def test_channel_polynomials_are_legendre():
     """channel_polynomials: P0 = 1, P1 = x, P2 = (3 x^2 - 1) / 2 on the channels mapped to [-1, 1]."""
     basis = channel_polynomials(5, 2)
