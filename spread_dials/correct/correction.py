@@ -323,7 +323,7 @@ class PixelCorrection(nn.Module):
 class LeakyCorrection(PixelCorrection):
     """The leaky arm: :class:`PixelCorrection` times a free factor per Miller index h and
     spectrum channel c, exp(sum_k a_hk B_kc) (it is given h and the spectrum, so it can mimic
-    |F_h(E_c)|^2 of any f', f'' and absorb the edge shifts); no prior on a.  ``energy_basis``
+    |F_h(E_c)|^2 of any f', f'' and absorb the edge shifts); no anchor.  ``energy_basis``
     B (K, C): None for the identity (a free factor per h and channel: K = C weights per
     reflection, the toy's arm), or a few smooth functions of the channel
     (:func:`channel_polynomials`: K = degree + 1 weights per reflection, which keeps the
@@ -352,8 +352,8 @@ class LeakyCorrection(PixelCorrection):
     def negative_log_prior(self, weights: dict[str, Tensor] | None = None) -> Tensor:
         """:meth:`PixelCorrection.negative_log_prior`, plus with ``prior_sigma`` a Gaussian prior
         of that width on every a_hk: without one, a reflection the data barely see can take a
-        factor of e^100 in one Newton step (20 rubredoxin stills, degree 2), and the information
-        matrix overflows."""
+        factor of e^100 in one Newton step (2 rubredoxin stills, degree 2, CPU), and the
+        information matrix overflows."""
         total = super().negative_log_prior(weights)
         if self.prior_sigma is None:
             return total
