@@ -169,16 +169,14 @@ def warm_refinement(shot_set: ShotSet, case: dict, model, settings: RefineSettin
 
 
 def leaky_arm(shot_set: ShotSet, case: dict, model, settings: RefineSettings, physics: Refinement, sites,
-              kept: CorrectionSettings, args, device: torch.device) -> dict:  # fmt: skip
+              kept: CorrectionSettings, contexts: list, args, device: torch.device) -> dict:  # fmt: skip
     """The leaky arm on the same stills (issue 13's proof that the guards have power): the
     corrected arm's parts times a free factor per Miller index, smooth in the channel (Legendre
     polynomials of degree --leaky-degree: LeakyCorrection), no anchor, a broad prior on the
-    factors (--leaky-prior-sigma).
+    factors (--leaky-prior-sigma), on the corrected arm's pixel ``contexts``.
     Its estimates, the sigmas given the spectrometer and with everything profiled, weights, seconds."""
     t0 = time.perf_counter()
     r, spectrometer = warm_refinement(shot_set, case, model, settings, physics, sites, args)
-    nominal = float(case["energy"].mean())
-    contexts = [pixel_context(shot_set, s, nominal, args.stencil_radius) for s in shot_set.shots]
     hkl = torch.cat([s.shoeboxes.miller_index for s in shot_set.shots])
     n_channels = shot_set.shots[0].energy_eV.numel()
     correction = LeakyCorrection(shot_set.panels.n_panels, kept, feature_statistics(r, contexts), hkl, n_channels,
@@ -253,7 +251,7 @@ def run_one(case: dict, error: str, n: int, replicate: int, args, device: torch.
     joint, conditional, calibrated = corrected.covariance(held=corrected_sites.latent_indices)
     _sync(device)
     t_correct = time.perf_counter() - t0
-    leaky = leaky_arm(shot_set, case, model, settings, physics, sites, kept, args, device) if args.leaky_degree is not None else None
+    leaky = leaky_arm(shot_set, case, model, settings, physics, sites, kept, contexts, args, device) if args.leaky_degree is not None else None
     if leaky is not None:
         print(f"{error} N={n} r{replicate}: leaky {np.round(leaky['theta'], 3).tolist()} +- {np.round(leaky['sigma_given_calibration'], 3).tolist()} "
               f"given the spectrometer ({leaky['weights']} weights, {leaky['seconds']:.0f} s)", flush=True)  # fmt: skip
@@ -309,14 +307,17 @@ def arm_estimates(group: list[dict]) -> dict[str, tuple[np.ndarray, np.ndarray, 
     """Per arm (physics, corrected: the common shift, oracle and leaky where every record has one): the
     (R, sites) estimates, sigmas and truths of the records of ``group`` (eV)."""
     truth = np.array([r["truth"] for r in group])
-    shifts = [common_shift(r) for r in group]
+
+    def shifts(arm: str | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        estimates, sigmas = zip(*(common_shift(r, arm) for r in group))
+        return np.array(estimates), np.array(sigmas), truth
+
     arms = {"physics": (np.array([r["physics_theta"] for r in group]), np.array([r["physics_sigma"] for r in group]), truth),
-            "corrected": (np.array([c for c, _ in shifts]), np.array([s for _, s in shifts]), truth)}  # fmt: skip
+            "corrected": shifts(None)}
     if all(r.get("oracle_theta") for r in group):
         arms["oracle"] = (np.array([r["oracle_theta"] for r in group]), np.array([r["oracle_sigma"] for r in group]), truth)
     if all(r.get("leaky") for r in group):
-        leaky = [common_shift(r, "leaky") for r in group]
-        arms["leaky"] = (np.array([c for c, _ in leaky]), np.array([s for _, s in leaky]), truth)
+        arms["leaky"] = shifts("leaky")
     return arms
 
 
@@ -337,13 +338,13 @@ def summarise(paths: list[Path]) -> dict[str, dict]:
     Gaussian PITs, with the PITs under "pit"); the corrected arm's joint sigma (the spectrometer
     profiled: prior-dominated for an absolute shift), how far the corrected common shift is from
     the physics estimate in physics sigmas (largest and rms: the no-harm target), the seconds per
-    epoch and, where the records
-    have a posterior predictive check (--held-out-fraction), the held-out z pooled over the data
-    sets (pool_reports)."""
+    epoch and, where the records have a posterior predictive check (--held-out-fraction), the
+    held-out z pooled over the data sets (pool_reports)."""
     rows = []
     for path in paths:
-        rows += read_records(path)
-        if any("parameters" not in r for r in rows):
+        records = read_records(path)
+        rows += records
+        if any("parameters" not in r for r in records):
             raise SystemExit(f"Sorry: {path} holds records from before the spectrometer latents (no 'parameters'); "
                              "summarise them with the code of their session")  # fmt: skip
     out = {}
@@ -367,6 +368,10 @@ def summarise(paths: list[Path]) -> dict[str, dict]:
     return out
 
 
+ARM_LABELS = {"physics": "physics", "corrected": "corrected (edge shift + offset)", "oracle": "oracle",
+              "leaky": "leaky (edge shift + offset)"}  # the arms of a summary (arm_estimates) and their plot labels
+
+
 def plot_summary(summary: dict[str, dict], directory: Path, stem: str) -> list[Path]:
     """Per group and site of ``summary``: the coverage curve and the SBC rank histograms of every
     arm (spread_dials.plots.calibration), as <stem>_<error>_<site>_{coverage,sbc}.png, and per group
@@ -377,8 +382,7 @@ def plot_summary(summary: dict[str, dict], directory: Path, stem: str) -> list[P
     written = []
     for entry in summary.values():
         for site in entry["physics"]:
-            labels = {"physics": "physics", "corrected": "corrected (edge shift + offset)", "oracle": "oracle", "leaky": "leaky (edge shift + offset)"}
-            pits = {labels[arm]: np.array(entry[arm][site]["pit"]) for arm in labels if arm in entry}
+            pits = {label: np.array(entry[arm][site]["pit"]) for arm, label in ARM_LABELS.items() if arm in entry}
             title = f"{entry['case']} N={entry['n']}, {entry['error']}, {site}: {entry['replicates']} data sets"
             name = f"{stem}_{entry['error']}_{site.replace('/', '_')}".replace("+", "_")
             written += [plot_coverage(pits, directory / f"{name}_coverage.png", title=title),
@@ -445,7 +449,7 @@ def main(argv=None) -> int:
         if args.plots:
             plot_summary(summary, Path(args.plots), args.plot_stem)
         for entry in summary.values():
-            for arm in ("physics", "corrected", "oracle", "leaky"):
+            for arm in ARM_LABELS:
                 for site in entry.get(arm, {}).values():
                     site.pop("pit")
         print(json.dumps(summary, indent=1))
