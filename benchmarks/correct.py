@@ -37,7 +37,8 @@ fit, before and after it (the physics arm, its warm start, fits every still, as 
 before dials.spread_correct).  --leaky-degree D: also the leaky arm (issue 13's proof that the
 guards have power): the corrected arm's parts times a free factor per Miller index, a degree-D
 Legendre polynomial in the channel (correction.LeakyCorrection), no anchor, a broad prior on it
-(--leaky-prior-sigma, log intensity).  Resumable: a (case, error, N, replicate, seed) already in the file is skipped.
+(--leaky-prior-sigma, log intensity).  --anchor-beta B: the corrected arm's anchor weight
+(correct.anchor_beta; give each value its own --tag).  Resumable: a (case, error, N, replicate, seed) already in the file is skipped.
 """
 
 from __future__ import annotations
@@ -244,7 +245,8 @@ def run_one(case: dict, error: str, n: int, replicate: int, args, device: torch.
     check = PredictiveCheck(r, args.held_out_fraction, args.panel_groups, args.resolution_shells, args.seed)
     contexts = [pixel_context(shot_set, s, nominal, args.stencil_radius) for s in shot_set.shots]
     correction = PixelCorrection(shot_set.panels.n_panels, kept, feature_statistics(r, contexts)).to(device)
-    corrected = CorrectedModel(r, correction, contexts, CorrectSettings(epochs=args.epochs, noise_flow=args.noise_flow))
+    corrected = CorrectedModel(r, correction, contexts, CorrectSettings(epochs=args.epochs, noise_flow=args.noise_flow,
+                                                                         anchor_beta=args.anchor_beta))
     check.measure("before")
     corrected.run()
     check.measure("after")
@@ -268,7 +270,7 @@ def run_one(case: dict, error: str, n: int, replicate: int, args, device: torch.
         "theta": r.theta.tolist(), "sigma_joint": joint.diag().sqrt().tolist(), "parameters": corrected_sites.parameter_names(),
         "sigma_conditional": conditional.diag().sqrt().tolist(), "sigma_given_calibration": calibrated.diag().sqrt().tolist(),
         "oracle_theta": oracle_theta, "oracle_sigma": oracle_sigma, "oracle_seconds": t_oracle,
-        "jitter_sigma": args.jitter_sigma, "model_error_fraction": args.model_error, "mosaic_latent": args.mosaic_latent,
+        "anchor_beta": args.anchor_beta, "jitter_sigma": args.jitter_sigma, "model_error_fraction": args.model_error, "mosaic_latent": args.mosaic_latent,
         "readout_photons": args.readout, "noise_flow": args.noise_flow,
         "noise_flow_fits": [h["noise_flow"] for h in corrected.history if "noise_flow" in h],
         "mosaic_spread_abc_deg": ([model.mosaic_spreads_deg(s.cell.detach().cpu()[-3:]).tolist() for s in r.states]
@@ -406,6 +408,8 @@ def main(argv=None) -> int:
     ap.add_argument("--parts", default="gain,redistribution", help="parts of the correction asked for (the guard may drop some; the head is off by default, as in the program)")
     ap.add_argument("--oracle", action="store_true", help="also the oracle arm: physics given the true error")
     ap.add_argument("--tag", default="", help="suffix of the output file (e.g. one per process)")
+    ap.add_argument("--anchor-beta", type=float, default=CorrectSettings.anchor_beta,
+                    help="the corrected arm's weight of the Poisson KL anchor to the physics rate (correct.anchor_beta)")
     ap.add_argument("--offset-sigma", type=float, default=1.0, help="the correction's spectrometer offset prior sd (eV)")
     ap.add_argument("--dispersion-sigma", type=float, default=0.005, help="its dispersion error prior sd")
     ap.add_argument("--jitter-sigma", type=float, default=None, help="the correction's per-still energy-jitter prior sd (eV; refinement.energy_jitter_sigma_eV; default: no jitter latent)")
@@ -440,6 +444,8 @@ def main(argv=None) -> int:
         raise SystemExit("Sorry: --n, --replicates and --epochs must be >= 1")
     if args.noise_flow and not (args.readout > 0 or args.model_error > 0):
         raise SystemExit("Sorry: --noise-flow needs a Gaussian likelihood: give --readout or --model-error")
+    if not args.anchor_beta >= 0:
+        raise SystemExit("Sorry: --anchor-beta must be >= 0")
     if (args.leaky_degree is not None and args.leaky_degree < 0) or not args.leaky_prior_sigma > 0:
         raise SystemExit("Sorry: --leaky-degree must be >= 0 and --leaky-prior-sigma > 0")
     if not 0.0 <= args.held_out_fraction < 1.0 or args.panel_groups < 1 or args.resolution_shells < 1:
