@@ -106,6 +106,7 @@ def run_one(replicate: int, args) -> dict:
         "head": args.head, "stencil_radius": args.stencil_radius, "stencil_symmetry": args.stencil_symmetry,
         "model_error_fraction": args.model_error, "mosaic_latent": args.mosaic_latent, "charge_rms": args.charge_rms,
         "readout_photons": args.readout, "noise_flow": args.noise_flow, "panel_gain_rms": args.panel_gain, "gain": args.gain,
+        "anchor_beta": model.settings.anchor_beta,
         "panel_gain": None if panel_gain is None else panel_gain.tolist(),
         "shoeboxes_per_panel": sum(s.shoeboxes.n_shoeboxes for s in r.shots.shots) / DETECTOR_SHAPE[0],
         "truth": truth.tolist(), "physics_theta": physics, "physics_covariance": physics_cov.tolist(),

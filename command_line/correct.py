@@ -61,9 +61,11 @@ correct
   warmup_epochs = 2
     .type = int(value_min=0)
     .help = "The first epochs move the correction only (edge shifts held at the warm start)"
-  anchor_beta = 0.01
+  anchor_beta = 0.001
     .type = float(value_min=0)
-    .help = "Weight of the anchor sum_pixels KL(Poisson(corrected) || Poisson(physics))"
+    .help = "Weight of the anchor sum_pixels KL(Poisson(corrected) || Poisson(physics)). It shrinks"
+            "the correction by ~beta / (1 + beta) at any data size: 0.01 left a point spread 0.6 %"
+            "short and bright held-out spots 13 % overdispersed (benchmarks/RESULTS.md session 23)"
   nominal_energy_eV = None
     .type = float(value_min=0)
     .help = "The one energy (eV) at which the correction's geometry (excitation error, direction)"
