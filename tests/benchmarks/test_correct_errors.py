@@ -53,6 +53,12 @@ def test_the_noise_flow_without_a_gaussian_likelihood_is_one_sorry_line(tmp_path
     assert str(raised.value).startswith("Sorry:") and not any(tmp_path.iterdir())
 
 
+def test_a_negative_anchor_is_one_sorry_line(tmp_path):
+    with pytest.raises(SystemExit, match="--anchor-beta must be >= 0") as raised:
+        main(["--anchor-beta", "-0.001", "--out", str(tmp_path)])
+    assert str(raised.value).startswith("Sorry:") and not any(tmp_path.iterdir())
+
+
 def _record(seed: int, z: float, offset: float) -> dict:
     """A corrected-arm record whose common shift (edge + offset) is z sigmas off a +2 eV truth."""
     sigma = 0.025
