@@ -18,8 +18,8 @@ offset, eV), jitterE (per-still energy jitter rms, eV), chargeR (a charge-integr
 each photon's charge spread by the fraction R; with --readout R a Gaussian readout of R photons
 on every pixel, which every arm is told: likelihood gaussian_readout).
 
-Arms on the same stills: physics (the refine engine's defaults, as dials.spread_refine: at most
---macrocycles; under a PSF most fits stop there unconverged, its last step 0.01-1.5 eV), corrected
+Arms on the same stills: physics (the refine engine's defaults but --macrocycles, 6 against
+dials.spread_refine's 5; under a PSF most fits stop there unconverged, the last step 0.01-1.5 eV), corrected
 (dials.spread_correct's model warm-started from it: CorrectSettings defaults, --parts of the
 correction kept by the capacity guard at 50 shoeboxes per weight, the spectrometer's offset and
 dispersion latents at --offset-sigma / --dispersion-sigma, with --jitter-sigma each still's energy
