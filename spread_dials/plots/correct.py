@@ -132,9 +132,10 @@ def plot_predictive(check: dict, path: str | Path) -> Path:
             ax.set_xticks(range(len(groups)), [_group_label(g) for g in groups], fontsize=8)
             if row == 1:
                 ax.set_xlabel(name)
-    axes[0, 0].legend(fontsize=8)
+    # the legend above the axes: inside, it covered a bar's label
+    fig.legend(*axes[0, 0].get_legend_handles_labels(), loc="upper right", ncol=2, fontsize=8)
     fig.suptitle(f"held-out stills ({len(check['held_out_stills'])}): z = (k - lambda) / sqrt(var)", fontsize=10)
-    fig.tight_layout()
+    fig.tight_layout(rect=(0, 0, 1, 0.96))
     return save_figure(fig, path, dpi=110)
 
 
