@@ -252,6 +252,7 @@ def run_one(case: dict, error: str, n: int, replicate: int, args, device: torch.
     corrected.run()
     check.measure("after")
     joint, conditional, calibrated = corrected.covariance(held=corrected_sites.latent_indices)
+    robust = corrected.robust_covariance(held=corrected_sites.latent_indices)
     _sync(device)
     t_correct = time.perf_counter() - t0
     leaky = leaky_arm(shot_set, case, model, settings, physics, sites, kept, contexts, args, device) if args.leaky_degree is not None else None
@@ -270,6 +271,7 @@ def run_one(case: dict, error: str, n: int, replicate: int, args, device: torch.
         "physics_theta": physics.theta.tolist(), "physics_sigma": physics_sigma,
         "theta": r.theta.tolist(), "sigma_joint": joint.diag().sqrt().tolist(), "parameters": corrected_sites.parameter_names(),
         "sigma_conditional": conditional.diag().sqrt().tolist(), "sigma_given_calibration": calibrated.diag().sqrt().tolist(),
+        "sigma_robust_given_calibration": robust.diag().clamp(min=0).sqrt().tolist(), "covariance_joint": joint.tolist(),
         "oracle_theta": oracle_theta, "oracle_sigma": oracle_sigma, "oracle_seconds": t_oracle,
         "anchor_beta": args.anchor_beta, "jitter_sigma": args.jitter_sigma, "model_error_fraction": args.model_error, "mosaic_latent": args.mosaic_latent,
         "readout_photons": args.readout, "noise_flow": args.noise_flow,
@@ -295,28 +297,32 @@ def run_one(case: dict, error: str, n: int, replicate: int, args, device: torch.
     }  # fmt: skip
 
 
-def common_shift(record: dict, arm: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+def common_shift(record: dict, arm: str | None = None, sigma: str = "sigma_given_calibration") -> tuple[np.ndarray, np.ndarray]:
     """The corrected arm's (or with ``arm`` "leaky" that arm's) per-site common shift, edge shift +
-    spectrometer offset (eV), and its sigma given the spectrometer (eV), both (sites,): what the
-    data measure, the offset and a shift common to every site being indistinguishable (the
-    offset takes its prior's share of it)."""
+    spectrometer offset (eV), and its sigma given the spectrometer (eV; the record's ``sigma``,
+    e.g. "sigma_robust_given_calibration", the sandwich's), both (sites,): what the data
+    measure, the offset and a shift common to every site being indistinguishable (the offset
+    takes its prior's share of it)."""
     k = len(record["sites"])
     fit = record if arm is None else record[arm]
     offset = fit["theta"][record["parameters"].index("spectrometer_offset_eV")]
-    return np.array(fit["theta"][:k]) + offset, np.array(fit["sigma_given_calibration"][:k])
+    return np.array(fit["theta"][:k]) + offset, np.array(fit[sigma][:k])
 
 
 def arm_estimates(group: list[dict]) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """Per arm (physics, corrected: the common shift, oracle and leaky where every record has one): the
-    (R, sites) estimates, sigmas and truths of the records of ``group`` (eV)."""
+    """Per arm (physics, corrected: the common shift, and where every record has one the
+    corrected common shift with the sandwich sigma, oracle and leaky): the (R, sites)
+    estimates, sigmas and truths of the records of ``group`` (eV)."""
     truth = np.array([r["truth"] for r in group])
 
-    def shifts(arm: str | None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        estimates, sigmas = zip(*(common_shift(r, arm) for r in group))
+    def shifts(arm: str | None, sigma: str = "sigma_given_calibration") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        estimates, sigmas = zip(*(common_shift(r, arm, sigma) for r in group))
         return np.array(estimates), np.array(sigmas), truth
 
     arms = {"physics": (np.array([r["physics_theta"] for r in group]), np.array([r["physics_sigma"] for r in group]), truth),
             "corrected": shifts(None)}
+    if all(r.get("sigma_robust_given_calibration") for r in group):
+        arms["corrected_sandwich"] = shifts(None, "sigma_robust_given_calibration")
     if all(r.get("oracle_theta") for r in group):
         arms["oracle"] = (np.array([r["oracle_theta"] for r in group]), np.array([r["oracle_sigma"] for r in group]), truth)
     if all(r.get("leaky") for r in group):
@@ -371,8 +377,8 @@ def summarise(paths: list[Path]) -> dict[str, dict]:
     return out
 
 
-ARM_LABELS = {"physics": "physics", "corrected": "corrected (edge shift + offset)", "oracle": "oracle",
-              "leaky": "leaky (edge shift + offset)"}  # the arms of a summary (arm_estimates) and their plot labels
+ARM_LABELS = {"physics": "physics", "corrected": "corrected (edge shift + offset)",
+              "corrected_sandwich": "corrected, sandwich sigma", "oracle": "oracle", "leaky": "leaky (edge shift + offset)"}  # the arms of a summary (arm_estimates) and their plot labels
 
 
 def plot_summary(summary: dict[str, dict], directory: Path, stem: str) -> list[Path]:

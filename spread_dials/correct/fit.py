@@ -34,7 +34,9 @@ reference from its checkpoint's crystals, so its anchor differs slightly from th
 
 The covariance of theta with phi profiled out (:meth:`CorrectedModel.covariance`) is the
 corrected model's posterior covariance under the Laplace approximation: the correction's own
-uncertainty widens the edge shifts' intervals.
+uncertainty widens the edge shifts' intervals.  :meth:`CorrectedModel.robust_covariance` is the
+sandwich beside it (the stills' scores' scatter in place of the information), a check of that
+sigma where a model error is left (benchmarks/correct.py records both).
 
 Because the correction (except the leaky arm) is linear in the profiles and the same for every
 channel, it commutes with the channel sum: the corrected Bragg term of a pixel is the correction
@@ -471,17 +473,19 @@ class CorrectedModel:
         w = fisher_weights(lam_star, cache.fitted) * cache.weight
         return ((w.unsqueeze(-1) * jacobian).T @ jacobian).detach()
 
-    def gradient_and_information(self) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
+    def gradient_and_information(self) -> tuple[Tensor, Tensor, Tensor, list[Tensor], Tensor]:
         """At the current (theta, phi) and per-shot parameters: the gradient (P + Q,) of F at
         fixed per-shot parameters (the profile gradient when stage 1 is at its optimum), the
         profiled information (P + Q, P + Q) of (theta, phi) summed over the stills plus the
         anchor's and the priors' curvature, the same without the anchor (the likelihood's and
-        priors' only: the posterior precision), and each local still's per-shot response
-        (S_i, P + Q) to (theta, phi) (:func:`~spread_dials.refine.information.follow_step`)."""
+        priors' only: the posterior precision), each local still's per-shot response
+        (S_i, P + Q) to (theta, phi) (:func:`~spread_dials.refine.information.follow_step`), and
+        the sum over the stills of the outer product of each still's NLL gradient (P + Q, P + Q):
+        the scores' empirical covariance, the middle of :meth:`robust_covariance`."""
         with self._timed("information"):
             return self._gradient_and_information()
 
-    def _gradient_and_information(self) -> tuple[Tensor, Tensor, Tensor, list[Tensor]]:
+    def _gradient_and_information(self) -> tuple[Tensor, Tensor, Tensor, list[Tensor], Tensor]:
         r = self.refinement
         theta, phi = r.theta.detach(), self.phi
         beta = self.settings.anchor_beta
@@ -491,18 +495,24 @@ class CorrectedModel:
             t = theta.clone().requires_grad_(True)
             x = phi.clone().to(r.caches[i].counts).requires_grad_(True)
             nll, kl = self.still_terms(i, t, x)
-            g_t, g_x = torch.autograd.grad(nll + beta * kl, [t, x])
+            g_t, g_x = torch.autograd.grad(nll, [t, x], allow_unused=True)
+            (g_kl,) = torch.autograd.grad(kl, x, allow_unused=True) if kl.requires_grad else (None,)
+            score = torch.cat([g.cpu() if g is not None else torch.zeros_like(v).cpu() for g, v in ((g_t, theta), (g_x, phi))])
+            g_kl = torch.zeros_like(phi) if g_kl is None else g_kl
             columns = self._columns(i)
             information = shot_information(r, i, theta, extra=columns)
             responses.append(information.response)
             anchor = self._anchor_curvature(i)
-            parts.append(torch.cat([g_t.cpu(), g_x.cpu(), information.profiled.reshape(-1), anchor.detach().cpu().reshape(-1)]))
+            parts.append(torch.cat([score, beta * g_kl.cpu(), information.profiled.reshape(-1), anchor.detach().cpu().reshape(-1),
+                                    torch.outer(score, score).reshape(-1)]))  # fmt: skip
         total = r.ordered_sum(parts)
         q = phi.numel()
         n = p + q
         grad = total[:n].clone()
-        information = total[n : n + n * n].view(n, n)
-        anchor = total[n + n * n :].view(q, q)
+        grad[p:] += total[n : n + q]
+        information = total[n + q : n + q + n * n].view(n, n)
+        anchor = total[n + q + n * n : n + q + n * n + q * q].view(q, q)
+        scores = total[n + q + n * n + q * q :].view(n, n)
         prior_h = torch.autograd.functional.hessian(lambda t, x: self._prior_value(t, x), (theta, phi))
         prior_matrix = torch.cat([torch.cat([prior_h[0][0], prior_h[0][1]], 1), torch.cat([prior_h[1][0], prior_h[1][1]], 1)])
         prior_grad = torch.autograd.functional.jacobian(lambda t, x: self._prior_value(t, x), (theta, phi))
@@ -510,7 +520,7 @@ class CorrectedModel:
         posterior = information + prior_matrix
         curvature = posterior.clone()
         curvature[p:, p:] += beta * anchor
-        return grad, curvature, posterior, responses
+        return grad, curvature, posterior, responses, scores
 
     def _prior_value(self, theta: Tensor, phi: Tensor) -> Tensor:
         """prior(theta) + prior(phi) as a function of both (differentiable)."""
@@ -529,7 +539,7 @@ class CorrectedModel:
         r = self.refinement
         theta, phi = r.theta.detach().clone(), self.phi
         _, r.states = self.objective(theta, phi)  # (the point where the information is taken)
-        grad, curvature, _, responses = self.gradient_and_information()
+        grad, curvature, _, responses, _ = self.gradient_and_information()
         p = theta.numel()
         keep = torch.zeros(grad.numel(), dtype=torch.bool)
         keep[:p] = block in ("theta", "both")
@@ -546,9 +556,11 @@ class CorrectedModel:
         origin = r.states
         value, zero = self.objective(theta, phi, origin)
         terms = dict(self._terms)
+        logger.debug("%s step: predicted decrease %.4g, theta step %s", block, float(-0.5 * grad @ step), step[:p].tolist())
         for t in self.settings.line_search:
             starts = [follow_step(s, q, t * step, r.settings) for s, q in zip(origin, responses)]
             trial_value, states = self.objective(theta + t * step[:p], phi + t * step[p:], starts)
+            logger.debug("  t %.4g: F - F0 %.4g", t, trial_value - value)
             if trial_value < value:
                 r.theta, r.states = theta + t * step[:p], states
                 return dict(self._terms), True
@@ -561,7 +573,7 @@ class CorrectedModel:
         profiled out (the corrected model's posterior; Laplace), with them held fixed, and with
         them profiled out but the parameters ``held`` (indices into theta, e.g. the
         spectrometer's latents) fixed (their rows and columns 0)."""
-        _, _, posterior, _ = self.gradient_and_information()
+        _, _, posterior, _, _ = self.gradient_and_information()
         p = self.refinement.theta.numel()
         h = 0.5 * (posterior + posterior.T)
         joint = psd_pseudo_inverse(h)
@@ -571,6 +583,24 @@ class CorrectedModel:
         given = torch.zeros_like(h)
         given[free.unsqueeze(-1) & free] = psd_pseudo_inverse(h[free][:, free]).reshape(-1)
         return joint[:p, :p], conditional, given[:p, :p]
+
+    def robust_covariance(self, held: tuple[int, ...] = ()) -> Tensor:
+        """(P, P) the sandwich covariance of theta with the correction's weights profiled out and
+        the parameters ``held`` fixed (rows and columns 0), as :meth:`covariance`'s third:
+        H^-1 B H^-1 with H the posterior precision and B the sum over the stills of the outer
+        product of each still's NLL gradient (the per-shot parameters at their optimum: the
+        profile scores).  Equal to the Laplace covariance on average where the likelihood is
+        right; wider where the stills scatter more than it says (a model error the correction
+        missed).  Stills are the independent units: with few of them B is noisy
+        (White 1982, Econometrica 50:1)."""
+        _, _, posterior, _, scores = self.gradient_and_information()
+        p = self.refinement.theta.numel()
+        free = torch.ones(posterior.shape[0], dtype=torch.bool)
+        free[list(held)] = False
+        inverse = psd_pseudo_inverse(0.5 * (posterior + posterior.T)[free][:, free])
+        out = torch.zeros_like(posterior)
+        out[free.unsqueeze(-1) & free] = (inverse @ scores[free][:, free] @ inverse).reshape(-1)
+        return out[:p, :p]
 
     # -- the schedule -------------------------------------------------------------------------------
 

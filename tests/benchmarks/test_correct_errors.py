@@ -65,6 +65,7 @@ def _record(seed: int, z: float, offset: float) -> dict:
     return {"case": "rubredoxin", "error": "psf1.5", "n": 20, "seed": seed, "sites": ["A/FE54/FE"], "truth": [2.0],
             "parameters": ["edge_shift_eV[A/FE54/FE]", "spectrometer_offset_eV", "spectrometer_dispersion"],
             "theta": [2.0 + z * sigma - offset, offset, 0.0], "sigma_given_calibration": [sigma, 0.0, 0.0],
+            "sigma_robust_given_calibration": [2 * sigma, 0.0, 0.0],
             "sigma_joint": [0.995, 0.995, 0.001], "physics_theta": [2.5], "physics_sigma": [0.02],
             "oracle_theta": None, "seconds_per_epoch": 1.0, "posterior_predictive": _check(1.0 + abs(z)),
             "leaky": {"theta": [1.0 - offset, offset, 0.0], "sigma_given_calibration": [0.5, 0.0, 0.0]}}  # fmt: skip
@@ -80,7 +81,7 @@ def _check(sd: float) -> dict:
 
 def test_the_summary_scores_the_common_shift(tmp_path):
     """--summarise over two files: the corrected arm's edge shift + offset over its sigma given the
-    spectrometer; coverage counted by hand from the z's (|z| below the normal quantiles 0.674,
+    spectrometer (and over its sandwich sigma); coverage counted by hand from the z's (|z| below the normal quantiles 0.674,
     0.994, 1.645, 1.960); the PNGs written; a record without the spectrometer latents one Sorry line."""
     from records import append_record
 
@@ -95,6 +96,8 @@ def test_the_summary_scores_the_common_shift(tmp_path):
     corrected = entry["corrected"]["A/FE54/FE"]
     assert entry["replicates"] == 5 and corrected["coverage"] == [0.4, 0.6, 0.8, 0.8]
     assert corrected["bias_eV"] == pytest.approx(0.025 * sum(zs) / 5, abs=1e-4)
+    # the same shifts over the sandwich sigma, twice the Laplace one here: |z| / 2 = 0.05 ... 1.25
+    assert entry["corrected_sandwich"]["A/FE54/FE"]["coverage"] == [0.6, 0.8, 1.0, 1.0]
     assert entry["physics"]["A/FE54/FE"]["bias_sigma"] == pytest.approx(25.0)
     # physics 2.5 +- 0.02: the corrected common shifts 2 + 0.025 z are (0.025 z - 0.5) / 0.02 physics sigmas from it
     assert entry["corrected_minus_physics_sigma"]["A/FE54/FE"]["max_abs"] == pytest.approx((0.5 + 0.025 * 1.5) / 0.02, abs=1e-3)

@@ -506,3 +506,30 @@ def test_the_warm_up_holds_the_stills_energy_jitters():
     model.settings = replace(model.settings, epochs=2)
     model.run()
     assert max(abs(float(s.energy_jitter()) - j) for s, j in zip(r.states, start)) > 1e-3
+
+
+def test_score_outer_products_are_the_stills_finite_difference_gradients(toy):
+    """gradient_and_information's last term is sum_i g_i g_i^T over the stills, g_i the gradient of
+    still i's weighted NLL in (theta, phi) at its per-shot parameters (here by central finite
+    differences, not autograd); robust_covariance sandwiches it between the posterior's inverse."""
+    contexts = [pixel_context(toy.shots, s, NOMINAL_EV) for s in toy.shots.shots]
+    model = CorrectedModel(toy, _correction(toy, contexts, head=False, gain=False), contexts, CorrectSettings())
+    _randomise(model.correction, seed=4, size=0.05)
+    theta, phi = toy.theta.detach().clone(), model.phi.detach().clone()
+    x0 = torch.cat([theta, phi])
+    p, h = theta.numel(), 1e-5
+
+    def nll(i: int, x: torch.Tensor) -> float:
+        with torch.no_grad():
+            return float(model.still_terms(i, x[:p], x[p:])[0])
+
+    outer = torch.zeros(x0.numel(), x0.numel(), dtype=torch.float64)
+    for i in range(len(toy.caches)):
+        g = torch.tensor([(nll(i, x0 + h * e) - nll(i, x0 - h * e)) / (2 * h) for e in torch.eye(x0.numel(), dtype=torch.float64)])
+        outer += torch.outer(g, g)
+    model.set_phi(phi)
+    _, _, posterior, _, scores = model.gradient_and_information()
+    assert float(outer.abs().max()) > 0
+    assert torch.allclose(scores, outer, rtol=1e-4, atol=1e-6 * float(outer.abs().max()))
+    inverse = torch.linalg.inv(0.5 * (posterior + posterior.T))
+    assert torch.allclose(model.robust_covariance(), (inverse @ scores @ inverse)[:p, :p], rtol=1e-6, atol=1e-14)
