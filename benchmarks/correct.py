@@ -5,6 +5,8 @@ Usage (repository root; on the GPU machines with PYTHONPATH=$PWD and bench_data 
     python benchmarks/correct.py --case rubredoxin --n 20 --errors none,psf1.5,gain0.05,offset1,jitter0.5 \\
         --replicates 1 --out results
     python benchmarks/correct.py --summarise results/correct_rubredoxin*.jsonl [--plots docs/images]
+    python benchmarks/correct.py --errors psf1.5 --oracle-only --seed 133 --noise-seed K   # K = 1, 2, ...
+    python benchmarks/correct.py --summarise results/correct_rubredoxin*.jsonl --conditional
 
 Stills: benchmarks/refine.py's case (cctbx F0/G from bench_data, the preset's brightness, the
 Jungfrau 16M), drawn from the model's own domain set (so that without an injected error the
@@ -39,7 +41,11 @@ before dials.spread_correct).  --leaky-degree D: also the leaky arm (issue 13's 
 guards have power): the corrected arm's parts times a free factor per Miller index, a degree-D
 Legendre polynomial in the channel (correction.LeakyCorrection), no anchor, a broad prior on it
 (--leaky-prior-sigma, log intensity).  --anchor-beta B: the corrected arm's anchor weight
-(correct.anchor_beta; give each value its own --tag).  Resumable: a (case, error, N, replicate, seed) already in the file is skipped.
+(correct.anchor_beta; give each value its own --tag).  --noise-seed K: the same stills as --seed
+makes (orientations, spectra, boxes, starting crystals) with their photon noise drawn from K, a
+parametric bootstrap of one data set (summarise with --conditional: each arm's spread over the
+noise draws against its sigma, and its mean against the truth); --oracle-only runs only the
+oracle arm.  Resumable: a (case, error, N, replicate, seed, noise seed) already in the file is skipped.
 """
 
 from __future__ import annotations
@@ -193,19 +199,37 @@ def leaky_arm(shot_set: ShotSet, case: dict, model, settings: RefineSettings, ph
             "epochs": len(fit.history), "converged": fit.converged, "seconds": time.perf_counter() - t0}  # fmt: skip
 
 
-def run_one(case: dict, error: str, n: int, replicate: int, args, device: torch.device) -> dict:
+def shifted_case(name: str, data: Path, truth_shift: float) -> dict:
+    """benchmarks/refine.py's case ``name`` from ``data`` with every site's truth its reference
+    moved by ``truth_shift`` (eV)."""
+    case = load_case(name, data)
+    case["truth_curves"] = [r.shifted(truth_shift) for r in case["references"]]
+    fp, fdp = zip(*(c.at(case["energy"]) for c in case["truth_curves"]))
+    table = case["table"]
+    case["truth"] = StructureFactors(table.miller_index, table.F0, table.G, torch.stack(fp), torch.stack(fdp))
+    return case
+
+
+def make_stills(case: dict, error: str, n: int, replicate: int, args, device: torch.device) -> tuple[ShotSet, InjectedErrors]:
+    """The data set of (``error``, ``n`` stills, ``replicate``) from --seed (its photon noise from
+    --noise-seed when given), on ``device``, and the errors it carries."""
     seed = int(np.random.SeedSequence([args.seed, n, replicate]).generate_state(1)[0])
     errors = replace(parse_error(error, case["panels"], seed, case["model"].mosaic_spread_deg), readout_sigma_photons=args.readout)
-    model = case["model"]
     shots = []
     for i in range(n):
-        made, _ = synthetic_shots(case["panels"], case["truth"], model, case["real_space"], case["energy"], 1,
+        made, _ = synthetic_shots(case["panels"], case["truth"], case["model"], case["real_space"], case["energy"], 1,
                                   seed=seed + i, spot_scale=case["spot_scale"], background_photons=BACKGROUND_PHOTONS,
                                   orientation_error_deg=case["orientation_error_deg"], cell_error_fraction=0.001,
-                                  device=device, errors=errors)  # fmt: skip
+                                  device=device, errors=errors, noise_seed=args.noise_seed)  # fmt: skip
         shots.append(made.shots[0])
     shot_set = ShotSet(made.panels, made.beam_direction, made.e_vector, made.polarization_fraction, shots,
                        [f"still {i}" for i in range(n)]).to(device)  # fmt: skip
+    return shot_set, errors
+
+
+def run_one(case: dict, error: str, n: int, replicate: int, args, device: torch.device) -> dict:
+    shot_set, errors = make_stills(case, error, n, replicate, args, device)
+    model = case["model"]
     n_sb = sum(s.shoeboxes.n_shoeboxes for s in shot_set.shots)
     panel_shoeboxes = torch.bincount(torch.cat([s.shoeboxes.panel.cpu() for s in shot_set.shots]), minlength=shot_set.panels.n_panels)
     hit = int((panel_shoeboxes > 0).sum())
@@ -221,6 +245,19 @@ def run_one(case: dict, error: str, n: int, replicate: int, args, device: torch.
     settings = RefineSettings(macrocycles=args.macrocycles, refine_cell=True, model_error_fraction=args.model_error,
                               readout_sigma=args.readout or None)  # fmt: skip
     oracle_model, oracle_settings = model, settings  # (the oracle is told the spreads: no latent)
+    identity = {"case": case["name"], "error": error, "n": n, "replicate": replicate, "seed": args.seed, "noise_seed": args.noise_seed,
+                "sites": case["labels"], "truth": [args.truth_shift] * len(case["labels"])}  # fmt: skip
+    if args.oracle_only:
+        reset_gpu_peak(device)
+        t0 = time.perf_counter()
+        oracle, oracle_sigma = oracle_arm(shot_set, case, errors, oracle_model, sites, oracle_settings)
+        _sync(device)
+        print(f"{error} N={n} r{replicate} noise seed {args.noise_seed}: oracle {np.round(oracle.theta.tolist(), 4).tolist()} +- "
+              f"{np.round(oracle_sigma, 4).tolist()} ({time.perf_counter() - t0:.0f} s; {n_sb} shoeboxes)", flush=True)  # fmt: skip
+        return {**identity, "oracle_theta": oracle.theta.tolist(), "oracle_sigma": oracle_sigma, "oracle_seconds": time.perf_counter() - t0,
+                "oracle_history": oracle.history, "shoeboxes": n_sb,
+                "peak_memory_gb": None if gpu_peak_bytes(device) is None else gpu_peak_bytes(device) / 2**30,
+                "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "date": time.strftime("%Y-%m-%d")}  # fmt: skip
     if args.mosaic_latent:
         model, settings = replace(model, mosaic_latent=True), replace(settings, refine_mosaic=True)
     reset_gpu_peak(device)
@@ -266,8 +303,7 @@ def run_one(case: dict, error: str, n: int, replicate: int, args, device: torch.
             if a["sd"] is not None), flush=True)  # fmt: skip
     epoch_s = [h["seconds"] for h in corrected.history]
     return {
-        "case": case["name"], "error": error, "n": n, "replicate": replicate, "seed": args.seed, "sites": case["labels"],
-        "truth": [args.truth_shift] * len(case["labels"]),
+        **identity,
         "physics_theta": physics.theta.tolist(), "physics_sigma": physics_sigma,
         "theta": r.theta.tolist(), "sigma_joint": joint.diag().sqrt().tolist(), "parameters": corrected_sites.parameter_names(),
         "sigma_conditional": conditional.diag().sqrt().tolist(), "sigma_given_calibration": calibrated.diag().sqrt().tolist(),
@@ -377,6 +413,45 @@ def summarise(paths: list[Path]) -> dict[str, dict]:
     return out
 
 
+def conditional_summary(paths: list[Path]) -> dict[str, dict]:
+    """The parametric bootstrap (--noise-seed): per (case, error, N, seed), i.e. per data set's
+    stills, and per arm the records hold (oracle; physics and corrected, the common shift, when
+    run) and site over the R noise draws: the mean error against the truth (eV, its standard
+    error, and in the mean sigma), the estimates' sd, the mean sigma and their ratio sd / sigma
+    with its 95 % chi-square interval (R - 1 degrees of freedom).  A ratio above 1 is scatter the
+    sigma misses given the stills; a mean off the truth, an error of the data set's stills that
+    no noise draw averages out.
+
+    Raises:
+        SystemExit: a record without a noise seed (a "Sorry:" line).
+    """
+    from scipy import stats
+
+    rows = [r for path in paths for r in read_records(path)]
+    if any(r.get("noise_seed") is None for r in rows):
+        raise SystemExit("Sorry: --conditional summarises records made with --noise-seed only")
+    out = {}
+    for key in sorted({(r["case"], r["error"], r["n"], r["seed"]) for r in rows}):
+        group = [r for r in rows if (r["case"], r["error"], r["n"], r["seed"]) == key]
+        truth = np.array([r["truth"] for r in group])
+        arms = {"oracle": (np.array([r["oracle_theta"] for r in group]), np.array([r["oracle_sigma"] for r in group]))}
+        if all("physics_theta" in r for r in group):
+            arms = {**arm_estimates(group), **arms}
+        entry: dict = {"case": key[0], "error": key[1], "n": key[2], "seed": key[3], "noise_draws": len(group)}
+        dof = len(group) - 1
+        for arm, (estimate, sigma, *_) in arms.items():
+            entry[arm] = {}
+            for k, label in enumerate(group[0]["sites"]):
+                error, sd, mean_sigma = estimate[:, k] - truth[:, k], float(estimate[:, k].std(ddof=1)), float(sigma[:, k].mean())
+                low, high = (np.sqrt(dof / stats.chi2.ppf([0.975, 0.025], dof)) * sd / mean_sigma).tolist()
+                entry[arm][label] = {"mean_error_eV": round(float(error.mean()), 4), "mean_error_se_eV": round(sd / np.sqrt(len(group)), 4),
+                                     "mean_error_sigma": round(float(error.mean()) / mean_sigma, 3), "sd_eV": round(sd, 4),
+                                     "mean_sigma_eV": round(mean_sigma, 4), "sd_over_sigma": round(sd / mean_sigma, 3),
+                                     "sd_over_sigma_95": [round(low, 3), round(high, 3)]}  # fmt: skip
+        out[f"{key[0]} {key[1]} N={key[2]} seed {key[3]}"] = entry
+    return out
+
+
 ARM_LABELS = {"physics": "physics", "corrected": "corrected (edge shift + offset)",
               "corrected_sandwich": "corrected, sandwich sigma", "oracle": "oracle", "leaky": "leaky (edge shift + offset)"}  # the arms of a summary (arm_estimates) and their plot labels
 
@@ -414,6 +489,9 @@ def main(argv=None) -> int:
     ap.add_argument("--per-weight", type=float, default=50.0, help="capacity guard: shoeboxes per weight")
     ap.add_argument("--parts", default="gain,redistribution", help="parts of the correction asked for (the guard may drop some; the head is off by default, as in the program)")
     ap.add_argument("--oracle", action="store_true", help="also the oracle arm: physics given the true error")
+    ap.add_argument("--oracle-only", action="store_true", help="only the oracle arm (e.g. its parametric bootstrap with --noise-seed)")
+    ap.add_argument("--noise-seed", type=int, default=None,
+                    help="the photon noise of --seed's stills drawn from this seed instead (a parametric bootstrap of one data set)")
     ap.add_argument("--tag", default="", help="suffix of the output file (e.g. one per process)")
     ap.add_argument("--anchor-beta", type=float, default=CorrectSettings.anchor_beta,
                     help="the corrected arm's weight of the Poisson KL anchor to the physics rate (correct.anchor_beta)")
@@ -444,6 +522,8 @@ def main(argv=None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default="results")
     ap.add_argument("--summarise", nargs="+", default=None, help="files of records: print the summary per (case, error, N) and stop")
+    ap.add_argument("--conditional", action="store_true",
+                    help="with --summarise: the parametric bootstrap's summary per data set's stills (records made with --noise-seed)")
     ap.add_argument("--plots", default=None, help="with --summarise: write each group's coverage and rank PNGs here")
     ap.add_argument("--plot-stem", default="correct_scale", help="their names: <stem>_<error>_<site>_{coverage,sbc}.png")
     args = ap.parse_args(argv)
@@ -457,6 +537,9 @@ def main(argv=None) -> int:
         raise SystemExit("Sorry: --leaky-degree must be >= 0 and --leaky-prior-sigma > 0")
     if not 0.0 <= args.held_out_fraction < 1.0 or args.panel_groups < 1 or args.resolution_shells < 1:
         raise SystemExit("Sorry: --held-out-fraction must be in [0, 1), --panel-groups and --resolution-shells >= 1")
+    if args.summarise and args.conditional:
+        print(json.dumps(conditional_summary([Path(p) for p in args.summarise]), indent=1))
+        return 0
     if args.summarise:
         summary = summarise([Path(p) for p in args.summarise])
         if args.plots:
@@ -468,20 +551,20 @@ def main(argv=None) -> int:
         print(json.dumps(summary, indent=1))
         return 0
     device = torch.device(args.device)
-    case = load_case(args.case, Path(args.data))
-    case["truth_curves"] = [r.shifted(args.truth_shift) for r in case["references"]]
-    fp, fdp = zip(*(c.at(case["energy"]) for c in case["truth_curves"]))
-    table = case["table"]
-    case["truth"] = StructureFactors(table.miller_index, table.F0, table.G, torch.stack(fp), torch.stack(fdp))
+    case = shifted_case(args.case, Path(args.data), args.truth_shift)
     out = Path(args.out) / f"correct_{args.case}{args.tag}.jsonl"
     out.parent.mkdir(parents=True, exist_ok=True)
-    done = {(r["error"], r["n"], r["replicate"], r["seed"]) for r in read_records(out, repair=True)}
-    work = [(e, r) for e in args.errors.split(",") for r in range(args.replicates) if (e, args.n, r, args.seed) not in done]
+    done = {(r["error"], r["n"], r["replicate"], r["seed"], r.get("noise_seed")) for r in read_records(out, repair=True)}
+    work = [(e, r) for e in args.errors.split(",") for r in range(args.replicates)
+            if (e, args.n, r, args.seed, args.noise_seed) not in done]
     t_start = time.perf_counter()
     for k, (error, replicate) in enumerate(work):
         record = run_one(case, error, args.n, replicate, args, device)
         append_record(out, record)
         rate = (k + 1) / (time.perf_counter() - t_start)
+        if args.oracle_only:
+            print(f"{k + 1}/{len(work)}, ETA {(len(work) - k - 1) / rate:.0f} s", flush=True)
+            continue
         print(f"{error} N={args.n} r{replicate}: physics {np.round(record['physics_theta'], 3).tolist()} +- "
               f"{np.round(record['physics_sigma'], 3).tolist()}, corrected {np.round(record['theta'], 3).tolist()} +- "
               f"{np.round(record['sigma_joint'], 3).tolist()} (parts {record['parts']}; {record['physics_seconds']:.0f} + "

@@ -190,6 +190,7 @@ def synthetic_shots(
     device: str | torch.device = "cpu",
     errors: InjectedErrors | None = None,
     poisson: bool = True,
+    noise_seed: int | None = None,
 ) -> tuple[ShotSet, SyntheticTruth]:
     """``n_shots`` stills of a crystal with rows a, b, c ``unit_cell_real_space`` (3, 3) (A) in
     random orientations, flat SASE-like spectra on channels ``energy_eV`` (C,) (random weights),
@@ -206,7 +207,9 @@ def synthetic_shots(
     ``domains_per_still`` draws each still's mosaic domains from its own seed (as
     dials.spread_simulate does) instead of the model's one draw.  ``errors``: model errors the
     stills carry (:class:`InjectedErrors`).  The kernel runs on ``device``; the stills come back
-    on the CPU.  Returns the stills and what made them.
+    on the CPU.  ``noise_seed``: the photon (and charge, readout) noise drawn from it instead of
+    ``seed``'s stream: the same stills (orientations, spectra, boxes, starting crystals) with
+    fresh noise, for a parametric bootstrap.  Returns the stills and what made them.
     """
     truth_model = model if truth_model is None else truth_model
     if errors is not None and errors.mosaic_spread_abc_deg is not None:
@@ -245,7 +248,10 @@ def synthetic_shots(
         bragg = photons.view(truth_model.mosaic_domains, n_pix).sum(0).cpu()
         sb_of_pixel = torch.repeat_interleave(torch.arange(hkl.shape[0]), nx * ny)
         per_box = torch.zeros(hkl.shape[0], dtype=dtype).index_add(0, sb_of_pixel, bragg)
-        gen = torch.Generator().manual_seed(int(rng.integers(2**62)))
+        noise_draw = int(rng.integers(2**62))  # (drawn either way: the stills after it are the same)
+        if noise_seed is not None:
+            noise_draw = int(np.random.SeedSequence([noise_seed, seed, i]).generate_state(1, np.uint64)[0]) >> 2
+        gen = torch.Generator().manual_seed(noise_draw)
         expected = bragg + background_photons
         if errors is not None:
             if errors.psf_fwhm_px > 0:

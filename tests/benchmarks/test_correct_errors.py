@@ -116,3 +116,31 @@ def test_the_summary_scores_the_common_shift(tmp_path):
     with pytest.raises(SystemExit, match="before the spectrometer latents") as raised:
         main(["--summarise", str(tmp_path / "old.jsonl")])
     assert str(raised.value).startswith("Sorry:")
+
+
+def test_the_conditional_summary_of_a_parametric_bootstrap(tmp_path):
+    """--summarise --conditional: per data set's stills (seed), the oracle's mean error, the sd of
+    its estimates over the noise draws against its sigma, and the ratio's chi-square interval,
+    checked by hand (estimates 2 + (-0.03, -0.01, 0.01, 0.05), sigma 0.02: mean error 0.005, sd
+    sqrt(0.0035 / 3)); records without a noise seed one Sorry line."""
+    from correct import conditional_summary
+    from records import append_record
+
+    for k, e in enumerate([-0.03, -0.01, 0.01, 0.05]):
+        append_record(tmp_path / "boot.jsonl", {"case": "rubredoxin", "error": "none", "n": 20, "seed": 133, "noise_seed": k + 1,
+                                                "sites": ["A/FE54/FE"], "truth": [2.0], "oracle_theta": [2.0 + e], "oracle_sigma": [0.02]})  # fmt: skip
+    append_record(tmp_path / "boot.jsonl", {"case": "rubredoxin", "error": "none", "n": 20, "seed": 134, "noise_seed": 1,
+                                            "sites": ["A/FE54/FE"], "truth": [2.0], "oracle_theta": [2.1], "oracle_sigma": [0.02]})  # fmt: skip
+    summary = conditional_summary([tmp_path / "boot.jsonl"])
+    assert sorted(summary) == ["rubredoxin none N=20 seed 133", "rubredoxin none N=20 seed 134"]
+    site = summary["rubredoxin none N=20 seed 133"]["oracle"]["A/FE54/FE"]
+    sd = (((-0.035) ** 2 + (-0.015) ** 2 + 0.005**2 + 0.045**2) / 3) ** 0.5
+    assert site["mean_error_eV"] == pytest.approx(0.005, abs=1e-4) and site["sd_eV"] == pytest.approx(sd, abs=1e-4)
+    assert site["sd_over_sigma"] == pytest.approx(sd / 0.02, abs=1e-3) and site["mean_error_se_eV"] == pytest.approx(sd / 2, abs=1e-4)
+    # chi-square with 3 degrees of freedom: quantiles 0.2158 and 9.348
+    assert site["sd_over_sigma_95"] == pytest.approx([sd / 0.02 * (3 / 9.348) ** 0.5, sd / 0.02 * (3 / 0.2158) ** 0.5], abs=2e-3)
+    assert summary["rubredoxin none N=20 seed 133"]["noise_draws"] == 4
+    append_record(tmp_path / "plain.jsonl", {"case": "rubredoxin", "error": "none", "n": 20, "seed": 1})
+    with pytest.raises(SystemExit, match="made with --noise-seed only") as raised:
+        main(["--summarise", str(tmp_path / "plain.jsonl"), "--conditional"])
+    assert str(raised.value).startswith("Sorry:")

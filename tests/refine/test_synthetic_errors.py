@@ -20,14 +20,15 @@ from ..physics.scene_factory import grid_panels
 from .test_engine import _reference
 
 
-def _stills(errors: InjectedErrors | None):
+def _stills(errors: InjectedErrors | None, poisson: bool = False, noise_seed: int | None = None):
     table = toy_table()
     curve = _reference().at(ENERGY, 0.0)
     truth = StructureFactors(table.miller_index, table.F0, table.G, torch.stack([curve[0]] * 2), torch.stack([curve[1]] * 2))
     panels = grid_panels(n_fast=160, n_slow=160, pixel_mm=0.1, distance_mm=40.0, grid=(2, 2), gap_mm=0.5, tilt_deg=0.0)
     cell = real_space_from_cell(torch.tensor(CELL, dtype=torch.float64))
     shots, _ = synthetic_shots(panels, truth, CrystalModel((20.0,) * 3, 0.1, 6), cell, ENERGY, n_shots=2, seed=5,
-                               spot_scale=2000.0, min_bragg_photons=10.0, errors=errors, poisson=False)  # fmt: skip
+                               spot_scale=2000.0, min_bragg_photons=10.0, errors=errors, poisson=poisson,
+                               noise_seed=noise_seed)  # fmt: skip
     return panels, shots
 
 
@@ -106,3 +107,25 @@ def test_profiles_of_an_anisotropic_model_against_the_isotropic_limit_and_finite
             difference = (u.profile - d.profile) / (2 * h)
             scale = float(difference.abs().max())
             assert scale > 0 and torch.allclose(a.jacobian[..., axis], difference, rtol=1e-4, atol=1e-5 * scale)
+
+
+def test_a_noise_seed_redraws_only_the_photon_noise():
+    """The parametric bootstrap's stills: with a noise seed, the same boxes, crystals and spectra
+    as the data set's own draw; counts Poisson about the same expected photons (standardized
+    mean 0 and sd 1 against the noise-free stills), another seed other counts, the same seed
+    the same counts."""
+    panels, expected = _stills(InjectedErrors(psf_fwhm_px=1.5))
+    _, own = _stills(InjectedErrors(psf_fwhm_px=1.5), poisson=True)
+    _, one = _stills(InjectedErrors(psf_fwhm_px=1.5), poisson=True, noise_seed=1)
+    _, again = _stills(InjectedErrors(psf_fwhm_px=1.5), poisson=True, noise_seed=1)
+    _, two = _stills(InjectedErrors(psf_fwhm_px=1.5), poisson=True, noise_seed=2)
+    z = []
+    for e, a, b, c, d in zip(expected.shots, own.shots, one.shots, again.shots, two.shots):
+        for s in (a, b, d):
+            assert torch.equal(s.shoeboxes.miller_index, e.shoeboxes.miller_index) and torch.equal(s.shoeboxes.fast0, e.shoeboxes.fast0)
+            assert torch.equal(s.real_space, e.real_space) and torch.equal(s.weight, e.weight) and torch.equal(s.energy_eV, e.energy_eV)
+        assert torch.equal(b.shoeboxes.counts, c.shoeboxes.counts)
+        assert not torch.equal(b.shoeboxes.counts, a.shoeboxes.counts) and not torch.equal(b.shoeboxes.counts, d.shoeboxes.counts)
+        z.append((b.shoeboxes.counts - e.shoeboxes.counts) / e.shoeboxes.counts.sqrt())
+    z = torch.cat(z)
+    assert z.numel() > 5000 and abs(float(z.mean())) < 4 / z.numel() ** 0.5 and abs(float(z.std()) - 1) < 0.05
