@@ -45,7 +45,7 @@ Legendre polynomial in the channel (correction.LeakyCorrection), no anchor, a br
 makes (orientations, spectra, boxes, starting crystals) with their photon noise drawn from K, a
 parametric bootstrap of one data set (summarise with --conditional: each arm's spread over the
 noise draws against its sigma, and its mean against the truth); --oracle-only runs only the
-oracle arm.  Resumable: a (case, error, N, replicate, seed, noise seed) already in the file is skipped.
+oracle arm (with --held-out-fraction on the stills the corrected arm fits).  Resumable: a (case, error, N, replicate, seed, noise seed) already in the file is skipped.
 """
 
 from __future__ import annotations
@@ -76,7 +76,7 @@ from spread_dials.correct.correction import (
     within_capacity,
 )
 from spread_dials.correct.fit import CorrectedModel, CorrectSettings, feature_statistics
-from spread_dials.correct.predictive import PredictiveCheck, pool_reports
+from spread_dials.correct.predictive import PredictiveCheck, held_out_stills, pool_reports
 from spread_dials.correct.spectrometer import SpectrometerSites
 from spread_dials.parallel import Parallel
 from spread_dials.physics.geometry import PanelArray
@@ -210,18 +210,21 @@ def shifted_case(name: str, data: Path, truth_shift: float) -> dict:
     return case
 
 
-def make_stills(case: dict, error: str, n: int, replicate: int, args, device: torch.device) -> tuple[ShotSet, InjectedErrors]:
+def make_stills(case: dict, error: str, n: int, replicate: int, args, device: torch.device, true_crystals: bool = False,
+                poisson: bool = True) -> tuple[ShotSet, InjectedErrors]:  # fmt: skip
     """The data set of (``error``, ``n`` stills, ``replicate``) from --seed (its photon noise from
-    --noise-seed when given), on ``device``, and the errors it carries."""
+    --noise-seed when given), on ``device``, and the errors it carries; with ``true_crystals``
+    each still's crystal is the true one instead of the one stills_process would hand on, and
+    without ``poisson`` the counts are the expected photons."""
     seed = int(np.random.SeedSequence([args.seed, n, replicate]).generate_state(1)[0])
     errors = replace(parse_error(error, case["panels"], seed, case["model"].mosaic_spread_deg), readout_sigma_photons=args.readout)
     shots = []
     for i in range(n):
-        made, _ = synthetic_shots(case["panels"], case["truth"], case["model"], case["real_space"], case["energy"], 1,
-                                  seed=seed + i, spot_scale=case["spot_scale"], background_photons=BACKGROUND_PHOTONS,
-                                  orientation_error_deg=case["orientation_error_deg"], cell_error_fraction=0.001,
-                                  device=device, errors=errors, noise_seed=args.noise_seed)  # fmt: skip
-        shots.append(made.shots[0])
+        made, truth = synthetic_shots(case["panels"], case["truth"], case["model"], case["real_space"], case["energy"], 1,
+                                      seed=seed + i, spot_scale=case["spot_scale"], background_photons=BACKGROUND_PHOTONS,
+                                      orientation_error_deg=case["orientation_error_deg"], cell_error_fraction=0.001,
+                                      device=device, errors=errors, noise_seed=args.noise_seed, poisson=poisson)  # fmt: skip
+        shots.append(replace(made.shots[0], real_space=truth.real_space[0]) if true_crystals else made.shots[0])
     shot_set = ShotSet(made.panels, made.beam_direction, made.e_vector, made.polarization_fraction, shots,
                        [f"still {i}" for i in range(n)]).to(device)  # fmt: skip
     return shot_set, errors
@@ -248,13 +251,16 @@ def run_one(case: dict, error: str, n: int, replicate: int, args, device: torch.
     identity = {"case": case["name"], "error": error, "n": n, "replicate": replicate, "seed": args.seed, "noise_seed": args.noise_seed,
                 "sites": case["labels"], "truth": [args.truth_shift] * len(case["labels"])}  # fmt: skip
     if args.oracle_only:
+        held = held_out_stills(n, args.held_out_fraction, args.seed)  # out of the fit, as the corrected arm's
+        kept_stills = [k for k in range(n) if k not in held]
+        fitted = replace(shot_set, shots=[shot_set.shots[k] for k in kept_stills], sources=[shot_set.sources[k] for k in kept_stills])
         reset_gpu_peak(device)
         t0 = time.perf_counter()
-        oracle, oracle_sigma = oracle_arm(shot_set, case, errors, oracle_model, sites, oracle_settings)
+        oracle, oracle_sigma = oracle_arm(fitted, case, errors, oracle_model, sites, oracle_settings)
         _sync(device)
         print(f"{error} N={n} r{replicate} noise seed {args.noise_seed}: oracle {np.round(oracle.theta.tolist(), 4).tolist()} +- "
               f"{np.round(oracle_sigma, 4).tolist()} ({time.perf_counter() - t0:.0f} s; {n_sb} shoeboxes)", flush=True)  # fmt: skip
-        return {**identity, "oracle_theta": oracle.theta.tolist(), "oracle_sigma": oracle_sigma, "oracle_seconds": time.perf_counter() - t0,
+        return {**identity, "held_out_stills": held, "oracle_theta": oracle.theta.tolist(), "oracle_sigma": oracle_sigma, "oracle_seconds": time.perf_counter() - t0,
                 "oracle_history": oracle.history, "shoeboxes": n_sb,
                 "peak_memory_gb": None if gpu_peak_bytes(device) is None else gpu_peak_bytes(device) / 2**30,
                 "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "date": time.strftime("%Y-%m-%d")}  # fmt: skip
