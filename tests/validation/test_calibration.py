@@ -14,6 +14,7 @@ from spread_dials.validation.calibration import (
     coverage_band,
     draws_pit,
     gaussian_pit,
+    tolerance_pass_probability,
 )
 
 
@@ -66,3 +67,37 @@ def test_ties_are_split_uniformly():
 def test_bad_sigma_is_refused():
     with pytest.raises(ValueError, match="positive"):
         gaussian_pit(np.zeros(2), np.array([0.1, 0.0]), np.zeros(2))
+
+
+def test_pass_probability_of_one_level_is_the_binomial_interval():
+    # one level: P(|c / R - l| <= t) with c ~ Bin(R, l), summed from the binomial pmf
+    for r, level in [(100, 0.68), (37, 0.9), (10, 0.5)]:
+        c = np.arange(r + 1)
+        expected = stats.binom.pmf(c, r, level)[np.abs(c / r - level) <= 0.05 + 1e-9].sum()
+        assert tolerance_pass_probability(r, [level]) == pytest.approx(expected, rel=1e-12)
+
+
+def test_pass_probability_of_all_levels_matches_simulated_calibrated_replicates():
+    # 4000 sets of R = 40 calibrated data sets (uniform PITs) through calibration_summary
+    rng = np.random.default_rng(11)
+    passed = [calibration_summary(rng.uniform(size=40))["within_tolerance"] for _ in range(4000)]
+    exact = tolerance_pass_probability(40)
+    assert abs(np.mean(passed) - exact) < 4 * np.sqrt(exact * (1 - exact) / 4000)  # exact 0.24
+    assert calibration_summary(rng.uniform(size=40))["calibrated_pass_probability"] == round(exact, 3)
+    assert tolerance_pass_probability(100) == pytest.approx(0.585, abs=0.001)
+
+
+def test_a_coverage_exactly_at_the_tolerance_passes():
+    # 100 z's covered 50 / 73 / 90 / 95 %: 68 % + 5 % exactly (0.73 - 0.68 is 0.05 + 4e-17 in floats)
+    z = np.repeat([0.0, 0.8, 1.5, 1.8, 10.0], [50, 23, 17, 5, 5])
+    summary = calibration_summary(stats.norm.cdf(z))
+    assert summary["coverage"] == [0.5, 0.73, 0.9, 0.95]
+    assert summary["within_tolerance"]
+    assert not calibration_summary(stats.norm.cdf(np.repeat([0.0, 0.8, 1.5, 1.8, 10.0], [50, 24, 16, 5, 5])))["within_tolerance"]
+
+
+def test_pass_probability_refuses_bad_arguments():
+    with pytest.raises(ValueError):
+        tolerance_pass_probability(0)
+    with pytest.raises(ValueError):
+        tolerance_pass_probability(10, [0.5, 1.0])
