@@ -254,6 +254,7 @@ def run_one(case: dict, error: str, n: int, replicate: int, args, device: torch.
         held = held_out_stills(n, args.held_out_fraction, args.seed)  # out of the fit, as the corrected arm's
         kept_stills = [k for k in range(n) if k not in held]
         fitted = replace(shot_set, shots=[shot_set.shots[k] for k in kept_stills], sources=[shot_set.sources[k] for k in kept_stills])
+        n_sb = sum(s.shoeboxes.n_shoeboxes for s in fitted.shots)  # the fitted stills' only
         reset_gpu_peak(device)
         t0 = time.perf_counter()
         oracle, oracle_sigma = oracle_arm(fitted, case, errors, oracle_model, sites, oracle_settings)
