@@ -236,14 +236,6 @@ def run_one(case: dict, error: str, n: int, replicate: int, args, device: torch.
     n_sb = sum(s.shoeboxes.n_shoeboxes for s in shot_set.shots)
     panel_shoeboxes = torch.bincount(torch.cat([s.shoeboxes.panel.cpu() for s in shot_set.shots]), minlength=shot_set.panels.n_panels)
     hit = int((panel_shoeboxes > 0).sum())
-    parts = set(args.parts.split(","))
-    wanted = CorrectionSettings(stencil_radius=args.stencil_radius, stencil_symmetry=args.stencil_symmetry,
-                                gain="gain" in parts, gain_nodes=args.gain_nodes,
-                                redistribution="redistribution" in parts, head="head" in parts)  # fmt: skip
-    kept, notes = within_capacity(wanted, n_sb, hit, args.per_weight)
-    if not (kept.gain or kept.redistribution or kept.head):  # as dials.spread_correct: nothing to learn
-        raise SystemExit(f"Sorry: {n_sb} shoeboxes of {n} stills cannot pin down any part of the correction "
-                         f"(--per-weight {args.per_weight:g}: {'; '.join(notes)}): give more stills")  # fmt: skip
     sites = EdgeShiftSites(case["references"], list(range(len(case["references"]))), case["labels"])
     settings = RefineSettings(macrocycles=args.macrocycles, refine_cell=True, model_error_fraction=args.model_error,
                               readout_sigma=args.readout or None)  # fmt: skip
@@ -265,6 +257,14 @@ def run_one(case: dict, error: str, n: int, replicate: int, args, device: torch.
                 "oracle_history": oracle.history, "shoeboxes": n_sb,
                 "peak_memory_gb": None if gpu_peak_bytes(device) is None else gpu_peak_bytes(device) / 2**30,
                 "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "date": time.strftime("%Y-%m-%d")}  # fmt: skip
+    parts = set(args.parts.split(","))
+    wanted = CorrectionSettings(stencil_radius=args.stencil_radius, stencil_symmetry=args.stencil_symmetry,
+                                gain="gain" in parts, gain_nodes=args.gain_nodes,
+                                redistribution="redistribution" in parts, head="head" in parts)  # fmt: skip
+    kept, notes = within_capacity(wanted, n_sb, hit, args.per_weight)
+    if not (kept.gain or kept.redistribution or kept.head):  # as dials.spread_correct: nothing to learn (the oracle above learns nothing)
+        raise SystemExit(f"Sorry: {n_sb} shoeboxes of {n} stills cannot pin down any part of the correction "
+                         f"(--per-weight {args.per_weight:g}: {'; '.join(notes)}): give more stills")  # fmt: skip
     if args.mosaic_latent:
         model, settings = replace(model, mosaic_latent=True), replace(settings, refine_mosaic=True)
     reset_gpu_peak(device)
