@@ -233,9 +233,6 @@ def make_stills(case: dict, error: str, n: int, replicate: int, args, device: to
 def run_one(case: dict, error: str, n: int, replicate: int, args, device: torch.device) -> dict:
     shot_set, errors = make_stills(case, error, n, replicate, args, device)
     model = case["model"]
-    n_sb = sum(s.shoeboxes.n_shoeboxes for s in shot_set.shots)
-    panel_shoeboxes = torch.bincount(torch.cat([s.shoeboxes.panel.cpu() for s in shot_set.shots]), minlength=shot_set.panels.n_panels)
-    hit = int((panel_shoeboxes > 0).sum())
     sites = EdgeShiftSites(case["references"], list(range(len(case["references"]))), case["labels"])
     settings = RefineSettings(macrocycles=args.macrocycles, refine_cell=True, model_error_fraction=args.model_error,
                               readout_sigma=args.readout or None)  # fmt: skip
@@ -244,9 +241,8 @@ def run_one(case: dict, error: str, n: int, replicate: int, args, device: torch.
                 "sites": case["labels"], "truth": [args.truth_shift] * len(case["labels"])}  # fmt: skip
     if args.oracle_only:
         held = held_out_stills(n, args.held_out_fraction, args.seed)  # out of the fit, as the corrected arm's
-        kept_stills = [k for k in range(n) if k not in held]
-        fitted = replace(shot_set, shots=[shot_set.shots[k] for k in kept_stills], sources=[shot_set.sources[k] for k in kept_stills])
-        n_sb = sum(s.shoeboxes.n_shoeboxes for s in fitted.shots)  # the fitted stills' only
+        fitted = shot_set.select([k for k in range(n) if k not in held])
+        n_sb = sum(s.shoeboxes.n_shoeboxes for s in fitted.shots)
         reset_gpu_peak(device)
         t0 = time.perf_counter()
         oracle, oracle_sigma = oracle_arm(fitted, case, errors, oracle_model, sites, oracle_settings)
@@ -257,6 +253,9 @@ def run_one(case: dict, error: str, n: int, replicate: int, args, device: torch.
                 "oracle_history": oracle.history, "shoeboxes": n_sb,
                 "peak_memory_gb": None if gpu_peak_bytes(device) is None else gpu_peak_bytes(device) / 2**30,
                 "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu", "date": time.strftime("%Y-%m-%d")}  # fmt: skip
+    n_sb = sum(s.shoeboxes.n_shoeboxes for s in shot_set.shots)
+    panel_shoeboxes = torch.bincount(torch.cat([s.shoeboxes.panel.cpu() for s in shot_set.shots]), minlength=shot_set.panels.n_panels)
+    hit = int((panel_shoeboxes > 0).sum())
     parts = set(args.parts.split(","))
     wanted = CorrectionSettings(stencil_radius=args.stencil_radius, stencil_symmetry=args.stencil_symmetry,
                                 gain="gain" in parts, gain_nodes=args.gain_nodes,

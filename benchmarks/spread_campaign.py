@@ -646,7 +646,7 @@ def conventional_route(refinement, case: dict, params, comm) -> dict | None:
     shots, states, pieces = refinement.shots, refinement.states, []
     for start in range(0, len(shots.shots), CONVENTIONAL_STILLS):  # per-channel profiles of a few hundred stills at a time
         part = range(start, min(start + CONVENTIONAL_STILLS, len(shots.shots)))
-        sub = replace(shots, shots=[shots.shots[i] for i in part], sources=[shots.sources[i] for i in part])
+        sub = shots.select(part)
         caches = make_caches(sub, case["table"], case["model"], [states[i].rotation for i in part],
                              refine_cell=params.stills.cell_error > 0, cells=[states[i].cell for i in part])  # fmt: skip
         piece = summation_reflections(caches, [s.shoeboxes for s in sub.shots])

@@ -11,7 +11,7 @@ window, so a shoebox is a kernel window.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import Tensor
@@ -131,3 +131,7 @@ class ShotSet:
         return ShotSet(self.panels.to(device=device), self.beam_direction.to(device), self.e_vector.to(device),
                        self.polarization_fraction, [s.to(device=device) for s in self.shots], list(self.sources),
                        self.cell_ties)  # fmt: skip
+
+    def select(self, indices) -> "ShotSet":
+        """The stills at ``indices`` (positions in ``shots``, in that order) with their sources."""
+        return replace(self, shots=[self.shots[i] for i in indices], sources=[self.sources[i] for i in indices])

@@ -21,7 +21,6 @@ from scipy import stats
 __all__ = ["LEVELS", "gaussian_pit", "draws_pit", "coverage", "uniformity", "coverage_band", "tolerance_pass_probability", "calibration_summary"]
 
 LEVELS = (0.5, 0.68, 0.9, 0.95)
-_ROUNDING = 1e-9  # a coverage exactly at the tolerance passes (73 / 100 - 0.68 is 0.05 + 4e-17 in floats)
 
 
 def gaussian_pit(estimate: np.ndarray, sigma: np.ndarray, truth: np.ndarray) -> np.ndarray:
@@ -68,6 +67,12 @@ def coverage_band(n_replicates: int, level: float, probability: float = 0.95) ->
     return float(lo / n_replicates), float(hi / n_replicates)
 
 
+def _within(coverage_fraction, level: float, tolerance: float):
+    """Whether a coverage fraction (float or array) is within ``tolerance`` of ``level``; one at
+    the tolerance passes (73 / 100 - 0.68 is 0.05 + 4e-17 in floats, hence the 1e-9)."""
+    return np.abs(coverage_fraction - level) <= tolerance + 1e-9
+
+
 def tolerance_pass_probability(n_replicates: int, levels=LEVELS, tolerance: float = 0.05) -> float:
     """Probability that ``n_replicates`` data sets of an exactly calibrated posterior put the
     coverage of every central interval in ``levels`` within ``tolerance`` (absolute) of nominal,
@@ -86,7 +91,7 @@ def tolerance_pass_probability(n_replicates: int, levels=LEVELS, tolerance: floa
     if n_replicates < 1 or not all(0.0 < lv < 1.0 for lv in ordered):
         raise ValueError(f"need n_replicates >= 1 and levels in (0, 1), not {n_replicates} and {levels}")
     counts = np.arange(n_replicates + 1)
-    passing = {lv: np.abs(counts / n_replicates - lv) <= tolerance + _ROUNDING for lv in ordered}
+    passing = {lv: _within(counts / n_replicates, lv, tolerance) for lv in ordered}
     state = stats.binom.pmf(counts, n_replicates, ordered[0]) * passing[ordered[0]]  # P(c_1 = c, passed so far)
     for inner, outer in zip(ordered, ordered[1:]):
         step = (outer - inner) / (1.0 - inner)
@@ -109,7 +114,7 @@ def calibration_summary(pit: np.ndarray, levels=LEVELS, tolerance: float = 0.05,
         "replicates": int(pit.size), "levels": list(levels), "coverage": [round(c, 4) for c in cover],
         "coverage_minus_nominal": [round(c - lv, 4) for c, lv in zip(cover, levels)],
         "calibrated_range_95": [[round(x, 3) for x in coverage_band(pit.size, lv)] for lv in levels],
-        "within_tolerance": bool(all(abs(c - lv) <= tolerance + _ROUNDING for c, lv in zip(cover, levels))),
+        "within_tolerance": bool(all(_within(c, lv, tolerance) for c, lv in zip(cover, levels))),
         "calibrated_pass_probability": round(tolerance_pass_probability(pit.size, levels, tolerance), 3) if pit.size else math.nan,
         "uniform": bool(test["ks_p"] > 0.01), **test,
         "mean_pit": round(float(pit.mean()), 4) if pit.size else math.nan,

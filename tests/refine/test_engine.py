@@ -88,6 +88,16 @@ def test_stills_made_together_equal_each_made_alone(problem):
             assert torch.allclose(a, b, rtol=1e-10, atol=1e-12 * float(b.abs().max()))
 
 
+def test_select_keeps_the_chosen_stills_in_order_with_their_sources(problem):
+    shots = problem[0]
+    shots = replace(shots, sources=["a.h5 0", "a.h5 1"])
+    picked = shots.select([1, 0])
+    assert picked.shots[0] is shots.shots[1] and picked.shots[1] is shots.shots[0]
+    assert picked.sources == ["a.h5 1", "a.h5 0"]
+    assert picked.panels is shots.panels and picked.beam_direction is shots.beam_direction and picked.cell_ties == shots.cell_ties
+    assert shots.select([]).shots == [] and len(shots.shots) == 2  # the set itself is untouched
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("mosaic", ["isotropic", "anisotropic", "latent"])
 def test_profiles_on_the_gpu_equal_the_cpu(problem, mosaic):
