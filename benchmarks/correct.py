@@ -382,6 +382,11 @@ def site_summary(estimate: np.ndarray, sigma: np.ndarray, truth: np.ndarray) -> 
             **calibration_summary(pit), "pit": pit.tolist()}  # fmt: skip
 
 
+def _oracle_only(record: dict) -> bool:
+    """A record of --oracle-only (the oracle arm alone: no physics or corrected arm)."""
+    return "physics_theta" not in record
+
+
 def summarise(paths: list[Path]) -> dict[str, dict]:
     """Per (case, error, N) over the records of ``paths`` (e.g. one file per process): per arm
     (arm_estimates; the corrected arm's common shift) and site the bias in eV and in its own
@@ -390,20 +395,28 @@ def summarise(paths: list[Path]) -> dict[str, dict]:
     profiled: prior-dominated for an absolute shift), how far the corrected common shift is from
     the physics estimate in physics sigmas (largest and rms: the no-harm target), the seconds per
     epoch and, where the records have a posterior predictive check (--held-out-fraction), the
-    held-out z pooled over the data sets (pool_reports)."""
+    held-out z pooled over the data sets (pool_reports).  --oracle-only records form groups of
+    their own ("... oracle only"), with the oracle arm alone."""
     rows = []
     for path in paths:
         records = read_records(path)
         rows += records
-        if any("parameters" not in r for r in records):
+        if any("parameters" not in r and not _oracle_only(r) for r in records):
             raise SystemExit(f"Sorry: {path} holds records from before the spectrometer latents (no 'parameters'); "
                              "summarise them with the code of their session")  # fmt: skip
     out = {}
-    for key in sorted({(r["case"], r["error"], r["n"]) for r in rows}):
-        group = [r for r in rows if (r["case"], r["error"], r["n"]) == key]
-        entry: dict = {"case": key[0], "error": key[1], "n": key[2], "replicates": len(group), "seeds": sorted({r["seed"] for r in group}),
-                       "corrected_sigma_joint": np.mean([r["sigma_joint"][: len(r["sites"])] for r in group], 0).round(4).tolist(),
-                       "seconds_per_epoch": round(float(np.mean([r["seconds_per_epoch"] for r in group])), 2)}  # fmt: skip
+    for key in sorted({(r["case"], r["error"], r["n"], _oracle_only(r)) for r in rows}):
+        group = [r for r in rows if (r["case"], r["error"], r["n"], _oracle_only(r)) == key]
+        entry: dict = {"case": key[0], "error": key[1], "n": key[2], "replicates": len(group), "seeds": sorted({r["seed"] for r in group})}
+        if key[3]:  # --oracle-only records: a group of their own, the oracle arm alone
+            truth = np.array([r["truth"] for r in group])
+            estimate, sigma = np.array([r["oracle_theta"] for r in group]), np.array([r["oracle_sigma"] for r in group])
+            entry |= {"oracle_only": True,
+                      "oracle": {label: site_summary(estimate[:, k], sigma[:, k], truth[:, k]) for k, label in enumerate(group[0]["sites"])}}
+            out[f"{key[0]} {key[1]} N={key[2]} oracle only"] = entry
+            continue
+        entry |= {"corrected_sigma_joint": np.mean([r["sigma_joint"][: len(r["sites"])] for r in group], 0).round(4).tolist(),
+                  "seconds_per_epoch": round(float(np.mean([r["seconds_per_epoch"] for r in group])), 2)}  # fmt: skip
         arms = arm_estimates(group)
         for arm, (estimate, sigma, truth) in arms.items():
             entry[arm] = {label: site_summary(estimate[:, k], sigma[:, k], truth[:, k]) for k, label in enumerate(group[0]["sites"])}
@@ -464,17 +477,19 @@ ARM_LABELS = {"physics": "physics", "corrected": "corrected (edge shift + offset
 
 def plot_summary(summary: dict[str, dict], directory: Path, stem: str) -> list[Path]:
     """Per group and site of ``summary``: the coverage curve and the SBC rank histograms of every
-    arm (spread_dials.plots.calibration), as <stem>_<error>_<site>_{coverage,sbc}.png, and per group
+    arm (spread_dials.plots.calibration), as <stem>_<error>_<site>_{coverage,sbc}.png (an oracle-only
+    group: <stem>_<error>_oracle_only_<site>_...), and per group
     with a pooled posterior predictive check its picture, <stem>_<error>_predictive.png."""
     from spread_dials.plots.calibration import plot_coverage, plot_rank_histograms
     from spread_dials.plots.correct import plot_predictive
 
     written = []
     for entry in summary.values():
-        for site in entry["physics"]:
+        only = " (oracle only)" if entry.get("oracle_only") else ""
+        for site in entry["oracle" if only else "physics"]:
             pits = {label: np.array(entry[arm][site]["pit"]) for arm, label in ARM_LABELS.items() if arm in entry}
-            title = f"{entry['case']} N={entry['n']}, {entry['error']}, {site}: {entry['replicates']} data sets"
-            name = f"{stem}_{entry['error']}_{site.replace('/', '_')}".replace("+", "_")
+            title = f"{entry['case']} N={entry['n']}, {entry['error']}{only}, {site}: {entry['replicates']} data sets"
+            name = f"{stem}_{entry['error']}{'_oracle_only' if only else ''}_{site.replace('/', '_')}".replace("+", "_")
             written += [plot_coverage(pits, directory / f"{name}_coverage.png", title=title),
                         plot_rank_histograms(pits, directory / f"{name}_sbc.png", title=title)]  # fmt: skip
         if "predictive" in entry:

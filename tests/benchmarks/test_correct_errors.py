@@ -118,6 +118,36 @@ def test_the_summary_scores_the_common_shift(tmp_path):
     assert str(raised.value).startswith("Sorry:")
 
 
+def test_oracle_only_records_are_a_group_of_their_own(tmp_path):
+    """--summarise over --oracle-only records beside full ones: the oracle-only records are their
+    own group ("... oracle only", the oracle arm alone: no physics or corrected arm), scored as the
+    full group's arms; coverage counted by hand from the z's (|z| below 0.674, 0.994, 1.645,
+    1.960); the full group unchanged; each group's PNGs written under its own name."""
+    from correct import summarise
+    from records import append_record
+
+    zs = [0.3, -0.8, 1.2, -1.8, 2.2, 0.0]
+    for k, z in enumerate(zs):
+        append_record(tmp_path / "oracle.jsonl", {"case": "rubredoxin", "error": "psf1.5", "n": 20, "seed": 145 + k, "noise_seed": None,
+                                                  "sites": ["A/FE54/FE"], "truth": [2.0], "held_out_stills": [],
+                                                  "oracle_theta": [2.0 + 0.02 * z], "oracle_sigma": [0.02]})  # fmt: skip
+    append_record(tmp_path / "full.jsonl", _record(60, 0.1, offset=0.0))
+    summary = summarise([tmp_path / "oracle.jsonl", tmp_path / "full.jsonl"])
+    assert sorted(summary) == ["rubredoxin psf1.5 N=20", "rubredoxin psf1.5 N=20 oracle only"]
+    only = summary["rubredoxin psf1.5 N=20 oracle only"]
+    assert only["replicates"] == 6 and only["seeds"] == list(range(145, 151))
+    assert "physics" not in only and "corrected" not in only
+    oracle = only["oracle"]["A/FE54/FE"]
+    assert oracle["coverage"] == pytest.approx([2 / 6, 3 / 6, 4 / 6, 5 / 6], abs=1e-4)
+    assert oracle["rms_z"] == pytest.approx((sum(z * z for z in zs) / 6) ** 0.5, abs=1e-3)
+    assert summary["rubredoxin psf1.5 N=20"]["replicates"] == 1 and "oracle" not in summary["rubredoxin psf1.5 N=20"]
+    assert main(["--summarise", str(tmp_path / "oracle.jsonl"), str(tmp_path / "full.jsonl"), "--plots", str(tmp_path / "png")]) == 0
+    assert sorted(p.name for p in (tmp_path / "png").iterdir()) == [
+        "correct_scale_psf1.5_A_FE54_FE_coverage.png", "correct_scale_psf1.5_A_FE54_FE_sbc.png",
+        "correct_scale_psf1.5_oracle_only_A_FE54_FE_coverage.png", "correct_scale_psf1.5_oracle_only_A_FE54_FE_sbc.png",
+        "correct_scale_psf1.5_predictive.png"]
+
+
 def test_the_conditional_summary_of_a_parametric_bootstrap(tmp_path):
     """--summarise --conditional: per data set's stills (seed), the oracle's mean error, the sd of
     its estimates over the noise draws against its sigma, and the ratio's chi-square interval,
