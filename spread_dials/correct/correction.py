@@ -288,12 +288,15 @@ class PixelCorrection(nn.Module):
         jacobian = torch.cat(columns, -1) if columns else values.new_zeros((values.shape[0], 0))
         return corrected, jacobian
 
-    def bragg_jacobian(self, profile: Tensor, weight: Tensor, context: PixelContext, miller_index: Tensor | None = None) -> tuple[Tensor, Tensor]:
-        """(corrected Bragg term (N,), its derivative in the weights (N, Q)) of per-channel
-        ``profile`` and ``weight`` (N, C) (|F_h(E_c)|^2 of each pixel's reflection): this
-        correction acts on the channel sum (it is linear and the same for every channel), so
-        :meth:`jacobian` of sum_c P_c w_c.  ``miller_index`` is for the leaky arm."""
-        return self.jacobian((profile * weight).sum(-1), context)
+    def bragg_jacobian(self, profile: Tensor, weight: Tensor, context: PixelContext,
+                       miller_index: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
+        """(corrected Bragg term (N,), its derivative (N, Q_s) in the weights the pixels depend
+        on, their indices (Q_s,) in the flat weights) of per-channel ``profile`` and ``weight``
+        (N, C) (|F_h(E_c)|^2 of each pixel's reflection): this correction acts on the channel
+        sum (it is linear and the same for every channel), so :meth:`jacobian` of
+        sum_c P_c w_c, every weight's column (Q_s = Q).  ``miller_index`` is for the leaky arm."""
+        corrected, jacobian = self.jacobian((profile * weight).sum(-1), context)
+        return corrected, jacobian, torch.arange(jacobian.shape[1], device=jacobian.device)
 
     def learned(self) -> list[str]:
         """Names of the weights of the parts switched on (those the fit moves)."""
@@ -379,20 +382,25 @@ class LeakyCorrection(PixelCorrection):
         f = self.channel_factor(context, miller_index)
         return f.view(*f.shape, *([1] * (profile.dim() - 2))) * out
 
-    def bragg_jacobian(self, profile: Tensor, weight: Tensor, context: PixelContext, miller_index: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    def bragg_jacobian(self, profile: Tensor, weight: Tensor, context: PixelContext,
+                       miller_index: Tensor | None = None) -> tuple[Tensor, Tensor, Tensor]:  # fmt: skip
         """As :meth:`PixelCorrection.bragg_jacobian`, in closed form.  The factor is constant
         over a shoebox and the rest of the correction C is linear in the profile and mixes pixels
         of one shoebox only, so sum_c w_c f_c C(P_c) = C(sum_c w_c f_c P_c): the base weights'
         columns are :meth:`PixelCorrection.jacobian` of that sum, and a_hk's column is
-        C(sum_c w_c f_c B_kc P_c) on the pixels of reflection h (0 elsewhere)."""
+        C(sum_c w_c f_c B_kc P_c) on the pixels of reflection h (0 elsewhere).  Only the
+        reflections of ``miller_index`` (the still's shoeboxes, (B, 3)) have columns: the other
+        a_hk's are 0 on these pixels (a still sees ~50 of a data set's thousands of reflections,
+        so its information matrix is ~(50 K)^2, not (H K)^2)."""
         fw = self.channel_factor(context, miller_index) * weight  # (N, C)
         corrected, base = super().jacobian((profile * fw).sum(-1), context)
         moments = self._pixel_apply(torch.einsum("nc,nc,kc->nk", profile, fw, self.energy_basis), context)  # (N, K)
-        k = self.energy_basis.shape[0]
-        rows = self._rows(miller_index)[context.shoebox]
-        leaky = moments.new_zeros((moments.shape[0], self.per_reflection.numel()))
-        leaky.scatter_(1, rows.unsqueeze(-1) * k + torch.arange(k, device=rows.device), moments)
-        return corrected, torch.cat([base, leaky], -1)
+        k = torch.arange(self.energy_basis.shape[0], device=moments.device)
+        present, local = torch.unique(self._rows(miller_index), return_inverse=True)  # the still's reflections
+        leaky = moments.new_zeros((moments.shape[0], present.numel() * k.numel()))
+        leaky.scatter_(1, local[context.shoebox].unsqueeze(-1) * k.numel() + k, moments)
+        index = torch.cat([torch.arange(base.shape[1], device=k.device), base.shape[1] + (present.unsqueeze(-1) * k.numel() + k).reshape(-1)])
+        return corrected, torch.cat([base, leaky], -1), index
 
 
 def channel_polynomials(n_channels: int, degree: int, dtype: torch.dtype = torch.float64) -> Tensor:

@@ -445,33 +445,38 @@ class CorrectedModel:
         shot_prior = torch.tensor([float(r.caches[i].weight * prior)], dtype=torch.float64)
         return torch.cat([torch.stack(self.still_terms(i, theta)).cpu(), shot_prior])
 
-    def _bragg_jacobian(self, i: int, profile: Tensor, weight: Tensor) -> Tensor:
-        """(N, Q) d (corrected Bragg term) / d phi of local still i at the current phi, for
-        physics ``profile`` and ``weight`` (N, C), in closed form
+    def _bragg_jacobian(self, i: int, profile: Tensor, weight: Tensor) -> tuple[Tensor, Tensor]:
+        """(N, Q_i) d (corrected Bragg term) / d phi of local still i at the current phi, for
+        physics ``profile`` and ``weight`` (N, C), in closed form, and the indices (Q_i,) of
+        those of phi's entries the still's pixels depend on (the others' columns are 0)
         (:meth:`~spread_dials.correct.correction.PixelCorrection.bragg_jacobian`)."""
         with torch.no_grad():
             miller_index = self.refinement.shots.shots[i].shoeboxes.miller_index
-            return self.correction.bragg_jacobian(profile, weight, self.contexts[i], miller_index)[1]
+            return self.correction.bragg_jacobian(profile, weight, self.contexts[i], miller_index)[1:]
 
-    def _columns(self, i: int) -> Tensor:
-        """(N, Q) d lambda* / d phi of local still i at its current per-shot parameters and phi."""
+    def _columns(self, i: int) -> tuple[Tensor, Tensor]:
+        """(N, Q_i) d lambda* / d phi of local still i at its current per-shot parameters and
+        phi, and their indices (Q_i,) in phi (:meth:`_bragg_jacobian`)."""
         r = self.refinement
         profile, weight = self._physics_terms(i, r.theta.detach())
-        return torch.exp(r.states[i].log_scale.detach()) * self._bragg_jacobian(i, profile, weight)
+        columns, index = self._bragg_jacobian(i, profile, weight)
+        return torch.exp(r.states[i].log_scale.detach()) * columns, index
 
-    def _anchor_curvature(self, i: int) -> Tensor:
-        """(Q, Q) the Gauss-Newton curvature of local still i's weighted anchor in phi at the
-        current phi: J^T diag(1 / lambda*_0) J with J = d lambda*_0 / d phi = s_0 d C_phi(B_0) / d phi
+    def _anchor_curvature(self, i: int) -> tuple[Tensor, Tensor]:
+        """(Q_i, Q_i) the Gauss-Newton curvature of local still i's weighted anchor in phi at the
+        current phi, and its rows' indices (Q_i,) in phi (:meth:`_bragg_jacobian`; 0 elsewhere):
+        J^T diag(1 / lambda*_0) J with J = d lambda*_0 / d phi = s_0 d C_phi(B_0) / d phi
         (the KL's second derivative in lambda* is 1 / lambda*; 0 at or below the KL's floor,
         where the clamped rate does not move: a background plane below zero at a box corner gave
         1 / 1e-300 and an infinite curvature, H200 session 9)."""
         cache = self.refinement.caches[i]
         profile, weight, scale, _ = self._anchor[i]
-        jacobian = scale * self._bragg_jacobian(i, profile, weight)
+        columns, index = self._bragg_jacobian(i, profile, weight)
+        jacobian = scale * columns
         with torch.no_grad():
             lam_star = self.anchored_rate(i)[0]
         w = fisher_weights(lam_star, cache.fitted) * cache.weight
-        return ((w.unsqueeze(-1) * jacobian).T @ jacobian).detach()
+        return ((w.unsqueeze(-1) * jacobian).T @ jacobian).detach(), index
 
     def gradient_and_information(self) -> tuple[Tensor, Tensor, Tensor, list[Tensor], Tensor]:
         """At the current (theta, phi) and per-shot parameters: the gradient (P + Q,) of F at
@@ -489,8 +494,9 @@ class CorrectedModel:
         r = self.refinement
         theta, phi = r.theta.detach(), self.phi
         beta = self.settings.anchor_beta
-        p = theta.numel()
-        parts, responses = [], []
+        p, q = theta.numel(), phi.numel()
+        n = p + q
+        parts, informations, anchors, outers, responses = [], [], [], [], []
         for i in range(len(r.caches)):
             t = theta.clone().requires_grad_(True)
             x = phi.clone().to(r.caches[i].counts).requires_grad_(True)
@@ -499,20 +505,25 @@ class CorrectedModel:
             (g_kl,) = torch.autograd.grad(kl, x, allow_unused=True) if kl.requires_grad else (None,)
             score = torch.cat([g.cpu() if g is not None else torch.zeros_like(v).cpu() for g, v in ((g_t, theta), (g_x, phi))])
             g_kl = torch.zeros_like(phi) if g_kl is None else g_kl
-            columns = self._columns(i)
+            # (theta, phi)'s entries the still's pixels depend on: its score, information and
+            # response are 0 elsewhere (the leaky arm's factors of reflections it does not see)
+            columns, index = self._columns(i)
+            seen = torch.cat([torch.arange(p), p + index.cpu()])
             information = shot_information(r, i, theta, extra=columns)
-            responses.append(information.response)
-            anchor = self._anchor_curvature(i)
-            parts.append(torch.cat([score, beta * g_kl.cpu(), information.profiled.reshape(-1), anchor.detach().cpu().reshape(-1),
-                                    torch.outer(score, score).reshape(-1)]))  # fmt: skip
+            response = information.response.new_zeros((information.response.shape[0], n))
+            response[:, seen] = information.response
+            responses.append(response)
+            parts.append(torch.cat([score, beta * g_kl.cpu()]))
+            informations.append((seen, information.profiled))
+            anchor, anchor_index = self._anchor_curvature(i)
+            anchors.append((anchor_index.cpu(), anchor))
+            outers.append((seen, torch.outer(score[seen], score[seen])))
         total = r.ordered_sum(parts)
-        q = phi.numel()
-        n = p + q
         grad = total[:n].clone()
-        grad[p:] += total[n : n + q]
-        information = total[n + q : n + q + n * n].view(n, n)
-        anchor = total[n + q + n * n : n + q + n * n + q * q].view(q, q)
-        scores = total[n + q + n * n + q * q :].view(n, n)
+        grad[p:] += total[n:]
+        information = r.ordered_scatter_sum(informations, n)
+        anchor = r.ordered_scatter_sum(anchors, q)
+        scores = r.ordered_scatter_sum(outers, n)
         prior_h = torch.autograd.functional.hessian(lambda t, x: self._prior_value(t, x), (theta, phi))
         prior_matrix = torch.cat([torch.cat([prior_h[0][0], prior_h[0][1]], 1), torch.cat([prior_h[1][0], prior_h[1][1]], 1)])
         prior_grad = torch.autograd.functional.jacobian(lambda t, x: self._prior_value(t, x), (theta, phi))

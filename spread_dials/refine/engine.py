@@ -289,6 +289,21 @@ class Refinement:
                 total = by_index[i].clone() if total is None else total + by_index[i]
         return total
 
+    def ordered_scatter_sum(self, local: list[tuple[Tensor, Tensor]], size: int) -> Tensor:
+        """(size, size) float64 on the CPU: the sum over all ranks' stills, in global still order
+        (rank-count independent, as :meth:`ordered_sum`), of each local still's block (Q_i, Q_i)
+        placed at rows and columns ``index`` (Q_i,) of a zero matrix; ``local`` holds one
+        (index, block) per local still.  A block of a matrix whose other entries are 0 for that
+        still (the leaky correction's reflections a still does not see) travels small."""
+        gathered = self.comm.allgather(list(zip(self.shot_index, [(ix.cpu(), m.detach().cpu()) for ix, m in local])))
+        by_index = dict(pair for part in gathered for pair in part)
+        total = torch.zeros((size, size), dtype=torch.float64)
+        for i in range(self.n_shots):
+            if i in by_index:
+                index, block = by_index[i]
+                total[index.unsqueeze(-1), index] += block
+        return total
+
     def ordered_total(self, values: list[float]) -> float:
         """Sum of per-still numbers over all ranks in global still order (0 without stills)."""
         total = self.ordered_sum([torch.tensor([v], dtype=torch.float64) for v in values])

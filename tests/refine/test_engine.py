@@ -207,6 +207,34 @@ def test_ordered_sum_does_not_depend_on_the_split():
     assert torch.equal(serial, two)
 
 
+def test_ordered_scatter_sum_places_each_block_and_does_not_depend_on_the_split():
+    """Per-still blocks (Q_i, Q_i) at their rows and columns: the dense sum of each still's
+    block scattered into a zero matrix by hand, and two 'ranks' give the serial bits."""
+
+    class FakeComm:
+        def __init__(self, parts):
+            self.parts = parts
+
+        def allgather(self, obj):
+            return self.parts
+
+    gen = torch.Generator().manual_seed(4)
+    indices = [torch.tensor(ix) for ix in ([0, 1, 5], [0, 2, 3, 6], [4], [0, 1, 2, 3, 4, 5, 6], [6, 1])]
+    blocks = [torch.randn((ix.numel(), ix.numel()), generator=gen, dtype=torch.float64) * 1e3 ** k for k, ix in enumerate(indices)]
+    expected = torch.zeros((7, 7), dtype=torch.float64)
+    for ix, block in zip(indices, blocks):
+        for a, row in enumerate(ix.tolist()):
+            for b, col in enumerate(ix.tolist()):
+                expected[row, col] += block[a, b]
+    local = list(zip(indices, blocks))
+    serial = Refinement.ordered_scatter_sum(type("R", (), {"comm": FakeComm([list(enumerate(local))]), "shot_index": list(range(5)),
+                                                           "n_shots": 5})(), local, 7)  # fmt: skip
+    assert torch.allclose(serial, expected, rtol=1e-14, atol=0.0)
+    split = [list(zip(range(0, 5, 2), local[0::2])), list(zip(range(1, 5, 2), local[1::2]))]
+    two = Refinement.ordered_scatter_sum(type("R", (), {"comm": FakeComm(split), "shot_index": [], "n_shots": 5})(), [], 7)
+    assert torch.equal(serial, two)
+
+
 def test_rejected_shoeboxes_leave_the_fit(problem):
     """A still's NLL with shoeboxes rejected equals its NLL with those shoeboxes' pixels marked
     invalid (the reference: the mask built by hand), and the rejection threshold picks exactly
