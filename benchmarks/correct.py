@@ -40,7 +40,8 @@ fit, before and after it (the physics arm, its warm start, fits every still, as 
 before dials.spread_correct).  --leaky-degree D: also the leaky arm (issue 13's proof that the
 guards have power): the corrected arm's parts times a free factor per Miller index, a degree-D
 Legendre polynomial in the channel (correction.LeakyCorrection), no anchor, a broad prior on it
-(--leaky-prior-sigma, log intensity).  --anchor-beta B: the corrected arm's anchor weight
+(--leaky-prior-sigma, log intensity; --leaky-hold-spectrometer: without the spectrometer's latents,
+whose dispersion ran to 80 prior sd beside the free factors and stalled the fit).  --anchor-beta B: the corrected arm's anchor weight
 (correct.anchor_beta; give each value its own --tag).  --noise-seed K: the same stills as --seed
 makes (orientations, spectra, boxes, starting crystals) with their photon noise drawn from K, a
 parametric bootstrap of one data set (summarise with --conditional: each arm's spread over the
@@ -162,14 +163,16 @@ def _sync(device: torch.device) -> None:
 
 
 def warm_refinement(shot_set: ShotSet, case: dict, model, settings: RefineSettings, physics: Refinement, sites,
-                    args) -> tuple[Refinement, SpectrometerSites]:  # fmt: skip
+                    args, spectrometer_latents: bool = True) -> tuple[Refinement, SpectrometerSites]:  # fmt: skip
     """A refinement for a corrected (or leaky) arm: caches at the physics fit's crystals, its
     per-shot parameters initialised, theta the physics fit's edge shifts extended by the
-    spectrometer's offset and dispersion latents (priors --offset-sigma, --dispersion-sigma)."""
+    spectrometer's offset and dispersion latents (priors --offset-sigma, --dispersion-sigma;
+    without ``spectrometer_latents`` none: the spectrometer held at its calibration)."""
     n = len(shot_set.shots)
     caches = make_caches(shot_set, case["table"], model, [s.rotation for s in physics.states], refine_cell=True,
                          cells=[s.cell for s in physics.states])  # fmt: skip
-    spectrometer = SpectrometerSites(sites, float(case["energy"].mean()), args.offset_sigma, args.dispersion_sigma)
+    sigmas = (args.offset_sigma, args.dispersion_sigma) if spectrometer_latents else (None, None)
+    spectrometer = SpectrometerSites(sites, float(case["energy"].mean()), *sigmas)
     r = Refinement(shot_set, list(range(n)), n, caches, [], spectrometer, spectrometer.extend(physics.theta), model,
                    Parallel(), replace(settings, energy_jitter_sigma_eV=args.jitter_sigma))  # fmt: skip
     r.initialise_states()
@@ -181,10 +184,11 @@ def leaky_arm(shot_set: ShotSet, case: dict, model, settings: RefineSettings, ph
     """The leaky arm on the same stills (issue 13's proof that the guards have power): the
     corrected arm's parts times a free factor per Miller index, smooth in the channel (Legendre
     polynomials of degree --leaky-degree: LeakyCorrection), no anchor, a broad prior on the
-    factors (--leaky-prior-sigma), on the corrected arm's pixel ``contexts``.
-    Its estimates, the sigmas given the spectrometer and with everything profiled, weights, seconds."""
+    factors (--leaky-prior-sigma), on the corrected arm's pixel ``contexts``; with
+    --leaky-hold-spectrometer without the spectrometer's latents.  Its parameters, estimates,
+    the sigmas given the spectrometer and with everything profiled, weights, seconds."""
     t0 = time.perf_counter()
-    r, spectrometer = warm_refinement(shot_set, case, model, settings, physics, sites, args)
+    r, spectrometer = warm_refinement(shot_set, case, model, settings, physics, sites, args, not args.leaky_hold_spectrometer)
     hkl = torch.cat([s.shoeboxes.miller_index for s in shot_set.shots])
     n_channels = shot_set.shots[0].energy_eV.numel()
     correction = LeakyCorrection(shot_set.panels.n_panels, kept, feature_statistics(r, contexts), hkl, n_channels,
@@ -194,8 +198,8 @@ def leaky_arm(shot_set: ShotSet, case: dict, model, settings: RefineSettings, ph
     fit.run()
     joint, _, calibrated = fit.covariance(held=spectrometer.latent_indices)
     _sync(device)
-    return {"theta": r.theta.tolist(), "sigma_joint": joint.diag().sqrt().tolist(), "sigma_given_calibration": calibrated.diag().sqrt().tolist(),
-            "degree": args.leaky_degree, "prior_sigma": args.leaky_prior_sigma, "weights": fit.phi.numel(), "reflections": correction.miller_index.shape[0],
+    return {"parameters": r.sites.parameter_names(), "theta": r.theta.tolist(), "sigma_joint": joint.diag().sqrt().tolist(),
+            "sigma_given_calibration": calibrated.diag().sqrt().tolist(), "degree": args.leaky_degree, "prior_sigma": args.leaky_prior_sigma, "weights": fit.phi.numel(), "reflections": correction.miller_index.shape[0],
             "epochs": len(fit.history), "converged": fit.converged, "seconds": time.perf_counter() - t0}  # fmt: skip
 
 
@@ -344,10 +348,12 @@ def common_shift(record: dict, arm: str | None = None, sigma: str = "sigma_given
     spectrometer offset (eV), and its sigma given the spectrometer (eV; the record's ``sigma``,
     e.g. "sigma_robust_given_calibration", the sandwich's), both (sites,): what the data
     measure, the offset and a shift common to every site being indistinguishable (the offset
-    takes its prior's share of it)."""
+    takes its prior's share of it); an arm without an offset latent (the leaky arm with
+    --leaky-hold-spectrometer) its edge shifts."""
     k = len(record["sites"])
     fit = record if arm is None else record[arm]
-    offset = fit["theta"][record["parameters"].index("spectrometer_offset_eV")]
+    names = fit.get("parameters", record["parameters"])
+    offset = fit["theta"][names.index("spectrometer_offset_eV")] if "spectrometer_offset_eV" in names else 0.0
     return np.array(fit["theta"][:k]) + offset, np.array(fit[sigma][:k])
 
 
@@ -539,6 +545,8 @@ def main(argv=None) -> int:
                     help="also the leaky arm: the correction times a free factor per Miller index, a polynomial of this degree in the channel, no anchor")
     ap.add_argument("--leaky-prior-sigma", type=float, default=1.0,
                     help="the leaky arm's Gaussian prior width on its factors (log intensity; keeps reflections the data barely see in place)")
+    ap.add_argument("--leaky-hold-spectrometer", action="store_true",
+                    help="the leaky arm without the spectrometer's offset and dispersion latents (held at the calibration)")
     ap.add_argument("--truth-shift", type=float, default=2.0)
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--out", default="results")

@@ -118,6 +118,20 @@ def test_the_summary_scores_the_common_shift(tmp_path):
     assert str(raised.value).startswith("Sorry:")
 
 
+def test_a_leaky_arm_with_the_spectrometer_held_is_scored_by_its_edge_shift():
+    """common_shift of a leaky arm run with --leaky-hold-spectrometer (its own parameter names,
+    no offset latent): its edge shift itself; with the latents (no names of its own: the
+    corrected arm's) edge shift + offset, as before."""
+    from correct import common_shift
+
+    record = _record(60, 0.0, offset=0.3)
+    estimate, sigma = common_shift(record, "leaky")
+    assert estimate.tolist() == pytest.approx([1.0]) and sigma.tolist() == [0.5]
+    record["leaky"] = {"parameters": ["edge_shift_eV[A/FE54/FE]"], "theta": [1.7], "sigma_given_calibration": [0.4]}
+    estimate, sigma = common_shift(record, "leaky")
+    assert estimate.tolist() == [1.7] and sigma.tolist() == [0.4]
+
+
 def test_oracle_only_records_are_a_group_of_their_own(tmp_path):
     """--summarise over --oracle-only records beside full ones: the oracle-only records are their
     own group ("... oracle only", the oracle arm alone: no physics or corrected arm), scored as the
