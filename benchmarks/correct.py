@@ -357,11 +357,21 @@ def common_shift(record: dict, arm: str | None = None, sigma: str = "sigma_given
     return np.array(fit["theta"][:k]) + offset, np.array(fit[sigma][:k])
 
 
+def _oracle_only(record: dict) -> bool:
+    """A record of --oracle-only (the oracle arm alone: no physics or corrected arm)."""
+    return "physics_theta" not in record
+
+
 def arm_estimates(group: list[dict]) -> dict[str, tuple[np.ndarray, np.ndarray, np.ndarray]]:
     """Per arm (physics, corrected: the common shift, and where every record has one the
-    corrected common shift with the sandwich sigma, oracle and leaky): the (R, sites)
-    estimates, sigmas and truths of the records of ``group`` (eV)."""
+    corrected common shift with the sandwich sigma, oracle and leaky; for a group of
+    --oracle-only records the oracle alone): the (R, sites) estimates, sigmas and truths of the
+    records of ``group`` (eV)."""
     truth = np.array([r["truth"] for r in group])
+    oracle = (np.array([r["oracle_theta"] for r in group]), np.array([r["oracle_sigma"] for r in group]), truth) \
+        if all(r.get("oracle_theta") for r in group) else None  # fmt: skip
+    if all(_oracle_only(r) for r in group):
+        return {"oracle": oracle}
 
     def shifts(arm: str | None, sigma: str = "sigma_given_calibration") -> tuple[np.ndarray, np.ndarray, np.ndarray]:
         estimates, sigmas = zip(*(common_shift(r, arm, sigma) for r in group))
@@ -371,8 +381,8 @@ def arm_estimates(group: list[dict]) -> dict[str, tuple[np.ndarray, np.ndarray, 
             "corrected": shifts(None)}
     if all(r.get("sigma_robust_given_calibration") for r in group):
         arms["corrected_sandwich"] = shifts(None, "sigma_robust_given_calibration")
-    if all(r.get("oracle_theta") for r in group):
-        arms["oracle"] = (np.array([r["oracle_theta"] for r in group]), np.array([r["oracle_sigma"] for r in group]), truth)
+    if oracle is not None:
+        arms["oracle"] = oracle
     if all(r.get("leaky") for r in group):
         arms["leaky"] = shifts("leaky")
     return arms
@@ -386,11 +396,6 @@ def site_summary(estimate: np.ndarray, sigma: np.ndarray, truth: np.ndarray) -> 
     return {"bias_eV": round(float((estimate - truth).mean()), 4), "bias_sigma": round(float(z.mean()), 3),
             "rms_z": round(float(np.sqrt(np.mean(z**2))), 3), "mean_sigma_eV": round(float(sigma.mean()), 4),
             **calibration_summary(pit), "pit": pit.tolist()}  # fmt: skip
-
-
-def _oracle_only(record: dict) -> bool:
-    """A record of --oracle-only (the oracle arm alone: no physics or corrected arm)."""
-    return "physics_theta" not in record
 
 
 def summarise(paths: list[Path]) -> dict[str, dict]:
@@ -415,17 +420,16 @@ def summarise(paths: list[Path]) -> dict[str, dict]:
         group = [r for r in rows if (r["case"], r["error"], r["n"], _oracle_only(r)) == key]
         entry: dict = {"case": key[0], "error": key[1], "n": key[2], "replicates": len(group), "seeds": sorted({r["seed"] for r in group})}
         if key[3]:  # --oracle-only records: a group of their own, the oracle arm alone
-            truth = np.array([r["truth"] for r in group])
-            estimate, sigma = np.array([r["oracle_theta"] for r in group]), np.array([r["oracle_sigma"] for r in group])
-            entry |= {"oracle_only": True,
-                      "oracle": {label: site_summary(estimate[:, k], sigma[:, k], truth[:, k]) for k, label in enumerate(group[0]["sites"])}}
-            out[f"{key[0]} {key[1]} N={key[2]} oracle only"] = entry
-            continue
-        entry |= {"corrected_sigma_joint": np.mean([r["sigma_joint"][: len(r["sites"])] for r in group], 0).round(4).tolist(),
-                  "seconds_per_epoch": round(float(np.mean([r["seconds_per_epoch"] for r in group])), 2)}  # fmt: skip
+            entry["oracle_only"] = True
+        else:
+            entry |= {"corrected_sigma_joint": np.mean([r["sigma_joint"][: len(r["sites"])] for r in group], 0).round(4).tolist(),
+                      "seconds_per_epoch": round(float(np.mean([r["seconds_per_epoch"] for r in group])), 2)}  # fmt: skip
         arms = arm_estimates(group)
         for arm, (estimate, sigma, truth) in arms.items():
             entry[arm] = {label: site_summary(estimate[:, k], sigma[:, k], truth[:, k]) for k, label in enumerate(group[0]["sites"])}
+        if key[3]:
+            out[f"{key[0]} {key[1]} N={key[2]} oracle only"] = entry
+            continue
         # issue 13's no-harm target (no injected error): the correction moves no site by more than 0.25 sigma
         moved = (arms["corrected"][0] - arms["physics"][0]) / arms["physics"][1]
         entry["corrected_minus_physics_sigma"] = {label: {"max_abs": round(float(np.abs(moved[:, k]).max()), 3),
@@ -459,9 +463,7 @@ def conditional_summary(paths: list[Path]) -> dict[str, dict]:
     for key in sorted({(r["case"], r["error"], r["n"], r["seed"]) for r in rows}):
         group = [r for r in rows if (r["case"], r["error"], r["n"], r["seed"]) == key]
         truth = np.array([r["truth"] for r in group])
-        arms = {"oracle": (np.array([r["oracle_theta"] for r in group]), np.array([r["oracle_sigma"] for r in group]))}
-        if all("physics_theta" in r for r in group):
-            arms = {**arm_estimates(group), **arms}
+        arms = arm_estimates(group)
         entry: dict = {"case": key[0], "error": key[1], "n": key[2], "seed": key[3], "noise_draws": len(group)}
         dof = len(group) - 1
         for arm, (estimate, sigma, *_) in arms.items():

@@ -516,7 +516,7 @@ class CorrectedModel:
             parts.append(torch.cat([score, beta * g_kl.cpu()]))
             informations.append((seen, information.profiled))
             anchor, anchor_index = self._anchor_curvature(i)
-            anchors.append((anchor_index.cpu(), anchor))
+            anchors.append((anchor_index, anchor))
             outers.append((seen, torch.outer(score[seen], score[seen])))
         total = r.ordered_sum(parts)
         grad = total[:n].clone()

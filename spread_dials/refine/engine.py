@@ -199,6 +199,15 @@ def global_objective(
     return values
 
 
+def _in_still_order(refinement, local: list) -> list:
+    """Every rank's per-still values (``local``: one per local still of ``refinement``, which
+    gives the comm, its shot_index and n_shots), gathered and put in global still order: what
+    makes :class:`Refinement`'s ordered sums rank-count independent."""
+    gathered = refinement.comm.allgather(list(zip(refinement.shot_index, local)))
+    by_index = dict(pair for part in gathered for pair in part)
+    return [by_index[i] for i in range(refinement.n_shots) if i in by_index]
+
+
 @dataclass
 class Refinement:
     """The state of one refinement on this rank.
@@ -281,12 +290,9 @@ class Refinement:
 
     def ordered_sum(self, local: list[Tensor]) -> Tensor:
         """Sum of per-still values over all ranks in global still order (rank-count independent)."""
-        gathered = self.comm.allgather(list(zip(self.shot_index, [v.detach().cpu() for v in local])))
-        by_index = dict(pair for part in gathered for pair in part)
         total = None
-        for i in range(self.n_shots):
-            if i in by_index:
-                total = by_index[i].clone() if total is None else total + by_index[i]
+        for value in _in_still_order(self, [v.detach().cpu() for v in local]):
+            total = value.clone() if total is None else total + value
         return total
 
     def ordered_scatter_sum(self, local: list[tuple[Tensor, Tensor]], size: int) -> Tensor:
@@ -295,13 +301,9 @@ class Refinement:
         placed at rows and columns ``index`` (Q_i,) of a zero matrix; ``local`` holds one
         (index, block) per local still.  A block of a matrix whose other entries are 0 for that
         still (the leaky correction's reflections a still does not see) travels small."""
-        gathered = self.comm.allgather(list(zip(self.shot_index, [(ix.cpu(), m.detach().cpu()) for ix, m in local])))
-        by_index = dict(pair for part in gathered for pair in part)
         total = torch.zeros((size, size), dtype=torch.float64)
-        for i in range(self.n_shots):
-            if i in by_index:
-                index, block = by_index[i]
-                total[index.unsqueeze(-1), index] += block
+        for index, block in _in_still_order(self, [(ix.cpu(), m.detach().cpu()) for ix, m in local]):
+            total[index.unsqueeze(-1), index] += block
         return total
 
     def ordered_total(self, values: list[float]) -> float:
