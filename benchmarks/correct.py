@@ -479,6 +479,44 @@ def conditional_summary(paths: list[Path]) -> dict[str, dict]:
     return out
 
 
+def recovery_summary(paths: list[Path]) -> dict[str, dict]:
+    """Injection-recovery (issue 13's slope): per (case, error, N, seed), i.e. one data set's
+    stills with the edge shift injected at several truths (--truth-shift), and per arm
+    (arm_estimates) and site, the least-squares line of the estimate on the truth
+    (scipy.stats.linregress): slope, intercept (eV), the slope's standard error from the
+    residuals (None with two truths) and from the arm's own sigmas as if the points were
+    independent (sqrt(sum_i w_i^2 sigma_i^2), w_i = (T_i - mean T) / S_TT; the points share the
+    stills, so this is a yardstick, not an exact error), and the (truth, estimate, sigma) points.
+
+    Raises:
+        SystemExit: a data set with fewer than two distinct truths, or two records of one truth
+        (a "Sorry:" line).
+    """
+    from scipy import stats
+
+    rows = [r for path in paths for r in read_records(path)]
+    out = {}
+    for key in sorted({(r["case"], r["error"], r["n"], r["seed"]) for r in rows}):
+        group = sorted((r for r in rows if (r["case"], r["error"], r["n"], r["seed"]) == key), key=lambda r: r["truth"])
+        truths = [tuple(r["truth"]) for r in group]
+        if len(set(truths)) < 2 or len(set(truths)) < len(truths):
+            raise SystemExit(f"Sorry: injection-recovery needs one record per truth and at least two truths; "
+                             f"{key[0]} {key[1]} N={key[2]} seed {key[3]} has truths {[list(t) for t in truths]}")  # fmt: skip
+        entry: dict = {"case": key[0], "error": key[1], "n": key[2], "seed": key[3], "truths": len(group)}
+        for arm, (estimate, sigma, truth) in arm_estimates(group).items():
+            entry[arm] = {}
+            for k, label in enumerate(group[0]["sites"]):
+                t, e, s = truth[:, k], estimate[:, k], sigma[:, k]
+                fit = stats.linregress(t, e)
+                w = (t - t.mean()) / np.sum((t - t.mean()) ** 2)
+                entry[arm][label] = {"slope": round(float(fit.slope), 4), "intercept_eV": round(float(fit.intercept), 4),
+                                     "slope_se_residuals": round(float(fit.stderr), 4) if len(t) > 2 else None,
+                                     "slope_sd_from_sigmas": round(float(np.sqrt(np.sum(w**2 * s**2))), 4),
+                                     "points": [[float(a), round(float(b), 4), round(float(c), 4)] for a, b, c in zip(t, e, s)]}  # fmt: skip
+        out[f"{key[0]} {key[1]} N={key[2]} seed {key[3]}"] = entry
+    return out
+
+
 ARM_LABELS = {"physics": "physics", "corrected": "corrected (edge shift + offset)",
               "corrected_sandwich": "corrected, sandwich sigma", "oracle": "oracle", "leaky": "leaky (edge shift + offset)"}  # the arms of a summary (arm_estimates) and their plot labels
 
@@ -555,6 +593,8 @@ def main(argv=None) -> int:
     ap.add_argument("--summarise", nargs="+", default=None, help="files of records: print the summary per (case, error, N) and stop")
     ap.add_argument("--conditional", action="store_true",
                     help="with --summarise: the parametric bootstrap's summary per data set's stills (records made with --noise-seed)")
+    ap.add_argument("--recovery", action="store_true",
+                    help="with --summarise: the injection-recovery slope per data set's stills over records of several --truth-shift values")
     ap.add_argument("--plots", default=None, help="with --summarise: write each group's coverage and rank PNGs here")
     ap.add_argument("--plot-stem", default="correct_scale", help="their names: <stem>_<error>_<site>_{coverage,sbc}.png")
     args = ap.parse_args(argv)
@@ -568,6 +608,11 @@ def main(argv=None) -> int:
         raise SystemExit("Sorry: --leaky-degree must be >= 0 and --leaky-prior-sigma > 0")
     if not 0.0 <= args.held_out_fraction < 1.0 or args.panel_groups < 1 or args.resolution_shells < 1:
         raise SystemExit("Sorry: --held-out-fraction must be in [0, 1), --panel-groups and --resolution-shells >= 1")
+    if args.conditional and args.recovery:
+        raise SystemExit("Sorry: give --conditional or --recovery, not both")
+    if args.summarise and args.recovery:
+        print(json.dumps(recovery_summary([Path(p) for p in args.summarise]), indent=1))
+        return 0
     if args.summarise and args.conditional:
         print(json.dumps(conditional_summary([Path(p) for p in args.summarise]), indent=1))
         return 0

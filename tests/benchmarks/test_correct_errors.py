@@ -188,3 +188,38 @@ def test_the_conditional_summary_of_a_parametric_bootstrap(tmp_path):
     with pytest.raises(SystemExit, match="made with --noise-seed only") as raised:
         main(["--summarise", str(tmp_path / "plain.jsonl"), "--conditional"])
     assert str(raised.value).startswith("Sorry:")
+
+
+def test_the_recovery_summary_fits_the_estimate_on_the_truth(tmp_path):
+    """--summarise --recovery: per data set's stills, each arm's least-squares line of estimate on
+    truth, checked by hand.  Corrected common shift exactly the truth (slope 1, intercept 0, no
+    residual); the leaky arm 0.5 T - 3 + (0.1, -0.1, 0.1, -0.1) at T = -2, -1, 0, 2 (slope
+    0.5 + S_Te / S_TT with e the wiggle, T mean -0.25: S_TT = 8.75, S_Te = 0.1 (-1.75 + 0.75 +
+    0.25 - 2.25) = -0.3); the sigma-propagated sd sqrt(sum w^2) 0.4 = 0.4 / sqrt(S_TT); one truth
+    twice, or a single truth, one Sorry line."""
+    from correct import recovery_summary
+    from records import append_record
+
+    wiggle = {-2.0: 0.1, -1.0: -0.1, 0.0: 0.1, 2.0: -0.1}
+    for t, e in wiggle.items():
+        record = _record(111, 0.0, offset=0.0)
+        record["truth"], record["theta"][0] = [t], t
+        record["leaky"] = {"parameters": ["edge_shift_eV[A/FE54/FE]"], "theta": [0.5 * t - 3.0 + e], "sigma_given_calibration": [0.4]}
+        append_record(tmp_path / "recovery.jsonl", record)
+    entry = recovery_summary([tmp_path / "recovery.jsonl"])["rubredoxin psf1.5 N=20 seed 111"]
+    assert entry["truths"] == 4
+    corrected, leaky = entry["corrected"]["A/FE54/FE"], entry["leaky"]["A/FE54/FE"]
+    assert corrected["slope"] == pytest.approx(1.0) and corrected["intercept_eV"] == pytest.approx(0.0, abs=1e-4)
+    assert corrected["slope_se_residuals"] == pytest.approx(0.0, abs=1e-4)
+    assert leaky["slope"] == pytest.approx(0.5 - 0.3 / 8.75, abs=1e-4)
+    # intercept: mean estimate (0.5 x -0.25 - 3, the wiggle sums to 0) minus slope x mean truth
+    assert leaky["intercept_eV"] == pytest.approx(-3.125 + 0.25 * (0.5 - 0.3 / 8.75), abs=1e-4)
+    assert leaky["slope_sd_from_sigmas"] == pytest.approx(0.4 / 8.75**0.5, abs=1e-4)
+    assert [p[0] for p in leaky["points"]] == [-2.0, -1.0, 0.0, 2.0]
+    append_record(tmp_path / "twice.jsonl", _record(111, 0.0, offset=0.0))
+    append_record(tmp_path / "twice.jsonl", _record(111, 0.3, offset=0.0))
+    append_record(tmp_path / "single.jsonl", _record(112, 0.0, offset=0.0))
+    for name in ("twice.jsonl", "single.jsonl"):
+        with pytest.raises(SystemExit, match="one record per truth and at least two truths") as raised:
+            main(["--summarise", str(tmp_path / name), "--recovery"])
+        assert str(raised.value).startswith("Sorry:")
