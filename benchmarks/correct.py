@@ -7,6 +7,8 @@ Usage (repository root; on the GPU machines with PYTHONPATH=$PWD and bench_data 
     python benchmarks/correct.py --summarise results/correct_rubredoxin*.jsonl [--plots docs/images]
     python benchmarks/correct.py --errors psf1.5 --oracle-only --seed 133 --noise-seed K   # K = 1, 2, ...
     python benchmarks/correct.py --summarise results/correct_rubredoxin*.jsonl --conditional
+    python benchmarks/correct.py --errors psf1.5 --seed 111 --truth-shift T --tag _tT   # T = -2, -1, 0, 1, 2
+    python benchmarks/correct.py --summarise results/correct_rubredoxin_t*.jsonl --recovery   # slope per arm
 
 Stills: benchmarks/refine.py's case (cctbx F0/G from bench_data, the preset's brightness, the
 Jungfrau 16M), drawn from the model's own domain set (so that without an injected error the
