@@ -400,6 +400,16 @@ def site_summary(estimate: np.ndarray, sigma: np.ndarray, truth: np.ndarray) -> 
             **calibration_summary(pit), "pit": pit.tolist()}  # fmt: skip
 
 
+def _grouped(rows: list[dict], key: Callable[[dict], tuple]) -> list[tuple[tuple, list[dict]]]:
+    """The records of ``rows`` grouped by ``key``: (key, records in file order) per key, sorted."""
+    return [(k, [r for r in rows if key(r) == k]) for k in sorted({key(r) for r in rows})]
+
+
+def _data_set(record: dict) -> tuple:
+    """A record's data set's stills: (case, error, N, seed)."""
+    return record["case"], record["error"], record["n"], record["seed"]
+
+
 def summarise(paths: list[Path]) -> dict[str, dict]:
     """Per (case, error, N) over the records of ``paths`` (e.g. one file per process): per arm
     (arm_estimates; the corrected arm's common shift) and site the bias in eV and in its own
@@ -418,8 +428,7 @@ def summarise(paths: list[Path]) -> dict[str, dict]:
             raise SystemExit(f"Sorry: {path} holds records from before the spectrometer latents (no 'parameters'); "
                              "summarise them with the code of their session")  # fmt: skip
     out = {}
-    for key in sorted({(r["case"], r["error"], r["n"], _oracle_only(r)) for r in rows}):
-        group = [r for r in rows if (r["case"], r["error"], r["n"], _oracle_only(r)) == key]
+    for key, group in _grouped(rows, lambda r: (r["case"], r["error"], r["n"], _oracle_only(r))):
         entry: dict = {"case": key[0], "error": key[1], "n": key[2], "replicates": len(group), "seeds": sorted({r["seed"] for r in group})}
         if key[3]:  # --oracle-only records: a group of their own, the oracle arm alone
             entry["oracle_only"] = True
@@ -462,8 +471,7 @@ def conditional_summary(paths: list[Path]) -> dict[str, dict]:
     if any(r.get("noise_seed") is None for r in rows):
         raise SystemExit("Sorry: --conditional summarises records made with --noise-seed only")
     out = {}
-    for key in sorted({(r["case"], r["error"], r["n"], r["seed"]) for r in rows}):
-        group = [r for r in rows if (r["case"], r["error"], r["n"], r["seed"]) == key]
+    for key, group in _grouped(rows, _data_set):
         truth = np.array([r["truth"] for r in group])
         arms = arm_estimates(group)
         entry: dict = {"case": key[0], "error": key[1], "n": key[2], "seed": key[3], "noise_draws": len(group)}
@@ -498,8 +506,8 @@ def recovery_summary(paths: list[Path]) -> dict[str, dict]:
 
     rows = [r for path in paths for r in read_records(path)]
     out = {}
-    for key in sorted({(r["case"], r["error"], r["n"], r["seed"]) for r in rows}):
-        group = sorted((r for r in rows if (r["case"], r["error"], r["n"], r["seed"]) == key), key=lambda r: r["truth"])
+    for key, group in _grouped(rows, _data_set):
+        group = sorted(group, key=lambda r: r["truth"])
         truths = [tuple(r["truth"]) for r in group]
         if len(set(truths)) < 2 or len(set(truths)) < len(truths):
             raise SystemExit(f"Sorry: injection-recovery needs one record per truth and at least two truths; "
@@ -612,6 +620,8 @@ def main(argv=None) -> int:
         raise SystemExit("Sorry: --held-out-fraction must be in [0, 1), --panel-groups and --resolution-shells >= 1")
     if args.conditional and args.recovery:
         raise SystemExit("Sorry: give --conditional or --recovery, not both")
+    if (args.conditional or args.recovery) and not args.summarise:
+        raise SystemExit("Sorry: --conditional and --recovery summarise records: give them with --summarise FILES")
     if args.summarise and args.recovery:
         print(json.dumps(recovery_summary([Path(p) for p in args.summarise]), indent=1))
         return 0

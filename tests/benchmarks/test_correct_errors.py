@@ -196,7 +196,7 @@ def test_the_recovery_summary_fits_the_estimate_on_the_truth(tmp_path):
     residual); the leaky arm 0.5 T - 3 + (0.1, -0.1, 0.1, -0.1) at T = -2, -1, 0, 2 (slope
     0.5 + S_Te / S_TT with e the wiggle, T mean -0.25: S_TT = 8.75, S_Te = 0.1 (-1.75 + 0.75 +
     0.25 - 2.25) = -0.3); the sigma-propagated sd sqrt(sum w^2) 0.4 = 0.4 / sqrt(S_TT); one truth
-    twice, or a single truth, one Sorry line."""
+    twice, a single truth, or --recovery without --summarise, one Sorry line."""
     from correct import recovery_summary
     from records import append_record
 
@@ -223,3 +223,6 @@ def test_the_recovery_summary_fits_the_estimate_on_the_truth(tmp_path):
         with pytest.raises(SystemExit, match="one record per truth and at least two truths") as raised:
             main(["--summarise", str(tmp_path / name), "--recovery"])
         assert str(raised.value).startswith("Sorry:")
+    with pytest.raises(SystemExit, match="give them with --summarise") as raised:
+        main(["--recovery"])
+    assert str(raised.value).startswith("Sorry:")
