@@ -24,7 +24,7 @@ def plot_coverage(pits: dict[str, np.ndarray], path: str | Path, title: str = ""
     fig, ax = plt.subplots(figsize=(5.2, 5))
     ax.fill_between(levels, band[:, 0], band[:, 1], color="0.85", label=f"calibrated, 95 % of {n} replicates")
     ax.plot(levels, levels, "k-", lw=1)
-    ax.plot(levels, levels - 0.05, "k:", lw=1, label="+-5 % (issue 12)")
+    ax.plot(levels, levels - 0.05, "k:", lw=1, label="+-5 % tolerance")
     ax.plot(levels, levels + 0.05, "k:", lw=1)
     for k, (label, pit) in enumerate(pits.items()):
         ax.plot(levels, coverage(pit, levels), color=f"C{k}", lw=2, label=f"{label} ({len(pit)})")
