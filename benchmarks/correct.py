@@ -41,8 +41,9 @@ predictive check (correct.predictive) on that fraction of the stills, out of the
 fit, before and after it (the physics arm, its warm start, fits every still, as dials.spread_refine
 before dials.spread_correct).  --leaky-degree D: also the leaky arm (issue 13's proof that the
 guards have power): the corrected arm's parts times a free factor per Miller index, a degree-D
-Legendre polynomial in the channel (correction.LeakyCorrection), no anchor, a broad prior on it
-(--leaky-prior-sigma, log intensity; --leaky-hold-spectrometer: without the spectrometer's latents,
+Legendre polynomial in the channel (correction.LeakyCorrection; --leaky-basis edge: the sites'
+edge-shift derivatives of f', f'' times those polynomials, correction.edge_shift_basis), no
+anchor, a broad prior on it (--leaky-prior-sigma, log intensity; --leaky-hold-spectrometer: without the spectrometer's latents,
 whose dispersion ran to 80 prior sd beside the free factors and stalled the fit).  --anchor-beta B: the corrected arm's anchor weight
 (correct.anchor_beta; give each value its own --tag).  --noise-seed K: the same stills as --seed
 makes (orientations, spectra, boxes, starting crystals) with their photon noise drawn from K, a
@@ -76,6 +77,7 @@ from spread_dials.correct.correction import (
     LeakyCorrection,
     PixelCorrection,
     channel_polynomials,
+    edge_shift_basis,
     within_capacity,
 )
 from spread_dials.correct.fit import CorrectedModel, CorrectSettings, feature_statistics
@@ -181,6 +183,16 @@ def warm_refinement(shot_set: ShotSet, case: dict, model, settings: RefineSettin
     return r, spectrometer
 
 
+def leaky_basis(shot_set: ShotSet, case: dict, args) -> torch.Tensor:
+    """The leaky arm's energy basis (K, C): --leaky-basis polynomial, the Legendre polynomials of
+    degree --leaky-degree in the channel; edge, the sites' edge-shift derivatives of f', f'' at
+    the first still's channel energies times those polynomials (correction.edge_shift_basis)."""
+    n_channels = shot_set.shots[0].energy_eV.numel()
+    if args.leaky_basis == "polynomial":
+        return channel_polynomials(n_channels, args.leaky_degree)
+    return edge_shift_basis(case["references"], shot_set.shots[0].energy_eV.detach().cpu().double(), args.leaky_degree)
+
+
 def leaky_arm(shot_set: ShotSet, case: dict, model, settings: RefineSettings, physics: Refinement, sites,
               kept: CorrectionSettings, contexts: list, args, device: torch.device) -> dict:  # fmt: skip
     """The leaky arm on the same stills (issue 13's proof that the guards have power): the
@@ -194,14 +206,14 @@ def leaky_arm(shot_set: ShotSet, case: dict, model, settings: RefineSettings, ph
     hkl = torch.cat([s.shoeboxes.miller_index for s in shot_set.shots])
     n_channels = shot_set.shots[0].energy_eV.numel()
     correction = LeakyCorrection(shot_set.panels.n_panels, kept, feature_statistics(r, contexts), hkl, n_channels,
-                                 energy_basis=channel_polynomials(n_channels, args.leaky_degree),
+                                 energy_basis=leaky_basis(shot_set, case, args),
                                  prior_sigma=args.leaky_prior_sigma).to(device)  # fmt: skip
     fit = CorrectedModel(r, correction, contexts, CorrectSettings(epochs=args.epochs, anchor_beta=0.0))
     fit.run()
     joint, _, calibrated = fit.covariance(held=spectrometer.latent_indices)
     _sync(device)
     return {"parameters": r.sites.parameter_names(), "theta": r.theta.tolist(), "sigma_joint": joint.diag().sqrt().tolist(),
-            "sigma_given_calibration": calibrated.diag().sqrt().tolist(), "degree": args.leaky_degree, "prior_sigma": args.leaky_prior_sigma, "weights": fit.phi.numel(), "reflections": correction.miller_index.shape[0],
+            "sigma_given_calibration": calibrated.diag().sqrt().tolist(), "basis": args.leaky_basis, "degree": args.leaky_degree, "prior_sigma": args.leaky_prior_sigma, "weights": fit.phi.numel(), "reflections": correction.miller_index.shape[0],
             "epochs": len(fit.history), "converged": fit.converged, "seconds": time.perf_counter() - t0}  # fmt: skip
 
 
@@ -593,6 +605,9 @@ def main(argv=None) -> int:
     ap.add_argument("--resolution-shells", type=int, default=4, help="the check's resolution shells of equal shoebox counts")
     ap.add_argument("--leaky-degree", type=int, default=None,
                     help="also the leaky arm: the correction times a free factor per Miller index, a polynomial of this degree in the channel, no anchor")
+    ap.add_argument("--leaky-basis", choices=("polynomial", "edge"), default="polynomial",
+                    help="the leaky factors' functions of the channel: Legendre polynomials of degree --leaky-degree, or the "
+                         "sites' edge-shift derivatives of f', f'' times them (a leak of exactly the edge-shift signal)")
     ap.add_argument("--leaky-prior-sigma", type=float, default=1.0,
                     help="the leaky arm's Gaussian prior width on its factors (log intensity; keeps reflections the data barely see in place)")
     ap.add_argument("--leaky-hold-spectrometer", action="store_true",

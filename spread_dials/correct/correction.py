@@ -417,6 +417,36 @@ def channel_polynomials(n_channels: int, degree: int, dtype: torch.dtype = torch
     return torch.stack([torch.special.legendre_polynomial_p(x, k) for k in range(degree + 1)])
 
 
+def edge_shift_basis(references, energy_eV: Tensor, degree: int = 1) -> Tensor:
+    """(2 S (degree + 1), C) the edge-shift derivatives d f'/ds and d f''/ds (e per eV) of each
+    of the S ``references`` (TabulatedCurve, moved by s: f(E - s)) at the channel energies
+    ``energy_eV`` (C,) (eV), each times the Legendre polynomials P_0..P_degree of the channel
+    (:func:`channel_polynomials`), every row scaled to a largest magnitude of 1.  As a
+    :class:`LeakyCorrection` ``energy_basis`` it spans, per reflection, the first-order change
+    of log |F_h(E)|^2 with any site's edge shift (whose coefficients, d log |F_h|^2 / d f' and
+    d f'', vary smoothly across a spectrum): a leak of exactly the signal the guards keep out.
+
+    Raises:
+        ValueError: a negative degree, no references, or a reference whose derivatives vanish on
+            every channel (a spectrum away from its edge).
+    """
+    if not references:
+        raise ValueError("edge_shift_basis needs at least one reference curve")
+    polynomials = channel_polynomials(energy_eV.numel(), degree, energy_eV.dtype).to(energy_eV.device)
+    rows = []
+    for reference in references:
+        shift = torch.zeros_like(energy_eV, requires_grad=True)  # one per channel: f_c depends on its own only
+        curves = reference.to(energy_eV.device, energy_eV.dtype).at(energy_eV, shift)
+        for k, f in enumerate(curves):
+            (derivative,) = torch.autograd.grad(f.sum(), shift, retain_graph=k == 0)
+            scaled = derivative * polynomials  # (degree + 1, C)
+            peak = scaled.abs().amax(-1, keepdim=True)
+            if not bool((peak > 0).all()):
+                raise ValueError(f"the edge-shift derivative of {reference.label or 'a reference'} vanishes on every channel")
+            rows.append(scaled / peak)
+    return torch.cat(rows)
+
+
 def _keys(hkl: Tensor) -> Tensor:
     """(B,) one sortable integer per Miller index (|h|, |k|, |l| < 2^20); torch.unique sorts rows
     lexicographically, which this key preserves."""

@@ -16,10 +16,12 @@ from spread_dials.correct.correction import (
     LeakyCorrection,
     PixelCorrection,
     channel_polynomials,
+    edge_shift_basis,
     redistribute,
 )
 from spread_dials.correct.divergence import poisson_kl
 from spread_dials.correct.fit import CorrectedModel, CorrectSettings, feature_statistics
+from spread_dials.physics.anomalous import TabulatedCurve
 from spread_dials.refine.derivatives import value_and_jacobian
 from spread_dials.refine.model import mosaic_negative_log_prior, pixel_rate
 from spread_dials.refine.synthetic import InjectedErrors, anisotropic_spreads
@@ -357,6 +359,34 @@ def test_channel_polynomials_are_legendre():
     assert torch.allclose(basis, torch.stack([torch.ones_like(x), x, (3 * x**2 - 1) / 2]))
     with pytest.raises(ValueError):
         channel_polynomials(5, -1)
+
+
+def test_edge_shift_basis_is_the_references_shift_derivative_times_the_polynomials():
+    """edge_shift_basis: per reference, d f'/ds and d f''/ds of f(E - s) (central finite
+    differences of the moved curve, h = 1e-4 eV; and, to the 0.25 eV table's interpolation
+    error, -df/dE of the closed-form curves) times P0, P1 of the channel, each row scaled to a
+    largest magnitude of 1; a curve flat over the channels, no curves or a negative degree are
+    a ValueError."""
+    grid = torch.arange(7000.0, 7300.0, 0.25, dtype=torch.float64)
+    curve = TabulatedCurve(grid, -5.0 - 3.0 * torch.tanh((grid - 7112.0) / 3.0), 2.0 + 1.5 * torch.tanh((grid - 7116.0) / 4.0))
+    energy = torch.linspace(7100.5, 7139.5, 40, dtype=torch.float64)
+    basis = edge_shift_basis([curve], energy, degree=1)
+    assert basis.shape == (4, 40)
+    h = 1e-4
+    (up_p, up_pp), (down_p, down_pp) = curve.at(energy, h), curve.at(energy, -h)
+    x = torch.linspace(-1.0, 1.0, 40, dtype=torch.float64)
+    closed = [3.0 / 3.0 / torch.cosh((energy - 7112.0) / 3.0) ** 2, -1.5 / 4.0 / torch.cosh((energy - 7116.0) / 4.0) ** 2]
+    for k, (finite, exact) in enumerate(zip(((up_p - down_p) / (2 * h), (up_pp - down_pp) / (2 * h)), closed)):
+        for j, polynomial in enumerate((torch.ones_like(x), x)):
+            row = finite * polynomial
+            assert torch.allclose(basis[2 * k + j], row / row.abs().max(), atol=1e-6)
+            assert torch.allclose(basis[2 * k + j], exact * polynomial / (exact * polynomial).abs().max(), atol=5e-3)
+    assert torch.allclose(basis.abs().amax(-1), torch.ones(4, dtype=torch.float64))
+    flat = TabulatedCurve(grid, torch.full_like(grid, -6.0), torch.full_like(grid, 3.0), "flat")
+    for bad in (lambda: edge_shift_basis([flat], energy), lambda: edge_shift_basis([], energy),
+                lambda: edge_shift_basis([curve], energy, degree=-1)):  # fmt: skip
+        with pytest.raises(ValueError):
+            bad()
 
 
 def test_leaky_correction_reads_the_miller_index(toy):
