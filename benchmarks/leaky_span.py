@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -39,9 +40,13 @@ def log_intensity_derivative(table: StructureFactors, site: int, reference: Tabu
     anomalous, and d log |F_h(E_c)|^2 / ds (per eV) of that site's edge shift s, by central
     differences of step ``step_eV``."""
 
+    rows = torch.arange(table.n_reflections).unsqueeze(-1)
+    channels = torch.arange(energy_eV.numel())
+
     def intensity(shift: float) -> torch.Tensor:
         fp, fdp = reference.at(energy_eV, shift)
-        return (table.F0.unsqueeze(-1) + table.G[:, site : site + 1] * torch.complex(fp, fdp)).abs() ** 2
+        one_site = replace(table, G=table.G[:, site : site + 1], f_prime=fp.unsqueeze(0), f_double_prime=fdp.unsqueeze(0))
+        return one_site.intensity(rows, channels)
 
     up, down = intensity(step_eV), intensity(-step_eV)
     return intensity(0.0), (up.log() - down.log()) / (2 * step_eV)
