@@ -200,7 +200,9 @@ def leaky_arm(shot_set: ShotSet, case: dict, model, settings: RefineSettings, ph
     polynomials of degree --leaky-degree: LeakyCorrection), no anchor, a broad prior on the
     factors (--leaky-prior-sigma), on the corrected arm's pixel ``contexts``; with
     --leaky-hold-spectrometer without the spectrometer's latents.  Its parameters, estimates,
-    the sigmas given the spectrometer and with everything profiled, weights, seconds."""
+    the sigmas given the spectrometer and with everything profiled, those with all its weights
+    (factors and parts) held at their fit (against which the first shows how much information
+    the leak absorbs where the fit sits), weights, seconds."""
     t0 = time.perf_counter()
     r, spectrometer = warm_refinement(shot_set, case, model, settings, physics, sites, args, not args.leaky_hold_spectrometer)
     hkl = torch.cat([s.shoeboxes.miller_index for s in shot_set.shots])
@@ -210,10 +212,10 @@ def leaky_arm(shot_set: ShotSet, case: dict, model, settings: RefineSettings, ph
                                  prior_sigma=args.leaky_prior_sigma).to(device)  # fmt: skip
     fit = CorrectedModel(r, correction, contexts, CorrectSettings(epochs=args.epochs, anchor_beta=0.0))
     fit.run()
-    joint, _, calibrated = fit.covariance(held=spectrometer.latent_indices)
+    joint, correction_held, calibrated = fit.covariance(held=spectrometer.latent_indices)
     _sync(device)
     return {"parameters": r.sites.parameter_names(), "theta": r.theta.tolist(), "sigma_joint": joint.diag().sqrt().tolist(),
-            "sigma_given_calibration": calibrated.diag().sqrt().tolist(), "basis": args.leaky_basis, "degree": args.leaky_degree, "prior_sigma": args.leaky_prior_sigma, "weights": fit.phi.numel(), "reflections": correction.miller_index.shape[0],
+            "sigma_given_calibration": calibrated.diag().sqrt().tolist(), "sigma_correction_held": correction_held.diag().sqrt().tolist(), "basis": args.leaky_basis, "degree": args.leaky_degree, "prior_sigma": args.leaky_prior_sigma, "weights": fit.phi.numel(), "reflections": correction.miller_index.shape[0],
             "epochs": len(fit.history), "converged": fit.converged, "seconds": time.perf_counter() - t0}  # fmt: skip
 
 

@@ -12,9 +12,12 @@ the physics arm's if nothing else limited it (a flat spectrum over the channels;
 Bases: polyD, Legendre polynomials of degree D in the channel (correction.channel_polynomials);
 edgeD, the site's edge-shift derivatives of f', f'' times them (correction.edge_shift_basis).
 g comes from central finite differences of the moved reference (h = 1e-4 eV), independent of the
-basis's autograd.  One JSON line per run.
+basis's autograd.  With --at-shift s, g and |F|^2 are taken with the site already moved by s while
+the basis stays the reference's (as the leaky arm's, built at s = 0): what is left where a fit that
+has moved the edge sits.  One JSON line per run.
 
     python benchmarks/leaky_span.py --case rubredoxin --bases poly2,poly6,edge0,edge1,edge3
+    python benchmarks/leaky_span.py --case rubredoxin --bases edge1 --at-shift -1.5
 """
 
 from __future__ import annotations
@@ -35,10 +38,10 @@ from spread_dials.physics.structure_factors import StructureFactors
 
 
 def log_intensity_derivative(table: StructureFactors, site: int, reference: TabulatedCurve, energy_eV: torch.Tensor,
-                             step_eV: float = 1e-4) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
-    """(H, C) |F_h(E_c)|^2 (e^2) with ``site`` carrying ``reference`` and no other site
-    anomalous, and d log |F_h(E_c)|^2 / ds (per eV) of that site's edge shift s, by central
-    differences of step ``step_eV``."""
+                             step_eV: float = 1e-4, shift_eV: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:  # fmt: skip
+    """(H, C) |F_h(E_c)|^2 (e^2) with ``site`` carrying ``reference`` moved by ``shift_eV`` and no
+    other site anomalous, and d log |F_h(E_c)|^2 / ds (per eV) of that site's edge shift s there,
+    by central differences of step ``step_eV``."""
 
     rows = torch.arange(table.n_reflections).unsqueeze(-1)
     channels = torch.arange(energy_eV.numel())
@@ -48,8 +51,8 @@ def log_intensity_derivative(table: StructureFactors, site: int, reference: Tabu
         one_site = replace(table, G=table.G[:, site : site + 1], f_prime=fp.unsqueeze(0), f_double_prime=fdp.unsqueeze(0))
         return one_site.intensity(rows, channels)
 
-    up, down = intensity(step_eV), intensity(-step_eV)
-    return intensity(0.0), (up.log() - down.log()) / (2 * step_eV)
+    up, down = intensity(shift_eV + step_eV), intensity(shift_eV - step_eV)
+    return intensity(shift_eV), (up.log() - down.log()) / (2 * step_eV)
 
 
 def _parse_basis(name: str) -> tuple[str, str]:
@@ -95,6 +98,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--data", default="bench_data")
     ap.add_argument("--site", type=int, default=0, help="the site whose edge shift is leaked")
     ap.add_argument("--bases", default="poly2,poly6,edge0,edge1,edge3")
+    ap.add_argument("--at-shift", type=float, default=0.0, help="the site's edge shift (eV) where the signal is taken; the basis stays at 0")
     args = ap.parse_args(argv)
     from refine import load_case
 
@@ -105,9 +109,9 @@ def main(argv: list[str] | None = None) -> dict:
         case = load_case(args.case, Path(args.data))
         energy = case["energy"].double()
         reference = case["references"][args.site]
-        intensity, derivative = log_intensity_derivative(case["table"], args.site, reference, energy)
+        intensity, derivative = log_intensity_derivative(case["table"], args.site, reference, energy, shift_eV=args.at_shift)
         kept = torch.isfinite(derivative).all(-1) & (intensity.min(-1).values > 1.0)
-        out = {"case": args.case, "site": case["labels"][args.site], "channels": energy.numel(),
+        out = {"case": args.case, "site": case["labels"][args.site], "at_shift_eV": args.at_shift, "channels": energy.numel(),
                "reflections": int(kept.sum()), "median_max_derivative_per_eV": round(float(derivative[kept].abs().amax(-1).median()), 5),
                "bases": {b: span_report(intensity[kept], derivative[kept], basis_named(b, reference, energy)) for b in bases}}  # fmt: skip
     except (OSError, KeyError, IndexError, ValueError) as e:

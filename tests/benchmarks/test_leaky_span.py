@@ -32,16 +32,23 @@ def test_span_report_inside_and_orthogonal_to_the_basis():
     assert report["information_left"] == pytest.approx(1.0, abs=1e-12) and report["outside_median"] == pytest.approx(1.0, abs=1e-12)
 
 
-def test_log_intensity_derivative_is_autograds_and_the_edge_basis_absorbs_it():
+@pytest.mark.parametrize("shift", [0.0, 0.7])
+def test_log_intensity_derivative_is_autograds(shift):
     table, reference = toy_table(), _reference()
-    intensity, derivative = log_intensity_derivative(table, 0, reference, ENERGY)
+    intensity, derivative = log_intensity_derivative(table, 0, reference, ENERGY, shift_eV=shift)
 
     def log_intensity(shift: torch.Tensor) -> torch.Tensor:
         fp, fdp = reference.at(ENERGY, shift)
         return ((table.F0.unsqueeze(-1) + table.G[:, :1] * torch.complex(fp, fdp)).abs() ** 2).log()
 
-    exact = torch.func.jacfwd(log_intensity)(torch.zeros((), dtype=torch.float64))  # (H, C) forward-mode autograd
+    exact = torch.func.jacfwd(log_intensity)(torch.tensor(shift, dtype=torch.float64))  # (H, C) forward-mode autograd
     assert torch.allclose(derivative, exact, rtol=1e-3, atol=1e-6)  # central differences across the table's nodes
+    assert torch.allclose(intensity, log_intensity(torch.tensor(shift, dtype=torch.float64)).exp(), rtol=1e-12)
+
+
+def test_the_edge_basis_absorbs_the_toys_signal_where_a_constant_does_not():
+    table, reference = toy_table(), _reference()
+    intensity, derivative = log_intensity_derivative(table, 0, reference, ENERGY)
     edge = span_report(intensity, derivative, basis_named("edge1", reference, ENERGY))
     constant = span_report(intensity, derivative, basis_named("poly0", reference, ENERGY))
     assert edge["information_left"] < 0.05 < constant["information_left"], (edge, constant)
