@@ -194,15 +194,19 @@ def leaky_basis(shot_set: ShotSet, case: dict, args) -> torch.Tensor:
 
 
 def leaky_arm(shot_set: ShotSet, case: dict, model, settings: RefineSettings, physics: Refinement, sites,
-              kept: CorrectionSettings, contexts: list, args, device: torch.device) -> dict:  # fmt: skip
+              kept: CorrectionSettings, contexts: list, args, device: torch.device,
+              parts: PixelCorrection | None = None) -> dict:  # fmt: skip
     """The leaky arm on the same stills (issue 13's proof that the guards have power): the
-    corrected arm's parts times a free factor per Miller index, smooth in the channel (Legendre
-    polynomials of degree --leaky-degree: LeakyCorrection), no anchor, a broad prior on the
-    factors (--leaky-prior-sigma), on the corrected arm's pixel ``contexts``; with
+    corrected arm's parts times a free factor per Miller index, a function of the channel
+    (--leaky-basis, --leaky-degree: LeakyCorrection), no anchor, a prior on the factors
+    (--leaky-prior-sigma), on the corrected arm's pixel ``contexts``; the parts start from
+    ``parts`` (the corrected arm's fit; with --leaky-start corrected), else from the identity;
+    the edge shifts from the physics fit; with
     --leaky-hold-spectrometer without the spectrometer's latents.  Its parameters, estimates,
     the sigmas given the spectrometer and with everything profiled, those with all its weights
     (factors and parts) held at their fit (against which the first shows how much information
-    the leak absorbs where the fit sits), weights, seconds."""
+    the leak absorbs where the fit sits), weights, the epochs' history (its NLL, a superset of
+    the corrected arm's model, must end at or below that arm's), seconds."""
     t0 = time.perf_counter()
     r, spectrometer = warm_refinement(shot_set, case, model, settings, physics, sites, args, not args.leaky_hold_spectrometer)
     hkl = torch.cat([s.shoeboxes.miller_index for s in shot_set.shots])
@@ -210,13 +214,17 @@ def leaky_arm(shot_set: ShotSet, case: dict, model, settings: RefineSettings, ph
     correction = LeakyCorrection(shot_set.panels.n_panels, kept, feature_statistics(r, contexts), hkl, n_channels,
                                  energy_basis=leaky_basis(shot_set, case, args),
                                  prior_sigma=args.leaky_prior_sigma).to(device)  # fmt: skip
+    if parts is not None:
+        missing, unexpected = correction.load_state_dict(parts.state_dict(), strict=False)
+        assert set(missing) == {"per_reflection", "miller_index", "energy_basis"} and not unexpected, (missing, unexpected)
     fit = CorrectedModel(r, correction, contexts, CorrectSettings(epochs=args.epochs, anchor_beta=0.0))
     fit.run()
     joint, correction_held, calibrated = fit.covariance(held=spectrometer.latent_indices)
     _sync(device)
     return {"parameters": r.sites.parameter_names(), "theta": r.theta.tolist(), "sigma_joint": joint.diag().sqrt().tolist(),
-            "sigma_given_calibration": calibrated.diag().sqrt().tolist(), "sigma_correction_held": correction_held.diag().sqrt().tolist(), "basis": args.leaky_basis, "degree": args.leaky_degree, "prior_sigma": args.leaky_prior_sigma, "weights": fit.phi.numel(), "reflections": correction.miller_index.shape[0],
-            "epochs": len(fit.history), "converged": fit.converged, "seconds": time.perf_counter() - t0}  # fmt: skip
+            "sigma_given_calibration": calibrated.diag().sqrt().tolist(), "sigma_correction_held": correction_held.diag().sqrt().tolist(), "basis": args.leaky_basis, "degree": args.leaky_degree, "prior_sigma": args.leaky_prior_sigma, "start": "identity" if parts is None else "corrected",
+            "weights": fit.phi.numel(), "reflections": correction.miller_index.shape[0],
+            "epochs": len(fit.history), "history": fit.history, "converged": fit.converged, "seconds": time.perf_counter() - t0}  # fmt: skip
 
 
 def shifted_case(name: str, data: Path, truth_shift: float) -> dict:
@@ -318,7 +326,9 @@ def run_one(case: dict, error: str, n: int, replicate: int, args, device: torch.
     robust = corrected.robust_covariance(held=corrected_sites.latent_indices)
     _sync(device)
     t_correct = time.perf_counter() - t0
-    leaky = leaky_arm(shot_set, case, model, settings, physics, sites, kept, contexts, args, device) if args.leaky_degree is not None else None
+    leaky = (leaky_arm(shot_set, case, model, settings, physics, sites, kept, contexts, args, device,
+                       correction if args.leaky_start == "corrected" else None)
+             if args.leaky_degree is not None else None)  # fmt: skip
     if leaky is not None:
         print(f"{error} N={n} r{replicate}: leaky {np.round(leaky['theta'], 3).tolist()} +- {np.round(leaky['sigma_given_calibration'], 3).tolist()} "
               f"given the spectrometer ({leaky['weights']} weights, {leaky['seconds']:.0f} s)", flush=True)  # fmt: skip
@@ -612,6 +622,10 @@ def main(argv=None) -> int:
                          "sites' edge-shift derivatives of f', f'' times them (a leak of exactly the edge-shift signal)")
     ap.add_argument("--leaky-prior-sigma", type=float, default=1.0,
                     help="the leaky arm's Gaussian prior width on its factors (log intensity; keeps reflections the data barely see in place)")
+    ap.add_argument("--leaky-start", choices=("identity", "corrected"), default="identity",
+                    help="where the leaky arm's parts (PSF stencil, gain) start: the identity, or the corrected arm's fit "
+                         "(its factors at 0, so its first steps need not relearn the parts; from the identity the first joint "
+                         "step threw the factors to ~10 prior sd on 10 stills, H200 session 30)")
     ap.add_argument("--leaky-hold-spectrometer", action="store_true",
                     help="the leaky arm without the spectrometer's offset and dispersion latents (held at the calibration)")
     ap.add_argument("--truth-shift", type=float, default=2.0)
