@@ -215,8 +215,7 @@ def leaky_arm(shot_set: ShotSet, case: dict, model, settings: RefineSettings, ph
                                  energy_basis=leaky_basis(shot_set, case, args),
                                  prior_sigma=args.leaky_prior_sigma).to(device)  # fmt: skip
     if parts is not None:
-        missing, unexpected = correction.load_state_dict(parts.state_dict(), strict=False)
-        assert set(missing) == {"per_reflection", "miller_index", "energy_basis"} and not unexpected, (missing, unexpected)
+        correction.take_parts(parts)
     fit = CorrectedModel(r, correction, contexts, CorrectSettings(epochs=args.epochs, anchor_beta=0.0))
     fit.run()
     joint, correction_held, calibrated = fit.covariance(held=spectrometer.latent_indices)

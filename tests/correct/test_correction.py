@@ -403,6 +403,29 @@ def test_leaky_correction_reads_the_miller_index(toy):
     assert (a - b).abs().max() > 1e-3
 
 
+def test_a_leaky_correction_given_fitted_parts_is_those_parts_at_factors_zero(toy):
+    """take_parts: at factors 0 the leaky correction applies the fitted parts' gain, stencil and
+    head to every channel (the parts' own output channel by channel); parts of other settings
+    are refused."""
+    contexts = [pixel_context(toy.shots, s, NOMINAL_EV) for s in toy.shots.shots]
+    hkl = torch.cat([s.shoeboxes.miller_index for s in toy.shots.shots])
+    shot = toy.shots.shots[0]
+    settings, stats = CorrectionSettings(gain_nodes=2, head=True), feature_statistics(toy, contexts)
+    parts = PixelCorrection(toy.shots.panels.n_panels, settings, stats)
+    _randomise(parts, 9, size=0.1)
+    leaky = LeakyCorrection(toy.shots.panels.n_panels, settings, stats, hkl, shot.energy_eV.numel())
+    profile = torch.rand((shot.shoeboxes.n_pixels, shot.energy_eV.numel()), generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    before = leaky.apply(profile, contexts[0], miller_index=shot.shoeboxes.miller_index)
+    leaky.take_parts(parts)
+    after = leaky.apply(profile, contexts[0], miller_index=shot.shoeboxes.miller_index)
+    expected = torch.stack([parts.apply(profile[:, c], contexts[0]) for c in range(profile.shape[1])], -1)
+    assert (before - expected).abs().max() > 1e-3  # (the identity is not the parts)
+    assert torch.allclose(after, expected, rtol=1e-12, atol=1e-14)
+    assert float(leaky.per_reflection.abs().max()) == 0.0
+    with pytest.raises(ValueError, match="do not match"):
+        leaky.take_parts(PixelCorrection(toy.shots.panels.n_panels, CorrectionSettings(gain_nodes=3), stats))
+
+
 def test_anchor_curvature_is_the_kl_hessian_also_where_the_rate_is_not_positive(toy):
     """At the physics (phi = 0, where log(lambda* / lambda_0) = 0) the anchor's Gauss-Newton
     curvature J^T diag(1 / lambda*) J is the autograd Hessian of the Poisson KL itself; pixels
