@@ -76,8 +76,7 @@ from spread_dials.correct.correction import (
     CorrectionSettings,
     LeakyCorrection,
     PixelCorrection,
-    channel_polynomials,
-    edge_shift_basis,
+    energy_basis,
     within_capacity,
 )
 from spread_dials.correct.fit import CorrectedModel, CorrectSettings, feature_statistics
@@ -187,10 +186,7 @@ def leaky_basis(shot_set: ShotSet, case: dict, args) -> torch.Tensor:
     """The leaky arm's energy basis (K, C): --leaky-basis polynomial, the Legendre polynomials of
     degree --leaky-degree in the channel; edge, the sites' edge-shift derivatives of f', f'' at
     the first still's channel energies times those polynomials (correction.edge_shift_basis)."""
-    n_channels = shot_set.shots[0].energy_eV.numel()
-    if args.leaky_basis == "polynomial":
-        return channel_polynomials(n_channels, args.leaky_degree)
-    return edge_shift_basis(case["references"], shot_set.shots[0].energy_eV.detach().cpu().double(), args.leaky_degree)
+    return energy_basis(args.leaky_basis, args.leaky_degree, case["references"], shot_set.shots[0].energy_eV.detach().cpu().double())
 
 
 def leaky_arm(shot_set: ShotSet, case: dict, model, settings: RefineSettings, physics: Refinement, sites,

@@ -32,7 +32,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from spread_dials.correct.correction import channel_polynomials, edge_shift_basis
+from spread_dials.correct.correction import energy_basis
 from spread_dials.physics.anomalous import TabulatedCurve
 from spread_dials.physics.structure_factors import StructureFactors
 
@@ -74,9 +74,7 @@ def basis_named(name: str, reference: TabulatedCurve, energy_eV: torch.Tensor) -
         ValueError: another name.
     """
     kind, degree = _parse_basis(name)
-    if kind == "poly":
-        return channel_polynomials(energy_eV.numel(), int(degree), energy_eV.dtype)
-    return edge_shift_basis([reference], energy_eV, int(degree))
+    return energy_basis("polynomial" if kind == "poly" else "edge", int(degree), [reference], energy_eV)
 
 
 def span_report(intensity: torch.Tensor, derivative: torch.Tensor, basis: torch.Tensor) -> dict:

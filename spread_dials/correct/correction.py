@@ -463,6 +463,21 @@ def edge_shift_basis(references, energy_eV: Tensor, degree: int = 1) -> Tensor:
     return torch.cat(rows)
 
 
+def energy_basis(kind: str, degree: int, references, energy_eV: Tensor) -> Tensor:
+    """(K, C) a :class:`LeakyCorrection` ``energy_basis`` at the channel energies ``energy_eV``
+    (C,) (eV): ``kind`` "polynomial", :func:`channel_polynomials` of ``degree``; "edge",
+    :func:`edge_shift_basis` of the ``references`` (TabulatedCurve) times those polynomials.
+
+    Raises:
+        ValueError: another kind, or as the two functions.
+    """
+    if kind == "polynomial":
+        return channel_polynomials(energy_eV.numel(), degree, energy_eV.dtype).to(energy_eV.device)
+    if kind == "edge":
+        return edge_shift_basis(references, energy_eV, degree)
+    raise ValueError(f"an energy basis is 'polynomial' or 'edge', not {kind!r}")
+
+
 def _keys(hkl: Tensor) -> Tensor:
     """(B,) one sortable integer per Miller index (|h|, |k|, |l| < 2^20); torch.unique sorts rows
     lexicographically, which this key preserves."""

@@ -17,6 +17,7 @@ from spread_dials.correct.correction import (
     PixelCorrection,
     channel_polynomials,
     edge_shift_basis,
+    energy_basis,
     redistribute,
 )
 from spread_dials.correct.divergence import poisson_kl
@@ -387,6 +388,22 @@ def test_edge_shift_basis_is_the_references_shift_derivative_times_the_polynomia
                 lambda: edge_shift_basis([curve], energy, degree=-1)):  # fmt: skip
         with pytest.raises(ValueError):
             bad()
+
+
+def test_energy_basis_names_the_two_bases():
+    """energy_basis: "polynomial" is P0 = 1, P1 = x on the channels; "edge" has a row per
+    reference curve, f' and f'' and polynomial (4 for one curve at degree 1), each peaking at 1
+    and changing sign nowhere for P0 (a sigmoid's derivative); another kind is a ValueError."""
+    grid = torch.arange(7000.0, 7300.0, 0.25, dtype=torch.float64)
+    curve = TabulatedCurve(grid, -5.0 - 3.0 * torch.tanh((grid - 7112.0) / 3.0), 2.0 + 1.5 * torch.tanh((grid - 7116.0) / 4.0))
+    energy = torch.linspace(7100.5, 7139.5, 40, dtype=torch.float64)
+    polynomial = energy_basis("polynomial", 1, [curve], energy)
+    assert torch.allclose(polynomial, torch.stack([torch.ones(40, dtype=torch.float64), torch.linspace(-1.0, 1.0, 40, dtype=torch.float64)]))
+    edge = energy_basis("edge", 1, [curve], energy)
+    assert edge.shape == (4, 40) and torch.allclose(edge.abs().amax(-1), torch.ones(4, dtype=torch.float64))
+    assert bool((edge[0] > 0).all()) and bool((edge[2] < 0).all())
+    with pytest.raises(ValueError):
+        energy_basis("spline", 1, [curve], energy)
 
 
 def test_leaky_correction_reads_the_miller_index(toy):
