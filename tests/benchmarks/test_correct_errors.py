@@ -205,7 +205,13 @@ def test_the_recovery_summary_fits_the_estimate_on_the_truth(tmp_path):
         record = _record(111, 0.0, offset=0.0)
         record["truth"], record["theta"][0] = [t], t
         record["leaky"] = {"parameters": ["edge_shift_eV[A/FE54/FE]"], "theta": [0.5 * t - 3.0 + e], "sigma_given_calibration": [0.4]}
+        append_record(tmp_path / "old.jsonl", record)
+        # a record of session 30 on: the NLL histories and the sigma with the correction held
+        record["history"] = [{"nll": 100.0}, {"nll": 10.0}]
+        record["leaky"] |= {"history": [{"nll": 50.0}, {"nll": 10.0 - 600.0 - 10.0 * t}], "sigma_correction_held": [0.4 / (5.0 + t)],
+                            "converged": t != 2.0}  # fmt: skip
         append_record(tmp_path / "recovery.jsonl", record)
+    assert "leak_absorption" not in recovery_summary([tmp_path / "old.jsonl"])["rubredoxin psf1.5 N=20 seed 111"]
     entry = recovery_summary([tmp_path / "recovery.jsonl"])["rubredoxin psf1.5 N=20 seed 111"]
     assert entry["truths"] == 4
     corrected, leaky = entry["corrected"]["A/FE54/FE"], entry["leaky"]["A/FE54/FE"]
@@ -216,6 +222,13 @@ def test_the_recovery_summary_fits_the_estimate_on_the_truth(tmp_path):
     assert leaky["intercept_eV"] == pytest.approx(-3.125 + 0.25 * (0.5 - 0.3 / 8.75), abs=1e-4)
     assert leaky["slope_sd_from_sigmas"] == pytest.approx(0.4 / 8.75**0.5, abs=1e-4)
     assert [p[0] for p in leaky["points"]] == [-2.0, -1.0, 0.0, 2.0]
+    # the leak's absorption: sigma ratios 5 + T (3 to 7); NLL 600 + 10 T below (580 to 620);
+    # the largest error, at T = +2 (0.5 x 2 - 3 - 0.1 = -2.1, 4.1 off), over sigma 0.025: 164
+    absorbed = entry["leak_absorption"]
+    assert absorbed["A/FE54/FE"]["sigma_ratio"] == pytest.approx([3.0, 7.0])
+    assert absorbed["nll_below_corrected_nats"] == pytest.approx([580.0, 620.0])
+    assert absorbed["A/FE54/FE"]["largest_error_over_corrected_sigma"] == pytest.approx(164.0)
+    assert absorbed["converged"] == "3 of 4"
     append_record(tmp_path / "twice.jsonl", _record(111, 0.0, offset=0.0))
     append_record(tmp_path / "twice.jsonl", _record(111, 0.3, offset=0.0))
     append_record(tmp_path / "single.jsonl", _record(112, 0.0, offset=0.0))
