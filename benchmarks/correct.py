@@ -8,7 +8,7 @@ Usage (repository root; on the GPU machines with PYTHONPATH=$PWD and bench_data 
     python benchmarks/correct.py --errors psf1.5 --oracle-only --seed 133 --noise-seed K   # K = 1, 2, ...
     python benchmarks/correct.py --summarise results/correct_rubredoxin*.jsonl --conditional
     python benchmarks/correct.py --errors psf1.5 --seed 111 --truth-shift T --tag _tT   # T = -2, -1, 0, 1, 2
-    python benchmarks/correct.py --summarise results/correct_rubredoxin_t*.jsonl --recovery   # slope per arm
+    python benchmarks/correct.py --summarise results/correct_rubredoxin_t*.jsonl --recovery   # slope per arm; the leak's absorption
 
 Stills: benchmarks/refine.py's case (cctbx F0/G from bench_data, the preset's brightness, the
 Jungfrau 16M), drawn from the model's own domain set (so that without an injected error the
@@ -654,7 +654,7 @@ def main(argv=None) -> int:
     ap.add_argument("--conditional", action="store_true",
                     help="with --summarise: the parametric bootstrap's summary per data set's stills (records made with --noise-seed)")
     ap.add_argument("--recovery", action="store_true",
-                    help="with --summarise: the injection-recovery slope per data set's stills over records of several --truth-shift values")
+                    help="with --summarise: the injection-recovery slope per data set's stills over records of several --truth-shift values, and the leaky arm's absorption (leak_absorption)")
     ap.add_argument("--plots", default=None, help="with --summarise: write each group's coverage and rank PNGs here")
     ap.add_argument("--plot-stem", default="correct_scale", help="their names: <stem>_<error>_<site>_{coverage,sbc}.png")
     args = ap.parse_args(argv)
