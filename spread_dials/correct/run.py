@@ -113,6 +113,8 @@ def run_correction(ctx, experiments, reflections, warm_start) -> dict:
     warm_path = Path(warm_start)
     warm = read_warm_start(warm_path)
     setup = load_setup(ctx, experiments, reflections)
+    if params.truth:  # refused before the fit, not after it
+        truth_curves_from_record(params.truth, len(setup.prepared.sites))
     if setup.settings.sum_channels:
         logger.info("refinement.sum_channels ignored: the correction works on the per-channel profiles")
         setup = replace(setup, settings=replace(setup.settings, sum_channels=False))
@@ -151,11 +153,13 @@ def run_correction(ctx, experiments, reflections, warm_start) -> dict:
     refinement = make_refinement(ctx, replace(setup, sites=sites), rotations, cells)
     refinement.theta = sites.extend(warm["theta"])
     refinement.initialise_states()
-    if saved is None and (refinement.settings.energy_jitter_sigma_eV is not None or refinement.settings.refine_mosaic):
-        # the warm start's .expt carries each still's refined crystal but not its energy jitter or mosaic
-        # factors: one stage 1 at the warm theta fits them as dials.spread_refine had (the warm-up holds them there)
-        nll, _ = refinement.stage1()
-        logger.info("Per-shot latents fitted at the warm start (stage 1 NLL %.3f)", nll)
+    # the warm start's .expt carries each still's refined crystal but not its scale, backgrounds, energy
+    # jitter or mosaic factors: one stage 1 of the physics at the warm theta fits them as dials.spread_refine
+    # had; the "before" residual maps are of that fit (from initial_state's guesses a panel's mean z was 8.5
+    # where dials.spread_refine's sigma_Z were 0.86-1.11), and a fresh fit starts there (the warm-up holds
+    # the latents)
+    nll, _ = refinement.stage1()
+    logger.info("Per-shot parameters fitted at the warm start (stage 1 NLL %.3f)", nll)
     predictive = params.correct.predictive
     check = PredictiveCheck(refinement, predictive.held_out_fraction, predictive.panel_groups, predictive.resolution_shells,
                             int(params.random.seed))  # fmt: skip
@@ -169,7 +173,7 @@ def run_correction(ctx, experiments, reflections, warm_start) -> dict:
                                flow_steps=flow.steps, flow_pixels=flow.pixels, flow_seed=int(params.random.seed),
                                flow_significance=flow.significance)  # fmt: skip
     model = CorrectedModel(refinement, correction, contexts, settings)
-    check.measure("before")  # the physics at the warm start (the correction is 0)
+    check.measure("before")  # the physics at the warm start (the correction is 0), per-shot parameters fitted
     maps = {"before": _residual_maps(model, comm, physics=True)}
     if saved is not None:
         refinement.theta = torch.tensor(saved["theta"], dtype=torch.float64)

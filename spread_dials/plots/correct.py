@@ -15,26 +15,33 @@ __all__ = ["plot_edge_shift_arms", "plot_loss", "plot_correction", "plot_predict
 
 def plot_edge_shift_arms(rows: list[dict], pairs: list[dict], path: str | Path) -> Path:
     """Per site (and site pair) the physics-only and the corrected edge shift with 68/95 %
-    intervals, and the truth where known."""
+    intervals, per site also the corrected interval given the spectrometer's calibration (the
+    offset latent held: what inter-site differences see), and the truth where known."""
     plt = pyplot()
     items = [(r["site"], r["physics_edge_shift_eV"], r["physics_sigma_eV"], r["edge_shift_eV"], r["sigma_eV"],
-              r.get("truth_edge_shift_eV")) for r in rows]  # fmt: skip
+              r.get("sigma_given_calibration_eV"), r.get("truth_edge_shift_eV")) for r in rows]  # fmt: skip
     items += [(f"{p['site_a']} - {p['site_b']}", p["physics_difference_eV"], p["physics_sigma_eV"], p["difference_eV"],
-               p["sigma_eV"], None) for p in pairs]  # fmt: skip
-    fig, ax = plt.subplots(figsize=(7, 1.2 + 0.8 * len(items)))
-    for i, (_, pv, ps, cv, cs, truth) in enumerate(items):
-        for offset, value, sd, colour, name in ((0.15, pv, ps, "C7", "physics only"), (-0.15, cv, cs, "C0", "corrected")):
+               p["sigma_eV"], None, None) for p in pairs]  # fmt: skip
+    fig, ax = plt.subplots(figsize=(7, 1.8 + 0.9 * len(items)))
+    labelled = set()
+    for i, (_, pv, ps, cv, cs, calibrated, truth) in enumerate(items):
+        arms = [(0.22, pv, ps, "C7", "physics only"), (0.0, cv, cs, "C0", "corrected")]
+        if calibrated is not None:
+            arms.append((-0.22, cv, calibrated, "C2", "corrected, given the spectrometer's calibration"))
+        for offset, value, sd, colour, name in arms:
             y = i + offset
             ax.plot([value - 1.96 * sd, value + 1.96 * sd], [y, y], color=colour, lw=2)
-            ax.plot([value - sd, value + sd], [y, y], color=colour, lw=6, label=name if i == 0 else None)
+            ax.plot([value - sd, value + sd], [y, y], color=colour, lw=6, label=None if name in labelled else name)
             ax.plot([value], [y], "o", color="k", ms=3)
+            labelled.add(name)
         if truth is not None:
-            ax.plot([truth], [i], "x", color="C3", ms=10, label="truth" if i == 0 else None)
+            ax.plot([truth], [i], "x", color="C3", ms=10, label=None if "truth" in labelled else "truth")
+            labelled.add("truth")
     ax.set_yticks(range(len(items)), [it[0] for it in items])
     ax.set_ylim(-0.7, len(items) - 0.3)
     ax.set_xlabel("edge shift / difference (eV); bars 68/95 %")
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+    fig.legend(fontsize=8, loc="lower center", ncol=2, frameon=False)  # below the axes, clear of the bars
+    fig.tight_layout(rect=(0.0, 0.16, 1.0, 1.0))
     return save_figure(fig, path, dpi=110)
 
 
@@ -153,10 +160,12 @@ def _group_label(group: dict) -> str:
 
 
 def plot_residual_maps(maps: dict, path: str | Path) -> Path:
-    """The fitted stills' standardized residuals before (physics at the warm start) and after the
-    correction: mean and sd of z per offset from the shoebox's centre (diverging about 0 and 1,
-    one colour scale per column) and per panel (:mod:`spread_dials.correct.residual_maps`)."""
+    """The fitted stills' standardized residuals before (physics at the warm start, per-shot
+    parameters fitted) and after the correction: mean and sd of z per offset from the shoebox's
+    centre (diverging about 0 and 1, one colour scale per column; the sd's from 0 at most) and
+    per panel (:mod:`spread_dials.correct.residual_maps`)."""
     plt = pyplot()
+    from matplotlib.colors import TwoSlopeNorm
     whens = [w for w in ("before", "after") if w in maps]
     frames = {w: {k: np.array([[np.nan if x is None else x for x in row] for row in maps[w]["frame"][k]], dtype=float)
                   for k in ("mean", "sd")} for w in whens}  # fmt: skip
@@ -167,7 +176,9 @@ def plot_residual_maps(maps: dict, path: str | Path) -> Path:
         reach = max(float(np.nanmax(np.abs(frames[w][stat] - centre), initial=0.0)) for w in whens) or 1.0
         for row, when in enumerate(whens):
             ax = axes[row, col]
-            image = ax.imshow(frames[when][stat], cmap="RdBu_r", vmin=centre - reach, vmax=centre + reach, extent=extent)
+            low = centre - reach if stat == "mean" else max(centre - reach, 0.0)  # an sd is >= 0
+            norm = TwoSlopeNorm(vmin=low, vcenter=centre, vmax=centre + reach)
+            image = ax.imshow(frames[when][stat], cmap="RdBu_r", norm=norm, extent=extent)
             fig.colorbar(image, ax=ax, shrink=0.8)
             ax.set_title(f"{'physics' if when == 'before' else 'corrected'}: {stat} of z in the shoebox frame", fontsize=9)
             ax.set_xlabel("fast offset (px)")

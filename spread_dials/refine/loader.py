@@ -382,10 +382,11 @@ class _Geometry:
             panels = panel_array_from_detector(self.detector, n_layers=n_layers, dtype=torch.float64)
         except ValueError as e:
             raise SpreadError(f"detector of {self.where}: {e}") from None
-        return with_mean_sensor_mu(panels, [s.sensor_mu_per_mm for s in shots])
+        # (the programs average over every rank's stills afterwards and log that mean)
+        return with_mean_sensor_mu(panels, [s.sensor_mu_per_mm for s in shots], log=False)
 
 
-def with_mean_sensor_mu(panels, mus: list[Tensor]):
+def with_mean_sensor_mu(panels, mus: list[Tensor], log: bool = True):
     """``panels`` with the attenuation length 1 / (mean of the stills' sensor mu), the mean summed
     in the order given (so that any split of the stills over MPI ranks, gathered in one order,
     gives the same bits).  dxtbx's FormatNXmx computes mu per container at its first image's
@@ -394,12 +395,13 @@ def with_mean_sensor_mu(panels, mus: list[Tensor]):
     Args:
         panels: a PanelArray.
         mus: one (P,) tensor (1/mm) per still.
+        log: log the mean and the stills' range.
     """
     total = None
     for mu in mus:
         total = mu.clone() if total is None else total + mu
     mu = total / len(mus)
-    if bool((mu > 0).any()):
+    if log and bool((mu > 0).any()):
         stacked = torch.stack(mus)
         spread_pct = 100 * float(((stacked.amax(0) - stacked.amin(0)) / torch.where(mu > 0, mu, 1.0)).max())
         logger.info("Sensor mu %.4g 1/mm (mean over %d stills and the panels; the stills range over %.2g%%)",
